@@ -1,0 +1,46 @@
+"""Public entry points: write_kv and paged_attention, dispatched to a kernel or the reference.
+
+``impl``: "auto" (Pallas on GPU, reference elsewhere), "pallas", "interpret" (Pallas in
+interpret mode, for CPU tests) or "reference".
+"""
+from __future__ import annotations
+
+import jax
+
+from . import reference
+
+IMPLS = ("auto", "pallas", "interpret", "reference")
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return impl
+
+
+def write_kv(kv_pool: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *,
+             impl: str = "auto") -> jax.Array:
+    """Writes new K/V ``[T, Hkv, D]`` into the pool at ``slot_mapping [T]`` (in place under donation)."""
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return reference.write_kv_reference(kv_pool, layer, k, v, slot_mapping)
+    raise ValueError(f"write_kv: impl {impl!r} is not available yet")
+
+
+def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
+                    context_lens: jax.Array, query_start_loc: jax.Array, *, scale: float,
+                    soft_cap: float | None = None, sliding_window=0, decode_only: bool = False,
+                    impl: str = "auto") -> jax.Array:
+    """Ragged paged attention over the pool; see ``reference`` for the batch convention.
+
+    ``decode_only`` (static) promises one new token per sequence (T == S), which lets the
+    dispatcher pick the decode kernel.
+    """
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return reference.paged_attention_reference(
+            q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
+            soft_cap=soft_cap, sliding_window=sliding_window)
+    raise ValueError(f"paged_attention: impl {impl!r} is not available yet")
