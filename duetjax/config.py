@@ -1,0 +1,42 @@
+"""Engine configuration: frozen, with a docstring per field."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches work and sizes its KV pool."""
+
+    max_num_seqs: int = 64
+    """Most sequences in one step (decode batch size bound)."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks and decode tokens together)."""
+    page_size: int = 16
+    """Tokens per KV page."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None: the model's max_position_embeddings, capped at
+    ``cpu_max_model_len`` on CPU."""
+    kv_cache_tokens: int | None = None
+    """KV pool capacity in tokens; None: ``kv_cache_memory_fraction`` of free GPU memory, or
+    ``cpu_kv_cache_tokens`` on CPU."""
+    kv_cache_memory_fraction: float = 0.85
+    """Share of the device memory left after the weights that the KV pool takes (GPU)."""
+    cpu_kv_cache_tokens: int = 16384
+    """Default KV capacity on CPU."""
+    cpu_max_model_len: int = 8192
+    """Default context cap on CPU."""
+    attention_impl: str = "auto"
+    """'auto' (Pallas on GPU, reference on CPU), 'pallas', 'interpret' or 'reference'."""
+    seed: int = 0
+    """Seeds the per-request seeds of requests that bring none."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running "
+                             "sequence needs a token of budget per step)")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")

@@ -1,0 +1,237 @@
+"""The public ``Engine``: vLLM-shaped ``generate`` / ``chat`` over continuous batching."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from models import LoadedModel, load_model
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
+from .request import Request, RequestStatus
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+Prompt = Union[str, dict]
+Message = dict
+Conversation = Sequence[Message]
+
+
+class Engine:
+    """Loads a model and serves prompts with continuous batching.
+
+    ``Engine()`` serves the embedded SmolLM2-135M-Instruct; ``Engine(model=PATH)`` a Hugging
+    Face directory or a GGUF file; ``load_format="dummy"`` random weights of the real shapes.
+    Extra keyword arguments are ``EngineConfig`` fields.
+    """
+
+    def __init__(self, model: str | Path | None = None, *, dtype: str = "auto",
+                 load_format: str = "auto", **config: Any):
+        self.config = EngineConfig(**config)
+        self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
+        self.tokenizer = self.model.tokenizer
+        cfg = self.model.config
+        limit = cfg.max_position_embeddings
+        if self.config.max_model_len is not None:
+            limit = self.config.max_model_len
+        elif jax.default_backend() != "gpu":
+            limit = min(limit, self.config.cpu_max_model_len)
+        self.max_model_len = limit
+        self.runner = ModelRunner(self.model, self.config, self.max_model_len)
+        self.scheduler = Scheduler(self.config, BlockManager(self.runner.num_pages, self.config.page_size))
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._seeds = np.random.default_rng(self.config.seed)
+        log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs", self.model.path,
+                 cfg.architecture, np.dtype(self.model.dtype).name, self.max_model_len,
+                 self.model.load_seconds)
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = [int(t) for t in prompt["prompt_token_ids"]]
+                return prompt.get("prompt"), ids
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model.path} ships no tokenizer; pass {{'prompt_token_ids': [...]}}")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues one prompt; returns its request id."""
+        params = params or SamplingParams()
+        text, ids = self._prompt_ids(prompt)
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(t < 0 or t >= vocab for t in ids):
+            bad = next(t for t in ids if t < 0 or t >= vocab)
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**32))
+        request = Request(request_id, ids, params, seed, prompt=text)
+        if self.tokenizer is not None:
+            request.detokenizer = self.tokenizer.incremental_detokenizer(
+                skip_special_tokens=params.skip_special_tokens)
+        self.scheduler.add(request)
+        self._requests[request_id] = request
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request now and frees its pages (unknown or finished ids are ignored)."""
+        request = self._requests.pop(request_id, None)
+        if request is not None and not request.is_finished:
+            self.scheduler.finish(request, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling iteration; returns outputs of the requests that got a token."""
+        batch = self.scheduler.schedule()
+        if not batch.scheduled:
+            return []
+        now = time.time()
+        for item in batch.scheduled:
+            if item.request.metrics.first_scheduled_time is None:
+                item.request.metrics.first_scheduled_time = now
+        next_tokens = self.runner.execute(batch)
+        now = time.time()
+        outputs = []
+        for item, token in zip(batch.scheduled, next_tokens.tolist()):
+            request = item.request
+            completes = item.completes_sequence
+            request.num_computed_tokens += item.num_new_tokens
+            if not completes:
+                continue  # a prefill chunk: the sampled token is not the next one yet
+            self._append_token(request, int(token), now)
+            outputs.append(self._output(request))
+            if request.is_finished:
+                self._requests.pop(request.request_id, None)
+        return outputs
+
+    def _append_token(self, request: Request, token: int, now: float) -> None:
+        params = request.params
+        request.output_token_ids.append(token)
+        metrics = request.metrics
+        metrics.token_times.append(now)
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        if request.detokenizer is not None:
+            delta = request.detokenizer.add(token)
+            request.text += delta
+            stop = self._find_stop_string(request, len(delta))
+            if stop is not None:
+                return self._finish(request, "stop", stop)
+        n = len(request.output_token_ids)
+        if n >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return self._finish(request, "stop", token)
+            if token in self.eos_token_ids and not params.ignore_eos:
+                return self._finish(request, "stop", None)
+        if n >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            self._finish(request, "length", None)
+
+    def _find_stop_string(self, request: Request, delta_len: int) -> str | None:
+        for stop in request.params.stop:
+            start = max(0, len(request.text) - delta_len - len(stop) + 1)
+            at = request.text.find(stop, start)
+            if at >= 0:
+                request.text = request.text[:at]
+                return stop
+        return None
+
+    def _finish(self, request: Request, reason: str, stop_reason) -> None:
+        request.stop_reason = stop_reason
+        request.metrics.finished_time = time.time()
+        self.scheduler.finish(request, reason)
+
+    def _output(self, request: Request) -> RequestOutput:
+        completion = CompletionOutput(index=0, text=request.text,
+                                      token_ids=list(request.output_token_ids),
+                                      finish_reason=request.finish_reason,
+                                      stop_reason=request.stop_reason)
+        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
+                             prompt_token_ids=request.prompt_token_ids, outputs=[completion],
+                             finished=request.status is RequestStatus.FINISHED,
+                             metrics=request.metrics)
+
+    # ---- batch APIs -------------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates for every prompt; returns one ``RequestOutput`` per prompt, in order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                ids.append(self.add_request(prompt, params))
+        except Exception:
+            for request_id in ids:
+                self.abort(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Renders each conversation with the model's chat template, then generates."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model.path} ships no tokenizer, so it has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(
+                list(conversation), add_generation_prompt=add_generation_prompt,
+                **(chat_template_kwargs or {}))
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: Iterable[str], use_tqdm: bool) -> list[RequestOutput]:
+        order = {request_id: i for i, request_id in enumerate(request_ids)}
+        results: list[RequestOutput | None] = [None] * len(order)
+        with tqdm(total=len(order), desc="generate", disable=not use_tqdm) as bar:
+            while self.has_unfinished_requests():
+                for output in self.step():
+                    if output.finished and output.request_id in order:
+                        results[order[output.request_id]] = output
+                        bar.update(1)
+        return results

@@ -1,0 +1,51 @@
+"""Token sampling on the device, inside the step executable.
+
+Randomness is per request: the key is ``fold_in(key(seed), n)`` where n counts the request's
+generated tokens, so a seeded request gives the same tokens whatever else is in the batch, and
+after a preemption.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class SamplingArrays:
+    """Per-sequence sampling settings of one step, padded to the step's sequence bucket."""
+
+    temperature: jax.Array
+    """float32[S]; 0 = greedy."""
+    top_k: jax.Array
+    """int32[S]; 0 = off."""
+    top_p: jax.Array
+    """float32[S]; 1 = off."""
+    seeds: jax.Array
+    """uint32[S]."""
+    counters: jax.Array
+    """int32[S]: tokens the request has generated so far."""
+
+
+def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    ordered = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # descending
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+    rank = jnp.arange(vocab)[None, :]
+    ordered = jnp.where(rank < k[:, None], ordered, -jnp.inf)  # top-k first, then top-p on it
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
+    keep = (before < s.top_p[:, None]) & (rank < k[:, None])
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(s.seeds, s.counters)
+    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    """Next token per row of ``logits [S, vocab]`` (float32). The sort that top-k/top-p need is
+    skipped when every row is greedy."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    random = jax.lax.cond(jnp.any(s.temperature > 0), _sample_random, lambda l, _: greedy, logits, s)
+    return jnp.where(s.temperature > 0, random, greedy)

@@ -1,0 +1,109 @@
+"""The decoder skeleton shared by every family (Llama, Mistral, Qwen2/3, Gemma 1/2/3).
+
+Layer weights are stacked on axis 0 and the layer loop is ``nn.scan``; the paged KV pool rides
+in the scan carry, so XLA updates it in place (a scan *output* would rewrite it every step).
+Per-layer differences (sliding window, Gemma 3's local rope) enter the scan as data.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import AttentionMetadata, attend
+from .config import ModelConfig
+from .layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    impl: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, kv_pool, layer, window, local_rope, meta: AttentionMetadata):
+        cfg = self.config
+        num_tokens = x.shape[0]
+        q = Linear(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, name="q_proj")(x)
+        k = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, name="k_proj")(x)
+        v = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, name="v_proj")(x)
+        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name="k_norm")(k)
+        inv_freq = jnp.asarray(cfg.rope.inverse_frequencies(cfg.head_dim), jnp.float32)
+        if cfg.local_rope is not None:
+            local = jnp.asarray(cfg.local_rope.inverse_frequencies(cfg.head_dim), jnp.float32)
+            inv_freq = jnp.where(local_rope, local, inv_freq)
+        q = apply_rope(q, meta.positions, inv_freq)
+        k = apply_rope(k, meta.positions, inv_freq)
+        out, kv_pool = attend(q, k, v, kv_pool, layer, meta, scale=cfg.attn_scale,
+                              soft_cap=cfg.attn_logit_softcap, sliding_window=window, impl=self.impl)
+        out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)
+        return Linear(cfg.hidden_size, cfg.o_bias, self.dtype, name="o_proj")(out), kv_pool
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; names follow HF. Without sandwich norms, HF's
+    ``post_attention_layernorm`` is the norm *before* the MLP; with them (Gemma 2/3) it follows
+    attention and ``pre_feedforward_layernorm`` precedes the MLP."""
+
+    config: ModelConfig
+    impl: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, carry, per_layer, meta: AttentionMetadata):
+        cfg = self.config
+        x, kv_pool = carry
+        layer, window, local_rope = per_layer
+
+        def norm(name):
+            return RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name=name)
+
+        h, kv_pool = Attention(cfg, self.impl, self.dtype, name="self_attn")(
+            norm("input_layernorm")(x), kv_pool, layer, window, local_rope, meta)
+        mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.mlp_bias,
+                       self.dtype, name="mlp")
+        if cfg.sandwich_norm:
+            x = x + norm("post_attention_layernorm")(h)
+            x = x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
+        else:
+            x = x + h
+            x = x + mlp(norm("post_attention_layernorm")(x))
+        return (x, kv_pool), None
+
+
+class Decoder(nn.Module):
+    """Causal LM over a paged KV pool. ``__call__`` runs one ragged step and returns float32
+    logits for the tokens at ``logits_indices`` plus the updated pool."""
+
+    config: ModelConfig
+    impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, kv_pool: jax.Array, meta: AttentionMetadata,
+                 logits_indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        embed = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
+        x = embed(tokens)
+        if cfg.embed_scale != 1.0:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the dtype, as HF does
+        per_layer = (jnp.arange(cfg.num_layers, dtype=jnp.int32),
+                     jnp.asarray(cfg.layer_windows, jnp.int32),
+                     jnp.asarray(cfg.uses_local_rope, bool))
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast), length=cfg.num_layers)
+        (x, kv_pool), _ = layers(cfg, self.impl, self.dtype, name="layers")((x, kv_pool), per_layer, meta)
+        x = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name="norm")(x[logits_indices])
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            head = Linear(cfg.vocab_size, False, self.dtype, name="lm_head")
+            logits = head(x).astype(jnp.float32)
+        if cfg.final_logit_softcap:
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        return logits, kv_pool

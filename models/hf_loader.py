@@ -1,0 +1,83 @@
+"""Hugging Face model directories: config.json plus single or sharded safetensors.
+
+Only safetensors are read (never pickle-based ``.bin`` files); tensors are memory-mapped and
+read one at a time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    """config.json as a dict, with a clear error when it is missing or malformed."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {model_dir}: a Hugging Face model directory "
+                              "needs config.json next to its *.safetensors files")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+class SafetensorsSource:
+    """A ``TensorSource`` over model.safetensors or the shards named by the index file."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            for name, file in weight_map.items():
+                self._file_of[name] = self.model_dir / file
+        else:
+            files = sorted(self.model_dir.glob("*.safetensors"))
+            if not files:
+                extra = ""
+                if any(self.model_dir.glob("*.bin")) or any(self.model_dir.glob("*.pt")):
+                    extra = (" (pickle-based .bin/.pt checkpoints are refused for safety; convert "
+                             "them to safetensors)")
+                raise CheckpointError(f"no *.safetensors weights in {self.model_dir}{extra}")
+            for file in files:
+                for name in self._open(file).keys():
+                    self._file_of[name] = file
+        for file in set(self._file_of.values()):
+            if not file.is_file():
+                raise CheckpointError(f"{file.name} is named in {INDEX_FILE} but missing from "
+                                      f"{self.model_dir}")
+            self._open(file)
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="numpy")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{file} is truncated or not a safetensors file ({err}); "
+                                      "re-download or re-save it") from None
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        file = self._file_of[name]
+        try:
+            return self._open(file).get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read tensor {name!r} from {file} ({err}); the file "
+                                  "looks truncated: re-download or re-save it") from None

@@ -1,0 +1,88 @@
+"""Small Flax (Linen) building blocks. Parameter names mirror Hugging Face's, so loading a
+checkpoint is a mechanical rename; kernels keep HF's ``[out_features, in_features]`` layout
+(the matmul contracts the last axis of both, so no transpose is ever materialized)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+WEIGHT_INIT = nn.initializers.normal(stddev=0.02)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ b), W stored as [features, in_features] like torch.nn.Linear."""
+
+    features: int
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", WEIGHT_INIT, (self.features, x.shape[-1]), self.dtype)
+        y = jnp.einsum("...i,oi->...o", x, weight)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32. ``plus_one``: Gemma's (1 + w) scale, applied before the downcast;
+    otherwise Llama's order (normalize, downcast, then scale)."""
+
+    eps: float
+    plus_one: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        weight = self.param("weight", init, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+        return weight * y.astype(x.dtype)
+
+
+class Embedding(nn.Module):
+    """Token embedding table [vocab, hidden]; also the LM head when embeddings are tied."""
+
+    vocab_size: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.weight = self.param("weight", WEIGHT_INIT, (self.vocab_size, self.features), self.dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight, tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("sd,vd->sv", x, self.weight, preferred_element_type=jnp.float32)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (Llama, Qwen, Mistral) or GeGLU (Gemma)."""
+
+    hidden_size: int
+    intermediate_size: int
+    activation: str
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = Linear(self.intermediate_size, self.use_bias, self.dtype, name="gate_proj")(x)
+        up = Linear(self.intermediate_size, self.use_bias, self.dtype, name="up_proj")(x)
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return Linear(self.hidden_size, self.use_bias, self.dtype, name="down_proj")(act * up)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, HF ``rotate_half`` convention. x: [T, H, D]; positions: [T]."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.cos(freqs).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(freqs).astype(x.dtype)[:, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

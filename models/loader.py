@@ -1,0 +1,97 @@
+"""``load_model``: one entry point for HF directories, GGUF files, dummy weights and the
+embedded default model."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .checkpoint import load_params, random_params
+from .config import ModelConfig
+from .errors import CheckpointError
+from .hf_loader import SafetensorsSource, read_hf_config
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run: architecture, weights on the device, tokenizer."""
+
+    config: ModelConfig
+    """Architecture."""
+    params: Any
+    """Parameter tree (device arrays), stacked per layer."""
+    tokenizer: Any
+    """``models.tokenizer.Tokenizer``, or None when the checkpoint ships none."""
+    dtype: Any
+    """Compute and weight dtype."""
+    path: Path
+    """Where the checkpoint came from."""
+    load_seconds: float
+    """Wall time of ``load_model``."""
+
+
+def resolve_dtype(dtype: str | Any) -> Any:
+    """'auto' is bfloat16 on GPU and float32 elsewhere."""
+    if dtype in (None, "auto"):
+        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def _tokenizer_for(model_dir: Path):
+    if not (model_dir / "tokenizer.json").is_file():
+        return None
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(model_dir)
+
+
+def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
+               load_format: str = "auto") -> LoadedModel:
+    """Loads a checkpoint.
+
+    model: a Hugging Face directory (config.json + safetensors), a ``.gguf`` file, or None for
+    the embedded SmolLM2-135M-Instruct. load_format: 'auto', 'safetensors', 'gguf', or 'dummy'
+    (random weights of the real shapes from a directory holding only config.json).
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
+    start = time.perf_counter()
+    dtype = resolve_dtype(dtype)
+    if model is None:
+        from .default_model import default_model_dir
+
+        model = default_model_dir()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf" and load_format != "gguf":
+            raise CheckpointError(f"{path} is a file but not a .gguf; pass a Hugging Face model "
+                                  "directory or a GGUF file")
+        from .gguf_loader import GGUFSource
+
+        source = GGUFSource(path)
+        config = ModelConfig.from_hf(source.hf_config)
+        params = load_params(config, source, dtype)
+        tokenizer = source.tokenizer()
+    else:
+        config = ModelConfig.from_hf(read_hf_config(path))
+        if load_format == "dummy":
+            params = random_params(config, dtype)
+        else:
+            params = load_params(config, SafetensorsSource(path), dtype)
+        tokenizer = _tokenizer_for(path)
+    jax.block_until_ready(params)
+    return LoadedModel(config=config, params=params, tokenizer=tokenizer, dtype=dtype, path=path,
+                       load_seconds=time.perf_counter() - start)

@@ -1,0 +1,47 @@
+"""Full-sequence logits for a batch of prompts in one ragged step (a checking tool: tests
+compare it with reference implementations; serving goes through ``duetjax``)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels
+
+from .attention import AttentionMetadata
+from .decoder import Decoder
+from .loader import LoadedModel
+
+
+def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, page_size: int = 16,
+                   impl: str = "auto") -> list[np.ndarray]:
+    """float32 logits ``[len(prompt), vocab]`` for every position of every prompt."""
+    cfg = loaded.config
+    lengths = [len(p) for p in prompts]
+    if min(lengths, default=0) < 1:
+        raise ValueError("every prompt needs at least one token")
+    pages_per_seq = [-(-n // page_size) for n in lengths]
+    max_pages = max(pages_per_seq)
+    block_tables = np.zeros((len(prompts), max_pages), np.int32)
+    slots, first_page = [], 0
+    for s, (n, p) in enumerate(zip(lengths, pages_per_seq)):
+        block_tables[s, :p] = np.arange(first_page, first_page + p)
+        slots.extend(first_page * page_size + i for i in range(n))
+        first_page += p
+    pool = jnp.zeros(pallas_kernels.kv_pool_shape(cfg.num_layers, first_page, cfg.num_kv_heads,
+                                                  page_size, cfg.head_dim), loaded.dtype)
+    meta = AttentionMetadata(
+        positions=jnp.asarray(np.concatenate([np.arange(n) for n in lengths]), jnp.int32),
+        slot_mapping=jnp.asarray(slots, jnp.int32),
+        block_tables=jnp.asarray(block_tables),
+        context_lens=jnp.asarray(lengths, jnp.int32),
+        query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32))
+    tokens = jnp.asarray(np.concatenate([np.asarray(p) for p in prompts]), jnp.int32)
+    model = Decoder(cfg, impl=impl, dtype=loaded.dtype)
+    step = jax.jit(lambda params, t, kv, m, idx: model.apply({"params": params}, t, kv, m, idx))
+    logits, _ = step(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
+    logits = np.asarray(logits)
+    bounds = np.cumsum(lengths)[:-1]
+    return list(np.split(logits, bounds))
