@@ -28,6 +28,14 @@ Message = dict
 Conversation = Sequence[Message]
 
 
+def _logprobs_of(sampled, row: int, token: int, top_n: int) -> dict[int, float]:
+    """{token id: logprob} for the sampled token and the top-N alternatives of one row."""
+    entry = {int(t): float(lp) for t, lp in zip(sampled.top_ids[row, :top_n],
+                                                 sampled.top_logprobs[row, :top_n])}
+    entry[token] = float(sampled.logprobs[row])
+    return entry
+
+
 class Engine:
     """Loads a model and serves prompts with continuous batching.
 
@@ -122,16 +130,19 @@ class Engine:
         for item in batch.scheduled:
             if item.request.metrics.first_scheduled_time is None:
                 item.request.metrics.first_scheduled_time = now
-        next_tokens = self.runner.execute(batch)
+        sampled = self.runner.execute(batch)
         now = time.time()
         outputs = []
-        for item, token in zip(batch.scheduled, next_tokens.tolist()):
+        for i, item in enumerate(batch.scheduled):
             request = item.request
             completes = item.completes_sequence
             request.num_computed_tokens += item.num_new_tokens
             if not completes:
                 continue  # a prefill chunk: the sampled token is not the next one yet
-            self._append_token(request, int(token), now)
+            token = int(sampled.token_ids[i])
+            if request.params.logprobs is not None:
+                request.logprobs.append(_logprobs_of(sampled, i, token, request.params.logprobs))
+            self._append_token(request, token, now)
             outputs.append(self._output(request))
             if request.is_finished:
                 self._requests.pop(request.request_id, None)
@@ -177,7 +188,9 @@ class Engine:
         completion = CompletionOutput(index=0, text=request.text,
                                       token_ids=list(request.output_token_ids),
                                       finish_reason=request.finish_reason,
-                                      stop_reason=request.stop_reason)
+                                      stop_reason=request.stop_reason,
+                                      logprobs=(list(request.logprobs)
+                                                if request.params.logprobs is not None else None))
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=request.prompt_token_ids, outputs=[completion],
                              finished=request.status is RequestStatus.FINISHED,
@@ -189,7 +202,7 @@ class Engine:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generates for every prompt; returns one ``RequestOutput`` per prompt, in order."""
-        if isinstance(prompts, (str, dict)):
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
             prompts = [prompts]
         prompts = list(prompts)
         if isinstance(sampling_params, Sequence):

@@ -19,7 +19,7 @@ from models.attention import AttentionMetadata
 from models.decoder import Decoder
 
 from .config import EngineConfig
-from .sampler import SamplingArrays, sample
+from .sampler import SampledTokens, SamplingArrays, sample
 from .scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,13 @@ class ModelRunner:
         logits, kv_pool = self._decoder.apply({"params": params}, tokens, kv_pool, meta, logits_indices)
         return sample(logits, sampling), kv_pool
 
-    def execute(self, batch: SchedulerOutput) -> np.ndarray:
-        """Runs one step; returns the sampled token of every scheduled request (in order)."""
+    def execute(self, batch: SchedulerOutput) -> SampledTokens:
+        """Runs one step; returns (as host arrays) what was sampled for each scheduled request,
+        in order."""
         inputs = self.prepare(batch)
-        next_tokens, self.kv_pool = self._step(self.model.params, self.kv_pool, *inputs)
-        return np.asarray(next_tokens)[: len(batch.scheduled)]
+        sampled, self.kv_pool = self._step(self.model.params, self.kv_pool, *inputs)
+        n = len(batch.scheduled)
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], sampled)
 
     def prepare(self, batch: SchedulerOutput):
         """Host arrays of one step, padded to its buckets."""
@@ -93,6 +95,7 @@ class ModelRunner:
         temperature = np.zeros(num_seqs, np.float32)
         top_k = np.zeros(num_seqs, np.int32)
         top_p = np.ones(num_seqs, np.float32)
+        min_p = np.zeros(num_seqs, np.float32)
         seeds = np.zeros(num_seqs, np.uint32)
         counters = np.zeros(num_seqs, np.int32)
 
@@ -111,13 +114,14 @@ class ModelRunner:
             query_start_loc[s + 1] = at
             logits_indices[s] = at - 1
             p = r.params
-            temperature[s], top_k[s], top_p[s] = p.temperature, p.top_k, p.top_p
+            temperature[s], top_k[s], top_p[s], min_p[s] = p.temperature, p.top_k, p.top_p, p.min_p
             seeds[s], counters[s] = r.seed, len(r.output_token_ids)
         query_start_loc[len(batch.scheduled) + 1:] = at
 
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
                                  context_lens=context_lens, query_start_loc=query_start_loc,
                                  decode_only=decode_only)
-        sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                                  counters=counters)
+        with_logprobs = any(s.request.params.logprobs is not None for s in batch.scheduled)
+        sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  seeds=seeds, counters=counters, with_logprobs=with_logprobs)
         return tokens, meta, logits_indices, sampling

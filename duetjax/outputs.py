@@ -19,6 +19,9 @@ class CompletionOutput:
     None while running."""
     stop_reason: int | str | None = None
     """The stop string or token id that ended generation, if any."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per generated token: {token id: log-probability} for the sampled token and the top-N
+    alternatives (when SamplingParams.logprobs is set)."""
 
 
 @dataclasses.dataclass

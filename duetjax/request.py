@@ -33,6 +33,7 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = ""
+        self.logprobs: list[dict[int, float]] = []
         self.detokenizer = None  # set by the engine when the model has a tokenizer
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
 

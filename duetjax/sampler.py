@@ -10,6 +10,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from .sampling_params import MAX_LOGPROBS
+
 
 @flax.struct.dataclass
 class SamplingArrays:
@@ -21,10 +23,29 @@ class SamplingArrays:
     """int32[S]; 0 = off."""
     top_p: jax.Array
     """float32[S]; 1 = off."""
+    min_p: jax.Array
+    """float32[S]; 0 = off."""
     seeds: jax.Array
     """uint32[S]."""
     counters: jax.Array
     """int32[S]: tokens the request has generated so far."""
+    with_logprobs: bool = flax.struct.field(pytree_node=False, default=False)
+    """Static: also return log-probabilities (a separate executable, so batches that need
+    none skip the top-k)."""
+
+
+@flax.struct.dataclass
+class SampledTokens:
+    """What one step returns per sequence."""
+
+    token_ids: jax.Array
+    """int32[S]."""
+    logprobs: jax.Array | None = None
+    """float32[S]: log-probability of the sampled token (model distribution)."""
+    top_ids: jax.Array | None = None
+    """int32[S, MAX_LOGPROBS]: the most likely tokens."""
+    top_logprobs: jax.Array | None = None
+    """float32[S, MAX_LOGPROBS]: their log-probabilities."""
 
 
 def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
@@ -37,15 +58,23 @@ def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     probs = jax.nn.softmax(ordered, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
     keep = (before < s.top_p[:, None]) & (rank < k[:, None])
-    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1)
+    min_p_floor = jnp.where(s.min_p > 0, ordered[:, 0] + jnp.log(jnp.maximum(s.min_p, 1e-30)), -jnp.inf)
+    threshold = jnp.maximum(threshold, min_p_floor)
+    masked = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
     keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(s.seeds, s.counters)
     return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+def sample(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
     """Next token per row of ``logits [S, vocab]`` (float32). The sort that top-k/top-p need is
     skipped when every row is greedy."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     random = jax.lax.cond(jnp.any(s.temperature > 0), _sample_random, lambda l, _: greedy, logits, s)
-    return jnp.where(s.temperature > 0, random, greedy)
+    tokens = jnp.where(s.temperature > 0, random, greedy)
+    if not s.with_logprobs:
+        return SampledTokens(tokens)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampledTokens(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)

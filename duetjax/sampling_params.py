@@ -4,6 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+MAX_LOGPROBS = 20
+"""Most alternatives per token that ``logprobs`` may ask for (OpenAI's top_logprobs limit)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -15,6 +18,8 @@ class SamplingParams:
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p."""
     top_k: int = 0
     """Keep only the k most likely tokens; 0 (or -1) disables."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's; 0 disables."""
     max_tokens: int = 16
     """Most tokens to generate."""
     min_tokens: int = 0
@@ -29,6 +34,9 @@ class SamplingParams:
     """Per-request seed: the same seed gives the same tokens whatever the batch."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the returned text."""
+    logprobs: int | None = None
+    """Return the log-probability of each generated token and of the N most likely
+    alternatives (0: the generated token only; None: no log-probabilities)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -41,6 +49,9 @@ class SamplingParams:
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (or -1 to disable), got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),

@@ -144,12 +144,12 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
-        d, h = self.hidden_size, self.head_dim
-        attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
-        mlp = 3 * d * self.intermediate_size
-        per_layer = attn + mlp + 2 * d
+        d, h, q, kv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
+        attn = d * h * (2 * q + 2 * kv) + self.qkv_bias * h * (q + 2 * kv) + self.o_bias * d
+        mlp = 3 * d * self.intermediate_size + self.mlp_bias * (2 * self.intermediate_size + d)
+        norms = (4 if self.sandwich_norm else 2) * d + (2 * h if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.num_layers * per_layer + self.vocab_size * d + head + d
+        return self.num_layers * (attn + mlp + norms) + self.vocab_size * d + head + d
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":

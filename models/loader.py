@@ -17,6 +17,13 @@ from .hf_loader import SafetensorsSource, read_hf_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+"""Config-only directories of real model shapes, for ``load_format="dummy"`` benchmarks."""
+
+
+def shipped_configs() -> list[str]:
+    """Names accepted as ``model`` with ``load_format="dummy"`` (e.g. 'llama-3-8b')."""
+    return sorted(p.name for p in SHIPPED_CONFIGS.iterdir() if (p / "config.json").is_file())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +69,8 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
 
     model: a Hugging Face directory (config.json + safetensors), a ``.gguf`` file, or None for
     the embedded SmolLM2-135M-Instruct. load_format: 'auto', 'safetensors', 'gguf', or 'dummy'
-    (random weights of the real shapes from a directory holding only config.json).
+    (random weights of the real shapes from a directory holding only config.json, or the name
+    of a shipped config such as 'llama-3-8b').
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
@@ -73,8 +81,11 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
 
         model = default_model_dir()
     path = Path(model).expanduser()
+    if not path.exists() and load_format == "dummy" and str(model) in shipped_configs():
+        path = SHIPPED_CONFIGS / str(model)
     if not path.exists():
-        raise CheckpointError(f"model path {path} does not exist")
+        hint = f" (with load_format='dummy' also one of: {', '.join(shipped_configs())})"
+        raise CheckpointError(f"model path {path} does not exist{hint}")
     if path.is_file():
         if path.suffix != ".gguf" and load_format != "gguf":
             raise CheckpointError(f"{path} is a file but not a .gguf; pass a Hugging Face model "

@@ -1,0 +1,9 @@
+import pytest
+
+from tests.helpers import TINY_LLAMA, write_random_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer random Llama checkpoint (no tokenizer): feed it token ids."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny-llama"), TINY_LLAMA)

@@ -1,0 +1,108 @@
+"""Engine behaviour on a tiny random Llama (token ids in, token ids out)."""
+import numpy as np
+import pytest
+
+from duetjax import Engine, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, 256, size=length).tolist()}
+            for length in rng.integers(3, 40, size=n)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return Engine(tiny_llama_dir, dtype="float32")
+
+
+def token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_batch_equals_one_by_one(engine):
+    batch = prompts(5)
+    together = token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
+    alone = [token_ids(engine.generate(p, GREEDY, use_tqdm=False))[0] for p in batch]
+    assert together == alone
+    assert all(len(t) == 12 for t in together)
+
+
+def test_preemption_and_chunked_prefill_keep_outputs(engine, tiny_llama_dir):
+    batch = prompts(6, seed=1)
+    expected = token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
+    small = Engine(tiny_llama_dir, dtype="float32", kv_cache_tokens=64, max_model_len=64,
+                   max_num_batched_tokens=16, max_num_seqs=4)
+    assert token_ids(small.generate(batch, GREEDY, use_tqdm=False)) == expected
+    assert small.scheduler.blocks.num_free_pages == small.scheduler.blocks.num_pages
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=10, seed=1234,
+                            ignore_eos=True)
+    batch = prompts(3, seed=2)
+    first = token_ids(engine.generate(batch, params, use_tqdm=False))
+    again = token_ids(engine.generate(batch[::-1], params, use_tqdm=False))[::-1]
+    assert first == again
+    other = token_ids(engine.generate(batch, SamplingParams(temperature=1.0, max_tokens=10, seed=99,
+                                                            ignore_eos=True), use_tqdm=False))
+    assert other != first
+
+
+def test_max_tokens_and_stop_token_ids(engine):
+    out = engine.generate(prompts(1)[0], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 12
+    stop_at = out.token_ids[4]
+    first = out.token_ids.index(stop_at)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_at])
+    stopped = engine.generate(prompts(1)[0], params, use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == out.token_ids[:first + 1]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_at
+
+
+def test_abort_frees_pages(engine):
+    free = engine.scheduler.blocks.num_free_pages
+    request_id = engine.add_request(prompts(1)[0], GREEDY)
+    engine.step()
+    assert engine.scheduler.blocks.num_free_pages < free
+    engine.abort(request_id)
+    assert engine.scheduler.blocks.num_free_pages == free
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ({"prompt_token_ids": [1, 999]}, "outside the vocabulary"),
+    ({"prompt_token_ids": []}, "empty"),
+    ({"prompt_token_ids": list(range(3, 250)) * 2}, "max_model_len"),
+    ("text without a tokenizer", "no tokenizer"),
+    (42, "a prompt is a string"),
+])
+def test_bad_prompts_raise_clear_errors(engine, prompt, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine.generate(prompt, GREEDY, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+
+
+def test_logprobs_match_the_model_distribution(engine, tiny_llama_dir):
+    from models import compute_logits, load_model
+
+    prompt = prompts(1, seed=3)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=5)
+    out = engine.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 3
+    first = out.logprobs[0]
+    logits = compute_logits(load_model(tiny_llama_dir, dtype="float32"), [prompt["prompt_token_ids"]])[0][-1]
+    reference = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+    top5 = np.argsort(-reference)[:5]
+    assert set(first) == set(top5.tolist()) and out.token_ids[0] == top5[0]
+    for token, logprob in first.items():
+        assert abs(logprob - reference[token]) < 1e-4
+
+
+def test_min_p_one_is_greedy(engine):
+    batch = prompts(2, seed=4)
+    greedy = token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
+    min_p = SamplingParams(temperature=1.5, min_p=1.0, max_tokens=12, ignore_eos=True, seed=7)
+    assert token_ids(engine.generate(batch, min_p, use_tqdm=False)) == greedy

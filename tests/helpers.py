@@ -1,0 +1,42 @@
+"""Test helpers that need neither torch nor the network."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from models.checkpoint import hf_names, random_params
+from models.config import ModelConfig
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def write_random_checkpoint(directory: Path, hf_config: dict, seed: int = 0, scale: float = 5.0) -> Path:
+    """A Hugging Face directory (config.json + model.safetensors) with random weights.
+
+    Weights are scaled up from the 0.02 init so logits are well separated (no greedy ties).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    config = ModelConfig.from_hf(hf_config)
+    params = random_params(config, np.float32, seed=seed)
+    tensors = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [k.key for k in path]
+        names = hf_names(keys, config.num_layers)
+        value = np.asarray(leaf) * (1.0 if "norm" in keys[-2] else scale)
+        if len(names) == 1 and not names[0].startswith("model.layers."):
+            tensors[names[0]] = value
+        else:
+            tensors.update({name: value[i] for i, name in enumerate(names)})
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
