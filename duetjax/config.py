@@ -26,6 +26,8 @@ class EngineConfig:
     """Default KV capacity on CPU."""
     cpu_max_model_len: int = 8192
     """Default context cap on CPU."""
+    enable_prefix_caching: bool = True
+    """Share the KV pages of common prompt prefixes between requests (hashed full pages)."""
     attention_impl: str = "auto"
     """'auto' (Pallas on GPU, reference on CPU), 'pallas', 'interpret' or 'reference'."""
     seed: int = 0

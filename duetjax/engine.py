@@ -57,7 +57,9 @@ class Engine:
             limit = min(limit, self.config.cpu_max_model_len)
         self.max_model_len = limit
         self.runner = ModelRunner(self.model, self.config, self.max_model_len)
-        self.scheduler = Scheduler(self.config, BlockManager(self.runner.num_pages, self.config.page_size))
+        blocks = BlockManager(self.runner.num_pages, self.config.page_size,
+                              self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, blocks)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -132,12 +134,12 @@ class Engine:
                 item.request.metrics.first_scheduled_time = now
         sampled = self.runner.execute(batch)
         now = time.time()
+        completes = [item.completes_sequence for item in batch.scheduled]
+        self.scheduler.commit(batch)
         outputs = []
         for i, item in enumerate(batch.scheduled):
             request = item.request
-            completes = item.completes_sequence
-            request.num_computed_tokens += item.num_new_tokens
-            if not completes:
+            if not completes[i]:
                 continue  # a prefill chunk: the sampled token is not the next one yet
             token = int(sampled.token_ids[i])
             if request.params.logprobs is not None:

@@ -29,6 +29,8 @@ class Request:
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.page_hashes: list[bytes] = []  # prefix-cache names of its full pages, in order
+        self.num_cached_pages = 0  # leading pages already registered in the prefix cache
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -86,17 +86,27 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            self.blocks.match_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             target = request.num_computed_tokens + num_new
             if not self.blocks.can_hold(request, target):
+                self.blocks.free(request)
+                request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            self.blocks.record_lookup(request)
             self.blocks.grow(request, target)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return SchedulerOutput(scheduled, preempted)
+
+    def commit(self, batch: SchedulerOutput) -> None:
+        """Records that a step computed its scheduled tokens (their KV is now in the pool)."""
+        for item in batch.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+            self.blocks.cache_full_pages(item.request)
 
     def _preempt(self, request: Request) -> None:
         self.blocks.free(request)

@@ -106,3 +106,17 @@ def test_min_p_one_is_greedy(engine):
     greedy = token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
     min_p = SamplingParams(temperature=1.5, min_p=1.0, max_tokens=12, ignore_eos=True, seed=7)
     assert token_ids(engine.generate(batch, min_p, use_tqdm=False)) == greedy
+
+
+def test_prefix_cache_hits_compute_fewer_tokens_and_change_nothing(tiny_llama_dir):
+    rng = np.random.default_rng(5)
+    shared = rng.integers(3, 256, size=40).tolist()
+    batch = [{"prompt_token_ids": shared + rng.integers(3, 256, size=n).tolist()} for n in (3, 9)]
+    cold = Engine(tiny_llama_dir, dtype="float32", enable_prefix_caching=False)
+    expected = token_ids(cold.generate(batch, GREEDY, use_tqdm=False))
+    warm = Engine(tiny_llama_dir, dtype="float32")
+    first = token_ids(warm.generate(batch[:1], GREEDY, use_tqdm=False))
+    assert warm.scheduler.blocks.prefix_hits == 0
+    second = token_ids(warm.generate(batch[1:], GREEDY, use_tqdm=False))
+    assert first + second == expected
+    assert warm.scheduler.blocks.prefix_hits == 32  # two full 16-token pages of the shared prefix
