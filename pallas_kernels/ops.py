@@ -1,22 +1,24 @@
 """Public entry points: write_kv and paged_attention, dispatched to a kernel or the reference.
 
-``impl``: "auto" (Pallas on GPU, reference elsewhere), "pallas", "interpret" (Pallas in
-interpret mode, for CPU tests) or "reference".
+``impl``: "auto" (Pallas on GPU, plain XLA elsewhere), "pallas", "interpret" (Pallas in
+interpret mode, for CPU tests), "xla" (page loop in plain XLA ops: the CPU path) or
+"reference" (the oracle: simple, but its cost grows with the block table's width).
 """
 from __future__ import annotations
 
 import jax
 
 from . import reference
+from .xla_attention import paged_attention_xla
 
-IMPLS = ("auto", "pallas", "interpret", "reference")
+IMPLS = ("auto", "pallas", "interpret", "xla", "reference")
 
 
 def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
     return impl
 
 
@@ -24,7 +26,7 @@ def write_kv(kv_pool: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping
              impl: str = "auto") -> jax.Array:
     """Writes new K/V ``[T, Hkv, D]`` into the pool at ``slot_mapping [T]`` (in place under donation)."""
     impl = resolve_impl(impl)
-    if impl == "reference":
+    if impl in ("reference", "xla"):
         return reference.write_kv_reference(kv_pool, layer, k, v, slot_mapping)
     raise ValueError(f"write_kv: impl {impl!r} is not available yet")
 
@@ -41,6 +43,10 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
     impl = resolve_impl(impl)
     if impl == "reference":
         return reference.paged_attention_reference(
+            q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
+            soft_cap=soft_cap, sliding_window=sliding_window)
+    if impl == "xla":
+        return paged_attention_xla(
             q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
             soft_cap=soft_cap, sliding_window=sliding_window)
     raise ValueError(f"paged_attention: impl {impl!r} is not available yet")
