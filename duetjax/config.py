@@ -30,6 +30,11 @@ class EngineConfig:
     """Share the KV pages of common prompt prefixes between requests (hashed full pages)."""
     attention_impl: str = "auto"
     """'auto' (Pallas on GPU, reference on CPU), 'pallas', 'interpret' or 'reference'."""
+    compile_on_start: bool = True
+    """Compile every batch bucket at start-up (nothing compiles while serving)."""
+    compilation_cache_dir: str | None = None
+    """Persistent XLA compilation cache (warm starts skip compiling); None: ``<cache>/xla``
+    under the duetjax cache directory; "" disables it."""
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
 

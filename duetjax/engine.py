@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from models import LoadedModel, load_model
+from models.cache import cache_dir
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 Prompt = Union[str, dict]
 Message = dict
 Conversation = Sequence[Message]
+
+
+def _enable_compilation_cache(directory: str | None) -> None:
+    if directory == "":
+        return
+    path = Path(directory) if directory else cache_dir() / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _logprobs_of(sampled, row: int, token: int, top_n: int) -> dict[int, float]:
@@ -45,7 +55,7 @@ class Engine:
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto",
-                 load_format: str = "auto", **config: Any):
+                 load_format: str = "auto", show_progress: bool = True, **config: Any):
         self.config = EngineConfig(**config)
         self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
         self.tokenizer = self.model.tokenizer
@@ -57,6 +67,9 @@ class Engine:
             limit = min(limit, self.config.cpu_max_model_len)
         self.max_model_len = limit
         self.runner = ModelRunner(self.model, self.config, self.max_model_len)
+        _enable_compilation_cache(self.config.compilation_cache_dir)
+        if self.config.compile_on_start:
+            self.runner.compile_all(show_progress=show_progress)
         blocks = BlockManager(self.runner.num_pages, self.config.page_size,
                               self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, blocks)

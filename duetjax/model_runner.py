@@ -1,17 +1,25 @@
-"""The executor: owns every device array (weights, KV pool) and the compiled step.
+"""The executor: owns every device array (weights, KV pool) and the compiled steps.
 
-One jitted step runs the model over a ragged batch (prefill chunks and decode tokens together)
-and samples on the device. Shapes are padded to power-of-two buckets (tokens, sequences, pages
-per sequence) so a handful of executables serve every batch; the KV pool is donated, so XLA
-updates it in place.
+One step runs the model over a ragged batch (prefill chunks and decode tokens together) and
+samples on the device. Every batch is padded to a bucket, and every bucket is compiled ahead of
+time at start-up, so nothing compiles while serving:
+- decode buckets: S sequences of one token each, S a power of two up to max_num_seqs;
+- mixed buckets: T tokens (a power of two up to max_num_batched_tokens) over min(T, S_max)
+  sequences (prefill, chunked prefill, decode tokens riding along).
+Block tables always have the full width (max_model_len / page_size): the attention kernels'
+cost follows the real context lengths, not the table width. Weights are arguments (not
+constants) and the KV pool is donated, so XLA updates it in place.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 import pallas_kernels
 from models import LoadedModel
@@ -23,12 +31,40 @@ from .sampler import SampledTokens, SamplingArrays, sample
 from .scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
+MIN_MIXED_TOKENS = 16
 
 
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """One compiled shape: ``num_tokens`` tokens over ``num_seqs`` sequences."""
+
+    decode: bool
+    num_tokens: int
+    num_seqs: int
+
+
+def plan_buckets(config: EngineConfig) -> list[Bucket]:
+    """Every shape the engine can ever run, given its batch limits."""
+    max_seqs = bucket(config.max_num_seqs)
+    max_tokens = bucket(config.max_num_batched_tokens, MIN_MIXED_TOKENS)
+    decode = [Bucket(True, 1 << i, 1 << i) for i in range(max_seqs.bit_length())]
+    mixed = [Bucket(False, t, min(t, max_seqs))
+             for t in (1 << i for i in range(max_tokens.bit_length())) if t >= MIN_MIXED_TOKENS]
+    return decode + mixed
+
+
+def bucket_for(batch: SchedulerOutput, config: EngineConfig) -> Bucket:
+    if batch.decode_only:
+        s = bucket(len(batch.scheduled))
+        return Bucket(True, s, s)
+    t = bucket(batch.num_tokens, MIN_MIXED_TOKENS)
+    return Bucket(False, t, min(t, bucket(config.max_num_seqs)))
 
 
 class ModelRunner:
@@ -47,7 +83,19 @@ class ModelRunner:
                                              self.page_size, cfg.head_dim)
         self.kv_pool = jnp.zeros(shape, model.dtype)
         self._decoder = Decoder(cfg, impl=config.attention_impl, dtype=model.dtype)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._executables: dict[Bucket, jax.stages.Compiled] = {}
+        self.compile_seconds = 0.0
+
+    def compile_all(self, show_progress: bool = True) -> None:
+        """Compiles every bucket (from the persistent cache when it holds them)."""
+        start = time.perf_counter()
+        step = jax.jit(self._step_fn, donate_argnums=(1,))
+        buckets = plan_buckets(self.config)
+        for b in tqdm(buckets, desc="compile", disable=not show_progress):
+            inputs = self._host_inputs(b)
+            self._executables[b] = step.lower(self.model.params, self.kv_pool, *inputs).compile()
+        self.compile_seconds = time.perf_counter() - start
+        log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
 
     def _plan_num_pages(self) -> int:
         cfg = self.model.config
@@ -72,18 +120,21 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> SampledTokens:
         """Runs one step; returns (as host arrays) what was sampled for each scheduled request,
         in order."""
-        inputs = self.prepare(batch)
-        sampled, self.kv_pool = self._step(self.model.params, self.kv_pool, *inputs)
+        b = bucket_for(batch, self.config)
+        executable = self._executables.get(b)
+        if executable is None:
+            raise RuntimeError(f"no compiled executable for {b}: call compile_all() first "
+                               f"(buckets: {sorted(self._executables, key=str)})")
+        inputs = self._host_inputs(b, batch)
+        sampled, self.kv_pool = executable(self.model.params, self.kv_pool, *inputs)
         n = len(batch.scheduled)
         return jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], sampled)
 
-    def prepare(self, batch: SchedulerOutput):
-        """Host arrays of one step, padded to its buckets."""
+    def _host_inputs(self, b: Bucket, batch: SchedulerOutput | None = None):
+        """Host arrays of one step in bucket ``b`` (all padding when ``batch`` is None)."""
         page = self.page_size
-        num_seqs = bucket(len(batch.scheduled))
-        decode_only = batch.decode_only
-        num_tokens = num_seqs if decode_only else bucket(batch.num_tokens, 8)
-        max_pages = bucket(max(len(s.request.block_table) for s in batch.scheduled))
+        num_seqs, num_tokens, decode_only = b.num_seqs, b.num_tokens, b.decode
+        max_pages = self.max_pages_per_seq
 
         tokens = np.zeros(num_tokens, np.int32)
         positions = np.zeros(num_tokens, np.int32)
@@ -100,7 +151,8 @@ class ModelRunner:
         counters = np.zeros(num_seqs, np.int32)
 
         at = 0
-        for s, item in enumerate(batch.scheduled):
+        scheduled = batch.scheduled if batch is not None else []
+        for s, item in enumerate(scheduled):
             r, n = item.request, item.num_new_tokens
             start = r.num_computed_tokens
             pos = np.arange(start, start + n, dtype=np.int32)
@@ -116,12 +168,11 @@ class ModelRunner:
             p = r.params
             temperature[s], top_k[s], top_p[s], min_p[s] = p.temperature, p.top_k, p.top_p, p.min_p
             seeds[s], counters[s] = r.seed, len(r.output_token_ids)
-        query_start_loc[len(batch.scheduled) + 1:] = at
+        query_start_loc[len(scheduled) + 1:] = at
 
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
                                  context_lens=context_lens, query_start_loc=query_start_loc,
                                  decode_only=decode_only)
-        with_logprobs = any(s.request.params.logprobs is not None for s in batch.scheduled)
         sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  seeds=seeds, counters=counters, with_logprobs=with_logprobs)
+                                  seeds=seeds, counters=counters)
         return tokens, meta, logits_indices, sampling

@@ -29,9 +29,6 @@ class SamplingArrays:
     """uint32[S]."""
     counters: jax.Array
     """int32[S]: tokens the request has generated so far."""
-    with_logprobs: bool = flax.struct.field(pytree_node=False, default=False)
-    """Static: also return log-probabilities (a separate executable, so batches that need
-    none skip the top-k)."""
 
 
 @flax.struct.dataclass
@@ -40,11 +37,11 @@ class SampledTokens:
 
     token_ids: jax.Array
     """int32[S]."""
-    logprobs: jax.Array | None = None
+    logprobs: jax.Array
     """float32[S]: log-probability of the sampled token (model distribution)."""
-    top_ids: jax.Array | None = None
+    top_ids: jax.Array
     """int32[S, MAX_LOGPROBS]: the most likely tokens."""
-    top_logprobs: jax.Array | None = None
+    top_logprobs: jax.Array
     """float32[S, MAX_LOGPROBS]: their log-probabilities."""
 
 
@@ -72,8 +69,8 @@ def sample(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     random = jax.lax.cond(jnp.any(s.temperature > 0), _sample_random, lambda l, _: greedy, logits, s)
     tokens = jnp.where(s.temperature > 0, random, greedy)
-    if not s.with_logprobs:
-        return SampledTokens(tokens)
+    # Always computed (a top-k over one row per sequence is cheap next to the model), so
+    # requests with and without logprobs share executables.
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -120,3 +120,25 @@ def test_prefix_cache_hits_compute_fewer_tokens_and_change_nothing(tiny_llama_di
     second = token_ids(warm.generate(batch[1:], GREEDY, use_tqdm=False))
     assert first + second == expected
     assert warm.scheduler.blocks.prefix_hits == 32  # two full 16-token pages of the shared prefix
+
+
+def test_nothing_compiles_while_serving(tiny_llama_dir):
+    import jax
+
+    engine = Engine(tiny_llama_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
+                    show_progress=False)
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rng = np.random.default_rng(6)
+        batch = [{"prompt_token_ids": rng.integers(3, 256, size=n).tolist()}
+                 for n in (1, 2, 5, 17, 40, 63, 100, 150, 3, 9)]  # chunked, mixed, decode
+        params = [SamplingParams(temperature=t, max_tokens=m, ignore_eos=True, logprobs=lp, seed=1)
+                  for t, m, lp in zip([0, 1, 0.5, 0, 1, 0, 0.7, 0, 1, 0], [1, 30, 5, 12, 7, 2, 9, 4, 20, 3],
+                                      [None, 2, None, 0, None, None, 5, None, None, 1])]
+        outputs = engine.generate(batch, params, use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 30, 5, 12, 7, 2, 9, 4, 20, 3]
+    assert compiles == []
