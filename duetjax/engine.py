@@ -1,6 +1,7 @@
 """The public ``Engine``: vLLM-shaped ``generate`` / ``chat`` over continuous batching."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -16,9 +17,9 @@ from models.cache import cache_dir
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .model_runner import ModelRunner
+from .model_runner import InFlight, ModelRunner
 from .outputs import CompletionOutput, RequestOutput
-from .request import Request, RequestStatus
+from .request import PENDING, Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 
@@ -27,6 +28,26 @@ log = logging.getLogger(__name__)
 Prompt = Union[str, dict]
 Message = dict
 Conversation = Sequence[Message]
+
+
+@dataclasses.dataclass
+class LoopStats:
+    """Where the host loop's time goes (the device is busy meanwhile when pipelining works)."""
+
+    steps: int = 0
+    host_seconds: float = 0.0
+    """Scheduling, input preparation, dispatch and output processing."""
+    wait_seconds: float = 0.0
+    """Blocked on the device for a step's results."""
+
+    def record(self, host: float, wait: float) -> None:
+        self.steps += 1
+        self.host_seconds += host
+        self.wait_seconds += wait
+
+    @property
+    def host_ms_per_step(self) -> float:
+        return 1e3 * self.host_seconds / max(self.steps, 1)
 
 
 def _enable_compilation_cache(directory: str | None) -> None:
@@ -72,9 +93,11 @@ class Engine:
             self.runner.compile_all(show_progress=show_progress)
         blocks = BlockManager(self.runner.num_pages, self.config.page_size,
                               self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, blocks)
+        self.scheduler = Scheduler(self.config, blocks, self.max_model_len)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids)
         self._requests: dict[str, Request] = {}
+        self._in_flight: InFlight | None = None
+        self.stats = LoopStats()
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(self.config.seed)
         log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs", self.model.path,
@@ -120,7 +143,7 @@ class Engine:
         request = Request(request_id, ids, params, seed, prompt=text)
         if self.tokenizer is not None:
             request.detokenizer = self.tokenizer.incremental_detokenizer(
-                skip_special_tokens=params.skip_special_tokens)
+                ids, skip_special_tokens=params.skip_special_tokens)
         self.scheduler.add(request)
         self._requests[request_id] = request
         return request_id
@@ -129,43 +152,73 @@ class Engine:
         """Stops a request now and frees its pages (unknown or finished ids are ignored)."""
         request = self._requests.pop(request_id, None)
         if request is not None and not request.is_finished:
+            request.pending_rows.clear()
+            request.output_token_ids = request.resolved_output_ids
             self.scheduler.finish(request, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        in_flight = self._in_flight is not None and any(
+            not item.request.is_finished for item in self._in_flight.batch.scheduled)
+        return self.scheduler.has_work() or in_flight
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduling iteration; returns outputs of the requests that got a token."""
+        """One scheduling iteration, pipelined: it launches step N+1 before reading step N's
+        tokens, so the device never waits for the host. Stop conditions are therefore checked
+        one step late; a token computed past a stop is discarded. Returns the outputs of the
+        requests that got a token in step N."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
-        if not batch.scheduled:
-            return []
+        launched = None
+        if batch.scheduled:
+            now = time.time()
+            for item in batch.scheduled:
+                if item.request.metrics.first_scheduled_time is None:
+                    item.request.metrics.first_scheduled_time = now
+            launched = self.runner.dispatch(batch, self._in_flight)
+            for row, item in enumerate(batch.scheduled):
+                if item.completes_sequence:  # the step samples this request's next token
+                    request = item.request
+                    index = len(request.output_token_ids)
+                    request.pending_rows[index] = row
+                    request.output_token_ids.append(PENDING)
+                    launched.output_index[row] = index
+            self.scheduler.commit(batch)
+        outputs, waited = self._finish_step(self._in_flight) if self._in_flight else ([], 0.0)
+        self._in_flight = launched
+        self.stats.record(time.perf_counter() - started - waited, waited)
+        return outputs
+
+    def _finish_step(self, step: InFlight) -> tuple[list[RequestOutput], float]:
+        """Reads a finished step's tokens and applies them (detokenize, stop checks)."""
+        before = time.perf_counter()
+        sampled = step.fetch()
+        waited = time.perf_counter() - before
         now = time.time()
-        for item in batch.scheduled:
-            if item.request.metrics.first_scheduled_time is None:
-                item.request.metrics.first_scheduled_time = now
-        sampled = self.runner.execute(batch)
-        now = time.time()
-        completes = [item.completes_sequence for item in batch.scheduled]
-        self.scheduler.commit(batch)
         outputs = []
-        for i, item in enumerate(batch.scheduled):
+        for row, item in enumerate(step.batch.scheduled):
             request = item.request
-            if not completes[i]:
-                continue  # a prefill chunk: the sampled token is not the next one yet
-            token = int(sampled.token_ids[i])
+            if request.is_finished:
+                continue  # stopped or aborted meanwhile: this row is overrun
+            if request.block_table:
+                self.scheduler.blocks.cache_full_pages(request)
+            index = step.output_index.get(row)
+            if index is None:
+                continue  # a prefill chunk: its sampled token is not the next one yet
+            del request.pending_rows[index]
+            token = int(sampled.token_ids[row])
+            request.output_token_ids[index] = token
             if request.params.logprobs is not None:
-                request.logprobs.append(_logprobs_of(sampled, i, token, request.params.logprobs))
-            self._append_token(request, token, now)
+                request.logprobs.append(_logprobs_of(sampled, row, token, request.params.logprobs))
+            self._append_token(request, index, token, now)
             outputs.append(self._output(request))
             if request.is_finished:
                 self._requests.pop(request.request_id, None)
-        return outputs
+        return outputs, waited
 
-    def _append_token(self, request: Request, token: int, now: float) -> None:
+    def _append_token(self, request: Request, index: int, token: int, now: float) -> None:
         params = request.params
-        request.output_token_ids.append(token)
         metrics = request.metrics
         metrics.token_times.append(now)
         if metrics.first_token_time is None:
@@ -175,15 +228,15 @@ class Engine:
             request.text += delta
             stop = self._find_stop_string(request, len(delta))
             if stop is not None:
-                return self._finish(request, "stop", stop)
-        n = len(request.output_token_ids)
+                return self._finish(request, index, "stop", stop)
+        n = index + 1
         if n >= params.min_tokens:
             if token in params.stop_token_ids:
-                return self._finish(request, "stop", token)
+                return self._finish(request, index, "stop", token)
             if token in self.eos_token_ids and not params.ignore_eos:
-                return self._finish(request, "stop", None)
-        if n >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            self._finish(request, "length", None)
+                return self._finish(request, index, "stop", None)
+        if n >= params.max_tokens or len(request.prompt_token_ids) + n >= self.max_model_len:
+            self._finish(request, index, "length", None)
 
     def _find_stop_string(self, request: Request, delta_len: int) -> str | None:
         for stop in request.params.stop:
@@ -194,14 +247,19 @@ class Engine:
                 return stop
         return None
 
-    def _finish(self, request: Request, reason: str, stop_reason) -> None:
+    def _finish(self, request: Request, last: int, reason: str, stop_reason) -> None:
+        """Ends ``request`` at output index ``last``; tokens launched past it are dropped."""
+        del request.output_token_ids[last + 1:]
+        request.pending_rows.clear()
+        if request.detokenizer is not None and not isinstance(stop_reason, str):
+            request.text += request.detokenizer.flush()  # a character held back at the end
         request.stop_reason = stop_reason
         request.metrics.finished_time = time.time()
         self.scheduler.finish(request, reason)
 
     def _output(self, request: Request) -> RequestOutput:
         completion = CompletionOutput(index=0, text=request.text,
-                                      token_ids=list(request.output_token_ids),
+                                      token_ids=request.resolved_output_ids,
                                       finish_reason=request.finish_reason,
                                       stop_reason=request.stop_reason,
                                       logprobs=(list(request.logprobs)

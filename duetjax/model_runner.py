@@ -27,6 +27,7 @@ from models.attention import AttentionMetadata
 from models.decoder import Decoder
 
 from .config import EngineConfig
+from .request import PENDING
 from .sampler import SampledTokens, SamplingArrays, sample
 from .scheduler import SchedulerOutput
 
@@ -38,6 +39,23 @@ def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step whose results the host has not read yet."""
+
+    batch: SchedulerOutput
+    sampled: SampledTokens
+    """Device arrays (futures): reading them waits for the step."""
+    output_index: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Row -> index in its request's output of the token this step samples (rows that end a
+    prefill chunk sample nothing)."""
+
+    def fetch(self) -> SampledTokens:
+        """Waits for the step; its results as host arrays, one row per scheduled request."""
+        n = len(self.batch.scheduled)
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], self.sampled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +103,8 @@ class ModelRunner:
         self._decoder = Decoder(cfg, impl=config.attention_impl, dtype=model.dtype)
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
+        self.max_seqs = bucket(config.max_num_seqs)
+        self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
 
     def compile_all(self, show_progress: bool = True) -> None:
         """Compiles every bucket (from the persistent cache when it holds them)."""
@@ -93,7 +113,8 @@ class ModelRunner:
         buckets = plan_buckets(self.config)
         for b in tqdm(buckets, desc="compile", disable=not show_progress):
             inputs = self._host_inputs(b)
-            self._executables[b] = step.lower(self.model.params, self.kv_pool, *inputs).compile()
+            self._executables[b] = step.lower(self.model.params, self.kv_pool, self._no_previous,
+                                              *inputs).compile()
         self.compile_seconds = time.perf_counter() - start
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
 
@@ -113,22 +134,28 @@ class ModelRunner:
                  pages * self.page_size * per_token / 2**30)
         return pages
 
-    def _step_fn(self, params, kv_pool, tokens, meta, logits_indices, sampling):
+    def _step_fn(self, params, kv_pool, previous, tokens, from_previous, meta, logits_indices,
+                 sampling):
+        # Tokens sampled by the step still in flight never visit the host: they are read here,
+        # on the device, from that step's output.
+        tokens = jnp.where(from_previous >= 0, previous[jnp.maximum(from_previous, 0)], tokens)
         logits, kv_pool = self._decoder.apply({"params": params}, tokens, kv_pool, meta, logits_indices)
-        return sample(logits, sampling), kv_pool
+        sampled = sample(logits, sampling)
+        padded = jnp.zeros(self.max_seqs, jnp.int32).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
+        return sampled.replace(token_ids=padded), kv_pool
 
-    def execute(self, batch: SchedulerOutput) -> SampledTokens:
-        """Runs one step; returns (as host arrays) what was sampled for each scheduled request,
-        in order."""
+    def dispatch(self, batch: SchedulerOutput, previous: InFlight | None) -> InFlight:
+        """Launches one step without waiting for it (nor for ``previous``, whose sampled tokens
+        feed this step on the device)."""
         b = bucket_for(batch, self.config)
         executable = self._executables.get(b)
         if executable is None:
             raise RuntimeError(f"no compiled executable for {b}: call compile_all() first "
                                f"(buckets: {sorted(self._executables, key=str)})")
         inputs = self._host_inputs(b, batch)
-        sampled, self.kv_pool = executable(self.model.params, self.kv_pool, *inputs)
-        n = len(batch.scheduled)
-        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], sampled)
+        prev_tokens = previous.sampled.token_ids if previous is not None else self._no_previous
+        sampled, self.kv_pool = executable(self.model.params, self.kv_pool, prev_tokens, *inputs)
+        return InFlight(batch, sampled)
 
     def _host_inputs(self, b: Bucket, batch: SchedulerOutput | None = None):
         """Host arrays of one step in bucket ``b`` (all padding when ``batch`` is None)."""
@@ -137,6 +164,7 @@ class ModelRunner:
         max_pages = self.max_pages_per_seq
 
         tokens = np.zeros(num_tokens, np.int32)
+        from_previous = np.full(num_tokens, -1, np.int32)  # row of the in-flight step's output
         positions = np.zeros(num_tokens, np.int32)
         slots = np.full(num_tokens, -1, np.int32)
         block_tables = np.zeros((num_seqs, max_pages), np.int32)
@@ -157,7 +185,10 @@ class ModelRunner:
             start = r.num_computed_tokens
             pos = np.arange(start, start + n, dtype=np.int32)
             table = np.asarray(r.block_table, np.int32)
-            tokens[at:at + n] = r.token_slice(start, start + n)
+            chunk = r.token_slice(start, start + n)
+            tokens[at:at + n] = chunk
+            if chunk[-1] == PENDING:  # only the newest token can still be in flight
+                from_previous[at + n - 1] = r.pending_rows[start + n - 1 - len(r.prompt_token_ids)]
             positions[at:at + n] = pos
             slots[at:at + n] = table[pos // page] * page + pos % page
             block_tables[s, :len(table)] = table
@@ -175,4 +206,4 @@ class ModelRunner:
                                  decode_only=decode_only)
         sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   seeds=seeds, counters=counters)
-        return tokens, meta, logits_indices, sampling
+        return tokens, from_previous, meta, logits_indices, sampling

@@ -8,6 +8,10 @@ from .outputs import RequestMetrics
 from .sampling_params import SamplingParams
 
 
+PENDING = -1
+"""Placeholder for a token sampled by a step that is still running on the device."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -26,7 +30,8 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.seed = seed
-        self.output_token_ids: list[int] = []
+        self.output_token_ids: list[int] = []  # PENDING where a token is still on the device
+        self.pending_rows: dict[int, int] = {}  # output index -> its row in the in-flight step
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.page_hashes: list[bytes] = []  # prefix-cache names of its full pages, in order
@@ -46,6 +51,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def resolved_output_ids(self) -> list[int]:
+        """Generated tokens the host has seen (without the ones still on the device)."""
+        ids = self.output_token_ids
+        end = len(ids)
+        while end and ids[end - 1] == PENDING:
+            end -= 1
+        return ids[:end]
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens ``start:end`` of prompt + output, without concatenating the whole sequence."""

@@ -44,8 +44,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int):
         self.config = config
+        self.max_model_len = max_model_len
         self.blocks = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -68,6 +69,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if self._at_length_limit(request):
+                index += 1  # its last token is still on the device; it finishes on arrival
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             target = request.num_computed_tokens + num_new
             while not self.blocks.can_hold(request, target):
@@ -102,11 +106,14 @@ class Scheduler:
             budget -= num_new
         return SchedulerOutput(scheduled, preempted)
 
+    def _at_length_limit(self, request: Request) -> bool:
+        return (len(request.output_token_ids) >= request.params.max_tokens
+                or request.num_tokens >= self.max_model_len)
+
     def commit(self, batch: SchedulerOutput) -> None:
-        """Records that a step computed its scheduled tokens (their KV is now in the pool)."""
+        """Records that a step was launched: its tokens count as computed from now on."""
         for item in batch.scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
-            self.blocks.cache_full_pages(item.request)
 
     def _preempt(self, request: Request) -> None:
         self.blocks.free(request)

@@ -15,7 +15,8 @@ def prompts(n=4, seed=0):
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    return Engine(tiny_llama_dir, dtype="float32")
+    return Engine(tiny_llama_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
+                  show_progress=False)
 
 
 def token_ids(outputs):
