@@ -31,7 +31,8 @@ class EngineConfig:
     attention_impl: str = "auto"
     """'auto' (Pallas on GPU, reference on CPU), 'pallas', 'interpret' or 'reference'."""
     compile_on_start: bool = True
-    """Compile every batch bucket at start-up (nothing compiles while serving)."""
+    """Compile every batch bucket at start-up, so nothing compiles while serving; False
+    compiles each bucket on first use instead (one-shot scripts)."""
     compilation_cache_dir: str | None = None
     """Persistent XLA compilation cache (warm starts skip compiling); None: ``<cache>/xla``
     under the duetjax cache directory; "" disables it."""

@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format)
+    # One request: one sequence, and only the step shapes this prompt needs get compiled.
+    engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, max_num_seqs=1,
+                    compile_on_start=False)
     loaded = time.perf_counter()
     tokenizer = engine.tokenizer
     chat = args.chat if args.chat is not None else bool(tokenizer and tokenizer.chat_template)

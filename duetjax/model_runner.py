@@ -105,18 +105,22 @@ class ModelRunner:
         self.compile_seconds = 0.0
         self.max_seqs = bucket(config.max_num_seqs)
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
+        self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,))
 
     def compile_all(self, show_progress: bool = True) -> None:
         """Compiles every bucket (from the persistent cache when it holds them)."""
-        start = time.perf_counter()
-        step = jax.jit(self._step_fn, donate_argnums=(1,))
         buckets = plan_buckets(self.config)
         for b in tqdm(buckets, desc="compile", disable=not show_progress):
-            inputs = self._host_inputs(b)
-            self._executables[b] = step.lower(self.model.params, self.kv_pool, self._no_previous,
-                                              *inputs).compile()
-        self.compile_seconds = time.perf_counter() - start
+            self._compile(b)
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
+
+    def _compile(self, b: Bucket) -> jax.stages.Compiled:
+        start = time.perf_counter()
+        inputs = self._host_inputs(b)
+        lowered = self._jitted_step.lower(self.model.params, self.kv_pool, self._no_previous, *inputs)
+        self._executables[b] = lowered.compile()
+        self.compile_seconds += time.perf_counter() - start
+        return self._executables[b]
 
     def _plan_num_pages(self) -> int:
         cfg = self.model.config
@@ -150,8 +154,11 @@ class ModelRunner:
         b = bucket_for(batch, self.config)
         executable = self._executables.get(b)
         if executable is None:
-            raise RuntimeError(f"no compiled executable for {b}: call compile_all() first "
-                               f"(buckets: {sorted(self._executables, key=str)})")
+            if self.config.compile_on_start:
+                raise RuntimeError(f"no compiled executable for {b} (buckets: "
+                                   f"{sorted(self._executables, key=str)}): a scheduler bug")
+            log.info("compiling %s on first use", b)
+            executable = self._compile(b)
         inputs = self._host_inputs(b, batch)
         prev_tokens = previous.sampled.token_ids if previous is not None else self._no_previous
         sampled, self.kv_pool = executable(self.model.params, self.kv_pool, prev_tokens, *inputs)

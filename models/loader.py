@@ -3,6 +3,7 @@ embedded default model."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .hf_loader import SafetensorsSource, read_hf_config
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
@@ -95,7 +97,11 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         source = GGUFSource(path)
         config = ModelConfig.from_hf(source.hf_config)
         params = load_params(config, source, dtype)
-        tokenizer = source.tokenizer()
+        try:
+            tokenizer = source.tokenizer()
+        except CheckpointError as err:  # e.g. SentencePiece GGUF vocabularies
+            log.warning("%s: no tokenizer (%s); pass prompts as token ids", path, err)
+            tokenizer = None
     else:
         config = ModelConfig.from_hf(read_hf_config(path))
         if load_format == "dummy":
