@@ -235,7 +235,9 @@ def _from_hf(architecture: str, family: str, hf: Mapping[str, Any]) -> ModelConf
     gemma = family in GEMMA_FAMILIES
     activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-    if gemma and activation == "gelu":  # HF runs original Gemma's "gelu" as the tanh approximation
+    # Original Gemma configs say "gelu", but the model was trained with the tanh approximation
+    # (Google's JAX reference; transformers 4.38+ warned and switched). We keep the model's.
+    if gemma and activation == "gelu":
         activation = "gelu_pytorch_tanh"
     if activation not in activations:
         raise CheckpointError(f"activation {activation!r} is not supported ({', '.join(activations)})")
@@ -265,7 +267,8 @@ def _from_hf(architecture: str, family: str, hf: Mapping[str, Any]) -> ModelConf
         embed_scale=math.sqrt(hidden) if gemma else 1.0,
         sandwich_norm=family in ("gemma2", "gemma3"),
         attn_scale=float(query_scalar if query_scalar else head_dim) ** -0.5,
-        attn_logit_softcap=hf.get("attn_logit_softcapping") if family in ("gemma2", "gemma3") else None,
+        # Gemma 3 configs carry attn_logit_softcapping, but the model (and transformers) ignore it.
+        attn_logit_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
         final_logit_softcap=hf.get("final_logit_softcapping") if gemma else None,
         layer_windows=_layer_windows(hf, family, num_layers),
         bos_token_id=hf.get("bos_token_id"),
