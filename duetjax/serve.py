@@ -1,0 +1,152 @@
+"""``python -m duetjax.serve``: an OpenAI-compatible HTTP server.
+
+    python -m duetjax.serve                                  # the embedded SmolLM2-135M-Instruct
+    python -m duetjax.serve --model ./Llama-3.2-1B-Instruct --port 8000 --api-key sk-local
+
+Binds to 127.0.0.1 unless --host says otherwise, and prints
+``duetjax serving MODEL on http://HOST:PORT`` once it accepts connections. On SIGTERM (or
+Ctrl-C) it drains: it stops accepting, lets requests in flight finish for up to
+--drain-timeout seconds, aborts the rest, and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from .async_engine import AsyncEngine
+from .config import EngineConfig
+from .engine import Engine
+from .server import create_app
+
+log = logging.getLogger("duetjax.serve")
+
+MODES = ("aggregated", "duet", "auto")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m duetjax.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients put in 'model' (default: the model's directory or file name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    p.add_argument("--mode", choices=MODES, default="aggregated",
+                   help="aggregated: one mixed prefill+decode batch on the whole GPU; duet: split "
+                        "the GPU's SMs between prefill and decode when the TBT SLO needs it; "
+                        "auto: duet where available")
+    e = p.add_argument_group("engine")
+    e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    e.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
+    e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
+    e.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    e.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool capacity in tokens")
+    e.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
+    e.add_argument("--seed", type=int, default=None, help="seeds requests that bring no seed")
+    s = p.add_argument_group("server")
+    s.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests that may wait beyond --max-num-seqs; past that, 429 + Retry-After")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="largest request body; larger ones get a 413 (default 4 MiB)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds requests in flight may take to finish (default 30)")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+    return p.parse_args(argv)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig fields given on the command line, plus the mode if the engine knows it."""
+    names = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens",
+             "page_size", "seed")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    if "mode" in fields:  # the multiplexed engine decides for itself
+        options["mode"] = args.mode
+    elif args.mode == "duet":
+        raise SystemExit("error: --mode duet needs prefill/decode multiplexing (issue 6) on an "
+                         "NVIDIA GPU with CUDA MPS, which this build does not have; use "
+                         "--mode aggregated (or auto)")
+    elif args.mode == "auto":
+        log.info("--mode auto: running aggregated, because this build has no duet "
+                 "(prefill/decode multiplexing) executor")
+    return options
+
+
+def served_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(args.model).expanduser()
+    return path.stem if path.suffix == ".gguf" else (path.resolve().name or str(args.model))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = engine_options(args)
+    try:
+        engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, **options)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"error: cannot load the model: {error}", file=sys.stderr)
+        return 2
+    name = served_name(args)
+    async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
+    app = create_app(async_engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     drain_timeout=1.0)  # uvicorn drains HTTP for --drain-timeout before that
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=not args.no_access_log,
+                            timeout_graceful_shutdown=int(args.drain_timeout))
+    try:
+        sock = config.bind_socket()
+    except SystemExit:
+        print(f"error: cannot listen on {args.host}:{args.port}", file=sys.stderr)
+        async_engine.close()
+        return 2
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    server = _Server(config, async_engine, f"duetjax serving {name} on http://{url_host}:{port}")
+    server.run(sockets=[sock])
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, plus: print the address once listening, refuse new requests as soon
+    as a shutdown signal arrives, and exit 0 after a graceful drain (uvicorn re-raises the
+    signal after shutting down, which would end the process with 143)."""
+
+    def __init__(self, config: Any, engine: AsyncEngine, ready_message: str):
+        super().__init__(config)
+        self._engine = engine
+        self._ready_message = ready_message
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self._ready_message, flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._engine.begin_drain()
+        super().handle_exit(sig, frame)
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self._captured_signals.clear()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

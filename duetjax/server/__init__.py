@@ -1,0 +1,7 @@
+"""OpenAI-compatible HTTP server over ``AsyncEngine`` (FastAPI + uvicorn).
+
+Run it with ``python -m duetjax.serve``; build the app yourself with ``create_app``.
+"""
+from .app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,130 @@
+"""``POST /v1/completions``: prompts in (text, texts, token ids), text completions out."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..sampling_params import SamplingParams
+from .errors import APIError, bad_request, error_response, from_engine_error
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from .serving import (SSE_DONE, Choice, ClientDisconnected, Prompt, Serving, holdback_for, new_id,
+                      now, sampled_and_top, sse)
+
+
+class Completions:
+    def __init__(self, serving: Serving):
+        self.serving = serving
+
+    async def prompts(self, request: CompletionRequest) -> list[Prompt]:
+        raw = request.prompt
+        if isinstance(raw, str):
+            raw = [raw]
+        elif raw and isinstance(raw[0], int):
+            raw = [raw]
+        prompts = []
+        for item in raw:
+            if isinstance(item, str):
+                if not item:
+                    raise bad_request("the prompt is empty; send some text", param="prompt")
+                prompts.append(Prompt(await self.serving.tokenize(item), item))
+            else:
+                text = None
+                if request.echo:
+                    text = self.serving.require_tokenizer("echo").decode(item)
+                prompts.append(Prompt(list(item), text))
+        return prompts
+
+    async def create(self, request: CompletionRequest, http: Request):
+        serving = self.serving
+        arrival = now()
+        serving.check_model(request.model)
+        if (message := request.unsupported()) is not None:
+            raise bad_request(message)
+        prompts = await self.prompts(request)
+        max_tokens = [serving.max_tokens_for(p, request.max_tokens, "max_tokens") for p in prompts]
+        if len(set(max_tokens)) > 1:  # max_tokens=None with prompts of different lengths
+            raise bad_request("max_tokens is required when prompts differ in length",
+                              param="max_tokens")
+        params = serving.sampling_params(request, max_tokens[0], request.logprobs)
+        request_id = new_id("cmpl")
+        choices = await serving.start(prompts, params, request.n, request_id)
+        if request.stream:
+            return StreamingResponse(self.stream(request, request_id, choices, arrival, params),
+                                     media_type="text/event-stream")
+        try:
+            await serving.collect(choices, http)
+        except ClientDisconnected:
+            return error_response(APIError(499, "the client closed the connection"))
+        finally:
+            serving.finish(choices, arrival)
+        return CompletionResponse(
+            id=request_id, model=serving.model_name,
+            choices=[self.choice(request, c, c.last.outputs[0].text, finished=True)
+                     for c in choices],
+            usage=serving.usage(choices))
+
+    def choice(self, request: CompletionRequest, choice: Choice, text: str,
+               finished: bool) -> CompletionChoice:
+        completion = choice.last.outputs[0]
+        if request.echo and not choice.started:
+            text = (choice.prompt.text or "") + text
+        choice.started = True
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = self.logprobs(choice, self.serving.new_logprobs(choice),
+                                     completion.token_ids, request.logprobs)
+        return CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
+                                finish_reason=completion.finish_reason if finished else None,
+                                stop_reason=completion.stop_reason if finished else None)
+
+    def logprobs(self, choice: Choice, entries: list[dict[int, float]], token_ids: list[int],
+                 top_n: int) -> CompletionLogprobs:
+        """The legacy format: for each new token its text, logprob, the top ``top_n``
+        alternatives (plus the sampled token) and its character offset in the completion."""
+        result = CompletionLogprobs()
+        offset = choice.text_offset
+        start = len(token_ids) - len(entries)
+        for entry, token in zip(entries, token_ids[start:]):
+            logprob, top = sampled_and_top(entry, token, max(top_n, 1), self.serving.token_text)
+            text = self.serving.token_text(token)
+            result.tokens.append(text)
+            result.token_logprobs.append(logprob)
+            tops = {t: lp for t, _, lp in top[:top_n]}
+            tops.setdefault(text, logprob)
+            result.top_logprobs.append(tops)
+            result.text_offset.append(offset)
+            offset += len(text)
+        choice.text_offset = offset
+        return result
+
+    async def stream(self, request: CompletionRequest, request_id: str, choices: list[Choice],
+                     arrival: float, params: SamplingParams) -> AsyncIterator[str]:
+        serving = self.serving
+        holdback = holdback_for(params)
+        created = int(arrival)
+        try:
+            async for choice in serving.outputs(choices):
+                finished = choice.last.finished
+                delta = serving.text_delta(choice, holdback)
+                has_logprobs = request.logprobs is not None and (
+                    len(choice.last.outputs[0].logprobs or []) > choice.sent_tokens)
+                if not (delta or finished or has_logprobs or (request.echo and not choice.started)):
+                    continue
+                body = CompletionResponse(id=request_id, created=created, model=serving.model_name,
+                                          choices=[self.choice(request, choice, delta, finished)])
+                yield sse(body)
+            if request.stream_options and request.stream_options.include_usage:
+                yield sse(CompletionResponse(id=request_id, created=created,
+                                             model=serving.model_name, choices=[],
+                                             usage=serving.usage(choices)))
+        except APIError as error:
+            yield sse({"error": {"message": error.message, "type": error.type, "code": error.code}})
+        except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
+            api_error = from_engine_error(error)
+            yield sse({"error": {"message": api_error.message, "type": api_error.type,
+                                 "code": api_error.code}})
+        finally:
+            serving.finish(choices, arrival)
+        yield SSE_DONE

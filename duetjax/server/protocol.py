@@ -1,0 +1,298 @@
+"""Typed request and response bodies of the OpenAI wire format (the subset duetjax serves).
+
+Requests reject unknown fields (``extra="forbid"``) so a typo or an unsupported OpenAI option
+is answered with a 400 that names it, rather than silently ignored. Range checks live here so
+pydantic's messages name the field; options that the wire format has but duetjax does not
+implement are checked in ``unsupported()`` and answered with a 400 that says so.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer,
+                      model_validator)
+
+from ..sampling_params import MAX_LOGPROBS
+
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send one last chunk with token usage before ``[DONE]``."""
+    continuous_usage_stats: bool = False
+    """vLLM's usage in every chunk: not supported (400 when true)."""
+
+
+class _SamplingFields(_Request):
+    """Fields shared by both endpoints, with OpenAI's names and vLLM's extras."""
+
+    model: str | None = None
+    """The served model name; None: the one model this server serves."""
+    temperature: Annotated[float, Field(ge=0.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    """Extra (vLLM): keep the k most likely tokens; -1 or 0 disables."""
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Extra (vLLM): drop tokens below min_p times the top token's probability."""
+    n: Annotated[int, Field(ge=1, le=64)] = 1
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    """Extra (vLLM): token ids that end generation."""
+    seed: Annotated[int, Field(ge=0, lt=2**32)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    """Extra (vLLM): EOS and stop token ids are ignored until this many tokens exist."""
+    ignore_eos: bool = False
+    """Extra (vLLM): keep generating past EOS (benchmarks)."""
+    skip_special_tokens: bool = True
+    """Extra (vLLM): leave special tokens out of the text."""
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    """Accepted and ignored (OpenAI's end-user id)."""
+
+    def unsupported(self) -> str | None:
+        """A message naming a requested option duetjax does not implement, else None."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                return f"{name} is not supported by duetjax; leave it out or set it to 0"
+        if self.repetition_penalty not in (None, 1.0):
+            return "repetition_penalty is not supported by duetjax; leave it out or set it to 1"
+        if self.logit_bias:
+            return "logit_bias is not supported by duetjax; leave it out"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options is only allowed with stream=true"
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            return ("stream_options.continuous_usage_stats is not supported by duetjax; use "
+                    "include_usage for one usage chunk at the end")
+        return None
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1)]
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    """None: up to the end of the context window."""
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """Return the log-probabilities of each generated token and of the N most likely."""
+    echo: bool = False
+    """Prepend the prompt to the returned text."""
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> str | None:
+        if self.suffix:
+            return "suffix (insertion) is not supported by duetjax; leave it out"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of other than n is not supported by duetjax; leave it out"
+        if self.echo and self.logprobs is not None:
+            return ("echo with logprobs needs prompt log-probabilities, which duetjax does not "
+                    "compute; use one or the other")
+        return super().unsupported()
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content; only ``{"type": "text", "text": ...}`` is served."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; extra keys (name, tool_call_id, ...) reach the chat template as is."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The content as one string; raises ValueError for non-text parts (images, audio)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content parts of type '{part.type}' are not supported by "
+                                 "duetjax (it serves text models); send text parts only")
+        return "".join(part.text or "" for part in self.content)
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Deprecated by OpenAI in favour of max_completion_tokens; None: to the context end."""
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    add_generation_prompt: bool = True
+    """Extra (vLLM): end the prompt with the assistant turn's header."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra (vLLM): more variables for the chat template."""
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    def unsupported(self) -> str | None:
+        if self.tools or self.tool_choice not in (None, "none"):
+            return "tools and tool_choice are not supported by duetjax; leave them out"
+        if self.response_format is not None and self.response_format.type != "text":
+            return (f"response_format {self.response_format.type!r} (structured output) is not "
+                    "supported by duetjax; leave it out or use {'type': 'text'}")
+        return super().unsupported()
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        """A delta carries only what changed: ``{}`` in the last chunk, as OpenAI sends."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "duetjax"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorInfo
+

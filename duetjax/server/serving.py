@@ -1,0 +1,295 @@
+"""What both generation endpoints share: prompt checks, fan-out of ``n`` choices into engine
+requests, merging their streams, streaming text safely, cleanup on disconnect, logprobs.
+
+One HTTP request becomes ``len(prompts) * n`` engine requests (distinct ids; seeds seed+i when a
+seed is given). Whatever way the HTTP request ends (finished, client gone, error), ``Fanout``'s
+cleanup aborts the engine requests that are still running, which frees their KV pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from ..async_engine import AsyncEngine, RequestStream
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .errors import APIError, bad_request, from_engine_error
+from .metrics import ServerMetrics
+from .protocol import UsageInfo
+
+
+@dataclasses.dataclass
+class Prompt:
+    """A prompt after tokenization."""
+
+    token_ids: list[int]
+    text: str | None = None
+
+    def engine_input(self) -> dict[str, Any]:
+        return {"prompt_token_ids": self.token_ids, "prompt": self.text}
+
+
+@dataclasses.dataclass
+class Choice:
+    """One engine request behind one choice of the response."""
+
+    index: int
+    prompt: Prompt
+    stream: RequestStream
+    last: RequestOutput | None = None
+    sent_chars: int = 0
+    """Characters of text already streamed."""
+    sent_tokens: int = 0
+    """Tokens whose logprobs were already streamed."""
+    started: bool = False
+    """A chunk (e.g. the role, or the echoed prompt) was already streamed."""
+    text_offset: int = 0
+    """Characters of token text covered by the logprobs already sent (legacy format)."""
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was complete."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(payload: BaseModel | dict) -> str:
+    """One server-sent event carrying JSON."""
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump_json()
+    else:
+        data = json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class Serving:
+    """Turns validated requests into engine requests and engine outputs into choices."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics):
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+
+    # ---- checks -------------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves "
+                                f"'{self.model_name}' (see GET /v1/models)",
+                           param="model", code="model_not_found")
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def require_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise bad_request(f"{what} needs a tokenizer, and the model '{self.model_name}' ships "
+                              "none; send the prompt as a list of token ids to /v1/completions")
+        return self.tokenizer
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tokenizer = self.require_tokenizer("a text prompt")
+        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    def max_tokens_for(self, prompt: Prompt, requested: int | None, field: str) -> int:
+        """The request's max_tokens, checked against the context window (None: the rest of it)."""
+        limit = self.engine.max_model_len
+        prompt_len = len(prompt.token_ids)
+        wanted = requested if requested is not None else max(limit - prompt_len, 0)
+        if prompt_len + wanted > limit or prompt_len >= limit:
+            raise bad_request(
+                f"this model's maximum context length is {limit} tokens, but the request needs "
+                f"{prompt_len + max(wanted, 1)} ({prompt_len} in the prompt, {max(wanted, 1)} in "
+                f"{field}); shorten the prompt or lower {field}", param=field)
+        return wanted
+
+    @staticmethod
+    def sampling_params(request: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                top_k=request.top_k or 0,
+                min_p=request.min_p or 0.0,
+                max_tokens=max_tokens,
+                min_tokens=min(request.min_tokens, max_tokens),
+                stop=[request.stop] if isinstance(request.stop, str) else (request.stop or ()),
+                stop_token_ids=request.stop_token_ids or (),
+                ignore_eos=request.ignore_eos,
+                seed=request.seed,
+                skip_special_tokens=request.skip_special_tokens,
+                logprobs=logprobs)
+        except ValueError as error:
+            raise bad_request(str(error)) from None
+
+    # ---- running requests ---------------------------------------------------------------------
+
+    async def start(self, prompts: list[Prompt], params: SamplingParams, n: int,
+                    request_id: str) -> list[Choice]:
+        """Adds ``n`` engine requests per prompt; all or nothing (a failure aborts the rest)."""
+        choices: list[Choice] = []
+        try:
+            for p, prompt in enumerate(prompts):
+                for i in range(n):
+                    seeded = params if params.seed is None else dataclasses.replace(
+                        params, seed=(params.seed + i) % 2**32)
+                    stream = await self.engine.add_request(prompt.engine_input(), seeded,
+                                                           f"{request_id}-{p}-{i}")
+                    choices.append(Choice(index=p * n + i, prompt=prompt, stream=stream))
+        except BaseException as error:
+            self.finish(choices, None)
+            if isinstance(error, Exception):
+                api_error = from_engine_error(error)
+                self.metrics.reject({429: "queue_full", 503: "draining"}.get(
+                    api_error.status, "invalid" if api_error.status < 500 else "error"))
+                raise api_error from None
+            raise
+        return choices
+
+    async def outputs(self, choices: list[Choice]) -> AsyncIterator[Choice]:
+        """Yields a choice each time its engine request has new output (``choice.last``).
+
+        Each stream keeps only its newest output, so a slow reader sees coalesced progress
+        rather than an unbounded backlog.
+        """
+        if len(choices) == 1:
+            choice = choices[0]
+            async for output in choice.stream:
+                choice.last = output
+                yield choice
+            return
+        ready: dict[int, Choice] = {}
+        failures: list[BaseException] = []
+        remaining = len(choices)
+        wakeup = asyncio.Event()
+
+        async def pump(choice: Choice) -> None:
+            nonlocal remaining
+            try:
+                async for output in choice.stream:
+                    choice.last = output
+                    ready[choice.index] = choice
+                    wakeup.set()
+            except Exception as error:  # noqa: BLE001 - handed to the reader
+                failures.append(error)
+            finally:
+                remaining -= 1
+                wakeup.set()
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            while True:
+                while ready:
+                    yield ready.pop(next(iter(ready)))
+                if failures:
+                    raise failures[0]
+                if not remaining:
+                    return
+                wakeup.clear()
+                await wakeup.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def collect(self, choices: list[Choice], request: Request) -> None:
+        """Runs every choice to the end; raises ClientDisconnected if the client leaves first."""
+
+        async def run() -> None:
+            async for _ in self.outputs(choices):
+                pass
+
+        work = asyncio.create_task(run())
+        watcher = asyncio.create_task(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not work.done():
+                work.cancel()
+        if work not in done:
+            raise ClientDisconnected
+        error = work.exception()
+        if error is not None:
+            raise from_engine_error(error) from error
+
+    def finish(self, choices: list[Choice], arrival_time: float | None) -> None:
+        """Aborts what is still running (freeing its KV pages) and records metrics."""
+        for choice in choices:
+            if not choice.stream.finished:
+                self.engine.abort(choice.stream.request_id)
+            if arrival_time is not None and choice.last is not None:
+                self.metrics.observe(choice.last, arrival_time)
+
+    # ---- formatting helpers -------------------------------------------------------------------
+
+    @staticmethod
+    def text_delta(choice: Choice, holdback: int) -> str:
+        """New text to stream. Until the request finishes, the last ``holdback`` characters
+        (longest stop string - 1) stay back, since a stop string completed by a later token
+        truncates the text before it and streamed text cannot be taken back."""
+        output = choice.last
+        assert output is not None
+        text = output.outputs[0].text
+        end = len(text) if output.finished else max(len(text) - holdback, 0)
+        if end <= choice.sent_chars:
+            return ""
+        delta = text[choice.sent_chars:end]
+        choice.sent_chars = end
+        return delta
+
+    def new_logprobs(self, choice: Choice) -> list[dict[int, float]]:
+        """Logprob entries of the tokens generated since the last call."""
+        output = choice.last
+        assert output is not None
+        entries = output.outputs[0].logprobs or []
+        new = entries[choice.sent_tokens:]
+        choice.sent_tokens = len(entries)
+        return new
+
+    def token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    @staticmethod
+    def usage(choices: list[Choice]) -> UsageInfo:
+        prompt_tokens = sum(len(p.token_ids) for p in {id(c.prompt): c.prompt for c in choices}.values())
+        completion = sum(len(c.last.outputs[0].token_ids) for c in choices if c.last is not None)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                         total_tokens=prompt_tokens + completion)
+
+
+def holdback_for(params: SamplingParams) -> int:
+    return max((len(s) for s in params.stop), default=1) - 1
+
+
+def sampled_and_top(entry: dict[int, float], token_id: int, top_n: int,
+                    text_of: Callable[[int], str]) -> tuple[float, list[tuple[str, int, float]]]:
+    """The sampled token's logprob and the ``top_n`` most likely (text, id, logprob)."""
+    ranked = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:top_n]
+    return entry.get(token_id, float("-inf")), [(text_of(t), t, lp) for t, lp in ranked]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,32 @@
+"""One real server per session on the tiny chat model (fast), shared by the server tests."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from .helpers import ServerProcess, write_tiny_chat_model
+
+API_KEY = "sk-test-key"
+MAX_BODY_BYTES = 200_000
+# Small batch limits: few compiled buckets (fast start), and queueing is easy to provoke.
+TINY_SERVER_ARGS = ("--dtype", "float32", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+                    "--kv-cache-tokens", "4096", "--max-queued-requests", "32",
+                    "--served-model-name", "tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory):
+    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_chat_dir):
+    process = ServerProcess("--model", str(tiny_chat_dir), *TINY_SERVER_ARGS,
+                            "--api-key", API_KEY, "--max-body-bytes", str(MAX_BODY_BYTES))
+    yield process
+    assert process.terminate() == 0, process.output[-3000:]
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)

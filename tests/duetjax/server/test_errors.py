@@ -1,0 +1,128 @@
+"""Bad input and overload get a 4xx with an OpenAI error body, and the server stays healthy."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from .conftest import API_KEY, MAX_BODY_BYTES
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+COMPLETION = {"model": "tiny-chat", "prompt": "hi", "max_tokens": 2}
+
+CASES = [
+    # (id, path, body (dict, or raw bytes), expected status, words the message must contain)
+    ("malformed-json", "/v1/chat/completions", b'{"messages": [', 400, "not valid JSON"),
+    ("not-an-object", "/v1/completions", b'[1, 2]', 400, "JSON object"),
+    ("missing-messages", "/v1/chat/completions", {"model": "tiny-chat"}, 400, "'messages' is required"),
+    ("missing-prompt", "/v1/completions", {"max_tokens": 3}, 400, "'prompt' is required"),
+    ("wrong-type", "/v1/completions", {**COMPLETION, "max_tokens": "ten"}, 400, "max_tokens"),
+    ("wrong-prompt-type", "/v1/completions", {**COMPLETION, "prompt": 42}, 400, "prompt"),
+    ("bad-role", "/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]},
+     400, "role"),
+    ("unknown-field", "/v1/completions", {**COMPLETION, "max_token": 3}, 400, "unknown field 'max_token'"),
+    ("temperature", "/v1/completions", {**COMPLETION, "temperature": -0.5}, 400, "temperature"),
+    ("top-p", "/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400, "top_p"),
+    ("top-k", "/v1/completions", {**COMPLETION, "top_k": -3}, 400, "top_k"),
+    ("min-p", "/v1/completions", {**COMPLETION, "min_p": 2}, 400, "min_p"),
+    ("n", "/v1/completions", {**COMPLETION, "n": 0}, 400, "'n'"),
+    ("max-tokens", "/v1/completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
+    ("logprobs", "/v1/completions", {**COMPLETION, "logprobs": 50}, 400, "logprobs"),
+    ("top-logprobs-alone", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "logprobs"),
+    ("seed", "/v1/completions", {**COMPLETION, "seed": -1}, 400, "seed"),
+    ("empty-prompt", "/v1/completions", {**COMPLETION, "prompt": ""}, 400, "empty"),
+    ("token-out-of-vocab", "/v1/completions", {**COMPLETION, "prompt": [1, 99999]}, 400, "vocabulary"),
+    ("unknown-model", "/v1/completions", {**COMPLETION, "model": "gpt-9"}, 404, "does not exist"),
+    ("context-window", "/v1/completions", {**COMPLETION, "max_tokens": 300}, 400,
+     "maximum context length is 256"),
+    ("prompt-too-long", "/v1/chat/completions",
+     {**CHAT, "max_tokens": None, "messages": [{"role": "user", "content": "x" * 400}]}, 400,
+     "maximum context length"),
+    ("echo-with-logprobs", "/v1/completions", {**COMPLETION, "echo": True, "logprobs": 1}, 400,
+     "not compute"),
+    ("penalty", "/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, 400, "not supported"),
+    ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "not supported"),
+    ("stream-options-without-stream", "/v1/chat/completions",
+     {**CHAT, "stream_options": {"include_usage": True}}, 400, "stream=true"),
+]
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+def post(http, path, body, headers=AUTH):
+    if isinstance(body, bytes):
+        return http.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
+    return http.post(path, json=body, headers=headers)
+
+
+def assert_error(response, status, words):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words.lower() in error["message"].lower(), error["message"]
+    return error
+
+
+@pytest.mark.parametrize("path,body,status,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(http, path, body, status, words):
+    assert_error(post(http, path, body), status, words)
+    assert http.get("/health").status_code == 200
+
+
+def test_body_over_the_size_limit(http):
+    body = {**COMPLETION, "prompt": "x" * (MAX_BODY_BYTES + 10)}
+    assert_error(post(http, "/v1/completions", body), 413, "larger than")
+
+    def chunks():  # no Content-Length: the limit must hold while streaming the body in
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY_BYTES // 10_000 + 2):
+            yield b"x" * 10_000
+        yield b'"}'
+    response = http.post("/v1/completions", content=chunks(),
+                         headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(response, 413, "larger than")
+    assert http.get("/health").status_code == 200
+
+
+def test_api_key(http):
+    error = assert_error(post(http, "/v1/completions", COMPLETION, headers={}), 401, "missing API key")
+    assert error["code"] == "invalid_api_key"
+    assert_error(post(http, "/v1/completions", COMPLETION, headers={"Authorization": "Bearer nope"}),
+                 401, "incorrect API key")
+    assert_error(http.get("/v1/models"), 401, "API key")
+    assert http.get("/health").status_code == 200  # probes need no key
+    assert http.get("/metrics").status_code == 200
+
+
+def test_unknown_route_and_method(http):
+    assert_error(http.get("/v1/nothing", headers=AUTH), 404, "no route")
+    assert_error(http.get("/v1/completions", headers=AUTH), 405, "not allowed")
+
+
+def test_queue_full_answers_429_with_retry_after(server):
+    """8 running + 32 queued is the most this server holds; a burst of 80 overflows it."""
+    body = {**COMPLETION, "max_tokens": 128, "ignore_eos": True}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=AUTH,
+                                     limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=body)
+                                          for _ in range(80)))
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 40 and statuses.count(429) >= 1, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert int(rejected.headers["Retry-After"]) >= 1
+    assert_error(rejected, 429, "retry later")
+    assert all(len(r.json()["choices"][0]["text"]) >= 0 for r in responses if r.status_code == 200)
+    assert server.wait_until(lambda: server.metric("duetjax_num_requests_in_flight") == 0)
+    assert server.metric("duetjax_requests_rejected_total", reason="queue_full") >= 1
+    assert httpx.get(f"{server.url}/health").status_code == 200

@@ -1,0 +1,45 @@
+"""SIGTERM drains: no new requests, in-flight ones (queued ones included) finish, exit 0."""
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+
+from .conftest import TINY_SERVER_ARGS
+from .helpers import ServerProcess
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_chat_dir):
+    # The shared server's flags, so its compiled executables come from the compilation cache.
+    server = ServerProcess("--model", str(tiny_chat_dir), *TINY_SERVER_ARGS)
+    body = {"prompt": "drain", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    results: list[tuple[int, str | None, str]] = []
+
+    def stream() -> None:
+        finish, text = None, ""
+        with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and line != "data: [DONE]":
+                    choice = json.loads(line[5:])["choices"][0]
+                    finish, text = choice["finish_reason"] or finish, text + choice["text"]
+        results.append((r.status_code, finish, text))
+
+    threads = [threading.Thread(target=stream) for _ in range(12)]  # 8 run, 4 wait
+    for t in threads:
+        t.start()
+    assert server.wait_until(lambda: server.metric("duetjax_num_requests_in_flight") == 12)
+    server.process.terminate()  # SIGTERM while all 12 are in flight
+    assert server.wait_until(lambda: _refused(server.url), timeout=10), "still accepting requests"
+    for t in threads:
+        t.join(120)
+    assert server.process.wait(60) == 0, server.output[-3000:]
+    assert [(status, finish) for status, finish, _ in results] == [(200, "length")] * 12
+    assert "Shutting down" in server.output
+
+
+def _refused(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 503
+    except httpx.TransportError:
+        return True

@@ -1,0 +1,233 @@
+"""GPU figures of the aggregated engine, against the hardware ceilings measured in the same run.
+
+Sections (``--sections``, default all):
+- ``decode``: one decode step (model + sampling, full-width block tables) at several batch
+  sizes, every sequence holding ``--context`` tokens of KV, against the HBM roofline
+  (weight bytes + KV bytes read, over the measured copy bandwidth).
+- ``prefill``: one prompt of 2k / 8k tokens against the measured bf16 matmul rate (model FLOP
+  utilisation; attention counted causally).
+- ``host``: ``Engine.generate`` at batch 64: host time per step (scheduling, input preparation,
+  dispatch, output processing) against the step time.
+- ``offline``: ``--num-prompts`` prompts with conversation-like lengths through
+  ``Engine.generate``: requests/s and tokens/s.
+- ``paris``: the embedded SmolLM2 in bf16 on the GPU kernels answers the capital question.
+
+    python tools/bench_engine.py --model llama-3-8b --out engine.json --table engine.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from duetjax import Engine, SamplingParams  # noqa: E402
+from duetjax.request import Request  # noqa: E402
+from duetjax.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
+from gpu_ceilings import ceilings  # noqa: E402
+from pallas_kernels import kv_bytes_per_token  # noqa: E402
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def synthetic_batch(engine: Engine, lengths: list[int], new_tokens: list[int]) -> SchedulerOutput:
+    """Requests whose first ``lengths[i]`` tokens count as computed, with pages for the rest
+    (the KV content is whatever the pool holds: timing does not depend on it)."""
+    rng = np.random.default_rng(0)
+    vocab = engine.model.config.vocab_size
+    scheduled = []
+    for i, (done, new) in enumerate(zip(lengths, new_tokens)):
+        r = Request(f"bench-{i}", rng.integers(0, vocab, done + new).tolist(),
+                    SamplingParams(temperature=0.0), seed=i)
+        engine.scheduler.blocks.grow(r, done + new)
+        r.num_computed_tokens = done
+        scheduled.append(ScheduledRequest(r, new))
+    return SchedulerOutput(scheduled, [])
+
+
+def time_steps(engine: Engine, batch: SchedulerOutput, steps: int) -> float:
+    """Median seconds of one dispatched step (each step's tokens feed the next on the device)."""
+    runner = engine.runner
+    previous = runner.dispatch(batch, None)
+    previous.fetch()  # compiles the bucket on first use
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
+            previous = runner.dispatch(batch, previous)
+        previous.fetch()
+        times.append((time.perf_counter() - start) / steps)
+    for item in batch.scheduled:
+        engine.scheduler.blocks.free(item.request)
+    return float(np.median(times))
+
+
+def decode_section(engine: Engine, ceil: dict, batches: list[int], context: int) -> list[dict]:
+    cfg = engine.model.config
+    weight_bytes = cfg.num_params * 2
+    per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2)
+    rows = []
+    for b in batches:
+        t = time_steps(engine, synthetic_batch(engine, [context - 1] * b, [1] * b), steps=20)
+        moved = weight_bytes + b * context * per_token
+        floor = moved / (ceil["copy_tb_s"] * 1e12)
+        rows.append({"batch": b, "context": context, "step_ms": 1e3 * t, "roofline_ms": 1e3 * floor,
+                     "of_roofline": floor / t, "tokens_per_s": b / t})
+        log(f"decode B={b:4d} ctx={context}: {1e3 * t:7.2f} ms/step, roofline {1e3 * floor:6.2f} ms "
+            f"({100 * floor / t:5.1f} %), {b / t:9.0f} tok/s")
+    return rows
+
+
+def prefill_section(engine: Engine, ceil: dict, lengths: list[int]) -> list[dict]:
+    cfg = engine.model.config
+    linear = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    rows = []
+    for n in lengths:
+        t = time_steps(engine, synthetic_batch(engine, [0], [n]), steps=3)
+        attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * (n + 1) / 2
+        flops = 2 * linear * n + attention + 2 * cfg.vocab_size * cfg.hidden_size
+        mfu = flops / t / (ceil["matmul_tflop_s"] * 1e12)
+        rows.append({"tokens": n, "seconds": t, "tflop_s": flops / t / 1e12, "mfu": mfu})
+        log(f"prefill {n:5d} tokens: {1e3 * t:8.1f} ms, {flops / t / 1e12:6.1f} TFLOP/s, MFU {100 * mfu:5.1f} %")
+    return rows
+
+
+def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int) -> dict:
+    rng = np.random.default_rng(1)
+    vocab = engine.model.config.vocab_size
+    prompts = [{"prompt_token_ids": rng.integers(0, vocab, prompt_len).tolist()} for _ in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    engine.generate(prompts, params, use_tqdm=False)  # warm: compiles what this needs
+    engine.stats.__init__()
+    start = time.perf_counter()
+    engine.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    stats = engine.stats
+    row = {"batch": batch, "steps": stats.steps, "wall_s": wall, "step_ms": 1e3 * wall / stats.steps,
+           "host_ms_per_step": stats.host_ms_per_step,
+           "host_share": stats.host_seconds / wall}
+    log(f"host loop B={batch}: {row['step_ms']:.2f} ms/step, host {row['host_ms_per_step']:.3f} ms/step "
+        f"({100 * row['host_share']:.1f} % of wall)")
+    return row
+
+
+def conversation_lengths(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Lognormal lengths with the medians Splitwise reports for Azure conversation traces
+    (prompt ~1020 tokens, output ~129), clipped to [16, 4096] / [8, 1024]."""
+    rng = np.random.default_rng(seed)
+    prompts = np.clip(rng.lognormal(np.log(1020), 0.8, n), 16, 4096).astype(int)
+    outputs = np.clip(rng.lognormal(np.log(129), 0.9, n), 8, 1024).astype(int)
+    return prompts.tolist(), outputs.tolist()
+
+
+def offline_section(engine: Engine, num_prompts: int) -> dict:
+    prompt_lens, output_lens = conversation_lengths(num_prompts)
+    rng = np.random.default_rng(2)
+    vocab = engine.model.config.vocab_size
+    prompts = [{"prompt_token_ids": rng.integers(0, vocab, n).tolist()} for n in prompt_lens]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in output_lens]
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    row = {"prompts": num_prompts, "wall_s": wall, "requests_per_s": num_prompts / wall,
+           "output_tokens_per_s": generated / wall,
+           "total_tokens_per_s": (generated + sum(prompt_lens)) / wall,
+           "mean_prompt": float(np.mean(prompt_lens)), "mean_output": float(np.mean(output_lens))}
+    log(f"offline {num_prompts} prompts: {wall:.1f} s, {row['requests_per_s']:.2f} req/s, "
+        f"{row['output_tokens_per_s']:.0f} output tok/s, {row['total_tokens_per_s']:.0f} total tok/s")
+    return row
+
+
+def paris_section() -> dict:
+    engine = Engine(dtype="bfloat16", max_num_seqs=4, compile_on_start=False, show_progress=False)
+    out = engine.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0]
+    text = out.outputs[0].text
+    log(f"SmolLM2 bf16 on {jax.devices()[0].device_kind}: {text!r}")
+    return {"text": text, "ok": "Paris" in text}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Engine figures: {report['model']} ({report['device']}, {report['date']})", "",
+             f"jax {report['jax']}; command: `{report['command']}`", "",
+             f"Ceilings: copy {report['ceilings']['copy_tb_s']:.2f} TB/s, bf16 matmul "
+             f"{report['ceilings']['matmul_tflop_s']:.0f} TFLOP/s", ""]
+    if report.get("decode"):
+        lines += ["| decode batch | context | ms/step | roofline ms | of roofline | tok/s |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['roofline_ms']:.2f} | "
+                  f"{100 * r['of_roofline']:.1f} % | {r['tokens_per_s']:.0f} |" for r in report["decode"]]
+        lines.append("")
+    if report.get("prefill"):
+        lines += ["| prefill tokens | ms | TFLOP/s | MFU |", "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {1e3 * r['seconds']:.1f} | {r['tflop_s']:.0f} | {100 * r['mfu']:.1f} % |"
+                  for r in report["prefill"]]
+        lines.append("")
+    if report.get("host"):
+        h = report["host"]
+        lines += [f"Host loop at batch {h['batch']}: {h['step_ms']:.2f} ms/step, host work "
+                  f"{h['host_ms_per_step']:.3f} ms/step ({100 * h['host_share']:.1f} % of wall time).", ""]
+    if report.get("offline"):
+        o = report["offline"]
+        lines += [f"Offline: {o['prompts']} prompts (mean {o['mean_prompt']:.0f} in / {o['mean_output']:.0f} out): "
+                  f"{o['requests_per_s']:.2f} req/s, {o['output_tokens_per_s']:.0f} output tok/s, "
+                  f"{o['total_tokens_per_s']:.0f} total tok/s.", ""]
+    if report.get("paris"):
+        lines += [f"SmolLM2 bf16 on the GPU kernels: {report['paris']['text']!r}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--sections", default="paris,decode,prefill,host,offline")
+    p.add_argument("--batches", default="1,16,64,128,256")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--prefill", default="2048,8192")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--ceiling-gib", type=float, default=2.0, help="size of the copy-bandwidth test")
+    p.add_argument("--out", required=True)
+    p.add_argument("--table", required=True)
+    args = p.parse_args()
+    sections = set(args.sections.split(","))
+    report = {"model": args.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+    report["ceilings"] = ceilings(args.ceiling_gib)
+    log("ceilings", report["ceilings"])
+    if "paris" in sections:
+        report["paris"] = paris_section()
+    batches = [int(b) for b in args.batches.split(",")]
+    lengths = [int(n) for n in args.prefill.split(",")]
+    engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
+                    max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
+                    max_model_len=max(max(lengths) + 16, 4096 + 1024),
+                    compile_on_start=False, show_progress=False)
+    if "decode" in sections:
+        report["decode"] = decode_section(engine, report["ceilings"], batches, args.context)
+    if "prefill" in sections:
+        report["prefill"] = prefill_section(engine, report["ceilings"], lengths)
+    if "host" in sections:
+        report["host"] = host_section(engine, 64, 128, 256)
+    if "offline" in sections:
+        report["offline"] = offline_section(engine, args.num_prompts)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(args.table, "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
