@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import jax
 
-from . import reference
+from . import reference, tuning
+from .decode_attention import paged_decode_attention
+from .kv_write import write_kv_pallas
+from .prefill_attention import paged_prefill_attention
 from .xla_attention import paged_attention_xla
 
 IMPLS = ("auto", "pallas", "interpret", "xla", "reference")
@@ -28,7 +31,7 @@ def write_kv(kv_pool: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping
     impl = resolve_impl(impl)
     if impl in ("reference", "xla"):
         return reference.write_kv_reference(kv_pool, layer, k, v, slot_mapping)
-    raise ValueError(f"write_kv: impl {impl!r} is not available yet")
+    return write_kv_pallas(kv_pool, layer, k, v, slot_mapping, interpret=impl == "interpret")
 
 
 def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
@@ -38,7 +41,7 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
     """Ragged paged attention over the pool; see ``reference`` for the batch convention.
 
     ``decode_only`` (static) promises one new token per sequence (T == S), which lets the
-    dispatcher pick the decode kernel.
+    dispatcher pick the decode kernel. The Pallas kernels take their tiles from ``tuning``.
     """
     impl = resolve_impl(impl)
     if impl == "reference":
@@ -49,4 +52,19 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
         return paged_attention_xla(
             q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
             soft_cap=soft_cap, sliding_window=sliding_window)
-    raise ValueError(f"paged_attention: impl {impl!r} is not available yet")
+    interpret = impl == "interpret"
+    head_dim = q.shape[2]
+    if decode_only:
+        cfg = tuning.decode_config(head_dim, q.shape[0], kv_pool.shape[2],
+                                   block_tables.shape[1] * kv_pool.shape[4],
+                                   kv_pool.dtype.itemsize)
+        return paged_decode_attention(
+            q, kv_pool, layer, block_tables, context_lens, scale=scale, soft_cap=soft_cap,
+            sliding_window=sliding_window, block_k=cfg.block_k, num_splits=cfg.num_splits,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
+    cfg = tuning.prefill_config(head_dim, kv_pool.dtype.itemsize)
+    return paged_prefill_attention(
+        q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
+        soft_cap=soft_cap, sliding_window=sliding_window, block_m=cfg.block_m,
+        block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        interpret=interpret)

@@ -1,0 +1,695 @@
+"""GPU correctness and speed of the pallas_kernels attention kernels, against ceilings and peers.
+
+One run: measures the ceilings (device-to-device copy counting read + write; a large bf16
+matmul), checks every kernel against the float32 reference on the GPU, then times each kernel
+over a sweep of shapes and tiles next to its peers (JAX's built-in Pallas ``paged_attention``
+for decode; ``jax.nn.dot_product_attention`` with cuDNN and XLA for dense causal prefill), and
+decode under MPS SM limits (20/30/50 %) in child processes. Writes JSON and a markdown table.
+
+Timing: each measured executable runs the kernel once per layer of an ``NL``-layer pool
+(unrolled, so launches go back to back and every call reads different memory, defeating the
+L2), repeated; the median over repetitions divided by ``NL`` is the time per call.
+
+    python tools/kernel_bench.py --out results.json --table results.md [--quick]
+    python tools/kernel_bench.py --mps --out results.json --table results.md
+        (with a private MPS daemon running: adds decode under 20/30/50 % of the SMs)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels import ops, reference, tuning  # noqa: E402
+from pallas_kernels.decode_attention import paged_decode_attention  # noqa: E402
+from pallas_kernels.kv_write import write_kv_pallas  # noqa: E402
+from pallas_kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DECODE_SHAPES = [(32, 2048), (64, 2048), (128, 4096), (1, 32768)]
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def time_fn(fn, *args, reps: int = 20, per_call: int = 1, min_s: float = 0.25) -> float:
+    """Median seconds per kernel call: ``fn`` runs ``per_call`` kernels back to back.
+
+    Warm-up for 0.1 s after the first (compiling) call, then ``reps`` runs or ``min_s``
+    seconds, whichever comes later.
+    """
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.1:
+        jax.block_until_ready(fn(*args))
+    times = []
+    begin = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - begin < min_s:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / per_call
+
+
+def race(entries: dict, rounds: int = 3) -> dict:
+    """Times every ``name -> (fn, args, per_call)`` in ``rounds`` interleaved rounds.
+
+    Interleaving spreads slow drifts of the machine (clocks, neighbours) over all candidates
+    alike; each candidate keeps its best round. A candidate that fails to compile is dropped
+    and reported.
+    """
+    best: dict = {}
+    for _ in range(rounds):
+        for name, (fn, args, per_call) in list(entries.items()):
+            try:
+                t = time_fn(fn, *args, per_call=per_call)
+            except Exception as e:  # a tile that does not compile is skipped, and said so
+                log(f"  {name} failed: {type(e).__name__}: {e}"[:300])
+                del entries[name]
+                continue
+            best[name] = min(t, best.get(name, t))
+    return best
+
+
+# ---------------------------------------------------------------- ceilings
+def torch_ceilings(gib: int) -> dict:
+    """cudaMemcpy-style D2D copy and cuBLAS matmul through torch, timed with CUDA events.
+
+    XLA's elementwise copies moved only 2.1-3.2 TB/s on the H200 here, below what our decode
+    kernel reads, so the copy engine path is measured too and the best form is the ceiling.
+    """
+    try:
+        import torch
+    except ImportError:
+        return {}
+
+    def bench(fn, reps=30):
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(reps):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    src = torch.randn(gib << 29, device="cuda", dtype=torch.bfloat16)  # gib GiB
+    dst = torch.empty_like(src)
+    out = {"torch copy_ bf16": 2 * src.numel() * 2 / bench(lambda: dst.copy_(src)) / 1e12}
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out["torch matmul"] = 2 * 8192 ** 3 / bench(lambda: a @ b) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return out
+
+
+def copy_bandwidth(gib: int = 2) -> dict:
+    """Device-to-device copy, bytes read + written, over a few forms; the best is the ceiling."""
+    out = {}
+    for name, dtype, fn in (("xla copy bf16", jnp.bfloat16, jnp.copy),
+                            ("xla neg f32", jnp.float32, lambda a: -a),
+                            ("xla add u32", jnp.uint32, lambda a: a + 1)):
+        shape = (gib * (1 << 30) // jnp.dtype(dtype).itemsize // (1 << 20), 1 << 20)
+        if dtype == jnp.uint32:
+            x = jax.random.bits(jax.random.key(0), shape, jnp.uint32)
+        else:
+            x = jax.random.normal(jax.random.key(0), shape, dtype)
+        out[name] = 2 * x.nbytes / race({name: (jax.jit(fn), (x,), 1)}, rounds=2)[name] / 1e12
+        del x
+    return out
+
+
+def ceilings() -> dict:
+    copies = copy_bandwidth()
+    extra = torch_ceilings(2)
+    if "torch copy_ bf16" in extra:
+        copies["torch copy_ bf16"] = extra["torch copy_ bf16"]
+    log("copy forms (TB/s)", copies)
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    matmuls = {"xla": 2 * 8192 ** 3 / race({"mm": (mm, (a, b), 1)}, rounds=3)["mm"] / 1e12}
+    if "torch matmul" in extra:
+        matmuls["torch"] = extra["torch matmul"]
+    log("matmul (TFLOP/s)", matmuls)
+    return {"copy_tb_s": max(copies.values()), "copy_forms_tb_s": copies,
+            "matmul_tflop_s": max(matmuls.values()), "matmul_forms_tflop_s": matmuls}
+
+
+# ---------------------------------------------------------------- inputs
+def paged_inputs(rng, ctx_lens, page, num_layers, hkv, d, dtype, extra_pages=0):
+    """A pool whose pages are scattered randomly, block tables and context lengths."""
+    pages_per_seq = [-(-c // page) for c in ctx_lens]
+    num_pages = sum(pages_per_seq) + extra_pages
+    width = max(pages_per_seq)
+    perm = rng.permutation(num_pages).astype(np.int32)
+    tables = np.zeros((len(ctx_lens), width), np.int32)
+    used = 0
+    for s, n in enumerate(pages_per_seq):
+        tables[s, :n] = perm[used:used + n]
+        used += n
+    shape = (num_layers, num_pages, hkv, 2, page, d)
+    pool = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), shape, jnp.float32)
+    return pool.astype(dtype), jnp.asarray(tables), jnp.asarray(ctx_lens, jnp.int32)
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+# ---------------------------------------------------------------- correctness
+def correctness() -> list[dict]:
+    """Kernels vs the float32 reference on the GPU: random, ragged, scattered, poisoned."""
+    rng = np.random.default_rng(0)
+    results = []
+    cases = [  # (name, q_lens, ctx_lens, page, hkv, group, d, window, cap)
+        ("mixed d128 g4 p16", [1, 37, 1, 128, 64], [300, 37, 1, 1000, 64], 16, 2, 4, 128, 0, None),
+        ("mixed d64 g1 p64 window", [1, 70, 3], [500, 200, 3], 64, 4, 1, 64, 33, None),
+        ("mixed d256 g8 p128 softcap", [5, 1, 130], [900, 77, 130], 128, 2, 8, 256, 0, 30.0),
+        ("mixed d128 g3 p32 win+cap", [16, 1, 9], [32, 2048, 9], 32, 3, 3, 128, 100, 50.0),
+    ]
+    for name, q_lens, ctx_lens, page, hkv, group, d, window, cap in cases:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            pool, tables, ctx = paged_inputs(rng, ctx_lens, page, 2, hkv, d, dtype, extra_pages=7)
+            total = sum(q_lens) + 5
+            qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+            q = jax.random.normal(jax.random.key(len(results)), (total, hkv * group, d)).astype(dtype)
+            kw = dict(scale=d ** -0.5, soft_cap=cap, sliding_window=jnp.int32(window))
+            want = reference.paged_attention_reference(
+                q.astype(jnp.float32), pool.astype(jnp.float32), 1, tables, ctx, qsl, **kw)
+            got = ops.paged_attention(q, pool, jnp.int32(1), tables, ctx, qsl, impl="pallas", **kw)
+            real = sum(q_lens)
+            err = rel_err(got[:real], want[:real])
+            pad_ok = bool(jnp.all(got[real:] == 0))
+            tol = 2e-5 if dtype == jnp.float32 else 1e-2
+            results.append({"kernel": "prefill", "case": name, "dtype": jnp.dtype(dtype).name,
+                            "rel_err": err, "ok": err < tol and pad_ok})
+            # decode: the last token of each sequence, one per sequence
+            dq = q[jnp.asarray(np.cumsum(q_lens) - 1)]
+            dqsl = jnp.arange(len(q_lens) + 1, dtype=jnp.int32)
+            want = reference.paged_attention_reference(
+                dq.astype(jnp.float32), pool.astype(jnp.float32), 1, tables, ctx, dqsl, **kw)
+            for splits in (1, 4):
+                got = paged_decode_attention(dq, pool, jnp.int32(1), tables, ctx, block_k=32,
+                                             num_splits=splits, **kw)
+                err = rel_err(got, want)
+                results.append({"kernel": f"decode splits={splits}", "case": name,
+                                "dtype": jnp.dtype(dtype).name, "rel_err": err, "ok": err < tol})
+    # KV write: in place (same buffer after a donated call), skipped slots untouched.
+    pool, _, _ = paged_inputs(rng, [64] * 4, 16, 3, 8, 128, jnp.bfloat16, extra_pages=4)
+    k = jax.random.normal(jax.random.key(5), (50, 8, 128), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(6), (50, 8, 128), jnp.bfloat16)
+    slots = rng.permutation(pool.shape[1] * 16)[:50].astype(np.int32)
+    slots[[0, 9, 49]] = -1
+    want = reference.write_kv_reference(pool, 2, k, v, jnp.asarray(slots))
+    before = pool.unsafe_buffer_pointer()
+    write = jax.jit(lambda p, l, k, v, s: ops.write_kv(p, l, k, v, s, impl="pallas"),
+                    donate_argnums=0)
+    got = write(pool, jnp.int32(2), k, v, jnp.asarray(slots))
+    results.append({"kernel": "write_kv", "case": "50 tokens, 3 skipped", "dtype": "bfloat16",
+                    "rel_err": rel_err(got, want), "ok": bool(jnp.all(got == want)),
+                    "in_place": got.unsafe_buffer_pointer() == before})
+    # The model's pattern: a scan over layers with a traced layer and per-layer window.
+    results.append(scan_check(rng))
+    return results
+
+
+def scan_check(rng) -> dict:
+    """write_kv + paged_attention inside lax.scan (traced layer, alternating window)."""
+    layers, hkv, group, d, page = 4, 2, 4, 128, 16
+    q_lens, ctx_lens = [1, 50, 1], [90, 50, 400]
+    pool, tables, ctx = paged_inputs(rng, ctx_lens, page, layers, hkv, d, jnp.bfloat16)
+    total = sum(q_lens)
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    pos = np.concatenate([np.arange(c - n, c) for n, c in zip(q_lens, ctx_lens)])
+    seq = np.repeat(np.arange(len(q_lens)), q_lens)
+    slots = jnp.asarray(np.asarray(tables)[seq, pos // page] * page + pos % page, jnp.int32)
+    q = jax.random.normal(jax.random.key(7), (layers, total, hkv * group, d), jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(8), (layers, total, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(9), (layers, total, hkv, d), jnp.bfloat16)
+    windows = jnp.asarray([0, 64, 0, 64], jnp.int32)
+
+    def run(pool, impl):
+        def step(pool, xs):
+            layer, qi, ki, vi, w = xs
+            pool = ops.write_kv(pool, layer, ki, vi, slots, impl=impl)
+            out = ops.paged_attention(qi, pool, layer, tables, ctx, qsl, scale=d ** -0.5,
+                                      sliding_window=w, impl=impl)
+            return pool, out
+        return jax.lax.scan(step, pool, (jnp.arange(layers, dtype=jnp.int32), q, k, v, windows))
+
+    want_pool, want = jax.jit(functools.partial(run, impl="reference"))(pool)
+    got_pool, got = jax.jit(functools.partial(run, impl="pallas"))(pool)
+    err = rel_err(got, want)
+    return {"kernel": "scan(write_kv+attention)", "case": "4 layers, window 0/64",
+            "dtype": "bfloat16", "rel_err": err,
+            "ok": err < 1e-2 and bool(jnp.all(got_pool == want_pool))}
+
+
+# ---------------------------------------------------------------- decode
+def decode_setup(batch, ctx, num_layers, hkv=HKV, hq=HQ, d=D, page=PAGE):
+    rng = np.random.default_rng(batch * 7 + ctx)
+    pool, tables, ctx_lens = paged_inputs(rng, [ctx] * batch, page, num_layers, hkv, d,
+                                          jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(3), (batch, hq, d), jnp.bfloat16)
+    return q, pool, tables, ctx_lens
+
+
+def layers_for(kv_bytes_per_layer: int) -> int:
+    """Enough layers that one timed call reads >= ~1 GiB, and each call different memory."""
+    return int(min(16, max(2, -(-(1 << 30) // kv_bytes_per_layer))))
+
+
+def decode_fn(num_layers: int, cfg: tuning.DecodeConfig, d: int = D):
+    """One executable: the decode kernel once per layer, back to back."""
+    @jax.jit
+    def fn(q, pool, tables, ctx_lens):
+        return [paged_decode_attention(q, pool, layer, tables, ctx_lens, scale=d ** -0.5,
+                                       block_k=cfg.block_k, num_splits=cfg.num_splits,
+                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                for layer in range(num_layers)]
+    return fn
+
+
+def builtin_entry(q, pool, tables, ctx_lens, pages_per_block, k_splits):
+    """JAX's built-in Pallas paged_attention on the same pages (K and V split out once)."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as builtin
+    num_layers = pool.shape[0]
+    k_pages = [jnp.swapaxes(pool[i, :, :, 0], 0, 1) for i in range(num_layers)]
+    v_pages = [jnp.swapaxes(pool[i, :, :, 1], 0, 1) for i in range(num_layers)]
+    qs = q * jnp.asarray(D ** -0.5, q.dtype)  # it does not scale; not counted
+
+    @jax.jit
+    def fn(qs, k_pages, v_pages, tables, ctx_lens):
+        return [builtin(qs, k, v, tables, ctx_lens, pages_per_compute_block=pages_per_block,
+                        k_splits=k_splits) for k, v in zip(k_pages, v_pages)]
+    return fn, (qs, k_pages, v_pages, tables, ctx_lens), num_layers
+
+
+def decode_candidates(quick: bool, batch: int, table_cfg: tuning.DecodeConfig):
+    """Tiles to race for one shape: the table's choice and its neighbours."""
+    splits = sorted({1, table_cfg.num_splits, table_cfg.num_splits * 2,
+                     max(1, table_cfg.num_splits // 2)})
+    tiles = [(64, 4, 4), (64, 4, 3), (128, 4, 2), (32, 4, 4)]
+    if quick:
+        tiles = tiles[:1]
+    return {table_cfg} | {tuning.DecodeConfig(bk, sp, w, st) for bk, w, st in tiles
+                          for sp in splits}
+
+
+def decode_sweep(quick: bool, ceil: dict) -> list[dict]:
+    rows = []
+    for batch, ctx in DECODE_SHAPES:
+        kv_bytes = batch * ctx * HKV * 2 * D * 2
+        q, pool, tables, ctx_lens = decode_setup(batch, ctx, layers_for(kv_bytes))
+        num_layers = pool.shape[0]
+        table_cfg = tuning.decode_config(D, batch, HKV, tables.shape[1] * PAGE)
+        entries = {("ours", cfg): (decode_fn(num_layers, cfg), (q, pool, tables, ctx_lens),
+                                   num_layers)
+                   for cfg in sorted(decode_candidates(quick, batch, table_cfg),
+                                     key=dataclass_key)}
+        pages_per_seq = tables.shape[1]
+        for ppb in (4, 8, 16):
+            for ks in (1, 4, 16):
+                if pages_per_seq % ks == 0 and (pages_per_seq // ks) % min(ppb, pages_per_seq // ks) == 0:
+                    entries[("builtin", (ppb, ks))] = builtin_entry(q, pool, tables, ctx_lens,
+                                                                    ppb, ks)
+        times = race(entries)
+        shape_rows = []
+        for (who, cfg), t in times.items():
+            bw = kv_bytes / t / 1e12
+            if who == "ours":
+                row = {"kernel": "duetjax decode", "config": cfg.__dict__,
+                       "table_choice": cfg == table_cfg}
+            else:
+                row = {"kernel": "jax builtin paged_attention",
+                       "config": {"pages_per_compute_block": cfg[0], "k_splits": cfg[1]}}
+            row.update(batch=batch, ctx=ctx, us=t * 1e6, kv_tb_s=bw, of_copy=bw / ceil["copy_tb_s"])
+            shape_rows.append(row)
+            log(f"  {who} B={batch} ctx={ctx} {cfg}: {t*1e6:.1f} us {bw:.2f} TB/s")
+        best = {}
+        for kernel in ("duetjax decode", "jax builtin paged_attention"):
+            mine = [r for r in shape_rows if r["kernel"] == kernel]
+            if mine:
+                best[kernel] = min(mine, key=lambda r: r["us"])
+                best[kernel]["best"] = True
+        if len(best) == 2:
+            best["duetjax decode"]["vs_builtin"] = (best["jax builtin paged_attention"]["us"] /
+                                                    best["duetjax decode"]["us"])
+        rows += shape_rows
+        del q, pool, tables, ctx_lens, entries
+    return rows
+
+
+def dataclass_key(cfg) -> tuple:
+    return tuple(cfg.__dict__.values())
+
+
+def decode_variants(ceil: dict) -> list[dict]:
+    """Head dims, page sizes and group sizes at B=64, ctx 2048: the table's tiles vs others."""
+    rows = []
+    for hq, hkv, d, page in [(32, 8, 64, 16), (16, 8, 256, 16), (32, 8, 128, 64),
+                             (32, 8, 128, 128), (8, 8, 128, 16), (64, 8, 128, 16)]:
+        batch, ctx = 64, 2048
+        kv_bytes = batch * ctx * hkv * 2 * d * 2
+        q, pool, tables, ctx_lens = decode_setup(batch, ctx, layers_for(kv_bytes), hkv, hq, d,
+                                                 page)
+        table_cfg = tuning.decode_config(d, batch, hkv, tables.shape[1] * page)
+        cfgs = {table_cfg} | {dataclasses.replace(table_cfg, block_k=bk, num_stages=st)
+                              for bk, st in ((32, 4), (64, 4), (128, 3))}
+        entries = {cfg: (decode_fn(pool.shape[0], cfg, d), (q, pool, tables, ctx_lens),
+                         pool.shape[0]) for cfg in cfgs}
+        for cfg, t in race(entries, rounds=2).items():
+            bw = kv_bytes / t / 1e12
+            rows.append({"kernel": "duetjax decode", "batch": batch, "ctx": ctx, "hq": hq,
+                         "hkv": hkv, "d": d, "page": page, "config": cfg.__dict__,
+                         "table_choice": cfg == table_cfg, "us": t * 1e6, "kv_tb_s": bw,
+                         "of_copy": bw / ceil["copy_tb_s"]})
+            log(f"  variant hq={hq} hkv={hkv} d={d} page={page} {cfg}: {t*1e6:.1f} us "
+                f"{bw:.2f} TB/s")
+        del q, pool
+    return rows
+
+
+# ---------------------------------------------------------------- prefill
+def causal_flops(q_len: int, ctx: int, hq: int = HQ, d: int = D) -> float:
+    """Unmasked FLOPs of q_len new tokens after ctx - q_len cached (QK and PV, 2 each)."""
+    keys = np.arange(ctx - q_len, ctx) + 1
+    return 4.0 * hq * d * float(keys.sum())
+
+
+def prefill_setup(q_lens, ctx_lens, num_layers, page=PAGE):
+    rng = np.random.default_rng(sum(q_lens))
+    pool, tables, ctx = paged_inputs(rng, ctx_lens, page, num_layers, HKV, D, jnp.bfloat16)
+    qs = jax.random.normal(jax.random.key(4), (num_layers, sum(q_lens), HQ, D), jnp.bfloat16)
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    return qs, pool, tables, ctx, qsl
+
+
+def prefill_entry(inputs, cfg: tuning.PrefillConfig):
+    num_layers = inputs[1].shape[0]
+
+    @jax.jit
+    def fn(qs, pool, tables, ctx, qsl):
+        return [paged_prefill_attention(qs[layer], pool, layer, tables, ctx, qsl,
+                                        scale=D ** -0.5, block_m=cfg.block_m,
+                                        block_n=cfg.block_n, num_warps=cfg.num_warps,
+                                        num_stages=cfg.num_stages)
+                for layer in range(num_layers)]
+    return fn, inputs, num_layers
+
+
+PREFILL_TILES = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+                 (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3)]
+
+
+def prefill_sweep(quick: bool, ceil: dict) -> list[dict]:
+    rows = []
+    tokens = 8192
+    flops = causal_flops(tokens, tokens)
+    inputs = prefill_setup([tokens], [tokens], 4)
+    table_cfg = tuning.prefill_config(D)
+    cfgs = {table_cfg} | {tuning.PrefillConfig(*t) for t in PREFILL_TILES[:2 if quick else None]}
+    entries = {("ours", cfg): prefill_entry(inputs, cfg) for cfg in sorted(cfgs, key=dataclass_key)}
+    q = jax.random.normal(jax.random.key(10), (4, 1, tokens, HQ, D), jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(11), (4, 1, tokens, HKV, D), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(12), (4, 1, tokens, HKV, D), jnp.bfloat16)
+    for impl in ("cudnn", "xla"):
+        def fn(q, k, v, impl=impl):
+            return [jax.nn.dot_product_attention(q[i], k[i], v[i], is_causal=True,
+                                                 implementation=impl) for i in range(4)]
+        entries[("dense", impl)] = (jax.jit(fn), (q, k, v), 4)
+    times = race(entries)
+    best, peer = None, {}
+    for (who, cfg), t in times.items():
+        rate = flops / t / 1e12
+        if who == "ours":
+            row = {"kernel": "duetjax prefill (paged)", "config": cfg.__dict__,
+                   "table_choice": cfg == table_cfg}
+            if best is None or t < best["us"] / 1e6:
+                best = row
+        else:
+            row = {"kernel": f"jax.nn.dot_product_attention {cfg} (dense)"}
+            peer[cfg] = rate
+        row.update(tokens=tokens, cached=0, us=t * 1e6, tflop_s=rate,
+                   of_matmul=rate / ceil["matmul_tflop_s"])
+        rows.append(row)
+        log(f"  {who} {cfg}: {t*1e6:.0f} us {rate:.0f} TFLOP/s")
+    best["best"] = True
+    if "cudnn" in peer:
+        best["vs_cudnn"] = best["tflop_s"] / peer["cudnn"]
+    del inputs, q, k, v, entries
+    best_cfg = tuning.PrefillConfig(**best["config"])
+    # Chunked prefill and a mixed batch, with the best tiles.
+    for name, q_lens, ctx_lens in [
+            ("chunked: 4 x 2048 new after 6144 cached", [2048] * 4, [8192] * 4),
+            ("mixed: 4096-token chunk + 64 decodes at ctx 2048", [4096] + [1] * 64,
+             [4096] + [2048] * 64)]:
+        inputs = prefill_setup(q_lens, ctx_lens, 4)
+        t = race({name: prefill_entry(inputs, best_cfg)})[name]
+        flops_s = sum(causal_flops(n, c) for n, c in zip(q_lens, ctx_lens))
+        kv_bytes = sum(ctx_lens) * HKV * 2 * D * 2
+        rows.append({"kernel": "duetjax prefill (paged)", "case": name, "config": best["config"],
+                     "us": t * 1e6, "tflop_s": flops_s / t / 1e12,
+                     "of_matmul": flops_s / t / 1e12 / ceil["matmul_tflop_s"],
+                     "kv_tb_s": kv_bytes / t / 1e12})
+        log(f"  {name}: {t*1e6:.0f} us {flops_s/t/1e12:.0f} TFLOP/s")
+        del inputs
+    return rows
+
+
+def write_kv_bench(ceil: dict) -> list[dict]:
+    tokens, layers = 8192, 4
+    rng = np.random.default_rng(1)
+    pool, tables, _ = paged_inputs(rng, [tokens], PAGE, layers, HKV, D, jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(13), (layers, tokens, HKV, D), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(14), (layers, tokens, HKV, D), jnp.bfloat16)
+    pos = np.arange(tokens)
+    slots = jnp.asarray(np.asarray(tables)[0, pos // PAGE] * PAGE + pos % PAGE, jnp.int32)
+    moved = 2 * 2 * tokens * HKV * D * 2  # K and V, read once and written once
+    rows = []
+    for block_t in (16, 64):
+        @functools.partial(jax.jit, donate_argnums=0)
+        def fn(pool, k, v, slots, block_t=block_t):
+            for layer in range(layers):
+                pool = write_kv_pallas(pool, layer, k[layer], v[layer], slots, block_t=block_t)
+            return pool
+        for _ in range(3):
+            pool = jax.block_until_ready(fn(pool, k, v, slots))
+        times = []
+        for _ in range(30):
+            start = time.perf_counter()
+            pool = jax.block_until_ready(fn(pool, k, v, slots))
+            times.append(time.perf_counter() - start)
+        t = statistics.median(times) / layers
+        rows.append({"kernel": "duetjax write_kv", "block_t": block_t, "tokens": tokens,
+                     "us": t * 1e6, "tb_s": moved / t / 1e12,
+                     "of_copy": moved / t / 1e12 / ceil["copy_tb_s"]})
+        log(f"  write_kv block_t={block_t}: {t*1e6:.1f} us {moved/t/1e12:.2f} TB/s")
+    return rows
+
+
+# ---------------------------------------------------------------- MPS
+MPS_SHAPES = [(64, 2048), (128, 4096)]
+
+
+def mps_child(percent: int) -> None:
+    """Copy ceiling and decode bandwidth of this process, limited by MPS to ``percent`` SMs."""
+    copies = copy_bandwidth(1)
+    copies.update({k: v for k, v in torch_ceilings(1).items() if "copy" in k})
+    out = {"percent": percent, "copy_tb_s": max(copies.values()), "copy_forms_tb_s": copies,
+           "decode": []}
+    for batch, ctx in MPS_SHAPES:
+        kv_bytes = batch * ctx * HKV * 2 * D * 2
+        q, pool, tables, ctx_lens = decode_setup(batch, ctx, layers_for(kv_bytes))
+        base = tuning.decode_config(D, batch, HKV, tables.shape[1] * PAGE)
+        cfgs = {base} | {dataclasses.replace(base, block_k=bk, num_stages=st, num_splits=sp)
+                         for bk, st in ((64, 4), (128, 2)) for sp in (1, 2)}
+        times = race({cfg: (decode_fn(pool.shape[0], cfg), (q, pool, tables, ctx_lens),
+                            pool.shape[0]) for cfg in cfgs}, rounds=2)
+        cfg, t = min(times.items(), key=lambda kv: kv[1])
+        out["decode"].append({"batch": batch, "ctx": ctx, "config": cfg.__dict__,
+                              "kv_tb_s": kv_bytes / t / 1e12,
+                              "table_kv_tb_s": kv_bytes / times[base] / 1e12})
+        del q, pool
+    print("MPS_RESULT " + json.dumps(out), flush=True)
+
+
+def mps_runs(percents=(20, 30, 50)) -> list[dict]:
+    """One child per SM share, each an MPS client of the daemon the caller started (and stops).
+
+    This process never touches the GPU, so the children have the whole card to themselves.
+    """
+    results = []
+    for pct in percents:
+        env = dict(os.environ, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(pct))
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--mps-child", str(pct)],
+                              env=env, capture_output=True, text=True, timeout=240)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("MPS_RESULT ")]
+        if not lines:
+            log(f"  MPS {pct}% failed: rc={proc.returncode} {proc.stderr[-800:]}")
+            continue
+        res = json.loads(lines[-1][len("MPS_RESULT "):])
+        results.append(res)
+        log(f"  MPS {pct}%: copy {res['copy_tb_s']:.2f} TB/s, decode " +
+            ", ".join(f"B={r['batch']} ctx={r['ctx']}: {r['kv_tb_s']:.2f}" for r in res["decode"]))
+    return results
+
+
+# ---------------------------------------------------------------- report
+def markdown(report: dict) -> str:
+    env, ceil = report["env"], report["ceilings"]
+    lines = [f"# Kernel benchmark: {env['gpu']}, {env['date']}", "",
+             f"jax {env['jax']}, command `{env['command']}`", "",
+             f"Ceilings (best form): copy {ceil['copy_tb_s']:.2f} TB/s (read + write), bf16 "
+             f"8192^3 matmul {ceil['matmul_tflop_s']:.0f} TFLOP/s. Forms: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in ceil.get("copy_forms_tb_s", {}).items())
+             + " TB/s; " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                     ceil.get("matmul_forms_tflop_s", {}).items())
+             + " TFLOP/s.", "",
+             "## Correctness (GPU, vs float32 reference)", "",
+             "| kernel | case | dtype | rel err | ok |", "| --- | --- | --- | --- | --- |"]
+    for r in report.get("correctness", []):
+        lines.append(f"| {r['kernel']} | {r['case']} | {r['dtype']} | {r['rel_err']:.2e} | "
+                     f"{'yes' if r['ok'] else 'NO'} |")
+    lines += ["", "## Decode (32 q / 8 kv heads, d 128, page 16, bf16): best of each sweep", "",
+              "| B | ctx | ours TB/s | % copy | builtin best TB/s | ours / builtin | our tiles |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for batch, ctx in DECODE_SHAPES:
+        ours = [r for r in report.get("decode", []) if r["kernel"] == "duetjax decode"
+                and r["batch"] == batch and r["ctx"] == ctx and r.get("best")]
+        peer = [r for r in report.get("decode", []) if r["kernel"].startswith("jax builtin")
+                and r["batch"] == batch and r["ctx"] == ctx and r.get("best")]
+        if ours:
+            o = ours[0]
+            p = peer[0]["kv_tb_s"] if peer else float("nan")
+            lines.append(f"| {batch} | {ctx} | {o['kv_tb_s']:.2f} | {100*o['of_copy']:.0f} % | "
+                         f"{p:.2f} | {o.get('vs_builtin', float('nan')):.2f}x | {o['config']} |")
+    lines += ["", "## Decode variants (B 64, ctx 2048): the table's tiles and the best raced", "",
+              "| Hq/Hkv | d | page | table TB/s | % copy | best TB/s | best tiles |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    variants: dict = {}
+    for r in report.get("decode_variants", []):
+        variants.setdefault((r["hq"], r["hkv"], r["d"], r["page"]), []).append(r)
+    for (hq, hkv, d, page), rs in variants.items():
+        table = [r for r in rs if r["table_choice"]]
+        top = min(rs, key=lambda r: r["us"])
+        t_bw = table[0]["kv_tb_s"] if table else float("nan")
+        lines.append(f"| {hq}/{hkv} | {d} | {page} | {t_bw:.2f} | "
+                     f"{100 * t_bw / ceil['copy_tb_s']:.0f} % | {top['kv_tb_s']:.2f} | "
+                     f"{top['config']} |")
+    lines += ["", "## Prefill (32 q / 8 kv heads, d 128, bf16; unmasked FLOPs)", "",
+              "| kernel | case | TFLOP/s | % matmul | note |", "| --- | --- | --- | --- | --- |"]
+    for r in report.get("prefill", []):
+        if r["kernel"].startswith("duetjax") and "case" not in r and not r.get("best"):
+            continue
+        case = r.get("case", f"causal {r.get('tokens')} tokens")
+        note = f"{r['vs_cudnn']:.2f}x cuDNN, tiles {r['config']}" if "vs_cudnn" in r else ""
+        if "kv_tb_s" in r:
+            note = f"KV read {r['kv_tb_s']:.2f} TB/s"
+        lines.append(f"| {r['kernel']} | {case} | {r['tflop_s']:.0f} | "
+                     f"{100*r['of_matmul']:.0f} % | {note} |")
+    for w in report.get("write_kv", []):
+        lines += ["", f"write_kv, {w['tokens']} tokens, block_t {w['block_t']}: {w['us']:.1f} us, "
+                  f"{w['tb_s']:.2f} TB/s ({100*w['of_copy']:.0f} % of copy)."]
+    if report.get("mps"):
+        lines += ["", "## Decode under MPS SM limits", "",
+                  "| SMs | copy TB/s | " + " | ".join(f"decode B={b} ctx={c} TB/s (best / table)"
+                                                     for b, c in MPS_SHAPES) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in MPS_SHAPES) + " |"]
+        for m in report["mps"]:
+            lines.append(f"| {m['percent']} % | {m['copy_tb_s']:.2f} | " +
+                         " | ".join(f"{r['kv_tb_s']:.2f} / {r['table_kv_tb_s']:.2f}"
+                                    for r in m["decode"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="kernel_bench.json")
+    parser.add_argument("--table", default="kernel_bench.md")
+    parser.add_argument("--quick", action="store_true", help="fewer tiles in each sweep")
+    parser.add_argument("--skip", default="", help="comma list of: correctness,decode,"
+                        "variants,prefill,write")
+    parser.add_argument("--mps", action="store_true",
+                        help="only the MPS runs (start the MPS daemon first); adds them to --out")
+    parser.add_argument("--mps-child", type=int, default=None)
+    args = parser.parse_args()
+    if args.mps_child is not None:
+        mps_child(args.mps_child)
+        return
+    if args.mps:
+        with open(args.out) as f:
+            report = json.load(f)
+        report["mps"] = mps_runs()
+        report["env"]["command"] += " && python " + " ".join(sys.argv)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        with open(args.table, "w") as f:
+            f.write(markdown(report))
+        log(markdown(report))
+        return
+    skip = set(filter(None, args.skip.split(",")))
+    jax.config.update("jax_default_matmul_precision", "highest")  # for the fp32 references
+    report = {"env": {"gpu": jax.devices()[0].device_kind, "jax": jax.__version__,
+                      "date": datetime.date.today().isoformat(),
+                      "command": "python " + " ".join(sys.argv)}}
+    t0 = time.time()
+    report["ceilings"] = ceilings()
+    log("ceilings", report["ceilings"])
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        with open(args.table, "w") as f:
+            f.write(markdown(report))
+
+    stages = [("correctness", correctness), ("decode", lambda: decode_sweep(args.quick,
+                                                                            report["ceilings"])),
+              ("prefill", lambda: prefill_sweep(args.quick, report["ceilings"])),
+              ("decode_variants", lambda: decode_variants(report["ceilings"])),
+              ("write_kv", lambda: write_kv_bench(report["ceilings"]))]
+    names = {"decode_variants": "variants", "write_kv": "write"}
+    for key, stage in stages:
+        if names.get(key, key) in skip:
+            continue
+        log(f"== {key} ({time.time() - t0:.0f} s)")
+        try:
+            report[key] = stage()
+        except Exception as e:  # keep what the other stages measured
+            log(f"{key} failed: {type(e).__name__}: {e}")
+            report[key + "_error"] = f"{type(e).__name__}: {e}"[:2000]
+        if key == "correctness":
+            for r in report.get(key, []):
+                log(f"  {r['kernel']:28s} {r['case']:30s} {r['dtype']:9s} {r['rel_err']:.2e} "
+                    f"{'ok' if r['ok'] else 'FAIL'}")
+        save()
+    log(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
