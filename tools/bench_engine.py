@@ -205,28 +205,31 @@ def main() -> None:
     report = {"model": args.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
     report["ceilings"] = ceilings(args.ceiling_gib)
-    log("ceilings", report["ceilings"])
     if "paris" in sections:
         report["paris"] = paris_section()
+    save(report, args)
     batches = [int(b) for b in args.batches.split(",")]
     lengths = [int(n) for n in args.prefill.split(",")]
     engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
                     max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
                     max_model_len=max(max(lengths) + 16, 4096 + 1024),
                     compile_on_start=False, show_progress=False)
-    if "decode" in sections:
-        report["decode"] = decode_section(engine, report["ceilings"], batches, args.context)
-    if "prefill" in sections:
-        report["prefill"] = prefill_section(engine, report["ceilings"], lengths)
-    if "host" in sections:
-        report["host"] = host_section(engine, 64, 128, 256)
-    if "offline" in sections:
-        report["offline"] = offline_section(engine, args.num_prompts)
+    runs = {"decode": lambda: decode_section(engine, report["ceilings"], batches, args.context),
+            "prefill": lambda: prefill_section(engine, report["ceilings"], lengths),
+            "host": lambda: host_section(engine, 64, 128, 256),
+            "offline": lambda: offline_section(engine, args.num_prompts)}
+    for name, run in runs.items():
+        if name in sections:
+            report[name] = run()
+            save(report, args)  # a run cut short keeps what it measured
+    print(markdown(report))
+
+
+def save(report: dict, args: argparse.Namespace) -> None:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     with open(args.table, "w") as f:
         f.write(markdown(report))
-    print(markdown(report))
 
 
 if __name__ == "__main__":

@@ -143,3 +143,13 @@ def test_nothing_compiles_while_serving(tiny_llama_dir):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 30, 5, 12, 7, 2, 9, 4, 20, 3]
     assert compiles == []
+
+
+def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny_llama_dir, engine):
+    """The engine through the Pallas kernels (interpreted on CPU) matches the XLA path."""
+    batch = prompts(3, seed=8)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    pallas = Engine(tiny_llama_dir, dtype="float32", attention_impl="interpret", max_num_seqs=4,
+                    max_num_batched_tokens=64, compile_on_start=False, show_progress=False)
+    assert token_ids(pallas.generate(batch, params, use_tqdm=False)) == \
+        token_ids(engine.generate(batch, params, use_tqdm=False))
