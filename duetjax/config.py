@@ -28,6 +28,8 @@ class EngineConfig:
     """Default context cap on CPU."""
     enable_prefix_caching: bool = True
     """Share the KV pages of common prompt prefixes between requests (hashed full pages)."""
+    scan_unroll: int = 1
+    """Decoder layers per iteration of the compiled layer loop (1: smallest executables)."""
     attention_impl: str = "auto"
     """'auto' (Pallas on GPU, reference on CPU), 'pallas', 'interpret' or 'reference'."""
     compile_on_start: bool = True

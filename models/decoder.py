@@ -83,6 +83,8 @@ class Decoder(nn.Module):
     config: ModelConfig
     impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    scan_unroll: int = 1
+    """Layers per iteration of the layer loop (``num_layers`` unrolls it fully)."""
 
     @nn.compact
     def __call__(self, tokens: jax.Array, kv_pool: jax.Array, meta: AttentionMetadata,
@@ -96,7 +98,8 @@ class Decoder(nn.Module):
                      jnp.asarray(cfg.layer_windows, jnp.int32),
                      jnp.asarray(cfg.uses_local_rope, bool))
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=cfg.num_layers)
+                         in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                         unroll=self.scan_unroll)
         (x, kv_pool), _ = layers(cfg, self.impl, self.dtype, name="layers")((x, kv_pool), per_layer, meta)
         x = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name="norm")(x[logits_indices])
         if cfg.tie_word_embeddings:

@@ -17,18 +17,27 @@ from .xla_attention import paged_attention_xla
 IMPLS = ("auto", "pallas", "interpret", "xla", "reference")
 
 
-def resolve_impl(impl: str) -> str:
+def kernel_supports(head_dim: int) -> bool:
+    """Triton tiles need power-of-two extents: head dims like 80 or 96 take the XLA path."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def resolve_impl(impl: str, head_dim: int | None = None) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        gpu = jax.default_backend() == "gpu"
+        return "pallas" if gpu and (head_dim is None or kernel_supports(head_dim)) else "xla"
+    if impl in ("pallas", "interpret") and head_dim is not None and not kernel_supports(head_dim):
+        raise ValueError(f"the Pallas kernels need a power-of-two head_dim >= 16, got {head_dim}; "
+                         "use impl='auto' (falls back to the XLA path) or 'xla'")
     return impl
 
 
 def write_kv(kv_pool: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *,
              impl: str = "auto") -> jax.Array:
     """Writes new K/V ``[T, Hkv, D]`` into the pool at ``slot_mapping [T]`` (in place under donation)."""
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, k.shape[-1])
     if impl in ("reference", "xla"):
         return reference.write_kv_reference(kv_pool, layer, k, v, slot_mapping)
     return write_kv_pallas(kv_pool, layer, k, v, slot_mapping, interpret=impl == "interpret")
@@ -43,7 +52,7 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
     ``decode_only`` (static) promises one new token per sequence (T == S), which lets the
     dispatcher pick the decode kernel. The Pallas kernels take their tiles from ``tuning``.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, q.shape[-1])
     if impl == "reference":
         return reference.paged_attention_reference(
             q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
