@@ -100,8 +100,11 @@ class ModelRunner:
         shape = pallas_kernels.kv_pool_shape(cfg.num_layers, self.num_pages, cfg.num_kv_heads,
                                              self.page_size, cfg.head_dim)
         self.kv_pool = jnp.zeros(shape, model.dtype)
+        unroll = config.scan_unroll
+        if unroll is None:
+            unroll = cfg.num_layers if jax.default_backend() == "gpu" else 1
         self._decoder = Decoder(cfg, impl=config.attention_impl, dtype=model.dtype,
-                                scan_unroll=config.scan_unroll)
+                                scan_unroll=unroll)
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
         self.max_seqs = bucket(config.max_num_seqs)

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from bench_engine import synthetic_batch, time_steps  # noqa: E402
 from duetjax import Engine, SamplingParams  # noqa: E402
-from duetjax.model_runner import Bucket  # noqa: E402
+from duetjax.model_runner import Bucket, bucket_for  # noqa: E402
 
 OPS = re.compile(r" (copy|dynamic-slice|dynamic-update-slice|custom-call|fusion|while|scatter|"
                  r"gather|sort)\(")
@@ -33,6 +33,44 @@ def census(hlo: str) -> dict[str, int]:
     return dict(Counter(m.group(1) for m in OPS.finditer(hlo)))
 
 
+def dispatch_probe(engine: Engine, batch_size: int, context: int) -> None:
+    """Does launching block? Host seconds per launch with numpy inputs, with inputs put on the
+    device first, and of the device_put alone, each with several steps already in flight."""
+    import time
+
+    import jax
+
+    runner = engine.runner
+    batch = synthetic_batch(engine, [context - 1] * batch_size, [1] * batch_size)
+    bucket = bucket_for(batch, engine.config)
+    previous = runner.dispatch(batch, None)
+    previous.fetch()
+    executable = runner._executables[bucket]
+    host_inputs = runner._host_inputs(bucket, batch)
+
+    def launch(inputs):
+        nonlocal previous
+        sampled, runner.kv_pool = executable(runner.model.params, runner.kv_pool,
+                                             previous.sampled.token_ids, *inputs)
+        previous = type(previous)(batch, sampled)
+
+    for name, prepare in (("numpy inputs", lambda: host_inputs),
+                          ("device_put inputs", lambda: jax.device_put(host_inputs))):
+        for _ in range(4):
+            launch(prepare())  # fill the queue
+        put = call = 0.0
+        for _ in range(10):
+            start = time.perf_counter()
+            inputs = prepare()
+            middle = time.perf_counter()
+            launch(inputs)
+            put += middle - start
+            call += time.perf_counter() - middle
+        previous.fetch()
+        print(f"[dispatch probe B={batch_size}] {name}: prepare {1e3 * put / 10:.3f} ms, "
+              f"launch {1e3 * call / 10:.3f} ms per step", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="llama-3-8b")
@@ -40,6 +78,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,64")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--profile-host", action="store_true")
+    p.add_argument("--dispatch-probe", action="store_true",
+                   help="host time of launching a step while others are in flight")
     p.add_argument("--out-dir", default=".")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -52,10 +92,15 @@ def main() -> None:
         for b in batches:
             t = time_steps(engine, synthetic_batch(engine, [args.context - 1] * b, [1] * b), steps=20)
             print(f"[{tag or 'plain'} unroll={unroll}] decode B={b}: {1e3 * t:.2f} ms/step", flush=True)
-        hlo = engine.runner._executables[Bucket(True, 1, 1)].as_text()
-        print(f"[{tag or 'plain'} unroll={unroll}] decode B=1 op census: {census(hlo)}", flush=True)
-        with open(os.path.join(args.out_dir, f"decode_b1_unroll{unroll}{'_' + tag if tag else ''}.hlo"), "w") as f:
+        first = Bucket(True, batches[0], batches[0])
+        hlo = engine.runner._executables[first].as_text()
+        print(f"[{tag or 'plain'} unroll={unroll}] decode B={batches[0]} op census: {census(hlo)}",
+              flush=True)
+        name = f"decode_b{batches[0]}_unroll{unroll}{'_' + tag if tag else ''}.hlo"
+        with open(os.path.join(args.out_dir, name), "w") as f:
             f.write(hlo)
+        if args.dispatch_probe:
+            dispatch_probe(engine, max(batches), args.context)
         if args.profile_host:
             rng = np.random.default_rng(0)
             vocab = engine.model.config.vocab_size
