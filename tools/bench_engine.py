@@ -198,6 +198,8 @@ def main() -> None:
     p.add_argument("--prefill", default="2048,8192")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--scan-unroll", type=int, default=None, help="EngineConfig.scan_unroll")
+    p.add_argument("--kv-fraction", type=float, default=0.85,
+                   help="EngineConfig.kv_cache_memory_fraction")
     p.add_argument("--ceiling-gib", type=float, default=2.0, help="size of the copy-bandwidth test")
     p.add_argument("--out", required=True)
     p.add_argument("--table", required=True)
@@ -214,8 +216,10 @@ def main() -> None:
     engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
                     max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
                     max_model_len=max(max(lengths) + 16, 4096 + 1024),
-                    scan_unroll=args.scan_unroll, compile_on_start=False, show_progress=False)
+                    scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,
+                    compile_on_start=False, show_progress=False)
     report["scan_unroll"] = args.scan_unroll
+    report["kv_pool_gib"] = engine.runner.kv_pool.nbytes / 2**30
     runs = {"decode": lambda: decode_section(engine, report["ceilings"], batches, args.context),
             "prefill": lambda: prefill_section(engine, report["ceilings"], lengths),
             "host": lambda: host_section(engine, 64, 128, 256),
