@@ -36,13 +36,16 @@ class LoopStats:
 
     steps: int = 0
     host_seconds: float = 0.0
-    """Scheduling, input preparation, dispatch and output processing."""
+    """Python work: scheduling, input preparation and output processing."""
+    launch_seconds: float = 0.0
+    """Inside the executable call (the runtime blocks there while its queue is full)."""
     wait_seconds: float = 0.0
     """Blocked on the device for a step's results."""
 
-    def record(self, host: float, wait: float) -> None:
+    def record(self, host: float, launch: float, wait: float) -> None:
         self.steps += 1
         self.host_seconds += host
+        self.launch_seconds += launch
         self.wait_seconds += wait
 
     @property
@@ -170,13 +173,14 @@ class Engine:
         requests that got a token in step N."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
-        launched = None
+        launched, launch_seconds = None, 0.0
         if batch.scheduled:
             now = time.time()
             for item in batch.scheduled:
                 if item.request.metrics.first_scheduled_time is None:
                     item.request.metrics.first_scheduled_time = now
             launched = self.runner.dispatch(batch, self._in_flight)
+            launch_seconds = self.runner.last_launch_seconds
             for row, item in enumerate(batch.scheduled):
                 if item.completes_sequence:  # the step samples this request's next token
                     request = item.request
@@ -187,7 +191,8 @@ class Engine:
             self.scheduler.commit(batch)
         outputs, waited = self._finish_step(self._in_flight) if self._in_flight else ([], 0.0)
         self._in_flight = launched
-        self.stats.record(time.perf_counter() - started - waited, waited)
+        self.stats.record(time.perf_counter() - started - waited - launch_seconds, launch_seconds,
+                          waited)
         return outputs
 
     def _finish_step(self, step: InFlight) -> tuple[list[RequestOutput], float]:

@@ -107,6 +107,8 @@ class ModelRunner:
                                 scan_unroll=unroll)
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
+        self.last_launch_seconds = 0.0
+        """Host time of the last executable call (it blocks while the device queue is full)."""
         self.max_seqs = bucket(config.max_num_seqs)
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
         self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,))
@@ -165,7 +167,9 @@ class ModelRunner:
             executable = self._compile(b)
         inputs = self._host_inputs(b, batch)
         prev_tokens = previous.sampled.token_ids if previous is not None else self._no_previous
+        start = time.perf_counter()
         sampled, self.kv_pool = executable(self.model.params, self.kv_pool, prev_tokens, *inputs)
+        self.last_launch_seconds = time.perf_counter() - start
         return InFlight(batch, sampled)
 
     def _host_inputs(self, b: Bucket, batch: SchedulerOutput | None = None):

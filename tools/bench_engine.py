@@ -122,9 +122,12 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int) -
     stats = engine.stats
     row = {"batch": batch, "steps": stats.steps, "wall_s": wall, "step_ms": 1e3 * wall / stats.steps,
            "host_ms_per_step": stats.host_ms_per_step,
+           "launch_ms_per_step": 1e3 * stats.launch_seconds / stats.steps,
+           "wait_ms_per_step": 1e3 * stats.wait_seconds / stats.steps,
            "host_share": stats.host_seconds / wall}
-    log(f"host loop B={batch}: {row['step_ms']:.2f} ms/step, host {row['host_ms_per_step']:.3f} ms/step "
-        f"({100 * row['host_share']:.1f} % of wall)")
+    log(f"host loop B={batch}: {row['step_ms']:.2f} ms/step; host work {row['host_ms_per_step']:.3f} ms "
+        f"({100 * row['host_share']:.1f} % of wall), in launch {row['launch_ms_per_step']:.2f} ms, "
+        f"waiting for results {row['wait_ms_per_step']:.2f} ms")
     return row
 
 
@@ -183,8 +186,10 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("host"):
         h = report["host"]
-        lines += [f"Host loop at batch {h['batch']}: {h['step_ms']:.2f} ms/step, host work "
-                  f"{h['host_ms_per_step']:.3f} ms/step ({100 * h['host_share']:.1f} % of wall time).", ""]
+        lines += [f"Host loop at batch {h['batch']}: {h['step_ms']:.2f} ms/step; Python work "
+                  f"{h['host_ms_per_step']:.3f} ms/step ({100 * h['host_share']:.1f} % of wall time), "
+                  f"inside the (blocking) launch {h.get('launch_ms_per_step', float('nan')):.2f} ms, "
+                  f"waiting for results {h.get('wait_ms_per_step', float('nan')):.2f} ms.", ""]
     if report.get("offline"):
         o = report["offline"]
         lines += [f"Offline: {o['prompts']} prompts (mean {o['mean_prompt']:.0f} in / {o['mean_output']:.0f} out): "
