@@ -5,14 +5,13 @@ import asyncio
 from typing import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from ..sampling_params import SamplingParams
-from .errors import APIError, bad_request, error_response, from_engine_error
+from .errors import APIError, bad_request, from_engine_error
 from .protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
                        ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob)
-from .serving import (SSE_DONE, Choice, ClientDisconnected, Prompt, Serving, holdback_for, new_id,
+from .serving import (SSE_DONE, Choice, Prompt, Serving, holdback_for, new_id,
                       now, sampled_and_top, sse)
 
 
@@ -57,15 +56,14 @@ class ChatCompletions:
         params = serving.sampling_params(request, max_tokens, top_n)
         request_id = new_id("chatcmpl")
         choices = await serving.start([prompt], params, request.n, request_id)
-        if request.stream:
-            return StreamingResponse(self.stream(request, request_id, choices, arrival, params),
-                                     media_type="text/event-stream")
-        try:
-            await serving.collect(choices, http)
-        except ClientDisconnected:
-            return error_response(APIError(499, "the client closed the connection"))
-        finally:
-            serving.finish(choices, arrival)
+        return await serving.respond(
+            choices, http, arrival, request.stream,
+            lambda: self.stream(request, request_id, choices, arrival, params),
+            lambda: self.response(request, request_id, choices))
+
+    def response(self, request: ChatCompletionRequest, request_id: str,
+                 choices: list[Choice]) -> ChatCompletionResponse:
+        serving = self.serving
         return ChatCompletionResponse(
             id=request_id, model=serving.model_name, usage=serving.usage(choices),
             choices=[ChatChoice(index=c.index,

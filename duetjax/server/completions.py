@@ -4,12 +4,11 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from ..sampling_params import SamplingParams
-from .errors import APIError, bad_request, error_response, from_engine_error
+from .errors import APIError, bad_request, from_engine_error
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving import (SSE_DONE, Choice, ClientDisconnected, Prompt, Serving, holdback_for, new_id,
+from .serving import (SSE_DONE, Choice, Prompt, Serving, holdback_for, new_id,
                       now, sampled_and_top, sse)
 
 
@@ -50,15 +49,14 @@ class Completions:
         params = serving.sampling_params(request, max_tokens[0], request.logprobs)
         request_id = new_id("cmpl")
         choices = await serving.start(prompts, params, request.n, request_id)
-        if request.stream:
-            return StreamingResponse(self.stream(request, request_id, choices, arrival, params),
-                                     media_type="text/event-stream")
-        try:
-            await serving.collect(choices, http)
-        except ClientDisconnected:
-            return error_response(APIError(499, "the client closed the connection"))
-        finally:
-            serving.finish(choices, arrival)
+        return await serving.respond(
+            choices, http, arrival, request.stream,
+            lambda: self.stream(request, request_id, choices, arrival, params),
+            lambda: self.response(request, request_id, choices))
+
+    def response(self, request: CompletionRequest, request_id: str,
+                 choices: list[Choice]) -> CompletionResponse:
+        serving = self.serving
         return CompletionResponse(
             id=request_id, model=serving.model_name,
             choices=[self.choice(request, c, c.last.outputs[0].text, finished=True)

@@ -15,12 +15,13 @@ import uuid
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from ..async_engine import AsyncEngine, RequestStream
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-from .errors import APIError, bad_request, from_engine_error
+from .errors import APIError, bad_request, error_response, from_engine_error
 from .metrics import ServerMetrics
 from .protocol import UsageInfo
 
@@ -224,6 +225,20 @@ class Serving:
         error = work.exception()
         if error is not None:
             raise from_engine_error(error) from error
+
+    async def respond(self, choices: list[Choice], http: Request, arrival: float, stream: bool,
+                      chunks: Callable[[], AsyncIterator[str]], response: Callable[[], Any]) -> Any:
+        """An SSE stream of ``chunks()``, or, once every choice has finished, ``response()``;
+        a client that leaves first gets its requests aborted."""
+        if stream:
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+        try:
+            await self.collect(choices, http)
+        except ClientDisconnected:
+            return error_response(APIError(499, "the client closed the connection"))
+        finally:
+            self.finish(choices, arrival)
+        return response()
 
     def finish(self, choices: list[Choice], arrival_time: float | None) -> None:
         """Aborts what is still running (freeing its KV pages) and records metrics."""

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from models import default_model
 from models.errors import CheckpointError
-from models.gguf_loader import GGUFSource, _unpermute_rope_rows, convert_gguf_to_hf
+from models.gguf_loader import GGUFSource, _unpermute_rope_rows
 from models.tokenizer import Tokenizer
 from tests.oracle import SETUP_HINT, oracle_python
 
