@@ -59,10 +59,12 @@ _DECODE_TILES: dict[str, dict[int, tuple[int, int, int]]] = {
 # Aim: enough programs to keep every SM busy with several in flight, while each split still
 # walks several blocks so its fixed costs (q load, output write, combine) stay small.
 # H200: B=1 ctx 32k (8 programs) 2.1 TB/s at 32 splits vs 0.15 unsplit; B >= 32 at ctx 2k-4k
-# (256+ programs) gains nothing from splitting.
+# (256+ programs) gains nothing from splitting. The re-time with this table
+# (kernels-decode-retime-h200-2026-11-21.*) gave B=1 ctx 32k 2.02 TB/s at 64 splits against
+# 1.40 at 32, hence the first row.
 _DECODE_SPLITS: dict[str, list[tuple[int, int, int]]] = {
     "hopper": [
-        (16, 16384, 32), (16, 4096, 16), (16, 1024, 8),
+        (16, 32768, 64), (16, 16384, 32), (16, 4096, 16), (16, 1024, 8),
         (64, 16384, 16), (64, 4096, 8), (64, 1024, 4),
         (128, 8192, 4), (128, 2048, 2),
         (512, 8192, 2),
