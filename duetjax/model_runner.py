@@ -192,6 +192,7 @@ class ModelRunner:
         min_p = np.zeros(num_seqs, np.float32)
         seeds = np.zeros(num_seqs, np.uint32)
         counters = np.zeros(num_seqs, np.int32)
+        want_logprobs = np.zeros(num_seqs, bool)
 
         at = 0
         scheduled = batch.scheduled if batch is not None else []
@@ -214,11 +215,12 @@ class ModelRunner:
             p = r.params
             temperature[s], top_k[s], top_p[s], min_p[s] = p.temperature, p.top_k, p.top_p, p.min_p
             seeds[s], counters[s] = r.seed, len(r.output_token_ids)
+            want_logprobs[s] = p.logprobs is not None
         query_start_loc[len(scheduled) + 1:] = at
 
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
                                  context_lens=context_lens, query_start_loc=query_start_loc,
                                  decode_only=decode_only)
         sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  seeds=seeds, counters=counters)
+                                  seeds=seeds, counters=counters, want_logprobs=want_logprobs)
         return tokens, from_previous, meta, logits_indices, sampling

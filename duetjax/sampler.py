@@ -29,6 +29,8 @@ class SamplingArrays:
     """uint32[S]."""
     counters: jax.Array
     """int32[S]: tokens the request has generated so far."""
+    want_logprobs: jax.Array
+    """bool[S]: the request asked for log-probabilities."""
 
 
 @flax.struct.dataclass
@@ -69,9 +71,21 @@ def sample(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     random = jax.lax.cond(jnp.any(s.temperature > 0), _sample_random, lambda l, _: greedy, logits, s)
     tokens = jnp.where(s.temperature > 0, random, greedy)
-    # Always computed (a top-k over one row per sequence is cheap next to the model), so
-    # requests with and without logprobs share executables.
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return SampledTokens(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    # A branch, not a separate executable: batches with and without logprobs share executables,
+    # and the top-k over the vocabulary runs only when some request asked for it.
+    top_n = min(MAX_LOGPROBS, logits.shape[-1])
+
+    def with_logprobs(logits, tokens):
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, top_n)
+        chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        return chosen, top_ids.astype(jnp.int32), top_logprobs
+
+    def without(logits, tokens):
+        rows = logits.shape[0]
+        return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, top_n), jnp.int32),
+                jnp.zeros((rows, top_n), jnp.float32))
+
+    chosen, top_ids, top_logprobs = jax.lax.cond(jnp.any(s.want_logprobs), with_logprobs, without,
+                                                 logits, tokens)
+    return SampledTokens(tokens, chosen, top_ids, top_logprobs)
