@@ -182,6 +182,7 @@ class Engine:
             launched = self.runner.dispatch(batch, self._in_flight)
             launch_seconds = self.runner.last_launch_seconds
             for row, item in enumerate(batch.scheduled):
+                item.request.penalty_slot_fresh = False  # this step zeroes a fresh slot
                 if item.completes_sequence:  # the step samples this request's next token
                     request = item.request
                     index = len(request.output_token_ids)

@@ -28,7 +28,8 @@ from models.decoder import Decoder
 
 from .config import EngineConfig
 from .request import PENDING
-from .sampler import SampledTokens, SamplingArrays, sample
+from .sampler import (PenaltyArrays, SampledTokens, SamplingArrays, apply_penalties,
+                      count_tokens, sample)
 from .scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,9 @@ class ModelRunner:
         """Host time of the last executable call (it blocks while the device queue is full)."""
         self.max_seqs = bucket(config.max_num_seqs)
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
-        self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,))
+        # Generated-token counts of penalized requests, one row per scheduler slot.
+        self.token_counts = jnp.zeros((config.max_num_seqs, cfg.vocab_size), jnp.int32)
+        self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1, 2))
 
     def compile_all(self, show_progress: bool = True) -> None:
         """Compiles every bucket (from the persistent cache when it holds them)."""
@@ -123,7 +126,8 @@ class ModelRunner:
     def _compile(self, b: Bucket) -> jax.stages.Compiled:
         start = time.perf_counter()
         inputs = self._host_inputs(b)
-        lowered = self._jitted_step.lower(self.model.params, self.kv_pool, self._no_previous, *inputs)
+        lowered = self._jitted_step.lower(self.model.params, self.kv_pool, self.token_counts,
+                                          self._no_previous, *inputs)
         self._executables[b] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
@@ -144,15 +148,17 @@ class ModelRunner:
                  pages * self.page_size * per_token / 2**30)
         return pages
 
-    def _step_fn(self, params, kv_pool, previous, tokens, from_previous, meta, logits_indices,
-                 sampling):
+    def _step_fn(self, params, kv_pool, counts, previous, tokens, from_previous, meta,
+                 logits_indices, sampling, penalties):
         # Tokens sampled by the step still in flight never visit the host: they are read here,
         # on the device, from that step's output.
         tokens = jnp.where(from_previous >= 0, previous[jnp.maximum(from_previous, 0)], tokens)
         logits, kv_pool = self._decoder.apply({"params": params}, tokens, kv_pool, meta, logits_indices)
-        sampled = sample(logits, sampling)
+        penalized, counts = apply_penalties(logits, counts, penalties)
+        sampled = sample(penalized, sampling, model_logits=logits)
+        counts = count_tokens(counts, sampled.token_ids, penalties)
         padded = jnp.zeros(self.max_seqs, jnp.int32).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
-        return sampled.replace(token_ids=padded), kv_pool
+        return sampled.replace(token_ids=padded), kv_pool, counts
 
     def dispatch(self, batch: SchedulerOutput, previous: InFlight | None) -> InFlight:
         """Launches one step without waiting for it (nor for ``previous``, whose sampled tokens
@@ -168,7 +174,8 @@ class ModelRunner:
         inputs = self._host_inputs(b, batch)
         prev_tokens = previous.sampled.token_ids if previous is not None else self._no_previous
         start = time.perf_counter()
-        sampled, self.kv_pool = executable(self.model.params, self.kv_pool, prev_tokens, *inputs)
+        sampled, self.kv_pool, self.token_counts = executable(
+            self.model.params, self.kv_pool, self.token_counts, prev_tokens, *inputs)
         self.last_launch_seconds = time.perf_counter() - start
         return InFlight(batch, sampled)
 
@@ -193,6 +200,11 @@ class ModelRunner:
         seeds = np.zeros(num_seqs, np.uint32)
         counters = np.zeros(num_seqs, np.int32)
         want_logprobs = np.zeros(num_seqs, bool)
+        penalty_slots = np.zeros(num_seqs, np.int32)
+        presence = np.zeros(num_seqs, np.float32)
+        frequency = np.zeros(num_seqs, np.float32)
+        reset = np.zeros(num_seqs, bool)
+        count = np.zeros(num_seqs, bool)
 
         at = 0
         scheduled = batch.scheduled if batch is not None else []
@@ -216,6 +228,10 @@ class ModelRunner:
             temperature[s], top_k[s], top_p[s], min_p[s] = p.temperature, p.top_k, p.top_p, p.min_p
             seeds[s], counters[s] = r.seed, len(r.output_token_ids)
             want_logprobs[s] = p.logprobs is not None
+            if r.penalty_slot is not None:
+                penalty_slots[s] = r.penalty_slot
+                presence[s], frequency[s] = p.presence_penalty, p.frequency_penalty
+                reset[s], count[s] = r.penalty_slot_fresh, item.completes_sequence
         query_start_loc[len(scheduled) + 1:] = at
 
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
@@ -223,4 +239,6 @@ class ModelRunner:
                                  decode_only=decode_only)
         sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   seeds=seeds, counters=counters, want_logprobs=want_logprobs)
-        return tokens, from_previous, meta, logits_indices, sampling
+        penalties = PenaltyArrays(slots=penalty_slots, presence=presence, frequency=frequency, reset=reset,
+                                  count=count)
+        return tokens, from_previous, meta, logits_indices, sampling, penalties

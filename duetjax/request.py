@@ -36,6 +36,8 @@ class Request:
         self.block_table: list[int] = []
         self.page_hashes: list[bytes] = []  # prefix-cache names of its full pages, in order
         self.num_cached_pages = 0  # leading pages already registered in the prefix cache
+        self.penalty_slot: int | None = None  # row of the device's token counts (penalties)
+        self.penalty_slot_fresh = False  # the row still holds a previous request's counts
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -34,6 +34,42 @@ class SamplingArrays:
 
 
 @flax.struct.dataclass
+class PenaltyArrays:
+    """Presence/frequency penalties of one step. Counts of generated tokens live on the device
+    in a table with one row (slot) per penalized request."""
+
+    slots: jax.Array
+    """int32[S]: the row's slot in the count table (0 for rows without penalties)."""
+    presence: jax.Array
+    """float32[S]."""
+    frequency: jax.Array
+    """float32[S]."""
+    reset: jax.Array
+    """bool[S]: the slot is new to this request: zero it first."""
+    count: jax.Array
+    """bool[S]: add the token this row samples to its slot's counts."""
+
+
+def apply_penalties(logits: jax.Array, counts: jax.Array, p: PenaltyArrays):
+    """(penalized logits, counts with fresh slots zeroed); skipped when no row has a slot."""
+    def penalize(logits, counts):
+        counts = counts.at[p.slots].multiply(jnp.where(p.reset, 0, 1)[:, None].astype(counts.dtype))
+        seen = counts[p.slots].astype(jnp.float32)
+        logits = logits - p.presence[:, None] * (seen > 0) - p.frequency[:, None] * seen
+        return logits, counts
+
+    return jax.lax.cond(jnp.any(p.reset | (p.presence != 0) | (p.frequency != 0)), penalize,
+                        lambda logits, counts: (logits, counts), logits, counts)
+
+
+def count_tokens(counts: jax.Array, tokens: jax.Array, p: PenaltyArrays) -> jax.Array:
+    """Adds each counted row's sampled token to its slot."""
+    return jax.lax.cond(jnp.any(p.count),
+                        lambda c: c.at[p.slots, tokens].add(p.count.astype(c.dtype)),
+                        lambda c: c, counts)
+
+
+@flax.struct.dataclass
 class SampledTokens:
     """What one step returns per sequence."""
 
@@ -65,9 +101,10 @@ def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
+def sample(logits: jax.Array, s: SamplingArrays, model_logits: jax.Array | None = None) -> SampledTokens:
     """Next token per row of ``logits [S, vocab]`` (float32). The sort that top-k/top-p need is
-    skipped when every row is greedy."""
+    skipped when every row is greedy. Log-probabilities come from ``model_logits`` (the model's
+    distribution before penalties) when given."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     random = jax.lax.cond(jnp.any(s.temperature > 0), _sample_random, lambda l, _: greedy, logits, s)
     tokens = jnp.where(s.temperature > 0, random, greedy)
@@ -86,6 +123,7 @@ def sample(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
         return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, top_n), jnp.int32),
                 jnp.zeros((rows, top_n), jnp.float32))
 
+    source = logits if model_logits is None else model_logits
     chosen, top_ids, top_logprobs = jax.lax.cond(jnp.any(s.want_logprobs), with_logprobs, without,
-                                                 logits, tokens)
+                                                 source, tokens)
     return SampledTokens(tokens, chosen, top_ids, top_logprobs)

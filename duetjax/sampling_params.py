@@ -20,6 +20,10 @@ class SamplingParams:
     """Keep only the k most likely tokens; 0 (or -1) disables."""
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely token's; 0 disables."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated (OpenAI's; -2 to 2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per earlier occurrence in the generated tokens (OpenAI's; -2 to 2)."""
     max_tokens: int = 16
     """Most tokens to generate."""
     min_tokens: int = 0
@@ -50,6 +54,10 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (or -1 to disable), got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (-2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
@@ -65,3 +73,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Needs counts of its generated tokens on the device."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

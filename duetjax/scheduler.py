@@ -50,6 +50,9 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Rows of the device's token-count table, one per request with penalties, held from
+        # its first admission to its end (a preempted request keeps its counts).
+        self.free_penalty_slots: deque[int] = deque(range(config.max_num_seqs))
 
     def add(self, request: Request) -> None:
         needed = self.blocks.pages_needed(len(request.prompt_token_ids) + 1)
@@ -90,6 +93,11 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.params.penalized and request.penalty_slot is None:
+                if not self.free_penalty_slots:
+                    break
+                request.penalty_slot = self.free_penalty_slots.popleft()
+                request.penalty_slot_fresh = True
             self.blocks.match_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             target = request.num_computed_tokens + num_new
@@ -130,3 +138,6 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.blocks.free(request)
+        if request.penalty_slot is not None:
+            self.free_penalty_slots.append(request.penalty_slot)
+            request.penalty_slot = None

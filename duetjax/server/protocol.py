@@ -53,8 +53,8 @@ class _SamplingFields(_Request):
     """Extra (vLLM): keep generating past EOS (benchmarks)."""
     skip_special_tokens: bool = True
     """Extra (vLLM): leave special tokens out of the text."""
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
@@ -62,9 +62,6 @@ class _SamplingFields(_Request):
 
     def unsupported(self) -> str | None:
         """A message naming a requested option duetjax does not implement, else None."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                return f"{name} is not supported by duetjax; leave it out or set it to 0"
         if self.repetition_penalty not in (None, 1.0):
             return "repetition_penalty is not supported by duetjax; leave it out or set it to 1"
         if self.logit_bias:

@@ -125,6 +125,8 @@ class Serving:
                 top_p=1.0 if request.top_p is None else request.top_p,
                 top_k=request.top_k or 0,
                 min_p=request.min_p or 0.0,
+                presence_penalty=request.presence_penalty or 0.0,
+                frequency_penalty=request.frequency_penalty or 0.0,
                 max_tokens=max_tokens,
                 min_tokens=min(request.min_tokens, max_tokens),
                 stop=[request.stop] if isinstance(request.stop, str) else (request.stop or ()),

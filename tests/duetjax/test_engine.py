@@ -153,3 +153,50 @@ def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny_llama_dir, e
                     max_num_batched_tokens=64, compile_on_start=False, show_progress=False)
     assert token_ids(pallas.generate(batch, params, use_tqdm=False)) == \
         token_ids(engine.generate(batch, params, use_tqdm=False))
+
+
+def greedy_with_penalties(loaded, prompt: list[int], outputs: list[int], presence: float,
+                          frequency: float) -> list[int]:
+    """What greedy decoding with penalties must pick at each step, from full forward passes."""
+    from collections import Counter
+
+    from models import compute_logits
+
+    prefixes = [prompt + outputs[:i] for i in range(len(outputs))]
+    picks = []
+    for i, rows in enumerate(compute_logits(loaded, prefixes)):  # one ragged batch
+        logits = rows[-1].copy()
+        for token, n in Counter(outputs[:i]).items():
+            logits[token] -= presence + frequency * n
+        picks.append(int(np.argmax(logits)))
+    return picks
+
+
+def test_presence_and_frequency_penalties_follow_their_definition(engine, tiny_llama_dir):
+    from models import load_model
+
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    batch = prompts(3, seed=9)
+    plain_params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = token_ids(engine.generate(batch, plain_params, use_tqdm=False))
+    assert all(len(set(out)) < len(out) for out in plain[:2])  # unpenalized, tokens repeat
+    settings = [(2.0, 0.0), (0.0, 2.0), (0.0, 0.0)]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, presence_penalty=p,
+                             frequency_penalty=f) for p, f in settings]
+    penalized = token_ids(engine.generate(batch, params, use_tqdm=False))
+    assert penalized[2] == plain[2]  # the unpenalized neighbour is untouched
+    assert penalized[0] != plain[0] and penalized[1] != plain[1]
+    for prompt, out, (p, f) in zip(batch, penalized, settings):
+        assert out == greedy_with_penalties(loaded, prompt["prompt_token_ids"], out, p, f)
+
+
+def test_penalty_slots_are_reused_without_leaking_counts(tiny_llama_dir):
+    """Two slots, five penalized requests: later requests get recycled slots, zeroed."""
+    small = Engine(tiny_llama_dir, dtype="float32", max_num_seqs=2, max_num_batched_tokens=64,
+                   show_progress=False)
+    batch = prompts(5, seed=10)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, frequency_penalty=2.0)
+    together = token_ids(small.generate(batch, params, use_tqdm=False))
+    alone = [token_ids(small.generate(p, params, use_tqdm=False))[0] for p in batch]
+    assert together == alone
+    assert len(small.scheduler.free_penalty_slots) == 2

@@ -1,0 +1,246 @@
+"""Partition optimizer: aggregated or split, and which SM shares and look-ahead when split.
+
+DuetServe runs prefill and decode in one mixed batch on the whole GPU while that meets the
+time-between-tokens (TBT) SLO, because that uses the GPU best. Only when the roofline predicts a
+miss does it split the SMs: prefill on an S_p client, decode on an S_d client, with k decode steps
+run back to back while one prefill batch runs. The split maximises tokens per second,
+
+    (k·T_decode + T_prefill) / max(k·t_d(S_d), t_p(S_p))   subject to   t_d(S_d) <= SLO,
+
+over the worker pairs that exist and k in 1..k_max. ``decide`` is the pure decision;
+``ModeController`` adds hysteresis so the mode does not flap between iterations.
+
+Plain Python, no jax: it runs on the host every scheduling iteration.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from .roofline import Roofline
+
+AGGREGATED = "aggregated"
+SPLIT = "split"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """What the partition optimizer may choose from, and the SLO it protects."""
+
+    tbt_slo_s: float
+    """Time-between-tokens SLO, seconds: every decode step must be predicted to fit it."""
+    pairs: tuple[tuple[float, float], ...] = ((0.8, 0.2), (0.7, 0.3), (0.6, 0.4), (0.5, 0.5))
+    """(S_p, S_d) shares of the MPS worker pairs that exist; only these are considered."""
+    k_max: int = 8
+    """Most decode steps launched while one prefill batch runs (the look-ahead)."""
+
+    def __post_init__(self) -> None:
+        if self.tbt_slo_s <= 0:
+            raise ValueError("tbt_slo_s must be > 0")
+        if self.k_max < 1:
+            raise ValueError("k_max must be >= 1")
+        for s_p, s_d in self.pairs:
+            if not (0 < s_p <= 1 and 0 < s_d <= 1):
+                raise ValueError(f"SM shares must be in (0, 1], got pair {(s_p, s_d)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """One iteration's choice, with the predictions behind it (for logs and metrics)."""
+
+    mode: str
+    """'aggregated' (one mixed batch on the full GPU) or 'split'."""
+    s_p: float
+    """SM share of the prefill worker (1.0 when aggregated)."""
+    s_d: float
+    """SM share of the decode worker (1.0 when aggregated)."""
+    k: int
+    """Decode steps per prefill batch (1 when aggregated)."""
+    t_aggregated: float
+    """Predicted time of the mixed iteration on the full GPU, seconds."""
+    t_prefill: float | None
+    """Predicted t_p(S_p) of the chosen split, seconds; None when aggregated."""
+    t_decode: float | None
+    """Predicted t_d(S_d) of one decode step of the chosen split, seconds; None when aggregated."""
+    objective: float
+    """Predicted throughput of the choice, tokens/s: (k·T_decode + T_prefill) / max(k·t_d, t_p)
+    when split, (T_decode + T_prefill) / t_aggregated when aggregated."""
+    slo_met: bool
+    """Whether the chosen plan's decode step is predicted to fit the TBT SLO."""
+    reason: str
+    """Why this choice, in words."""
+
+
+def _prefill_tokens(prefill: Sequence[tuple[int, int]]) -> int:
+    return sum(q for q, _ in prefill)
+
+
+def predict_aggregated(roofline: Roofline, prefill: Sequence[tuple[int, int]],
+                       decode_context_lens: Sequence[int]) -> float:
+    """Time of the mixed batch (prefill chunks and one token per decode) on the full GPU."""
+    return roofline.predict_mixed(prefill, decode_context_lens, 1.0)
+
+
+def aggregated(roofline: Roofline, prefill: Sequence[tuple[int, int]],
+               decode_context_lens: Sequence[int], config: OptimizerConfig, reason: str,
+               t_aggregated: float | None = None) -> Decision:
+    """The aggregated decision for this batch, with ``reason``."""
+    if t_aggregated is None:
+        t_aggregated = predict_aggregated(roofline, prefill, decode_context_lens)
+    tokens = len(decode_context_lens) + _prefill_tokens(prefill)
+    return Decision(mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1, t_aggregated=t_aggregated,
+                    t_prefill=None, t_decode=None,
+                    objective=tokens / t_aggregated if t_aggregated > 0 else 0.0,
+                    slo_met=t_aggregated <= config.tbt_slo_s or not decode_context_lens,
+                    reason=reason)
+
+
+def best_split(roofline: Roofline, prefill: Sequence[tuple[int, int]],
+               decode_context_lens: Sequence[int], config: OptimizerConfig,
+               t_aggregated: float) -> Decision | None:
+    """The feasible (S_p, S_d, k) with the highest objective, or None if no pair's decode step
+    fits the SLO. Ties keep the earlier pair in ``config.pairs`` and the smaller k."""
+    t_decode_tokens = len(decode_context_lens)
+    t_prefill_tokens = _prefill_tokens(prefill)
+    best: Decision | None = None
+    for s_p, s_d in config.pairs:
+        t_p, t_d = roofline.predict_split(prefill, decode_context_lens, s_p, s_d)
+        if t_d > config.tbt_slo_s:
+            continue
+        for k in range(1, config.k_max + 1):
+            objective = (k * t_decode_tokens + t_prefill_tokens) / max(k * t_d, t_p)
+            if best is None or objective > best.objective:
+                best = Decision(
+                    mode=SPLIT, s_p=s_p, s_d=s_d, k=k, t_aggregated=t_aggregated, t_prefill=t_p,
+                    t_decode=t_d, objective=objective, slo_met=True,
+                    reason=f"aggregated {t_aggregated * 1e3:.3f} ms > SLO "
+                           f"{config.tbt_slo_s * 1e3:.3f} ms; best split")
+    return best
+
+
+def decide(roofline: Roofline, prefill: Sequence[tuple[int, int]],
+           decode_context_lens: Sequence[int], config: OptimizerConfig) -> Decision:
+    """The pure decision for one iteration.
+
+    ``prefill``: the pending prefill batch as (chunk tokens, cached tokens) per request;
+    ``decode_context_lens``: cached tokens of each running decode (each adds one token).
+
+    Aggregated when it fits the SLO, or when there is nothing to split (no prefill or no
+    decode). Otherwise the best feasible split. If no pair's decode step fits the SLO, the
+    fallback is aggregated with ``slo_met=False``: even when decode alone on the full GPU would
+    fit, pausing prefill is not an option here, because an SLO that holds only by starving
+    prefill would hold forever under steady load (TTFT unbounded). The remedy is a smaller
+    prefill chunk, which is the scheduler's knob; the reason says whether decode alone fits,
+    so the scheduler can tell the two cases apart.
+    """
+    t_agg = predict_aggregated(roofline, prefill, decode_context_lens)
+    slo_ms = config.tbt_slo_s * 1e3
+    if not decode_context_lens:
+        return aggregated(roofline, prefill, decode_context_lens, config,
+                          "no decode running: nothing to protect", t_agg)
+    if not prefill:
+        return aggregated(roofline, prefill, decode_context_lens, config,
+                          "no prefill pending: nothing to split", t_agg)
+    if t_agg <= config.tbt_slo_s:
+        return aggregated(roofline, prefill, decode_context_lens, config,
+                          f"aggregated {t_agg * 1e3:.3f} ms fits SLO {slo_ms:.3f} ms", t_agg)
+    split = best_split(roofline, prefill, decode_context_lens, config, t_agg)
+    if split is not None:
+        return split
+    return fallback(roofline, prefill, decode_context_lens, config, t_agg)
+
+
+def fallback(roofline: Roofline, prefill: Sequence[tuple[int, int]],
+             decode_context_lens: Sequence[int], config: OptimizerConfig,
+             t_aggregated: float) -> Decision:
+    """Aggregated, because no split pair meets the SLO (see ``decide`` for why)."""
+    t_alone = roofline.predict_decode(decode_context_lens, 1.0)
+    alone = ("decode alone on the full GPU would fit "
+             if t_alone <= config.tbt_slo_s else "decode alone on the full GPU misses it too ")
+    return aggregated(roofline, prefill, decode_context_lens, config,
+                      f"fallback: no split pair meets SLO {config.tbt_slo_s * 1e3:.3f} ms "
+                      f"(aggregated {t_aggregated * 1e3:.3f} ms); {alone}"
+                      f"({t_alone * 1e3:.3f} ms): shrink the prefill chunk", t_aggregated)
+
+
+@dataclasses.dataclass(frozen=True)
+class HysteresisConfig:
+    """When ``ModeController`` switches modes; margins are fractions of the SLO."""
+
+    enter_after: int = 2
+    """Consecutive iterations whose aggregated prediction misses the SLO before going split
+    (one noisy miss should not move the decode batch to another worker)."""
+    enter_margin: float = 0.05
+    """A miss by more than this (t_agg > SLO·(1 + margin)) goes split at once: waiting would
+    miss the SLO for sure."""
+    exit_after: int = 4
+    """Consecutive iterations whose aggregated prediction fits with ``exit_margin`` before
+    going back to aggregated."""
+    exit_margin: float = 0.1
+    """Back to aggregated only when t_agg <= SLO·(1 − margin), so a batch hovering at the
+    SLO stays split."""
+
+    def __post_init__(self) -> None:
+        if self.enter_after < 1 or self.exit_after < 1:
+            raise ValueError("enter_after and exit_after must be >= 1")
+        if self.enter_margin < 0 or not 0 <= self.exit_margin < 1:
+            raise ValueError("enter_margin must be >= 0 and exit_margin in [0, 1)")
+
+
+class ModeController:
+    """The optimizer with memory: the pure decision, smoothed so the mode does not flap.
+
+    In aggregated mode it goes split after ``enter_after`` consecutive predicted misses (or one
+    large miss); in split mode it goes back after ``exit_after`` consecutive comfortable fits.
+    While split it re-optimises (S_p, S_d, k) every iteration. Nothing to split (no prefill or
+    no decode) and no feasible split both force aggregated and reset the counters.
+    """
+
+    def __init__(self, roofline: Roofline, config: OptimizerConfig,
+                 hysteresis: HysteresisConfig = HysteresisConfig()) -> None:
+        self.roofline = roofline
+        self.config = config
+        self.hysteresis = hysteresis
+        self.mode = AGGREGATED
+        self._misses = 0
+        self._fits = 0
+
+    def step(self, prefill: Sequence[tuple[int, int]],
+             decode_context_lens: Sequence[int]) -> Decision:
+        """The decision for this iteration; updates the mode."""
+        roofline, config, hyst = self.roofline, self.config, self.hysteresis
+        slo = config.tbt_slo_s
+        if not prefill or not decode_context_lens:
+            self._reset(AGGREGATED)
+            return decide(roofline, prefill, decode_context_lens, config)
+        t_agg = predict_aggregated(roofline, prefill, decode_context_lens)
+        if self.mode == AGGREGATED:
+            self._misses = self._misses + 1 if t_agg > slo else 0
+            if self._misses < hyst.enter_after and t_agg <= slo * (1 + hyst.enter_margin):
+                reason = (f"aggregated {t_agg * 1e3:.3f} ms fits SLO {slo * 1e3:.3f} ms"
+                          if t_agg <= slo else
+                          f"hysteresis: miss {self._misses} of {hyst.enter_after} before split")
+                return aggregated(roofline, prefill, decode_context_lens, config, reason, t_agg)
+        else:
+            self._fits = self._fits + 1 if t_agg <= slo * (1 - hyst.exit_margin) else 0
+            if self._fits >= hyst.exit_after:
+                self._reset(AGGREGATED)
+                return aggregated(roofline, prefill, decode_context_lens, config,
+                                  f"back to aggregated after {hyst.exit_after} comfortable fits",
+                                  t_agg)
+        split = best_split(roofline, prefill, decode_context_lens, config, t_agg)
+        if split is None:
+            self._reset(AGGREGATED)
+            return fallback(roofline, prefill, decode_context_lens, config, t_agg)
+        if self.mode == AGGREGATED:
+            self._reset(SPLIT)
+        elif t_agg <= slo:
+            split = dataclasses.replace(
+                split, reason=f"hysteresis: aggregated fits ({t_agg * 1e3:.3f} ms), staying split "
+                              f"({self._fits} of {hyst.exit_after} comfortable fits)")
+        return split
+
+    def _reset(self, mode: str) -> None:
+        self.mode = mode
+        self._misses = 0
+        self._fits = 0
