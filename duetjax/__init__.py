@@ -1,7 +1,21 @@
-"""duetjax: a JAX/Pallas LLM serving engine that multiplexes prefill and decode (DuetServe)."""
-from .config import EngineConfig
-from .engine import Engine
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
+"""duetjax: a JAX/Pallas LLM serving engine that multiplexes prefill and decode (DuetServe).
 
-__all__ = ["CompletionOutput", "Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
+The public names load lazily, so host-side modules (scheduler, roofline, optimizer) can be
+imported without pulling in JAX.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "CompletionOutput": ".outputs",
+    "Engine": ".engine",
+    "EngineConfig": ".config",
+    "RequestOutput": ".outputs",
+    "SamplingParams": ".sampling_params",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'duetjax' has no attribute {name!r}")

@@ -276,3 +276,13 @@ def test_from_config_keeps_windows_and_norms():
     assert shape.layer_windows == cfg.layer_windows and shape.window_counts() == {4096: 21, 0: 21}
     names = [op.name for op in Roofline(shape, flat_profile(1.0, 1.0)).breakdown([(1, 10)]).ops]
     assert "post_attn_norm" in names and "post_mlp_norm" in names and "q_norm" not in names
+
+
+def test_host_side_modules_do_not_load_jax():
+    """The scheduler, roofline and optimizer run on the host every iteration: no JAX import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, duetjax.roofline, duetjax.optimizer, duetjax.scheduler; "
+            "sys.exit(1 if 'jax' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
