@@ -11,6 +11,7 @@ Sections (``--sections``, default all):
 - ``offline``: ``--num-prompts`` prompts with conversation-like lengths through
   ``Engine.generate``: requests/s and tokens/s.
 - ``paris``: the embedded SmolLM2 in bf16 on the GPU kernels answers the capital question.
+- ``startup``: process start to a ready engine (all buckets compiled), cold and warm cache.
 
     python tools/bench_engine.py --model llama-3-8b --out engine.json --table engine.md
 """
@@ -131,6 +132,32 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int) -
     return row
 
 
+def startup_section(model: str, load_format: str, max_num_seqs: int, max_num_batched_tokens: int) -> dict:
+    """Seconds from process start to a ready engine (weights loaded, every bucket compiled):
+    cold (empty compilation cache) then warm (the cache the cold start filled)."""
+    import subprocess
+    import tempfile
+
+    code = ("import time; t = time.time(); from duetjax import Engine; "
+            f"e = Engine({model!r}, load_format={load_format!r}, dtype='bfloat16', "
+            f"max_num_seqs={max_num_seqs}, max_num_batched_tokens={max_num_batched_tokens}, "
+            "show_progress=False); "
+            "print('READY', time.time() - t, e.runner.compile_seconds, len(e.runner._executables))")
+    row = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, DUETJAX_CACHE_DIR=cache)
+        for label in ("cold", "warm"):
+            start = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, check=True).stdout
+            ready, compile_s, buckets = out.split("READY")[-1].split()
+            row[label] = {"wall_s": time.perf_counter() - start, "ready_s": float(ready),
+                          "compile_s": float(compile_s), "buckets": int(buckets)}
+            log(f"start-up {label}: {row[label]['wall_s']:.1f} s to ready "
+                f"({row[label]['compile_s']:.1f} s compiling {buckets} buckets)")
+    return row
+
+
 def conversation_lengths(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """Lognormal lengths with the medians Splitwise reports for Azure conversation traces
     (prompt ~1020 tokens, output ~129), clipped to [16, 4096] / [8, 1024]."""
@@ -195,6 +222,13 @@ def markdown(report: dict) -> str:
         lines += [f"Offline: {o['prompts']} prompts (mean {o['mean_prompt']:.0f} in / {o['mean_output']:.0f} out): "
                   f"{o['requests_per_s']:.2f} req/s, {o['output_tokens_per_s']:.0f} output tok/s, "
                   f"{o['total_tokens_per_s']:.0f} total tok/s.", ""]
+    if report.get("startup"):
+        st = report["startup"]
+        lines += [f"Start-up to a ready engine (max_num_seqs {st['max_num_seqs']}, "
+                  f"max_num_batched_tokens {st['max_num_batched_tokens']}, {st['cold']['buckets']} "
+                  f"buckets): cold {st['cold']['wall_s']:.1f} s ({st['cold']['compile_s']:.1f} s "
+                  f"compiling), warm {st['warm']['wall_s']:.1f} s ({st['warm']['compile_s']:.1f} s "
+                  "loading from the compilation cache).", ""]
     if report.get("paris"):
         lines += [f"SmolLM2 bf16 on the GPU kernels: {report['paris']['text']!r}", ""]
     return "\n".join(lines)
@@ -209,6 +243,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--prefill", default="2048,8192")
     p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--startup-limits", default="16,512",
+                   help="max_num_seqs,max_num_batched_tokens of the start-up section's engine")
     p.add_argument("--scan-unroll", type=int, default=None, help="EngineConfig.scan_unroll")
     p.add_argument("--kv-fraction", type=float, default=0.85,
                    help="EngineConfig.kv_cache_memory_fraction")
@@ -222,6 +258,9 @@ def main() -> None:
     report["ceilings"] = ceilings(args.ceiling_gib)
     if "paris" in sections:
         report["paris"] = paris_section()
+    if "startup" in sections:
+        seqs, tokens = (int(x) for x in args.startup_limits.split(","))
+        report["startup"] = startup_section(args.model, args.load_format, seqs, tokens)
     save(report, args)
     batches = [int(b) for b in args.batches.split(",")]
     lengths = [int(n) for n in args.prefill.split(",")]
