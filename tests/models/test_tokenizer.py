@@ -1,7 +1,6 @@
 """Tokenizer and chat template, on the embedded SmolLM2 (converted once per test session)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
