@@ -53,6 +53,8 @@ class Scheduler:
         # Rows of the device's token-count table, one per request with penalties, held from
         # its first admission to its end (a preempted request keeps its counts).
         self.free_penalty_slots: deque[int] = deque(range(config.max_num_seqs))
+        self.num_preemptions = 0
+        """Requests sent back to the queue for lack of KV pages (they are recomputed later)."""
 
     def add(self, request: Request) -> None:
         needed = self.blocks.pages_needed(len(request.prompt_token_ids) + 1)
@@ -124,6 +126,7 @@ class Scheduler:
             item.request.num_computed_tokens += item.num_new_tokens
 
     def _preempt(self, request: Request) -> None:
+        self.num_preemptions += 1
         self.blocks.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING

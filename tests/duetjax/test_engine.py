@@ -37,6 +37,7 @@ def test_preemption_and_chunked_prefill_keep_outputs(engine, tiny_llama_dir):
     small = Engine(tiny_llama_dir, dtype="float32", kv_cache_tokens=64, max_model_len=64,
                    max_num_batched_tokens=16, max_num_seqs=4)
     assert token_ids(small.generate(batch, GREEDY, use_tqdm=False)) == expected
+    assert small.scheduler.num_preemptions > 0  # the pool was small enough to force it
     assert small.scheduler.blocks.num_free_pages == small.scheduler.blocks.num_pages
 
 

@@ -36,3 +36,10 @@ def test_gguf_chat_answers_the_capital_of_france(gguf_engine):
     answer = out[0].outputs[0]
     assert "Paris" in answer.text
     assert answer.finish_reason == "stop"  # ended on <|im_end|>, not on the length limit
+
+
+def test_stop_strings_end_the_text_before_them(gguf_engine):
+    params = SamplingParams(temperature=0.0, max_tokens=24, stop=["Paris"])
+    answer = gguf_engine.chat(QUESTION, params, use_tqdm=False)[0].outputs[0]
+    assert "Paris" not in answer.text and answer.text.startswith("The capital of France is")
+    assert answer.finish_reason == "stop" and answer.stop_reason == "Paris"
