@@ -2,7 +2,8 @@
 compare it with reference implementations; serving goes through ``duetjax``)."""
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,13 @@ import pallas_kernels
 from .attention import AttentionMetadata
 from .decoder import Decoder
 from .loader import LoadedModel
+
+
+@functools.lru_cache(maxsize=16)
+def _forward(config, dtype: Any, impl: str):
+    """One jitted forward per (config, dtype, impl): repeated calls reuse its compilations."""
+    model = Decoder(config, impl=impl, dtype=dtype)
+    return jax.jit(lambda params, t, kv, m, idx: model.apply({"params": params}, t, kv, m, idx))
 
 
 def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, page_size: int = 16,
@@ -39,9 +47,7 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         context_lens=jnp.asarray(lengths, jnp.int32),
         query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32))
     tokens = jnp.asarray(np.concatenate([np.asarray(p) for p in prompts]), jnp.int32)
-    model = Decoder(cfg, impl=impl, dtype=loaded.dtype)
-    step = jax.jit(lambda params, t, kv, m, idx: model.apply({"params": params}, t, kv, m, idx))
-    logits, _ = step(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
+    logits, _ = _forward(cfg, loaded.dtype, impl)(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
     logits = np.asarray(logits)
     bounds = np.cumsum(lengths)[:-1]
     return list(np.split(logits, bounds))
