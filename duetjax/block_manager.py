@@ -114,7 +114,9 @@ class BlockManager:
         """Names the pages that the request's computed tokens now fill completely."""
         if not self.enable_prefix_caching:
             return
-        full = request.num_computed_tokens // self.page_size
+        # Only tokens the host knows: a k-step decode in flight has computed PENDING ones.
+        known = len(request.prompt_token_ids) + request.num_resolved_outputs
+        full = min(request.num_computed_tokens, known) // self.page_size
         hashes = request.page_hashes
         for index in range(request.num_cached_pages, full):
             if index == len(hashes):

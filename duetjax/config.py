@@ -28,6 +28,12 @@ class EngineConfig:
     """Default context cap on CPU."""
     enable_prefix_caching: bool = True
     """Share the KV pages of common prompt prefixes between requests (hashed full pages)."""
+    decode_steps: int = 1
+    """Decode steps per dispatch while every running request decodes and none waits (k > 1:
+    one executable runs k steps, so the host works once per k tokens; a request arriving
+    meanwhile waits up to k steps longer for its first token)."""
+    max_decode_steps: int = 8
+    """Largest k a k-step decode executable accepts (k is a runtime argument up to this)."""
     scan_unroll: int | None = None
     """Decoder layers per iteration of the compiled layer loop. None: all of them on GPU (a
     rolled loop slices each layer's weights out of the stacked arrays with a copy, which
@@ -40,6 +46,19 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     """Persistent XLA compilation cache (warm starts skip compiling); None: ``<cache>/xla``
     under the duetjax cache directory; "" disables it."""
+    mode: str = "aggregated"
+    """'aggregated' (one mixed batch on the whole GPU), 'duet' (DuetServe: split prefill and
+    decode onto MPS-limited worker processes whenever the aggregated step is predicted to miss
+    the TBT SLO) or 'auto' (duet when MPS is usable, else aggregated)."""
+    tbt_slo_ms: float = 50.0
+    """Time-between-tokens SLO that duet mode protects, milliseconds."""
+    duet_pairs: tuple[tuple[int, int], ...] = ((80, 20), (70, 30), (60, 40), (50, 50))
+    """(prefill %, decode %) SM shares of the worker pairs duet mode starts (one process per
+    distinct share and role)."""
+    device_profile: str | None = None
+    """Roofline profile JSON for duet mode; None: the shipped profile of this GPU model."""
+    duet_worker_reserve_gib: float = 3.0
+    """GPU memory left free for each duet worker's CUDA context and XLA workspace."""
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
 
@@ -50,5 +69,15 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running "
                              "sequence needs a token of budget per step)")
+        if not 1 <= self.decode_steps <= self.max_decode_steps:
+            raise ValueError(f"decode_steps must be in [1, max_decode_steps={self.max_decode_steps}],"
+                             f" got {self.decode_steps}")
+        object.__setattr__(self, "duet_pairs", tuple(tuple(int(x) for x in pair)
+                                                     for pair in self.duet_pairs))
+        for p, d in self.duet_pairs:
+            if not (0 < p <= 100 and 0 < d <= 100):
+                raise ValueError(f"duet_pairs holds SM percentages in 1..100, got {(p, d)}")
+        if self.tbt_slo_ms <= 0:
+            raise ValueError("tbt_slo_ms must be > 0")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")

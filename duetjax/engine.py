@@ -12,16 +12,21 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+import pallas_kernels
+
 from models import LoadedModel, load_model
 from models.cache import cache_dir
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .model_runner import InFlight, ModelRunner
+from .duet import Duet, prepare_process
+from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
 from .request import PENDING, Request, RequestStatus
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput, split_batch
+from .shared_state import SharedState
+from .worker_client import WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,9 @@ class LoopStats:
     """Where the host loop's time goes (the device is busy meanwhile when pipelining works)."""
 
     steps: int = 0
+    """Model steps run (a k-step decode counts k)."""
+    dispatches: int = 0
+    """Executable launches."""
     host_seconds: float = 0.0
     """Python work: scheduling, input preparation and output processing."""
     launch_seconds: float = 0.0
@@ -42,8 +50,9 @@ class LoopStats:
     wait_seconds: float = 0.0
     """Blocked on the device for a step's results."""
 
-    def record(self, host: float, launch: float, wait: float) -> None:
-        self.steps += 1
+    def record(self, host: float, launch: float, wait: float, steps: int = 1) -> None:
+        self.steps += steps
+        self.dispatches += 1
         self.host_seconds += host
         self.launch_seconds += launch
         self.wait_seconds += wait
@@ -53,7 +62,7 @@ class LoopStats:
         return 1e3 * self.host_seconds / max(self.steps, 1)
 
 
-def _enable_compilation_cache(directory: str | None) -> None:
+def enable_compilation_cache(directory: str | None) -> None:
     if directory == "":
         return
     path = Path(directory) if directory else cache_dir() / "xla"
@@ -62,11 +71,11 @@ def _enable_compilation_cache(directory: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def _logprobs_of(sampled, row: int, token: int, top_n: int) -> dict[int, float]:
+def _logprobs_of(sampled, step: int, row: int, token: int, top_n: int) -> dict[int, float]:
     """{token id: logprob} for the sampled token and the top-N alternatives of one row."""
-    entry = {int(t): float(lp) for t, lp in zip(sampled.top_ids[row, :top_n],
-                                                 sampled.top_logprobs[row, :top_n])}
-    entry[token] = float(sampled.logprobs[row])
+    entry = {int(t): float(lp) for t, lp in zip(sampled.top_ids[step, row, :top_n],
+                                                 sampled.top_logprobs[step, row, :top_n])}
+    entry[token] = float(sampled.logprobs[step, row])
     return entry
 
 
@@ -75,12 +84,14 @@ class Engine:
 
     ``Engine()`` serves the embedded SmolLM2-135M-Instruct; ``Engine(model=PATH)`` a Hugging
     Face directory or a GGUF file; ``load_format="dummy"`` random weights of the real shapes.
-    Extra keyword arguments are ``EngineConfig`` fields.
+    Extra keyword arguments are ``EngineConfig`` fields; ``mode="duet"`` turns on DuetServe's
+    split mode (create the Engine before any other JAX call then: see ``duet.prepare_process``).
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto",
                  load_format: str = "auto", show_progress: bool = True, **config: Any):
         self.config = EngineConfig(**config)
+        self.mode, daemon, why = prepare_process(self.config.mode)  # before JAX meets the GPU
         self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
@@ -90,10 +101,18 @@ class Engine:
         elif jax.default_backend() != "gpu":
             limit = min(limit, self.config.cpu_max_model_len)
         self.max_model_len = limit
-        self.runner = ModelRunner(self.model, self.config, self.max_model_len)
-        _enable_compilation_cache(self.config.compilation_cache_dir)
+        enable_compilation_cache(self.config.compilation_cache_dir)
+        self.duet: Duet | None = None
+        if self.mode == "duet":
+            self.runner = self._shared_runner()
+        else:
+            self.runner = ModelRunner(self.model, self.config, self.max_model_len)
+        log.info("mode %s (%s)", self.mode, why)
         if self.config.compile_on_start:
             self.runner.compile_all(show_progress=show_progress)
+        if self.mode == "duet":  # after compiling: prefill workers load the same executables
+            self.duet = Duet(self.model, self.config, self.max_model_len, self.runner.num_pages,
+                             self.runner.shared, daemon)
         blocks = BlockManager(self.runner.num_pages, self.config.page_size,
                               self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, blocks, self.max_model_len)
@@ -106,6 +125,43 @@ class Engine:
         log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs", self.model.path,
                  cfg.architecture, np.dtype(self.model.dtype).name, self.max_model_len,
                  self.model.load_seconds)
+
+    def _shared_runner(self) -> ModelRunner:
+        """Duet mode: weights, KV pool and counts in buffers the workers attach to."""
+        free = None
+        if jax.default_backend() == "gpu":
+            import cupy
+            workers = len({p for p, _ in self.config.duet_pairs} | {d for _, d in self.config.duet_pairs})
+            free = cupy.cuda.runtime.memGetInfo()[0] - int(
+                workers * self.config.duet_worker_reserve_gib * 2**30)
+        num_pages = plan_num_pages(self.model, self.config, free)
+        cfg = self.model.config
+        shared = SharedState.create(
+            self.model.params,
+            pallas_kernels.kv_pool_shape(cfg.num_layers, num_pages, cfg.num_kv_heads,
+                                         self.config.page_size, cfg.head_dim),
+            self.model.dtype, (self.config.max_num_seqs, cfg.vocab_size))
+        self.model = dataclasses.replace(self.model, params=None)  # one copy: the shared one
+        return ModelRunner(self.model, self.config, self.max_model_len, num_pages=num_pages,
+                           shared=shared)
+
+    @property
+    def sm_share(self) -> tuple[float, float]:
+        """(prefill, decode) SM shares of the last iteration: (1, 1) when aggregated."""
+        decision = self.duet.stats.last_decision if self.duet is not None else None
+        return (decision.s_p, decision.s_d) if decision is not None else (1.0, 1.0)
+
+    def close(self) -> None:
+        """Stops duet workers and the MPS daemon this engine started (idempotent)."""
+        if self.duet is not None:
+            self.duet.close()
+            self.duet = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -170,31 +226,96 @@ class Engine:
         """One scheduling iteration, pipelined: it launches step N+1 before reading step N's
         tokens, so the device never waits for the host. Stop conditions are therefore checked
         one step late; a token computed past a stop is discarded. Returns the outputs of the
-        requests that got a token in step N."""
+        requests that got a token in step N. In duet mode an iteration the optimizer splits
+        runs on the worker pair instead (``_split_step``)."""
+        if self.duet is not None:
+            prefill, decode = self.scheduler.preview()
+            if prefill and decode:  # otherwise there is nothing to split
+                decision, pair = self.duet.decide(prefill, decode)
+                if pair is not None:
+                    return self._split_step(decision, pair)
         started = time.perf_counter()
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self.config.decode_steps)
         launched, launch_seconds = None, 0.0
         if batch.scheduled:
-            now = time.time()
-            for item in batch.scheduled:
-                if item.request.metrics.first_scheduled_time is None:
-                    item.request.metrics.first_scheduled_time = now
             launched = self.runner.dispatch(batch, self._in_flight)
             launch_seconds = self.runner.last_launch_seconds
-            for row, item in enumerate(batch.scheduled):
-                item.request.penalty_slot_fresh = False  # this step zeroes a fresh slot
-                if item.completes_sequence:  # the step samples this request's next token
-                    request = item.request
-                    index = len(request.output_token_ids)
-                    request.pending_rows[index] = row
-                    request.output_token_ids.append(PENDING)
-                    launched.output_index[row] = index
+            self._mark_launched(batch, launched)
             self.scheduler.commit(batch)
         outputs, waited = self._finish_step(self._in_flight) if self._in_flight else ([], 0.0)
         self._in_flight = launched
         self.stats.record(time.perf_counter() - started - waited - launch_seconds, launch_seconds,
-                          waited)
+                          waited, batch.num_steps if batch.scheduled else 0)
         return outputs
+
+    def _mark_launched(self, batch: SchedulerOutput, launched: InFlight) -> None:
+        """Reserves output slots (PENDING) for the tokens a launched dispatch samples."""
+        now = time.time()
+        for row, item in enumerate(batch.scheduled):
+            request = item.request
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            request.penalty_slot_fresh = False  # this step zeroes a fresh slot
+            if item.completes_sequence:  # the step samples this request's next token(s)
+                first = len(request.output_token_ids)
+                for index in range(first, first + item.num_steps):
+                    request.pending_rows[index] = row
+                    request.output_token_ids.append(PENDING)
+                launched.output_index[row] = first
+
+    def _split_step(self, decision, pair) -> list[RequestOutput]:
+        """DuetServe's split iteration: prefill chunks on the S_p worker and k decode steps on
+        the S_d worker, at once, on the shared KV pool. The aggregated pipeline is drained
+        first (its in-flight tokens must be on the host before another process continues
+        those requests); a worker that dies loses only its step: its requests are recomputed."""
+        started = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        waited = 0.0
+        if self._in_flight is not None:
+            drained, waited = self._finish_step(self._in_flight)
+            outputs += drained
+            self._in_flight = None
+            self.duet.stats.switch_seconds.append(time.perf_counter() - started)
+        batch = self.scheduler.schedule(decision.k, split=True)
+        launches = []
+        launched_at = time.perf_counter()
+        for part, client in zip(split_batch(batch), pair):
+            if not part.scheduled:
+                continue
+            try:
+                launched = client.dispatch(part, use_previous=False)
+            except WorkerDied as e:
+                self.duet.worker_failed(client, e)
+                self._requeue(part)
+                continue
+            self._mark_launched(part, launched)
+            self.scheduler.commit(part)
+            launches.append(launched)
+        host = time.perf_counter() - started - waited
+        for launched in launches:
+            before = time.perf_counter()
+            try:
+                done, _ = self._finish_step(launched)
+                outputs += done
+            except WorkerDied as e:
+                self.duet.worker_failed(launched.client, e)
+                self._requeue(launched.batch)
+            waited += time.perf_counter() - before
+        self.duet.record_split(decision, time.perf_counter() - launched_at)
+        self.stats.record(host, 0.0, waited, decision.k)
+        return outputs
+
+    def _requeue(self, batch: SchedulerOutput) -> None:
+        """Sends the requests of a lost step back to the queue: their tokens still on the device
+        are dropped and their KV is recomputed, so the output stays complete and unduplicated."""
+        for item in batch.scheduled:
+            request = item.request
+            if request.is_finished:
+                continue
+            request.pending_rows.clear()
+            request.output_token_ids = request.resolved_output_ids
+            self.scheduler.requeue(request)
+            self.duet.stats.requeued_requests += 1
 
     def _finish_step(self, step: InFlight) -> tuple[list[RequestOutput], float]:
         """Reads a finished step's tokens and applies them (detokenize, stop checks)."""
@@ -207,20 +328,24 @@ class Engine:
             request = item.request
             if request.is_finished:
                 continue  # stopped or aborted meanwhile: this row is overrun
-            if request.block_table:
-                self.scheduler.blocks.cache_full_pages(request)
-            index = step.output_index.get(row)
-            if index is None:
-                continue  # a prefill chunk: its sampled token is not the next one yet
-            del request.pending_rows[index]
-            token = int(sampled.token_ids[row])
-            request.output_token_ids[index] = token
-            if request.params.logprobs is not None:
-                request.logprobs.append(_logprobs_of(sampled, row, token, request.params.logprobs))
-            self._append_token(request, index, token, now)
-            outputs.append(self._output(request))
+            first = step.output_index.get(row)
+            if first is not None:  # (a prefill chunk's sampled token is not the next one yet)
+                for j in range(item.num_steps):
+                    index = first + j
+                    del request.pending_rows[index]
+                    token = int(sampled.token_ids[j, row])
+                    request.output_token_ids[index] = token
+                    if request.params.logprobs is not None:
+                        request.logprobs.append(_logprobs_of(sampled, j, row, token,
+                                                             request.params.logprobs))
+                    self._append_token(request, index, token, now)
+                    if request.is_finished:
+                        break  # the tokens after a stop are overrun
+                outputs.append(self._output(request))
             if request.is_finished:
                 self._requests.pop(request.request_id, None)
+            elif request.block_table:
+                self.scheduler.blocks.cache_full_pages(request)
         return outputs, waited
 
     def _append_token(self, request: Request, index: int, token: int, now: float) -> None:

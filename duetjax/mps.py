@@ -225,6 +225,27 @@ class MPSDaemon:
         self._stopped = True
         _unregister(self)
 
+    def stop_after_exit(self, pid: int | None = None) -> None:
+        """Hands the stop to a detached watcher that quits the daemon (and removes our private
+        directories) once process ``pid`` (default: this one) has exited.
+
+        For a process that is itself an MPS client (the duet engine): quitting the daemon
+        under its own live CUDA context breaks that context, and the watcher also cleans up
+        after a SIGKILL, which no handler in the process can. A no-op for a daemon we did not
+        start.
+        """
+        if not self.owned or self._stopped:
+            return
+        script = ('while kill -0 "$0" 2>/dev/null; do sleep 0.2; done; '
+                  'echo quit | "$1" >/dev/null 2>&1; sleep 1; shift; rm -rf -- "$@"')
+        subprocess.Popen(["/bin/sh", "-c", script, str(pid or os.getpid()), self.control_binary,
+                          *self._private_dirs],
+                         env=_mps_env(os.environ, self.pipe_dir, self.log_dir),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+        self._stopped = True
+        _unregister(self)
+
     def __enter__(self) -> MPSDaemon:
         return self
 

@@ -55,13 +55,18 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
-    def resolved_output_ids(self) -> list[int]:
-        """Generated tokens the host has seen (without the ones still on the device)."""
+    def num_resolved_outputs(self) -> int:
+        """Generated tokens the host has seen (the ones still on the device come last)."""
         ids = self.output_token_ids
         end = len(ids)
         while end and ids[end - 1] == PENDING:
             end -= 1
-        return ids[:end]
+        return end
+
+    @property
+    def resolved_output_ids(self) -> list[int]:
+        """Generated tokens the host has seen (without the ones still on the device)."""
+        return self.output_token_ids[:self.num_resolved_outputs]
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens ``start:end`` of prompt + output, without concatenating the whole sequence."""

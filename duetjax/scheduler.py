@@ -21,6 +21,14 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     """Tokens computed for it in this step (starting at its num_computed_tokens)."""
+    num_steps: int = 1
+    """Decode steps that count for it in a k-step decode (fewer than k where its token limit
+    ends it sooner); 1 otherwise."""
+
+    @property
+    def num_computed_after(self) -> int:
+        """Tokens that have KV once the dispatch has run."""
+        return self.request.num_computed_tokens + self.num_new_tokens + self.num_steps - 1
 
     @property
     def completes_sequence(self) -> bool:
@@ -33,6 +41,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     preempted: list[Request]
+    num_steps: int = 1
+    """Decode steps run by this dispatch (k > 1: a k-step decode of every scheduled request)."""
 
     @property
     def num_tokens(self) -> int:
@@ -41,6 +51,19 @@ class SchedulerOutput:
     @property
     def decode_only(self) -> bool:
         return all(s.num_new_tokens == 1 for s in self.scheduled)
+
+
+def _decoding(request: Request) -> bool:
+    """All its tokens but the newest have KV: its next step is a decode step."""
+    return request.num_tokens - request.num_computed_tokens == 1
+
+
+def split_batch(batch: SchedulerOutput) -> tuple[SchedulerOutput, SchedulerOutput]:
+    """(prefill chunks, k-step decodes) of a batch scheduled with ``split=True``."""
+    decode = [s for s in batch.scheduled if _decoding(s.request) and s.num_new_tokens == 1]
+    prefill = [s for s in batch.scheduled if not (_decoding(s.request) and s.num_new_tokens == 1)]
+    return (SchedulerOutput(prefill, batch.preempted),
+            SchedulerOutput(decode, [], batch.num_steps if decode else 1))
 
 
 class Scheduler:
@@ -66,10 +89,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, decode_steps: int = 1, split: bool = False) -> SchedulerOutput:
+        """The next step's batch. ``decode_steps`` > 1 asks for a k-step decode, granted when
+        every running request is decoding and nobody waits (a newcomer would wait k steps).
+        ``split``: DuetServe's split mode, where decoding requests get k steps on the decode
+        worker while the prefill worker runs the chunks (``split_batch`` separates them)."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        k = decode_steps if decode_steps > 1 and (split or (not self.waiting and self.running and all(
+            _decoding(r) for r in self.running))) else 1
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -78,7 +107,8 @@ class Scheduler:
                 index += 1  # its last token is still on the device; it finishes on arrival
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            target = request.num_computed_tokens + num_new
+            steps = self._steps_allowed(request, k) if _decoding(request) else 1
+            target = request.num_computed_tokens + num_new + steps - 1
             while not self.blocks.can_hold(request, target):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -88,7 +118,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 break
             self.blocks.grow(request, target)
-            scheduled.append(ScheduledRequest(request, num_new))
+            scheduled.append(ScheduledRequest(request, num_new, steps))
             budget -= num_new
             index += 1
 
@@ -114,7 +144,14 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled, preempted, k if scheduled else 1)
+
+    def _steps_allowed(self, request: Request, k: int) -> int:
+        """Steps of a k-step decode before ``request`` reaches max_tokens or max_model_len."""
+        if k == 1:
+            return 1
+        return max(1, min(k, request.params.max_tokens - len(request.output_token_ids),
+                          self.max_model_len - request.num_tokens))
 
     def _at_length_limit(self, request: Request) -> bool:
         return (len(request.output_token_ids) >= request.params.max_tokens
@@ -123,14 +160,47 @@ class Scheduler:
     def commit(self, batch: SchedulerOutput) -> None:
         """Records that a step was launched: its tokens count as computed from now on."""
         for item in batch.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
+            item.request.num_computed_tokens = item.num_computed_after
 
-    def _preempt(self, request: Request) -> None:
-        self.num_preemptions += 1
+    def preview(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """What the next step would run, without allocating anything (the optimizer's input):
+        (prefill chunks as (new tokens, cached tokens), context lengths of the decodes)."""
+        budget = self.config.max_num_batched_tokens
+        prefill: list[tuple[int, int]] = []
+        decode: list[int] = []
+        for request in self.running:
+            if self._at_length_limit(request):
+                continue
+            if _decoding(request):
+                decode.append(request.num_computed_tokens)
+                budget -= 1
+        for request in self.running:
+            if budget > 0 and not _decoding(request):
+                n = min(request.num_tokens - request.num_computed_tokens, budget)
+                prefill.append((n, request.num_computed_tokens))
+                budget -= n
+        seqs = len(self.running)
+        for request in self.waiting:
+            if budget <= 0 or seqs >= self.config.max_num_seqs:
+                break
+            n = min(request.num_tokens, budget)
+            prefill.append((n, 0))
+            budget -= n
+            seqs += 1
+        return prefill, decode
+
+    def requeue(self, request: Request) -> None:
+        """Back to the front of the queue, to be recomputed (its step was lost)."""
+        if request in self.running:
+            self.running.remove(request)
         self.blocks.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
+
+    def _preempt(self, request: Request) -> None:
+        self.num_preemptions += 1
+        self.requeue(request)
 
     def finish(self, request: Request, reason: str) -> None:
         """Ends a request (stopped, length, or aborted) and frees its pages."""

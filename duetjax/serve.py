@@ -11,7 +11,6 @@ Ctrl-C) it drains: it stops accepting, lets requests in flight finish for up to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import sys
@@ -22,7 +21,6 @@ from typing import Any
 import uvicorn
 
 from .async_engine import AsyncEngine
-from .config import EngineConfig
 from .engine import Engine
 from .server import create_app
 
@@ -48,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="aggregated: one mixed prefill+decode batch on the whole GPU; duet: split "
                         "the GPU's SMs between prefill and decode when the TBT SLO needs it; "
                         "auto: duet where available")
+    p.add_argument("--tbt-slo-ms", type=float, default=None,
+                   help="time-between-tokens SLO that duet mode protects (default 50)")
+    p.add_argument("--duet-pairs", default=None,
+                   help="prefill:decode SM percentages of the duet worker pairs, e.g. 70:30,50:50")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     e.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
@@ -74,16 +76,16 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens",
              "page_size", "seed")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    if "mode" in fields:  # the multiplexed engine decides for itself
-        options["mode"] = args.mode
-    elif args.mode == "duet":
-        raise SystemExit("error: --mode duet needs prefill/decode multiplexing (issue 6) on an "
-                         "NVIDIA GPU with CUDA MPS, which this build does not have; use "
-                         "--mode aggregated (or auto)")
-    elif args.mode == "auto":
-        log.info("--mode auto: running aggregated, because this build has no duet "
-                 "(prefill/decode multiplexing) executor")
+    options["mode"] = args.mode
+    if args.tbt_slo_ms is not None:
+        options["tbt_slo_ms"] = args.tbt_slo_ms
+    if args.duet_pairs:
+        try:
+            options["duet_pairs"] = tuple(tuple(int(x) for x in pair.split(":"))
+                                          for pair in args.duet_pairs.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --duet-pairs wants PREFILL:DECODE percentages separated by "
+                             f"commas, e.g. 70:30,50:50; got {args.duet_pairs!r}") from None
     return options
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, **options)
     except (ValueError, TypeError, OSError) as error:
-        print(f"error: cannot load the model: {error}", file=sys.stderr)
+        print(f"error: cannot start the engine: {error}", file=sys.stderr)
         return 2
     name = served_name(args)
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
@@ -118,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         print(f"error: cannot listen on {args.host}:{args.port}", file=sys.stderr)
         async_engine.close()
+        engine.close()
         return 2
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     server = _Server(config, async_engine, f"duetjax serving {name} on http://{url_host}:{port}")
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()  # duet workers and an MPS daemon we started
     return 0
 
 

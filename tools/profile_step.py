@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 
 from bench_engine import synthetic_batch, time_steps  # noqa: E402
 from duetjax import Engine, SamplingParams  # noqa: E402
-from duetjax.model_runner import Bucket, bucket_for  # noqa: E402
+from duetjax.model_runner import InFlight  # noqa: E402
+from duetjax.step_inputs import Bucket, bucket_for, build_inputs  # noqa: E402
 
 OPS = re.compile(r" (copy|dynamic-slice|dynamic-update-slice|custom-call|fusion|while|scatter|"
                  r"gather|sort)\(")
@@ -45,14 +46,12 @@ def dispatch_probe(engine: Engine, batch_size: int, context: int) -> None:
     bucket = bucket_for(batch, engine.config)
     previous = runner.dispatch(batch, None)
     previous.fetch()
-    executable = runner._executables[bucket]
-    host_inputs = runner._host_inputs(bucket, batch)
+    host_inputs = build_inputs(bucket, batch, runner.page_size, runner.max_pages_per_seq)
 
     def launch(inputs):
         nonlocal previous
-        sampled, runner.kv_pool = executable(runner.model.params, runner.kv_pool,
-                                             previous.sampled.token_ids, *inputs)
-        previous = type(previous)(batch, sampled)
+        sampled, last = runner.execute(bucket, inputs, previous.last_tokens)
+        previous = InFlight(batch, sampled, last)
 
     for name, prepare in (("numpy inputs", lambda: host_inputs),
                           ("device_put inputs", lambda: jax.device_put(host_inputs))):

@@ -370,3 +370,21 @@ def test_caller_dirs_kept_and_quit_is_used(fake: Fake, tmp_path: Path) -> None:
     assert "quit received" in (log / "control.log").read_text()
     assert pipe.is_dir() and log.is_dir()  # not ours to remove
     assert not (pipe / "control").exists()
+
+
+def test_stop_after_exit_waits_for_the_client_process(fake: Fake) -> None:
+    """The duet engine is an MPS client itself: its daemon goes only after it exits."""
+    d = mps.start_private_daemon(fake.config())
+    [pid] = fake.pids()
+    client = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                              stdin=subprocess.PIPE)
+    d.stop_after_exit(client.pid)
+    assert d.stopped and d not in mps._live
+    time.sleep(0.5)
+    assert alive(pid) and os.path.exists(d.pipe_dir)  # the client still runs
+    client.communicate(b"")
+    assert wait_dead(pid, 5.0)
+    end = time.monotonic() + 5.0
+    while os.path.exists(d.pipe_dir) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not os.path.exists(d.pipe_dir) and not os.path.exists(d.log_dir)

@@ -1,0 +1,209 @@
+"""DuetServe's split mode: MPS workers, the partition optimizer, worker failures.
+
+The engine runs aggregated (one mixed batch on the whole GPU, in its own process) while the
+roofline predicts that the mixed iteration fits the TBT SLO. When it predicts a miss, the
+``ModeController`` picks a worker pair (S_p, S_d) and k: the prefill worker (an MPS client
+limited to S_p of the SMs) runs the prefill chunks while the decode worker (S_d) runs k decode
+steps, both on the one shared copy of weights and KV pool (``shared_state``).
+
+Process start-up order matters on a GPU: the MPS daemon must run, and XLA must not preallocate
+most of the memory, before this process creates its CUDA context. ``prepare_process`` does
+both and must run before JAX touches the GPU (``Engine`` calls it first thing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from . import mps
+from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig
+from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
+from .shared_state import SharedState
+from .worker import DECODE, PREFILL, WorkerSetup
+from .worker_client import WorkerClient, WorkerDied
+
+log = logging.getLogger(__name__)
+
+MODES = ("aggregated", "duet", "auto")
+
+
+@dataclasses.dataclass
+class DuetStats:
+    """What split mode did (for logs and metrics)."""
+
+    split_iterations: int = 0
+    aggregated_iterations: int = 0
+    mode_switches: int = 0
+    worker_failures: int = 0
+    requeued_requests: int = 0
+    last_decision: Decision | None = None
+    split_k: list[int] = dataclasses.field(default_factory=list)
+    """Decode steps of each split iteration."""
+    predicted_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Predicted max(t_p, k·t_d) of each split iteration."""
+    measured_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Measured dispatch-to-results time of the same iterations."""
+    switch_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Time spent draining the aggregated pipeline when switching to split."""
+
+    @property
+    def mode(self) -> str:
+        d = self.last_decision
+        return d.mode if d is not None else AGGREGATED
+
+
+def _backend_initialized() -> bool:
+    from jax._src import xla_bridge
+    return xla_bridge.backends_are_initialized()
+
+
+def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
+    """Resolves ``mode`` and readies this process for it; returns (mode, daemon, why).
+
+    'auto' is duet when a GPU with MPS is usable, else aggregated. On a GPU, duet starts (or
+    finds) the MPS daemon and turns XLA preallocation off before JAX creates its CUDA context.
+    On CPU, 'duet' runs the workers as plain processes (tests): nothing limits their cores.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "aggregated":
+        return mode, None, "requested"
+    on_gpu = _jax_uses_gpu()
+    if not on_gpu:
+        if mode == "auto":
+            return "aggregated", None, "no GPU: SM partitioning needs one"
+        return "duet", None, "CPU: worker processes without SM limits (for tests)"
+    status = mps.mps_status()
+    if not status.startswith("MPS available"):
+        if mode == "auto":
+            return "aggregated", None, status
+        raise RuntimeError(f"mode='duet' needs MPS on the GPU: {status}")
+    if _backend_initialized():
+        raise RuntimeError("mode='duet' must be chosen before JAX initializes the GPU (the MPS "
+                           "daemon and XLA_PYTHON_CLIENT_PREALLOCATE=false must be in place "
+                           "first): create the Engine before any other JAX call")
+    daemon = mps.find_running_daemon() or mps.start_private_daemon()
+    daemon.stop_after_exit()  # this process is a client too: quit only once it has exited
+    os.environ.update({k: v for k, v in daemon.client_env(100).items()
+                       if k != "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"})
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return "duet", daemon, status
+
+
+def _jax_uses_gpu() -> bool:
+    """Whether JAX runs (or will run) on a GPU, without initializing a backend."""
+    if _backend_initialized():
+        return jax.default_backend() == "gpu"
+    platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+    if platforms:
+        return any(p.strip() in ("cuda", "gpu") for p in platforms.split(","))
+    for version in (12, 13):
+        try:
+            if importlib.util.find_spec(f"jax_plugins.xla_cuda{version}") is not None:
+                return True
+        except ImportError:
+            pass
+    return False
+
+
+class Duet:
+    """The split-mode machinery of one engine: shared state, workers, controller."""
+
+    def __init__(self, model: Any, engine_config: Any, max_model_len: int, num_pages: int,
+                 shared: SharedState, daemon: mps.MPSDaemon | None):
+        self.config = engine_config
+        self.shared = shared
+        self.daemon = daemon
+        self.stats = DuetStats()
+        profile = self._profile(model)
+        shape = ModelShape.from_config(model.config, dtype_bytes=jax.numpy.dtype(model.dtype).itemsize)
+        pairs = tuple((p / 100, d / 100) for p, d in engine_config.duet_pairs)
+        self.controller = ModeController(Roofline(shape, profile), OptimizerConfig(
+            tbt_slo_s=engine_config.tbt_slo_ms / 1e3, pairs=pairs,
+            k_max=engine_config.max_decode_steps))
+        layout = shared.layout()
+        self.workers: dict[tuple[str, int], WorkerClient] = {}
+        for role, share in sorted({(PREFILL, p) for p, _ in engine_config.duet_pairs}
+                                  | {(DECODE, d) for _, d in engine_config.duet_pairs}):
+            setup = WorkerSetup(role=role, sm_percentage=share, model_config=model.config,
+                                dtype=jax.numpy.dtype(model.dtype).name,
+                                engine_config=engine_config, max_model_len=max_model_len,
+                                num_pages=num_pages, layout=layout,
+                                compilation_cache_dir=engine_config.compilation_cache_dir)
+            env = dict(os.environ)
+            if daemon is not None:
+                env.update(daemon.client_env(share))
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+            client = WorkerClient(setup, env, f"{role}@{share}%")
+            client.start()
+            self.workers[(role, share)] = client
+
+    def _profile(self, model: Any) -> DeviceProfile:
+        path = self.config.device_profile
+        if path is not None:
+            return DeviceProfile.from_json(Path(path))
+        return load_profile(jax.devices()[0].device_kind)
+
+    def wait_ready(self, timeout: float) -> None:
+        for client in self.workers.values():
+            client.wait_ready(timeout)
+
+    def _pair(self, decision: Decision) -> tuple[WorkerClient, WorkerClient] | None:
+        """The decision's workers when both are ready (polling restarts), else None."""
+        pair = []
+        for role, share in ((PREFILL, decision.s_p), (DECODE, decision.s_d)):
+            client = self.workers[(role, round(share * 100))]
+            try:
+                if not client.poll_ready():
+                    return None
+            except WorkerDied as e:
+                self.worker_failed(client, e)
+                return None
+            pair.append(client)
+        return pair[0], pair[1]
+
+    def decide(self, prefill: list[tuple[int, int]],
+               decode_context_lens: list[int]) -> tuple[Decision, tuple[WorkerClient, WorkerClient] | None]:
+        """This iteration's decision and, when split, its ready worker pair."""
+        before = self.stats.mode
+        decision = self.controller.step(prefill, decode_context_lens)
+        pair = self._pair(decision) if decision.mode != AGGREGATED else None
+        if decision.mode != AGGREGATED and pair is None:
+            decision = dataclasses.replace(decision, mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1,
+                                           reason="split wanted but its workers are not ready")
+        self.stats.last_decision = decision
+        if decision.mode != before:
+            self.stats.mode_switches += 1
+            log.info("mode %s -> %s: %s", before, decision.mode, decision.reason)
+        if decision.mode == AGGREGATED:
+            self.stats.aggregated_iterations += 1
+        else:
+            self.stats.split_iterations += 1
+        return decision, pair
+
+    def record_split(self, decision: Decision, seconds: float) -> None:
+        predicted = max(decision.t_prefill or 0.0, decision.k * (decision.t_decode or 0.0))
+        self.stats.split_k.append(decision.k)
+        self.stats.predicted_seconds.append(predicted)
+        self.stats.measured_seconds.append(seconds)
+        log.debug("split %.0f/%.0f k=%d: predicted %.2f ms, measured %.2f ms",
+                  100 * decision.s_p, 100 * decision.s_d, decision.k, 1e3 * predicted, 1e3 * seconds)
+
+    def worker_failed(self, client: WorkerClient, error: Exception) -> None:
+        """Counts the failure and restarts the worker (it serves again once compiled)."""
+        self.stats.worker_failures += 1
+        log.error("worker %s failed, restarting it; serving aggregated meanwhile: %s",
+                  client.name, error)
+        client.restart()
+
+    def close(self) -> None:
+        for client in self.workers.values():
+            client.kill()
+        self.shared.close()
+        # A daemon we started quits when this process exits (``prepare_process``).

@@ -1,0 +1,171 @@
+"""Host arrays of one step, padded to a compiled bucket (numpy only, no device arrays).
+
+The engine builds a step's inputs from the scheduler's batch; an executor (in this process or
+in a worker process) runs them. Every step is padded to a bucket, and every bucket is compiled
+ahead of time, so nothing compiles while serving:
+- decode buckets: S sequences of one token each, S a power of two up to max_num_seqs; a decode
+  bucket can also run k steps in one dispatch (k a runtime argument, up to max_decode_steps);
+- mixed buckets: T tokens (a power of two up to max_num_batched_tokens) over min(T, S_max)
+  sequences (prefill, chunked prefill, decode tokens riding along).
+Block tables always have the full width (max_model_len / page_size): the attention kernels'
+cost follows the real context lengths, not the table width.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import numpy as np
+
+from models.attention import AttentionMetadata
+
+from .config import EngineConfig
+from .request import PENDING
+from .sampler import PenaltyArrays, SamplingArrays
+from .scheduler import SchedulerOutput
+
+MIN_MIXED_TOKENS = 16
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """One compiled shape: ``num_tokens`` tokens over ``num_seqs`` sequences."""
+
+    decode: bool
+    """One token per sequence (the decode attention kernel applies)."""
+    num_tokens: int
+    num_seqs: int
+    multi_step: bool = False
+    """The k-step decode executable (a device loop over decode steps)."""
+
+
+def plan_buckets(config: EngineConfig, multi_step: bool = False) -> list[Bucket]:
+    """Every shape the engine can ever run, given its batch limits (``multi_step``: also the
+    k-step decode executables)."""
+    max_seqs = bucket(config.max_num_seqs)
+    max_tokens = bucket(config.max_num_batched_tokens, MIN_MIXED_TOKENS)
+    sizes = [1 << i for i in range(max_seqs.bit_length())]
+    decode = [Bucket(True, s, s) for s in sizes]
+    multi = [Bucket(True, s, s, multi_step=True) for s in sizes] if multi_step else []
+    mixed = [Bucket(False, t, min(t, max_seqs))
+             for t in (1 << i for i in range(max_tokens.bit_length())) if t >= MIN_MIXED_TOKENS]
+    return decode + multi + mixed
+
+
+def bucket_for(batch: SchedulerOutput, config: EngineConfig) -> Bucket:
+    if batch.decode_only:
+        s = bucket(len(batch.scheduled))
+        return Bucket(True, s, s, multi_step=batch.num_steps > 1)
+    t = bucket(batch.num_tokens, MIN_MIXED_TOKENS)
+    return Bucket(False, t, min(t, bucket(config.max_num_seqs)))
+
+
+@flax.struct.dataclass
+class StepInputs:
+    """Everything a step executable reads besides weights, KV pool and penalty counts."""
+
+    tokens: jax.Array
+    """int32[T]: token ids (PENDING ones are read from the previous step's output)."""
+    from_previous: jax.Array
+    """int32[T]: row of the in-flight step's output holding this token, or -1."""
+    meta: AttentionMetadata
+    logits_indices: jax.Array
+    """int32[S]: the token of each sequence whose logits are sampled."""
+    sampling: SamplingArrays
+    penalties: PenaltyArrays
+    valid_steps: jax.Array
+    """int32[S]: steps of a k-step decode that count for each row (its token limit may end it
+    sooner); later steps write no KV and their tokens are discarded."""
+
+
+def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
+                 max_pages_per_seq: int) -> StepInputs:
+    """Host arrays of one step in bucket ``b`` (all padding when ``batch`` is None)."""
+    num_seqs, num_tokens = b.num_seqs, b.num_tokens
+    tokens = np.zeros(num_tokens, np.int32)
+    from_previous = np.full(num_tokens, -1, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slots = np.full(num_tokens, -1, np.int32)
+    block_tables = np.zeros((num_seqs, max_pages_per_seq), np.int32)
+    context_lens = np.zeros(num_seqs, np.int32)
+    query_start_loc = np.zeros(num_seqs + 1, np.int32)
+    logits_indices = np.zeros(num_seqs, np.int32)
+    valid_steps = np.zeros(num_seqs, np.int32)
+    temperature = np.zeros(num_seqs, np.float32)
+    top_k = np.zeros(num_seqs, np.int32)
+    top_p = np.ones(num_seqs, np.float32)
+    min_p = np.zeros(num_seqs, np.float32)
+    seeds = np.zeros(num_seqs, np.uint32)
+    counters = np.zeros(num_seqs, np.int32)
+    want_logprobs = np.zeros(num_seqs, bool)
+    penalty_slots = np.zeros(num_seqs, np.int32)
+    presence = np.zeros(num_seqs, np.float32)
+    frequency = np.zeros(num_seqs, np.float32)
+    reset = np.zeros(num_seqs, bool)
+    count = np.zeros(num_seqs, bool)
+
+    at = 0
+    scheduled = batch.scheduled if batch is not None else []
+    for s, item in enumerate(scheduled):
+        r, n = item.request, item.num_new_tokens
+        start = r.num_computed_tokens
+        pos = np.arange(start, start + n, dtype=np.int32)
+        table = np.asarray(r.block_table, np.int32)
+        chunk = r.token_slice(start, start + n)
+        tokens[at:at + n] = chunk
+        if chunk[-1] == PENDING:  # only the newest token can still be in flight
+            from_previous[at + n - 1] = r.pending_rows[start + n - 1 - len(r.prompt_token_ids)]
+        positions[at:at + n] = pos
+        slots[at:at + n] = table[pos // page_size] * page_size + pos % page_size
+        block_tables[s, :len(table)] = table
+        context_lens[s] = start + n
+        at += n
+        query_start_loc[s + 1] = at
+        logits_indices[s] = at - 1
+        valid_steps[s] = item.num_steps
+        p = r.params
+        temperature[s], top_k[s], top_p[s], min_p[s] = p.temperature, p.top_k, p.top_p, p.min_p
+        seeds[s], counters[s] = r.seed, len(r.output_token_ids)
+        want_logprobs[s] = p.logprobs is not None
+        if r.penalty_slot is not None:
+            penalty_slots[s] = r.penalty_slot
+            presence[s], frequency[s] = p.presence_penalty, p.frequency_penalty
+            reset[s], count[s] = r.penalty_slot_fresh, item.completes_sequence
+    query_start_loc[len(scheduled) + 1:] = at
+
+    meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
+                             context_lens=context_lens, query_start_loc=query_start_loc,
+                             decode_only=b.decode)
+    sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              seeds=seeds, counters=counters, want_logprobs=want_logprobs)
+    penalties = PenaltyArrays(slots=penalty_slots, presence=presence, frequency=frequency,
+                              reset=reset, count=count)
+    return StepInputs(tokens=tokens, from_previous=from_previous, meta=meta,
+                      logits_indices=logits_indices, sampling=sampling, penalties=penalties,
+                      valid_steps=valid_steps)
+
+
+def pack(inputs: StepInputs) -> bytes:
+    """The inputs as one byte string (a worker rebuilds them with ``unpack``): no pickling of
+    arrays on the per-step path."""
+    return b"".join(np.ascontiguousarray(leaf).tobytes() for leaf in jax.tree_util.tree_leaves(inputs))
+
+
+def unpack(template: StepInputs, data: bytes) -> StepInputs:
+    """Inverse of ``pack``, given the padding inputs of the same bucket as template."""
+    leaves, tree = jax.tree_util.tree_flatten(template)
+    out, at = [], 0
+    for leaf in leaves:
+        leaf = np.asarray(leaf)
+        out.append(np.frombuffer(data, leaf.dtype, leaf.size, at).reshape(leaf.shape))
+        at += leaf.nbytes
+    if at != len(data):
+        raise ValueError(f"step inputs of {len(data)} bytes do not match the bucket ({at} bytes)")
+    return jax.tree_util.tree_unflatten(tree, out)

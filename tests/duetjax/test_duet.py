@@ -1,0 +1,107 @@
+"""Duet mode on CPU: real worker processes on shared memory, split iterations, worker crashes.
+
+CPU workers have no SM limits, so the roofline profile here is constructed: compute-bound,
+with a TBT SLO that a mixed iteration with more than 17 tokens misses and a decode batch of up
+to 8 always fits at half the GPU. That drives the optimizer into split mode whenever prefill
+work meets decode work, and the outputs must still be exactly the aggregated engine's.
+"""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from duetjax import Engine, SamplingParams
+from duetjax.roofline import DeviceProfile, ModelShape, Roofline, SMLevel
+
+from .test_engine import token_ids
+
+CONFIG = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=32, show_progress=False)
+PARAMS = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+          for m in (22, 9, 25, 5, 21, 13, 17, 10)]
+_rng = np.random.default_rng(20)
+# More requests than max_num_seqs and prompts longer than the token budget: prefill chunks keep
+# meeting decodes.
+PROMPTS = [{"prompt_token_ids": _rng.integers(3, 256, size=n).tolist()}
+           for n in (40, 75, 20, 90, 33, 61, 25, 50)]
+
+
+@pytest.fixture(scope="module")
+def profile_and_slo(tiny_llama_dir, tmp_path_factory):
+    from models.config import ModelConfig
+
+    flops = 1e9
+    profile = DeviceProfile(gpu_name="test", overhead_s=0.0, levels=(
+        SMLevel(0.5, flops / 2, 1e18), SMLevel(1.0, flops, 1e18)))
+    config = ModelConfig.from_hf(json.loads((tiny_llama_dir / "config.json").read_text()))
+    shape = ModelShape.from_config(config, dtype_bytes=4)
+    per_token = Roofline(shape, profile).predict_decode([16], 1.0)
+    path = tmp_path_factory.mktemp("profile") / "test.json"
+    profile.save(path)
+    return str(path), 17 * per_token * 1e3
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama_dir):
+    aggregated = Engine(tiny_llama_dir, **CONFIG)
+    return token_ids(aggregated.generate(PROMPTS, PARAMS, use_tqdm=False))
+
+
+@pytest.fixture(scope="module")
+def duet(tiny_llama_dir, profile_and_slo):
+    path, slo_ms = profile_and_slo
+    engine = Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=path,
+                    tbt_slo_ms=slo_ms, **CONFIG)
+    engine.duet.wait_ready(timeout=600)
+    yield engine
+    engine.close()
+
+
+def test_duet_mode_splits_and_matches_aggregated(duet, expected):
+    got = duet.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert token_ids(got) == expected
+    stats = duet.duet.stats
+    assert stats.split_iterations >= 3 and max(stats.split_k) > 1
+    assert len(stats.measured_seconds) == stats.split_iterations
+    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+
+
+def test_killed_decode_worker_loses_nothing(duet, expected):
+    decode_worker = duet.duet.workers[("decode", 50)]
+    ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
+    results = {}
+    killed = False
+    while duet.has_unfinished_requests():
+        for output in duet.step():
+            if output.finished:
+                results[output.request_id] = output
+        if not killed and duet.duet.stats.split_iterations and decode_worker.ready:
+            os.kill(decode_worker.process.pid, signal.SIGKILL)
+            decode_worker.process.wait()
+            killed = True
+    assert killed
+    assert [results[i].outputs[0].token_ids for i in ids] == expected
+    assert duet.duet.stats.worker_failures >= 1 and decode_worker.restarts >= 1
+    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+    decode_worker.wait_ready(timeout=600)  # restarted, serves again
+    splits = duet.duet.stats.split_iterations
+    assert token_ids(duet.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
+    assert duet.duet.stats.split_iterations > splits
+
+
+def test_close_stops_workers_and_frees_shared_memory(tiny_llama_dir, profile_and_slo):
+    path, slo_ms = profile_and_slo
+    engine = Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=path,
+                    tbt_slo_ms=slo_ms, **CONFIG)
+    processes = [w.process for w in engine.duet.workers.values()]
+    segments = engine.runner.shared.buffers.handles().payload
+    assert all(os.path.exists(f"/dev/shm/{name}") for name in segments)
+    engine.close()
+    assert all(p.poll() is not None for p in processes)
+    assert not any(os.path.exists(f"/dev/shm/{name}") for name in segments)
+
+
+def test_bad_mode_is_a_clear_error(tiny_llama_dir):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Engine(tiny_llama_dir, mode="fast", **CONFIG)

@@ -1,0 +1,79 @@
+"""k-step decode (one executable runs k decode steps) gives exactly the tokens of k single steps."""
+import jax
+import numpy as np
+import pytest
+
+from duetjax import Engine, SamplingParams
+
+from .test_engine import prompts, token_ids
+
+
+def make(tiny_llama_dir, **kw):
+    config = dict(dtype="float32", max_num_seqs=8, max_num_batched_tokens=64, show_progress=False)
+    return Engine(tiny_llama_dir, **(config | kw))
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama_dir):
+    return make(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_llama_dir):
+    return make(tiny_llama_dir, decode_steps=4)
+
+
+def test_k_step_decode_matches_single_steps(single, multi):
+    batch = prompts(5, seed=11)
+    # Token limits that are not multiples of k; a stop token that lands inside a k-step chunk.
+    plain = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (10, 7, 13, 1, 9)]
+    expected = token_ids(single.generate(batch, plain, use_tqdm=False))
+    stop_at = expected[2][5]
+    params = plain[:2] + [SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True,
+                                         stop_token_ids=[stop_at])] + plain[3:]
+    expected[2] = expected[2][:expected[2].index(stop_at) + 1]
+    steps_before, dispatches_before = multi.stats.steps, multi.stats.dispatches
+    got = multi.generate(batch, params, use_tqdm=False)
+    assert token_ids(got) == expected
+    assert got[2].outputs[0].finish_reason == "stop"
+    assert multi.stats.steps - steps_before > multi.stats.dispatches - dispatches_before  # k > 1 ran
+    blocks = multi.scheduler.blocks
+    assert blocks.num_free_pages == blocks.num_pages  # overrun pages were freed too
+
+
+def test_k_step_sampling_penalties_and_logprobs_match(single, multi):
+    batch = prompts(3, seed=12)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=11, seed=5, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=11, frequency_penalty=1.5, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=11, logprobs=3, ignore_eos=True)]
+    one = single.generate(batch, params, use_tqdm=False)
+    many = multi.generate(batch, params, use_tqdm=False)
+    assert token_ids(many) == token_ids(one)
+    for a, b in zip(one[2].outputs[0].logprobs, many[2].outputs[0].logprobs):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=1e-6)
+
+
+def test_k_step_with_preemption_and_no_compiles(tiny_llama_dir, single):
+    batch = prompts(6, seed=13)
+    expected = token_ids(single.generate(batch, SamplingParams(temperature=0.0, max_tokens=20,
+                                                               ignore_eos=True), use_tqdm=False))
+    small = make(tiny_llama_dir, decode_steps=8, kv_cache_tokens=96, max_model_len=96,
+                 max_num_batched_tokens=16, max_num_seqs=4)
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = small.generate(batch, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+                             use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert token_ids(got) == expected
+    assert compiles == []
+    assert small.scheduler.num_preemptions > 0
+    assert small.scheduler.blocks.num_free_pages == small.scheduler.blocks.num_pages
+
+
+def test_decode_steps_is_validated(tiny_llama_dir):
+    with pytest.raises(ValueError, match="decode_steps"):
+        make(tiny_llama_dir, decode_steps=9, max_decode_steps=8)
