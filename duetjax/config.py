@@ -33,7 +33,8 @@ class EngineConfig:
     one executable runs k steps, so the host works once per k tokens; a request arriving
     meanwhile waits up to k steps longer for its first token)."""
     max_decode_steps: int = 8
-    """Largest k a k-step decode executable accepts (k is a runtime argument up to this)."""
+    """Largest k of a k-step decode (a power of two; executables exist for every power of two
+    up to it, in duet mode's decode workers)."""
     scan_unroll: int | None = None
     """Decoder layers per iteration of the compiled layer loop. None: all of them on GPU (a
     rolled loop slices each layer's weights out of the stacked arrays with a copy, which
@@ -69,9 +70,13 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running "
                              "sequence needs a token of budget per step)")
-        if not 1 <= self.decode_steps <= self.max_decode_steps:
-            raise ValueError(f"decode_steps must be in [1, max_decode_steps={self.max_decode_steps}],"
-                             f" got {self.decode_steps}")
+        for name in ("decode_steps", "max_decode_steps"):
+            k = getattr(self, name)
+            if k < 1 or k & (k - 1):
+                raise ValueError(f"{name} must be a power of two >= 1, got {k}")
+        if self.decode_steps > self.max_decode_steps:
+            raise ValueError(f"decode_steps {self.decode_steps} > max_decode_steps "
+                             f"{self.max_decode_steps}")
         object.__setattr__(self, "duet_pairs", tuple(tuple(int(x) for x in pair)
                                                      for pair in self.duet_pairs))
         for p, d in self.duet_pairs:

@@ -25,6 +25,7 @@ from . import mps
 from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig
 from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
 from .shared_state import SharedState
+from .step_inputs import decode_step_choices
 from .worker import DECODE, PREFILL, WorkerSetup
 from .worker_client import WorkerClient, WorkerDied
 
@@ -49,6 +50,10 @@ class DuetStats:
     """Predicted max(t_p, k·t_d) of each split iteration."""
     measured_seconds: list[float] = dataclasses.field(default_factory=list)
     """Measured dispatch-to-results time of the same iterations."""
+    prefill_worker_seconds: list[float] = dataclasses.field(default_factory=list)
+    """The prefill worker's own time per split iteration (0 when it had nothing)."""
+    decode_worker_seconds: list[float] = dataclasses.field(default_factory=list)
+    """The decode worker's own time (all k steps) per split iteration."""
     switch_seconds: list[float] = dataclasses.field(default_factory=list)
     """Time spent draining the aggregated pipeline when switching to split."""
 
@@ -126,7 +131,7 @@ class Duet:
         pairs = tuple((p / 100, d / 100) for p, d in engine_config.duet_pairs)
         self.controller = ModeController(Roofline(shape, profile), OptimizerConfig(
             tbt_slo_s=engine_config.tbt_slo_ms / 1e3, pairs=pairs,
-            k_max=engine_config.max_decode_steps))
+            k_max=engine_config.max_decode_steps, k_values=decode_step_choices(engine_config)))
         layout = shared.layout()
         self.workers: dict[tuple[str, int], WorkerClient] = {}
         for role, share in sorted({(PREFILL, p) for p, _ in engine_config.duet_pairs}
@@ -187,11 +192,14 @@ class Duet:
             self.stats.split_iterations += 1
         return decision, pair
 
-    def record_split(self, decision: Decision, seconds: float) -> None:
+    def record_split(self, decision: Decision, seconds: float,
+                     worker_seconds: tuple[float, float] = (0.0, 0.0)) -> None:
         predicted = max(decision.t_prefill or 0.0, decision.k * (decision.t_decode or 0.0))
         self.stats.split_k.append(decision.k)
         self.stats.predicted_seconds.append(predicted)
         self.stats.measured_seconds.append(seconds)
+        self.stats.prefill_worker_seconds.append(worker_seconds[0])
+        self.stats.decode_worker_seconds.append(worker_seconds[1])
         log.debug("split %.0f/%.0f k=%d: predicted %.2f ms, measured %.2f ms",
                   100 * decision.s_p, 100 * decision.s_d, decision.k, 1e3 * predicted, 1e3 * seconds)
 

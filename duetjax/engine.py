@@ -279,6 +279,7 @@ class Engine:
         batch = self.scheduler.schedule(decision.k, split=True)
         launches = []
         launched_at = time.perf_counter()
+        worker_seconds = [0.0, 0.0]
         for part, client in zip(split_batch(batch), pair):
             if not part.scheduled:
                 continue
@@ -297,11 +298,12 @@ class Engine:
             try:
                 done, _ = self._finish_step(launched)
                 outputs += done
+                worker_seconds[pair.index(launched.client)] = launched.worker_seconds or 0.0
             except WorkerDied as e:
                 self.duet.worker_failed(launched.client, e)
                 self._requeue(launched.batch)
             waited += time.perf_counter() - before
-        self.duet.record_split(decision, time.perf_counter() - launched_at)
+        self.duet.record_split(decision, time.perf_counter() - launched_at, tuple(worker_seconds))
         self.stats.record(host, 0.0, waited, decision.k)
         return outputs
 

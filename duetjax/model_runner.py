@@ -86,7 +86,7 @@ class ModelRunner:
     pool and counts are allocated here."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig, max_model_len: int, *,
-                 num_pages: int | None = None, multi_step: bool | None = None,
+                 num_pages: int | None = None, decode_steps: tuple[int, ...] | None = None,
                  shared: SharedState | None = None):
         self.model = model
         self.config = config
@@ -113,14 +113,16 @@ class ModelRunner:
             unroll = cfg.num_layers if jax.default_backend() == "gpu" else 1
         self._decoder = Decoder(cfg, impl=config.attention_impl, dtype=model.dtype,
                                 scan_unroll=unroll)
-        self.multi_step = config.decode_steps > 1 if multi_step is None else multi_step
+        self.decode_steps = (config.decode_steps,) if decode_steps is None else decode_steps
+        """The k values of its k-step decode executables (1: none)."""
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
         self.last_launch_seconds = 0.0
         """Host time of the last executable call (it blocks while the device queue is full)."""
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
         self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1, 2))
-        self._jitted_multi_step = jax.jit(self._multi_step_fn, donate_argnums=(1, 2))
+        self._jitted_multi_step = jax.jit(self._multi_step_fn, donate_argnums=(1, 2),
+                                          static_argnames="num_steps")
 
     @property
     def kv_pool_shape(self) -> tuple[int, ...]:
@@ -134,7 +136,7 @@ class ModelRunner:
 
     def compile_all(self, show_progress: bool = True) -> None:
         """Compiles every bucket (from the persistent cache when it holds them)."""
-        buckets = plan_buckets(self.config, self.multi_step)
+        buckets = plan_buckets(self.config, self.decode_steps)
         for b in tqdm(buckets, desc="compile", disable=not show_progress):
             self._compile(b)
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
@@ -144,7 +146,7 @@ class ModelRunner:
         inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
         args = (self.params, self.kv_pool, self.token_counts, self._no_previous, inputs)
         if b.multi_step:
-            lowered = self._jitted_multi_step.lower(*args, np.int32(1))
+            lowered = self._jitted_multi_step.lower(*args, num_steps=b.steps)
         else:
             lowered = self._jitted_step.lower(*args)
         self._executables[b] = lowered.compile()
@@ -178,8 +180,10 @@ class ModelRunner:
         return (sampled, self._pad_rows(sampled.token_ids),
                 jax.lax.bitcast_convert_type(kv_pool, stored), counts)
 
-    def _multi_step_fn(self, params, kv_pool, counts, previous, x: StepInputs, num_steps):
-        """``num_steps`` (runtime, <= max_decode_steps) decode steps over one decode bucket."""
+    def _multi_step_fn(self, params, kv_pool, counts, previous, x: StepInputs, num_steps: int):
+        """``num_steps`` (static) decode steps over one decode bucket. A static trip count
+        matters on GPU: a loop with a runtime bound copies its predicate to the host every
+        iteration, and the GPU idles while the next step's kernels are launched."""
         stored = kv_pool.dtype
         params, kv_pool = self._compute_dtype((params, kv_pool))
         meta, page = x.meta, self.page_size
@@ -210,12 +214,11 @@ class ModelRunner:
             return sampled.token_ids, kv_pool, counts, out
 
         tokens = self._read_previous(previous, x)
-        k_max = self.config.max_decode_steps
         shapes = jax.eval_shape(lambda: sample(
             jnp.zeros((rows.shape[0], self.model.config.vocab_size), jnp.float32), x.sampling))
-        out = jax.tree_util.tree_map(lambda s: jnp.zeros((k_max, *s.shape), s.dtype), shapes)
+        out = jax.tree_util.tree_map(lambda s: jnp.zeros((num_steps, *s.shape), s.dtype), shapes)
         tokens, kv_pool, counts, out = jax.lax.fori_loop(
-            0, jnp.minimum(num_steps, k_max), one_step, (tokens, kv_pool, counts, out))
+            0, num_steps, one_step, (tokens, kv_pool, counts, out))
         return out, self._pad_rows(tokens), jax.lax.bitcast_convert_type(kv_pool, stored), counts
 
     def dispatch(self, batch: SchedulerOutput, previous: InFlight | None) -> InFlight:
@@ -237,13 +240,8 @@ class ModelRunner:
                                    f"{sorted(self._executables, key=str)}): a scheduler bug")
             log.info("compiling %s on first use", b)
             executable = self._compile(b)
-        if num_steps > self.config.max_decode_steps:
-            raise ValueError(f"{num_steps} decode steps > max_decode_steps "
-                             f"{self.config.max_decode_steps}")
         args = (self.params, self.kv_pool, self.token_counts,
                 self._no_previous if previous_tokens is None else previous_tokens, inputs)
-        if b.multi_step:
-            args += (np.int32(num_steps),)
         start = time.perf_counter()
         sampled, last, self.kv_pool, self.token_counts = executable(*args)
         self.last_launch_seconds = time.perf_counter() - start

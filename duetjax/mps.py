@@ -243,7 +243,7 @@ class MPSDaemon:
                          env=_mps_env(os.environ, self.pipe_dir, self.log_dir),
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
-        self._stopped = True
+        self.owned = False  # still running, but the watcher stops it, not ``stop()``
         _unregister(self)
 
     def __enter__(self) -> MPSDaemon:

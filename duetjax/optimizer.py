@@ -33,6 +33,8 @@ class OptimizerConfig:
     """(S_p, S_d) shares of the MPS worker pairs that exist; only these are considered."""
     k_max: int = 8
     """Most decode steps launched while one prefill batch runs (the look-ahead)."""
+    k_values: tuple[int, ...] | None = None
+    """The k the decode workers have executables for; None: every k in 1..k_max."""
 
     def __post_init__(self) -> None:
         if self.tbt_slo_s <= 0:
@@ -107,7 +109,7 @@ def best_split(roofline: Roofline, prefill: Sequence[tuple[int, int]],
         t_p, t_d = roofline.predict_split(prefill, decode_context_lens, s_p, s_d)
         if t_d > config.tbt_slo_s:
             continue
-        for k in range(1, config.k_max + 1):
+        for k in config.k_values or range(1, config.k_max + 1):
             objective = (k * t_decode_tokens + t_prefill_tokens) / max(k * t_d, t_p)
             if best is None or objective > best.objective:
                 best = Decision(

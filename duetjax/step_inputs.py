@@ -4,7 +4,8 @@ The engine builds a step's inputs from the scheduler's batch; an executor (in th
 in a worker process) runs them. Every step is padded to a bucket, and every bucket is compiled
 ahead of time, so nothing compiles while serving:
 - decode buckets: S sequences of one token each, S a power of two up to max_num_seqs; a decode
-  bucket can also run k steps in one dispatch (k a runtime argument, up to max_decode_steps);
+  bucket also exists as a k-step executable for each k of ``decode_step_choices`` (k is
+  static: a loop with a known trip count needs no device-to-host sync per step);
 - mixed buckets: T tokens (a power of two up to max_num_batched_tokens) over min(T, S_max)
   sequences (prefill, chunked prefill, decode tokens riding along).
 Block tables always have the full width (max_model_len / page_size): the attention kernels'
@@ -42,18 +43,27 @@ class Bucket:
     """One token per sequence (the decode attention kernel applies)."""
     num_tokens: int
     num_seqs: int
-    multi_step: bool = False
-    """The k-step decode executable (a device loop over decode steps)."""
+    steps: int = 1
+    """Decode steps the executable runs (k > 1: a device loop over decode steps)."""
+
+    @property
+    def multi_step(self) -> bool:
+        return self.steps > 1
 
 
-def plan_buckets(config: EngineConfig, multi_step: bool = False) -> list[Bucket]:
-    """Every shape the engine can ever run, given its batch limits (``multi_step``: also the
-    k-step decode executables)."""
+def decode_step_choices(config: EngineConfig) -> tuple[int, ...]:
+    """The k values with k-step executables: powers of two up to max_decode_steps."""
+    return tuple(1 << i for i in range(config.max_decode_steps.bit_length()))
+
+
+def plan_buckets(config: EngineConfig, steps: tuple[int, ...] = ()) -> list[Bucket]:
+    """Every shape the engine can ever run, given its batch limits, with k-step decode
+    executables for each k > 1 in ``steps``."""
     max_seqs = bucket(config.max_num_seqs)
     max_tokens = bucket(config.max_num_batched_tokens, MIN_MIXED_TOKENS)
     sizes = [1 << i for i in range(max_seqs.bit_length())]
     decode = [Bucket(True, s, s) for s in sizes]
-    multi = [Bucket(True, s, s, multi_step=True) for s in sizes] if multi_step else []
+    multi = [Bucket(True, s, s, steps=k) for k in steps if k > 1 for s in sizes]
     mixed = [Bucket(False, t, min(t, max_seqs))
              for t in (1 << i for i in range(max_tokens.bit_length())) if t >= MIN_MIXED_TOKENS]
     return decode + multi + mixed
@@ -62,7 +72,7 @@ def plan_buckets(config: EngineConfig, multi_step: bool = False) -> list[Bucket]
 def bucket_for(batch: SchedulerOutput, config: EngineConfig) -> Bucket:
     if batch.decode_only:
         s = bucket(len(batch.scheduled))
-        return Bucket(True, s, s, multi_step=batch.num_steps > 1)
+        return Bucket(True, s, s, steps=batch.num_steps)
     t = bucket(batch.num_tokens, MIN_MIXED_TOKENS)
     return Bucket(False, t, min(t, bucket(config.max_num_seqs)))
 

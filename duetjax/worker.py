@@ -35,8 +35,8 @@ RESULT, ERROR = 1, 2
 USE_PREVIOUS = 1
 REQUEST = struct.Struct("<BIIHB")
 """kind, step id, bucket index, decode steps, flags."""
-REPLY = struct.Struct("<BI")
-"""kind, step id."""
+REPLY = struct.Struct("<BId")
+"""kind, step id, seconds the worker spent on the step (launch to results on the host)."""
 
 log = logging.getLogger("duetjax.worker")
 
@@ -64,10 +64,11 @@ class WorkerSetup:
 
 def worker_buckets(engine_config: Any, role: str) -> list:
     """The buckets a worker of ``role`` compiles, in the order step messages index them."""
-    from .step_inputs import plan_buckets
+    from .step_inputs import decode_step_choices, plan_buckets
 
     if role == DECODE:
-        return [b for b in plan_buckets(engine_config, multi_step=True) if b.multi_step]
+        return [b for b in plan_buckets(engine_config, decode_step_choices(engine_config))
+                if b.decode]
     return plan_buckets(engine_config)  # a prefill batch of 1-token prompts uses a decode bucket
 
 
@@ -85,7 +86,7 @@ def _serve(conn: Connection) -> None:
     from .engine import enable_compilation_cache
     from .model_runner import ModelRunner
     from .shared_state import SharedState
-    from .step_inputs import build_inputs, pack, unpack
+    from .step_inputs import build_inputs, decode_step_choices, pack, unpack
 
     enable_compilation_cache(setup.compilation_cache_dir)
     shared = SharedState.attach(setup.layout)
@@ -93,7 +94,9 @@ def _serve(conn: Connection) -> None:
                         dtype=jnp.dtype(setup.dtype).type, path=f"<shared:{setup.role}>",
                         load_seconds=0.0)
     runner = ModelRunner(model, setup.engine_config, setup.max_model_len,
-                         num_pages=setup.num_pages, multi_step=setup.role == DECODE, shared=shared)
+                         num_pages=setup.num_pages, shared=shared,
+                         decode_steps=decode_step_choices(setup.engine_config)
+                         if setup.role == DECODE else (1,))
     buckets = worker_buckets(setup.engine_config, setup.role)
     started = time.perf_counter()
     for b in buckets:
@@ -112,6 +115,7 @@ def _serve(conn: Connection) -> None:
         if kind == STOP:
             return
         try:
+            started = time.perf_counter()
             b = buckets[index]
             inputs = unpack(templates[index], memoryview(message)[REQUEST.size:])
             sampled, last = runner.execute(b, inputs, last if flags & USE_PREVIOUS else None,
@@ -119,9 +123,10 @@ def _serve(conn: Connection) -> None:
             if not b.multi_step:
                 sampled = jax.tree_util.tree_map(lambda a: a[None], sampled)
             host = jax.tree_util.tree_map(lambda a: np.asarray(a[:num_steps]), sampled)
-            conn.send_bytes(REPLY.pack(RESULT, step_id) + pack(host))
+            seconds = time.perf_counter() - started
+            conn.send_bytes(REPLY.pack(RESULT, step_id, seconds) + pack(host))
         except Exception as e:
-            conn.send_bytes(REPLY.pack(ERROR, step_id) + traceback.format_exc().encode())
+            conn.send_bytes(REPLY.pack(ERROR, step_id, 0.0) + traceback.format_exc().encode())
             raise _StepFailed from e
 
 

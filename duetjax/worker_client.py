@@ -33,10 +33,13 @@ class RemoteInFlight(InFlight):
     def __init__(self, batch: SchedulerOutput, client: "WorkerClient", step_id: int, rows: int):
         super().__init__(batch, sampled=None, last_tokens=None)
         self.client, self.step_id, self.rows = client, step_id, rows
+        self.worker_seconds: float | None = None
+        """The worker's own time on the step (known once fetched)."""
 
     def fetch(self) -> SampledTokens:
         n = len(self.batch.scheduled)
-        sampled = self.client.receive(self.step_id, self.batch.num_steps, self.rows)
+        sampled, self.worker_seconds = self.client.receive(self.step_id, self.batch.num_steps,
+                                                           self.rows)
         return jax.tree_util.tree_map(lambda a: a[:, :n], sampled)
 
 
@@ -122,19 +125,20 @@ class WorkerClient:
             raise WorkerDied(f"worker {self.name} is gone") from e
         return RemoteInFlight(batch, self, self._step_ids, b.num_seqs)
 
-    def receive(self, step_id: int, num_steps: int, rows: int) -> SampledTokens:
-        """Waits for a step's reply: sampled tokens with a leading step axis."""
+    def receive(self, step_id: int, num_steps: int, rows: int) -> tuple[SampledTokens, float]:
+        """Waits for a step's reply: (sampled tokens with a leading step axis, the worker's
+        seconds on it)."""
         try:
             message = self.conn.recv_bytes()
         except (EOFError, OSError) as e:
             raise WorkerDied(f"worker {self.name} died (exit code {self.process.poll()})") from e
-        kind, got = REPLY.unpack_from(message)
+        kind, got, seconds = REPLY.unpack_from(message)
         if kind == ERROR:
             raise WorkerDied(f"worker {self.name} failed a step:\n"
                              f"{bytes(message[REPLY.size:]).decode(errors='replace')}")
         if got != step_id:
             raise WorkerDied(f"worker {self.name} answered step {got}, expected {step_id}")
-        return _unpack_sampled(memoryview(message)[REPLY.size:], num_steps, rows)
+        return _unpack_sampled(memoryview(message)[REPLY.size:], num_steps, rows), seconds
 
     def kill(self) -> None:
         """Stops the process now (also its children); safe to call twice."""

@@ -181,7 +181,7 @@ def main() -> None:
     save()
     pid = daemon.pid
     engine.close()
-    report["daemon_handed_to_exit_watcher"] = daemon.stopped
+    report["daemon_handed_to_exit_watcher"] = not daemon.owned
     report["daemon_pid"] = pid
     save()
     log(json.dumps({k: report[k] for k in ("daemon", "memory", "split_vs_aggregated_first_divergence",

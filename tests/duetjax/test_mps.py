@@ -379,7 +379,9 @@ def test_stop_after_exit_waits_for_the_client_process(fake: Fake) -> None:
     client = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                               stdin=subprocess.PIPE)
     d.stop_after_exit(client.pid)
-    assert d.stopped and d not in mps._live
+    assert not d.owned and d not in mps._live
+    assert d.client_env(30)["CUDA_MPS_PIPE_DIRECTORY"] == d.pipe_dir  # still usable
+    d.stop()  # no longer ours to stop: a no-op
     time.sleep(0.5)
     assert alive(pid) and os.path.exists(d.pipe_dir)  # the client still runs
     client.communicate(b"")

@@ -76,4 +76,6 @@ def test_k_step_with_preemption_and_no_compiles(tiny_llama_dir, single):
 
 def test_decode_steps_is_validated(tiny_llama_dir):
     with pytest.raises(ValueError, match="decode_steps"):
-        make(tiny_llama_dir, decode_steps=9, max_decode_steps=8)
+        make(tiny_llama_dir, decode_steps=16, max_decode_steps=8)
+    with pytest.raises(ValueError, match="power of two"):
+        make(tiny_llama_dir, decode_steps=3)
