@@ -289,7 +289,7 @@ class StaticSplitController:
 
     Every iteration that holds both prefill and decode work is split at ``shares``; iterations
     with only one kind of work run aggregated (there is nothing to split). k maximises
-    (k*decodes + prefill tokens) / max(k*t_d, t_p) from the roofline, k in 1..k_max, without
+    (k*decodes + prefill tokens) / max(k*t_d, t_p) from the roofline, k in the decode workers' k values, without
     DuetServe's SLO filter: the decode worker keeps stepping while the prefill chunk runs."""
 
     def __init__(self, roofline: Any, config: Any, shares: tuple[float, float] = (0.5, 0.5)):
@@ -313,7 +313,7 @@ class StaticSplitController:
         t_p, t_d = roofline.predict_split(prefill, decode_context_lens, s_p, s_d)
         decodes, prefill_tokens = len(decode_context_lens), sum(q for q, _ in prefill)
         best_k, best = 1, -1.0
-        for k in range(1, config.k_max + 1):
+        for k in config.k_values or range(1, config.k_max + 1):
             objective = (k * decodes + prefill_tokens) / max(k * t_d, t_p)
             if objective > best:
                 best_k, best = k, objective

@@ -1,4 +1,5 @@
 """The roofline model: formulas by hand, regimes, interpolation, monotonicity, profiles."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -149,29 +150,46 @@ def llama8b() -> ModelShape:
     return shape
 
 
+def _rates_only(profile: DeviceProfile) -> DeviceProfile:
+    """The shipped profile's measured rates with every efficiency factor at 1."""
+    return dataclasses.replace(profile, efficiency=Efficiency())
+
+
 def test_decode_batch_one_is_bandwidth_bound(h200, llama8b):
+    h200 = _rates_only(h200)
     r = Roofline(llama8b, h200)
     br = r.breakdown([(1, 2048)])
     assert all(op.bound == "memory" for op in br.ops)
     # Independent check: a batch-1 step reads every weight once (8.03e9 bf16 params) plus the
-    # KV of 2049 tokens (32 layers · 2 · 8 heads · 128 · 2 bytes each), at 3.93 TB/s.
+    # KV of 2049 tokens (32 layers · 2 · 8 heads · 128 · 2 bytes each), at the full-GPU copy rate.
     params = 32 * (4096 * 128 * (32 + 8 + 8 + 32) + 3 * 4096 * 14336) + 128256 * 4096
     kv = 32 * 2 * 8 * 128 * 2 * 2049
-    assert br.total_s == pytest.approx((params * 2 + kv) / 3.93e12 + 8e-5, rel=0.01)
+    expected = (params * 2 + kv) / h200.bandwidth_at(1.0) + h200.overhead_s
+    assert br.total_s == pytest.approx(expected, rel=0.01)
+
+
+def test_efficiency_divides_its_op_class(h200, llama8b):
+    plain = Roofline(llama8b, _rates_only(h200)).breakdown([(1, 2048)])
+    slowed = Roofline(llama8b, dataclasses.replace(h200, efficiency=Efficiency(gemm=0.5))).breakdown(
+        [(1, 2048)])
+    assert slowed.op("q_proj").time_s == pytest.approx(2 * plain.op("q_proj").time_s)
+    assert slowed.op("attention").time_s == pytest.approx(plain.op("attention").time_s)
 
 
 def test_long_prefill_is_compute_bound(h200, llama8b):
+    h200 = _rates_only(h200)
     br = Roofline(llama8b, h200).breakdown([(8192, 0)], num_logits=1)
     for name in ("q_proj", "gate_proj", "down_proj", "attention"):
         assert br.op(name).bound == "compute", name
     linear_flops = 2 * 8192 * 32 * (4096 * 128 * (32 + 8 + 8 + 32) + 3 * 4096 * 14336)
     attn_flops = 4 * 32 * 128 * (8192 * 8193 // 2) * 32
-    compute = (linear_flops + attn_flops) / 663e12
+    compute = (linear_flops + attn_flops) / h200.flops_at(1.0)
     # Norms, the activation, the gather and the 1-row LM head stay memory bound.
     n, d, inter = 8192, 4096, 14336
     elementwise = 32 * (2 * (2 * n * d + d) + 3 * n * inter) * 2 + 2 * n * d * 2
     head = ((2 * d + d) + (d + d * 128256 + 128256)) * 2
-    assert br.total_s == pytest.approx(compute + (elementwise + head) / 3.93e12 + 8e-5, rel=1e-6)
+    assert br.total_s == pytest.approx(compute + (elementwise + head) / h200.bandwidth_at(1.0)
+                                       + h200.overhead_s, rel=1e-6)
 
 
 def test_interpolation_between_levels():
@@ -187,14 +205,17 @@ def test_interpolation_between_levels():
         p.flops_at(0.0)
 
 
-def test_h200_profile_holds_the_measured_numbers(h200):
-    assert h200.flops_at(0.3) == 267e12 and h200.bandwidth_at(0.5) == 3.49e12
-    assert h200.bandwidth_at(0.6) == pytest.approx((3.49e12 + 3.60e12) / 2)
-    assert "2026-11-21" in h200.source and "calibrate" in h200.source
-    # 30/70: copy 1.85 TB/s next to matmul 438 TFLOP/s, vs 2.43 and 528 alone.
-    slow = h200.interference_at(0.7, 0.3)
-    assert slow.decode_bandwidth == pytest.approx(1.85 / 2.43, abs=1e-3)
-    assert slow.prefill_rate == pytest.approx(438 / 528, abs=1e-3)
+def test_h200_profile_is_a_plausible_calibration(h200):
+    """The shipped profile comes from tools/calibrate.py on an H200: rates near the datasheet's
+    reach (bf16 dense 989 TFLOP/s, HBM 4.8 TB/s) and DESIGN.md's measurements, growing with the
+    SM share, interference factors that slow clients down."""
+    assert "calibrate.py" in h200.source and "H200" in h200.source
+    assert 700e12 < h200.flops_at(1.0) < 900e12 and 3.8e12 < h200.bandwidth_at(1.0) < 4.8e12
+    assert 0.2 < h200.flops_at(0.3) / h200.flops_at(1.0) < 0.45  # a matmul scales with SMs
+    assert h200.bandwidth_at(0.5) / h200.bandwidth_at(1.0) > 0.8  # a copy saturates early
+    assert 0 < h200.efficiency.gemm <= 1
+    for point in h200.interference:
+        assert 0 < point.prefill_rate <= 1 and 0 < point.decode_bandwidth <= 1
 
 
 def test_more_sms_are_never_slower(h200, llama8b):
