@@ -69,6 +69,16 @@ class EngineStats:
     """(prefill, decode) share of the GPU's SMs in the last step; aggregated mode gives each
     phase the whole device."""
     num_steps: int = 0
+    split_iterations: int = 0
+    """Duet mode: iterations run split on a worker pair."""
+    decode_steps: int = 1
+    """Duet mode: k of the last decision."""
+    predicted_ms: float = 0.0
+    """Duet mode: the roofline's time of the last split iteration."""
+    measured_ms: float = 0.0
+    """Duet mode: the measured time of the last split iteration."""
+    worker_failures: int = 0
+    """Duet mode: worker processes lost (and restarted)."""
 
 
 class RequestStream:
@@ -322,6 +332,14 @@ class AsyncEngine:
     def _snapshot(self, num_steps: int) -> EngineStats:
         scheduler = self.engine.scheduler
         blocks = scheduler.blocks
+        duet = getattr(self.engine, "duet", None)
+        extra = {}
+        if duet is not None:
+            s = duet.stats
+            extra = dict(split_iterations=s.split_iterations, worker_failures=s.worker_failures,
+                         decode_steps=s.last_decision.k if s.last_decision else 1,
+                         predicted_ms=1e3 * s.predicted_seconds[-1] if s.predicted_seconds else 0.0,
+                         measured_ms=1e3 * s.measured_seconds[-1] if s.measured_seconds else 0.0)
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             kv_cache_usage=blocks.usage, num_free_pages=blocks.num_free_pages,
@@ -329,7 +347,7 @@ class AsyncEngine:
             prefix_cache_hit_rate=float(getattr(blocks, "prefix_hit_rate", 0.0)),
             mode=str(getattr(self.engine, "mode", "aggregated")),
             sm_share=tuple(getattr(self.engine, "sm_share", (1.0, 1.0))),
-            num_steps=num_steps)
+            num_steps=num_steps, **extra)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

@@ -79,7 +79,10 @@ class EngineConfig:
                              f"{self.max_decode_steps}")
         object.__setattr__(self, "duet_pairs", tuple(tuple(int(x) for x in pair)
                                                      for pair in self.duet_pairs))
-        for p, d in self.duet_pairs:
+        for pair in self.duet_pairs:
+            if len(pair) != 2:
+                raise ValueError(f"duet_pairs holds (prefill %, decode %) pairs, got {pair}")
+            p, d = pair
             if not (0 < p <= 100 and 0 < d <= 100):
                 raise ValueError(f"duet_pairs holds SM percentages in 1..100, got {(p, d)}")
         if self.tbt_slo_ms <= 0:

@@ -61,6 +61,16 @@ class _EngineCollector(Collector):
         split.add_metric([self.model_name, "prefill"], stats.sm_share[0])
         split.add_metric([self.model_name, "decode"], stats.sm_share[1])
         yield split
+        yield gauge("duet_split_iterations", "Iterations run split on a prefill/decode worker pair.",
+                    stats.split_iterations)
+        yield gauge("duet_decode_steps", "Decode steps per split iteration in the last decision (k).",
+                    stats.decode_steps)
+        yield gauge("duet_predicted_iteration_ms", "Roofline time of the last split iteration.",
+                    stats.predicted_ms)
+        yield gauge("duet_measured_iteration_ms", "Measured time of the last split iteration.",
+                    stats.measured_ms)
+        yield gauge("duet_worker_failures", "Duet worker processes lost (and restarted).",
+                    stats.worker_failures)
 
 
 class ServerMetrics:

@@ -107,3 +107,10 @@ def test_close_stops_workers_and_frees_shared_memory(tiny_llama_dir, profile_and
 def test_bad_mode_is_a_clear_error(tiny_llama_dir):
     with pytest.raises(ValueError, match="mode must be one of"):
         Engine(tiny_llama_dir, mode="fast", **CONFIG)
+
+
+def test_auto_mode_without_a_gpu_runs_aggregated(tiny_llama_dir, caplog):
+    with caplog.at_level("INFO", logger="duetjax.engine"):
+        engine = Engine(tiny_llama_dir, mode="auto", **CONFIG)
+    assert engine.mode == "aggregated" and engine.duet is None
+    assert "no GPU" in caplog.text  # the log line says which mode and why

@@ -214,7 +214,11 @@ def test_metrics_exposes_the_serving_picture(server, client):
                  "duetjax_inter_token_latency_seconds_bucket", "duetjax_num_requests_running",
                  "duetjax_num_requests_waiting", "duetjax_kv_cache_usage_perc",
                  "duetjax_prefix_cache_hit_rate", "duetjax_mode_info", "duetjax_sm_share",
-                 "duetjax_request_success_total", "duetjax_http_requests_total"):
+                 "duetjax_request_success_total", "duetjax_http_requests_total",
+                 "duetjax_duet_split_iterations", "duetjax_duet_decode_steps",
+                 "duetjax_duet_predicted_iteration_ms", "duetjax_duet_measured_iteration_ms",
+                 "duetjax_duet_worker_failures"):
         assert name in names, name
     assert server.metric("duetjax_mode_info", mode="aggregated") == 1.0
     assert server.metric("duetjax_sm_share", phase="decode") == 1.0
+    assert server.metric("duetjax_duet_split_iterations") == 0.0  # an aggregated server
