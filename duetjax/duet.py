@@ -126,7 +126,7 @@ class Duet:
         self.shared = shared
         self.daemon = daemon
         self.stats = DuetStats()
-        profile = self._profile(model)
+        profile = self._profile()
         shape = ModelShape.from_config(model.config, dtype_bytes=jax.numpy.dtype(model.dtype).itemsize)
         pairs = tuple((p / 100, d / 100) for p, d in engine_config.duet_pairs)
         self.controller = ModeController(Roofline(shape, profile), OptimizerConfig(
@@ -149,7 +149,7 @@ class Duet:
             client.start()
             self.workers[(role, share)] = client
 
-    def _profile(self, model: Any) -> DeviceProfile:
+    def _profile(self) -> DeviceProfile:
         path = self.config.device_profile
         if path is not None:
             return DeviceProfile.from_json(Path(path))

@@ -47,10 +47,6 @@ class InFlight:
     """Row -> index in its request's output of the first token this dispatch samples (rows that
     end a prefill chunk sample nothing)."""
 
-    @property
-    def num_steps(self) -> int:
-        return self.batch.num_steps
-
     def fetch(self) -> SampledTokens:
         """Waits for the step; host arrays with a leading step axis [k, n, ...], one column
         per scheduled request."""
