@@ -88,9 +88,9 @@ def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
     if not status.startswith("MPS available"):
         if mode == "auto":
             return "aggregated", None, status
-        raise RuntimeError(f"mode='duet' needs MPS on the GPU: {status}")
+        raise ValueError(f"mode='duet' needs MPS on the GPU: {status}")
     if _backend_initialized():
-        raise RuntimeError("mode='duet' must be chosen before JAX initializes the GPU (the MPS "
+        raise ValueError("mode='duet' must be chosen before JAX initializes the GPU (the MPS "
                            "daemon and XLA_PYTHON_CLIENT_PREALLOCATE=false must be in place "
                            "first): create the Engine before any other JAX call")
     daemon = mps.find_running_daemon() or mps.start_private_daemon()
@@ -153,7 +153,13 @@ class Duet:
         path = self.config.device_profile
         if path is not None:
             return DeviceProfile.from_json(Path(path))
-        return load_profile(jax.devices()[0].device_kind)
+        if jax.default_backend() != "gpu":
+            raise ValueError("duet mode on CPU needs device_profile=PATH (a roofline profile "
+                             "JSON): there is no GPU model to look one up for")
+        try:
+            return load_profile(jax.devices()[0].device_kind)
+        except LookupError as e:
+            raise ValueError(str(e)) from None
 
     def wait_ready(self, timeout: float) -> None:
         for client in self.workers.values():

@@ -111,8 +111,12 @@ class Engine:
         if self.config.compile_on_start:
             self.runner.compile_all(show_progress=show_progress)
         if self.mode == "duet":  # after compiling: prefill workers load the same executables
-            self.duet = Duet(self.model, self.config, self.max_model_len, self.runner.num_pages,
-                             self.runner.shared, daemon)
+            try:
+                self.duet = Duet(self.model, self.config, self.max_model_len,
+                                 self.runner.num_pages, self.runner.shared, daemon)
+            except BaseException:
+                self.runner.shared.close()
+                raise
         blocks = BlockManager(self.runner.num_pages, self.config.page_size,
                               self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, blocks, self.max_model_len)

@@ -114,3 +114,10 @@ def test_auto_mode_without_a_gpu_runs_aggregated(tiny_llama_dir, caplog):
         engine = Engine(tiny_llama_dir, mode="auto", **CONFIG)
     assert engine.mode == "aggregated" and engine.duet is None
     assert "no GPU" in caplog.text  # the log line says which mode and why
+
+
+def test_duet_on_cpu_without_a_profile_is_a_clear_error(tiny_llama_dir):
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("duetjax_")}
+    with pytest.raises(ValueError, match="device_profile=PATH"):
+        Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), **CONFIG)
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("duetjax_")} <= before  # nothing leaked
