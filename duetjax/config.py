@@ -56,12 +56,21 @@ class EngineConfig:
     duet_pairs: tuple[tuple[int, int], ...] = ((80, 20), (70, 30), (60, 40), (50, 50))
     """(prefill %, decode %) SM shares of the worker pairs duet mode starts (one process per
     distinct share and role)."""
+    duet_policy: str = "adaptive"
+    """'adaptive' (DuetServe: split only when the aggregated step is predicted to miss the SLO,
+    choosing the pair and k) or 'static' (split every iteration with both prefill and decode
+    work at the first pair of ``duet_pairs``: the baseline)."""
     device_profile: str | None = None
     """Roofline profile JSON for duet mode; None: the shipped profile of this GPU model."""
     duet_worker_reserve_gib: float = 3.0
     """GPU memory left free for each duet worker's CUDA context and XLA workspace."""
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
+
+    @property
+    def active_duet_pairs(self) -> tuple[tuple[int, int], ...]:
+        """The pairs duet mode starts workers for: the static baseline uses only its first."""
+        return self.duet_pairs[:1] if self.duet_policy == "static" else self.duet_pairs
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -85,6 +94,8 @@ class EngineConfig:
             p, d = pair
             if not (0 < p <= 100 and 0 < d <= 100):
                 raise ValueError(f"duet_pairs holds SM percentages in 1..100, got {(p, d)}")
+        if self.duet_policy not in ("adaptive", "static"):
+            raise ValueError(f"duet_policy must be 'adaptive' or 'static', got {self.duet_policy!r}")
         if self.tbt_slo_ms <= 0:
             raise ValueError("tbt_slo_ms must be > 0")
         if not 0 < self.kv_cache_memory_fraction <= 1:

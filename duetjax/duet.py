@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 from . import mps
-from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig
+from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig, StaticController
 from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
 from .shared_state import SharedState
 from .step_inputs import decode_step_choices
@@ -128,14 +128,15 @@ class Duet:
         self.stats = DuetStats()
         profile = self._profile()
         shape = ModelShape.from_config(model.config, dtype_bytes=jax.numpy.dtype(model.dtype).itemsize)
-        pairs = tuple((p / 100, d / 100) for p, d in engine_config.duet_pairs)
-        self.controller = ModeController(Roofline(shape, profile), OptimizerConfig(
+        used = engine_config.active_duet_pairs
+        pairs = tuple((p / 100, d / 100) for p, d in used)
+        controller = StaticController if engine_config.duet_policy == "static" else ModeController
+        self.controller = controller(Roofline(shape, profile), OptimizerConfig(
             tbt_slo_s=engine_config.tbt_slo_ms / 1e3, pairs=pairs,
             k_max=engine_config.max_decode_steps, k_values=decode_step_choices(engine_config)))
         layout = shared.layout()
         self.workers: dict[tuple[str, int], WorkerClient] = {}
-        for role, share in sorted({(PREFILL, p) for p, _ in engine_config.duet_pairs}
-                                  | {(DECODE, d) for _, d in engine_config.duet_pairs}):
+        for role, share in sorted({(PREFILL, p) for p, _ in used} | {(DECODE, d) for _, d in used}):
             setup = WorkerSetup(role=role, sm_percentage=share, model_config=model.config,
                                 dtype=jax.numpy.dtype(model.dtype).name,
                                 engine_config=engine_config, max_model_len=max_model_len,

@@ -135,7 +135,8 @@ class Engine:
         free = None
         if jax.default_backend() == "gpu":
             import cupy
-            workers = len({p for p, _ in self.config.duet_pairs} | {d for _, d in self.config.duet_pairs})
+            pairs = self.config.active_duet_pairs
+            workers = len({p for p, _ in pairs} | {d for _, d in pairs})
             free = cupy.cuda.runtime.memGetInfo()[0] - int(
                 workers * self.config.duet_worker_reserve_gib * 2**30)
         num_pages = plan_num_pages(self.model, self.config, free)

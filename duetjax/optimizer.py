@@ -97,6 +97,18 @@ def aggregated(roofline: Roofline, prefill: Sequence[tuple[int, int]],
                     reason=reason)
 
 
+def _best_k(t_p: float, t_d: float, decodes: int, prefill_tokens: int,
+            config: OptimizerConfig) -> tuple[int, float]:
+    """(k, objective) maximising (k·decodes + prefill tokens) / max(k·t_d, t_p); ties keep the
+    smaller k."""
+    best_k, best = 1, -1.0
+    for k in config.k_values or range(1, config.k_max + 1):
+        objective = (k * decodes + prefill_tokens) / max(k * t_d, t_p)
+        if objective > best:
+            best_k, best = k, objective
+    return best_k, best
+
+
 def best_split(roofline: Roofline, prefill: Sequence[tuple[int, int]],
                decode_context_lens: Sequence[int], config: OptimizerConfig,
                t_aggregated: float) -> Decision | None:
@@ -109,14 +121,13 @@ def best_split(roofline: Roofline, prefill: Sequence[tuple[int, int]],
         t_p, t_d = roofline.predict_split(prefill, decode_context_lens, s_p, s_d)
         if t_d > config.tbt_slo_s:
             continue
-        for k in config.k_values or range(1, config.k_max + 1):
-            objective = (k * t_decode_tokens + t_prefill_tokens) / max(k * t_d, t_p)
-            if best is None or objective > best.objective:
-                best = Decision(
-                    mode=SPLIT, s_p=s_p, s_d=s_d, k=k, t_aggregated=t_aggregated, t_prefill=t_p,
-                    t_decode=t_d, objective=objective, slo_met=True,
-                    reason=f"aggregated {t_aggregated * 1e3:.3f} ms > SLO "
-                           f"{config.tbt_slo_s * 1e3:.3f} ms; best split")
+        k, objective = _best_k(t_p, t_d, t_decode_tokens, t_prefill_tokens, config)
+        if best is None or objective > best.objective:
+            best = Decision(
+                mode=SPLIT, s_p=s_p, s_d=s_d, k=k, t_aggregated=t_aggregated, t_prefill=t_p,
+                t_decode=t_d, objective=objective, slo_met=True,
+                reason=f"aggregated {t_aggregated * 1e3:.3f} ms > SLO "
+                       f"{config.tbt_slo_s * 1e3:.3f} ms; best split")
     return best
 
 
@@ -246,3 +257,31 @@ class ModeController:
         self.mode = mode
         self._misses = 0
         self._fits = 0
+
+
+class StaticController:
+    """A fixed SM partition, the baseline DuetServe is measured against (same ``step`` as
+    ``ModeController``): every iteration that holds both prefill and decode work is split at
+    the first pair of ``config.pairs``, with the k of the best objective; the SLO is not
+    consulted. Iterations with one kind of work run aggregated: there is nothing to split."""
+
+    def __init__(self, roofline: Roofline, config: OptimizerConfig) -> None:
+        self.roofline = roofline
+        self.config = config
+        self.mode = AGGREGATED
+
+    def step(self, prefill: Sequence[tuple[int, int]],
+             decode_context_lens: Sequence[int]) -> Decision:
+        roofline, config = self.roofline, self.config
+        t_agg = predict_aggregated(roofline, prefill, decode_context_lens)
+        if not prefill or not decode_context_lens:
+            self.mode = AGGREGATED
+            return aggregated(roofline, prefill, decode_context_lens, config,
+                              "static: nothing to split", t_agg)
+        s_p, s_d = config.pairs[0]
+        t_p, t_d = roofline.predict_split(prefill, decode_context_lens, s_p, s_d)
+        k, objective = _best_k(t_p, t_d, len(decode_context_lens), _prefill_tokens(prefill), config)
+        self.mode = SPLIT
+        return Decision(mode=SPLIT, s_p=s_p, s_d=s_d, k=k, t_aggregated=t_agg, t_prefill=t_p,
+                        t_decode=t_d, objective=objective, slo_met=t_d <= config.tbt_slo_s,
+                        reason=f"static {round(100 * s_p)}/{round(100 * s_d)} split")

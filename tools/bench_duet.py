@@ -19,8 +19,8 @@ Modes
   duet        ``mode='duet'``: DuetServe's adaptive controller (roofline + hysteresis) over the
               engine's ``duet_pairs`` (``--duet-pairs`` overrides them).
   static      a fixed 50/50 SM partition: ``mode='duet'`` with ``duet_pairs=((50, 50),)`` and,
-              by default (``--static-policy forced``), the engine's controller replaced by
-              ``StaticSplitController``, which splits EVERY iteration that holds both prefill
+              by default (``--static-policy forced``), ``duet_policy='static'``: the engine's
+              ``optimizer.StaticController``, which splits EVERY iteration that holds both prefill
               and decode work (whatever the roofline says about the aggregated step or the SLO);
               its look-ahead k maximises the same objective as DuetServe's optimizer at the 50/50
               pair, (k*decodes + prefill tokens) / max(k*t_d, t_p), without the SLO filter, i.e.
@@ -282,48 +282,6 @@ def digest(items: Sequence[WorkItem]) -> str:
     return h.hexdigest()[:16]
 
 
-# ---- the static policy ----------------------------------------------------------------------
-
-class StaticSplitController:
-    """A fixed SM partition in place of DuetServe's ``ModeController`` (same ``step`` interface).
-
-    Every iteration that holds both prefill and decode work is split at ``shares``; iterations
-    with only one kind of work run aggregated (there is nothing to split). k maximises
-    (k*decodes + prefill tokens) / max(k*t_d, t_p) from the roofline, k in the decode workers' k values, without
-    DuetServe's SLO filter: the decode worker keeps stepping while the prefill chunk runs."""
-
-    def __init__(self, roofline: Any, config: Any, shares: tuple[float, float] = (0.5, 0.5)):
-        from duetjax.optimizer import AGGREGATED
-
-        self.roofline = roofline
-        self.config = config
-        self.shares = shares
-        self.mode = AGGREGATED
-
-    def step(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int]) -> Any:
-        from duetjax.optimizer import AGGREGATED, SPLIT, Decision, aggregated, predict_aggregated
-
-        roofline, config = self.roofline, self.config
-        t_agg = predict_aggregated(roofline, prefill, decode_context_lens)
-        if not prefill or not decode_context_lens:
-            self.mode = AGGREGATED
-            return aggregated(roofline, prefill, decode_context_lens, config,
-                              "static: nothing to split", t_agg)
-        s_p, s_d = self.shares
-        t_p, t_d = roofline.predict_split(prefill, decode_context_lens, s_p, s_d)
-        decodes, prefill_tokens = len(decode_context_lens), sum(q for q, _ in prefill)
-        best_k, best = 1, -1.0
-        for k in config.k_values or range(1, config.k_max + 1):
-            objective = (k * decodes + prefill_tokens) / max(k * t_d, t_p)
-            if objective > best:
-                best_k, best = k, objective
-        self.mode = SPLIT
-        return Decision(mode=SPLIT, s_p=s_p, s_d=s_d, k=best_k, t_aggregated=t_agg,
-                        t_prefill=t_p, t_decode=t_d, objective=best,
-                        slo_met=t_d <= config.tbt_slo_s,
-                        reason=f"static {round(100 * s_p)}/{round(100 * s_d)} split")
-
-
 # ---- driving the engine ---------------------------------------------------------------------
 
 def drive(engine: Any, items: Sequence[WorkItem], duration_cap_s: float | None = None,
@@ -509,6 +467,7 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     elif mode == "static":
         kw["mode"] = "duet"
         kw["duet_pairs"] = (STATIC_SHARES,)
+        kw["duet_policy"] = "static" if args.static_policy == "forced" else "adaptive"
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     return kw
@@ -544,10 +503,6 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         result["kv_capacity_tokens"] = engine.runner.num_pages * engine.config.page_size
         if mode == "static":
             result["static_policy"] = args.static_policy
-            if args.static_policy == "forced":
-                old = engine.duet.controller
-                engine.duet.controller = StaticSplitController(
-                    old.roofline, old.config, (STATIC_SHARES[0] / 100, STATIC_SHARES[1] / 100))
         if engine.duet is not None:
             before = time.perf_counter()
             engine.duet.wait_ready(args.worker_timeout_s)
@@ -638,7 +593,7 @@ def markdown(report: dict[str, Any]) -> str:
     if "static" in report["modes"]:
         policy = report["modes"]["static"].get("static_policy") or a["static_policy"]
         lines += [("static = a fixed 50/50 SM split of every iteration that holds both prefill "
-                   "and decode (harness-side `StaticSplitController`, k by the optimizer's "
+                   "and decode (`duet_policy='static'`, k by the optimizer's "
                    "objective without the SLO filter)." if policy == "forced" else
                    "static = DuetServe's adaptive controller restricted to the 50/50 pair (it "
                    "splits only when the aggregated step is predicted to miss the SLO)."), ""]

@@ -121,3 +121,15 @@ def test_duet_on_cpu_without_a_profile_is_a_clear_error(tiny_llama_dir):
     with pytest.raises(ValueError, match="device_profile=PATH"):
         Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), **CONFIG)
     assert {n for n in os.listdir("/dev/shm") if n.startswith("duetjax_")} <= before  # nothing leaked
+
+
+def test_static_policy_splits_every_mixed_iteration_at_its_pair(tiny_llama_dir, profile_and_slo,
+                                                                 expected):
+    path, _ = profile_and_slo
+    with Engine(tiny_llama_dir, mode="duet", duet_policy="static", duet_pairs=((50, 50), (70, 30)),
+                device_profile=path, tbt_slo_ms=1e6, **CONFIG) as engine:  # an SLO nothing misses
+        assert set(engine.duet.workers) == {("prefill", 50), ("decode", 50)}
+        engine.duet.wait_ready(timeout=600)
+        assert token_ids(engine.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
+        stats = engine.duet.stats
+        assert stats.split_iterations >= 3 and stats.aggregated_iterations == 0

@@ -1,6 +1,7 @@
 """The partition optimizer and its hysteresis, on constructed profiles."""
 import itertools
 
+import numpy as np
 import pytest
 
 from duetjax.optimizer import (AGGREGATED, SPLIT, HysteresisConfig, ModeController,
@@ -219,3 +220,33 @@ def test_h200_llama8b_splits_under_a_tight_slo():
     assert d.t_aggregated > 0.030 and d.mode == SPLIT and d.t_decode <= 0.030
     best = brute_force(r, prefill, decodes, 0.030, config.pairs, 16)
     assert (d.s_p, d.s_d, d.k) == best[1:]
+
+
+def _roofline():
+    from duetjax.roofline import DeviceProfile, ModelShape, Roofline, SMLevel
+    from models.config import ModelConfig
+    from tests.helpers import TINY_LLAMA
+
+    profile = DeviceProfile(gpu_name="test", overhead_s=0.0, levels=(
+        SMLevel(0.5, 5e8, 1e18), SMLevel(1.0, 1e9, 1e18)))
+    return Roofline(ModelShape.from_config(ModelConfig.from_hf(TINY_LLAMA), dtype_bytes=4), profile)
+
+
+def test_static_controller_always_splits_when_both_phases_present():
+    from duetjax.optimizer import AGGREGATED, SPLIT, OptimizerConfig, StaticController, decide
+
+    roofline = _roofline()
+    config = OptimizerConfig(tbt_slo_s=10.0, pairs=((0.5, 0.5),), k_max=8)  # everything fits
+    controller = StaticController(roofline, config)
+    prefill, decode = [(24, 0)], [16, 30]
+    assert decide(roofline, prefill, decode, config).mode == AGGREGATED  # DuetServe would not split
+    d = controller.step(prefill, decode)
+    assert (d.mode, d.s_p, d.s_d) == (SPLIT, 0.5, 0.5) and controller.mode == SPLIT
+    t_p, t_d = roofline.predict_split(prefill, decode, 0.5, 0.5)
+    objectives = [(k * 2 + 24) / max(k * t_d, t_p) for k in range(1, 9)]
+    assert d.k == 1 + int(np.argmax(objectives))
+    assert (d.t_prefill, d.t_decode) == (t_p, t_d)
+    assert controller.step([], decode).mode == AGGREGATED
+    assert controller.step(prefill, []).mode == AGGREGATED
+    # a big prefill chunk: decode keeps stepping while it runs (k > 1)
+    assert controller.step([(512, 0)], [16]).k > 1
