@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time-between-tokens SLO that duet mode protects (default 50)")
     p.add_argument("--duet-pairs", default=None,
                    help="prefill:decode SM percentages of the duet worker pairs, e.g. 70:30,50:50")
+    p.add_argument("--duet-policy", choices=("adaptive", "static"), default=None,
+                   help="adaptive: split when the SLO needs it (DuetServe); static: split every "
+                        "mixed iteration at the first pair (a baseline)")
+    p.add_argument("--device-profile", default=None,
+                   help="roofline profile JSON for duet mode (default: the shipped one of this GPU; "
+                        "make one with tools/calibrate.py)")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     e.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
@@ -77,8 +83,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
              "page_size", "seed")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     options["mode"] = args.mode
-    if args.tbt_slo_ms is not None:
-        options["tbt_slo_ms"] = args.tbt_slo_ms
+    for name in ("tbt_slo_ms", "duet_policy", "device_profile"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.duet_pairs:
         try:
             options["duet_pairs"] = tuple(tuple(int(x) for x in pair.split(":"))
