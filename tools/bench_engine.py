@@ -59,17 +59,19 @@ def synthetic_batch(engine: Engine, lengths: list[int], new_tokens: list[int]) -
 def time_steps(engine: Engine, batch: SchedulerOutput, steps: int) -> float:
     """Median seconds of one dispatched step (each step's tokens feed the next on the device)."""
     runner = engine.runner
-    previous = runner.dispatch(batch, None)
-    previous.fetch()  # compiles the bucket on first use
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(steps):
-            previous = runner.dispatch(batch, previous)
-        previous.fetch()
-        times.append((time.perf_counter() - start) / steps)
-    for item in batch.scheduled:
-        engine.scheduler.blocks.free(item.request)
+    try:
+        previous = runner.dispatch(batch, None)
+        previous.fetch()  # compiles the bucket on first use
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(steps):
+                previous = runner.dispatch(batch, previous)
+            previous.fetch()
+            times.append((time.perf_counter() - start) / steps)
+    finally:
+        for item in batch.scheduled:
+            engine.scheduler.blocks.free(item.request)
     return float(np.median(times))
 
 

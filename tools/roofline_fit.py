@@ -115,26 +115,11 @@ def evaluate(base: DeviceProfile, shape: ModelShape, compositions: list[Composit
 def engine_timer(engine, reps: int) -> Callable[[Composition], float]:
     """Seconds of one step of a composition on ``engine``'s executor: ``reps`` dispatches
     back to back (each feeding the next on the device, as when serving), median of 3."""
-    from bench_engine import synthetic_batch
-
-    runner = engine.runner
+    from bench_engine import synthetic_batch, time_steps
 
     def measure(composition: Composition) -> float:
         batch = synthetic_batch(engine, [c for _, c in composition], [q for q, _ in composition])
-        try:
-            previous = runner.dispatch(batch, None)
-            previous.fetch()  # compiles the bucket on first use
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                for _ in range(reps):
-                    previous = runner.dispatch(batch, previous)
-                previous.fetch()
-                times.append((time.perf_counter() - start) / reps)
-            return float(np.median(times))
-        finally:
-            for item in batch.scheduled:
-                engine.scheduler.blocks.free(item.request)
+        return time_steps(engine, batch, reps)
 
     return measure
 
