@@ -2,7 +2,8 @@
 steps.
 
 One step runs the model over a ragged batch (prefill chunks and decode tokens together) and
-samples on the device; a k-step decode runs k decode steps in one executable (a device loop that
+samples on the device (``sampler.sample_basic``; a second, small executable runs the full
+sampler over the step's logits when a request needs it); a k-step decode runs k decode steps in one executable (a device loop that
 writes KV in place and feeds each step's tokens to the next). Inputs come padded to a bucket
 (``step_inputs``) and every bucket is compiled at start-up, so nothing compiles while serving.
 Weights are arguments (not constants) and the KV pool and counts are donated, so XLA updates
@@ -24,7 +25,7 @@ from models import LoadedModel
 from models.decoder import Decoder
 
 from .config import EngineConfig
-from .sampler import SampledTokens, apply_penalties, count_tokens, sample
+from .sampler import SampledTokens, needs_full_sampler, sample_basic, sample_full
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedState
@@ -116,9 +117,12 @@ class ModelRunner:
         self.last_launch_seconds = 0.0
         """Host time of the last executable call (it blocks while the device queue is full)."""
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
-        self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1, 2))
-        self._jitted_multi_step = jax.jit(self._multi_step_fn, donate_argnums=(1, 2),
+        self._full_samplers: dict[int, jax.stages.Compiled] = {}
+        """Sequence bucket -> the compiled full sampler (penalties, top-k/top-p, logprobs)."""
+        self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._jitted_multi_step = jax.jit(self._multi_step_fn, donate_argnums=(1,),
                                           static_argnames="num_steps")
+        self._jitted_full_sampler = jax.jit(self._full_sampler_fn, donate_argnums=(1,))
 
     @property
     def kv_pool_shape(self) -> tuple[int, ...]:
@@ -130,17 +134,21 @@ class ModelRunner:
     def token_counts_shape(self) -> tuple[int, int]:
         return self.config.max_num_seqs, self.model.config.vocab_size
 
-    def compile_all(self, show_progress: bool = True) -> None:
-        """Compiles every bucket (from the persistent cache when it holds them)."""
-        buckets = plan_buckets(self.config, self.decode_steps)
+    def compile_all(self, show_progress: bool = True, buckets: list[Bucket] | None = None) -> None:
+        """Compiles every bucket (default: all the engine can run), and the full sampler for
+        each of their sequence counts (from the persistent cache when it holds them)."""
+        if buckets is None:
+            buckets = plan_buckets(self.config, self.decode_steps)
         for b in tqdm(buckets, desc="compile", disable=not show_progress):
             self._compile(b)
+        for num_seqs in sorted({b.num_seqs for b in buckets}):
+            self._compile_full_sampler(num_seqs)
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
 
     def _compile(self, b: Bucket) -> jax.stages.Compiled:
         start = time.perf_counter()
         inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
-        args = (self.params, self.kv_pool, self.token_counts, self._no_previous, inputs)
+        args = (self.params, self.kv_pool, self._no_previous, inputs)
         if b.multi_step:
             lowered = self._jitted_multi_step.lower(*args, num_steps=b.steps)
         else:
@@ -148,6 +156,20 @@ class ModelRunner:
         self._executables[b] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
+
+    def _compile_full_sampler(self, num_seqs: int) -> jax.stages.Compiled:
+        start = time.perf_counter()
+        x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size, self.max_pages_per_seq)
+        logits = jax.ShapeDtypeStruct((num_seqs, self.model.config.vocab_size), jnp.float32)
+        compiled = self._jitted_full_sampler.lower(logits, self.token_counts, x.sampling,
+                                                   x.penalties).compile()
+        self._full_samplers[num_seqs] = compiled
+        self.compile_seconds += time.perf_counter() - start
+        return compiled
+
+    def _full_sampler_fn(self, logits, counts, sampling, penalties):
+        sampled, counts = sample_full(logits, counts, sampling, penalties)
+        return sampled, self._pad_rows(sampled.token_ids), counts
 
     def _read_previous(self, previous: jax.Array, x: StepInputs) -> jax.Array:
         # Tokens sampled by the step still in flight never visit the host: they are read here,
@@ -164,21 +186,22 @@ class ModelRunner:
             lambda a: jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype
             and a.dtype == transport_dtype(dtype) else a, tree)
 
-    def _step_fn(self, params, kv_pool, counts, previous, x: StepInputs):
+    def _step_fn(self, params, kv_pool, previous, x: StepInputs):
+        """(sampled, last tokens, KV pool, logits): the logits feed the full sampler when the
+        host runs it."""
         stored = kv_pool.dtype
         params, kv_pool = self._compute_dtype((params, kv_pool))
         tokens = self._read_previous(previous, x)
         logits, kv_pool = self._decoder.apply({"params": params}, tokens, kv_pool, x.meta,
                                               x.logits_indices)
-        penalized, counts = apply_penalties(logits, counts, x.penalties)
-        sampled = sample(penalized, x.sampling, model_logits=logits)
-        counts = count_tokens(counts, sampled.token_ids, x.penalties)
+        sampled = sample_basic(logits, x.sampling)
         return (sampled, self._pad_rows(sampled.token_ids),
-                jax.lax.bitcast_convert_type(kv_pool, stored), counts)
+                jax.lax.bitcast_convert_type(kv_pool, stored), logits)
 
-    def _multi_step_fn(self, params, kv_pool, counts, previous, x: StepInputs, num_steps: int):
-        """``num_steps`` (static) decode steps over one decode bucket. A static trip count
-        matters on GPU: a loop with a runtime bound copies its predicate to the host every
+    def _multi_step_fn(self, params, kv_pool, previous, x: StepInputs, num_steps: int):
+        """``num_steps`` (static) decode steps over one decode bucket, basic sampling only (the
+        scheduler runs requests that need the full sampler one step per dispatch). A static trip
+        count matters on GPU: a loop with a runtime bound copies its predicate to the host every
         iteration, and the GPU idles while the next step's kernels are launched."""
         stored = kv_pool.dtype
         params, kv_pool = self._compute_dtype((params, kv_pool))
@@ -188,7 +211,7 @@ class ModelRunner:
         last_page = meta.block_tables.shape[1] - 1
 
         def one_step(j, carry):
-            tokens, kv_pool, counts, out = carry
+            tokens, kv_pool, out = carry
             # A row past its valid steps repeats its last position without writing KV; its
             # tokens are discarded by the host.
             writes = live & (j < x.valid_steps)
@@ -200,22 +223,16 @@ class ModelRunner:
                                      context_lens=jnp.where(live, meta.context_lens + offset, 0))
             logits, kv_pool = self._decoder.apply({"params": params}, tokens, kv_pool, step_meta,
                                                   x.logits_indices)
-            penalties = x.penalties.replace(reset=x.penalties.reset & (j == 0),
-                                            count=x.penalties.count & writes)
-            penalized, counts = apply_penalties(logits, counts, penalties)
-            sampled = sample(penalized, x.sampling.replace(counters=x.sampling.counters + j),
-                             model_logits=logits)
-            counts = count_tokens(counts, sampled.token_ids, penalties)
+            sampled = sample_basic(logits, x.sampling.replace(counters=x.sampling.counters + j))
             out = jax.tree_util.tree_map(lambda o, v: o.at[j].set(v), out, sampled)
-            return sampled.token_ids, kv_pool, counts, out
+            return sampled.token_ids, kv_pool, out
 
         tokens = self._read_previous(previous, x)
-        shapes = jax.eval_shape(lambda: sample(
+        shapes = jax.eval_shape(lambda: sample_basic(
             jnp.zeros((rows.shape[0], self.model.config.vocab_size), jnp.float32), x.sampling))
         out = jax.tree_util.tree_map(lambda s: jnp.zeros((num_steps, *s.shape), s.dtype), shapes)
-        tokens, kv_pool, counts, out = jax.lax.fori_loop(
-            0, num_steps, one_step, (tokens, kv_pool, counts, out))
-        return out, self._pad_rows(tokens), jax.lax.bitcast_convert_type(kv_pool, stored), counts
+        tokens, kv_pool, out = jax.lax.fori_loop(0, num_steps, one_step, (tokens, kv_pool, out))
+        return out, self._pad_rows(tokens), jax.lax.bitcast_convert_type(kv_pool, stored)
 
     def dispatch(self, batch: SchedulerOutput, previous: InFlight | None) -> InFlight:
         """Launches one dispatch without waiting for it (nor for ``previous``, whose sampled
@@ -236,11 +253,26 @@ class ModelRunner:
                                    f"{sorted(self._executables, key=str)}): a scheduler bug")
             log.info("compiling %s on first use", b)
             executable = self._compile(b)
-        args = (self.params, self.kv_pool, self.token_counts,
+        full = needs_full_sampler(inputs.sampling, inputs.penalties)
+        if full and b.multi_step:
+            raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
+                               "sampler: a scheduler bug")
+        args = (self.params, self.kv_pool,
                 self._no_previous if previous_tokens is None else previous_tokens, inputs)
         start = time.perf_counter()
-        sampled, last, self.kv_pool, self.token_counts = executable(*args)
+        if b.multi_step:
+            sampled, last, self.kv_pool = executable(*args)
+        else:
+            sampled, last, self.kv_pool, logits = executable(*args)
+        if full:
+            sampler = self._full_samplers.get(b.num_seqs)
+            if sampler is None:
+                if self.config.compile_on_start:
+                    raise RuntimeError(f"no compiled full sampler for {b.num_seqs} sequences")
+                sampler = self._compile_full_sampler(b.num_seqs)
+            sampled, last, self.token_counts = sampler(logits, self.token_counts, inputs.sampling,
+                                                       inputs.penalties)
         self.last_launch_seconds = time.perf_counter() - start
         if self.shared is not None:
-            self.shared.after_step(self, b, inputs, num_steps)
+            self.shared.after_step(self, (b, full), inputs, num_steps)
         return sampled, last

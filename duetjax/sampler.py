@@ -1,4 +1,9 @@
-"""Token sampling on the device, inside the step executable.
+"""Token sampling on the device.
+
+Every step samples with ``sample_basic`` (greedy, temperature, min-p) inside its executable.
+Steps holding a request that uses top-k, top-p, penalties or log-probabilities also run
+``sample_full`` as a second executable over the step's logits, which replaces the step's tokens:
+the host picks it from the step's inputs, so no device value ever decides what runs.
 
 Randomness is per request: the key is ``fold_in(key(seed), n)`` where n counts the request's
 generated tokens, so a seeded request gives the same tokens whatever else is in the batch, and
@@ -9,6 +14,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .sampling_params import MAX_LOGPROBS
 
@@ -51,22 +57,16 @@ class PenaltyArrays:
 
 
 def apply_penalties(logits: jax.Array, counts: jax.Array, p: PenaltyArrays):
-    """(penalized logits, counts with fresh slots zeroed); skipped when no row has a slot."""
-    def penalize(logits, counts):
-        counts = counts.at[p.slots].multiply(jnp.where(p.reset, 0, 1)[:, None].astype(counts.dtype))
-        seen = counts[p.slots].astype(jnp.float32)
-        logits = logits - p.presence[:, None] * (seen > 0) - p.frequency[:, None] * seen
-        return logits, counts
-
-    return jax.lax.cond(jnp.any(p.reset | (p.presence != 0) | (p.frequency != 0)), penalize,
-                        lambda logits, counts: (logits, counts), logits, counts)
+    """(penalized logits, counts with fresh slots zeroed). Rows without penalties read slot 0
+    (never counted into, so all zeros) with zero coefficients."""
+    counts = counts.at[p.slots].multiply(jnp.where(p.reset, 0, 1)[:, None].astype(counts.dtype))
+    seen = counts[p.slots].astype(jnp.float32)
+    return logits - p.presence[:, None] * (seen > 0) - p.frequency[:, None] * seen, counts
 
 
 def count_tokens(counts: jax.Array, tokens: jax.Array, p: PenaltyArrays) -> jax.Array:
     """Adds each counted row's sampled token to its slot."""
-    return jax.lax.cond(jnp.any(p.count),
-                        lambda c: c.at[p.slots, tokens].add(p.count.astype(c.dtype)),
-                        lambda c: c, counts)
+    return counts.at[p.slots, tokens].add(p.count.astype(counts.dtype))
 
 
 @flax.struct.dataclass
@@ -83,47 +83,99 @@ class SampledTokens:
     """float32[S, MAX_LOGPROBS]: their log-probabilities."""
 
 
-def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys that sort like the float32 values ``x`` (sign-magnitude to offset binary)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key_reaching(keys: jax.Array, weights: jax.Array, target: jax.Array,
+                          bits: int) -> jax.Array:
+    """Per row, the largest key t with sum(weights[keys >= t]) >= target (0, i.e. every key,
+    when none does: an infinite target turns the search off). A radix select instead of a sort
+    of the vocabulary: ``bits`` bits per pass, 32 / bits passes, each measuring all
+    2**bits - 1 candidate digits in one read of the row."""
+    prefix = jnp.zeros(keys.shape[0], jnp.uint32)
+    digits = jnp.arange(1, 2 ** bits, dtype=jnp.uint32)
+    for shift in range(32 - bits, -1, -bits):
+        candidates = prefix[:, None] | (digits[None, :] << shift)  # [S, 2**bits - 1], increasing
+        reached = jnp.sum(jnp.where(keys[:, None, :] >= candidates[:, :, None], weights[:, None, :], 0),
+                          axis=-1) >= target[:, None]
+        # ``reached`` is true for a leading run of digits: its length is the next digit.
+        prefix = prefix | (jnp.sum(reached, axis=-1).astype(jnp.uint32) << shift)
+    return prefix
+
+
+RADIX_BITS = 4
+"""Bits per pass of the top-k / top-p radix select (any divisor of 32; exact for every one)."""
+
+
+def truncated_logits(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    """``logits / temperature`` with -inf outside the tokens top-k, then top-p (on the top-k
+    distribution), then min-p (relative to the most likely token) keep: exactly the tokens a
+    descending sort would keep (ties at a boundary are all kept)."""
     vocab = logits.shape[-1]
     scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    ordered = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # descending
-    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
-    rank = jnp.arange(vocab)[None, :]
-    ordered = jnp.where(rank < k[:, None], ordered, -jnp.inf)  # top-k first, then top-p on it
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
-    keep = (before < s.top_p[:, None]) & (rank < k[:, None])
-    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1)
-    min_p_floor = jnp.where(s.min_p > 0, ordered[:, 0] + jnp.log(jnp.maximum(s.min_p, 1e-30)), -jnp.inf)
-    threshold = jnp.maximum(threshold, min_p_floor)
-    masked = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+    keys = _ordered_keys(scaled)
+    ones = jnp.ones_like(scaled)
+    use_top_k = (s.top_k > 0) & (s.top_k < vocab)
+    top_k_key = _largest_key_reaching(keys, ones, jnp.where(use_top_k, s.top_k.astype(jnp.float32), jnp.inf),
+                                      RADIX_BITS)
+    in_top_k = keys >= top_k_key[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
+    use_top_p = s.top_p < 1
+    top_p_key = _largest_key_reaching(keys, probs, jnp.where(use_top_p, s.top_p, jnp.inf), RADIX_BITS)
+    top = jnp.max(scaled, axis=-1)
+    min_p_floor = jnp.where(s.min_p > 0, top + jnp.log(jnp.maximum(s.min_p, 1e-30)), -jnp.inf)
+    threshold = jnp.maximum(jnp.maximum(top_k_key, top_p_key), _ordered_keys(min_p_floor))
+    return jnp.where(keys >= threshold[:, None], scaled, -jnp.inf)
+
+
+def _categorical(scaled: jax.Array, s: SamplingArrays) -> jax.Array:
     keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(s.seeds, s.counters)
-    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+
+def sample_basic(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
+    """The sampling built into every step: greedy, temperature and min-p, which cost a few
+    passes over the logits. No ``lax.cond`` anywhere in a step: a cond on a device value makes
+    XLA:GPU copy the predicate to the host and wait for it, so the host could not launch the
+    next step before this one had computed its logits (measured: the GPU idled 30-40 % of a
+    Llama-3-8B decode step on an H200). Log-probability fields are zeros."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    top = jnp.max(scaled, axis=-1)
+    floor = jnp.where(s.min_p > 0, top + jnp.log(jnp.maximum(s.min_p, 1e-30)), -jnp.inf)
+    random = _categorical(jnp.where(scaled >= floor[:, None], scaled, -jnp.inf), s)
+    rows, top_n = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
+    return SampledTokens(jnp.where(s.temperature > 0, random, greedy), jnp.zeros(rows, jnp.float32),
+                         jnp.zeros((rows, top_n), jnp.int32), jnp.zeros((rows, top_n), jnp.float32))
 
 
 def sample(logits: jax.Array, s: SamplingArrays, model_logits: jax.Array | None = None) -> SampledTokens:
-    """Next token per row of ``logits [S, vocab]`` (float32). The sort that top-k/top-p need is
-    skipped when every row is greedy. Log-probabilities come from ``model_logits`` (the model's
-    distribution before penalties) when given."""
+    """The full sampler: top-k, top-p and min-p truncation and log-probabilities (from
+    ``model_logits``, the model's distribution before penalties, when given), for every row.
+    A row that uses none of them gets the token ``sample_basic`` gives it."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    random = jax.lax.cond(jnp.any(s.temperature > 0), _sample_random, lambda l, _: greedy, logits, s)
-    tokens = jnp.where(s.temperature > 0, random, greedy)
-    # A branch, not a separate executable: batches with and without logprobs share executables,
-    # and the top-k over the vocabulary runs only when some request asked for it.
-    top_n = min(MAX_LOGPROBS, logits.shape[-1])
-
-    def with_logprobs(logits, tokens):
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
-        top_logprobs, top_ids = jax.lax.top_k(logprobs, top_n)
-        chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        return chosen, top_ids.astype(jnp.int32), top_logprobs
-
-    def without(logits, tokens):
-        rows = logits.shape[0]
-        return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, top_n), jnp.int32),
-                jnp.zeros((rows, top_n), jnp.float32))
-
+    tokens = jnp.where(s.temperature > 0, _categorical(truncated_logits(logits, s), s), greedy)
     source = logits if model_logits is None else model_logits
-    chosen, top_ids, top_logprobs = jax.lax.cond(jnp.any(s.want_logprobs), with_logprobs, without,
-                                                 source, tokens)
-    return SampledTokens(tokens, chosen, top_ids, top_logprobs)
+    logprobs = jax.nn.log_softmax(source, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampledTokens(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def sample_full(logits: jax.Array, counts: jax.Array, s: SamplingArrays,
+                p: PenaltyArrays) -> tuple[SampledTokens, jax.Array]:
+    """Penalties, the full sampler and the count update: (sampled, counts)."""
+    penalized, counts = apply_penalties(logits, counts, p)
+    sampled = sample(penalized, s, model_logits=logits)
+    return sampled, count_tokens(counts, sampled.token_ids, p)
+
+
+def needs_full_sampler(s: SamplingArrays, p: PenaltyArrays) -> bool:
+    """Host check on a step's (numpy) inputs: does any row need ``sample_full``? Mirrors
+    ``SamplingParams.needs_full_sampler``."""
+    return bool(np.any((np.asarray(s.top_k) > 0) | (np.asarray(s.top_p) < 1) | np.asarray(s.want_logprobs)
+                       | np.asarray(p.reset) | np.asarray(p.count) | (np.asarray(p.presence) != 0)
+                       | (np.asarray(p.frequency) != 0)))

@@ -91,14 +91,16 @@ class Scheduler:
 
     def schedule(self, decode_steps: int = 1, split: bool = False) -> SchedulerOutput:
         """The next step's batch. ``decode_steps`` > 1 asks for a k-step decode, granted when
-        every running request is decoding and nobody waits (a newcomer would wait k steps).
+        every running request is decoding and nobody waits (a newcomer would wait k steps), and
+        none needs the full sampler (which runs between steps, not inside the k-step loop).
         ``split``: DuetServe's split mode, where decoding requests get k steps on the decode
         worker while the prefill worker runs the chunks (``split_batch`` separates them)."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         k = decode_steps if decode_steps > 1 and (split or (not self.waiting and self.running and all(
-            _decoding(r) for r in self.running))) else 1
+            _decoding(r) for r in self.running))) and not any(
+            r.params.needs_full_sampler for r in self.running) else 1
 
         index = 0
         while index < len(self.running) and budget > 0:

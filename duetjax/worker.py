@@ -99,8 +99,7 @@ def _serve(conn: Connection) -> None:
                          if setup.role == DECODE else (1,))
     buckets = worker_buckets(setup.engine_config, setup.role)
     started = time.perf_counter()
-    for b in buckets:
-        runner._compile(b)
+    runner.compile_all(show_progress=False, buckets=buckets)
     templates = [build_inputs(b, None, runner.page_size, runner.max_pages_per_seq) for b in buckets]
     conn.send({"ready": True, "pid": os.getpid(), "device": str(jax.devices()[0]),
                "compile_seconds": time.perf_counter() - started})

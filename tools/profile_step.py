@@ -1,15 +1,20 @@
 """Where a step's time goes: decode step time under layer-loop variants, an op census of the
-compiled decode executable (copies, dynamic slices, GEMM calls), and a cProfile of the host
-loop. For diagnosing gaps to the roofline; ``bench_engine.py`` reports the figures.
+compiled decode executable (copies, dynamic slices, GEMM calls), a device trace of decode steps
+summed per GPU kernel and kernel class (``--trace``: where the step's device time goes and how
+much of the step the GPU sits idle between kernels), and a cProfile of the host loop. For
+diagnosing gaps to the roofline; ``bench_engine.py`` reports the figures.
 
-    python tools/profile_step.py --model llama-3-8b --unroll 1,32 --out-dir OUT
+    python tools/profile_step.py --model llama-3-8b --unroll 1,32 --trace --out-dir OUT
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import gc
+import glob
+import gzip
 import io
+import json
 import os
 import pstats
 import re
@@ -28,6 +33,101 @@ from duetjax.step_inputs import Bucket, bucket_for, build_inputs  # noqa: E402
 
 OPS = re.compile(r" (copy|dynamic-slice|dynamic-update-slice|custom-call|fusion|while|scatter|"
                  r"gather|sort)\(")
+
+
+KERNEL_CLASSES = (  # first match wins; names as CUPTI reports them for XLA:GPU and Pallas/Triton
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|wgmma|matmul|dot", re.I)),
+    ("attention", re.compile(r"attention|paged|pallas|flash", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|dynamic.slice|dynamic_slice|transpose", re.I)),
+    ("reduce/sort", re.compile(r"reduce|sort|topk|top_k|argmax|scan", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    for label, pattern in KERNEL_CLASSES:
+        if pattern.search(name):
+            return label
+    return "elementwise/other fusion"
+
+
+def kernel_summary(events: list[dict], steps: int) -> dict:
+    """Per-step device time by kernel and by class from Chrome-trace events of ``steps`` steps:
+    the GPU processes' complete ('X') events are kernels and copies. ``busy_ms`` is the union of
+    their intervals, ``span_ms`` first start to last end, so ``idle`` is the share of the span
+    with no kernel running (launch gaps, host waits)."""
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in str(e.get("args", {}).get("name", ""))}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and e.get("dur")]
+    if not kernels:
+        return {"kernels": 0}
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in kernels)
+    busy, (start, end, last) = 0.0, spans[0]
+    gaps = []  # (idle microseconds, kernel before, kernel after)
+    for s, e, name in spans[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, last, name))
+            start, end = s, e
+        elif e > end:
+            end = e
+        if e >= end:
+            last = name
+    busy += end - start
+    span = max(e for _, e, _ in spans) - spans[0][0]
+    edges = (2, 5, 10, 50, 200, 1000, float("inf"))
+    histogram = {}
+    for low, high in zip((0,) + edges[:-1], edges):
+        inside = [g for g, _, _ in gaps if low <= g < high]
+        histogram[f"{low}-{high} us"] = {"count_per_step": len(inside) / steps,
+                                         "ms_per_step": sum(inside) * 1e-3 / steps}
+    host: Counter = Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") not in gpu_pids and e.get("dur"):
+            host[e["name"]] += float(e["dur"])
+    by_name: Counter = Counter()
+    count: Counter = Counter()
+    for e in kernels:
+        by_name[e["name"]] += float(e["dur"])
+        count[e["name"]] += 1
+    by_class: Counter = Counter()
+    for name, us in by_name.items():
+        by_class[kernel_class(name)] += us
+    per = 1e-3 / steps  # microseconds in total -> milliseconds per step
+    return {"steps": steps, "kernels_per_step": len(kernels) / steps, "span_ms": span * per,
+            "busy_ms": busy * per, "idle": 1 - busy / span if span else 0.0,
+            "by_class_ms": {k: v * per for k, v in by_class.most_common()},
+            "idle_gaps": histogram,
+            "largest_gaps": [{"us": g, "after": a[:80], "before": b[:80]}
+                             for g, a, b in sorted(gaps, reverse=True)[:8]],
+            "host_events_ms": {n[:100]: us * per for n, us in host.most_common(20)},
+            "top_kernels": [{"name": n[:120], "class": kernel_class(n), "ms": us * per,
+                             "calls": count[n] / steps} for n, us in by_name.most_common(25)]}
+
+
+def trace_decode(engine: Engine, batch_size: int, context: int, steps: int) -> dict:
+    """A profiler trace of ``steps`` back-to-back decode steps, summarised by kernel_summary."""
+    import tempfile
+
+    import jax
+
+    runner = engine.runner
+    batch = synthetic_batch(engine, [context - 1] * batch_size, [1] * batch_size)
+    try:
+        previous = runner.dispatch(batch, None)
+        previous.fetch()
+        trace_dir = tempfile.mkdtemp(prefix="duetjax-trace-")
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                previous = runner.dispatch(batch, previous)
+            previous.fetch()
+    finally:
+        for item in batch.scheduled:
+            engine.scheduler.blocks.free(item.request)
+    [path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return kernel_summary(events, steps)
 
 
 def census(hlo: str) -> dict[str, int]:
@@ -77,6 +177,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,64")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--profile-host", action="store_true")
+    p.add_argument("--trace", action="store_true", help="device trace of decode steps per kernel")
     p.add_argument("--dispatch-probe", action="store_true",
                    help="host time of launching a step while others are in flight")
     p.add_argument("--out-dir", default=".")
@@ -91,6 +192,8 @@ def main() -> None:
         for b in batches:
             t = time_steps(engine, synthetic_batch(engine, [args.context - 1] * b, [1] * b), steps=20)
             print(f"[{tag or 'plain'} unroll={unroll}] decode B={b}: {1e3 * t:.2f} ms/step", flush=True)
+        print(f"[{tag or 'plain'} unroll={unroll}] compiled {len(engine.runner._executables)} buckets in "
+              f"{engine.runner.compile_seconds:.1f} s", flush=True)
         first = Bucket(True, batches[0], batches[0])
         hlo = engine.runner._executables[first].as_text()
         print(f"[{tag or 'plain'} unroll={unroll}] decode B={batches[0]} op census: {census(hlo)}",
@@ -98,6 +201,18 @@ def main() -> None:
         name = f"decode_b{batches[0]}_unroll{unroll}{'_' + tag if tag else ''}.hlo"
         with open(os.path.join(args.out_dir, name), "w") as f:
             f.write(hlo)
+        if args.trace:
+            for b in batches:
+                summary = trace_decode(engine, b, args.context, 10)
+                summary.update({"batch": b, "unroll": unroll, "xla_flags": os.environ.get("XLA_FLAGS", "")})
+                print(f"[{tag or 'plain'} unroll={unroll}] decode B={b} trace: {summary['span_ms']:.2f} ms "
+                      f"span, {summary['busy_ms']:.2f} ms busy ({100 * summary['idle']:.0f} % idle), "
+                      f"{summary['kernels_per_step']:.0f} kernels/step; by class "
+                      f"{json.dumps({k: round(v, 3) for k, v in summary['by_class_ms'].items()})}; gaps "
+                      f"{json.dumps({k: round(v['ms_per_step'], 3) for k, v in summary['idle_gaps'].items()})}",
+                      flush=True)
+                with open(os.path.join(args.out_dir, f"trace_b{b}_unroll{unroll}{'_' + tag if tag else ''}.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
         if args.dispatch_probe:
             dispatch_probe(engine, max(batches), args.context)
         if args.profile_host:

@@ -41,13 +41,27 @@ def test_k_step_decode_matches_single_steps(single, multi):
     assert blocks.num_free_pages == blocks.num_pages  # overrun pages were freed too
 
 
-def test_k_step_sampling_penalties_and_logprobs_match(single, multi):
+def test_k_step_seeded_sampling_matches(single, multi):
+    batch = prompts(3, seed=14)
+    params = [SamplingParams(temperature=1.0, max_tokens=11, seed=5, ignore_eos=True),
+              SamplingParams(temperature=0.7, min_p=0.05, max_tokens=9, seed=6, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True)]
+    steps_before, dispatches_before = multi.stats.steps, multi.stats.dispatches
+    assert token_ids(multi.generate(batch, params, use_tqdm=False)) == token_ids(
+        single.generate(batch, params, use_tqdm=False))
+    assert multi.stats.steps - steps_before > multi.stats.dispatches - dispatches_before  # k > 1 ran
+
+
+def test_full_sampler_requests_decode_one_step_per_dispatch(single, multi):
+    # Top-p, penalties and logprobs run in the full sampler between steps, not in the k-step loop.
     batch = prompts(3, seed=12)
     params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=11, seed=5, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=11, frequency_penalty=1.5, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=11, logprobs=3, ignore_eos=True)]
     one = single.generate(batch, params, use_tqdm=False)
+    steps_before, dispatches_before = multi.stats.steps, multi.stats.dispatches
     many = multi.generate(batch, params, use_tqdm=False)
+    assert multi.stats.steps - steps_before <= multi.stats.dispatches - dispatches_before  # k = 1
     assert token_ids(many) == token_ids(one)
     for a, b in zip(one[2].outputs[0].logprobs, many[2].outputs[0].logprobs):
         assert a.keys() == b.keys()
