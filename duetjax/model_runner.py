@@ -145,6 +145,11 @@ class ModelRunner:
             self._compile_full_sampler(num_seqs)
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
 
+    @property
+    def _compiler_options(self) -> dict[str, bool]:
+        """Per-executable XLA options (the process's XLA_FLAGS stay untouched)."""
+        return {"xla_gpu_enable_triton_gemm": self.config.gemm_backend == "triton"}
+
     def _compile(self, b: Bucket) -> jax.stages.Compiled:
         start = time.perf_counter()
         inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
@@ -153,7 +158,7 @@ class ModelRunner:
             lowered = self._jitted_multi_step.lower(*args, num_steps=b.steps)
         else:
             lowered = self._jitted_step.lower(*args)
-        self._executables[b] = lowered.compile()
+        self._executables[b] = lowered.compile(compiler_options=self._compiler_options)
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
 
@@ -162,7 +167,7 @@ class ModelRunner:
         x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size, self.max_pages_per_seq)
         logits = jax.ShapeDtypeStruct((num_seqs, self.model.config.vocab_size), jnp.float32)
         compiled = self._jitted_full_sampler.lower(logits, self.token_counts, x.sampling,
-                                                   x.penalties).compile()
+                                                   x.penalties).compile(compiler_options=self._compiler_options)
         self._full_samplers[num_seqs] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled

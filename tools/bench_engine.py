@@ -248,6 +248,7 @@ def main() -> None:
     p.add_argument("--startup-limits", default="16,512",
                    help="max_num_seqs,max_num_batched_tokens of the start-up section's engine")
     p.add_argument("--scan-unroll", type=int, default=None, help="EngineConfig.scan_unroll")
+    p.add_argument("--gemm-backend", default="cublas", help="EngineConfig.gemm_backend")
     p.add_argument("--kv-fraction", type=float, default=0.85,
                    help="EngineConfig.kv_cache_memory_fraction")
     p.add_argument("--ceiling-gib", type=float, default=2.0, help="size of the copy-bandwidth test")
@@ -270,8 +271,10 @@ def main() -> None:
                     max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
                     max_model_len=max(max(lengths) + 16, 4096 + 1024),
                     scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,
+                    gemm_backend=args.gemm_backend,
                     compile_on_start=False, show_progress=False)
     report["scan_unroll"] = args.scan_unroll
+    report["gemm_backend"] = args.gemm_backend
     report["kv_pool_gib"] = engine.runner.kv_pool.nbytes / 2**30
     runs = {"decode": lambda: decode_section(engine, report["ceilings"], batches, args.context),
             "prefill": lambda: prefill_section(engine, report["ceilings"], lengths),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from duetjax import sampler  # noqa: E402
 from duetjax.sampler import PenaltyArrays, SamplingArrays  # noqa: E402
@@ -51,6 +52,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--out", required=True)
+    p.add_argument("--trace", action="store_true",
+                   help="also a device trace of the full sampler at the largest batch, per kernel")
     args = p.parse_args()
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
@@ -80,9 +83,38 @@ def main() -> None:
         row["parts_ms"]["penalties"] = 1e3 * seconds(jax.jit(sampler.apply_penalties), logits, counts, pen)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "command": " ".join(sys.argv), "rows": rows}
+    if args.trace:
+        report["full_sampler_trace"] = trace_full_sampler(args.vocab, max(int(x) for x in args.batches.split(",")))
+        print(json.dumps(report["full_sampler_trace"].get("top_kernels", [])[:15], indent=0), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                   "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+        json.dump(report, f, indent=1)
+
+
+def trace_full_sampler(vocab: int, b: int, calls: int = 10) -> dict:
+    import glob
+    import gzip
+    import tempfile
+
+    from profile_step import kernel_summary
+
+    logits = jax.random.normal(jax.random.key(0), (b, vocab), jnp.float32) * 3
+    counts = jnp.zeros((b + 1, vocab), jnp.int32)
+    pen = PenaltyArrays(slots=jnp.arange(1, b + 1), presence=jnp.full(b, 0.5), frequency=jnp.full(b, 0.1),
+                        reset=jnp.zeros(b, bool), count=jnp.ones(b, bool))
+    fn = jax.jit(sampler.sample_full)
+    s = sampling_arrays(b, 1.0, 50, 0.9, True)
+    jax.block_until_ready(fn(logits, counts, s, pen))
+    directory = tempfile.mkdtemp(prefix="duetjax-trace-")
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for _ in range(calls):
+            out = fn(logits, counts, s, pen)
+        jax.block_until_ready(out)
+    [path] = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    return kernel_summary(trace["traceEvents"] if isinstance(trace, dict) else trace, calls)
 
 
 if __name__ == "__main__":

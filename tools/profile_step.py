@@ -178,16 +178,18 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--profile-host", action="store_true")
     p.add_argument("--trace", action="store_true", help="device trace of decode steps per kernel")
+    p.add_argument("--gemm-backend", default="cublas", help="EngineConfig.gemm_backend")
     p.add_argument("--dispatch-probe", action="store_true",
                    help="host time of launching a step while others are in flight")
     p.add_argument("--out-dir", default=".")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    tag = os.environ.get("XLA_FLAGS", "") and "xlaflags"
+    tag = "_".join(filter(None, [args.gemm_backend, os.environ.get("XLA_FLAGS", "") and "xlaflags"]))
     for unroll in (int(u) for u in args.unroll.split(",")):
         engine = Engine(args.model, dtype="bfloat16", load_format="dummy", max_num_seqs=max(batches),
                         max_num_batched_tokens=max(256, max(batches)), max_model_len=2048,
                         kv_cache_tokens=max(batches) * 2048 + 4096, scan_unroll=unroll,
+                        gemm_backend=args.gemm_backend,
                         compile_on_start=False, show_progress=False)
         for b in batches:
             t = time_steps(engine, synthetic_batch(engine, [args.context - 1] * b, [1] * b), steps=20)
