@@ -56,6 +56,8 @@ class DuetStats:
     """The decode worker's own time (all k steps) per split iteration."""
     switch_seconds: list[float] = dataclasses.field(default_factory=list)
     """Time spent draining the aggregated pipeline when switching to split."""
+    stream_dispatches: int = 0
+    """Decode dispatches that ran while a split's prefill chunk was still running."""
 
     @property
     def mode(self) -> str:
@@ -198,6 +200,16 @@ class Duet:
         else:
             self.stats.split_iterations += 1
         return decision, pair
+
+    def stream_steps(self, decision: Decision) -> int:
+        """Decode steps per decode-worker dispatch while a split's prefill chunk runs: the
+        largest power of two up to the decision's k whose predicted steps fit half the TBT SLO
+        (a dispatch's tokens reach the host together, so a client sees a gap of k steps)."""
+        budget = self.config.tbt_slo_ms / 1e3 / 2
+        k = 1
+        while 2 * k <= decision.k and 2 * k * (decision.t_decode or 0.0) <= budget:
+            k *= 2
+        return k
 
     def record_split(self, decision: Decision, seconds: float,
                      worker_seconds: tuple[float, float] = (0.0, 0.0)) -> None:

@@ -79,6 +79,26 @@ def _logprobs_of(sampled, step: int, row: int, token: int, top_n: int) -> dict[i
     return entry
 
 
+@dataclasses.dataclass
+class _Split:
+    """A split iteration in progress (its prefill chunk runs across ``Engine.step`` calls)."""
+
+    decision: Any
+    pair: tuple[Any, Any]
+    """(prefill worker, decode worker)."""
+    launched_at: float
+    stream_k: int
+    """Decode steps per decode-worker dispatch while the chunk runs."""
+    prefill: Any = None
+    """The chunk's RemoteInFlight (None: no chunk, or its worker died)."""
+    request_ids: set[str] = dataclasses.field(default_factory=set)
+    """Requests in the chunk: the decode stream leaves them alone."""
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    """Worker-side seconds: the chunk, and all decode dispatches meanwhile."""
+    deferred_aborts: list[str] = dataclasses.field(default_factory=list)
+
+
 class Engine:
     """Loads a model and serves prompts with continuous batching.
 
@@ -123,6 +143,8 @@ class Engine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._in_flight: InFlight | None = None
+        self._split: _Split | None = None
+        """The split iteration whose prefill chunk is running, if any."""
         self.stats = LoopStats()
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(self.config.seed)
@@ -214,6 +236,10 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stops a request now and frees its pages (unknown or finished ids are ignored)."""
+        if self._split is not None and request_id in self._split.request_ids:
+            # Its chunk still writes KV pages in the prefill worker: free them after it ends.
+            self._split.deferred_aborts.append(request_id)
+            return
         request = self._requests.pop(request_id, None)
         if request is not None and not request.is_finished:
             request.pending_rows.clear()
@@ -223,7 +249,7 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         in_flight = self._in_flight is not None and any(
             not item.request.is_finished for item in self._in_flight.batch.scheduled)
-        return self.scheduler.has_work() or in_flight
+        return self.scheduler.has_work() or in_flight or self._split is not None
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -233,6 +259,8 @@ class Engine:
         one step late; a token computed past a stop is discarded. Returns the outputs of the
         requests that got a token in step N. In duet mode an iteration the optimizer splits
         runs on the worker pair instead (``_split_step``)."""
+        if self._split is not None:
+            return self._split_stream()
         if self.duet is not None:
             prefill, decode = self.scheduler.preview()
             if prefill and decode:  # otherwise there is nothing to split
@@ -269,10 +297,12 @@ class Engine:
                 launched.output_index[row] = first
 
     def _split_step(self, decision, pair) -> list[RequestOutput]:
-        """DuetServe's split iteration: prefill chunks on the S_p worker and k decode steps on
-        the S_d worker, at once, on the shared KV pool. The aggregated pipeline is drained
-        first (its in-flight tokens must be on the host before another process continues
-        those requests); a worker that dies loses only its step: its requests are recomputed."""
+        """Starts a DuetServe split iteration: the prefill chunks go to the S_p worker, whose
+        step then runs across ``step`` calls, while the S_d worker decodes everyone else, a few
+        steps per dispatch, streaming tokens (``_split_stream``). The aggregated pipeline is
+        drained first (its in-flight tokens must be on the host before another process
+        continues those requests); a worker that dies loses only its step: its requests are
+        recomputed."""
         started = time.perf_counter()
         outputs: list[RequestOutput] = []
         waited = 0.0
@@ -282,34 +312,71 @@ class Engine:
             self._in_flight = None
             self.duet.stats.switch_seconds.append(time.perf_counter() - started)
         batch = self.scheduler.schedule(decision.k, split=True)
-        launches = []
-        launched_at = time.perf_counter()
-        worker_seconds = [0.0, 0.0]
-        for part, client in zip(split_batch(batch), pair):
-            if not part.scheduled:
-                continue
+        prefill_part, decode_part = split_batch(batch)
+        split = _Split(decision, pair, launched_at=time.perf_counter(),
+                       stream_k=self.duet.stream_steps(decision))
+        if prefill_part.scheduled:
             try:
-                launched = client.dispatch(part, use_previous=False)
+                split.prefill = pair[0].dispatch(prefill_part, use_previous=False)
+                self._mark_launched(prefill_part, split.prefill)
+                self.scheduler.commit(prefill_part)
+                split.request_ids = {item.request.request_id for item in prefill_part.scheduled}
             except WorkerDied as e:
-                self.duet.worker_failed(client, e)
-                self._requeue(part)
-                continue
-            self._mark_launched(part, launched)
-            self.scheduler.commit(part)
-            launches.append(launched)
-        host = time.perf_counter() - started - waited
-        for launched in launches:
-            before = time.perf_counter()
+                self.duet.worker_failed(pair[0], e)
+                self._requeue(prefill_part)
+        self._split = split
+        self.stats.record(time.perf_counter() - started - waited, 0.0, waited, 0)
+        return outputs + self._split_decode(decode_part)
+
+    def _split_stream(self) -> list[RequestOutput]:
+        """One ``step`` while a split's prefill chunk runs: another decode dispatch on the S_d
+        worker, or, once the chunk is done (or nothing else can decode), its results."""
+        split = self._split
+        if split.prefill is not None and not split.prefill.done():
+            part = self.scheduler.schedule_decodes(split.stream_k, split.request_ids)
+            if part.scheduled:
+                self.duet.stats.stream_dispatches += 1
+                return self._split_decode(part)
+        outputs: list[RequestOutput] = []
+        before = time.perf_counter()
+        if split.prefill is not None:
             try:
-                done, _ = self._finish_step(launched)
-                outputs += done
-                worker_seconds[pair.index(launched.client)] = launched.worker_seconds or 0.0
+                outputs, _ = self._finish_step(split.prefill)
+                split.prefill_seconds = split.prefill.worker_seconds or 0.0
             except WorkerDied as e:
-                self.duet.worker_failed(launched.client, e)
-                self._requeue(launched.batch)
-            waited += time.perf_counter() - before
-        self.duet.record_split(decision, time.perf_counter() - launched_at, tuple(worker_seconds))
-        self.stats.record(host, 0.0, waited, decision.k)
+                self.duet.worker_failed(split.pair[0], e)
+                self._requeue(split.prefill.batch)
+        self._split = None
+        self.stats.record(0.0, 0.0, time.perf_counter() - before, 0)
+        self.duet.record_split(split.decision, time.perf_counter() - split.launched_at,
+                               (split.prefill_seconds, split.decode_seconds))
+        for request_id in split.deferred_aborts:
+            self.abort(request_id)
+        return outputs
+
+    def _split_decode(self, part: SchedulerOutput) -> list[RequestOutput]:
+        """A decode dispatch on the split's S_d worker, read back at once."""
+        if not part.scheduled:
+            return []
+        split = self._split
+        started = time.perf_counter()
+        try:
+            launched = split.pair[1].dispatch(part, use_previous=False)
+        except WorkerDied as e:
+            self.duet.worker_failed(split.pair[1], e)
+            self._requeue(part)
+            return []
+        self._mark_launched(part, launched)
+        self.scheduler.commit(part)
+        host = time.perf_counter() - started
+        try:
+            outputs, waited = self._finish_step(launched)
+            split.decode_seconds += launched.worker_seconds or 0.0
+        except WorkerDied as e:
+            self.duet.worker_failed(split.pair[1], e)
+            self._requeue(part)
+            outputs, waited = [], time.perf_counter() - started - host
+        self.stats.record(host, 0.0, waited, part.num_steps)
         return outputs
 
     def _requeue(self, batch: SchedulerOutput) -> None:

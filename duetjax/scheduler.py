@@ -148,6 +148,26 @@ class Scheduler:
             budget -= num_new
         return SchedulerOutput(scheduled, preempted, k if scheduled else 1)
 
+    def schedule_decodes(self, k: int, exclude: set[str]) -> SchedulerOutput:
+        """A decode-only batch of the running requests that are decoding, except the ids in
+        ``exclude`` (their prefill chunk still runs on another worker): split mode's decode
+        stream. Nothing is preempted here (a victim's pages could still be written by that
+        chunk): a request whose pages cannot grow waits for the next full ``schedule``."""
+        if any(r.params.needs_full_sampler for r in self.running):
+            k = 1
+        scheduled = []
+        for request in self.running:
+            if (request.request_id in exclude or not _decoding(request)
+                    or self._at_length_limit(request)):
+                continue
+            steps = self._steps_allowed(request, k)
+            target = request.num_computed_tokens + steps
+            if not self.blocks.can_hold(request, target):
+                continue
+            self.blocks.grow(request, target)
+            scheduled.append(ScheduledRequest(request, 1, steps))
+        return SchedulerOutput(scheduled, [], k if scheduled else 1)
+
     def _steps_allowed(self, request: Request, k: int) -> int:
         """Steps of a k-step decode before ``request`` reaches max_tokens or max_model_len."""
         if k == 1:

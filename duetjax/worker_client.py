@@ -36,6 +36,11 @@ class RemoteInFlight(InFlight):
         self.worker_seconds: float | None = None
         """The worker's own time on the step (known once fetched)."""
 
+    def done(self) -> bool:
+        """The reply has arrived (or the worker is gone): ``fetch`` will not wait."""
+        conn = self.client.conn
+        return conn is None or conn.poll(0) or not self.client.alive
+
     def fetch(self) -> SampledTokens:
         n = len(self.batch.scheduled)
         sampled, self.worker_seconds = self.client.receive(self.step_id, self.batch.num_steps,

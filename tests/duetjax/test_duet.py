@@ -69,6 +69,39 @@ def test_duet_mode_splits_and_matches_aggregated(duet, expected):
     assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
 
 
+def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
+    # CPU chunks finish at once: make each one look busy for its first three polls, so the
+    # decode worker takes more dispatches meanwhile. An abort of a request inside a running
+    # chunk waits for the chunk (its pages are still being written).
+    from duetjax.worker_client import RemoteInFlight
+
+    polls: dict[int, int] = {}
+
+    def done(self):
+        polls[id(self)] = polls.get(id(self), 0) + 1
+        return polls[id(self)] > 3 and self.client.conn.poll(None)
+
+    monkeypatch.setattr(RemoteInFlight, "done", done)
+    before = duet.duet.stats.stream_dispatches
+    ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
+    extra = duet.add_request({"prompt_token_ids": list(range(3, 70))},
+                             SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    results, aborted = {}, False
+    while duet.has_unfinished_requests():
+        for output in duet.step():
+            if output.finished:
+                results[output.request_id] = output
+        split = duet._split
+        if not aborted and split is not None and extra in split.request_ids:
+            duet.abort(extra)
+            aborted = True
+            assert duet._requests[extra].block_table  # pages kept while the chunk runs
+    assert aborted and extra not in duet._requests
+    assert [results[i].outputs[0].token_ids for i in ids] == expected
+    assert duet.duet.stats.stream_dispatches > before
+    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+
+
 def test_killed_decode_worker_loses_nothing(duet, expected):
     decode_worker = duet.duet.workers[("decode", 50)]
     ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
