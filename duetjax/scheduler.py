@@ -146,6 +146,12 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+        if k > 1 and any(item.request.params.needs_full_sampler for item in scheduled):
+            # A newcomer (split mode admits while decodes take k steps) needs the full sampler,
+            # which runs between steps: one step for everyone (the extra pages stay theirs).
+            k = 1
+            for item in scheduled:
+                item.num_steps = 1
         return SchedulerOutput(scheduled, preempted, k if scheduled else 1)
 
     def schedule_decodes(self, k: int, exclude: set[str]) -> SchedulerOutput:

@@ -68,6 +68,26 @@ def test_full_sampler_requests_decode_one_step_per_dispatch(single, multi):
         np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=1e-6)
 
 
+def test_split_schedule_drops_to_one_step_for_a_full_sampler_newcomer(multi):
+    # A one-token prompt decodes at once; with top-p it needs the full sampler, so the k-step
+    # decode of the others becomes a single step.
+    from duetjax.request import Request
+
+    scheduler = multi.scheduler
+    plain = Request("plain", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=8), seed=0)
+    scheduler.add(plain)
+    scheduler.commit(scheduler.schedule())
+    plain.output_token_ids.append(9)  # its first token is back: it decodes now
+    newcomer = Request("newcomer", [5], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8), seed=1)
+    scheduler.add(newcomer)
+    batch = scheduler.schedule(4, split=True)
+    assert [item.request.request_id for item in batch.scheduled] == ["plain", "newcomer"]
+    assert batch.num_steps == 1 and all(item.num_steps == 1 for item in batch.scheduled)
+    for request in (plain, newcomer):
+        scheduler.finish(request, "abort")
+    assert scheduler.blocks.num_free_pages == scheduler.blocks.num_pages
+
+
 def test_k_step_with_preemption_and_no_compiles(tiny_llama_dir, single):
     batch = prompts(6, seed=13)
     expected = token_ids(single.generate(batch, SamplingParams(temperature=0.0, max_tokens=20,
