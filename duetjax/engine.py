@@ -42,7 +42,7 @@ class LoopStats:
     steps: int = 0
     """Model steps run (a k-step decode counts k)."""
     dispatches: int = 0
-    """Executable launches."""
+    """Executable launches (loop iterations that launched nothing record no dispatch)."""
     host_seconds: float = 0.0
     """Python work: scheduling, input preparation and output processing."""
     launch_seconds: float = 0.0
@@ -52,7 +52,7 @@ class LoopStats:
 
     def record(self, host: float, launch: float, wait: float, steps: int = 1) -> None:
         self.steps += steps
-        self.dispatches += 1
+        self.dispatches += 1 if steps else 0
         self.host_seconds += host
         self.launch_seconds += launch
         self.wait_seconds += wait
