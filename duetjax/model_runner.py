@@ -29,7 +29,8 @@ from .sampler import SampledTokens, needs_full_sampler, sample_basic, sample_ful
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedState
-from .step_inputs import Bucket, StepInputs, bucket, bucket_for, build_inputs, plan_buckets
+from .step_inputs import (Bucket, StepInputs, bucket, bucket_for, build_inputs, layout_of, pack,
+                          plan_buckets, unpack_on_device)
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,13 @@ class ModelRunner:
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
         self._full_samplers: dict[int, jax.stages.Compiled] = {}
         """Sequence bucket -> the compiled full sampler (penalties, top-k/top-p, logprobs)."""
-        self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,))
+        # Step inputs travel as one packed byte buffer (``step_inputs.pack``): one host-to-device
+        # copy per step; each executable unpacks them with its bucket's static layout.
+        self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames="layout")
         self._jitted_multi_step = jax.jit(self._multi_step_fn, donate_argnums=(1,),
-                                          static_argnames="num_steps")
-        self._jitted_full_sampler = jax.jit(self._full_sampler_fn, donate_argnums=(1,))
+                                          static_argnames=("layout", "num_steps"))
+        self._jitted_full_sampler = jax.jit(self._full_sampler_fn, donate_argnums=(1,),
+                                            static_argnames="layout")
 
     @property
     def kv_pool_shape(self) -> tuple[int, ...]:
@@ -153,11 +157,11 @@ class ModelRunner:
     def _compile(self, b: Bucket) -> jax.stages.Compiled:
         start = time.perf_counter()
         inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
-        args = (self.params, self.kv_pool, self._no_previous, inputs)
+        args = (self.params, self.kv_pool, self._no_previous, _packed(inputs))
         if b.multi_step:
-            lowered = self._jitted_multi_step.lower(*args, num_steps=b.steps)
+            lowered = self._jitted_multi_step.lower(*args, layout=layout_of(inputs), num_steps=b.steps)
         else:
-            lowered = self._jitted_step.lower(*args)
+            lowered = self._jitted_step.lower(*args, layout=layout_of(inputs))
         self._executables[b] = lowered.compile(compiler_options=self._compiler_options)
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
@@ -166,13 +170,16 @@ class ModelRunner:
         start = time.perf_counter()
         x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size, self.max_pages_per_seq)
         logits = jax.ShapeDtypeStruct((num_seqs, self.model.config.vocab_size), jnp.float32)
-        compiled = self._jitted_full_sampler.lower(logits, self.token_counts, x.sampling,
-                                                   x.penalties).compile(compiler_options=self._compiler_options)
+        settings = (x.sampling, x.penalties)
+        compiled = self._jitted_full_sampler.lower(
+            logits, self.token_counts, _packed(settings), layout=layout_of(settings)
+        ).compile(compiler_options=self._compiler_options)
         self._full_samplers[num_seqs] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
 
-    def _full_sampler_fn(self, logits, counts, sampling, penalties):
+    def _full_sampler_fn(self, logits, counts, packed, layout):
+        sampling, penalties = unpack_on_device(layout, packed)
         sampled, counts = sample_full(logits, counts, sampling, penalties)
         return sampled, self._pad_rows(sampled.token_ids), counts
 
@@ -191,9 +198,10 @@ class ModelRunner:
             lambda a: jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype
             and a.dtype == transport_dtype(dtype) else a, tree)
 
-    def _step_fn(self, params, kv_pool, previous, x: StepInputs):
+    def _step_fn(self, params, kv_pool, previous, packed, layout):
         """(sampled, last tokens, KV pool, logits): the logits feed the full sampler when the
         host runs it."""
+        x: StepInputs = unpack_on_device(layout, packed)
         stored = kv_pool.dtype
         params, kv_pool = self._compute_dtype((params, kv_pool))
         tokens = self._read_previous(previous, x)
@@ -203,11 +211,12 @@ class ModelRunner:
         return (sampled, self._pad_rows(sampled.token_ids),
                 jax.lax.bitcast_convert_type(kv_pool, stored), logits)
 
-    def _multi_step_fn(self, params, kv_pool, previous, x: StepInputs, num_steps: int):
+    def _multi_step_fn(self, params, kv_pool, previous, packed, layout, num_steps: int):
         """``num_steps`` (static) decode steps over one decode bucket, basic sampling only (the
         scheduler runs requests that need the full sampler one step per dispatch). A static trip
         count matters on GPU: a loop with a runtime bound copies its predicate to the host every
         iteration, and the GPU idles while the next step's kernels are launched."""
+        x: StepInputs = unpack_on_device(layout, packed)
         stored = kv_pool.dtype
         params, kv_pool = self._compute_dtype((params, kv_pool))
         meta, page = x.meta, self.page_size
@@ -263,7 +272,7 @@ class ModelRunner:
             raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
                                "sampler: a scheduler bug")
         args = (self.params, self.kv_pool,
-                self._no_previous if previous_tokens is None else previous_tokens, inputs)
+                self._no_previous if previous_tokens is None else previous_tokens, _packed(inputs))
         start = time.perf_counter()
         if b.multi_step:
             sampled, last, self.kv_pool = executable(*args)
@@ -275,9 +284,14 @@ class ModelRunner:
                 if self.config.compile_on_start:
                     raise RuntimeError(f"no compiled full sampler for {b.num_seqs} sequences")
                 sampler = self._compile_full_sampler(b.num_seqs)
-            sampled, last, self.token_counts = sampler(logits, self.token_counts, inputs.sampling,
-                                                       inputs.penalties)
+            sampled, last, self.token_counts = sampler(
+                logits, self.token_counts, _packed((inputs.sampling, inputs.penalties)))
         self.last_launch_seconds = time.perf_counter() - start
         if self.shared is not None:
             self.shared.after_step(self, (b, full), inputs, num_steps)
         return sampled, last
+
+
+def _packed(tree) -> np.ndarray:
+    """Host arrays as the one uint8 buffer the executables unpack (``step_inputs.pack``)."""
+    return np.frombuffer(pack(tree), np.uint8)

@@ -162,10 +162,46 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
                       valid_steps=valid_steps)
 
 
-def pack(inputs: StepInputs) -> bytes:
-    """The inputs as one byte string (a worker rebuilds them with ``unpack``): no pickling of
-    arrays on the per-step path."""
+def pack(inputs) -> bytes:
+    """A step's host arrays (``StepInputs``, or any pytree of them) as one byte string: what a
+    worker receives (``unpack``) and what an executable reads (``unpack_on_device``). No
+    pickling of arrays on the per-step path."""
     return b"".join(np.ascontiguousarray(leaf).tobytes() for leaf in jax.tree_util.tree_leaves(inputs))
+
+
+Layout = tuple
+"""A bucket's packed layout, static in an executable: (pytree def, ((shape, dtype name), ...))."""
+
+
+def layout_of(inputs) -> Layout:
+    """The static layout ``unpack_on_device`` needs for ``pack(inputs)``."""
+    leaves, tree = jax.tree_util.tree_flatten(inputs)
+    return tree, tuple((np.shape(leaf), np.asarray(leaf).dtype.name) for leaf in leaves)
+
+
+def unpack_on_device(layout: Layout, packed: jax.Array) -> StepInputs:
+    """Inverse of ``pack`` inside an executable: ``packed`` is uint8[n] (one host-to-device
+    copy per step instead of one per array, which cost about 70 µs of host time each on an
+    H200)."""
+    import jax.numpy as jnp
+
+    tree, specs = layout
+    leaves, at = [], 0
+    for shape, name in specs:
+        dtype = np.dtype(name)
+        size = int(np.prod(shape, dtype=np.int64))
+        chunk = packed[at:at + size * dtype.itemsize]
+        if dtype == np.bool_:
+            leaf = chunk != 0
+        elif dtype.itemsize == 1:
+            leaf = jax.lax.bitcast_convert_type(chunk, dtype)
+        else:
+            leaf = jax.lax.bitcast_convert_type(chunk.reshape(size, dtype.itemsize), dtype)
+        leaves.append(jnp.reshape(leaf, shape))
+        at += size * dtype.itemsize
+    if at != packed.shape[0]:
+        raise ValueError(f"packed inputs of {packed.shape[0]} bytes do not match the layout ({at} bytes)")
+    return jax.tree_util.tree_unflatten(tree, leaves)
 
 
 def unpack(template: StepInputs, data: bytes) -> StepInputs:

@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from duetjax.sampler import PenaltyArrays, SamplingArrays, apply_penalties, count_tokens, sample, truncated_logits
 
