@@ -25,7 +25,8 @@ from models import LoadedModel
 from models.decoder import Decoder
 
 from .config import EngineConfig
-from .sampler import SampledTokens, needs_full_sampler, sample_basic, sample_full
+from .sampler import (SampledTokens, needs_full_sampler, sample_basic, sample_full, wants_logprobs,
+                      with_logprobs)
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedState
@@ -118,8 +119,8 @@ class ModelRunner:
         self.last_launch_seconds = 0.0
         """Host time of the last executable call (it blocks while the device queue is full)."""
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
-        self._full_samplers: dict[int, jax.stages.Compiled] = {}
-        """Sequence bucket -> the compiled full sampler (penalties, top-k/top-p, logprobs)."""
+        self._full_samplers: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
+        """Sequence bucket -> the compiled (full sampler, log-probabilities) executables."""
         # Step inputs travel as one packed byte buffer (``step_inputs.pack``): one host-to-device
         # copy per step; each executable unpacks them with its bucket's static layout.
         self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames="layout")
@@ -127,6 +128,7 @@ class ModelRunner:
                                           static_argnames=("layout", "num_steps"))
         self._jitted_full_sampler = jax.jit(self._full_sampler_fn, donate_argnums=(1,),
                                             static_argnames="layout")
+        self._jitted_logprobs = jax.jit(with_logprobs)
 
     @property
     def kv_pool_shape(self) -> tuple[int, ...]:
@@ -166,14 +168,17 @@ class ModelRunner:
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
 
-    def _compile_full_sampler(self, num_seqs: int) -> jax.stages.Compiled:
+    def _compile_full_sampler(self, num_seqs: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+        """The full sampler and the log-probability executable for ``num_seqs`` sequences."""
         start = time.perf_counter()
         x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size, self.max_pages_per_seq)
         logits = jax.ShapeDtypeStruct((num_seqs, self.model.config.vocab_size), jnp.float32)
         settings = (x.sampling, x.penalties)
-        compiled = self._jitted_full_sampler.lower(
+        compiled = (self._jitted_full_sampler.lower(
             logits, self.token_counts, _packed(settings), layout=layout_of(settings)
-        ).compile(compiler_options=self._compiler_options)
+        ).compile(compiler_options=self._compiler_options),
+            self._jitted_logprobs.lower(logits, jax.ShapeDtypeStruct((num_seqs,), jnp.int32)).compile(
+                compiler_options=self._compiler_options))
         self._full_samplers[num_seqs] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
@@ -268,9 +273,10 @@ class ModelRunner:
             log.info("compiling %s on first use", b)
             executable = self._compile(b)
         full = needs_full_sampler(inputs.sampling, inputs.penalties)
-        if full and b.multi_step:
+        logprobs = wants_logprobs(inputs.sampling)
+        if (full or logprobs) and b.multi_step:
             raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
-                               "sampler: a scheduler bug")
+                               "sampler or logprobs: a scheduler bug")
         args = (self.params, self.kv_pool,
                 self._no_previous if previous_tokens is None else previous_tokens, _packed(inputs))
         start = time.perf_counter()
@@ -278,14 +284,18 @@ class ModelRunner:
             sampled, last, self.kv_pool = executable(*args)
         else:
             sampled, last, self.kv_pool, logits = executable(*args)
-        if full:
-            sampler = self._full_samplers.get(b.num_seqs)
-            if sampler is None:
+        if full or logprobs:
+            samplers = self._full_samplers.get(b.num_seqs)
+            if samplers is None:
                 if self.config.compile_on_start:
                     raise RuntimeError(f"no compiled full sampler for {b.num_seqs} sequences")
-                sampler = self._compile_full_sampler(b.num_seqs)
-            sampled, last, self.token_counts = sampler(
-                logits, self.token_counts, _packed((inputs.sampling, inputs.penalties)))
+                samplers = self._compile_full_sampler(b.num_seqs)
+            full_sampler, logprob_executable = samplers
+            if full:
+                sampled, last, self.token_counts = full_sampler(
+                    logits, self.token_counts, _packed((inputs.sampling, inputs.penalties)))
+            if logprobs:
+                sampled = logprob_executable(logits, sampled.token_ids)
         self.last_launch_seconds = time.perf_counter() - start
         if self.shared is not None:
             self.shared.after_step(self, (b, full), inputs, num_steps)

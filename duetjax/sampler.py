@@ -1,9 +1,10 @@
 """Token sampling on the device.
 
 Every step samples with ``sample_basic`` (greedy, temperature, min-p) inside its executable.
-Steps holding a request that uses top-k, top-p, penalties or log-probabilities also run
-``sample_full`` as a second executable over the step's logits, which replaces the step's tokens:
-the host picks it from the step's inputs, so no device value ever decides what runs.
+Steps holding a request that uses top-k, top-p or penalties also run ``sample_full`` over the
+step's logits as a second executable, which replaces the step's tokens; steps with a request
+that wants log-probabilities run ``with_logprobs`` after that. The host picks them from the
+step's inputs, so no device value ever decides what runs.
 
 Randomness is per request: the key is ``fold_in(key(seed), n)`` where n counts the request's
 generated tokens, so a seeded request gives the same tokens whatever else is in the batch, and
@@ -152,30 +153,44 @@ def sample_basic(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
                          jnp.zeros((rows, top_n), jnp.int32), jnp.zeros((rows, top_n), jnp.float32))
 
 
-def sample(logits: jax.Array, s: SamplingArrays, model_logits: jax.Array | None = None) -> SampledTokens:
-    """The full sampler: top-k, top-p and min-p truncation and log-probabilities (from
-    ``model_logits``, the model's distribution before penalties, when given), for every row.
-    A row that uses none of them gets the token ``sample_basic`` gives it."""
+def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    """Token ids with top-k, top-p and min-p truncation, for every row. A row that uses none
+    of them gets the token ``sample_basic`` gives it."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tokens = jnp.where(s.temperature > 0, _categorical(truncated_logits(logits, s), s), greedy)
-    source = logits if model_logits is None else model_logits
-    logprobs = jax.nn.log_softmax(source, axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return SampledTokens(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    return jnp.where(s.temperature > 0, _categorical(truncated_logits(logits, s), s), greedy)
 
 
 def sample_full(logits: jax.Array, counts: jax.Array, s: SamplingArrays,
                 p: PenaltyArrays) -> tuple[SampledTokens, jax.Array]:
-    """Penalties, the full sampler and the count update: (sampled, counts)."""
+    """Penalties, truncated sampling and the count update: (sampled, counts); the
+    log-probability fields are zeros (``with_logprobs`` fills them)."""
     penalized, counts = apply_penalties(logits, counts, p)
-    sampled = sample(penalized, s, model_logits=logits)
-    return sampled, count_tokens(counts, sampled.token_ids, p)
+    tokens = sample(penalized, s)
+    rows, top_n = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
+    sampled = SampledTokens(tokens, jnp.zeros(rows, jnp.float32), jnp.zeros((rows, top_n), jnp.int32),
+                            jnp.zeros((rows, top_n), jnp.float32))
+    return sampled, count_tokens(counts, tokens, p)
+
+
+def with_logprobs(model_logits: jax.Array, tokens: jax.Array) -> SampledTokens:
+    """``tokens`` with their log-probabilities and the most likely tokens', under the model's
+    distribution (before penalties). A separate executable: its top-k over the vocabulary (a
+    segmented sort in XLA, about 1 ms at batch 64 on an H200) runs only for steps with a
+    request that asked for logprobs."""
+    logprobs = jax.nn.log_softmax(model_logits, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, model_logits.shape[-1]))
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampledTokens(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 
 def needs_full_sampler(s: SamplingArrays, p: PenaltyArrays) -> bool:
-    """Host check on a step's (numpy) inputs: does any row need ``sample_full``? Mirrors
-    ``SamplingParams.needs_full_sampler``."""
-    return bool(np.any((np.asarray(s.top_k) > 0) | (np.asarray(s.top_p) < 1) | np.asarray(s.want_logprobs)
+    """Host check on a step's (numpy) inputs: does any row need ``sample_full`` (top-k, top-p
+    or penalties)?"""
+    return bool(np.any((np.asarray(s.top_k) > 0) | (np.asarray(s.top_p) < 1)
                        | np.asarray(p.reset) | np.asarray(p.count) | (np.asarray(p.presence) != 0)
                        | (np.asarray(p.frequency) != 0)))
+
+
+def wants_logprobs(s: SamplingArrays) -> bool:
+    """Host check: does any row want log-probabilities (``with_logprobs``)?"""
+    return bool(np.any(np.asarray(s.want_logprobs)))

@@ -83,6 +83,7 @@ class SamplingParams:
     def needs_full_sampler(self) -> bool:
         """Uses a feature outside the sampling built into every step (greedy, temperature,
         min-p): top-k, top-p, penalties or log-probabilities. Steps holding such a request run
-        the full sampler as a second executable, and decode one step per dispatch."""
+        the full sampler and/or the log-probability executable after the step, and decode one
+        step per dispatch."""
         return (self.top_k > 0 or self.top_p < 1.0 or self.penalized
                 or self.logprobs is not None)

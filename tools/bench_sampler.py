@@ -1,6 +1,6 @@
 """Device time of the on-device samplers (``duetjax.sampler``) at decode batch sizes over a real
-vocabulary: ``sample_basic`` (inside every step) and ``sample_full`` (the second executable for
-requests with top-k/top-p, penalties or logprobs), and of the full sampler's parts: the
+vocabulary: ``sample_basic`` (inside every step), ``sample_full`` (the executable for steps
+with top-k/top-p or penalties) and ``with_logprobs``, and of the full sampler's parts: the
 top-k/top-p radix select at several radix widths, against a descending sort, the
 log-probability top-k, and the penalties.
 
@@ -67,8 +67,10 @@ def main() -> None:
         row["sample_ms"]["basic: temperature 1"] = 1e3 * seconds(
             jax.jit(sampler.sample_basic), logits, sampling_arrays(b, 1.0, 0, 1.0, False))
         s = sampling_arrays(b, 1.0, 50, 0.9, True)
-        row["sample_ms"]["full: top_k 50 + top_p 0.9 + penalties + logprobs"] = 1e3 * seconds(
+        row["sample_ms"]["full: top_k 50 + top_p 0.9 + penalties"] = 1e3 * seconds(
             jax.jit(sampler.sample_full), logits, counts, s, pen)
+        row["sample_ms"]["with_logprobs (top 20)"] = 1e3 * seconds(
+            jax.jit(sampler.with_logprobs), logits, jnp.zeros(b, jnp.int32))
         for bits in (1, 2, 4, 8):
             sampler.RADIX_BITS = bits
             row["parts_ms"][f"truncation, radix {bits} bits"] = 1e3 * seconds(jax.jit(sampler.truncated_logits), logits, s)

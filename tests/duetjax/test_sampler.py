@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duetjax.sampler import PenaltyArrays, SamplingArrays, apply_penalties, count_tokens, sample, truncated_logits
+from duetjax.sampler import (PenaltyArrays, SamplingArrays, apply_penalties, count_tokens, sample,
+                            sample_basic, truncated_logits, with_logprobs)
 
 
 def sorted_reference(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarray:
@@ -66,12 +67,20 @@ def test_negative_and_equal_logits():
 def test_sample_greedy_rows_and_logprobs():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.standard_normal((3, 100)).astype(np.float32))
-    out = jax.jit(sample)(logits, arrays(3, temperature=[0.0, 1.0, 0.0], top_k=[0, 1, 0],
-                                         want_logprobs=[True, False, False]))
-    np.testing.assert_array_equal(out.token_ids, np.argmax(np.asarray(logits), -1))  # top_k=1 is greedy
+    s = arrays(3, temperature=[0.0, 1.0, 0.0], top_k=[0, 1, 0])
+    tokens = jax.jit(sample)(logits, s)
+    np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), -1))  # top_k=1 is greedy
+    out = jax.jit(with_logprobs)(logits, tokens)
     logprobs = np.asarray(jax.nn.log_softmax(logits))
-    np.testing.assert_allclose(out.logprobs, logprobs[np.arange(3), out.token_ids], rtol=1e-6)
+    np.testing.assert_allclose(out.logprobs, logprobs[np.arange(3), tokens], rtol=1e-6)
     np.testing.assert_allclose(out.top_logprobs, -np.sort(-logprobs)[:, :20], rtol=1e-6)
+
+
+def test_full_sampler_agrees_with_basic_on_rows_without_truncation():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((4, 500)).astype(np.float32) * 2)
+    s = arrays(4, temperature=[0.0, 1.0, 0.7, 1.3], min_p=[0.0, 0.0, 0.05, 0.0])
+    np.testing.assert_array_equal(sample(logits, s), sample_basic(logits, s).token_ids)
 
 
 def test_penalties_touch_only_penalized_rows():
