@@ -53,7 +53,9 @@ class DuetStats:
     prefill_worker_seconds: list[float] = dataclasses.field(default_factory=list)
     """The prefill worker's own time per split iteration (0 when it had nothing)."""
     decode_worker_seconds: list[float] = dataclasses.field(default_factory=list)
-    """The decode worker's own time (all k steps) per split iteration."""
+    """The decode worker's own time per split iteration (all its dispatches)."""
+    decode_worker_steps: list[int] = dataclasses.field(default_factory=list)
+    """Decode steps the decode worker ran per split iteration (the stream runs more than k)."""
     switch_seconds: list[float] = dataclasses.field(default_factory=list)
     """Time spent draining the aggregated pipeline when switching to split."""
     stream_dispatches: int = 0
@@ -212,13 +214,14 @@ class Duet:
         return k
 
     def record_split(self, decision: Decision, seconds: float,
-                     worker_seconds: tuple[float, float] = (0.0, 0.0)) -> None:
+                     worker_seconds: tuple[float, float] = (0.0, 0.0), decode_steps: int = 0) -> None:
         predicted = max(decision.t_prefill or 0.0, decision.k * (decision.t_decode or 0.0))
         self.stats.split_k.append(decision.k)
         self.stats.predicted_seconds.append(predicted)
         self.stats.measured_seconds.append(seconds)
         self.stats.prefill_worker_seconds.append(worker_seconds[0])
         self.stats.decode_worker_seconds.append(worker_seconds[1])
+        self.stats.decode_worker_steps.append(decode_steps)
         log.debug("split %.0f/%.0f k=%d: predicted %.2f ms, measured %.2f ms",
                   100 * decision.s_p, 100 * decision.s_d, decision.k, 1e3 * predicted, 1e3 * seconds)
 

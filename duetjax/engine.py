@@ -96,6 +96,8 @@ class _Split:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     """Worker-side seconds: the chunk, and all decode dispatches meanwhile."""
+    decode_steps: int = 0
+    """Decode steps those dispatches ran."""
     deferred_aborts: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -349,7 +351,7 @@ class Engine:
         self._split = None
         self.stats.record(0.0, 0.0, time.perf_counter() - before, 0)
         self.duet.record_split(split.decision, time.perf_counter() - split.launched_at,
-                               (split.prefill_seconds, split.decode_seconds))
+                               (split.prefill_seconds, split.decode_seconds), split.decode_steps)
         for request_id in split.deferred_aborts:
             self.abort(request_id)
         return outputs
@@ -372,6 +374,7 @@ class Engine:
         try:
             outputs, waited = self._finish_step(launched)
             split.decode_seconds += launched.worker_seconds or 0.0
+            split.decode_steps += part.num_steps
         except WorkerDied as e:
             self.duet.worker_failed(split.pair[1], e)
             self._requeue(part)

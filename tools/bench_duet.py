@@ -356,7 +356,7 @@ def _stats_snapshot(engine: Any) -> dict[str, Any]:
             "requeued_requests")}
         snap["duet_lists"] = {name: len(getattr(s, name)) for name in (
             "split_k", "predicted_seconds", "measured_seconds", "switch_seconds",
-            "prefill_worker_seconds", "decode_worker_seconds")}
+            "prefill_worker_seconds", "decode_worker_seconds", "decode_worker_steps")}
     return snap
 
 
@@ -370,7 +370,7 @@ def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | N
                         "worker_failures", "requeued_requests")}
     lists = {name: list(getattr(s, name))[(before["duet_lists"][name] if before else 0):]
              for name in ("split_k", "predicted_seconds", "measured_seconds", "switch_seconds",
-                          "prefill_worker_seconds", "decode_worker_seconds")}
+                          "prefill_worker_seconds", "decode_worker_seconds", "decode_worker_steps")}
     ks = lists["split_k"]
     out["split_k_mean"] = float(np.mean(ks)) if ks else None
     out["split_k_histogram"] = {str(k): ks.count(k) for k in sorted(set(ks))}
@@ -381,7 +381,7 @@ def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | N
     out["prefill_worker_ms"] = distribution_ms(lists["prefill_worker_seconds"])
     out["decode_worker_ms"] = distribution_ms(lists["decode_worker_seconds"])
     out["decode_worker_ms_per_step"] = distribution_ms(
-        [t / k for t, k in zip(lists["decode_worker_seconds"], ks) if k])
+        [t / n for t, n in zip(lists["decode_worker_seconds"], lists["decode_worker_steps"]) if n])
     out["roofline_error"] = roofline_error(lists["predicted_seconds"], lists["measured_seconds"])
     return out
 

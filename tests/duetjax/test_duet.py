@@ -65,6 +65,7 @@ def test_duet_mode_splits_and_matches_aggregated(duet, expected):
     assert stats.split_iterations >= 3 and max(stats.split_k) > 1
     assert len(stats.decode_worker_seconds) == stats.split_iterations
     assert min(stats.decode_worker_seconds) > 0  # every split ran decode steps
+    assert min(stats.decode_worker_steps) >= 1 and len(stats.decode_worker_steps) == stats.split_iterations
     assert len(stats.measured_seconds) == stats.split_iterations
     assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
 
