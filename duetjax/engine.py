@@ -313,10 +313,12 @@ class Engine:
             outputs += drained
             self._in_flight = None
             self.duet.stats.switch_seconds.append(time.perf_counter() - started)
-        batch = self.scheduler.schedule(decision.k, split=True)
+        # Every decode dispatch of the split, the first too, runs the stream's k: the tokens
+        # of a dispatch reach the client together, so k bounds the gaps it sees.
+        stream_k = self.duet.stream_steps(decision)
+        batch = self.scheduler.schedule(stream_k, split=True)
         prefill_part, decode_part = split_batch(batch)
-        split = _Split(decision, pair, launched_at=time.perf_counter(),
-                       stream_k=self.duet.stream_steps(decision))
+        split = _Split(decision, pair, launched_at=time.perf_counter(), stream_k=stream_k)
         if prefill_part.scheduled:
             try:
                 split.prefill = pair[0].dispatch(prefill_part, use_previous=False)

@@ -158,8 +158,18 @@ def test_duet_on_cpu_without_a_profile_is_a_clear_error(tiny_llama_dir):
 
 
 def test_static_policy_splits_every_mixed_iteration_at_its_pair(tiny_llama_dir, profile_and_slo,
-                                                                 expected):
+                                                                 expected, monkeypatch):
+    from duetjax.worker_client import WorkerClient
+
     path, _ = profile_and_slo
+    steps = []
+    dispatch = WorkerClient.dispatch
+
+    def spy(self, batch, use_previous):
+        steps.append(batch.num_steps)
+        return dispatch(self, batch, use_previous)
+
+    monkeypatch.setattr(WorkerClient, "dispatch", spy)
     with Engine(tiny_llama_dir, mode="duet", duet_policy="static", duet_pairs=((50, 50), (70, 30)),
                 device_profile=path, tbt_slo_ms=1e6, **CONFIG) as engine:  # an SLO nothing misses
         assert set(engine.duet.workers) == {("prefill", 50), ("decode", 50)}
@@ -167,3 +177,4 @@ def test_static_policy_splits_every_mixed_iteration_at_its_pair(tiny_llama_dir, 
         assert token_ids(engine.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
         stats = engine.duet.stats
         assert stats.split_iterations >= 3 and stats.aggregated_iterations == 0
+        assert max(steps) > 1  # with a loose SLO the decode stream runs k-step dispatches
