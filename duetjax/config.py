@@ -65,6 +65,10 @@ class EngineConfig:
     """'adaptive' (DuetServe: split only when the aggregated step is predicted to miss the SLO,
     choosing the pair and k) or 'static' (split every iteration with both prefill and decode
     work at the first pair of ``duet_pairs``: the baseline)."""
+    duet_online_correction: bool = True
+    """Scale the roofline's predictions by measured/predicted ratios learned from the
+    iterations the engine runs (``correction.py``): the calibrated roofline alone
+    underestimated real 8B iterations by 25-35 % on an H200."""
     device_profile: str | None = None
     """Roofline profile JSON for duet mode; None: the shipped profile of this GPU model."""
     duet_worker_reserve_gib: float = 3.0

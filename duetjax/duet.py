@@ -22,6 +22,7 @@ from typing import Any
 import jax
 
 from . import mps
+from .correction import Correction, CorrectedRoofline
 from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig, StaticController
 from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
 from .shared_state import SharedState
@@ -135,7 +136,11 @@ class Duet:
         used = engine_config.active_duet_pairs
         pairs = tuple((p / 100, d / 100) for p, d in used)
         controller = StaticController if engine_config.duet_policy == "static" else ModeController
-        self.controller = controller(Roofline(shape, profile), OptimizerConfig(
+        self.correction = Correction()
+        roofline = Roofline(shape, profile)
+        if engine_config.duet_online_correction:
+            roofline = CorrectedRoofline(roofline, self.correction)
+        self.controller = controller(roofline, OptimizerConfig(
             tbt_slo_s=engine_config.tbt_slo_ms / 1e3, pairs=pairs,
             k_max=engine_config.max_decode_steps, k_values=decode_step_choices(engine_config)))
         layout = shared.layout()
@@ -213,6 +218,10 @@ class Duet:
             k *= 2
         return k
 
+    def observe_aggregated(self, predicted: float, measured: float) -> None:
+        """A judged mixed iteration ran aggregated in ``measured`` seconds."""
+        self.correction.observe("aggregated", predicted, measured)
+
     def record_split(self, decision: Decision, seconds: float,
                      worker_seconds: tuple[float, float] = (0.0, 0.0), decode_steps: int = 0) -> None:
         predicted = max(decision.t_prefill or 0.0, decision.k * (decision.t_decode or 0.0))
@@ -222,6 +231,10 @@ class Duet:
         self.stats.prefill_worker_seconds.append(worker_seconds[0])
         self.stats.decode_worker_seconds.append(worker_seconds[1])
         self.stats.decode_worker_steps.append(decode_steps)
+        if worker_seconds[0] > 0 and decision.t_prefill:
+            self.correction.observe("prefill", decision.t_prefill, worker_seconds[0])
+        if decode_steps and decision.t_decode:
+            self.correction.observe("decode", decision.t_decode, worker_seconds[1] / decode_steps)
         log.debug("split %.0f/%.0f k=%d: predicted %.2f ms, measured %.2f ms",
                   100 * decision.s_p, 100 * decision.s_d, decision.k, 1e3 * predicted, 1e3 * seconds)
 

@@ -147,6 +147,10 @@ class Engine:
         self._in_flight: InFlight | None = None
         self._split: _Split | None = None
         """The split iteration whose prefill chunk is running, if any."""
+        self._in_flight_predicted: float | None = None
+        """The controller's prediction for the in-flight aggregated step (duet mode)."""
+        self._last_results: float | None = None
+        """When the previous aggregated step's results arrived, while the pipeline stays full."""
         self.stats = LoopStats()
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(self.config.seed)
@@ -263,12 +267,14 @@ class Engine:
         runs on the worker pair instead (``_split_step``)."""
         if self._split is not None:
             return self._split_stream()
+        predicted = None
         if self.duet is not None:
             prefill, decode = self.scheduler.preview()
             if prefill and decode:  # otherwise there is nothing to split
                 decision, pair = self.duet.decide(prefill, decode)
                 if pair is not None:
                     return self._split_step(decision, pair)
+                predicted = decision.t_aggregated
         started = time.perf_counter()
         batch = self.scheduler.schedule(self.config.decode_steps)
         launched, launch_seconds = None, 0.0
@@ -278,10 +284,23 @@ class Engine:
             self._mark_launched(batch, launched)
             self.scheduler.commit(batch)
         outputs, waited = self._finish_step(self._in_flight) if self._in_flight else ([], 0.0)
+        self._observe_aggregated(launched, predicted)
         self._in_flight = launched
         self.stats.record(time.perf_counter() - started - waited - launch_seconds, launch_seconds,
                           waited, batch.num_steps if batch.scheduled else 0)
         return outputs
+
+    def _observe_aggregated(self, launched: InFlight | None, predicted: float | None) -> None:
+        """Duet mode: the in-flight step's results just arrived; with the pipeline full, the
+        time since the previous step's results is that step's iteration time, which teaches
+        the roofline correction (``correction.py``) when the controller predicted it."""
+        if self.duet is None:
+            return
+        now = time.perf_counter()
+        if self._in_flight is not None and self._last_results is not None and self._in_flight_predicted:
+            self.duet.observe_aggregated(self._in_flight_predicted, now - self._last_results)
+        self._last_results = now if self._in_flight is not None and launched is not None else None
+        self._in_flight_predicted = predicted
 
     def _mark_launched(self, batch: SchedulerOutput, launched: InFlight) -> None:
         """Reserves output slots (PENDING) for the tokens a launched dispatch samples."""
@@ -313,6 +332,7 @@ class Engine:
             outputs += drained
             self._in_flight = None
             self.duet.stats.switch_seconds.append(time.perf_counter() - started)
+        self._last_results = self._in_flight_predicted = None  # the pipeline is drained
         # Every decode dispatch of the split, the first too, runs the stream's k: the tokens
         # of a dispatch reach the client together, so k bounds the gaps it sees.
         stream_k = self.duet.stream_steps(decision)

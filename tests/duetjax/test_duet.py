@@ -17,7 +17,8 @@ from duetjax.roofline import DeviceProfile, ModelShape, Roofline, SMLevel
 
 from .test_engine import token_ids
 
-CONFIG = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=32, show_progress=False)
+CONFIG = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=32, show_progress=False,
+              duet_online_correction=False)  # the constructed profile is what drives these tests
 PARAMS = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
           for m in (22, 9, 25, 5, 21, 13, 17, 10)]
 _rng = np.random.default_rng(20)
@@ -178,3 +179,16 @@ def test_static_policy_splits_every_mixed_iteration_at_its_pair(tiny_llama_dir, 
         stats = engine.duet.stats
         assert stats.split_iterations >= 3 and stats.aggregated_iterations == 0
         assert max(steps) > 1  # with a loose SLO the decode stream runs k-step dispatches
+
+
+def test_online_correction_learns_from_measured_iterations(tiny_llama_dir, profile_and_slo, expected):
+    path, slo_ms = profile_and_slo
+    config = CONFIG | {"duet_online_correction": True}
+    with Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=path,
+                tbt_slo_ms=slo_ms, **config) as engine:
+        engine.duet.wait_ready(timeout=600)
+        assert token_ids(engine.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
+        correction = engine.duet.correction
+        # The constructed profile is far from this CPU: whatever was observed moved its ratio.
+        observed = [kind for kind, n in correction.observations.items() if n]
+        assert observed and all(correction.ratio[kind] != 1.0 for kind in observed)
