@@ -462,6 +462,7 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         kw["mode"] = "aggregated"
     elif mode == "duet":
         kw["mode"] = "duet"
+        kw["duet_online_correction"] = not args.no_online_correction
         if args.duet_pairs:
             kw["duet_pairs"] = parse_pairs(args.duet_pairs)
     elif mode == "static":
@@ -779,6 +780,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan-unroll", type=int, default=None)
     p.add_argument("--duet-pairs", default=None, help="duet mode's pairs, e.g. 80/20,70/30,60/40,50/50")
     p.add_argument("--device-profile", default=None)
+    p.add_argument("--no-online-correction", action="store_true",
+                   help="duet mode without the online roofline correction (EngineConfig."
+                        "duet_online_correction), to measure what the correction does")
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--worker-timeout-s", type=float, default=1800.0)
     p.add_argument("--in-process", action="store_true",

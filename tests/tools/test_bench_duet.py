@@ -211,3 +211,11 @@ def test_duration_cap_and_child_process(tiny_llama_dir, tmp_path):
     assert all(r["arrival"] <= 1.0 for r in rows)
     ttfts = sorted(r["token_times"][0] for r in rows)
     assert 1e3 * ttfts[-1] == pytest.approx(p["ttft_ms"]["max"], abs=1e-2)
+
+
+def test_engine_kwargs_online_correction_flag():
+    args = bd.parse_args(["--out", "x", "--max-model-len", "512"])
+    assert bd.engine_kwargs(args, "duet")["duet_online_correction"] is True
+    args = bd.parse_args(["--out", "x", "--no-online-correction"])
+    assert bd.engine_kwargs(args, "duet")["duet_online_correction"] is False
+    assert "duet_online_correction" not in bd.engine_kwargs(args, "aggregated")
