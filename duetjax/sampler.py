@@ -111,30 +111,42 @@ RADIX_BITS = 4
 """Bits per pass of the top-k / top-p radix select (any divisor of 32; exact for every one)."""
 
 
+def _scaled(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+    """(logits / temperature, the min-p floor per row: -inf when off)."""
+    scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    top = jnp.max(scaled, axis=-1)
+    return scaled, jnp.where(s.min_p > 0, top + jnp.log(jnp.maximum(s.min_p, 1e-30)), -jnp.inf)
+
+
 def truncated_logits(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     """``logits / temperature`` with -inf outside the tokens top-k, then top-p (on the top-k
     distribution), then min-p (relative to the most likely token) keep: exactly the tokens a
     descending sort would keep (ties at a boundary are all kept)."""
     vocab = logits.shape[-1]
-    scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    scaled, min_p_floor = _scaled(logits, s)
     keys = _ordered_keys(scaled)
-    ones = jnp.ones_like(scaled)
     use_top_k = (s.top_k > 0) & (s.top_k < vocab)
-    top_k_key = _largest_key_reaching(keys, ones, jnp.where(use_top_k, s.top_k.astype(jnp.float32), jnp.inf),
+    top_k_key = _largest_key_reaching(keys, jnp.ones_like(scaled),
+                                      jnp.where(use_top_k, s.top_k.astype(jnp.float32), jnp.inf),
                                       RADIX_BITS)
-    in_top_k = keys >= top_k_key[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
-    use_top_p = s.top_p < 1
-    top_p_key = _largest_key_reaching(keys, probs, jnp.where(use_top_p, s.top_p, jnp.inf), RADIX_BITS)
-    top = jnp.max(scaled, axis=-1)
-    min_p_floor = jnp.where(s.min_p > 0, top + jnp.log(jnp.maximum(s.min_p, 1e-30)), -jnp.inf)
+    probs = jax.nn.softmax(jnp.where(keys >= top_k_key[:, None], scaled, -jnp.inf), axis=-1)
+    top_p_key = _largest_key_reaching(keys, probs, jnp.where(s.top_p < 1, s.top_p, jnp.inf), RADIX_BITS)
     threshold = jnp.maximum(jnp.maximum(top_k_key, top_p_key), _ordered_keys(min_p_floor))
     return jnp.where(keys >= threshold[:, None], scaled, -jnp.inf)
 
 
-def _categorical(scaled: jax.Array, s: SamplingArrays) -> jax.Array:
+def _choose(logits: jax.Array, masked: jax.Array, s: SamplingArrays) -> jax.Array:
+    """Per row: a draw from ``masked`` (scaled, truncated logits) when it samples, else the
+    argmax of ``logits``."""
     keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(s.seeds, s.counters)
-    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    random = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(s.temperature > 0, random, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+def _without_logprobs(tokens: jax.Array, vocab: int) -> SampledTokens:
+    rows, top_n = tokens.shape[0], min(MAX_LOGPROBS, vocab)
+    return SampledTokens(tokens, jnp.zeros(rows, jnp.float32), jnp.zeros((rows, top_n), jnp.int32),
+                         jnp.zeros((rows, top_n), jnp.float32))
 
 
 def sample_basic(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
@@ -143,21 +155,15 @@ def sample_basic(logits: jax.Array, s: SamplingArrays) -> SampledTokens:
     XLA:GPU copy the predicate to the host and wait for it, so the host could not launch the
     next step before this one had computed its logits (measured: the GPU idled 30-40 % of a
     Llama-3-8B decode step on an H200). Log-probability fields are zeros."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    top = jnp.max(scaled, axis=-1)
-    floor = jnp.where(s.min_p > 0, top + jnp.log(jnp.maximum(s.min_p, 1e-30)), -jnp.inf)
-    random = _categorical(jnp.where(scaled >= floor[:, None], scaled, -jnp.inf), s)
-    rows, top_n = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
-    return SampledTokens(jnp.where(s.temperature > 0, random, greedy), jnp.zeros(rows, jnp.float32),
-                         jnp.zeros((rows, top_n), jnp.int32), jnp.zeros((rows, top_n), jnp.float32))
+    scaled, floor = _scaled(logits, s)
+    tokens = _choose(logits, jnp.where(scaled >= floor[:, None], scaled, -jnp.inf), s)
+    return _without_logprobs(tokens, logits.shape[-1])
 
 
 def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     """Token ids with top-k, top-p and min-p truncation, for every row. A row that uses none
     of them gets the token ``sample_basic`` gives it."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jnp.where(s.temperature > 0, _categorical(truncated_logits(logits, s), s), greedy)
+    return _choose(logits, truncated_logits(logits, s), s)
 
 
 def sample_full(logits: jax.Array, counts: jax.Array, s: SamplingArrays,
@@ -166,10 +172,7 @@ def sample_full(logits: jax.Array, counts: jax.Array, s: SamplingArrays,
     log-probability fields are zeros (``with_logprobs`` fills them)."""
     penalized, counts = apply_penalties(logits, counts, p)
     tokens = sample(penalized, s)
-    rows, top_n = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
-    sampled = SampledTokens(tokens, jnp.zeros(rows, jnp.float32), jnp.zeros((rows, top_n), jnp.int32),
-                            jnp.zeros((rows, top_n), jnp.float32))
-    return sampled, count_tokens(counts, tokens, p)
+    return _without_logprobs(tokens, logits.shape[-1]), count_tokens(counts, tokens, p)
 
 
 def with_logprobs(model_logits: jax.Array, tokens: jax.Array) -> SampledTokens:
