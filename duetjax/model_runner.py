@@ -152,9 +152,13 @@ class ModelRunner:
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
 
     @property
-    def _compiler_options(self) -> dict[str, bool]:
-        """Per-executable XLA options (the process's XLA_FLAGS stay untouched)."""
-        return {"xla_gpu_enable_triton_gemm": self.config.gemm_backend == "triton"}
+    def _compiler_options(self) -> dict[str, bool | str]:
+        """Per-executable XLA options (the process's XLA_FLAGS stay untouched). XLA's dot
+        merger is off: it fused GEMMs that share an input by concatenating their weights on
+        every step (26 us a layer at Llama-3-8B decode on an H200); the models store q/k/v and
+        gate/up fused at load instead (``benchmarks/results/decode-fusion-h200-2026-11-21.md``)."""
+        return {"xla_gpu_enable_triton_gemm": self.config.gemm_backend == "triton",
+                "xla_disable_hlo_passes": "dot-merger"}
 
     def _compile(self, b: Bucket) -> jax.stages.Compiled:
         start = time.perf_counter()

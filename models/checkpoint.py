@@ -1,9 +1,14 @@
 """Builds the stacked parameter tree from any tensor source in Hugging Face naming.
 
-The decoder's parameter paths mirror HF names (``layers/self_attn/q_proj/weight`` is
-``model.layers.{i}.self_attn.q_proj.weight`` stacked over i), so one rename rule serves every
-family and every source (safetensors directories, GGUF files). Tensors go to the device one at
-a time; only one layer group (e.g. all ``up_proj`` weights) is ever stacked at once.
+The decoder's parameter paths mirror HF names (``layers/self_attn/o_proj/weight`` is
+``model.layers.{i}.self_attn.o_proj.weight`` stacked over i), so one rename rule serves every
+family and every source (safetensors directories, GGUF files). The exceptions are the fused
+params in ``FUSED``: ``self_attn/qkv_proj`` holds HF's q_proj, k_proj and v_proj rows
+concatenated on the out-feature axis (axis 0), ``mlp/gate_up_proj`` holds gate_proj then
+up_proj, weights and biases alike; each layer's piece is concatenated on the host from the HF
+members (each checked against the shape the config implies for it). Tensors go to the device
+one layer at a time; only one layer group (e.g. all ``gate_up_proj`` weights) is ever stacked
+at once.
 """
 from __future__ import annotations
 
@@ -29,8 +34,26 @@ class TensorSource(Protocol):
     def get(self, name: str) -> np.ndarray: ...
 
 
+FUSED: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+"""Fused param name -> its HF members, in concatenation order along axis 0. Fused once at load
+time so a decode step runs one GEMM per group; unfused, XLA either concatenated the weights on
+every step or ran skinny k/v GEMMs far below the memory roofline."""
+
+
+def member_features(config: ModelConfig, member: str) -> int:
+    """Out-features (rows) of one HF member of a fused param."""
+    q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size,
+            "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}[member]
+
+
 def hf_names(path: Sequence[str], num_layers: int) -> list[str]:
-    """HF tensor names behind one parameter path (one per layer for stacked weights)."""
+    """HF tensor names behind one parameter path (one per layer for stacked weights), by the
+    rename rule alone: for a fused param these are the fused names, and ``load_params`` reads
+    its ``FUSED`` members instead when the source lacks them."""
     if path[0] == "layers":
         rest = ".".join(path[1:])
         return [f"model.layers.{i}.{rest}" for i in range(num_layers)]
@@ -71,25 +94,48 @@ def _path_names(path) -> list[str]:
 
 def load_params(config: ModelConfig, source: TensorSource, dtype: Any,
                 progress: Callable[[str], None] | None = None) -> Any:
-    """Reads every parameter from ``source``, checks its shape, casts and places it on device."""
+    """Reads every parameter from ``source``, checks its shape, casts and places it on device.
+
+    A fused param (``FUSED``) is built per layer from its HF members, concatenated on the host;
+    a source that already holds the fused tensor (e.g. written from this tree) is read as is.
+    """
     available = source.names()
     shapes = abstract_params(config, dtype)
 
+    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in available:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint "
+                                  f"(a {config.architecture} with this config needs it)")
+        found = tuple(source.shape(name))
+        if found != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {found}, but the config "
+                                  f"implies {shape}")
+        return np.asarray(source.get(name))
+
+    def fused(name: str, fused_name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """One layer's fused piece: its HF members concatenated on axis 0."""
+        host = np.concatenate([
+            read(name.replace(f".{fused_name}.", f".{member}."),
+                 (member_features(config, member),) + shape[1:])
+            for member in FUSED[fused_name]])
+        assert host.shape == shape, (name, host.shape, shape)
+        return host
+
     def load(path, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        names = hf_names(_path_names(path), config.num_layers)
-        per_tensor = leaf.shape[1:] if names[0].startswith("model.layers.") else leaf.shape
+        keys = _path_names(path)
+        names = hf_names(keys, config.num_layers)
+        stacked = names[0].startswith("model.layers.")
+        per_tensor = tuple(leaf.shape[1:] if stacked else leaf.shape)
+        fused_name = keys[-2] if len(keys) >= 2 and keys[-2] in FUSED else None
         pieces = []
         for name in names:
-            if name not in available:
-                raise CheckpointError(f"tensor {name!r} is missing from the checkpoint "
-                                      f"(a {config.architecture} with this config needs it)")
-            found = tuple(source.shape(name))
-            if found != tuple(per_tensor):
-                raise CheckpointError(f"tensor {name!r} has shape {found}, but the config "
-                                      f"implies {tuple(per_tensor)}")
-            pieces.append(jax.device_put(np.asarray(source.get(name)).astype(leaf.dtype)))
+            if fused_name is not None and name not in available:
+                host = fused(name, fused_name, per_tensor)
+            else:
+                host = read(name, per_tensor)
+            pieces.append(jax.device_put(host.astype(leaf.dtype)))
         if progress is not None:
             progress(names[0])
-        return jnp.stack(pieces) if len(pieces) > 1 or names[0].startswith("model.layers.") else pieces[0]
+        return jnp.stack(pieces) if stacked else pieces[0]
 
     return jax.tree_util.tree_map_with_path(load, shapes)

@@ -24,9 +24,11 @@ class Attention(nn.Module):
     def __call__(self, x, kv_pool, layer, window, local_rope, meta: AttentionMetadata):
         cfg = self.config
         num_tokens = x.shape[0]
-        q = Linear(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, name="q_proj")(x)
-        k = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, name="k_proj")(x)
-        v = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, name="v_proj")(x)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # One fused GEMM for q, k and v (HF's q_proj, k_proj, v_proj rows concatenated at load
+        # time): three skinny GEMMs, or XLA concatenating the weights every step, cost more.
+        qkv = Linear(q_size + 2 * kv_size, cfg.qkv_bias, self.dtype, name="qkv_proj")(x)
+        q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)

@@ -1,5 +1,6 @@
 """Small Flax (Linen) building blocks. Parameter names mirror Hugging Face's, so loading a
-checkpoint is a mechanical rename; kernels keep HF's ``[out_features, in_features]`` layout
+checkpoint is a mechanical rename (except the fused ``qkv_proj`` and ``gate_up_proj``, see
+``models.checkpoint``); kernels keep HF's ``[out_features, in_features]`` layout
 (the matmul contracts the last axis of both, so no transpose is ever materialized)."""
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class Embedding(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU (Llama, Qwen, Mistral) or GeGLU (Gemma)."""
+    """down(act(gate(x)) * up(x)): SwiGLU (Llama, Qwen, Mistral) or GeGLU (Gemma). Params:
+    ``gate_up_proj`` ([gate; up] rows) and ``down_proj``."""
 
     hidden_size: int
     intermediate_size: int
@@ -73,8 +75,9 @@ class GatedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = Linear(self.intermediate_size, self.use_bias, self.dtype, name="gate_proj")(x)
-        up = Linear(self.intermediate_size, self.use_bias, self.dtype, name="up_proj")(x)
+        # gate_proj and up_proj fused into one GEMM (HF's rows concatenated at load time).
+        gate_up = Linear(2 * self.intermediate_size, self.use_bias, self.dtype, name="gate_up_proj")(x)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         return Linear(self.hidden_size, self.use_bias, self.dtype, name="down_proj")(act * up)
 

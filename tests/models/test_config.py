@@ -73,7 +73,9 @@ def test_dummy_weights_from_a_config_only_directory(tmp_path):
     model = load_model(tmp_path, dtype="bfloat16", load_format="dummy")
     leaves = jax.tree_util.tree_leaves(model.params)
     assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in leaves)
-    assert model.params["layers"]["self_attn"]["q_proj"]["weight"].shape == (2, 64, 64)
+    # Fused q/k/v: 4 query heads + 2 * 2 kv heads of head_dim 16; fused gate/up: 2 * 128.
+    assert model.params["layers"]["self_attn"]["qkv_proj"]["weight"].shape == (2, 128, 64)
+    assert model.params["layers"]["mlp"]["gate_up_proj"]["weight"].shape == (2, 256, 64)
     assert float(jax.numpy.std(model.params["embed_tokens"]["weight"].astype(np.float32))) > 0.01
 
 
