@@ -7,6 +7,7 @@ interpret mode, for CPU tests), "xla" (page loop in plain XLA ops: the CPU path)
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from . import reference, tuning
 from .decode_attention import paged_decode_attention
@@ -49,8 +50,9 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
                     impl: str = "auto") -> jax.Array:
     """Ragged paged attention over the pool; see ``reference`` for the batch convention.
 
-    ``decode_only`` (static) promises one new token per sequence (T == S), which lets the
-    dispatcher pick the decode kernel. The Pallas kernels take their tiles from ``tuning``.
+    ``decode_only`` (static) promises one new token per sequence (T == S): the decode kernel
+    alone. Otherwise the prefill kernel runs the sequences with several new tokens and the
+    decode kernel those with one. The Pallas kernels take their tiles from ``tuning``.
     """
     impl = resolve_impl(impl, q.shape[-1])
     if impl == "reference":
@@ -62,18 +64,35 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
             q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
             soft_cap=soft_cap, sliding_window=sliding_window)
     interpret = impl == "interpret"
-    head_dim = q.shape[2]
     if decode_only:
-        cfg = tuning.decode_config(head_dim, q.shape[0], kv_pool.shape[2],
-                                   block_tables.shape[1] * kv_pool.shape[4],
-                                   kv_pool.dtype.itemsize)
-        return paged_decode_attention(
-            q, kv_pool, layer, block_tables, context_lens, scale=scale, soft_cap=soft_cap,
-            sliding_window=sliding_window, block_k=cfg.block_k, num_splits=cfg.num_splits,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
-    cfg = tuning.prefill_config(head_dim, kv_pool.dtype.itemsize)
-    return paged_prefill_attention(
+        return _decode(q, kv_pool, layer, block_tables, context_lens, scale=scale,
+                       soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
+    # A mixed batch: sequences with one new token (the decodes riding along) go through the
+    # decode kernel, the rest through the prefill kernel. In the prefill kernel each decode
+    # would fill a whole block_m-row tile for `group` useful rows: an 8B step with 64 decodes
+    # at 2k context spent milliseconds there.
+    cfg = tuning.prefill_config(q.shape[2], kv_pool.dtype.itemsize)
+    out = paged_prefill_attention(
         q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
         soft_cap=soft_cap, sliding_window=sliding_window, block_m=cfg.block_m,
         block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        interpret=interpret)
+        interpret=interpret, skip_single_token=True)
+    single = query_start_loc[1:] - query_start_loc[:-1] == 1
+    token = jnp.maximum(query_start_loc[1:] - 1, 0)
+    decoded = _decode(q[token], kv_pool, layer, block_tables,
+                      jnp.where(single, context_lens, 0), scale=scale, soft_cap=soft_cap,
+                      sliding_window=sliding_window, interpret=interpret)
+    rows = jnp.where(single, token, q.shape[0])  # out of range: dropped
+    return out.at[rows].set(decoded, mode="drop")
+
+
+def _decode(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
+            context_lens: jax.Array, *, scale: float, soft_cap: float | None, sliding_window,
+            interpret: bool) -> jax.Array:
+    """The decode kernel with the tuning table's tiles for this shape."""
+    cfg = tuning.decode_config(q.shape[2], q.shape[0], kv_pool.shape[2],
+                               block_tables.shape[1] * kv_pool.shape[4], kv_pool.dtype.itemsize)
+    return paged_decode_attention(
+        q, kv_pool, layer, block_tables, context_lens, scale=scale, soft_cap=soft_cap,
+        sliding_window=sliding_window, block_k=cfg.block_k, num_splits=cfg.num_splits,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)

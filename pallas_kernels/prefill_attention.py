@@ -99,19 +99,22 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
     plgpu.store(o_ref.at[q_token, q_head, dims], out.astype(o_ref.dtype), mask=row_valid[:, None])
 
 
-def q_block_map(query_start_loc: jax.Array, num_tokens: int, group: int,
-                block_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def q_block_map(query_start_loc: jax.Array, num_tokens: int, group: int, block_m: int,
+                skip_single_token: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per q-block: its sequence and first (token, head) pair; plus the extended start locs.
 
     Sequence ``S`` (one past the last) is the padding pseudo-sequence covering tokens
     ``query_start_loc[S]:T``. Blocks past the last real one get a first pair beyond their
-    sequence's rows, so they do nothing.
+    sequence's rows, so they do nothing. ``skip_single_token``: sequences with one new token
+    get no block (their rows are left unwritten for the decode kernel's results).
     """
     num_seqs = query_start_loc.shape[0] - 1
     start_loc = jnp.concatenate([query_start_loc.astype(jnp.int32),
                                  jnp.full((1,), num_tokens, jnp.int32)])
     q_lens = start_loc[1:] - start_loc[:-1]
     blocks = (q_lens * group + block_m - 1) // block_m
+    if skip_single_token:
+        blocks = blocks.at[:num_seqs].set(jnp.where(q_lens[:num_seqs] == 1, 0, blocks[:num_seqs]))
     ends = jnp.cumsum(blocks)
     num_q_blocks = pl.cdiv(num_tokens * group, block_m) + num_seqs + 1
     block_ids = jnp.arange(num_q_blocks, dtype=jnp.int32)
@@ -122,20 +125,26 @@ def q_block_map(query_start_loc: jax.Array, num_tokens: int, group: int,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "soft_cap", "block_m", "block_n", "num_warps", "num_stages", "interpret"))
+    "scale", "soft_cap", "block_m", "block_n", "num_warps", "num_stages", "interpret",
+    "skip_single_token"))
 def paged_prefill_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int,
                             block_tables: jax.Array, context_lens: jax.Array,
                             query_start_loc: jax.Array, *, scale: float,
                             soft_cap: float | None = None,
                             sliding_window: jax.Array | int = 0, block_m: int = 64,
                             block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                            interpret: bool = False) -> jax.Array:
-    """Ragged paged attention of ``q [T, Hq, D]``; batch convention of ``reference``."""
+                            interpret: bool = False, skip_single_token: bool = False) -> jax.Array:
+    """Ragged paged attention of ``q [T, Hq, D]``; batch convention of ``reference``.
+
+    ``skip_single_token``: leave the rows of sequences with one new token unwritten (the
+    caller runs those through the decode kernel: here each would fill a ``block_m``-row tile
+    with ``group`` useful rows)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pool.shape[2], kv_pool.shape[4]
     num_seqs = context_lens.shape[0]
     group = num_q_heads // num_kv_heads
-    block_seq, block_pair, start_loc = q_block_map(query_start_loc, num_tokens, group, block_m)
+    block_seq, block_pair, start_loc = q_block_map(query_start_loc, num_tokens, group, block_m,
+                                                   skip_single_token)
     context_lens = jnp.concatenate([context_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
     params = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(sliding_window, jnp.int32)])
     kernel = functools.partial(

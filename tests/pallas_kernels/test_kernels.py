@@ -108,6 +108,26 @@ def test_decode_matches_reference(case, dtype):
     check_attention(out, q, pool, tables, ctx, qsl, dtype, batch, **kw)
 
 
+MIXED_CASES = [
+    # name, q_lens, ctx_lens, page, hkv, group, d, window, soft_cap
+    ("decodes first and last, g4 d64", [1, 9, 1, 1], [70, 30, 5, 33], 16, 2, 4, 64, 0, None),
+    ("window + soft cap, g3", [3, 1, 12, 1], [40, 17, 12, 64], 8, 2, 3, 64, 7, 30.0),
+    ("decodes only, in a mixed bucket", [1, 1, 1], [20, 1, 48], 16, 1, 8, 128, 0, None),
+]
+
+
+@pytest.mark.parametrize("case", MIXED_CASES, ids=[c[0] for c in MIXED_CASES])
+def test_mixed_batch_splits_decodes_and_prefills(case):
+    """Through ops: the one-token sequences take the decode kernel, the rest the prefill
+    kernel, and the two results meet in one output (every row written, padding zeros)."""
+    _, q_lens, ctx_lens, page, hkv, group, d, window, cap = case
+    q, pool, tables, ctx, qsl = make_batch(len(q_lens) * 7 + d, q_lens, ctx_lens, page=page,
+                                           hkv=hkv, group=group, d=d, dtype=jnp.float32)
+    kw = dict(scale=d ** -0.5, soft_cap=cap, sliding_window=jnp.int32(window))
+    out = ops.paged_attention(q, pool, jnp.int32(1), tables, ctx, qsl, impl="interpret", **kw)
+    check_attention(out, q, pool, tables, ctx, qsl, jnp.float32, sum(q_lens), **kw)
+
+
 def test_ops_dispatch_interpret_matches_reference():
     """Through ops (the model's entry), tiles from the tuning table, decode and mixed."""
     q, pool, tables, ctx, qsl = make_batch(5, [1, 30, 1], [70, 30, 5], page=16, hkv=2, group=4,
