@@ -26,7 +26,7 @@ from .correction import Correction, CorrectedRoofline
 from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig, StaticController
 from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
 from .shared_state import SharedState
-from .step_inputs import decode_step_choices
+from .step_inputs import decode_step_choices, step_padding
 from .worker import DECODE, PREFILL, WorkerSetup
 from .worker_client import WorkerClient, WorkerDied
 
@@ -137,7 +137,7 @@ class Duet:
         pairs = tuple((p / 100, d / 100) for p, d in used)
         controller = StaticController if engine_config.duet_policy == "static" else ModeController
         self.correction = Correction()
-        roofline = Roofline(shape, profile)
+        roofline = Roofline(shape, profile, step_padding(engine_config))
         if engine_config.duet_online_correction:
             roofline = CorrectedRoofline(roofline, self.correction)
         self.controller = controller(roofline, OptimizerConfig(

@@ -180,31 +180,38 @@ def fallback(roofline: Roofline, prefill: Sequence[tuple[int, int]],
 class HysteresisConfig:
     """When ``ModeController`` switches modes; margins are fractions of the SLO."""
 
-    enter_after: int = 2
-    """Consecutive iterations whose aggregated prediction misses the SLO before going split
-    (one noisy miss should not move the decode batch to another worker)."""
+    headroom: float = 0.1
+    """Share of the SLO kept free for prediction error: an aggregated iteration predicted
+    above SLO·(1 − headroom) counts as a miss. A mixed iteration that really misses breaks the
+    SLO for every running request, so the controller must not wait to be sure; the fitted
+    roofline's P95 error is about 11 % on an H200 (benchmarks/results/decode-fusion-h200-2026-11-21.md)."""
+    enter_after: int = 1
+    """Consecutive predicted misses before going split. 1: at once (an 8B run with 2 let
+    three 57 ms mixed iterations through at a 50 ms SLO, and those gaps failed most requests)."""
     enter_margin: float = 0.05
     """A miss by more than this (t_agg > SLO·(1 + margin)) goes split at once: waiting would
     miss the SLO for sure."""
     exit_after: int = 4
     """Consecutive iterations whose aggregated prediction fits with ``exit_margin`` before
     going back to aggregated."""
-    exit_margin: float = 0.1
+    exit_margin: float = 0.2
     """Back to aggregated only when t_agg <= SLO·(1 − margin), so a batch hovering at the
-    SLO stays split."""
+    SLO stays split (at least ``headroom``)."""
 
     def __post_init__(self) -> None:
         if self.enter_after < 1 or self.exit_after < 1:
             raise ValueError("enter_after and exit_after must be >= 1")
-        if self.enter_margin < 0 or not 0 <= self.exit_margin < 1:
-            raise ValueError("enter_margin must be >= 0 and exit_margin in [0, 1)")
+        if self.enter_margin < 0 or not 0 <= self.exit_margin < 1 or not 0 <= self.headroom < 1:
+            raise ValueError("enter_margin must be >= 0, exit_margin and headroom in [0, 1)")
+        if self.exit_margin < self.headroom:
+            raise ValueError("exit_margin must be >= headroom, or the mode flaps at the SLO")
 
 
 class ModeController:
     """The optimizer with memory: the pure decision, smoothed so the mode does not flap.
 
-    In aggregated mode it goes split after ``enter_after`` consecutive predicted misses (or one
-    large miss); in split mode it goes back after ``exit_after`` consecutive comfortable fits.
+    In aggregated mode it goes split after ``enter_after`` consecutive predicted misses of the
+    SLO less its headroom (or one large miss); in split mode it goes back after ``exit_after`` consecutive comfortable fits.
     While split it re-optimises (S_p, S_d, k) every iteration. Nothing to split (no prefill or
     no decode) and no feasible split both force aggregated and reset the counters.
     """
@@ -227,11 +234,13 @@ class ModeController:
             self._reset(AGGREGATED)
             return decide(roofline, prefill, decode_context_lens, config)
         t_agg = predict_aggregated(roofline, prefill, decode_context_lens)
+        budget = slo * (1 - hyst.headroom)
         if self.mode == AGGREGATED:
-            self._misses = self._misses + 1 if t_agg > slo else 0
-            if self._misses < hyst.enter_after and t_agg <= slo * (1 + hyst.enter_margin):
-                reason = (f"aggregated {t_agg * 1e3:.3f} ms fits SLO {slo * 1e3:.3f} ms"
-                          if t_agg <= slo else
+            self._misses = self._misses + 1 if t_agg > budget else 0
+            if self._misses < hyst.enter_after and t_agg <= budget * (1 + hyst.enter_margin):
+                reason = (f"aggregated {t_agg * 1e3:.3f} ms fits SLO {slo * 1e3:.3f} ms "
+                          f"less {100 * hyst.headroom:.0f} % headroom"
+                          if t_agg <= budget else
                           f"hysteresis: miss {self._misses} of {hyst.enter_after} before split")
                 return aggregated(roofline, prefill, decode_context_lens, config, reason, t_agg)
         else:
@@ -247,7 +256,7 @@ class ModeController:
             return fallback(roofline, prefill, decode_context_lens, config, t_agg)
         if self.mode == AGGREGATED:
             self._reset(SPLIT)
-        elif t_agg <= slo:
+        elif t_agg <= budget:
             split = dataclasses.replace(
                 split, reason=f"hysteresis: aggregated fits ({t_agg * 1e3:.3f} ms), staying split "
                               f"({self._fits} of {hyst.exit_after} comfortable fits)")

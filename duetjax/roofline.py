@@ -19,6 +19,10 @@ FLOP counting of attention: we count what a causal, block-skipping kernel comput
 of the whole square. Softmax FLOPs and the waste on diagonal blocks are left to the attention
 efficiency factor. Sliding-window layers cap each query's keys at the window.
 
+Padding: an engine runs every step padded to a compiled bucket (``step_inputs``), so with a
+``StepPadding`` the token-level ops cost the bucket's token count and the LM head its rows; a
+step of 1,100 tokens runs (and costs) 2,048. Padded rows attend to nothing.
+
 Not modelled (small next to the ops above, or absorbed by calibration): rotary embeddings,
 residual adds, biases, sampling; the KV write is the k/v projections' output. Tensor-parallel
 all-reduce is not modelled yet (duetjax runs one GPU).
@@ -379,6 +383,29 @@ def _keys_read(q: int, c: int, window: int) -> int:
     return q + c if window <= 0 else min(q + c, window + q - 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPadding:
+    """How an engine pads a step to its compiled bucket (``step_inputs.plan_buckets``; a test
+    checks the two agree): the roofline costs the shape that runs."""
+
+    max_seqs: int
+    """Sequence rows of the largest bucket (max_num_seqs rounded up to a power of two)."""
+    min_tokens: int
+    """Tokens of the smallest mixed (non-decode) bucket."""
+
+    def padded(self, num_tokens: int, num_seqs: int, decode_only: bool) -> tuple[int, int]:
+        """(tokens, LM-head rows) of the bucket that runs such a step."""
+        if decode_only:
+            rows = _power_of_two(num_seqs)
+            return rows, rows
+        tokens = _power_of_two(max(num_tokens, self.min_tokens))
+        return tokens, min(tokens, self.max_seqs)
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 _OpRow = tuple[str, str, float, float, float, float, float]
 """(name, op_class, flops, bytes, compute_s, memory_s, time_s): an ``OpCost`` before it is one."""
 
@@ -391,9 +418,12 @@ class Roofline:
     closed form when they all sit on the same side of the roofline ridge.
     """
 
-    def __init__(self, shape: ModelShape, profile: DeviceProfile) -> None:
+    def __init__(self, shape: ModelShape, profile: DeviceProfile,
+                 padding: StepPadding | None = None) -> None:
         self.shape = shape
         self.profile = profile
+        self.padding = padding
+        """None: cost the tokens as given (a kernel-level estimate, no buckets)."""
         self._window_counts = tuple(shape.window_counts().items())
 
     # --- predictions ---
@@ -468,6 +498,9 @@ class Roofline:
         m = len(decode_ctx) + len(prefill) if num_logits is None else num_logits
         if not 0 <= m <= n:
             raise ValueError(f"num_logits must be in [0, {n}], got {num_logits}")
+        if self.padding is not None and n:
+            # the bucket's LM head runs on every row, whether or not its logits are sampled
+            n, m = self.padding.padded(n, len(decode_ctx) + len(prefill), not prefill)
         d, d_q, d_kv = sh.hidden_size, sh.num_heads * sh.head_dim, sh.num_kv_heads * sh.head_dim
 
         def cost(name: str, op_class: str, f: float, b: float, count: int) -> _OpRow:

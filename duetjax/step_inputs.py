@@ -23,6 +23,7 @@ from models.attention import AttentionMetadata
 
 from .config import EngineConfig
 from .request import PENDING
+from .roofline import StepPadding
 from .sampler import PenaltyArrays, SamplingArrays
 from .scheduler import SchedulerOutput
 
@@ -49,6 +50,11 @@ class Bucket:
     @property
     def multi_step(self) -> bool:
         return self.steps > 1
+
+
+def step_padding(config: EngineConfig) -> StepPadding:
+    """The padding of ``bucket_for``, for the roofline (pure Python, no buckets needed)."""
+    return StepPadding(max_seqs=bucket(config.max_num_seqs), min_tokens=MIN_MIXED_TOKENS)
 
 
 def decode_step_choices(config: EngineConfig) -> tuple[int, ...]:

@@ -165,7 +165,7 @@ def cases():
 def test_hysteresis_enters_split_after_n_misses_or_one_big_miss(cases):
     slo, fit, marginal, big = cases
     ctl = ModeController(ROOFLINE, OptimizerConfig(tbt_slo_s=slo, pairs=PAIRS),
-                         HysteresisConfig(enter_after=2, enter_margin=0.05))
+                         HysteresisConfig(enter_after=2, enter_margin=0.05, headroom=0.0))
     first = ctl.step(marginal, SMALL_DECODE)
     assert first.mode == AGGREGATED and "hysteresis" in first.reason
     assert ctl.step(marginal, SMALL_DECODE).mode == SPLIT
@@ -176,7 +176,8 @@ def test_hysteresis_enters_split_after_n_misses_or_one_big_miss(cases):
 def test_hysteresis_does_not_flap_on_alternating_inputs(cases):
     slo, fit, marginal, big = cases
     ctl = ModeController(ROOFLINE, OptimizerConfig(tbt_slo_s=slo, pairs=PAIRS),
-                         HysteresisConfig(enter_after=2, exit_after=3))
+                         HysteresisConfig(enter_after=2, exit_after=3, exit_margin=0.1,
+                                          headroom=0.0))
     # Aggregated: marginal misses never come twice in a row, so it never splits.
     modes = [ctl.step(p, SMALL_DECODE).mode for p in [marginal, fit] * 5]
     assert modes == [AGGREGATED] * 10
@@ -188,6 +189,18 @@ def test_hysteresis_does_not_flap_on_alternating_inputs(cases):
     modes = [ctl.step(fit, SMALL_DECODE).mode for _ in range(3)]
     assert modes == [SPLIT, SPLIT, AGGREGATED]
     assert ctl.mode == AGGREGATED
+
+
+def test_default_headroom_splits_a_near_miss_at_once(cases):
+    """Predicted within the SLO but inside its 10 % headroom: split now (a real miss of a
+    mixed iteration breaks the SLO for every running request)."""
+    slo = 0.012
+    near = prefill_for(0.93 * slo)
+    assert predict_aggregated(ROOFLINE, near, SMALL_DECODE) <= slo
+    ctl = ModeController(ROOFLINE, OptimizerConfig(tbt_slo_s=slo, pairs=PAIRS))
+    assert ctl.step(near, SMALL_DECODE).mode == SPLIT
+    with pytest.raises(ValueError, match="exit_margin must be >= headroom"):
+        HysteresisConfig(headroom=0.2, exit_margin=0.1)
 
 
 def test_controller_split_decisions_are_the_optimizer_best(cases):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from duetjax.roofline import (DeviceProfile, Efficiency, InterferencePoint, ModelShape, Roofline,
-                              SMLevel, load_profile)
+                              SMLevel, StepPadding, load_profile)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -307,3 +307,22 @@ def test_host_side_modules_do_not_load_jax():
     code = ("import sys, duetjax.roofline, duetjax.optimizer, duetjax.scheduler; "
             "sys.exit(1 if 'jax' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_padding_costs_the_bucket_that_runs(h200, llama8b):
+    padding = StepPadding(max_seqs=64, min_tokens=16)
+    padded, plain = Roofline(llama8b, h200, padding), Roofline(llama8b, h200)
+
+    def op(roofline, batch, name):
+        return roofline.breakdown(batch).op(name)
+
+    # 1,100 prefill tokens run in the 2,048-token bucket, whose LM head has 64 rows
+    assert op(padded, [(1100, 0)], "q_proj").flops == op(plain, [(2048, 0)], "q_proj").flops
+    assert op(padded, [(1100, 0)], "lm_head").flops == op(plain, [(1, 0)] * 64, "lm_head").flops
+    # attention is not padded: padded rows attend to nothing
+    assert op(padded, [(1100, 0)], "attention").flops == op(plain, [(1100, 0)], "attention").flops
+    # 33 decodes run in the 64-row decode bucket
+    decodes = [(1, 500)] * 33
+    assert op(padded, decodes, "down_proj").flops == op(plain, [(1, 500)] * 64, "down_proj").flops
+    assert padded.predict(decodes) > plain.predict(decodes)
+    assert padded.predict([(1, 500)] * 64) == pytest.approx(plain.predict([(1, 500)] * 64))

@@ -43,3 +43,23 @@ def test_unpack_on_device_rejects_a_wrong_size():
     inputs = build_inputs(Bucket(True, 2, 2), None, page_size=16, max_pages_per_seq=3)
     with pytest.raises(ValueError, match="do not match the layout"):
         unpack_on_device(layout_of(inputs), np.zeros(len(pack(inputs)) + 4, np.uint8))
+
+
+def test_step_padding_agrees_with_the_buckets():
+    """The roofline costs the bucket a step runs in: its padding must be ``bucket_for``'s."""
+    from types import SimpleNamespace
+
+    from duetjax.step_inputs import bucket_for, step_padding
+
+    rng = np.random.default_rng(0)
+    for max_seqs, max_tokens in ((4, 32), (64, 2048), (48, 3000)):
+        config = EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens)
+        padding = step_padding(config)
+        for _ in range(200):
+            seqs = int(rng.integers(1, max_seqs + 1))
+            decode_only = bool(rng.random() < 0.4)
+            tokens = seqs if decode_only else int(rng.integers(seqs, max_tokens + 1))
+            batch = SimpleNamespace(decode_only=decode_only, scheduled=[None] * seqs,
+                                    num_tokens=tokens, num_steps=1)
+            b = bucket_for(batch, config)
+            assert padding.padded(tokens, seqs, decode_only) == (b.num_tokens, b.num_seqs)

@@ -39,10 +39,21 @@ def test_fit_recovers_known_efficiencies_and_overhead(shape):
     assert report["test"] == 100
 
 
-def test_faster_than_the_rates_is_clamped_to_efficiency_one():
-    profile = rf.fitted_profile(BASE, np.array([1e-4, 0.5, 2.0, 0.0]), "note")
-    assert profile.efficiency == Efficiency(gemm=1.0, attention=0.5, elementwise=1.0)
-    assert profile.notes[-1] == "note"
+def test_efficiencies_are_bounded_in_the_solve(shape):
+    """Steps faster than the measured rates allow: the fit stops at efficiency 1 and the other
+    factors absorb the rest, so the profile predicts what the fit solved for."""
+    compositions = rf.sample_compositions(np.random.default_rng(2), 120, 2048, 64, 4096)
+    fast = DeviceProfile("test GPU", BASE.levels, overhead_s=1e-3,
+                         efficiency=Efficiency(gemm=1.0, attention=0.6, elementwise=1.0))
+    measured = 0.8 * np.array([Roofline(shape, fast).predict(c) for c in compositions])
+    profile, report = rf.evaluate(BASE, shape, compositions, measured)
+    assert profile.efficiency.gemm == pytest.approx(1.0) and profile.overhead_s >= 0
+    assert all(0 < profile.efficiency.of(name) <= 1 for name in ("gemm", "attention", "elementwise"))
+    test = compositions[report["train"]:]
+    predicted = [Roofline(shape, profile).predict(c) for c in test]
+    assert report["error_after"]["median"] == pytest.approx(
+        float(np.median(np.abs(np.array(predicted) - measured[report["train"]:])
+                        / measured[report["train"]:])))
 
 
 def test_end_to_end_on_cpu(tiny_llama_dir, tmp_path):
