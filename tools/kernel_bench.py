@@ -12,7 +12,8 @@ L2), repeated; the median over repetitions divided by ``NL`` is the time per cal
 
     python tools/kernel_bench.py --out results.json --table results.md [--quick]
     python tools/kernel_bench.py --mps --out results.json --table results.md
-        (with a private MPS daemon running: adds decode under 20/30/50 % of the SMs)
+        (adds decode under 20/30/50 % of the SMs, through a running MPS daemon or a private
+        one it starts and stops)
 """
 from __future__ import annotations
 
@@ -51,18 +52,23 @@ def log(*args):
 
 
 # ---------------------------------------------------------------- inputs
-def paged_inputs(rng, ctx_lens, page, num_layers, hkv, d, dtype, extra_pages=0):
-    """A pool whose pages are scattered randomly, block tables and context lengths."""
+def paged_inputs(rng, ctx_lens, page, num_layers, hkv, d, dtype, extra_pages=0,
+                 scattered=True, zeros=False):
+    """A pool whose pages are scattered randomly (``scattered``; else each sequence's pages
+    follow one another, as a fresh block manager hands them out), block tables and context
+    lengths. ``zeros``: an all-zero pool instead of random values (timing experiments only)."""
     pages_per_seq = [-(-c // page) for c in ctx_lens]
     num_pages = sum(pages_per_seq) + extra_pages
     width = max(pages_per_seq)
-    perm = rng.permutation(num_pages).astype(np.int32)
+    perm = (rng.permutation(num_pages) if scattered else np.arange(num_pages)).astype(np.int32)
     tables = np.zeros((len(ctx_lens), width), np.int32)
     used = 0
     for s, n in enumerate(pages_per_seq):
         tables[s, :n] = perm[used:used + n]
         used += n
     shape = (num_layers, num_pages, hkv, 2, page, d)
+    if zeros:
+        return (jnp.zeros(shape, dtype), jnp.asarray(tables), jnp.asarray(ctx_lens, jnp.int32))
     pool = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), shape, jnp.float32)
     return pool.astype(dtype), jnp.asarray(tables), jnp.asarray(ctx_lens, jnp.int32)
 
@@ -164,10 +170,10 @@ def scan_check(rng) -> dict:
 
 
 # ---------------------------------------------------------------- decode
-def decode_setup(batch, ctx, num_layers, hkv=HKV, hq=HQ, d=D, page=PAGE):
+def decode_setup(batch, ctx, num_layers, hkv=HKV, hq=HQ, d=D, page=PAGE, **pool_kind):
     rng = np.random.default_rng(batch * 7 + ctx)
     pool, tables, ctx_lens = paged_inputs(rng, [ctx] * batch, page, num_layers, hkv, d,
-                                          jnp.bfloat16)
+                                          jnp.bfloat16, **pool_kind)
     q = jax.random.normal(jax.random.key(3), (batch, hq, d), jnp.bfloat16)
     return q, pool, tables, ctx_lens
 
@@ -288,6 +294,31 @@ def decode_variants(ceil: dict) -> list[dict]:
     return rows
 
 
+def decode_locality(ceil: dict) -> list[dict]:
+    """Does page placement (or the KV values) change the decode kernel's bandwidth? The sweep
+    scatters pages randomly; a fresh engine's pages follow one another, and an engine's pool
+    may hold zeros where nothing was written yet. Same tiles (the table's) for all three."""
+    rows = []
+    for batch, ctx in ((64, 1024), (64, 2048), (128, 4096)):
+        kv_bytes = batch * ctx * HKV * 2 * D * 2
+        layers = layers_for(kv_bytes)
+        cfg = tuning.decode_config(D, batch, HKV, -(-ctx // PAGE) * PAGE)
+        entries = {}
+        for name, kind in (("scattered, random values", {}),
+                           ("contiguous, random values", {"scattered": False}),
+                           ("scattered, zeros", {"zeros": True})):
+            inputs = decode_setup(batch, ctx, layers, **kind)
+            entries[name] = (decode_fn(layers, cfg), inputs, layers)
+        for name, t in race(entries).items():
+            bw = kv_bytes / t / 1e12
+            rows.append({"kernel": "duetjax decode", "batch": batch, "ctx": ctx, "pool": name,
+                         "config": cfg.__dict__, "us": t * 1e6, "kv_tb_s": bw,
+                         "of_copy": bw / ceil["copy_tb_s"]})
+            log(f"  locality B={batch} ctx={ctx} {name}: {t*1e6:.1f} us {bw:.2f} TB/s")
+        del entries
+    return rows
+
+
 # ---------------------------------------------------------------- prefill
 def causal_flops(q_len: int, ctx: int, hq: int = HQ, d: int = D) -> float:
     """Unmasked FLOPs of q_len new tokens after ctx - q_len cached (QK and PV, 2 each)."""
@@ -313,6 +344,18 @@ def prefill_entry(inputs, cfg: tuning.PrefillConfig):
                                         block_n=cfg.block_n, num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages)
                 for layer in range(num_layers)]
+    return fn, inputs, num_layers
+
+
+def ops_entry(inputs):
+    """The model's entry (``ops.paged_attention``): a mixed batch's one-token sequences go to
+    the decode kernel, the rest to the prefill kernel."""
+    num_layers = inputs[1].shape[0]
+
+    @jax.jit
+    def fn(qs, pool, tables, ctx, qsl):
+        return [ops.paged_attention(qs[layer], pool, layer, tables, ctx, qsl, scale=D ** -0.5,
+                                    impl="pallas") for layer in range(num_layers)]
     return fn, inputs, num_layers
 
 
@@ -357,21 +400,26 @@ def prefill_sweep(quick: bool, ceil: dict) -> list[dict]:
         best["vs_cudnn"] = best["tflop_s"] / peer["cudnn"]
     del inputs, q, k, v, entries
     best_cfg = tuning.PrefillConfig(**best["config"])
-    # Chunked prefill and a mixed batch, with the best tiles.
+    # Chunked prefill and mixed batches, with the best tiles; mixed ones also through ops.
     for name, q_lens, ctx_lens in [
             ("chunked: 4 x 2048 new after 6144 cached", [2048] * 4, [8192] * 4),
             ("mixed: 4096-token chunk + 64 decodes at ctx 2048", [4096] + [1] * 64,
-             [4096] + [2048] * 64)]:
+             [4096] + [2048] * 64),
+            ("mixed: 256-token chunk + 64 decodes at ctx 2048", [256] + [1] * 64,
+             [256] + [2048] * 64)]:
         inputs = prefill_setup(q_lens, ctx_lens, 4)
-        t = race({name: prefill_entry(inputs, best_cfg)})[name]
+        entries = {"prefill kernel": prefill_entry(inputs, best_cfg)}
+        if 1 in q_lens:
+            entries["ops: decodes on the decode kernel"] = ops_entry(inputs)
         flops_s = sum(causal_flops(n, c) for n, c in zip(q_lens, ctx_lens))
         kv_bytes = sum(ctx_lens) * HKV * 2 * D * 2
-        rows.append({"kernel": "duetjax prefill (paged)", "case": name, "config": best["config"],
-                     "us": t * 1e6, "tflop_s": flops_s / t / 1e12,
-                     "of_matmul": flops_s / t / 1e12 / ceil["matmul_tflop_s"],
-                     "kv_tb_s": kv_bytes / t / 1e12})
-        log(f"  {name}: {t*1e6:.0f} us {flops_s/t/1e12:.0f} TFLOP/s")
-        del inputs
+        for path, t in race(entries).items():
+            rows.append({"kernel": "duetjax prefill (paged)", "case": name, "path": path,
+                         "config": best["config"], "us": t * 1e6, "tflop_s": flops_s / t / 1e12,
+                         "of_matmul": flops_s / t / 1e12 / ceil["matmul_tflop_s"],
+                         "kv_tb_s": kv_bytes / t / 1e12})
+            log(f"  {name}, {path}: {t*1e6:.0f} us {flops_s/t/1e12:.0f} TFLOP/s")
+        del inputs, entries
     return rows
 
 
@@ -433,24 +481,30 @@ def mps_child(percent: int) -> None:
 
 
 def mps_runs(percents=(20, 30, 50)) -> list[dict]:
-    """One child per SM share, each an MPS client of the daemon the caller started (and stops).
+    """One child per SM share, each an MPS client of a running daemon, or of a private one
+    started here (and always stopped, also on errors).
 
     This process never touches the GPU, so the children have the whole card to themselves.
     """
-    results = []
-    for pct in percents:
-        env = dict(os.environ, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(pct))
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--mps-child", str(pct)],
-                              env=env, capture_output=True, text=True, timeout=240)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("MPS_RESULT ")]
-        if not lines:
-            log(f"  MPS {pct}% failed: rc={proc.returncode} {proc.stderr[-800:]}")
-            continue
-        res = json.loads(lines[-1][len("MPS_RESULT "):])
-        results.append(res)
-        log(f"  MPS {pct}%: copy {res['copy_tb_s']:.2f} TB/s, decode " +
-            ", ".join(f"B={r['batch']} ctx={r['ctx']}: {r['kv_tb_s']:.2f}" for r in res["decode"]))
-    return results
+    from duetjax import mps
+
+    daemon = mps.find_running_daemon() or mps.start_private_daemon()
+    with daemon:
+        return [r for r in (mps_child_run(daemon, pct) for pct in percents) if r is not None]
+
+
+def mps_child_run(daemon, pct: int) -> dict | None:
+    env = dict(os.environ, **daemon.client_env(pct))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--mps-child", str(pct)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("MPS_RESULT ")]
+    if not lines:
+        log(f"  MPS {pct}% failed: rc={proc.returncode} {proc.stderr[-800:]}")
+        return None
+    res = json.loads(lines[-1][len("MPS_RESULT "):])
+    log(f"  MPS {pct}%: copy {res['copy_tb_s']:.2f} TB/s, decode " +
+        ", ".join(f"B={r['batch']} ctx={r['ctx']}: {r['kv_tb_s']:.2f}" for r in res["decode"]))
+    return res
 
 
 # ---------------------------------------------------------------- report
@@ -495,12 +549,19 @@ def markdown(report: dict) -> str:
         lines.append(f"| {hq}/{hkv} | {d} | {page} | {t_bw:.2f} | "
                      f"{100 * t_bw / ceil['copy_tb_s']:.0f} % | {top['kv_tb_s']:.2f} | "
                      f"{top['config']} |")
+    if report.get("decode_locality"):
+        lines += ["", "## Decode: page placement and pool values (table tiles)", "",
+                  "| B | ctx | pool | TB/s | % copy |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['batch']} | {r['ctx']} | {r['pool']} | {r['kv_tb_s']:.2f} | "
+                  f"{100 * r['of_copy']:.0f} % |" for r in report["decode_locality"]]
     lines += ["", "## Prefill (32 q / 8 kv heads, d 128, bf16; unmasked FLOPs)", "",
               "| kernel | case | TFLOP/s | % matmul | note |", "| --- | --- | --- | --- | --- |"]
     for r in report.get("prefill", []):
         if r["kernel"].startswith("duetjax") and "case" not in r and not r.get("best"):
             continue
         case = r.get("case", f"causal {r.get('tokens')} tokens")
+        if "path" in r:
+            case += f" ({r['path']})"
         note = f"{r['vs_cudnn']:.2f}x cuDNN, tiles {r['config']}" if "vs_cudnn" in r else ""
         if "kv_tb_s" in r:
             note = f"KV read {r['kv_tb_s']:.2f} TB/s"
@@ -527,9 +588,9 @@ def main() -> None:
     parser.add_argument("--table", default="kernel_bench.md")
     parser.add_argument("--quick", action="store_true", help="fewer tiles in each sweep")
     parser.add_argument("--skip", default="", help="comma list of: correctness,decode,"
-                        "variants,prefill,write")
+                        "variants,locality,prefill,write")
     parser.add_argument("--mps", action="store_true",
-                        help="only the MPS runs (start the MPS daemon first); adds them to --out")
+                        help="only the MPS runs; adds them to --out")
     parser.add_argument("--mps-child", type=int, default=None)
     args = parser.parse_args()
     if args.mps_child is not None:
@@ -565,8 +626,9 @@ def main() -> None:
                                                                             report["ceilings"])),
               ("prefill", lambda: prefill_sweep(args.quick, report["ceilings"])),
               ("decode_variants", lambda: decode_variants(report["ceilings"])),
+              ("decode_locality", lambda: decode_locality(report["ceilings"])),
               ("write_kv", lambda: write_kv_bench(report["ceilings"]))]
-    names = {"decode_variants": "variants", "write_kv": "write"}
+    names = {"decode_variants": "variants", "decode_locality": "locality", "write_kv": "write"}
     for key, stage in stages:
         if names.get(key, key) in skip:
             continue

@@ -50,7 +50,7 @@ def kernel_class(name: str) -> str:
     return "elementwise/other fusion"
 
 
-def kernel_summary(events: list[dict], steps: int) -> dict:
+def kernel_summary(events: list[dict], steps: int, top: int = 25) -> dict:
     """Per-step device time by kernel and by class from Chrome-trace events of ``steps`` steps:
     the GPU processes' complete ('X') events are kernels and copies. ``busy_ms`` is the union of
     their intervals, ``span_ms`` first start to last end, so ``idle`` is the share of the span
@@ -101,10 +101,10 @@ def kernel_summary(events: list[dict], steps: int) -> dict:
                              for g, a, b in sorted(gaps, reverse=True)[:8]],
             "host_events_ms": {n[:100]: us * per for n, us in host.most_common(20)},
             "top_kernels": [{"name": n[:120], "class": kernel_class(n), "ms": us * per,
-                             "calls": count[n] / steps} for n, us in by_name.most_common(25)]}
+                             "calls": count[n] / steps} for n, us in by_name.most_common(top)]}
 
 
-def trace_decode(engine: Engine, batch_size: int, context: int, steps: int) -> dict:
+def trace_decode(engine: Engine, batch_size: int, context: int, steps: int, top: int = 25) -> dict:
     """A profiler trace of ``steps`` back-to-back decode steps, summarised by kernel_summary."""
     import tempfile
 
@@ -127,7 +127,7 @@ def trace_decode(engine: Engine, batch_size: int, context: int, steps: int) -> d
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    return kernel_summary(events, steps)
+    return kernel_summary(events, steps, top)
 
 
 def census(hlo: str) -> dict[str, int]:
@@ -178,6 +178,7 @@ def main() -> None:
     p.add_argument("--gemm-backend", default="cublas", help="EngineConfig.gemm_backend")
     p.add_argument("--dispatch-probe", action="store_true",
                    help="host time of launching a step while others are in flight")
+    p.add_argument("--top-kernels", type=int, default=25, help="kernels listed per trace")
     p.add_argument("--out-dir", default=".")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -202,7 +203,7 @@ def main() -> None:
             f.write(hlo)
         if args.trace:
             for b in batches:
-                summary = trace_decode(engine, b, args.context, 10)
+                summary = trace_decode(engine, b, args.context, 10, args.top_kernels)
                 summary.update({"batch": b, "unroll": unroll, "xla_flags": os.environ.get("XLA_FLAGS", "")})
                 print(f"[{tag or 'plain'} unroll={unroll}] decode B={b} trace: {summary['span_ms']:.2f} ms "
                       f"span, {summary['busy_ms']:.2f} ms busy ({100 * summary['idle']:.0f} % idle), "

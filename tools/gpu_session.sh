@@ -1,0 +1,68 @@
+#!/bin/bash
+# One device call's measurements, by section, into DIR (the device tool's $OUT):
+#     bash tools/gpu_session.sh DIR locality engine host4 sampler trace kernels mps fit
+# Each section is one tool run; its log goes to stdout. Sections are sized so that a call of a
+# few of them stays under the device's 10-minute limit (see each tool for what it measures).
+set -u
+out=$1
+shift
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 DUETJAX_CACHE_DIR=/root/djcache
+mkdir -p "$out" /tmp/work
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+model=llama-3-8b
+for section in "$@"; do
+    echo "=== $section $(date +%T)"
+    case $section in
+    locality)  # decode kernel: page placement and pool values
+        python3 tools/kernel_bench.py --quick --skip correctness,decode,variants,prefill,write \
+            --out "$out/kernels-locality.json" --table "$out/kernels-locality.md" ;;
+    engine)  # decode step vs HBM roofline, host work per step (one decode step per dispatch)
+        python3 tools/bench_engine.py --model $model --sections decode,host \
+            --out "$out/engine.json" --table "$out/engine.md" ;;
+    host4)  # host work per step with 4 decode steps per dispatch
+        python3 tools/bench_engine.py --model $model --sections host --decode-steps 4 \
+            --out "$out/engine-k4.json" --table /tmp/work/engine-k4.md ;;
+    sampler)
+        python3 tools/bench_sampler.py --out "$out/sampler.json" ;;
+    trace)  # every kernel of a batch-64 decode step
+        python3 tools/profile_step.py --model $model --unroll 32 --batches 64 --context 1024 \
+            --trace --top-kernels 1000 --out-dir /tmp/work \
+            && cp /tmp/work/trace_b64_unroll32_cublas.json "$out/trace-b64.json" ;;
+    kernels)  # every kernel against the ceilings and the built-in peers
+        python3 tools/kernel_bench.py --out "$out/kernels.json" --table "$out/kernels.md" ;;
+    prefill-kernels)  # prefill and mixed-batch attention only
+        python3 tools/kernel_bench.py --skip correctness,decode,variants,locality,write \
+            --out "$out/kernels-prefill.json" --table "$out/kernels-prefill.md" ;;
+    offline)  # decode, prefill, host work and offline throughput
+        python3 tools/bench_engine.py --model $model --sections decode,prefill,host,offline \
+            --out "$out/engine.json" --table "$out/engine.md" ;;
+    mps)  # decode under MPS SM limits, added to the kernels section's report
+        python3 tools/kernel_bench.py --mps --out "$out/kernels.json" --table "$out/kernels.md" ;;
+    cmdbuf)  # XLA command buffers (CUDA graphs) on and off: decode step time and host work
+        for flags in "" "--xla_gpu_enable_command_buffer=" "--xla_gpu_graph_min_graph_size=100000"; do
+            echo "== XLA_FLAGS=$flags"
+            XLA_FLAGS="$flags" python3 tools/profile_step.py --model $model --unroll 32 \
+                --batches 1,64,256 --context 1024 --out-dir /tmp/work 2>&1 | grep "ms/step"
+        done
+        XLA_FLAGS="--xla_gpu_enable_command_buffer=" python3 tools/bench_engine.py --model $model \
+            --sections decode,host --out "$out/engine-no-cmdbuf.json" \
+            --table "$out/engine-no-cmdbuf.md" 2>&1 | grep -v rematerial | tail -14 ;;
+    fit)  # roofline error over 1,000 real mixed iterations, and the fitted profile
+        python3 tools/roofline_fit.py --model $model --dtype bfloat16 --iterations ${FIT_ITERATIONS:-1000} --reps 8 \
+            --out "$out/profile-fitted.json" --report "$out/roofline-fit.json" ;;
+    duet)  # aggregated vs static 50/50 vs adaptive duet at 8B, QPS ${DUET_QPS:-4,8}
+        python3 tools/bench_duet.py --model $model --load-format dummy --dtype bfloat16 \
+            --dataset azure-conversation --qps ${DUET_QPS:-4,8} --num-requests 40 \
+            --duration-cap-s 15 --drain-timeout-s 40 --modes aggregated,static,duet \
+            --tbt-slos-ms 50,25 --duet-pairs 70/30,50/50 --max-num-seqs 64 \
+            --max-num-batched-tokens 2048 --max-model-len 4096 --kv-cache-tokens 262144 \
+            --max-decode-steps 4 --warmup-requests 4 --compilation-cache-dir /tmp/xla \
+            --worker-timeout-s 300 ${DUET_PROFILE:+--device-profile $DUET_PROFILE} \
+            --out "$out/duet8b" ;;
+    *)
+        echo "unknown section $section" ;;
+    esac
+done
+ls -la "$out"
