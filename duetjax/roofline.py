@@ -325,7 +325,7 @@ class OpCost:
     """Predicted cost of one op, summed over the layers it appears in."""
 
     name: str
-    """Op name, e.g. 'q_proj', 'attention', 'lm_head'."""
+    """Op name, e.g. 'qkv_proj', 'attention', 'lm_head'."""
     op_class: str
     """One of ``OP_CLASSES``: which efficiency factor applies."""
     flops: float
@@ -520,8 +520,7 @@ class Roofline:
         ops = [cost("embed", "elementwise", 0, 2 * n * d * s, 1)]
         if n:
             ops.append(norm("attn_norm", n * d, d))
-            ops += [linear("q_proj", n, d, d_q), linear("k_proj", n, d, d_kv),
-                    linear("v_proj", n, d, d_kv)]
+            ops.append(linear("qkv_proj", n, d, d_q + 2 * d_kv))  # fused, as the model runs it
             if sh.qk_norm:
                 ops += [norm("q_norm", n * d_q, sh.head_dim), norm("k_norm", n * d_kv, sh.head_dim)]
             ops.append(self._attention(decode_ctx, prefill, flops, bandwidth))
@@ -529,8 +528,7 @@ class Roofline:
             if sh.sandwich_norm:
                 ops.append(norm("post_attn_norm", n * d, d))
             ops.append(norm("mlp_norm", n * d, d))
-            ops += [linear("gate_proj", n, d, sh.intermediate_size),
-                    linear("up_proj", n, d, sh.intermediate_size)]
+            ops.append(linear("gate_up_proj", n, d, 2 * sh.intermediate_size))
             inter = n * sh.intermediate_size
             ops.append(cost("act", "elementwise", ACT_FLOPS_PER_ELEMENT * inter, 3 * inter * s, layers))
             ops.append(linear("down_proj", n, sh.intermediate_size, d))

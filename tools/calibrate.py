@@ -369,8 +369,8 @@ def projections(shape: ModelShape) -> list[tuple[str, int, int]]:
     """(name, d_in, d_out) of one layer's token-level GEMMs, as the roofline costs them."""
     d, d_q = shape.hidden_size, shape.num_heads * shape.head_dim
     d_kv, inter = shape.num_kv_heads * shape.head_dim, shape.intermediate_size
-    return [("q_proj", d, d_q), ("k_proj", d, d_kv), ("v_proj", d, d_kv), ("o_proj", d_q, d),
-            ("gate_proj", d, inter), ("up_proj", d, inter), ("down_proj", inter, d)]
+    return [("qkv_proj", d, d_q + 2 * d_kv), ("o_proj", d_q, d), ("gate_up_proj", d, 2 * inter),
+            ("down_proj", inter, d)]
 
 
 def predicted_gemm_s_per_layer(shape: ModelShape, profile: DeviceProfile, share: float,

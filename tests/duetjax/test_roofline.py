@@ -27,25 +27,21 @@ def test_tiny_model_by_hand():
     expected_bytes = {
         "embed": 2 * 3 * 8 * 2,                        # gather: read + write 3 rows of 8 = 96
         "attn_norm": (2 * 24 + 8) * 2,                 # 24 elements in and out + weight = 112
-        "q_proj": (3 * 8 + 8 * 8 + 3 * 8) * 2,         # 224
-        "k_proj": (3 * 8 + 8 * 4 + 3 * 4) * 2,         # 136
-        "v_proj": (3 * 8 + 8 * 4 + 3 * 4) * 2,         # 136
+        "qkv_proj": (3 * 8 + 8 * 16 + 3 * 16) * 2,     # q 8 + k 4 + v 4 outputs: 400
         "attention": (2 * 2 * 3 * 4 + 2 * 1 * 8 * 4) * 2,  # Q in + O out, K and V of 8 keys = 224
         "o_proj": (3 * 8 + 8 * 8 + 3 * 8) * 2,         # 224
         "mlp_norm": (2 * 24 + 8) * 2,                  # 112
-        "gate_proj": (3 * 8 + 8 * 16 + 3 * 16) * 2,    # 400
-        "up_proj": (3 * 8 + 8 * 16 + 3 * 16) * 2,      # 400
+        "gate_up_proj": (3 * 8 + 8 * 32 + 3 * 32) * 2,  # 752
         "act": 3 * 48 * 2,                             # gate, up in, product out = 288
         "down_proj": (3 * 16 + 16 * 8 + 3 * 8) * 2,    # 400
         "final_norm": (2 * 8 + 8) * 2,                 # 48
         "lm_head": (1 * 8 + 8 * 32 + 1 * 32) * 2,      # 592
     }
     expected_flops = {
-        "q_proj": 2 * 3 * 8 * 8,                       # 384
-        "k_proj": 2 * 3 * 8 * 4,                       # 192
+        "qkv_proj": 2 * 3 * 8 * 16,                   # 768
         # keys per new token 6, 7, 8 -> 21 pairs; 4 FLOPs per pair per head-dim element per q head
         "attention": 4 * 2 * 4 * (6 + 7 + 8),          # 672
-        "gate_proj": 2 * 3 * 8 * 16,                   # 768
+        "gate_up_proj": 2 * 3 * 8 * 32,                # 1536
         "act": 5 * 48,                                 # 240
         "lm_head": 2 * 1 * 8 * 32,                     # 512
     }
@@ -56,8 +52,8 @@ def test_tiny_model_by_hand():
         assert br.op(name).bound == "memory", name
     for name, f in expected_flops.items():
         assert br.op(name).flops == f, name
-    # 96+112+224+136+136+224+224+112+400+400+288+400+48+592 = 3392 bytes -> 33.92 s, + 0.5 s
-    assert br.total_s == pytest.approx(33.92 + 0.5)
+    # 96+112+400+224+224+112+752+288+400+48+592 = 3248 bytes -> 32.48 s, + 0.5 s
+    assert br.total_s == pytest.approx(32.48 + 0.5)
 
 
 def test_compute_bound_and_efficiency_by_hand():
@@ -68,7 +64,7 @@ def test_compute_bound_and_efficiency_by_hand():
     att = r.breakdown([(4, 0)]).op("attention")
     assert att.flops == 320 and att.bound == "compute"
     assert att.time_s == pytest.approx(64.0)
-    assert r.breakdown([(4, 0)]).op("q_proj").time_s == pytest.approx(2 * 4 * 8 * 8 / 10)
+    assert r.breakdown([(4, 0)]).op("qkv_proj").time_s == pytest.approx(2 * 4 * 8 * 16 / 10)
 
 
 def test_attention_is_summed_per_request():
@@ -125,7 +121,7 @@ def test_num_logits_and_layers_scale_as_stated():
     four = Roofline(ModelShape(**{**TINY.__dict__, "num_layers": 4}), flat_profile(1000.0, 100.0))
     batch = [(3, 5), (1, 10)]
     b1, b4 = one.breakdown(batch), four.breakdown(batch)
-    for name in ("q_proj", "attention", "act"):
+    for name in ("qkv_proj", "attention", "act"):
         assert b4.op(name).time_s == pytest.approx(4 * b1.op(name).time_s)
     for name in ("embed", "lm_head", "final_norm"):  # once per model, not per layer
         assert b4.op(name).time_s == pytest.approx(b1.op(name).time_s)
@@ -172,14 +168,14 @@ def test_efficiency_divides_its_op_class(h200, llama8b):
     plain = Roofline(llama8b, _rates_only(h200)).breakdown([(1, 2048)])
     slowed = Roofline(llama8b, dataclasses.replace(h200, efficiency=Efficiency(gemm=0.5))).breakdown(
         [(1, 2048)])
-    assert slowed.op("q_proj").time_s == pytest.approx(2 * plain.op("q_proj").time_s)
+    assert slowed.op("qkv_proj").time_s == pytest.approx(2 * plain.op("qkv_proj").time_s)
     assert slowed.op("attention").time_s == pytest.approx(plain.op("attention").time_s)
 
 
 def test_long_prefill_is_compute_bound(h200, llama8b):
     h200 = _rates_only(h200)
     br = Roofline(llama8b, h200).breakdown([(8192, 0)], num_logits=1)
-    for name in ("q_proj", "gate_proj", "down_proj", "attention"):
+    for name in ("qkv_proj", "gate_up_proj", "down_proj", "attention"):
         assert br.op(name).bound == "compute", name
     linear_flops = 2 * 8192 * 32 * (4096 * 128 * (32 + 8 + 8 + 32) + 3 * 4096 * 14336)
     attn_flops = 4 * 32 * 128 * (8192 * 8193 // 2) * 32
@@ -317,7 +313,7 @@ def test_padding_costs_the_bucket_that_runs(h200, llama8b):
         return roofline.breakdown(batch).op(name)
 
     # 1,100 prefill tokens run in the 2,048-token bucket, whose LM head has 64 rows
-    assert op(padded, [(1100, 0)], "q_proj").flops == op(plain, [(2048, 0)], "q_proj").flops
+    assert op(padded, [(1100, 0)], "qkv_proj").flops == op(plain, [(2048, 0)], "qkv_proj").flops
     assert op(padded, [(1100, 0)], "lm_head").flops == op(plain, [(1, 0)] * 64, "lm_head").flops
     # attention is not padded: padded rows attend to nothing
     assert op(padded, [(1100, 0)], "attention").flops == op(plain, [(1100, 0)], "attention").flops

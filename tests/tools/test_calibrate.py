@@ -77,7 +77,8 @@ def test_model_shape_from_shipped_config():
     shape, name = cal.load_model_shape("llama-3-8b")
     assert name == "llama-3-8b"
     assert (shape.hidden_size, shape.num_kv_heads, shape.intermediate_size) == (4096, 8, 14336)
-    assert cal.projections(shape)[1] == ("k_proj", 4096, 1024)
+    assert cal.projections(shape)[0] == ("qkv_proj", 4096, 4096 + 2 * 1024)
+    assert cal.projections(shape)[2] == ("gate_up_proj", 4096, 2 * 14336)
     with pytest.raises(FileNotFoundError):
         cal.load_model_shape("no-such-model")
 
