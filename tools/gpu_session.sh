@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call's measurements, by section, into DIR (the device tool's $OUT):
-#     bash tools/gpu_session.sh DIR locality engine host4 sampler trace kernels mps fit
+#     bash tools/gpu_session.sh DIR offline host4 trace prefill-trace kernels mps fit duet
 # Each section is one tool run; its log goes to stdout. Sections are sized so that a call of a
 # few of them stays under the device's 10-minute limit (see each tool for what it measures).
 set -u
@@ -30,6 +30,10 @@ for section in "$@"; do
         python3 tools/profile_step.py --model $model --unroll 32 --batches 64 --context 1024 \
             --trace --top-kernels 1000 --out-dir /tmp/work \
             && cp /tmp/work/trace_b64_unroll32_cublas.json "$out/trace-b64.json" ;;
+    prefill-trace)  # every kernel of 2k and 8k prefill steps
+        python3 tools/profile_step.py --model $model --unroll 32 --batches 64 \
+            --trace-prefill 2048,8192 --top-kernels 1000 --out-dir /tmp/work \
+            && cp /tmp/work/trace_prefill*_unroll32_cublas.json "$out/" ;;
     kernels)  # every kernel against the ceilings and the built-in peers
         python3 tools/kernel_bench.py --out "$out/kernels.json" --table "$out/kernels.md" ;;
     prefill-kernels)  # prefill and mixed-batch attention only

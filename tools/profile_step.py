@@ -5,6 +5,7 @@ much of the step the GPU sits idle between kernels), and a cProfile of the host 
 diagnosing gaps to the roofline; ``bench_engine.py`` reports the figures.
 
     python tools/profile_step.py --model llama-3-8b --unroll 1,32 --trace --out-dir OUT
+    python tools/profile_step.py --model llama-3-8b --unroll 32 --batches 64 --trace-prefill 2048,8192
 """
 from __future__ import annotations
 
@@ -106,12 +107,23 @@ def kernel_summary(events: list[dict], steps: int, top: int = 25) -> dict:
 
 def trace_decode(engine: Engine, batch_size: int, context: int, steps: int, top: int = 25) -> dict:
     """A profiler trace of ``steps`` back-to-back decode steps, summarised by kernel_summary."""
+    return trace_steps(engine, synthetic_batch(engine, [context - 1] * batch_size, [1] * batch_size),
+                       steps, top)
+
+
+def trace_prefill(engine: Engine, tokens: int, steps: int, top: int = 25) -> dict:
+    """The same for a prefill step of ``tokens`` new tokens of one fresh sequence."""
+    return trace_steps(engine, synthetic_batch(engine, [0], [tokens]), steps, top)
+
+
+def trace_steps(engine: Engine, batch, steps: int, top: int) -> dict:
+    """A profiler trace of ``steps`` back-to-back dispatches of ``batch`` (each feeding the next
+    on the device), summarised by kernel_summary; frees the batch's pages after."""
     import tempfile
 
     import jax
 
     runner = engine.runner
-    batch = synthetic_batch(engine, [context - 1] * batch_size, [1] * batch_size)
     try:
         previous = runner.dispatch(batch, None)
         previous.fetch()
@@ -179,14 +191,19 @@ def main() -> None:
     p.add_argument("--dispatch-probe", action="store_true",
                    help="host time of launching a step while others are in flight")
     p.add_argument("--top-kernels", type=int, default=25, help="kernels listed per trace")
+    p.add_argument("--trace-prefill", default="",
+                   help="comma list of prefill token counts to trace too (e.g. 2048,8192)")
     p.add_argument("--out-dir", default=".")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    prefills = [int(t) for t in args.trace_prefill.split(",") if t]
     tag = "_".join(filter(None, [args.gemm_backend, os.environ.get("XLA_FLAGS", "") and "xlaflags"]))
     for unroll in (int(u) for u in args.unroll.split(",")):
+        longest = max([2048] + [t + 16 for t in prefills])
         engine = Engine(args.model, dtype="bfloat16", load_format="dummy", max_num_seqs=max(batches),
-                        max_num_batched_tokens=max(256, max(batches)), max_model_len=2048,
-                        kv_cache_tokens=max(batches) * 2048 + 4096, scan_unroll=unroll,
+                        max_num_batched_tokens=max([256, max(batches)] + prefills),
+                        max_model_len=longest, kv_cache_tokens=max(batches) * 2048 + longest + 4096,
+                        scan_unroll=unroll,
                         gemm_backend=args.gemm_backend,
                         compile_on_start=False, show_progress=False)
         for b in batches:
@@ -213,6 +230,17 @@ def main() -> None:
                       flush=True)
                 with open(os.path.join(args.out_dir, f"trace_b{b}_unroll{unroll}{'_' + tag if tag else ''}.json"), "w") as f:
                     json.dump(summary, f, indent=1)
+        for tokens in prefills:
+            summary = trace_prefill(engine, tokens, 3, args.top_kernels)
+            summary.update({"prefill_tokens": tokens, "unroll": unroll,
+                            "xla_flags": os.environ.get("XLA_FLAGS", "")})
+            if "span_ms" in summary:
+                print(f"[{tag or 'plain'} unroll={unroll}] prefill {tokens} trace: "
+                      f"{summary['span_ms']:.2f} ms span, {summary['busy_ms']:.2f} ms busy; by class "
+                      f"{json.dumps({k: round(v, 3) for k, v in summary['by_class_ms'].items()})}",
+                      flush=True)
+            with open(os.path.join(args.out_dir, f"trace_prefill{tokens}_unroll{unroll}{'_' + tag if tag else ''}.json"), "w") as f:
+                json.dump(summary, f, indent=1)
         if args.dispatch_probe:
             dispatch_probe(engine, max(batches), args.context)
         if args.profile_host:

@@ -42,3 +42,15 @@ def test_kernel_summary_idle_gaps():
     assert out["idle_gaps"]["2-5 us"] == {"count_per_step": 1, "ms_per_step": pytest.approx(3e-3)}
     assert out["idle_gaps"]["200-1000 us"]["ms_per_step"] == pytest.approx(0.4)
     assert out["largest_gaps"][0] == {"us": 400.0, "after": "k2", "before": "k3"}
+
+
+def test_trace_prefill_runs_and_frees_its_pages(tiny_llama_dir):
+    """The plumbing on CPU (no GPU kernels in the trace): the synthetic prefill dispatches, the
+    trace is read back, and every page goes back to the pool."""
+    from duetjax import Engine
+
+    engine = Engine(str(tiny_llama_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
+                    max_model_len=64, compile_on_start=False, show_progress=False)
+    free = engine.scheduler.blocks.num_free_pages
+    assert ps.trace_prefill(engine, 24, steps=2) == {"kernels": 0}
+    assert engine.scheduler.blocks.num_free_pages == free
