@@ -44,11 +44,16 @@ for section in "$@"; do
             --out "$out/engine.json" --table "$out/engine.md" ;;
     mps)  # decode under MPS SM limits, added to the kernels section's report
         python3 tools/kernel_bench.py --mps --out "$out/kernels.json" --table "$out/kernels.md" ;;
-    cmdbuf)  # XLA command buffers (CUDA graphs) on and off: decode step time and host work
-        for flags in "" "--xla_gpu_enable_command_buffer=" "--xla_gpu_graph_min_graph_size=100000"; do
+    cmdbuf)  # XLA command buffers (CUDA graphs): update modes and off; decode step, host work
+        # update modes with stable temp / parameter addresses (openxla/xla#35315; a jaxlib
+        # without the flag fails that variant and goes on), and graphs off for reference
+        for flags in "" "--xla_gpu_command_buffer_update_mode=SKIP_TEMP" \
+                "--xla_gpu_command_buffer_update_mode=SKIP_PROFILED" \
+                "--xla_gpu_enable_command_buffer="; do
             echo "== XLA_FLAGS=$flags"
             XLA_FLAGS="$flags" python3 tools/profile_step.py --model $model --unroll 32 \
-                --batches 1,64,256 --context 1024 --out-dir /tmp/work 2>&1 | grep "ms/step"
+                --batches 1,64,256 --context 1024 --out-dir /tmp/work 2>&1 | grep "ms/step" \
+                || echo "  no timing (flag unknown to this jaxlib?)"
         done
         XLA_FLAGS="--xla_gpu_enable_command_buffer=" python3 tools/bench_engine.py --model $model \
             --sections decode,host --out "$out/engine-no-cmdbuf.json" \
