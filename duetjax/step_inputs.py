@@ -127,34 +127,48 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
     reset = np.zeros(num_seqs, bool)
     count = np.zeros(num_seqs, bool)
 
-    at = 0
     scheduled = batch.scheduled if batch is not None else []
-    for s, item in enumerate(scheduled):
-        r, n = item.request, item.num_new_tokens
-        start = r.num_computed_tokens
-        pos = np.arange(start, start + n, dtype=np.int32)
-        table = np.asarray(r.block_table, np.int32)
-        chunk = r.token_slice(start, start + n)
-        tokens[at:at + n] = chunk
-        if chunk[-1] == PENDING:  # only the newest token can still be in flight
-            from_previous[at + n - 1] = r.pending_rows[start + n - 1 - len(r.prompt_token_ids)]
-        positions[at:at + n] = pos
-        slots[at:at + n] = table[pos // page_size] * page_size + pos % page_size
-        block_tables[s, :len(table)] = table
-        context_lens[s] = start + n
-        at += n
-        query_start_loc[s + 1] = at
-        logits_indices[s] = at - 1
-        valid_steps[s] = item.num_steps
-        p = r.params
-        temperature[s], top_k[s], top_p[s], min_p[s] = p.temperature, p.top_k, p.top_p, p.min_p
-        seeds[s], counters[s] = r.seed, len(r.output_token_ids)
-        want_logprobs[s] = p.logprobs is not None
-        if r.penalty_slot is not None:
-            penalty_slots[s] = r.penalty_slot
-            presence[s], frequency[s] = p.presence_penalty, p.frequency_penalty
-            reset[s], count[s] = r.penalty_slot_fresh, item.completes_sequence
-    query_start_loc[len(scheduled) + 1:] = at
+    num_real = len(scheduled)
+    if num_real:
+        # Per request only what needs its Python objects (tokens, tables, params); the
+        # per-token arithmetic runs once over the whole step (host time is on every step).
+        requests = [item.request for item in scheduled]
+        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int32, num_real)
+        counts = np.fromiter((item.num_new_tokens for item in scheduled), np.int32, num_real)
+        ends = np.cumsum(counts, dtype=np.int32)
+        at = int(ends[-1])
+        flat: list[int] = []
+        for s, (item, r) in enumerate(zip(scheduled, requests)):
+            start, n = r.num_computed_tokens, item.num_new_tokens
+            chunk = r.token_slice(start, start + n)
+            if chunk[-1] == PENDING:  # only the newest token can still be in flight
+                from_previous[int(ends[s]) - 1] = r.pending_rows[start + n - 1 -
+                                                                 len(r.prompt_token_ids)]
+            flat += chunk
+            block_tables[s, :len(r.block_table)] = r.block_table
+        tokens[:at] = flat
+        query_start_loc[1:num_real + 1] = ends
+        query_start_loc[num_real + 1:] = at
+        seq = np.repeat(np.arange(num_real), counts)
+        pos = np.arange(at, dtype=np.int32) + np.repeat(starts - (ends - counts), counts)
+        positions[:at] = pos
+        slots[:at] = block_tables[seq, pos // page_size] * page_size + pos % page_size
+        context_lens[:num_real] = starts + counts
+        logits_indices[:num_real] = ends - 1
+        valid_steps[:num_real] = [item.num_steps for item in scheduled]
+        params = [r.params for r in requests]
+        temperature[:num_real] = [p.temperature for p in params]
+        top_k[:num_real] = [p.top_k for p in params]
+        top_p[:num_real] = [p.top_p for p in params]
+        min_p[:num_real] = [p.min_p for p in params]
+        seeds[:num_real] = [r.seed for r in requests]
+        counters[:num_real] = [len(r.output_token_ids) for r in requests]
+        want_logprobs[:num_real] = [p.logprobs is not None for p in params]
+        for s, (item, r) in enumerate(zip(scheduled, requests)):
+            if r.penalty_slot is not None:
+                penalty_slots[s] = r.penalty_slot
+                presence[s], frequency[s] = r.params.presence_penalty, r.params.frequency_penalty
+                reset[s], count[s] = r.penalty_slot_fresh, item.completes_sequence
 
     meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
                              context_lens=context_lens, query_start_loc=query_start_loc,
