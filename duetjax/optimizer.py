@@ -189,8 +189,8 @@ class HysteresisConfig:
     """Consecutive predicted misses before going split. 1: at once (an 8B run with 2 let
     three 57 ms mixed iterations through at a 50 ms SLO, and those gaps failed most requests)."""
     enter_margin: float = 0.05
-    """A miss by more than this (t_agg > SLO·(1 + margin)) goes split at once: waiting would
-    miss the SLO for sure."""
+    """A miss by more than this (t_agg > SLO·(1 − headroom)·(1 + margin)) goes split at once
+    when ``enter_after`` > 1: waiting would miss the SLO for sure."""
     exit_after: int = 4
     """Consecutive iterations whose aggregated prediction fits with ``exit_margin`` before
     going back to aggregated."""

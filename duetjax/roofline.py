@@ -396,14 +396,15 @@ class StepPadding:
     def padded(self, num_tokens: int, num_seqs: int, decode_only: bool) -> tuple[int, int]:
         """(tokens, LM-head rows) of the bucket that runs such a step."""
         if decode_only:
-            rows = _power_of_two(num_seqs)
+            rows = power_of_two(num_seqs)
             return rows, rows
-        tokens = _power_of_two(max(num_tokens, self.min_tokens))
+        tokens = power_of_two(num_tokens, self.min_tokens)
         return tokens, min(tokens, self.max_seqs)
 
 
-def _power_of_two(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
+def power_of_two(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): the bucket sizes (``step_inputs.bucket``)."""
+    return 1 << (max(n, minimum, 1) - 1).bit_length()
 
 
 _OpRow = tuple[str, str, float, float, float, float, float]

@@ -23,17 +23,15 @@ from models.attention import AttentionMetadata
 
 from .config import EngineConfig
 from .request import PENDING
-from .roofline import StepPadding
+from .roofline import StepPadding, power_of_two
 from .sampler import PenaltyArrays, SamplingArrays
 from .scheduler import SchedulerOutput
 
 MIN_MIXED_TOKENS = 16
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    n = max(n, minimum)
-    return 1 << (n - 1).bit_length()
+bucket = power_of_two
+"""Smallest power of two >= max(n, minimum): one definition, shared with the roofline's padding."""
 
 
 @dataclasses.dataclass(frozen=True)
