@@ -150,15 +150,43 @@ class ModelRunner:
         for num_seqs in sorted({b.num_seqs for b in buckets}):
             self._compile_full_sampler(num_seqs)
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
+        if jax.default_backend() == "gpu":
+            self.warm_up(buckets)
+
+    def warm_up(self, buckets: list[Bucket]) -> None:
+        """Runs every bucket once on padding (no KV written, nothing sampled for anyone). On a
+        GPU an executable's first run instantiates its CUDA graphs and loads its kernels: 100 ms
+        and more for an 8B decode step on an H200, a stall that would otherwise hit the first
+        request to need each shape (``benchmarks/results/duet-8b-sweep-h200-2026-11-21.md``)."""
+        start = time.perf_counter()
+        for b in buckets:
+            inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
+            sampled, _ = self.execute(b, inputs, None, b.steps)
+            jax.block_until_ready(sampled)
+        for num_seqs, (full_sampler, logprobs) in self._full_samplers.items():
+            x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size,
+                             self.max_pages_per_seq)
+            logits = jnp.zeros((num_seqs, self.model.config.vocab_size), jnp.float32)
+            # penalties neither reset nor count on padding: the counts come back unchanged
+            sampled, _, self.token_counts = full_sampler(
+                logits, self.token_counts, _packed((x.sampling, x.penalties)))
+            jax.block_until_ready(logprobs(logits, sampled.token_ids))
+        log.info("ran %d buckets once in %.1fs", len(buckets), time.perf_counter() - start)
 
     @property
     def _compiler_options(self) -> dict[str, bool | str]:
-        """Per-executable XLA options (the process's XLA_FLAGS stay untouched). XLA's dot
-        merger is off: it fused GEMMs that share an input by concatenating their weights on
-        every step (26 us a layer at Llama-3-8B decode on an H200); the models store q/k/v and
-        gate/up fused at load instead (``benchmarks/results/decode-fusion-h200-2026-11-21.md``)."""
+        """Per-executable XLA options (the process's XLA_FLAGS stay untouched).
+
+        - XLA's dot merger is off: it fused GEMMs that share an input by concatenating their
+          weights on every step (26 us a layer at Llama-3-8B decode on an H200); the models
+          store q/k/v and gate/up fused at load instead
+          (``benchmarks/results/decode-fusion-h200-2026-11-21.md``).
+        - Rematerialization is off: it counts the KV pool argument against the device's
+          memory, and with a pool of most of the GPU it recomputed GEMMs to save memory the
+          step never needed (a third more GEMM time at Llama-3-8B batch-64 decode on an H200).
+          The engine sizes the pool leaving room for the steps' temporaries itself."""
         return {"xla_gpu_enable_triton_gemm": self.config.gemm_backend == "triton",
-                "xla_disable_hlo_passes": "dot-merger"}
+                "xla_disable_hlo_passes": "dot-merger,rematerialization"}
 
     def _compile(self, b: Bucket) -> jax.stages.Compiled:
         start = time.perf_counter()
