@@ -146,6 +146,26 @@ def test_nothing_compiles_while_serving(tiny_llama_dir):
     assert compiles == []
 
 
+def test_warm_up_runs_every_bucket_and_changes_no_state(tiny_llama_dir):
+    """The GPU start-up's first run of each executable (compile_all skips it on CPU; here it
+    runs explicitly), on padding: it writes no KV and changes no penalty count."""
+    from duetjax.step_inputs import plan_buckets
+
+    engine = Engine(tiny_llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
+                    compile_on_start=False, show_progress=False)
+    runner = engine.runner
+    runner.kv_pool = runner.kv_pool + 1.5  # not a zero pool: a stray write would show
+    runner.token_counts = runner.token_counts + 2
+    runner._compile_full_sampler(4)
+    pool, counts = np.asarray(runner.kv_pool), np.asarray(runner.token_counts)
+    buckets = plan_buckets(engine.config, (1, 2))
+    assert any(b.multi_step for b in buckets) and any(not b.decode for b in buckets)
+    runner.warm_up(buckets)
+    assert set(buckets) <= set(runner._executables)
+    np.testing.assert_array_equal(np.asarray(runner.kv_pool), pool)
+    np.testing.assert_array_equal(np.asarray(runner.token_counts), counts)
+
+
 def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny_llama_dir, engine):
     """The engine through the Pallas kernels (interpreted on CPU) matches the XLA path."""
     batch = prompts(3, seed=8)
