@@ -137,7 +137,7 @@ class Duet:
         pairs = tuple((p / 100, d / 100) for p, d in used)
         controller = StaticController if engine_config.duet_policy == "static" else ModeController
         self.correction = Correction()
-        roofline = Roofline(shape, profile, step_padding(engine_config))
+        roofline = Roofline(shape, profile, step_padding(engine_config, max_model_len))
         if engine_config.duet_online_correction:
             roofline = CorrectedRoofline(roofline, self.correction)
         self.controller = controller(roofline, OptimizerConfig(

@@ -23,6 +23,20 @@ Padding: an engine runs every step padded to a compiled bucket (``step_inputs``)
 ``StepPadding`` the token-level ops cost the bucket's token count and the LM head its rows; a
 step of 1,100 tokens runs (and costs) 2,048. Padded rows attend to nothing.
 
+Critical path of attention: an attention kernel is a grid of programs (thread blocks), and it
+lasts at least as long as its longest program, which runs on one SM at a slot's share of the
+rates (``DeviceProfile.program_slots`` for the decode kernel, ``prefill_program_slots`` for the
+prefill kernel, whose programs are slower per byte: one 128-row tile per SM, each key block's
+loads waited on). A decode program walks one sequence's keys for one KV head (a 1/splits share
+of them under split-K); a prefill program, ``block_m`` query rows of one chunk over all the keys
+its last token sees. This term is added per layer to the summed roofline times (the bound of
+greedy scheduling: work / rate + longest program). Without it, on 700 timed Llama-3-8B steps on
+an H200, decode steps of the 32-row bucket (the first without split-K) came out about 6 % too
+fast and those of 1-8 rows 9 % too slow, and short chunks after long cached prefixes (a few
+dozen programs for 132 SMs) up to a third too fast: the fit's held-out P95 error was 11.1 %,
+7.5 % with one slot count for both kernels and 7.3 % with one each (1,000 later steps: 22.4 %,
+10.5 % and 8.4 %).
+
 Not modelled (small next to the ops above, or absorbed by calibration): rotary embeddings,
 residual adds, biases, sampling; the KV write is the k/v projections' output. Tensor-parallel
 all-reduce is not modelled yet (duetjax runs one GPU).
@@ -44,6 +58,10 @@ PROFILES_DIR = Path(__file__).parent / "profiles"
 
 OP_CLASSES = ("gemm", "attention", "elementwise")
 """Op classes that carry their own efficiency factor."""
+
+SPAN_CLASSES = ("decode_span", "prefill_span")
+"""Classes of the attention kernels' critical paths (``DeviceProfile.program_slots`` and
+``prefill_program_slots``)."""
 
 NORM_FLOPS_PER_ELEMENT = 4
 """RMSNorm: square, accumulate, scale by the reciprocal root, multiply by the weight."""
@@ -130,6 +148,14 @@ class DeviceProfile:
     """Per op class fraction of the roofline reached."""
     overhead_s: float = 0.0
     """Fixed time per iteration (executable launch, host work), seconds."""
+    program_slots: float = 0.0
+    """Attention programs that share the device's rates at once, about its SM count (fitted by
+    tools/roofline_fit.py: 116 on an H200 with 132 SMs). An attention kernel lasts at least as
+    long as its longest program, which gets 1/program_slots of the rates. 0: not modelled.
+    This is the decode kernel's; ``prefill_program_slots`` is the prefill kernel's."""
+    prefill_program_slots: float = 0.0
+    """``program_slots`` of the prefill kernel (fitted: about 340 on an H200, a prefill program
+    streams keys at a third of a decode program's rate). 0: not modelled."""
     interference: tuple[InterferencePoint, ...] = ()
     """Measured co-running pairs; empty: clients do not slow each other down."""
     source: str = ""
@@ -153,6 +179,9 @@ class DeviceProfile:
                 raise ValueError(f"efficiency.{op_class} must be in (0, 1]")
         if self.overhead_s < 0:
             raise ValueError("overhead_s must be >= 0")
+        for name in ("program_slots", "prefill_program_slots"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
         for p in self.interference:
             if min(p.prefill_rate, p.prefill_bandwidth, p.decode_rate, p.decode_bandwidth) <= 0:
                 raise ValueError(f"interference factors must be positive: {p}")
@@ -232,6 +261,8 @@ class DeviceProfile:
             levels=tuple(SMLevel(**lv) for lv in data["levels"]),
             efficiency=Efficiency(**data.get("efficiency", {})),
             overhead_s=float(data.get("overhead_s", 0.0)),
+            program_slots=float(data.get("program_slots", 0.0)),
+            prefill_program_slots=float(data.get("prefill_program_slots", 0.0)),
             interference=tuple(InterferencePoint(**p) for p in data.get("interference", ())),
             source=data.get("source", ""),
             notes=tuple(data.get("notes", ())),
@@ -327,7 +358,8 @@ class OpCost:
     name: str
     """Op name, e.g. 'qkv_proj', 'attention', 'lm_head'."""
     op_class: str
-    """One of ``OP_CLASSES``: which efficiency factor applies."""
+    """One of ``OP_CLASSES``: which efficiency factor applies; or one of ``SPAN_CLASSES`` (no
+    efficiency: the profile's program slots scale it)."""
     flops: float
     """Floating-point operations."""
     bytes: float
@@ -383,6 +415,26 @@ def _keys_read(q: int, c: int, window: int) -> int:
     return q + c if window <= 0 else min(q + c, window + q - 1)
 
 
+DECODE_SPLITS = ((16, 32768, 64), (16, 16384, 32), (16, 4096, 16), (16, 1024, 8),
+                 (64, 16384, 16), (64, 4096, 8), (64, 1024, 4),
+                 (128, 8192, 4), (128, 2048, 2),
+                 (512, 8192, 2))
+"""Split-K of the decode kernel (``pallas_kernels.tuning``'s table; a test checks they agree):
+(most programs, fewest keys, splits) rows; the first row whose program count (sequence rows ×
+KV heads) is at most its first number and whose block table holds at least its second number
+of keys gives the splits, no row: 1."""
+
+PREFILL_BLOCK_ROWS = {64: 128, 128: 128, 256: 64}
+"""(token, query head) rows of one prefill-kernel program by head dim (``pallas_kernels.tuning``,
+checked by a test); other head dims take the 128 entry."""
+
+
+def decode_splits(programs: int, max_context: int) -> int:
+    """Programs per (sequence, KV head) of the decode kernel: ``DECODE_SPLITS``."""
+    return next((splits for most, keys, splits in DECODE_SPLITS
+                 if programs <= most and max_context >= keys), 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPadding:
     """How an engine pads a step to its compiled bucket (``step_inputs.plan_buckets``; a test
@@ -392,6 +444,10 @@ class StepPadding:
     """Sequence rows of the largest bucket (max_num_seqs rounded up to a power of two)."""
     min_tokens: int
     """Tokens of the smallest mixed (non-decode) bucket."""
+    max_context: int = 0
+    """Keys a sequence's block table holds (max_model_len rounded up to whole pages): the
+    decode kernel's split-K depends on it. 0: unknown, taken as the longest context in the
+    batch (the fewest splits the kernel can have)."""
 
     def padded(self, num_tokens: int, num_seqs: int, decode_only: bool) -> tuple[int, int]:
         """(tokens, LM-head rows) of the bucket that runs such a step."""
@@ -496,12 +552,14 @@ class Roofline:
         eff = self.profile.efficiency
         layers = sh.num_layers
         n = len(decode_ctx) + sum(q for q, _ in prefill)
-        m = len(decode_ctx) + len(prefill) if num_logits is None else num_logits
+        seqs = len(decode_ctx) + len(prefill)
+        m = seqs if num_logits is None else num_logits
         if not 0 <= m <= n:
             raise ValueError(f"num_logits must be in [0, {n}], got {num_logits}")
         if self.padding is not None and n:
             # the bucket's LM head runs on every row, whether or not its logits are sampled
-            n, m = self.padding.padded(n, len(decode_ctx) + len(prefill), not prefill)
+            n, seqs = self.padding.padded(n, seqs, not prefill)
+            m = seqs
         d, d_q, d_kv = sh.hidden_size, sh.num_heads * sh.head_dim, sh.num_kv_heads * sh.head_dim
 
         def cost(name: str, op_class: str, f: float, b: float, count: int) -> _OpRow:
@@ -525,6 +583,9 @@ class Roofline:
             if sh.qk_norm:
                 ops += [norm("q_norm", n * d_q, sh.head_dim), norm("k_norm", n * d_kv, sh.head_dim)]
             ops.append(self._attention(decode_ctx, prefill, flops, bandwidth))
+            if self.profile.program_slots or self.profile.prefill_program_slots:
+                ops += self._attention_spans(decode_ctx, prefill, seqs, flops / sm_share,
+                                             bandwidth / sm_share)
             ops.append(linear("o_proj", n, d_q, d))
             if sh.sandwich_norm:
                 ops.append(norm("post_attn_norm", n * d, d))
@@ -566,6 +627,55 @@ class Roofline:
             time_s += layers * t
         return ("attention", "attention", total_f, total_b, total_f * inv_f, total_b * inv_b,
                 time_s)
+
+    def _attention_spans(self, decode_ctx: list[int], prefill: list[tuple[int, int]], seqs: int,
+                         flops_per_share: float, bandwidth_per_share: float) -> list[_OpRow]:
+        """Critical paths of the attention kernels over all layers: per layer, the longest
+        decode program and the longest prefill program (the kernels run one after the other),
+        each at max(F, B) over 1/slots of the device's rates (``program_slots``,
+        ``prefill_program_slots``). The rates are per unit of SM share: a program runs on one SM
+        whatever share its client has.
+
+        ``seqs``: sequence rows of the step, the decode kernel's batch (with padding, the
+        bucket's: split-K is chosen from the compiled shape)."""
+        sh, s = self.shape, self.shape.dtype_bytes
+        group = sh.num_heads // sh.num_kv_heads
+        kv_bytes = 2 * sh.head_dim * s  # K and V of one KV head, per key
+        max_context = self.padding.max_context if self.padding is not None else 0
+        if not max_context:
+            max_context = max([c + 1 for c in decode_ctx] + [q + c for q, c in prefill])
+        splits = decode_splits(seqs * sh.num_kv_heads, max_context)
+        block_rows = PREFILL_BLOCK_ROWS.get(sh.head_dim, PREFILL_BLOCK_ROWS[128])
+        block_tokens = max(1, block_rows // group)
+
+        def longest_decode(window: int) -> tuple[int, int]:
+            keys = -(-_keys_read(1, max(decode_ctx), window) // splits)
+            return keys * 4 * sh.head_dim * group, keys * kv_bytes + 2 * group * sh.head_dim * s
+
+        def longest_prefill(window: int) -> tuple[int, int]:
+            # a chunk's last block of rows sees the most keys; masked rows still compute
+            keys = max(_keys_read(min(q, block_tokens), c + q - min(q, block_tokens), window)
+                       for q, c in prefill)
+            return block_rows * keys * 4 * sh.head_dim, keys * kv_bytes + 2 * block_rows * sh.head_dim * s
+
+        kernels = [("decode_span", self.profile.program_slots, longest_decode, decode_ctx),
+                   ("prefill_span", self.profile.prefill_program_slots, longest_prefill, prefill)]
+        rows = []
+        for name, slots, longest, work in kernels:
+            if not (work and slots):
+                continue
+            inv_f, inv_b = slots / flops_per_share, slots / bandwidth_per_share
+            total_f = total_b = 0
+            compute_s = memory_s = time_s = 0.0
+            for window, layers in self._window_counts:
+                f, b = longest(window)
+                total_f += layers * f
+                total_b += layers * b
+                compute_s += layers * f * inv_f
+                memory_s += layers * b * inv_b
+                time_s += layers * max(f * inv_f, b * inv_b)
+            rows.append((name, name, total_f, total_b, compute_s, memory_s, time_s))
+        return rows
 
 
 def _split_batch(batch: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:

@@ -50,9 +50,12 @@ class Bucket:
         return self.steps > 1
 
 
-def step_padding(config: EngineConfig) -> StepPadding:
-    """The padding of ``bucket_for``, for the roofline (pure Python, no buckets needed)."""
-    return StepPadding(max_seqs=bucket(config.max_num_seqs), min_tokens=MIN_MIXED_TOKENS)
+def step_padding(config: EngineConfig, max_model_len: int = 0) -> StepPadding:
+    """The padding of ``bucket_for``, for the roofline (pure Python, no buckets needed), with
+    the block tables' width in keys for ``max_model_len`` (0: unknown)."""
+    width = -(-max_model_len // config.page_size) * config.page_size
+    return StepPadding(max_seqs=bucket(config.max_num_seqs), min_tokens=MIN_MIXED_TOKENS,
+                       max_context=width)
 
 
 def decode_step_choices(config: EngineConfig) -> tuple[int, ...]:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from duetjax.roofline import (DeviceProfile, Efficiency, InterferencePoint, ModelShape, Roofline,
-                              SMLevel, StepPadding, load_profile)
+from duetjax.roofline import (DECODE_SPLITS, PREFILL_BLOCK_ROWS, DeviceProfile, Efficiency,
+                              InterferencePoint, ModelShape, Roofline, SMLevel, StepPadding,
+                              decode_splits, load_profile)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -230,6 +231,10 @@ def test_profile_validation():
         DeviceProfile("X", ())
     with pytest.raises(ValueError):
         flat_profile(1.0, 1.0, efficiency=Efficiency(gemm=1.5))
+    with pytest.raises(ValueError, match="program_slots"):
+        flat_profile(1.0, 1.0, program_slots=-1.0)
+    with pytest.raises(ValueError, match="prefill_program_slots"):
+        flat_profile(1.0, 1.0, prefill_program_slots=-1.0)
 
 
 def test_interference_interpolates_within_a_total():
@@ -257,13 +262,18 @@ def test_predict_split_applies_the_pair_slowdown():
 
 def test_profile_json_round_trip(tmp_path):
     p = DeviceProfile("NVIDIA Test", (SMLevel(0.5, 1e12, 1e11), SMLevel(1.0, 2e12, 2e11)),
-                      efficiency=Efficiency(0.9, 0.5, 0.8), overhead_s=1e-4,
+                      efficiency=Efficiency(0.9, 0.5, 0.8), overhead_s=1e-4, program_slots=116.0,
+                      prefill_program_slots=340.0,
                       interference=(InterferencePoint(0.5, 0.5, 0.7, 0.6, 0.9, 0.8),),
                       source="test", notes=("a note",))
     path = tmp_path / "nvidia-test.json"
     p.save(path)
     assert DeviceProfile.from_json(path) == p
     assert load_profile("nvidia test", tmp_path) == p
+    older = p.to_dict()
+    del older["program_slots"], older["prefill_program_slots"]  # before the span terms
+    assert DeviceProfile.from_dict(older).program_slots == 0.0  # not modelled
+    assert DeviceProfile.from_dict(older).prefill_program_slots == 0.0
 
 
 def test_no_matching_profile_lists_the_available_ones(tmp_path):
@@ -322,3 +332,65 @@ def test_padding_costs_the_bucket_that_runs(h200, llama8b):
     assert op(padded, decodes, "down_proj").flops == op(plain, [(1, 500)] * 64, "down_proj").flops
     assert padded.predict(decodes) > plain.predict(decodes)
     assert padded.predict([(1, 500)] * 64) == pytest.approx(plain.predict([(1, 500)] * 64))
+
+
+def test_attention_spans_by_hand():
+    # Π = 1000, BW = 100, 10 decode program slots: a program gets 100 FLOP/s and 10 B/s; 20
+    # prefill slots: 50 FLOP/s and 5 B/s.
+    # decode (1, 99): one program (1 sequence x 1 KV head, no split-K: the longest context,
+    #   100 keys, is all the block table is known to hold) over 100 keys for the group of 2
+    #   query heads: F = 100·4·4·2 = 3200 -> 32 s, B = 100·(K + V 2·4·2) + q, o 2·2·4·2
+    #   = 1632 -> 163.2 s.
+    # prefill (10, 0): one 128-row program (the d 4 head takes the 128 entry) over 10 keys,
+    #   masked rows computed too: F = 128·10·4·4 = 20480 -> 409.6 s,
+    #   B = 10·16 + 2·128·4·2 = 2208 -> 441.6 s.
+    r = Roofline(TINY, flat_profile(1000.0, 100.0, program_slots=10.0, prefill_program_slots=20.0))
+    step = r.breakdown([(1, 99), (10, 0)])
+    decode, prefill = step.op("decode_span"), step.op("prefill_span")
+    assert (decode.op_class, decode.flops, decode.bytes) == ("decode_span", 3200, 1632)
+    assert (prefill.op_class, prefill.flops, prefill.bytes) == ("prefill_span", 20480, 2208)
+    assert decode.time_s == pytest.approx(163.2) and prefill.time_s == pytest.approx(441.6)
+    assert decode.compute_s == pytest.approx(32) and prefill.compute_s == pytest.approx(409.6)
+    # only the longest program of each kernel counts: a shorter decode adds nothing
+    assert r.breakdown([(1, 99), (1, 5), (10, 0)]).op("decode_span").time_s == pytest.approx(163.2)
+    # they add to the iteration; without program slots there is no such op
+    plain = Roofline(TINY, flat_profile(1000.0, 100.0))
+    assert r.predict([(1, 99), (10, 0)]) == pytest.approx(plain.predict([(1, 99), (10, 0)]) + 604.8)
+    assert not {"decode_span", "prefill_span"} & {op.name for op in plain.breakdown([(1, 99)]).ops}
+    decode_only = Roofline(TINY, flat_profile(1000.0, 100.0, program_slots=10.0))
+    assert "prefill_span" not in [op.name for op in decode_only.breakdown([(10, 0)]).ops]
+    # a block table of 2,048 keys: 1 sequence x 1 KV head splits 8 ways (DECODE_SPLITS),
+    # ceil(100 / 8) = 13 keys: B = 13·16 + 32 = 240 -> 24 s (F = 416 -> 4.16 s)
+    padded = Roofline(TINY, r.profile, StepPadding(max_seqs=64, min_tokens=16, max_context=2048))
+    assert padded.breakdown([(1, 99)]).op("decode_span").time_s == pytest.approx(24.0)
+    # a program runs on one SM: at half the SMs (half the rates) it is as fast
+    half = Roofline(TINY, DeviceProfile("X", (SMLevel(1.0, 1000.0, 100.0),), program_slots=10.0))
+    assert half.breakdown([(1, 99)], 0.5).op("decode_span").time_s == pytest.approx(163.2)
+
+
+def test_attention_span_of_a_llama_decode_batch(h200, llama8b):
+    # 64 decodes in the 64-row bucket, a 6,144-key block table: 512 programs, no split-K; the
+    # longest walks 4,096 keys of one KV head (2·128·2 bytes each) in each of 32 layers.
+    h200 = dataclasses.replace(h200, program_slots=116.0)
+    padding = StepPadding(max_seqs=64, min_tokens=16, max_context=6144)
+    span = Roofline(llama8b, h200, padding).breakdown([(1, 4095)] + [(1, 100)] * 63)
+    expected = 32 * (4096 * 2 * 128 * 2 + 2 * 4 * 128 * 2) * 116 / h200.bandwidth_at(1.0)
+    assert span.op("decode_span").time_s == pytest.approx(expected)
+    # 16 decodes (128 programs) split 2 ways
+    span16 = Roofline(llama8b, h200, padding).breakdown([(1, 4095)] + [(1, 100)] * 15)
+    assert span16.op("decode_span").bytes == 32 * (2048 * 2 * 128 * 2 + 2 * 4 * 128 * 2)
+
+
+def test_kernel_grid_tables_match_the_kernel_tuning():
+    """The roofline's copies of the kernels' tiling (it imports no jax) match pallas_kernels."""
+    from pallas_kernels import tuning
+
+    for kv_heads in (1, 2, 8):
+        for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            for max_context in (512, 1024, 2048, 4096, 6144, 8192, 16384, 32768, 131072):
+                cfg = tuning.decode_config(128, batch, kv_heads, max_context, family="hopper")
+                assert decode_splits(batch * kv_heads, max_context) == cfg.num_splits, \
+                    (batch, kv_heads, max_context)
+    assert DECODE_SPLITS == tuple(tuning._DECODE_SPLITS["hopper"])
+    for head_dim in (64, 128, 256):
+        assert PREFILL_BLOCK_ROWS[head_dim] == tuning.prefill_config(head_dim, family="hopper").block_m

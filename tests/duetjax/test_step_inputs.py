@@ -54,7 +54,8 @@ def test_step_padding_agrees_with_the_buckets():
     rng = np.random.default_rng(0)
     for max_seqs, max_tokens in ((4, 32), (64, 2048), (48, 3000)):
         config = EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens)
-        padding = step_padding(config)
+        padding = step_padding(config, max_model_len=1000)
+        assert padding.max_context == 1008  # whole pages of 16: the block tables' width
         for _ in range(200):
             seqs = int(rng.integers(1, max_seqs + 1))
             decode_only = bool(rng.random() < 0.4)
