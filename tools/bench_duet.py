@@ -11,7 +11,9 @@ For each mode a Poisson-arrival workload is driven straight through ``Engine.add
 ``--out``: ``results.json`` (everything but per-request data), ``results.md`` (tables), with
 ``--save-requests`` ``requests.json`` (every request's lengths, arrival and token times) and,
 when matplotlib imports, ``tbt_p99_vs_qps.png``, ``goodput_vs_qps.png`` and
-``ttft_p99_vs_qps.png``. The exit status is 1 when a mode failed or the output check found a
+``ttft_p99_vs_qps.png``. Sweeps of one workload run apart (a device call that holds only some
+modes) merge into one report: ``python tools/bench_duet.py merge OUT A/results.json
+B/results.json`` (their ``requests.json`` too). The exit status is 1 when a mode failed or the output check found a
 mismatch (everything measured is written first).
 
 Modes
@@ -829,8 +831,37 @@ def run_child(argv: list[str], mode: str, out: Path) -> dict[str, Any]:
     return result
 
 
+def merge(paths: list[str], out: Path) -> dict[str, Any]:
+    """One report from sweeps of the same workload run apart (a device call's time limit can
+    hold only some modes): the modes of each, in order; the first report's header and args,
+    with the modes' commands kept per report."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(reports[0], modes={}, merged_from=[r["command"] for r in reports])
+    for r in reports:
+        if r["args"]["qps"] != reports[0]["args"]["qps"]:
+            raise SystemExit(f"cannot merge sweeps of different QPS points: {paths}")
+        merged["modes"].update(r["modes"])
+    requests = {}
+    for p in paths:
+        if (Path(p).parent / "requests.json").exists():
+            requests.update(json.loads((Path(p).parent / "requests.json").read_text()))
+    merged["args"] = dict(merged["args"], modes=",".join(merged["modes"]))
+    digests = {m: [p["workload"] for p in r.get("points", [])] for m, r in merged["modes"].items()
+               if "error" not in r}
+    merged["same_workload"] = len({tuple(d) for d in digests.values()}) <= 1
+    out.mkdir(parents=True, exist_ok=True)
+    if requests:
+        (out / "requests.json").write_text(json.dumps(requests))
+    merged["plots"] = plot(merged, out)
+    save(merged, out)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "merge":  # bench_duet.py merge OUT_DIR A/results.json B/results.json
+        print(markdown(merge(argv[2:], Path(argv[1]))))
+        return 0
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

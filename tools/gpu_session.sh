@@ -21,6 +21,9 @@ for section in "$@"; do
     engine)  # decode step vs HBM roofline, host work per step (one decode step per dispatch)
         python3 tools/bench_engine.py --model $model --sections decode,host \
             --out "$out/engine.json" --table "$out/engine.md" ;;
+    decode4)  # decode step vs HBM roofline with 4 decode steps per dispatch (a device loop)
+        python3 tools/bench_engine.py --model $model --sections decode --decode-steps 4 \
+            --out "$out/engine-decode-k4.json" --table "$out/engine-decode-k4.md" ;;
     host4)  # host work per step with 4 decode steps per dispatch
         python3 tools/bench_engine.py --model $model --sections host --decode-steps 4 \
             --out "$out/engine-k4.json" --table /tmp/work/engine-k4.md ;;
@@ -44,31 +47,37 @@ for section in "$@"; do
             --out "$out/engine.json" --table "$out/engine.md" ;;
     mps)  # decode under MPS SM limits, added to the kernels section's report
         python3 tools/kernel_bench.py --mps --out "$out/kernels.json" --table "$out/kernels.md" ;;
-    cmdbuf)  # XLA command buffers (CUDA graphs): update modes and off; decode step, host work
-        # update modes with stable temp / parameter addresses (openxla/xla#35315; a jaxlib
-        # without the flag fails that variant and goes on), and graphs off for reference
+    decode-knobs)  # batch-64 decode step: block-table width (decode splits) and KV pool size
+        i=0
+        for knobs in "" "--max-model-len 8208" "--max-model-len 8208 --kv-cache-tokens 0"; do
+            echo "== $knobs"
+            python3 tools/profile_step.py --model $model --unroll 32 --batches 64 --context 1024 \
+                --trace --top-kernels 60 --out-dir /tmp/work $knobs 2>&1 | grep "ms/step\|trace:"
+            cp /tmp/work/trace_b64_unroll32_cublas.json "$out/trace-knobs-$i.json"
+            i=$((i + 1))
+        done ;;
+    cmdbuf)  # XLA command buffers (CUDA graphs): update modes; batch-64 decode step
+        # SKIP_TEMP / SKIP_PROFILED give temps stable addresses (the VMM allocator), so a step's
+        # graph update touches only the nodes that read inputs or write outputs
         for flags in "" "--xla_gpu_command_buffer_update_mode=SKIP_TEMP" \
-                "--xla_gpu_command_buffer_update_mode=SKIP_PROFILED" \
-                "--xla_gpu_enable_command_buffer="; do
+                "--xla_gpu_command_buffer_update_mode=SKIP_PROFILED"; do
             echo "== XLA_FLAGS=$flags"
             XLA_FLAGS="$flags" python3 tools/profile_step.py --model $model --unroll 32 \
-                --batches 1,64,256 --context 1024 --out-dir /tmp/work 2>&1 | grep "ms/step" \
-                || echo "  no timing (flag unknown to this jaxlib?)"
-        done
-        XLA_FLAGS="--xla_gpu_enable_command_buffer=" python3 tools/bench_engine.py --model $model \
-            --sections decode,host --out "$out/engine-no-cmdbuf.json" \
-            --table "$out/engine-no-cmdbuf.md" 2>&1 | grep -v rematerial | tail -14 ;;
+                --batches ${CMDBUF_BATCHES:-64} --context 1024 --out-dir /tmp/work \
+                > /tmp/work/cmdbuf.log 2>&1
+            grep "ms/step" /tmp/work/cmdbuf.log || tail -5 /tmp/work/cmdbuf.log
+        done ;;
     fit)  # roofline error over 1,000 real mixed iterations, and the fitted profile
-        python3 tools/roofline_fit.py --model $model --dtype bfloat16 --iterations ${FIT_ITERATIONS:-1000} --reps 8 \
+        python3 tools/roofline_fit.py --model $model --dtype bfloat16 --iterations ${FIT_ITERATIONS:-1000} --reps ${FIT_REPS:-8} \
             --out "$out/profile-fitted.json" --report "$out/roofline-fit.json" ;;
     duet)  # aggregated vs static 50/50 vs adaptive duet at 8B, QPS ${DUET_QPS:-4,8}
         python3 tools/bench_duet.py --model $model --load-format dummy --dtype bfloat16 \
-            --dataset azure-conversation --qps ${DUET_QPS:-4,8} --num-requests 40 \
-            --duration-cap-s 15 --drain-timeout-s 40 --modes aggregated,static,duet \
+            --dataset azure-conversation --qps ${DUET_QPS:-4,8} --num-requests ${DUET_REQUESTS:-40} \
+            --duration-cap-s 15 --drain-timeout-s 40 --modes ${DUET_MODES:-aggregated,static,duet} \
             --tbt-slos-ms 50,25 --duet-pairs 70/30,50/50 --max-num-seqs 64 \
             --max-num-batched-tokens 2048 --max-model-len 4096 --kv-cache-tokens 262144 \
             --max-decode-steps 4 --warmup-requests 4 --compilation-cache-dir /tmp/xla \
-            --worker-timeout-s 300 ${DUET_PROFILE:+--device-profile $DUET_PROFILE} \
+            --worker-timeout-s 300 --save-requests ${DUET_PROFILE:+--device-profile $DUET_PROFILE} \
             --out "$out/duet8b" ;;
     *)
         echo "unknown section $section" ;;

@@ -193,16 +193,25 @@ def main() -> None:
     p.add_argument("--top-kernels", type=int, default=25, help="kernels listed per trace")
     p.add_argument("--trace-prefill", default="",
                    help="comma list of prefill token counts to trace too (e.g. 2048,8192)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="default: 2048, or the longest traced prefill (sets the block tables' "
+                        "width, which the decode kernel's split count follows)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV pool tokens (default: enough for the batches); 0: "
+                        "EngineConfig.kv_cache_memory_fraction of the free GPU memory")
     p.add_argument("--out-dir", default=".")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     prefills = [int(t) for t in args.trace_prefill.split(",") if t]
     tag = "_".join(filter(None, [args.gemm_backend, os.environ.get("XLA_FLAGS", "") and "xlaflags"]))
     for unroll in (int(u) for u in args.unroll.split(",")):
-        longest = max([2048] + [t + 16 for t in prefills])
+        longest = args.max_model_len or max([2048] + [t + 16 for t in prefills])
+        pool = args.kv_cache_tokens
+        if pool is None:
+            pool = max(batches) * 2048 + longest + 4096
         engine = Engine(args.model, dtype="bfloat16", load_format="dummy", max_num_seqs=max(batches),
                         max_num_batched_tokens=max([256, max(batches)] + prefills),
-                        max_model_len=longest, kv_cache_tokens=max(batches) * 2048 + longest + 4096,
+                        max_model_len=longest, kv_cache_tokens=pool or None,
                         scan_unroll=unroll,
                         gemm_backend=args.gemm_backend,
                         compile_on_start=False, show_progress=False)
