@@ -76,6 +76,22 @@ class _StepFailed(Exception):
     """A step raised; the engine has its traceback already."""
 
 
+def run_step(runner: Any, b: Any, inputs: Any, previous: Any, num_steps: int) -> tuple[bytes, Any]:
+    """Runs one step message's work: (the packed sampled tokens of its ``num_steps`` steps,
+    the last tokens, which stay on the device for the next step). The slicing happens on the
+    host: a device-side slice compiles a small executable the first time each shape meets it,
+    tens of milliseconds on a GPU in the middle of serving."""
+    import jax
+
+    from .step_inputs import pack
+
+    sampled, last = runner.execute(b, inputs, previous, num_steps)
+    host = jax.tree_util.tree_map(np.asarray, sampled)  # one transfer, waits for the step
+    if not b.multi_step:
+        host = jax.tree_util.tree_map(lambda a: a[None], host)
+    return pack(jax.tree_util.tree_map(lambda a: a[:num_steps], host)), last
+
+
 def _serve(conn: Connection) -> None:
     setup: WorkerSetup = conn.recv()
     import jax
@@ -86,7 +102,7 @@ def _serve(conn: Connection) -> None:
     from .engine import enable_compilation_cache
     from .model_runner import ModelRunner
     from .shared_state import SharedState
-    from .step_inputs import build_inputs, decode_step_choices, pack, unpack
+    from .step_inputs import build_inputs, decode_step_choices, unpack
 
     enable_compilation_cache(setup.compilation_cache_dir)
     shared = SharedState.attach(setup.layout)
@@ -117,13 +133,10 @@ def _serve(conn: Connection) -> None:
             started = time.perf_counter()
             b = buckets[index]
             inputs = unpack(templates[index], memoryview(message)[REQUEST.size:])
-            sampled, last = runner.execute(b, inputs, last if flags & USE_PREVIOUS else None,
-                                           num_steps)
-            if not b.multi_step:
-                sampled = jax.tree_util.tree_map(lambda a: a[None], sampled)
-            host = jax.tree_util.tree_map(lambda a: np.asarray(a[:num_steps]), sampled)
+            reply, last = run_step(runner, b, inputs, last if flags & USE_PREVIOUS else None,
+                                   num_steps)
             seconds = time.perf_counter() - started
-            conn.send_bytes(REPLY.pack(RESULT, step_id, seconds) + pack(host))
+            conn.send_bytes(REPLY.pack(RESULT, step_id, seconds) + reply)
         except Exception as e:
             conn.send_bytes(REPLY.pack(ERROR, step_id, 0.0) + traceback.format_exc().encode())
             raise _StepFailed from e
