@@ -49,6 +49,12 @@ class DuetStats:
     """Decode steps of each split iteration."""
     predicted_seconds: list[float] = dataclasses.field(default_factory=list)
     """Predicted max(t_p, k·t_d) of each split iteration."""
+    predicted_prefill_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Predicted t_p of each split iteration (against ``prefill_worker_seconds``)."""
+    predicted_decode_step_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Predicted t_d of each split iteration (against decode_worker_seconds / steps)."""
+    split_shares: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    """(S_p, S_d) of each split iteration."""
     measured_seconds: list[float] = dataclasses.field(default_factory=list)
     """Measured dispatch-to-results time of the same iterations."""
     prefill_worker_seconds: list[float] = dataclasses.field(default_factory=list)
@@ -227,6 +233,9 @@ class Duet:
         predicted = max(decision.t_prefill or 0.0, decision.k * (decision.t_decode or 0.0))
         self.stats.split_k.append(decision.k)
         self.stats.predicted_seconds.append(predicted)
+        self.stats.predicted_prefill_seconds.append(decision.t_prefill or 0.0)
+        self.stats.predicted_decode_step_seconds.append(decision.t_decode or 0.0)
+        self.stats.split_shares.append((decision.s_p, decision.s_d))
         self.stats.measured_seconds.append(seconds)
         self.stats.prefill_worker_seconds.append(worker_seconds[0])
         self.stats.decode_worker_seconds.append(worker_seconds[1])

@@ -356,10 +356,14 @@ def _stats_snapshot(engine: Any) -> dict[str, Any]:
         snap["duet"] = {name: getattr(s, name) for name in (
             "split_iterations", "aggregated_iterations", "mode_switches", "worker_failures",
             "requeued_requests")}
-        snap["duet_lists"] = {name: len(getattr(s, name)) for name in (
-            "split_k", "predicted_seconds", "measured_seconds", "switch_seconds",
-            "prefill_worker_seconds", "decode_worker_seconds", "decode_worker_steps")}
+        snap["duet_lists"] = {name: len(getattr(s, name)) for name in SPLIT_RECORDS}
     return snap
+
+
+SPLIT_RECORDS = ("split_k", "split_shares", "predicted_seconds", "measured_seconds",
+                 "switch_seconds", "predicted_prefill_seconds", "prefill_worker_seconds",
+                 "predicted_decode_step_seconds", "decode_worker_seconds", "decode_worker_steps")
+"""``DuetStats`` lists kept per QPS point (one entry per split iteration; switches apart)."""
 
 
 def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -371,8 +375,7 @@ def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | N
            for name in ("split_iterations", "aggregated_iterations", "mode_switches",
                         "worker_failures", "requeued_requests")}
     lists = {name: list(getattr(s, name))[(before["duet_lists"][name] if before else 0):]
-             for name in ("split_k", "predicted_seconds", "measured_seconds", "switch_seconds",
-                          "prefill_worker_seconds", "decode_worker_seconds", "decode_worker_steps")}
+             for name in SPLIT_RECORDS}
     ks = lists["split_k"]
     out["split_k_mean"] = float(np.mean(ks)) if ks else None
     out["split_k_histogram"] = {str(k): ks.count(k) for k in sorted(set(ks))}
@@ -385,6 +388,7 @@ def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | N
     out["decode_worker_ms_per_step"] = distribution_ms(
         [t / n for t, n in zip(lists["decode_worker_seconds"], lists["decode_worker_steps"]) if n])
     out["roofline_error"] = roofline_error(lists["predicted_seconds"], lists["measured_seconds"])
+    out["records"] = lists  # per split iteration, to fit the split-mode roofline offline
     return out
 
 

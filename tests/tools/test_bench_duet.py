@@ -185,6 +185,9 @@ def test_sweep_aggregated_and_static_in_process(tiny_llama_dir, device_profile, 
     totals = static["duet_totals"]
     assert totals["split_iterations"] > 0
     assert totals["roofline_error"]["n"] == totals["split_iterations"]
+    records = totals["records"]  # one entry per split iteration, for an offline fit
+    assert {len(v) for k, v in records.items() if k != "switch_seconds"} == {totals["split_iterations"]}
+    assert all(s_p == s_d == 0.5 for s_p, s_d in records["split_shares"])
     assert report["check_outputs"]["identical"] is True
     md = (out / "results.md").read_text()
     assert "| aggregated | 20 |" in md and "| static | 80 |" in md
