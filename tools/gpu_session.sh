@@ -70,12 +70,13 @@ for section in "$@"; do
     fit)  # roofline error over 1,000 real mixed iterations, and the fitted profile
         python3 tools/roofline_fit.py --model $model --dtype bfloat16 --iterations ${FIT_ITERATIONS:-1000} --reps ${FIT_REPS:-8} \
             --out "$out/profile-fitted.json" --report "$out/roofline-fit.json" ;;
-    duet)  # aggregated vs static 50/50 vs adaptive duet at 8B, QPS ${DUET_QPS:-4,8}
+    duet)  # aggregated vs static 50/50 vs adaptive duet at 8B (env: DUET_QPS, DUET_REQUESTS,
+        # DUET_MODES, DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE)
         python3 tools/bench_duet.py --model $model --load-format dummy --dtype bfloat16 \
-            --dataset azure-conversation --qps ${DUET_QPS:-4,8} --num-requests ${DUET_REQUESTS:-40} \
+            --dataset ${DUET_DATASET:-azure-conversation} --qps ${DUET_QPS:-4,8} --num-requests ${DUET_REQUESTS:-40} \
             --duration-cap-s 15 --drain-timeout-s 40 --modes ${DUET_MODES:-aggregated,static,duet} \
             --tbt-slos-ms 50,25 --duet-pairs 70/30,50/50 --max-num-seqs 64 \
-            --max-num-batched-tokens 2048 --max-model-len 4096 --kv-cache-tokens 262144 \
+            --max-num-batched-tokens 2048 --max-model-len ${DUET_MAX_MODEL_LEN:-4096} --kv-cache-tokens 262144 \
             --max-decode-steps 4 --warmup-requests 4 --compilation-cache-dir /tmp/xla \
             --worker-timeout-s 300 --save-requests ${DUET_PROFILE:+--device-profile $DUET_PROFILE} \
             --out "$out/duet8b" ;;
