@@ -26,16 +26,15 @@ step of 1,100 tokens runs (and costs) 2,048. Padded rows attend to nothing.
 Critical path of attention: an attention kernel is a grid of programs (thread blocks), and it
 lasts at least as long as its longest program, which runs on one SM at a slot's share of the
 rates (``DeviceProfile.program_slots`` for the decode kernel, ``prefill_program_slots`` for the
-prefill kernel, whose programs are slower per byte: one 128-row tile per SM, each key block's
-loads waited on). A decode program walks one sequence's keys for one KV head (a 1/splits share
-of them under split-K); a prefill program, ``block_m`` query rows of one chunk over all the keys
-its last token sees. This term is added per layer to the summed roofline times (the bound of
-greedy scheduling: work / rate + longest program). Without it, on 700 timed Llama-3-8B steps on
-an H200, decode steps of the 32-row bucket (the first without split-K) came out about 6 % too
-fast and those of 1-8 rows 9 % too slow, and short chunks after long cached prefixes (a few
-dozen programs for 132 SMs) up to a third too fast: the fit's held-out P95 error was 11.1 %,
-7.5 % with one slot count for both kernels and 7.3 % with one each (1,000 later steps: 22.4 %,
-10.5 % and 8.4 %).
+prefill kernel, whose programs stream keys about four times slower). A decode program walks one
+sequence's keys for one KV head (a 1/splits share of them under split-K); a prefill program,
+``block_m`` query rows of one chunk over all the keys its last token sees. This term is added
+per layer to the summed roofline times (the bound of greedy scheduling: work / rate + longest
+program). Without it, on 700 timed Llama-3-8B steps on an H200, decode steps of the 32-row
+bucket (the first without split-K) came out about 6 % too fast and those of 1-8 rows 9 % too
+slow, and short chunks after long cached prefixes (a few dozen programs for 132 SMs) up to a
+third too fast: the fit's held-out P95 error was 11.1 %, 7.5 % with one slot count for both
+kernels and 7.3 % with one each (1,000 later steps: 22.4 %, 10.5 % and 8.4 %).
 
 Not modelled (small next to the ops above, or absorbed by calibration): rotary embeddings,
 residual adds, biases, sampling; the KV write is the k/v projections' output. Tensor-parallel
@@ -150,12 +149,12 @@ class DeviceProfile:
     """Fixed time per iteration (executable launch, host work), seconds."""
     program_slots: float = 0.0
     """Attention programs that share the device's rates at once, about its SM count (fitted by
-    tools/roofline_fit.py: 116 on an H200 with 132 SMs). An attention kernel lasts at least as
+    tools/roofline_fit.py: 89 on an H200 with 132 SMs). An attention kernel lasts at least as
     long as its longest program, which gets 1/program_slots of the rates. 0: not modelled.
     This is the decode kernel's; ``prefill_program_slots`` is the prefill kernel's."""
     prefill_program_slots: float = 0.0
-    """``program_slots`` of the prefill kernel (fitted: about 340 on an H200, a prefill program
-    streams keys at a third of a decode program's rate). 0: not modelled."""
+    """``program_slots`` of the prefill kernel (fitted: 345 on an H200: a prefill program
+    streams keys at about a quarter of a decode program's rate). 0: not modelled."""
     interference: tuple[InterferencePoint, ...] = ()
     """Measured co-running pairs; empty: clients do not slow each other down."""
     source: str = ""
