@@ -112,8 +112,9 @@ class BlockManager:
 
     def cache_full_pages(self, request: Request) -> None:
         """Names the pages that the request's computed tokens now fill completely."""
-        if not self.enable_prefix_caching:
-            return
+        if (not self.enable_prefix_caching
+                or request.num_computed_tokens // self.page_size <= request.num_cached_pages):
+            return  # (the usual case: called for every request on every step)
         # Only tokens the host knows: a k-step decode in flight has computed PENDING ones.
         known = len(request.prompt_token_ids) + request.num_resolved_outputs
         full = min(request.num_computed_tokens, known) // self.page_size

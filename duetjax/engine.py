@@ -151,6 +151,8 @@ class Engine:
         """The controller's prediction for the in-flight aggregated step (duet mode)."""
         self._last_results: float | None = None
         """When the previous aggregated step's results arrived, while the pipeline stays full."""
+        self._finished_outputs_only = False
+        """``step`` returns outputs of finished requests only (``generate`` needs no others)."""
         self.stats = LoopStats()
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(self.config.seed)
@@ -233,6 +235,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**32))
         request = Request(request_id, ids, params, seed, prompt=text)
+        request.stop_ids = frozenset(params.stop_token_ids).union(
+            () if params.ignore_eos else self.eos_token_ids)
         if self.tokenizer is not None:
             request.detokenizer = self.tokenizer.incremental_detokenizer(
                 ids, skip_special_tokens=params.skip_special_tokens)
@@ -312,9 +316,8 @@ class Engine:
             request.penalty_slot_fresh = False  # this step zeroes a fresh slot
             if item.completes_sequence:  # the step samples this request's next token(s)
                 first = len(request.output_token_ids)
-                for index in range(first, first + item.num_steps):
-                    request.pending_rows[index] = row
-                    request.output_token_ids.append(PENDING)
+                request.output_token_ids += [PENDING] * item.num_steps
+                request.pending_rows[first + item.num_steps - 1] = row
                 launched.output_index[row] = first
 
     def _split_step(self, decision, pair) -> list[RequestOutput]:
@@ -422,6 +425,7 @@ class Engine:
         sampled = step.fetch()
         waited = time.perf_counter() - before
         now = time.time()
+        rows = sampled.token_ids.T.tolist()  # one conversion per step, not one per token
         outputs = []
         for row, item in enumerate(step.batch.scheduled):
             request = item.request
@@ -429,44 +433,62 @@ class Engine:
                 continue  # stopped or aborted meanwhile: this row is overrun
             first = step.output_index.get(row)
             if first is not None:  # (a prefill chunk's sampled token is not the next one yet)
-                for j in range(item.num_steps):
-                    index = first + j
-                    del request.pending_rows[index]
-                    token = int(sampled.token_ids[j, row])
-                    request.output_token_ids[index] = token
-                    if request.params.logprobs is not None:
-                        request.logprobs.append(_logprobs_of(sampled, j, row, token,
-                                                             request.params.logprobs))
-                    self._append_token(request, index, token, now)
-                    if request.is_finished:
-                        break  # the tokens after a stop are overrun
-                outputs.append(self._output(request))
+                self._apply_tokens(request, first, rows[row][:item.num_steps], sampled, row, now)
+                if request.is_finished or not self._finished_outputs_only:
+                    outputs.append(self._output(request))
             if request.is_finished:
                 self._requests.pop(request.request_id, None)
             elif request.block_table:
                 self.scheduler.blocks.cache_full_pages(request)
         return outputs, waited
 
-    def _append_token(self, request: Request, index: int, token: int, now: float) -> None:
-        params = request.params
+    def _apply_tokens(self, request: Request, first: int, tokens: list[int], sampled,
+                      row: int, now: float) -> None:
+        """Stores the tokens one dispatch sampled for ``request`` (output indices ``first``
+        on) and ends it at the first that meets a stop condition: the rest are overrun."""
+        stop = self._token_stop(request, first, tokens)
+        if request.detokenizer is not None:  # the text, and stop strings, go token by token
+            upto = len(tokens) if stop is None else stop[0] + 1
+            stop = self._detokenize(request, tokens[:upto]) or stop
+        if stop is None:
+            del request.pending_rows[first + len(tokens) - 1]
+        else:
+            tokens = tokens[:stop[0] + 1]
+        request.output_token_ids[first:first + len(tokens)] = tokens
         metrics = request.metrics
-        metrics.token_times.append(now)
         if metrics.first_token_time is None:
             metrics.first_token_time = now
-        if request.detokenizer is not None:
+        metrics.token_times += [now] * len(tokens)
+        top_n = request.params.logprobs
+        if top_n is not None:
+            request.logprobs += [_logprobs_of(sampled, j, row, token, top_n)
+                                 for j, token in enumerate(tokens)]
+        if stop is not None:
+            self._finish(request, first + stop[0], stop[1], stop[2])
+
+    def _token_stop(self, request: Request, first: int,
+                    tokens: list[int]) -> tuple[int, str, int | None] | None:
+        """(position in ``tokens``, finish reason, stop reason) of the first token, placed at
+        output index ``first`` on, that ends the request by its id or by a length limit."""
+        length_at = max(request.max_output_tokens - first, 1) - 1  # (max_tokens or max_model_len)
+        if request.stop_ids and not request.stop_ids.isdisjoint(tokens):
+            params = request.params
+            for j in range(max(params.min_tokens - first - 1, 0), min(len(tokens), length_at + 1)):
+                token = tokens[j]
+                if token in request.stop_ids:
+                    return j, "stop", token if token in params.stop_token_ids else None
+        return (length_at, "length", None) if length_at < len(tokens) else None
+
+    def _detokenize(self, request: Request, tokens: list[int]) -> tuple[int, str, str] | None:
+        """Appends the text of ``tokens``; returns (position, 'stop', stop string) when a stop
+        string completes (the tokens after it are overrun)."""
+        for j, token in enumerate(tokens):
             delta = request.detokenizer.add(token)
             request.text += delta
-            stop = self._find_stop_string(request, len(delta))
-            if stop is not None:
-                return self._finish(request, index, "stop", stop)
-        n = index + 1
-        if n >= params.min_tokens:
-            if token in params.stop_token_ids:
-                return self._finish(request, index, "stop", token)
-            if token in self.eos_token_ids and not params.ignore_eos:
-                return self._finish(request, index, "stop", None)
-        if n >= params.max_tokens or len(request.prompt_token_ids) + n >= self.max_model_len:
-            self._finish(request, index, "length", None)
+            found = self._find_stop_string(request, len(delta))
+            if found is not None:
+                return j, "stop", found
+        return None
 
     def _find_stop_string(self, request: Request, delta_len: int) -> str | None:
         for stop in request.params.stop:
@@ -488,16 +510,15 @@ class Engine:
         self.scheduler.finish(request, reason)
 
     def _output(self, request: Request) -> RequestOutput:
-        completion = CompletionOutput(index=0, text=request.text,
-                                      token_ids=request.resolved_output_ids,
-                                      finish_reason=request.finish_reason,
-                                      stop_reason=request.stop_reason,
-                                      logprobs=(list(request.logprobs)
-                                                if request.params.logprobs is not None else None))
-        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
-                             prompt_token_ids=request.prompt_token_ids, outputs=[completion],
-                             finished=request.status is RequestStatus.FINISHED,
-                             metrics=request.metrics)
+        # Positional arguments (field order of outputs.py): keywords cost twice as much, and
+        # streaming builds one output per running request on every step.
+        completion = CompletionOutput(0, request.text, request.resolved_output_ids,
+                                      request.finish_reason, request.stop_reason,
+                                      list(request.logprobs) if request.params.logprobs is not None
+                                      else None)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             [completion], request.status is RequestStatus.FINISHED,
+                             request.metrics)
 
     # ---- batch APIs -------------------------------------------------------------------------
 
@@ -544,10 +565,14 @@ class Engine:
     def _run(self, request_ids: Iterable[str], use_tqdm: bool) -> list[RequestOutput]:
         order = {request_id: i for i, request_id in enumerate(request_ids)}
         results: list[RequestOutput | None] = [None] * len(order)
-        with tqdm(total=len(order), desc="generate", disable=not use_tqdm) as bar:
-            while self.has_unfinished_requests():
-                for output in self.step():
-                    if output.finished and output.request_id in order:
-                        results[order[output.request_id]] = output
-                        bar.update(1)
+        self._finished_outputs_only = True
+        try:
+            with tqdm(total=len(order), desc="generate", disable=not use_tqdm) as bar:
+                while self.has_unfinished_requests():
+                    for output in self.step():
+                        if output.finished and output.request_id in order:
+                            results[order[output.request_id]] = output
+                            bar.update(1)
+        finally:
+            self._finished_outputs_only = False
         return results

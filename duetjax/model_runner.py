@@ -30,8 +30,8 @@ from .sampler import (SampledTokens, needs_full_sampler, sample_basic, sample_fu
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedState
-from .step_inputs import (Bucket, StepInputs, bucket, bucket_for, build_inputs, layout_of, pack,
-                          plan_buckets, unpack_on_device)
+from .step_inputs import (Bucket, Reuse, StepInputs, bucket, bucket_for, build_inputs, layout_of,
+                          pack, plan_buckets, unpack_on_device)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,17 @@ class InFlight:
 
     def fetch(self) -> SampledTokens:
         """Waits for the step; host arrays with a leading step axis [k, n, ...], one column
-        per scheduled request."""
+        per scheduled request. Only the token ids leave the device unless a request asked for
+        log-probabilities (the other fields are None then)."""
         n, k = len(self.batch.scheduled), self.batch.num_steps
-        if k == 1:
-            return jax.tree_util.tree_map(lambda a: np.asarray(a)[None, :n], self.sampled)
-        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:k, :n], self.sampled)
+
+        def take(a: jax.Array) -> np.ndarray:
+            a = np.asarray(a)
+            return a[None, :n] if k == 1 else a[:k, :n]
+
+        if any(item.request.params.logprobs is not None for item in self.batch.scheduled):
+            return jax.tree_util.tree_map(take, self.sampled)
+        return SampledTokens(take(self.sampled.token_ids), None, None, None)
 
 
 def plan_num_pages(model: LoadedModel, config: EngineConfig, free_bytes: int | None = None) -> int:
@@ -119,6 +125,8 @@ class ModelRunner:
         self.last_launch_seconds = 0.0
         """Host time of the last executable call (it blocks while the device queue is full)."""
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
+        self._reuse = Reuse()
+        """What consecutive dispatches' inputs share (``build_inputs``)."""
         self._full_samplers: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
         """Sequence bucket -> the compiled (full sampler, log-probabilities) executables."""
         # Step inputs travel as one packed byte buffer (``step_inputs.pack``): one host-to-device
@@ -289,7 +297,7 @@ class ModelRunner:
         """Launches one dispatch without waiting for it (nor for ``previous``, whose sampled
         tokens feed this one on the device)."""
         b = bucket_for(batch, self.config)
-        inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq)
+        inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, self._reuse)
         previous_tokens = previous.last_tokens if previous is not None else None
         sampled, last = self.execute(b, inputs, previous_tokens, batch.num_steps)
         return InFlight(batch, sampled, last)

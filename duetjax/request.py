@@ -29,9 +29,14 @@ class Request:
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
+        self.needs_full_sampler = params.needs_full_sampler  # (asked on every step)
+        # Most tokens it may generate: max_tokens, fewer where max_model_len ends it sooner
+        # (``Scheduler.add`` knows that length).
+        self.max_output_tokens = params.max_tokens
         self.seed = seed
         self.output_token_ids: list[int] = []  # PENDING where a token is still on the device
-        self.pending_rows: dict[int, int] = {}  # output index -> its row in the in-flight step
+        # Output index of the newest token of each dispatch in flight -> its row there.
+        self.pending_rows: dict[int, int] = {}
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.page_hashes: list[bytes] = []  # prefix-cache names of its full pages, in order
@@ -44,6 +49,7 @@ class Request:
         self.text = ""
         self.logprobs: list[dict[int, float]] = []
         self.detokenizer = None  # set by the engine when the model has a tokenizer
+        self.stop_ids: frozenset[int] = frozenset()  # ids that end it (set by the engine)
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
 
     @property

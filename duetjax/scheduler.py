@@ -84,6 +84,8 @@ class Scheduler:
         if needed > self.blocks.num_pages:
             raise ValueError(f"prompt of {len(request.prompt_token_ids)} tokens needs {needed} KV "
                              f"pages but the pool has {self.blocks.num_pages}; raise kv_cache_tokens")
+        request.max_output_tokens = min(request.params.max_tokens,
+                                        self.max_model_len - len(request.prompt_token_ids))
         self.waiting.append(request)
 
     def has_work(self) -> bool:
@@ -99,31 +101,39 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         k = decode_steps if decode_steps > 1 and (split or (not self.waiting and self.running and all(
-            _decoding(r) for r in self.running))) and not any(
-            r.params.needs_full_sampler for r in self.running) else 1
+            r.num_tokens - r.num_computed_tokens == 1 for r in self.running))) and not any(
+            r.needs_full_sampler for r in self.running) else 1
 
+        # Every running request passes here on every step: the common case (a decode whose
+        # pages already hold the new token) costs no call into the block manager.
+        page_size = self.blocks.page_size
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             if self._at_length_limit(request):
                 index += 1  # its last token is still on the device; it finishes on arrival
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            steps = self._steps_allowed(request, k) if _decoding(request) else 1
+            uncomputed = request.num_tokens - request.num_computed_tokens
+            num_new = min(uncomputed, budget)
+            steps = 1
+            if k > 1 and uncomputed == 1:  # _steps_allowed, inlined (its length limit is ahead)
+                steps = min(k, request.max_output_tokens - len(request.output_token_ids))
             target = request.num_computed_tokens + num_new + steps - 1
-            while not self.blocks.can_hold(request, target):
-                victim = self.running.pop()  # the most recently admitted
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
+            if target > len(request.block_table) * page_size:
+                while not self.blocks.can_hold(request, target):
+                    victim = self.running.pop()  # the most recently admitted
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is request:
+                        break
+                if request.status is not RequestStatus.RUNNING:
                     break
-            if request.status is not RequestStatus.RUNNING:
-                break
-            self.blocks.grow(request, target)
+                self.blocks.grow(request, target)
             scheduled.append(ScheduledRequest(request, num_new, steps))
             budget -= num_new
             index += 1
 
+        num_running = len(scheduled)
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
@@ -146,7 +156,7 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
-        if k > 1 and any(item.request.params.needs_full_sampler for item in scheduled):
+        if k > 1 and any(item.request.needs_full_sampler for item in scheduled[num_running:]):
             # A newcomer (split mode admits while decodes take k steps) needs the full sampler,
             # which runs between steps: one step for everyone (the extra pages stay theirs).
             k = 1
@@ -159,7 +169,7 @@ class Scheduler:
         ``exclude`` (their prefill chunk still runs on another worker): split mode's decode
         stream. Nothing is preempted here (a victim's pages could still be written by that
         chunk): a request whose pages cannot grow waits for the next full ``schedule``."""
-        if any(r.params.needs_full_sampler for r in self.running):
+        if any(r.needs_full_sampler for r in self.running):
             k = 1
         scheduled = []
         for request in self.running:
@@ -178,12 +188,10 @@ class Scheduler:
         """Steps of a k-step decode before ``request`` reaches max_tokens or max_model_len."""
         if k == 1:
             return 1
-        return max(1, min(k, request.params.max_tokens - len(request.output_token_ids),
-                          self.max_model_len - request.num_tokens))
+        return max(1, min(k, request.max_output_tokens - len(request.output_token_ids)))
 
     def _at_length_limit(self, request: Request) -> bool:
-        return (len(request.output_token_ids) >= request.params.max_tokens
-                or request.num_tokens >= self.max_model_len)
+        return len(request.output_token_ids) >= request.max_output_tokens
 
     def commit(self, batch: SchedulerOutput) -> None:
         """Records that a step was launched: its tokens count as computed from now on."""

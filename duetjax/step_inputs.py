@@ -14,6 +14,8 @@ cost follows the real context lengths, not the table width.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import operator
 
 import flax.struct
 import jax
@@ -22,7 +24,7 @@ import numpy as np
 from models.attention import AttentionMetadata
 
 from .config import EngineConfig
-from .request import PENDING
+from .request import PENDING, Request
 from .roofline import StepPadding, power_of_two
 from .sampler import PenaltyArrays, SamplingArrays
 from .scheduler import SchedulerOutput
@@ -102,52 +104,122 @@ class StepInputs:
     sooner); later steps write no KV and their tokens are discarded."""
 
 
-def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
-                 max_pages_per_seq: int) -> StepInputs:
-    """Host arrays of one step in bucket ``b`` (all padding when ``batch`` is None)."""
-    num_seqs, num_tokens = b.num_seqs, b.num_tokens
-    tokens = np.zeros(num_tokens, np.int32)
-    from_previous = np.full(num_tokens, -1, np.int32)
-    positions = np.zeros(num_tokens, np.int32)
-    slots = np.full(num_tokens, -1, np.int32)
-    block_tables = np.zeros((num_seqs, max_pages_per_seq), np.int32)
-    context_lens = np.zeros(num_seqs, np.int32)
-    query_start_loc = np.zeros(num_seqs + 1, np.int32)
-    logits_indices = np.zeros(num_seqs, np.int32)
-    valid_steps = np.zeros(num_seqs, np.int32)
+class Reuse:
+    """What a ``build_inputs`` call leaves for the next (``ModelRunner`` keeps one). When the
+    next step runs the same requests in the same order, as consecutive decode steps do, it
+    shares their sampling settings and, unless a table grew, their block tables (read-only
+    arrays) instead of gathering them again. A table only grows while its request keeps its
+    pages, and losing them gives the request a new list: the identities of the lists name the
+    batch."""
+
+    def __init__(self) -> None:
+        self.tables: list[list[int]] = []
+        self.widths = np.zeros(0, np.int32)
+        self.block_tables = np.zeros((0, 0), np.int32)
+        self.settings: tuple[np.ndarray, ...] = ()
+        self.penalized: list[int] = []
+
+
+def _settings(requests: list[Request], num_seqs: int) -> tuple[tuple[np.ndarray, ...], list[int]]:
+    """What stays the same for a request while it runs, over ``num_seqs`` rows (padding rows
+    sample greedily, without penalties): (temperature, top-k, top-p, min-p, seed, logprobs
+    wanted, penalty slot, presence and frequency penalties), and the rows with a penalty slot."""
+    n = len(requests)
+    params = [r.params for r in requests]
     temperature = np.zeros(num_seqs, np.float32)
     top_k = np.zeros(num_seqs, np.int32)
     top_p = np.ones(num_seqs, np.float32)
     min_p = np.zeros(num_seqs, np.float32)
     seeds = np.zeros(num_seqs, np.uint32)
-    counters = np.zeros(num_seqs, np.int32)
     want_logprobs = np.zeros(num_seqs, bool)
     penalty_slots = np.zeros(num_seqs, np.int32)
     presence = np.zeros(num_seqs, np.float32)
     frequency = np.zeros(num_seqs, np.float32)
+    temperature[:n] = [p.temperature for p in params]
+    top_k[:n] = [p.top_k for p in params]
+    top_p[:n] = [p.top_p for p in params]
+    min_p[:n] = [p.min_p for p in params]
+    seeds[:n] = [r.seed for r in requests]
+    want_logprobs[:n] = [p.logprobs is not None for p in params]
+    penalized = [s for s, r in enumerate(requests) if r.penalty_slot is not None]
+    for s in penalized:
+        penalty_slots[s] = requests[s].penalty_slot
+        presence[s], frequency[s] = params[s].presence_penalty, params[s].frequency_penalty
+    return (temperature, top_k, top_p, min_p, seeds, want_logprobs, penalty_slots, presence,
+            frequency), penalized
+
+
+def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
+                 max_pages_per_seq: int, reuse: Reuse | None = None) -> StepInputs:
+    """Host arrays of one step in bucket ``b`` (all padding when ``batch`` is None); ``reuse``
+    carries what consecutive calls share."""
+    num_seqs, num_tokens = b.num_seqs, b.num_tokens
+    tokens = np.zeros(num_tokens, np.int32)
+    from_previous = np.full(num_tokens, -1, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slots = np.full(num_tokens, -1, np.int32)
+    context_lens = np.zeros(num_seqs, np.int32)
+    query_start_loc = np.zeros(num_seqs + 1, np.int32)
+    logits_indices = np.zeros(num_seqs, np.int32)
+    valid_steps = np.zeros(num_seqs, np.int32)
+    counters = np.zeros(num_seqs, np.int32)
     reset = np.zeros(num_seqs, bool)
     count = np.zeros(num_seqs, bool)
 
     scheduled = batch.scheduled if batch is not None else []
-    num_real = len(scheduled)
+    requests = [item.request for item in scheduled]
+    num_real = len(requests)
+    tables = [r.block_table for r in requests]
+    widths = np.fromiter(map(len, tables), np.int32, num_real)
+    if (reuse is not None and reuse.block_tables.shape == (num_seqs, max_pages_per_seq)
+            and len(tables) == len(reuse.tables) and all(map(operator.is_, tables, reuse.tables))):
+        block_tables, settings, penalized = reuse.block_tables, reuse.settings, reuse.penalized
+        grew = np.flatnonzero(widths != reuse.widths).tolist()
+        if grew:
+            block_tables = block_tables.copy()
+            for s in grew:
+                block_tables[s, :widths[s]] = tables[s]
+    else:
+        block_tables = np.zeros((num_seqs, max_pages_per_seq), np.int32)
+        # All rows in one masked copy (a row at a time cost about 2 us per request).
+        block_tables[:num_real][np.arange(max_pages_per_seq) < widths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), np.int32, int(widths.sum()))
+        settings, penalized = _settings(requests, num_seqs)
+    if reuse is not None:
+        for array in (block_tables, *settings):
+            array.flags.writeable = False  # shared with the next step's inputs
+        reuse.tables, reuse.widths, reuse.block_tables = tables, widths, block_tables
+        reuse.settings, reuse.penalized = settings, penalized
+    (temperature, top_k, top_p, min_p, seeds, want_logprobs, penalty_slots, presence,
+     frequency) = settings
+
     if num_real:
         # Per request only what needs its Python objects (tokens, tables, params); the
         # per-token arithmetic runs once over the whole step (host time is on every step).
-        requests = [item.request for item in scheduled]
         starts = np.fromiter((r.num_computed_tokens for r in requests), np.int32, num_real)
         counts = np.fromiter((item.num_new_tokens for item in scheduled), np.int32, num_real)
         ends = np.cumsum(counts, dtype=np.int32)
         at = int(ends[-1])
         flat: list[int] = []
-        for s, (item, r) in enumerate(zip(scheduled, requests)):
-            start, n = r.num_computed_tokens, item.num_new_tokens
-            chunk = r.token_slice(start, start + n)
-            if chunk[-1] == PENDING:  # only the newest token can still be in flight
-                from_previous[int(ends[s]) - 1] = r.pending_rows[start + n - 1 -
-                                                                 len(r.prompt_token_ids)]
-            flat += chunk
-            block_tables[s, :len(r.block_table)] = r.block_table
+        newest_rows: list[int] = []  # per chunk: its last token's row in the in-flight step, or -1
+        # Only the newest token of a request can still be in flight.
+        if at == num_real:  # one token each (decode steps): no slices, a third of the time
+            for r in requests:
+                index = r.num_computed_tokens - len(r.prompt_token_ids)  # < 0: in the prompt
+                token = r.output_token_ids[index] if index >= 0 else r.prompt_token_ids[index]
+                flat.append(token)
+                newest_rows.append(r.pending_rows[index] if token == PENDING else -1)
+        else:
+            for item, r in zip(scheduled, requests):
+                end = r.num_computed_tokens + item.num_new_tokens
+                chunk = r.token_slice(r.num_computed_tokens, end)
+                flat += chunk
+                newest_rows.append(r.pending_rows[end - 1 - len(r.prompt_token_ids)]
+                                   if chunk[-1] == PENDING else -1)
         tokens[:at] = flat
+        from_previous[ends - 1] = newest_rows
+        for s in penalized:
+            reset[s], count[s] = requests[s].penalty_slot_fresh, scheduled[s].completes_sequence
         query_start_loc[1:num_real + 1] = ends
         query_start_loc[num_real + 1:] = at
         seq = np.repeat(np.arange(num_real), counts)
@@ -157,19 +229,7 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
         context_lens[:num_real] = starts + counts
         logits_indices[:num_real] = ends - 1
         valid_steps[:num_real] = [item.num_steps for item in scheduled]
-        params = [r.params for r in requests]
-        temperature[:num_real] = [p.temperature for p in params]
-        top_k[:num_real] = [p.top_k for p in params]
-        top_p[:num_real] = [p.top_p for p in params]
-        min_p[:num_real] = [p.min_p for p in params]
-        seeds[:num_real] = [r.seed for r in requests]
         counters[:num_real] = [len(r.output_token_ids) for r in requests]
-        want_logprobs[:num_real] = [p.logprobs is not None for p in params]
-        for s, (item, r) in enumerate(zip(scheduled, requests)):
-            if r.penalty_slot is not None:
-                penalty_slots[s] = r.penalty_slot
-                presence[s], frequency[s] = r.params.presence_penalty, r.params.frequency_penalty
-                reset[s], count[s] = r.penalty_slot_fresh, item.completes_sequence
 
     meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
                              context_lens=context_lens, query_start_loc=query_start_loc,

@@ -221,3 +221,60 @@ def test_penalty_slots_are_reused_without_leaking_counts(tiny_llama_dir):
     alone = [token_ids(small.generate(p, params, use_tqdm=False))[0] for p in batch]
     assert together == alone
     assert len(small.scheduler.free_penalty_slots) == 2
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    from tests.duetjax.server.helpers import write_tiny_chat_model
+
+    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_generate_returns_what_streaming_ends_with(chat_model_dir, decode_steps):
+    """``generate`` builds outputs only for finished requests; ``step`` builds one per request
+    and token batch (streaming). Both end with the same outputs on a mixed run: stop strings,
+    stop token ids with min_tokens, logprobs, penalties, seeded sampling, token limits."""
+    engine = Engine(chat_model_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
+                    decode_steps=decode_steps, show_progress=False)
+    prompts = [f"{text} {i}" for i, text in enumerate(["Hello there", "abc", "The quick brown fox",
+                                                       "a" * 30, "Once upon a time"] * 2)]
+    probe = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                            use_tqdm=False)
+    params = []
+    for i, out in enumerate(o.outputs[0] for o in probe):  # stop conditions that do occur
+        params.append([
+            SamplingParams(temperature=0.0, max_tokens=30, stop=[out.text[9:11]], ignore_eos=True),
+            SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[out.token_ids[1],
+                                                                            out.token_ids[6]],
+                           min_tokens=3),
+            SamplingParams(temperature=0.0, max_tokens=25, logprobs=2, stop=[out.text[12:14]]),
+            SamplingParams(temperature=0.8, max_tokens=17, seed=i, frequency_penalty=1.0),
+            SamplingParams(temperature=1.0, max_tokens=1 + i, seed=i, ignore_eos=True),
+        ][i % 5])
+    generated = engine.generate(prompts, params, use_tqdm=False)
+    seen = {}
+    ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen.setdefault(output.request_id, []).append(output)
+    for outputs in seen.values():  # snapshots, each with more tokens; only the last finished
+        sizes = [len(o.outputs[0].token_ids) for o in outputs]
+        assert sizes == sorted(set(sizes)) and [o.finished for o in outputs][-1:] == [True]
+        assert not any(o.finished for o in outputs[:-1])
+    assert sum(map(len, seen.values())) > 2 * len(ids)
+    streamed = [seen[request_id][-1] for request_id in ids]
+    reasons = set()
+    for a, b in zip(generated, streamed):
+        assert a.finished and b.finished and a.prompt_token_ids == b.prompt_token_ids
+        x, y = a.outputs[0], b.outputs[0]
+        assert (x.text, x.token_ids, x.finish_reason, x.stop_reason) == \
+            (y.text, y.token_ids, y.finish_reason, y.stop_reason)
+        assert (x.logprobs is None) == (y.logprobs is None)
+        for p, q in zip(x.logprobs or [], y.logprobs or []):
+            assert p.keys() == q.keys()
+            np.testing.assert_allclose(list(p.values()), list(q.values()), rtol=1e-5, atol=1e-6)
+        for m in (a.metrics, b.metrics):
+            assert len(m.token_times) == len(x.token_ids) and m.first_token_time == m.token_times[0]
+        reasons.add((x.finish_reason, type(x.stop_reason).__name__))
+    assert reasons >= {("stop", "str"), ("stop", "int"), ("length", "NoneType")}

@@ -64,3 +64,63 @@ def test_step_padding_agrees_with_the_buckets():
                                     num_tokens=tokens, num_steps=1)
             b = bucket_for(batch, config)
             assert padding.padded(tokens, seqs, decode_only) == (b.num_tokens, b.num_seqs)
+
+
+def test_reused_inputs_equal_fresh_ones():
+    """``Reuse`` shares the settings and block tables of consecutive steps of the same requests:
+    every array must equal a fresh build's, also after a table grew, after a request lost its
+    pages and got as many new ones, in another order, and for a mixed step."""
+    from duetjax.block_manager import BlockManager
+    from duetjax.request import PENDING, Request
+    from duetjax.sampling_params import SamplingParams
+    from duetjax.scheduler import ScheduledRequest, SchedulerOutput
+    from duetjax.step_inputs import Reuse, bucket_for
+
+    page, width = 4, 8
+    blocks = BlockManager(num_pages=40, page_size=page, enable_prefix_caching=False)
+    rng = np.random.default_rng(1)
+    settings = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5, logprobs=2),
+                SamplingParams(temperature=0.0, frequency_penalty=1.0, presence_penalty=0.5)]
+    requests = []
+    for i, params in enumerate(settings):
+        r = Request(f"r{i}", rng.integers(3, 100, 5 + i).tolist(), params, seed=i)
+        r.penalty_slot = 7 if params.penalized else None
+        blocks.grow(r, len(r.prompt_token_ids))
+        r.num_computed_tokens = len(r.prompt_token_ids) - 1  # its last prompt token decodes next
+        requests.append(r)
+    reuse = Reuse()
+
+    def check(items, steps=1):
+        batch = SchedulerOutput([ScheduledRequest(r, n, steps) for r, n in items], [], steps)
+        b = bucket_for(batch, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32))
+        fresh = build_inputs(b, batch, page, width)
+        reused = build_inputs(b, batch, page, width, reuse)
+        for want, got in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(reused)):
+            assert want.dtype == got.dtype
+            np.testing.assert_array_equal(got, want)
+        return reused
+
+    def decode_all(rows):
+        """Each request's next token is sampled into row ``rows[i]`` of a step in flight."""
+        for r, row in zip(requests, rows):
+            r.num_computed_tokens = r.num_tokens
+            r.output_token_ids.append(PENDING)
+            r.pending_rows = {len(r.output_token_ids) - 1: row}
+            blocks.grow(r, r.num_tokens)
+
+    x = check([(r, 1) for r in requests])
+    assert x.tokens[:3].tolist() == [r.prompt_token_ids[-1] for r in requests]
+    assert x.from_previous[:3].tolist() == [-1, -1, -1]
+    for rows in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):  # tables grow past page boundaries meanwhile
+        decode_all(rows)
+        x = check([(r, 1) for r in requests])
+        assert x.tokens[:3].tolist() == [PENDING] * 3 and x.from_previous[:3].tolist() == rows
+    assert check([(r, 1) for r in requests]).meta.block_tables is x.meta.block_tables  # shared
+    blocks.free(requests[1])  # as a preemption does; then as many pages again, other ones
+    blocks.grow(requests[1], requests[1].num_tokens)
+    assert check([(r, 1) for r in requests]).meta.block_tables is not x.meta.block_tables
+    check([(r, 1) for r in requests[::-1]])
+    requests[2].num_computed_tokens = 2  # recomputing: a chunk of its prompt, then one token of it
+    check([(requests[0], 1), (requests[2], 3)])
+    x = check([(requests[0], 1), (requests[2], 1)])
+    assert x.tokens[1] == requests[2].prompt_token_ids[2] and x.from_previous[1] == -1
