@@ -835,6 +835,13 @@ def run_child(argv: list[str], mode: str, out: Path) -> dict[str, Any]:
     return result
 
 
+def same_workload(modes: dict[str, Any]) -> bool:
+    """Every mode that ran saw the same workload at every point (the points' digests)."""
+    digests = {tuple(p["workload"] for p in r.get("points", [])) for r in modes.values()
+               if "error" not in r}
+    return len(digests) <= 1
+
+
 def merge(paths: list[str], out: Path) -> dict[str, Any]:
     """One report from sweeps of the same workload run apart (a device call's time limit can
     hold only some modes): the modes of each, in order; the first report's header and args,
@@ -850,9 +857,7 @@ def merge(paths: list[str], out: Path) -> dict[str, Any]:
         if (Path(p).parent / "requests.json").exists():
             requests.update(json.loads((Path(p).parent / "requests.json").read_text()))
     merged["args"] = dict(merged["args"], modes=",".join(merged["modes"]))
-    digests = {m: [p["workload"] for p in r.get("points", [])] for m, r in merged["modes"].items()
-               if "error" not in r}
-    merged["same_workload"] = len({tuple(d) for d in digests.values()}) <= 1
+    merged["same_workload"] = same_workload(merged["modes"])
     out.mkdir(parents=True, exist_ok=True)
     if requests:
         (out / "requests.json").write_text(json.dumps(requests))
@@ -897,9 +902,7 @@ def main(argv: list[str] | None = None) -> int:
         if not report.get("device"):
             report["device"] = result.get("device")
         save(report, out)  # a sweep cut short keeps what it measured
-    digests = {m: [p["workload"] for p in r.get("points", [])] for m, r in report["modes"].items()
-               if "error" not in r}
-    report["same_workload"] = len({tuple(d) for d in digests.values()}) <= 1
+    report["same_workload"] = same_workload(report["modes"])
     status = 0
     if args.check_outputs:
         report["check_outputs"] = compare_checks({m: r.get("check") for m, r in report["modes"].items()})

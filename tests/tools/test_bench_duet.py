@@ -192,6 +192,16 @@ def test_sweep_aggregated_and_static_in_process(tiny_llama_dir, device_profile, 
     md = (out / "results.md").read_text()
     assert "| aggregated | 20 |" in md and "| static | 80 |" in md
     assert "identical token ids in every mode" in md
+    # the same sweep run apart (one mode per device call) merges back into one report
+    for mode in report["modes"]:
+        (tmp_path / mode).mkdir()
+        (tmp_path / mode / "results.json").write_text(json.dumps(
+            dict(report, modes={mode: report["modes"][mode]}, command=f"run {mode}")))
+    merged = bd.merge([str(tmp_path / m / "results.json") for m in ("aggregated", "static")],
+                      tmp_path / "merged")
+    assert merged["modes"] == report["modes"] and merged["same_workload"] is True
+    assert merged["merged_from"] == ["run aggregated", "run static"]
+    assert "| static | 80 |" in (tmp_path / "merged" / "results.md").read_text()
     pytest.importorskip("matplotlib")
     assert (out / "tbt_p99_vs_qps.png").stat().st_size > 0
     assert (out / "goodput_vs_qps.png").stat().st_size > 0
