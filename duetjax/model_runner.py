@@ -163,9 +163,10 @@ class ModelRunner:
 
     def warm_up(self, buckets: list[Bucket]) -> None:
         """Runs every bucket once on padding (no KV written, nothing sampled for anyone). On a
-        GPU an executable's first run instantiates its CUDA graphs and loads its kernels: 100 ms
-        and more for an 8B decode step on an H200, a stall that would otherwise hit the first
-        request to need each shape (``benchmarks/results/duet-8b-sweep-h200-2026-11-21.md``)."""
+        GPU an executable's first run instantiates its CUDA graphs and loads its kernels, a
+        stall for the first request to need each shape: without this, the split-mode stalls of
+        an 8B sweep on an H200 were 20-35 ms longer
+        (``benchmarks/results/remat-off-h200-2026-11-21.md``)."""
         start = time.perf_counter()
         for b in buckets:
             inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
