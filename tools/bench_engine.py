@@ -118,9 +118,12 @@ def prefill_section(engine: Engine, ceil: dict, lengths: list[int]) -> list[dict
     return rows
 
 
-def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int) -> dict:
+def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int,
+                 profile_top: int = 0) -> dict:
     """The warm-up run uses other prompts of the same shapes: the measured run must neither
-    hit the prefix cache nor meet a step shape that is not compiled yet."""
+    hit the prefix cache nor meet a step shape that is not compiled yet. ``profile_top`` > 0
+    adds one more run under cProfile (which slows it: the timed run is the one before) and
+    keeps its top functions by own time, to rank where the host time goes on this machine."""
     vocab = engine.model.config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
@@ -144,6 +147,17 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int) -
     log(f"host loop B={batch}: {row['step_ms']:.2f} ms/step; host work {row['host_ms_per_step']:.3f} ms "
         f"({100 * row['host_share']:.1f} % of wall), in launch {row['launch_ms_per_step']:.2f} ms, "
         f"waiting for results {row['wait_ms_per_step']:.2f} ms")
+    if profile_top:
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(engine.generate, prompts(3), params, use_tqdm=False)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(profile_top)
+        row["profile"] = text.getvalue()
+        log(row["profile"])
     return row
 
 
@@ -269,6 +283,8 @@ def main() -> None:
                         "needs the full sampler): the host and offline sections run with it")
     p.add_argument("--kv-fraction", type=float, default=0.85,
                    help="EngineConfig.kv_cache_memory_fraction")
+    p.add_argument("--profile-host", type=int, default=0,
+                   help="host section: print this many top functions of a cProfile'd run")
     p.add_argument("--ceiling-gib", type=float, default=2.0, help="size of the copy-bandwidth test")
     p.add_argument("--out", required=True)
     p.add_argument("--table", required=True)
@@ -299,7 +315,7 @@ def main() -> None:
     runs = {"decode": lambda: decode_section(engine, report["ceilings"], batches, args.context,
                                                     args.decode_steps),
             "prefill": lambda: prefill_section(engine, report["ceilings"], lengths),
-            "host": lambda: host_section(engine, 64, 128, 256),
+            "host": lambda: host_section(engine, 64, 128, 256, args.profile_host),
             "offline": lambda: offline_section(engine, args.num_prompts)}
     for name, run in runs.items():
         if name in sections:

@@ -27,6 +27,13 @@ for section in "$@"; do
     host4)  # host work per step with 4 decode steps per dispatch
         python3 tools/bench_engine.py --model $model --sections host --decode-steps 4 \
             --out "$out/engine-k4.json" --table /tmp/work/engine-k4.md ;;
+    host-profile)  # host work per step (engines sized for 256 or 64 sequences; k), cProfiled
+        for run in 1,16,64,128,256:1 64:1 64:4; do
+            echo "== batches ${run%:*}, decode steps ${run#*:}"
+            python3 tools/bench_engine.py --model $model --sections host --batches ${run%:*} \
+                --prefill 2048 --decode-steps ${run#*:} --profile-host ${PROFILE_TOP:-45} \
+                --out "$out/engine-host-$(echo $run | tr ',:' '-_').json" --table /tmp/work/engine-host.md
+        done ;;
     sampler)
         python3 tools/bench_sampler.py --out "$out/sampler.json" ;;
     trace)  # every kernel of a batch-64 decode step
