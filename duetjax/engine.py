@@ -376,7 +376,8 @@ class Engine:
         self._split = None
         self.stats.record(0.0, 0.0, time.perf_counter() - before, 0)
         self.duet.record_split(split.decision, time.perf_counter() - split.launched_at,
-                               (split.prefill_seconds, split.decode_seconds), split.decode_steps)
+                               (split.prefill_seconds, split.decode_seconds), split.decode_steps,
+                               split.stream_k)
         for request_id in split.deferred_aborts:
             self.abort(request_id)
         return outputs

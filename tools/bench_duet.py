@@ -360,7 +360,7 @@ def _stats_snapshot(engine: Any) -> dict[str, Any]:
     return snap
 
 
-SPLIT_RECORDS = ("split_k", "split_shares", "predicted_seconds", "measured_seconds",
+SPLIT_RECORDS = ("split_k", "split_stream_k", "split_shares", "predicted_seconds", "measured_seconds",
                  "switch_seconds", "predicted_prefill_seconds", "prefill_worker_seconds",
                  "predicted_decode_step_seconds", "decode_worker_seconds", "decode_worker_steps")
 """``DuetStats`` lists kept per QPS point (one entry per split iteration; switches apart)."""

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
+from duetjax.duet import split_seconds
 from duetjax.roofline import DeviceProfile, ModelShape, Roofline, SMLevel
 
 from .test_engine import token_ids
@@ -68,7 +69,18 @@ def test_duet_mode_splits_and_matches_aggregated(duet, expected):
     assert min(stats.decode_worker_seconds) > 0  # every split ran decode steps
     assert min(stats.decode_worker_steps) >= 1 and len(stats.decode_worker_steps) == stats.split_iterations
     assert len(stats.measured_seconds) == stats.split_iterations
+    assert len(stats.split_stream_k) == stats.split_iterations and min(stats.split_stream_k) >= 1
     assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+
+
+def test_split_seconds_adds_half_a_decode_dispatch():
+    # A 70 ms chunk beside 4-step dispatches of 10 ms steps: the iteration ends with the
+    # dispatch that finishes after the chunk, on average half a dispatch (20 ms) later.
+    assert split_seconds(0.070, 0.010, 4) == pytest.approx(0.090)
+    # A chunk shorter than one dispatch: the first dispatch ends the iteration.
+    assert split_seconds(0.015, 0.010, 4) == pytest.approx(0.040)
+    # No chunk (the prefill part was lost): the decode dispatch alone.
+    assert split_seconds(0.0, 0.010, 2) == pytest.approx(0.020)
 
 
 def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
