@@ -30,6 +30,8 @@ from .worker_client import WorkerDied
 
 log = logging.getLogger(__name__)
 
+FINISHED = RequestStatus.FINISHED
+
 Prompt = Union[str, dict]
 Message = dict
 Conversation = Sequence[Message]
@@ -309,16 +311,20 @@ class Engine:
     def _mark_launched(self, batch: SchedulerOutput, launched: InFlight) -> None:
         """Reserves output slots (PENDING) for the tokens a launched dispatch samples."""
         now = time.time()
+        output_index = launched.output_index
         for row, item in enumerate(batch.scheduled):
             request = item.request
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
             request.penalty_slot_fresh = False  # this step zeroes a fresh slot
-            if item.completes_sequence:  # the step samples this request's next token(s)
-                first = len(request.output_token_ids)
-                request.output_token_ids += [PENDING] * item.num_steps
-                request.pending_rows[first + item.num_steps - 1] = row
-                launched.output_index[row] = first
+            outputs = request.output_token_ids
+            first = len(outputs)
+            # (``item.completes_sequence``, inlined) the step samples its next token(s)
+            if request.num_computed_tokens + item.num_new_tokens == len(request.prompt_token_ids) + first:
+                num_steps = item.num_steps
+                outputs += [PENDING] * num_steps
+                request.pending_rows[first + num_steps - 1] = row
+                output_index[row] = first
 
     def _split_step(self, decision, pair) -> list[RequestOutput]:
         """Starts a DuetServe split iteration: the prefill chunks go to the S_p worker, whose
@@ -428,26 +434,39 @@ class Engine:
         now = time.time()
         rows = sampled.token_ids.T.tolist()  # one conversion per step, not one per token
         outputs = []
+        output_index = step.output_index
+        every_output = not self._finished_outputs_only
+        blocks = self.scheduler.blocks
+        page_size = blocks.page_size if blocks.enable_prefix_caching else 1 << 62
         for row, item in enumerate(step.batch.scheduled):
             request = item.request
-            if request.is_finished:
+            if request.status is FINISHED:
                 continue  # stopped or aborted meanwhile: this row is overrun
-            first = step.output_index.get(row)
+            first = output_index.get(row)
+            known = request.num_computed_tokens  # tokens with KV whose ids the host has
             if first is not None:  # (a prefill chunk's sampled token is not the next one yet)
-                self._apply_tokens(request, first, rows[row][:item.num_steps], sampled, row, now)
-                if request.is_finished or not self._finished_outputs_only:
+                tokens = rows[row][:item.num_steps]
+                self._apply_tokens(request, first, tokens, sampled, row, now)
+                if every_output or request.status is FINISHED:
                     outputs.append(self._output(request))
-            if request.is_finished:
+                # (the next dispatch, already launched, computes tokens still PENDING here)
+                known = min(known, len(request.prompt_token_ids) + first + len(tokens))
+            if request.status is FINISHED:
                 self._requests.pop(request.request_id, None)
-            elif request.block_table:
-                self.scheduler.blocks.cache_full_pages(request)
+            elif known // page_size > request.num_cached_pages:
+                blocks.cache_full_pages(request)  # (a page filled: name it for prefix hits)
         return outputs, waited
 
     def _apply_tokens(self, request: Request, first: int, tokens: list[int], sampled,
                       row: int, now: float) -> None:
         """Stores the tokens one dispatch sampled for ``request`` (output indices ``first``
         on) and ends it at the first that meets a stop condition: the rest are overrun."""
-        stop = self._token_stop(request, first, tokens)
+        # (``_token_stop``'s common outcome inline: no stop id among the tokens, no limit)
+        if (request.max_output_tokens - first > len(tokens)
+                and (not request.stop_ids or request.stop_ids.isdisjoint(tokens))):
+            stop = None
+        else:
+            stop = self._token_stop(request, first, tokens)
         if request.detokenizer is not None:  # the text, and stop strings, go token by token
             upto = len(tokens) if stop is None else stop[0] + 1
             stop = self._detokenize(request, tokens[:upto]) or stop

@@ -23,6 +23,13 @@ class Request:
     first ``num_computed_tokens`` of them have KV in the pool (vLLM v1's bookkeeping, which
     makes chunked prefill, decode and recompute after preemption one mechanism)."""
 
+    # Slots: the host loop reads a few of these per request on every step.
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "needs_full_sampler",
+                 "max_output_tokens", "seed", "output_token_ids", "pending_rows",
+                 "num_computed_tokens", "block_table", "page_hashes", "num_cached_pages",
+                 "penalty_slot", "penalty_slot_fresh", "status", "finish_reason", "stop_reason",
+                 "text", "logprobs", "detokenizer", "stop_ids", "metrics")
+
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, prompt: str | None = None, arrival_time: float | None = None):
         self.request_id = request_id

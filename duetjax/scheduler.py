@@ -16,7 +16,7 @@ from .config import EngineConfig
 from .request import Request, RequestStatus
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
@@ -108,16 +108,18 @@ class Scheduler:
         # pages already hold the new token) costs no call into the block manager.
         page_size = self.blocks.page_size
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            if self._at_length_limit(request):
+        running = self.running
+        while index < len(running) and budget > 0:
+            request = running[index]
+            num_outputs = len(request.output_token_ids)
+            if num_outputs >= request.max_output_tokens:  # (_at_length_limit, inlined)
                 index += 1  # its last token is still on the device; it finishes on arrival
                 continue
-            uncomputed = request.num_tokens - request.num_computed_tokens
-            num_new = min(uncomputed, budget)
+            uncomputed = len(request.prompt_token_ids) + num_outputs - request.num_computed_tokens
+            num_new = uncomputed if uncomputed < budget else budget
             steps = 1
             if k > 1 and uncomputed == 1:  # _steps_allowed, inlined (its length limit is ahead)
-                steps = min(k, request.max_output_tokens - len(request.output_token_ids))
+                steps = min(k, request.max_output_tokens - num_outputs)
             target = request.num_computed_tokens + num_new + steps - 1
             if target > len(request.block_table) * page_size:
                 while not self.blocks.can_hold(request, target):
