@@ -24,6 +24,12 @@ for section in "$@"; do
     decode4)  # decode step vs HBM roofline with 4 decode steps per dispatch (a device loop)
         python3 tools/bench_engine.py --model $model --sections decode --decode-steps 4 \
             --out "$out/engine-decode-k4.json" --table "$out/engine-decode-k4.md" ;;
+    host)  # host work per step at batch 64, 1 and 4 decode steps per dispatch
+        for k in 1 4; do
+            python3 tools/bench_engine.py --model $model --sections host --batches 64 \
+                --prefill 2048 --decode-steps $k --out "$out/engine-host-k$k.json" \
+                --table /tmp/work/engine-host.md
+        done ;;
     host4)  # host work per step with 4 decode steps per dispatch
         python3 tools/bench_engine.py --model $model --sections host --decode-steps 4 \
             --out "$out/engine-k4.json" --table /tmp/work/engine-k4.md ;;
