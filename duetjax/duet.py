@@ -147,8 +147,8 @@ def split_seconds(t_prefill: float, t_decode: float, stream_k: int) -> float:
     iteration ends with the first dispatch to finish after the chunk. That dispatch is, on
     average, half done when the chunk finishes, so the iteration outlasts t_p by half a
     dispatch (and lasts at least one dispatch). The optimizer's max(t_p, k·t_d) leaves this
-    out: over 496 split iterations of two 8B H200 runs it was 11 % short on average (median
-    error 10.5 %), this form +2 % (median 5.5 %); duet-split-time-h200-2026-11-21.md."""
+    out: over 821 split iterations of three 8B H200 runs it was 10 % short on average (median
+    error 10.3 %), this form +1 % (median 5.6 %); duet-datasets-h200-2026-11-21.md."""
     dispatch = stream_k * t_decode
     if t_prefill <= 0:
         return dispatch
