@@ -113,3 +113,19 @@ def test_decode_steps_is_validated(tiny_llama_dir):
         make(tiny_llama_dir, decode_steps=16, max_decode_steps=8)
     with pytest.raises(ValueError, match="power of two"):
         make(tiny_llama_dir, decode_steps=3)
+
+
+@pytest.mark.parametrize("engine_name", ["single", "multi"])
+def test_pages_filled_by_generated_tokens_are_cached(engine_name, request):
+    # A page is named for prefix hits once the host knows all its tokens; with k-step decode
+    # that is a dispatch after the device computed them. A follow-up prompt that repeats the
+    # prompt and the output must hit every full page of both.
+    engine = request.getfixturevalue(engine_name)
+    prompt = np.random.default_rng(21).integers(3, 256, size=20).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    output = engine.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    follow_up = prompt + list(output.outputs[0].token_ids) + [5]  # 51 tokens: 3 full pages
+    blocks = engine.scheduler.blocks
+    hits_before = blocks.prefix_hits
+    engine.generate([{"prompt_token_ids": follow_up}], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert blocks.prefix_hits - hits_before == 48
