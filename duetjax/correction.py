@@ -16,30 +16,76 @@ from typing import Any, Sequence
 KINDS = ("aggregated", "prefill", "decode")
 """A mixed step on the whole GPU; a prefill-worker step; one decode step on a decode worker."""
 
+Key = tuple
+"""(kind, *details): ("prefill", s_p, size bucket) is a finer key than ("prefill", s_p), which
+is finer than ("prefill",)."""
+
 
 @dataclasses.dataclass
 class Correction:
-    """measured / predicted per kind, learned online."""
+    """measured / predicted, learned online per kind of work and, finer, per detail of it
+    (a worker's SM share; a chunk's size; the steps per decode dispatch).
 
-    weight: float = 0.2
-    """Weight of each new observation in the (log-space) moving average."""
+    One ratio per kind missed by 15-18 % at the 95th percentile on 821 split iterations of
+    three 8B H200 runs: a worker's error depends on its share and on the size of its work (a
+    fixed cost per dispatch weighs most on small ones), and a ratio learned on one pair was
+    applied to the other. Keyed ratios, each starting from its parent's, fit those; see
+    ``benchmarks/results/duet-correction-h200-2026-11-21.md``."""
+
+    weight: float = 0.3
+    """Weight of each new observation in the (log-space) moving average (a key's first few
+    observations weigh 1/(n+1), more: a new key learns fast)."""
+    max_step: float = 1.3
+    """An observation moves a ratio toward at most this factor of it: one stall (a 499 ms step
+    among 12 ms ones, on an H200 under MPS) must not inflate the next predictions for many
+    iterations."""
     bounds: tuple[float, float] = (0.25, 8.0)
-    """Ratios stay within these: one absurd measurement (a page fault, a restart) must not
-    make every later prediction absurd."""
-    ratio: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 1.0))
-    observations: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    """Ratios stay within these."""
+    min_observations: int = 2
+    """A key's own ratio is used once it has this many observations (its parent's before)."""
+    ratio: dict[Key, float] = dataclasses.field(
+        default_factory=lambda: {(kind,): 1.0 for kind in KINDS})
+    observations: dict[Key, int] = dataclasses.field(
+        default_factory=lambda: {(kind,): 0 for kind in KINDS})
 
-    def observe(self, kind: str, predicted: float, measured: float) -> None:
-        """One measured time of work the corrected roofline predicted at ``predicted``."""
-        if kind not in self.ratio:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    def factor(self, kind: str, *details: Any) -> float:
+        """The ratio of the finest key of ``(kind, *details)`` that has been observed enough."""
+        self._check(kind)
+        key = (kind, *details)
+        while len(key) > 1 and self.observations.get(key, 0) < self.min_observations:
+            key = key[:-1]
+        return self.ratio[key]
+
+    def observe(self, kind: str, predicted: float, measured: float, *details: Any) -> None:
+        """One measured time of work predicted at ``predicted`` (corrected with
+        ``factor(kind, *details)``): every key from ``(kind,)`` to ``(kind, *details)`` learns."""
+        self._check(kind)
         if not (predicted > 0 and measured > 0 and math.isfinite(predicted) and math.isfinite(measured)):
             return
+        raw_ratio = measured / (predicted / self.factor(kind, *details))
         low, high = self.bounds
-        # predicted = raw · ratio, so ratio · (measured/predicted)^w = ratio^(1-w) · (measured/raw)^w.
-        updated = self.ratio[kind] * (measured / predicted) ** self.weight
-        self.ratio[kind] = min(high, max(low, updated))
-        self.observations[kind] += 1
+        for end in range(1, len(details) + 2):
+            key = (kind, *details[:end - 1])
+            current = self.ratio.get(key, self.ratio[key[:-1]] if len(key) > 1 else 1.0)
+            target = min(current * self.max_step, max(current / self.max_step, raw_ratio))
+            n = self.observations.get(key, 0)
+            w = max(self.weight, 1 / (n + 1))
+            self.ratio[key] = min(high, max(low, current ** (1 - w) * target ** w))
+            self.observations[key] = n + 1
+
+    @staticmethod
+    def _check(kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+PREFILL_SIZE_BUCKETS_S = (0.020, 0.040, 0.060, 0.080, 0.100, 0.120, 0.150)
+"""Edges of the prefill chunk-size keys, by predicted seconds (small chunks carry the fixed
+cost of a dispatch; long-context ones more attention than the roofline's)."""
+
+
+def prefill_size_bucket(t_prefill_raw: float) -> int:
+    return sum(t_prefill_raw >= edge for edge in PREFILL_SIZE_BUCKETS_S)
 
 
 class CorrectedRoofline:
@@ -49,19 +95,29 @@ class CorrectedRoofline:
     def __init__(self, roofline: Any, correction: Correction) -> None:
         self.roofline = roofline
         self.correction = correction
+        self.last_raw: dict[tuple[float, float], tuple[float, float]] = {}
+        """(s_p, s_d) -> the last (t_p, t_d) ``predict_split`` made for that pair, before
+        correction (the keys of what the workers measure follow from them)."""
 
     def predict_mixed(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
                       sm_share: float = 1.0, **kw: Any) -> float:
         return self.roofline.predict_mixed(prefill, decode_context_lens, sm_share, **kw) * \
-            self.correction.ratio["aggregated"]
+            self.correction.factor("aggregated")
 
     def predict_split(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
                       s_p: float, s_d: float, **kw: Any) -> tuple[float, float]:
         t_p, t_d = self.roofline.predict_split(prefill, decode_context_lens, s_p, s_d, **kw)
-        return t_p * self.correction.ratio["prefill"], t_d * self.correction.ratio["decode"]
+        self.last_raw[(s_p, s_d)] = (t_p, t_d)
+        return (t_p * self.correction.factor("prefill", *self.prefill_key(t_p, s_p)),
+                t_d * self.correction.factor("decode", s_d))
+
+    @staticmethod
+    def prefill_key(t_prefill_raw: float, s_p: float) -> tuple[float, int]:
+        """The details of a prefill-worker step's key: its share and size bucket."""
+        return s_p, prefill_size_bucket(t_prefill_raw)
 
     def predict_decode(self, context_lens: Sequence[int], sm_share: float = 1.0) -> float:
-        return self.roofline.predict_decode(context_lens, sm_share) * self.correction.ratio["decode"]
+        return self.roofline.predict_decode(context_lens, sm_share) * self.correction.factor("decode")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.roofline, name)

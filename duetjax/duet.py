@@ -65,6 +65,12 @@ class DuetStats:
     """The decode worker's own time per split iteration (all its dispatches)."""
     decode_worker_steps: list[int] = dataclasses.field(default_factory=list)
     """Decode steps the decode worker ran per split iteration (the stream runs more than k)."""
+    decode_worker_dispatches: list[int] = dataclasses.field(default_factory=list)
+    """Dispatches those steps took."""
+    split_prefill_tokens: list[int] = dataclasses.field(default_factory=list)
+    """Tokens of the prefill chunks of each split iteration."""
+    split_decode_batch: list[int] = dataclasses.field(default_factory=list)
+    """Requests in the first decode dispatch of each split iteration."""
     switch_seconds: list[float] = dataclasses.field(default_factory=list)
     """Time spent draining the aggregated pipeline when switching to split."""
     stream_dispatches: int = 0
@@ -141,18 +147,27 @@ def stream_steps(k: int, t_decode: float, tbt_slo_s: float) -> int:
     return steps
 
 
+def final_dispatch_steps(remaining: float, t_decode: float, stream_k: int) -> int:
+    """Steps of the next decode-stream dispatch when the chunk is predicted to end in
+    ``remaining`` seconds: ``stream_k``, or the fewest (a power of two) that outlast the
+    chunk, so that the iteration does not outlast it by up to a whole dispatch."""
+    steps = stream_k
+    while steps > 1 and (steps // 2) * t_decode >= remaining:
+        steps //= 2
+    return steps
+
+
 def split_seconds(t_prefill: float, t_decode: float, stream_k: int) -> float:
     """Expected time of a split iteration as the engine runs it: the decode worker runs
-    dispatches of ``stream_k`` steps back to back while the prefill chunk runs, and the
-    iteration ends with the first dispatch to finish after the chunk. That dispatch is, on
-    average, half done when the chunk finishes, so the iteration outlasts t_p by half a
-    dispatch (and lasts at least one dispatch). The optimizer's max(t_p, k·t_d) leaves this
-    out: over 821 split iterations of three 8B H200 runs it was 10 % short on average (median
-    error 10.3 %), this form +1 % (median 5.6 %); duet-datasets-h200-2026-11-21.md."""
-    dispatch = stream_k * t_decode
+    dispatches of ``stream_k`` steps back to back while the prefill chunk runs, the last one
+    sized to end just after the chunk's predicted end (``final_dispatch_steps``), and the
+    iteration ends with the first dispatch to finish after the chunk: on average half a step
+    after it, and no sooner than one dispatch. (With full dispatches only, the iteration
+    outlasted the chunk by half a dispatch; over 821 split iterations of three 8B H200 runs
+    that tail was a median 10 % of the iteration: duet-datasets-h200-2026-11-21.md.)"""
     if t_prefill <= 0:
-        return dispatch
-    return max(t_prefill + dispatch / 2, dispatch)
+        return stream_k * t_decode
+    return max(t_prefill + t_decode / 2, stream_k * t_decode)
 
 
 class Duet:
@@ -171,8 +186,11 @@ class Duet:
         controller = StaticController if engine_config.duet_policy == "static" else ModeController
         self.correction = Correction()
         roofline = Roofline(shape, profile, step_padding(engine_config, max_model_len))
+        self.corrected: CorrectedRoofline | None = None
         if engine_config.duet_online_correction:
-            roofline = CorrectedRoofline(roofline, self.correction)
+            roofline = self.corrected = CorrectedRoofline(roofline, self.correction)
+        self._split_raw: tuple[float, float] | None = None
+        """(t_p, t_d) of the last split decision before correction (None: uncorrected)."""
         self.controller = controller(roofline, OptimizerConfig(
             tbt_slo_s=engine_config.tbt_slo_ms / 1e3, pairs=pairs,
             k_max=engine_config.max_decode_steps, k_values=decode_step_choices(engine_config)))
@@ -232,6 +250,8 @@ class Duet:
             decision = dataclasses.replace(decision, mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1,
                                            reason="split wanted but its workers are not ready")
         self.stats.last_decision = decision
+        if pair is not None and self.corrected is not None:
+            self._split_raw = self.corrected.last_raw.get((decision.s_p, decision.s_d))
         if decision.mode != before:
             self.stats.mode_switches += 1
             log.info("mode %s -> %s: %s", before, decision.mode, decision.reason)
@@ -245,31 +265,47 @@ class Duet:
         """Decode steps per decode-worker dispatch while this split's prefill chunk runs."""
         return stream_steps(decision.k, decision.t_decode or 0.0, self.config.tbt_slo_ms / 1e3)
 
+    def stream_step_seconds(self, decision: Decision, stream_k: int) -> float:
+        """Predicted time of one decode step in dispatches of ``stream_k`` steps (a dispatch's
+        fixed cost weighs more on short ones: the correction learns each size apart)."""
+        if self._split_raw is None:
+            return decision.t_decode or 0.0
+        return self._split_raw[1] * self.correction.factor("decode", decision.s_d, stream_k)
+
     def observe_aggregated(self, predicted: float, measured: float) -> None:
         """A judged mixed iteration ran aggregated in ``measured`` seconds."""
         self.correction.observe("aggregated", predicted, measured)
 
     def record_split(self, decision: Decision, seconds: float,
                      worker_seconds: tuple[float, float] = (0.0, 0.0), decode_steps: int = 0,
-                     stream_k: int | None = None) -> None:
+                     stream_k: int | None = None, decode_dispatches: int = 0,
+                     prefill_tokens: int = 0, decode_batch: int = 0) -> None:
         stream_k = self.stream_steps(decision) if stream_k is None else stream_k
-        predicted = split_seconds(decision.t_prefill or 0.0, decision.t_decode or 0.0, stream_k)
+        t_decode = self.stream_step_seconds(decision, stream_k)
+        predicted = split_seconds(decision.t_prefill or 0.0, t_decode, stream_k)
         self.stats.split_k.append(decision.k)
         self.stats.split_stream_k.append(stream_k)
         self.stats.predicted_seconds.append(predicted)
         self.stats.predicted_prefill_seconds.append(decision.t_prefill or 0.0)
-        self.stats.predicted_decode_step_seconds.append(decision.t_decode or 0.0)
+        self.stats.predicted_decode_step_seconds.append(t_decode)
         self.stats.split_shares.append((decision.s_p, decision.s_d))
         self.stats.measured_seconds.append(seconds)
         self.stats.prefill_worker_seconds.append(worker_seconds[0])
         self.stats.decode_worker_seconds.append(worker_seconds[1])
         self.stats.decode_worker_steps.append(decode_steps)
+        self.stats.decode_worker_dispatches.append(decode_dispatches)
+        self.stats.split_prefill_tokens.append(prefill_tokens)
+        self.stats.split_decode_batch.append(decode_batch)
+        raw = self._split_raw
         if worker_seconds[0] > 0 and decision.t_prefill:
-            self.correction.observe("prefill", decision.t_prefill, worker_seconds[0])
-        if decode_steps and decision.t_decode:
-            self.correction.observe("decode", decision.t_decode, worker_seconds[1] / decode_steps)
+            key = CorrectedRoofline.prefill_key(raw[0], decision.s_p) if raw else ()
+            self.correction.observe("prefill", decision.t_prefill, worker_seconds[0], *key)
+        if decode_steps and t_decode:
+            key = (decision.s_d, stream_k) if raw else ()
+            self.correction.observe("decode", t_decode, worker_seconds[1] / decode_steps, *key)
         log.debug("split %.0f/%.0f k=%d: predicted %.2f ms, measured %.2f ms",
                   100 * decision.s_p, 100 * decision.s_d, decision.k, 1e3 * predicted, 1e3 * seconds)
+        self._split_raw = None
 
     def worker_failed(self, client: WorkerClient, error: Exception) -> None:
         """Counts the failure and restarts the worker (it serves again once compiled)."""

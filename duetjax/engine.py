@@ -19,7 +19,7 @@ from models.cache import cache_dir
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .duet import Duet, prepare_process
+from .duet import Duet, final_dispatch_steps, prepare_process
 from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
 from .request import PENDING, Request, RequestStatus
@@ -91,6 +91,8 @@ class _Split:
     launched_at: float
     stream_k: int
     """Decode steps per decode-worker dispatch while the chunk runs."""
+    stream_step_seconds: float = 0.0
+    """Predicted time of one of those decode steps."""
     prefill: Any = None
     """The chunk's RemoteInFlight (None: no chunk, or its worker died)."""
     request_ids: set[str] = dataclasses.field(default_factory=set)
@@ -100,6 +102,11 @@ class _Split:
     """Worker-side seconds: the chunk, and all decode dispatches meanwhile."""
     decode_steps: int = 0
     """Decode steps those dispatches ran."""
+    decode_dispatches: int = 0
+    prefill_tokens: int = 0
+    """Tokens of the chunks."""
+    decode_batch: int = 0
+    """Requests of the first decode dispatch."""
     deferred_aborts: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -242,6 +249,7 @@ class Engine:
         if self.tokenizer is not None:
             request.detokenizer = self.tokenizer.incremental_detokenizer(
                 ids, skip_special_tokens=params.skip_special_tokens)
+        request.plain = request.detokenizer is None and params.logprobs is None
         self.scheduler.add(request)
         self._requests[request_id] = request
         return request_id
@@ -310,8 +318,21 @@ class Engine:
 
     def _mark_launched(self, batch: SchedulerOutput, launched: InFlight) -> None:
         """Reserves output slots (PENDING) for the tokens a launched dispatch samples."""
+        launched.finished_at_launch = self.scheduler.num_finished
+        if batch.continues is not None:  # the previous dispatch again: only what changes
+            k = batch.num_steps
+            pad = [PENDING] * k
+            output_index = []
+            for row, request in enumerate(batch.continues.requests):
+                outputs = request.output_token_ids
+                first = len(outputs)
+                outputs += pad
+                request.pending_rows[first + k - 1] = row
+                output_index.append(first)
+            launched.output_index = output_index
+            return
         now = time.time()
-        output_index = launched.output_index
+        output_index: list[int | None] = [None] * len(batch.scheduled)
         for row, item in enumerate(batch.scheduled):
             request = item.request
             if request.metrics.first_scheduled_time is None:
@@ -325,6 +346,7 @@ class Engine:
                 outputs += [PENDING] * num_steps
                 request.pending_rows[first + num_steps - 1] = row
                 output_index[row] = first
+        launched.output_index = output_index
 
     def _split_step(self, decision, pair) -> list[RequestOutput]:
         """Starts a DuetServe split iteration: the prefill chunks go to the S_p worker, whose
@@ -347,7 +369,10 @@ class Engine:
         stream_k = self.duet.stream_steps(decision)
         batch = self.scheduler.schedule(stream_k, split=True)
         prefill_part, decode_part = split_batch(batch)
-        split = _Split(decision, pair, launched_at=time.perf_counter(), stream_k=stream_k)
+        split = _Split(decision, pair, launched_at=time.perf_counter(), stream_k=stream_k,
+                       stream_step_seconds=self.duet.stream_step_seconds(decision, stream_k),
+                       prefill_tokens=prefill_part.num_tokens,
+                       decode_batch=len(decode_part.scheduled))
         if prefill_part.scheduled:
             try:
                 split.prefill = pair[0].dispatch(prefill_part, use_previous=False)
@@ -366,7 +391,10 @@ class Engine:
         worker, or, once the chunk is done (or nothing else can decode), its results."""
         split = self._split
         if split.prefill is not None and not split.prefill.done():
-            part = self.scheduler.schedule_decodes(split.stream_k, split.request_ids)
+            # The last dispatch is sized to end just after the chunk's predicted end.
+            remaining = (split.decision.t_prefill or 0.0) - (time.perf_counter() - split.launched_at)
+            steps = final_dispatch_steps(remaining, split.stream_step_seconds, split.stream_k)
+            part = self.scheduler.schedule_decodes(steps, split.request_ids)
             if part.scheduled:
                 self.duet.stats.stream_dispatches += 1
                 return self._split_decode(part)
@@ -383,7 +411,8 @@ class Engine:
         self.stats.record(0.0, 0.0, time.perf_counter() - before, 0)
         self.duet.record_split(split.decision, time.perf_counter() - split.launched_at,
                                (split.prefill_seconds, split.decode_seconds), split.decode_steps,
-                               split.stream_k)
+                               split.stream_k, split.decode_dispatches, split.prefill_tokens,
+                               split.decode_batch)
         for request_id in split.deferred_aborts:
             self.abort(request_id)
         return outputs
@@ -407,6 +436,7 @@ class Engine:
             outputs, waited = self._finish_step(launched)
             split.decode_seconds += launched.worker_seconds or 0.0
             split.decode_steps += part.num_steps
+            split.decode_dispatches += 1
         except WorkerDied as e:
             self.duet.worker_failed(split.pair[1], e)
             self._requeue(part)
@@ -432,6 +462,8 @@ class Engine:
         sampled = step.fetch()
         waited = time.perf_counter() - before
         now = time.time()
+        if step.batch.continues is not None:
+            return self._finish_continued(step, sampled, now), waited
         rows = sampled.token_ids.T.tolist()  # one conversion per step, not one per token
         outputs = []
         output_index = step.output_index
@@ -442,20 +474,85 @@ class Engine:
             request = item.request
             if request.status is FINISHED:
                 continue  # stopped or aborted meanwhile: this row is overrun
-            first = output_index.get(row)
+            first = output_index[row]
             known = request.num_computed_tokens  # tokens with KV whose ids the host has
             if first is not None:  # (a prefill chunk's sampled token is not the next one yet)
                 tokens = rows[row][:item.num_steps]
-                self._apply_tokens(request, first, tokens, sampled, row, now)
+                n = len(tokens)
+                if (request.plain and request.max_output_tokens - first > n
+                        and request.stop_ids.isdisjoint(tokens)):
+                    # The common case, inline: no text, logprobs, stop or limit to handle.
+                    request.output_token_ids[first:first + n] = tokens
+                    del request.pending_rows[first + n - 1]
+                    metrics = request.metrics
+                    if metrics.first_token_time is None:
+                        metrics.first_token_time = now
+                    metrics.token_times += [now] * n
+                else:
+                    self._apply_tokens(request, first, tokens, sampled, row, now)
                 if every_output or request.status is FINISHED:
                     outputs.append(self._output(request))
                 # (the next dispatch, already launched, computes tokens still PENDING here)
-                known = min(known, len(request.prompt_token_ids) + first + len(tokens))
+                known = min(known, len(request.prompt_token_ids) + first + n)
             if request.status is FINISHED:
                 self._requests.pop(request.request_id, None)
             elif known // page_size > request.num_cached_pages:
                 blocks.cache_full_pages(request)  # (a page filled: name it for prefix hits)
         return outputs, waited
+
+    def _finish_continued(self, step: InFlight, sampled, now: float) -> list[RequestOutput]:
+        """``_finish_step`` for a batch that ``continues`` a steady decode: every row sampled
+        k tokens from its ``output_index`` on. The checks (stop ids, limits, filled pages) run
+        as array operations; Python visits each request only to store its tokens, and the few
+        rows a check flags take ``_apply_tokens``."""
+        rows = step.batch.continues
+        requests, n, k = rows.requests, len(rows.requests), step.batch.num_steps
+        tokens = sampled.token_ids  # [k, n]
+        firsts = np.asarray(step.output_index)
+        flagged = ~rows.plain | (rows.max_outputs - firsts <= k)
+        if len(rows.stop_ids):
+            flagged |= (tokens[..., None] == rows.stop_ids).any(axis=(0, 2))
+        ended = ()
+        if step.finished_at_launch != self.scheduler.num_finished:  # some rows may have ended
+            ended = set(row for row, r in enumerate(requests) if r.status is FINISHED)
+        special = [row for row in np.flatnonzero(flagged).tolist() if row not in ended]
+        columns = tokens.T.tolist()
+        for row in special:  # (rare) stop ids, limits, text or logprobs: the full treatment
+            self._apply_tokens(requests[row], int(firsts[row]), columns[row], sampled, row, now)
+        if ended or special:
+            done = set(ended).union(special)
+            rows_left = [row for row in range(n) if row not in done]
+            triples = [(requests[row], step.output_index[row], columns[row]) for row in rows_left]
+        else:
+            triples = zip(requests, step.output_index, tokens[0].tolist() if k == 1 else columns)
+        if k == 1 and not (ended or special):  # (the common case, at a third less per row)
+            for request, first, token in triples:
+                request.output_token_ids[first] = token
+                del request.pending_rows[first]
+                request.metrics.token_times.append(now)
+        else:
+            times = [now] * k
+            for request, first, column in triples:
+                request.output_token_ids[first:first + k] = column
+                del request.pending_rows[first + k - 1]
+                request.metrics.token_times += times
+        blocks = self.scheduler.blocks
+        if blocks.enable_prefix_caching:  # rows whose new tokens complete a page
+            ends = rows.prompt_lens + firsts
+            for row in np.flatnonzero((ends + k) // blocks.page_size > ends // blocks.page_size).tolist():
+                if requests[row].status is not FINISHED:
+                    blocks.cache_full_pages(requests[row])
+        outputs = []
+        for row in (special if self._finished_outputs_only else range(n)):
+            request = requests[row]
+            if row in ended:
+                continue  # it ended before this step: its row is overrun
+            if request.status is FINISHED:
+                self._requests.pop(request.request_id, None)
+            elif self._finished_outputs_only:
+                continue
+            outputs.append(self._output(request))
+        return outputs
 
     def _apply_tokens(self, request: Request, first: int, tokens: list[int], sampled,
                       row: int, now: float) -> None:

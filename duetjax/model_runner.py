@@ -30,8 +30,8 @@ from .sampler import (SampledTokens, needs_full_sampler, sample_basic, sample_fu
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedState
-from .step_inputs import (Bucket, Reuse, StepInputs, bucket, bucket_for, build_inputs, layout_of,
-                          pack, plan_buckets, unpack_on_device)
+from .step_inputs import (Bucket, Reuse, StepInputs, bucket, bucket_for, build_inputs,
+                          continue_packed, layout_of, pack, plan_buckets, unpack, unpack_on_device)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,13 @@ class InFlight:
     leading step axis."""
     last_tokens: jax.Array
     """int32[S_max]: each row's newest sampled token, which the next step reads on the device."""
-    output_index: dict[int, int] = dataclasses.field(default_factory=dict)
-    """Row -> index in its request's output of the first token this dispatch samples (rows that
-    end a prefill chunk sample nothing)."""
+    output_index: list[int | None] | None = None
+    """Per row, the index in its request's output of the first token this dispatch samples
+    (None: the row ends a prefill chunk, which samples nothing). Set by the engine at launch."""
+    wants_logprobs: bool = True
+    """Some row asked for log-probabilities: ``fetch`` reads them too."""
+    finished_at_launch: int = 0
+    """``Scheduler.num_finished`` at launch: while it stays, none of the rows has ended."""
 
     def fetch(self) -> SampledTokens:
         """Waits for the step; host arrays with a leading step axis [k, n, ...], one column
@@ -60,7 +64,7 @@ class InFlight:
             a = np.asarray(a)
             return a[None, :n] if k == 1 else a[:k, :n]
 
-        if any(item.request.params.logprobs is not None for item in self.batch.scheduled):
+        if self.wants_logprobs:
             return jax.tree_util.tree_map(take, self.sampled)
         return SampledTokens(take(self.sampled.token_ids), None, None, None)
 
@@ -298,14 +302,28 @@ class ModelRunner:
         """Launches one dispatch without waiting for it (nor for ``previous``, whose sampled
         tokens feed this one on the device)."""
         b = bucket_for(batch, self.config)
-        inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, self._reuse)
+        reuse = self._reuse
         previous_tokens = previous.last_tokens if previous is not None else None
-        sampled, last = self.execute(b, inputs, previous_tokens, batch.num_steps)
-        return InFlight(batch, sampled, last)
+        if (batch.continues is not None and previous is not None and reuse.packed is not None
+                and previous.batch.scheduled is batch.scheduled):
+            # (the same settings as the step it continues: the same sampler flags)
+            packed = continue_packed(batch, self.page_size, reuse)
+            sampled, last = self.execute(b, None, previous_tokens, batch.num_steps,
+                                         reuse.sampler_flags, reuse, packed)
+        else:
+            inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, reuse)
+            sampled, last = self.execute(b, inputs, previous_tokens, batch.num_steps, reuse=reuse)
+        return InFlight(batch, sampled, last, wants_logprobs=reuse.sampler_flags[1])
 
-    def execute(self, b: Bucket, inputs: StepInputs, previous_tokens: jax.Array | None,
-                num_steps: int = 1) -> tuple[SampledTokens, jax.Array]:
-        """Runs prepared inputs; returns (sampled, last tokens) as device arrays."""
+    def execute(self, b: Bucket, inputs: StepInputs | None, previous_tokens: jax.Array | None,
+                num_steps: int = 1, sampler_flags: tuple[bool, bool] | None = None,
+                reuse: Reuse | None = None, packed: np.ndarray | None = None
+                ) -> tuple[SampledTokens, jax.Array]:
+        """Runs prepared inputs; returns (sampled, last tokens) as device arrays.
+        ``sampler_flags``: (needs the full sampler, wants logprobs) when already known.
+        ``reuse`` keeps the flags and the packed inputs for a continuation; ``packed``: the
+        inputs already packed (``continue_packed``: ``inputs`` is None then, and is unpacked
+        from ``packed`` where it is needed, with ``reuse.inputs`` as the template)."""
         executable = self._executables.get(b)
         if executable is None:
             if self.config.compile_on_start:
@@ -313,13 +331,21 @@ class ModelRunner:
                                    f"{sorted(self._executables, key=str)}): a scheduler bug")
             log.info("compiling %s on first use", b)
             executable = self._compile(b)
-        full = needs_full_sampler(inputs.sampling, inputs.penalties)
-        logprobs = wants_logprobs(inputs.sampling)
+        if packed is None:
+            packed = _packed(inputs)
+        if sampler_flags is None:
+            sampler_flags = (needs_full_sampler(inputs.sampling, inputs.penalties),
+                             wants_logprobs(inputs.sampling))
+        full, logprobs = sampler_flags
+        if reuse is not None:
+            reuse.sampler_flags, reuse.packed = sampler_flags, packed
+        if inputs is None and (full or self.shared is not None):
+            inputs = unpack(reuse.inputs, packed)
         if (full or logprobs) and b.multi_step:
             raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
                                "sampler or logprobs: a scheduler bug")
         args = (self.params, self.kv_pool,
-                self._no_previous if previous_tokens is None else previous_tokens, _packed(inputs))
+                self._no_previous if previous_tokens is None else previous_tokens, packed)
         start = time.perf_counter()
         if b.multi_step:
             sampled, last, self.kv_pool = executable(*args)

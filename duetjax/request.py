@@ -28,7 +28,7 @@ class Request:
                  "max_output_tokens", "seed", "output_token_ids", "pending_rows",
                  "num_computed_tokens", "block_table", "page_hashes", "num_cached_pages",
                  "penalty_slot", "penalty_slot_fresh", "status", "finish_reason", "stop_reason",
-                 "text", "logprobs", "detokenizer", "stop_ids", "metrics")
+                 "text", "logprobs", "detokenizer", "stop_ids", "plain", "metrics")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, prompt: str | None = None, arrival_time: float | None = None):
@@ -57,6 +57,8 @@ class Request:
         self.logprobs: list[dict[int, float]] = []
         self.detokenizer = None  # set by the engine when the model has a tokenizer
         self.stop_ids: frozenset[int] = frozenset()  # ids that end it (set by the engine)
+        # No text and no logprobs to produce: its tokens take the engine's short path.
+        self.plain = False
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
 
     @property

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
+import numpy as np
+
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .request import Request, RequestStatus
@@ -43,6 +45,11 @@ class SchedulerOutput:
     preempted: list[Request]
     num_steps: int = 1
     """Decode steps run by this dispatch (k > 1: a k-step decode of every scheduled request)."""
+    continues: "DecodeRows | None" = None
+    """Set when this is the previous dispatch again, one decode dispatch later: the same
+    ``scheduled`` list (the same requests in the same rows, every one decoding ``num_steps``
+    tokens), nothing else changed in between. Its inputs follow from the previous dispatch's
+    by arithmetic, and its rows' fixed facts are gathered once, here."""
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +73,52 @@ def split_batch(batch: SchedulerOutput) -> tuple[SchedulerOutput, SchedulerOutpu
             SchedulerOutput(decode, [], batch.num_steps if decode else 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeRows:
+    """What stays fixed for the rows of a steady decode batch, as arrays over its rows (the
+    host loop's per-step checks then run once per step, not once per request)."""
+
+    requests: list[Request]
+    prompt_lens: np.ndarray
+    """int64[n]."""
+    max_outputs: np.ndarray
+    """int64[n]: ``max_output_tokens``."""
+    plain: np.ndarray
+    """bool[n]: ``Request.plain`` (no text or logprobs to produce)."""
+    stop_ids: np.ndarray
+    """int64[m]: every row's stop ids together (a row that samples one is checked exactly)."""
+
+    @classmethod
+    def of(cls, requests: list[Request]) -> "DecodeRows":
+        n = len(requests)
+        stop_ids = frozenset().union(*(r.stop_ids for r in requests))
+        return cls(requests, np.fromiter((len(r.prompt_token_ids) for r in requests), np.int64, n),
+                   np.fromiter((r.max_output_tokens for r in requests), np.int64, n),
+                   np.fromiter((r.plain for r in requests), bool, n),
+                   np.fromiter(stop_ids, np.int64, len(stop_ids)))
+
+
+@dataclasses.dataclass(slots=True)
+class _SteadyDecode:
+    """A decode batch that repeats while nobody joins, leaves, waits or nears a limit: the
+    scheduler then continues it with array arithmetic instead of a pass over its requests."""
+
+    output: SchedulerOutput
+    """The dispatch it continues (the last one scheduled)."""
+    rows: DecodeRows | None
+    """Gathered at its first continuation."""
+    decode_steps: int
+    """The ``decode_steps`` it was scheduled with."""
+    headroom: np.ndarray
+    """int64[n]: tokens each row may still generate before the next dispatch."""
+    target: np.ndarray
+    """int64[n]: tokens with KV once the next dispatch has run."""
+    capacity: np.ndarray
+    """int64[n]: tokens its pages hold."""
+    committed: bool = False
+    """``output`` was launched (``commit``)."""
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int):
         self.config = config
@@ -78,6 +131,9 @@ class Scheduler:
         self.free_penalty_slots: deque[int] = deque(range(config.max_num_seqs))
         self.num_preemptions = 0
         """Requests sent back to the queue for lack of KV pages (they are recomputed later)."""
+        self.num_finished = 0
+        """Requests ended so far (the host loop checks rows for ends only when it changed)."""
+        self._steady: _SteadyDecode | None = None
 
     def add(self, request: Request) -> None:
         needed = self.blocks.pages_needed(len(request.prompt_token_ids) + 1)
@@ -97,6 +153,12 @@ class Scheduler:
         none needs the full sampler (which runs between steps, not inside the k-step loop).
         ``split``: DuetServe's split mode, where decoding requests get k steps on the decode
         worker while the prefill worker runs the chunks (``split_batch`` separates them)."""
+        steady, self._steady = self._steady, None
+        if (steady is not None and steady.committed and not split and not self.waiting
+                and steady.decode_steps == decode_steps):
+            output = self._continue(steady)
+            if output is not None:
+                return output
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -164,7 +226,51 @@ class Scheduler:
             k = 1
             for item in scheduled:
                 item.num_steps = 1
-        return SchedulerOutput(scheduled, preempted, k if scheduled else 1)
+        output = SchedulerOutput(scheduled, preempted, k if scheduled else 1)
+        if (scheduled and not split and not preempted and not self.waiting
+                and len(scheduled) == len(self.running)):
+            self._steady = self._steady_after(output, decode_steps)
+        return output
+
+    def _steady_after(self, output: SchedulerOutput, decode_steps: int) -> _SteadyDecode | None:
+        """The steady state that continues ``output``: when every running request decodes
+        ``num_steps`` tokens in it."""
+        k, n = output.num_steps, len(output.scheduled)
+        for item in output.scheduled:
+            r = item.request
+            if (item.num_new_tokens != 1 or item.num_steps != k
+                    or r.num_computed_tokens + 1 != len(r.prompt_token_ids) + len(r.output_token_ids)):
+                return None
+        requests = [item.request for item in output.scheduled]
+        headroom = np.fromiter((r.max_output_tokens - len(r.output_token_ids) - k for r in requests),
+                               np.int64, n)
+        target = np.fromiter((r.num_computed_tokens for r in requests), np.int64, n) + 2 * k
+        capacity = np.fromiter((len(r.block_table) for r in requests), np.int64, n) * self.blocks.page_size
+        return _SteadyDecode(output, None, decode_steps, headroom, target, capacity)
+
+    def _continue(self, steady: _SteadyDecode) -> SchedulerOutput | None:
+        """The steady batch's next dispatch, or None where a row reaches its token limit or
+        needs pages that are not free (the full ``schedule`` then handles it). Only rows whose
+        next tokens cross into a new page are visited."""
+        k = steady.output.num_steps
+        scheduled = steady.output.scheduled
+        if len(scheduled) != len(self.running) or steady.headroom.min() < k:
+            return None
+        page_size = self.blocks.page_size
+        for row in np.flatnonzero(steady.target > steady.capacity).tolist():
+            request, target = scheduled[row].request, int(steady.target[row])
+            if not self.blocks.can_hold(request, target):
+                return None
+            self.blocks.grow(request, target)
+            steady.capacity[row] = len(request.block_table) * page_size
+        steady.headroom -= k
+        steady.target += k
+        if steady.rows is None:
+            steady.rows = DecodeRows.of([item.request for item in scheduled])
+        steady.output = SchedulerOutput(scheduled, [], k, continues=steady.rows)
+        steady.committed = False
+        self._steady = steady
+        return steady.output
 
     def schedule_decodes(self, k: int, exclude: set[str]) -> SchedulerOutput:
         """A decode-only batch of the running requests that are decoding, except the ids in
@@ -197,6 +303,17 @@ class Scheduler:
 
     def commit(self, batch: SchedulerOutput) -> None:
         """Records that a step was launched: its tokens count as computed from now on."""
+        steady = self._steady
+        if steady is not None:
+            if batch is steady.output:
+                steady.committed = True
+            else:
+                self._steady = None
+        if batch.continues is not None:
+            k = batch.num_steps
+            for request in batch.continues.requests:
+                request.num_computed_tokens += k
+            return
         for item in batch.scheduled:
             item.request.num_computed_tokens = item.num_computed_after
 
@@ -229,6 +346,7 @@ class Scheduler:
 
     def requeue(self, request: Request) -> None:
         """Back to the front of the queue, to be recomputed (its step was lost)."""
+        self._steady = None
         if request in self.running:
             self.running.remove(request)
         self.blocks.free(request)
@@ -242,6 +360,8 @@ class Scheduler:
 
     def finish(self, request: Request, reason: str) -> None:
         """Ends a request (stopped, length, or aborted) and frees its pages."""
+        self._steady = None
+        self.num_finished += 1
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING and request in self.waiting:

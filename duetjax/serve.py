@@ -22,6 +22,7 @@ import uvicorn
 
 from .async_engine import AsyncEngine
 from .engine import Engine
+from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
 
 log = logging.getLogger("duetjax.serve")
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
     app = create_app(async_engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      drain_timeout=1.0)  # uvicorn drains HTTP for --drain-timeout before that
+    freeze_startup_heap()  # (a full collection over the start-up heap would stall every stream)
+    gc_pauses()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=not args.no_access_log,
                             timeout_graceful_shutdown=int(args.drain_timeout))

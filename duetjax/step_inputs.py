@@ -79,7 +79,7 @@ def plan_buckets(config: EngineConfig, steps: tuple[int, ...] = ()) -> list[Buck
 
 
 def bucket_for(batch: SchedulerOutput, config: EngineConfig) -> Bucket:
-    if batch.decode_only:
+    if batch.continues is not None or batch.decode_only:
         s = bucket(len(batch.scheduled))
         return Bucket(True, s, s, steps=batch.num_steps)
     t = bucket(batch.num_tokens, MIN_MIXED_TOKENS)
@@ -110,7 +110,8 @@ class Reuse:
     shares their sampling settings and, unless a table grew, their block tables (read-only
     arrays) instead of gathering them again. A table only grows while its request keeps its
     pages, and losing them gives the request a new list: the identities of the lists name the
-    batch."""
+    batch. A batch that ``continues`` the previous one (``SchedulerOutput.continues``) derives
+    its whole packed inputs from the previous step's (``continue_packed``)."""
 
     def __init__(self) -> None:
         self.tables: list[list[int]] = []
@@ -118,6 +119,42 @@ class Reuse:
         self.block_tables = np.zeros((0, 0), np.int32)
         self.settings: tuple[np.ndarray, ...] = ()
         self.penalized: list[int] = []
+        self.inputs: StepInputs | None = None
+        """The last inputs built (``build_inputs``)."""
+        self.scheduled: list | None = None
+        """The ``scheduled`` list of the last step packed."""
+        self.packed: np.ndarray | None = None
+        """uint8[n]: the last step's packed inputs (``pack``), set by the executor."""
+        self.spans: StepInputs | None = None
+        """Where each of ``inputs``' arrays sits in ``packed`` (``continue_packed``)."""
+        self.spans_fresh = False
+        """``packed`` holds ``build_inputs``' arrays, not yet a continuation's."""
+        self.sampler_flags: tuple[bool, bool] | None = None
+        """(needs the full sampler, wants logprobs) of the last inputs built."""
+
+    def same_tables(self, tables: list[list[int]], num_seqs: int, width: int) -> bool:
+        return (self.block_tables.shape == (num_seqs, width) and len(tables) == len(self.tables)
+                and all(map(operator.is_, tables, self.tables)))
+
+    def grown_block_tables(self, tables: list[list[int]], widths: np.ndarray) -> np.ndarray:
+        """The shared block tables, with the rows of the tables that grew since updated."""
+        block_tables = self.block_tables
+        grew = np.flatnonzero(widths != self.widths).tolist()
+        if grew:
+            block_tables = block_tables.copy()
+            for s in grew:
+                block_tables[s, :widths[s]] = tables[s]
+        return block_tables
+
+    def keep(self, tables: list[list[int]], widths: np.ndarray, block_tables: np.ndarray,
+             settings: tuple[np.ndarray, ...], penalized: list[int], inputs: StepInputs,
+             scheduled: list) -> None:
+        for array in (block_tables, *settings):
+            array.flags.writeable = False  # shared with the next step's inputs
+        self.tables, self.widths, self.block_tables = tables, widths, block_tables
+        self.settings, self.penalized = settings, penalized
+        self.inputs, self.scheduled = inputs, scheduled
+        self.packed = self.spans = None
 
 
 def _settings(requests: list[Request], num_seqs: int) -> tuple[tuple[np.ndarray, ...], list[int]]:
@@ -171,25 +208,15 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
     num_real = len(requests)
     tables = [r.block_table for r in requests]
     widths = np.fromiter(map(len, tables), np.int32, num_real)
-    if (reuse is not None and reuse.block_tables.shape == (num_seqs, max_pages_per_seq)
-            and len(tables) == len(reuse.tables) and all(map(operator.is_, tables, reuse.tables))):
+    if reuse is not None and reuse.same_tables(tables, num_seqs, max_pages_per_seq):
         block_tables, settings, penalized = reuse.block_tables, reuse.settings, reuse.penalized
-        grew = np.flatnonzero(widths != reuse.widths).tolist()
-        if grew:
-            block_tables = block_tables.copy()
-            for s in grew:
-                block_tables[s, :widths[s]] = tables[s]
+        block_tables = reuse.grown_block_tables(tables, widths)
     else:
         block_tables = np.zeros((num_seqs, max_pages_per_seq), np.int32)
         # All rows in one masked copy (a row at a time cost about 2 us per request).
         block_tables[:num_real][np.arange(max_pages_per_seq) < widths[:, None]] = np.fromiter(
             itertools.chain.from_iterable(tables), np.int32, int(widths.sum()))
         settings, penalized = _settings(requests, num_seqs)
-    if reuse is not None:
-        for array in (block_tables, *settings):
-            array.flags.writeable = False  # shared with the next step's inputs
-        reuse.tables, reuse.widths, reuse.block_tables = tables, widths, block_tables
-        reuse.settings, reuse.penalized = settings, penalized
     (temperature, top_k, top_p, min_p, seeds, want_logprobs, penalty_slots, presence,
      frequency) = settings
 
@@ -238,9 +265,68 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
                               seeds=seeds, counters=counters, want_logprobs=want_logprobs)
     penalties = PenaltyArrays(slots=penalty_slots, presence=presence, frequency=frequency,
                               reset=reset, count=count)
-    return StepInputs(tokens=tokens, from_previous=from_previous, meta=meta,
-                      logits_indices=logits_indices, sampling=sampling, penalties=penalties,
-                      valid_steps=valid_steps)
+    inputs = StepInputs(tokens=tokens, from_previous=from_previous, meta=meta,
+                        logits_indices=logits_indices, sampling=sampling, penalties=penalties,
+                        valid_steps=valid_steps)
+    if reuse is not None:
+        reuse.keep(tables, widths, block_tables, settings, penalized, inputs, scheduled)
+    return inputs
+
+
+def continue_packed(batch: SchedulerOutput, page_size: int, reuse: Reuse) -> np.ndarray:
+    """``pack(build_inputs(...))`` of a batch that ``continues`` the one ``reuse`` last packed,
+    while that one is in flight, written into a copy of the last packed buffer: every row is
+    ``num_steps`` tokens further along, reads its newest token from the same row of the
+    in-flight output, and the rows whose tables grew get their new pages. Array arithmetic
+    only, whatever the batch size: this is every decode step's host work while the batch
+    stays the same."""
+    if reuse.packed is None or reuse.scheduled is not batch.scheduled:
+        raise ValueError("continue_packed needs the packed inputs of the batch it continues")
+    if reuse.spans is None:
+        reuse.spans, reuse.spans_fresh = _spans(reuse.inputs), True
+    spans, buf = reuse.spans, reuse.packed.copy()
+    n, k = len(batch.scheduled), batch.num_steps
+
+    def view(span: tuple[int, int, tuple[int, ...], np.dtype]) -> np.ndarray:
+        start, end, shape, dtype = span
+        return buf[start:end].view(dtype).reshape(shape)
+
+    tables = reuse.tables
+    widths = np.fromiter(map(len, tables), np.int32, n)
+    block_tables = view(spans.meta.block_tables)
+    for s in np.flatnonzero(widths != reuse.widths).tolist():
+        block_tables[s, reuse.widths[s]:widths[s]] = tables[s][reuse.widths[s]:]
+    positions = view(spans.meta.positions)[:n]
+    positions += k
+    view(spans.meta.context_lens)[:n] += k
+    view(spans.sampling.counters)[:n] += k
+    slots = view(spans.meta.slot_mapping)[:n]
+    if k <= page_size:  # only rows that entered a new page change more than by k
+        slots += k
+        new_page = np.flatnonzero(positions % page_size < k)
+        pos = positions[new_page]
+        slots[new_page] = block_tables[new_page, pos // page_size] * page_size + pos % page_size
+    else:
+        slots[:] = block_tables[np.arange(n), positions // page_size] * page_size + positions % page_size
+    if reuse.spans_fresh:  # (the first continuation; later ones copy these already)
+        view(spans.tokens)[:n] = PENDING
+        view(spans.from_previous)[:n] = np.arange(n, dtype=np.int32)
+        view(spans.penalties.reset)[:] = False
+        reuse.spans_fresh = False
+    block_tables.flags.writeable = False  # (the next slow build may share it)
+    reuse.widths, reuse.block_tables, reuse.packed = widths, block_tables, buf
+    return buf
+
+
+def _spans(inputs: StepInputs) -> StepInputs:
+    """The tree of ``inputs`` with (start, end, shape, dtype) in ``pack``'s buffer as leaves."""
+    leaves, tree = jax.tree_util.tree_flatten(inputs)
+    spans, at = [], 0
+    for leaf in leaves:
+        leaf = np.asarray(leaf)
+        spans.append((at, at + leaf.nbytes, leaf.shape, leaf.dtype))
+        at += leaf.nbytes
+    return jax.tree_util.tree_unflatten(tree, spans)
 
 
 def pack(inputs) -> bytes:

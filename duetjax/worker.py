@@ -100,6 +100,7 @@ def _serve(conn: Connection) -> None:
     from models import LoadedModel
 
     from .engine import enable_compilation_cache
+    from .gc_pauses import freeze_startup_heap
     from .model_runner import ModelRunner
     from .shared_state import SharedState
     from .step_inputs import build_inputs, decode_step_choices, unpack
@@ -117,6 +118,7 @@ def _serve(conn: Connection) -> None:
     started = time.perf_counter()
     runner.compile_all(show_progress=False, buckets=buckets)
     templates = [build_inputs(b, None, runner.page_size, runner.max_pages_per_seq) for b in buckets]
+    freeze_startup_heap()  # (a full collection over the start-up heap would stall a step)
     conn.send({"ready": True, "pid": os.getpid(), "device": str(jax.devices()[0]),
                "compile_seconds": time.perf_counter() - started})
 

@@ -349,7 +349,10 @@ def request_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
 
 
 def _stats_snapshot(engine: Any) -> dict[str, Any]:
-    snap = {"loop": dataclasses.asdict(engine.stats),
+    from duetjax.gc_pauses import gc_pauses
+
+    pauses = gc_pauses()
+    snap = {"loop": dataclasses.asdict(engine.stats), "gc": pauses.snapshot(),
             "compile_seconds": float(getattr(engine.runner, "compile_seconds", 0.0))}
     if engine.duet is not None:
         s = engine.duet.stats
@@ -357,12 +360,14 @@ def _stats_snapshot(engine: Any) -> dict[str, Any]:
             "split_iterations", "aggregated_iterations", "mode_switches", "worker_failures",
             "requeued_requests")}
         snap["duet_lists"] = {name: len(getattr(s, name)) for name in SPLIT_RECORDS}
+    pauses.longest_seconds = 0.0  # (the longest pause from here on: ``loop_delta``)
     return snap
 
 
 SPLIT_RECORDS = ("split_k", "split_stream_k", "split_shares", "predicted_seconds", "measured_seconds",
                  "switch_seconds", "predicted_prefill_seconds", "prefill_worker_seconds",
-                 "predicted_decode_step_seconds", "decode_worker_seconds", "decode_worker_steps")
+                 "predicted_decode_step_seconds", "decode_worker_seconds", "decode_worker_steps",
+                 "decode_worker_dispatches", "split_prefill_tokens", "split_decode_batch")
 """``DuetStats`` lists kept per QPS point (one entry per split iteration; switches apart)."""
 
 
@@ -398,6 +403,12 @@ def loop_delta(engine: Any, before: dict[str, Any]) -> dict[str, Any]:
     d["host_ms_per_step"] = 1e3 * d["host_seconds"] / max(d["steps"], 1)
     d["compile_seconds_during"] = (float(getattr(engine.runner, "compile_seconds", 0.0))
                                    - before["compile_seconds"])
+    from duetjax.gc_pauses import gc_pauses
+
+    pauses = gc_pauses()
+    gc_now = pauses.snapshot()
+    d["gc"] = {k: gc_now[k] - before["gc"][k] for k in ("collections", "full_collections", "seconds")}
+    d["gc"]["longest_seconds"] = gc_now["longest_seconds"]  # (since the snapshot: reset there)
     return d
 
 
@@ -538,6 +549,11 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                                 "compile_seconds_during": loop_delta(engine, snap)["compile_seconds_during"],
                                 "duet": duet_delta(engine, snap)}
             log(f"[{mode}] warm-up: {args.warmup_requests} requests in {result['warmup']['seconds']:.1f} s")
+        if args.gc_freeze:  # as ``duetjax.serve`` does once the engine is up
+            from duetjax.gc_pauses import freeze_startup_heap
+
+            freeze_startup_heap()
+        result["gc_freeze"] = args.gc_freeze
 
         result["points"] = []
         for index, qps in enumerate(args.qps):
@@ -576,7 +592,9 @@ def point_line(mode: str, p: dict[str, Any], slos: Sequence[float]) -> str:
             f"TTFT p50/p99 {_fmt(p['ttft_ms']['p50'])}/{_fmt(p['ttft_ms']['p99'])} ms; "
             f"TBT p50/p99 {_fmt(p['tbt_ms']['p50'])}/{_fmt(p['tbt_ms']['p99'])} ms "
             f"(amortised p99 {_fmt(p['tbt_amortised_ms']['p99'])}); goodput@{slo}ms tpot/maxTBT "
-            f"{p['goodput'][slo]['tpot']:.2f}/{p['goodput'][slo]['max_tbt']:.2f} req/s{splits}")
+            f"{p['goodput'][slo]['tpot']:.2f}/{p['goodput'][slo]['max_tbt']:.2f} req/s{splits}"
+            + (f"; GC {p['loop']['gc']['full_collections']} full, longest "
+               f"{1e3 * p['loop']['gc']['longest_seconds']:.1f} ms" if "gc" in p.get("loop", {}) else ""))
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -794,6 +812,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="run every mode in this process (CPU runs and tests; on a GPU a duet or "
                         "static engine must be the first engine of its process)")
+    p.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                   help="exempt the start-up heap from garbage collection once the engine is "
+                        "up, as the server does (gc_pauses.freeze_startup_heap)")
     p.add_argument("--save-requests", action="store_true",
                    help="also write requests.json: every request's lengths, arrival and token times")
     p.add_argument("--out", required=True)

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from duetjax import Engine, SamplingParams  # noqa: E402
+from duetjax.gc_pauses import freeze_startup_heap, gc_pauses  # noqa: E402
 from duetjax.request import Request  # noqa: E402
 from duetjax.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
 from gpu_ceilings import ceilings  # noqa: E402
@@ -132,21 +133,27 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int,
         return [{"prompt_token_ids": rng.integers(0, vocab, prompt_len).tolist()} for _ in range(batch)]
 
     engine.generate(prompts(1), params, use_tqdm=False)
+    freeze_startup_heap()  # as the server does once it is up
     engine.stats.__init__()
     compiled_before = engine.runner.compile_seconds
+    gc_before = gc_pauses().snapshot()
     start = time.perf_counter()
     engine.generate(prompts(2), params, use_tqdm=False)
     wall = time.perf_counter() - start
+    gc_after = gc_pauses().snapshot()
     assert engine.runner.compile_seconds == compiled_before, "the measured run compiled a step"
     stats = engine.stats
     row = {"batch": batch, "steps": stats.steps, "wall_s": wall, "step_ms": 1e3 * wall / stats.steps,
            "host_ms_per_step": stats.host_ms_per_step,
            "launch_ms_per_step": 1e3 * stats.launch_seconds / stats.steps,
            "wait_ms_per_step": 1e3 * stats.wait_seconds / stats.steps,
-           "host_share": stats.host_seconds / wall}
+           "host_share": stats.host_seconds / wall,
+           # (inside the host work: collections run wherever the loop allocates)
+           "gc_ms_per_step": 1e3 * (gc_after["seconds"] - gc_before["seconds"]) / stats.steps,
+           "gc_full_collections": gc_after["full_collections"] - gc_before["full_collections"]}
     log(f"host loop B={batch}: {row['step_ms']:.2f} ms/step; host work {row['host_ms_per_step']:.3f} ms "
-        f"({100 * row['host_share']:.1f} % of wall), in launch {row['launch_ms_per_step']:.2f} ms, "
-        f"waiting for results {row['wait_ms_per_step']:.2f} ms")
+        f"({100 * row['host_share']:.1f} % of wall, garbage collection {row['gc_ms_per_step']:.3f} ms), "
+        f"in launch {row['launch_ms_per_step']:.2f} ms, waiting for results {row['wait_ms_per_step']:.2f} ms")
     if profile_top:
         import cProfile
         import io

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from duetjax import Engine, SamplingParams  # noqa: E402
+from duetjax.gc_pauses import freeze_startup_heap  # noqa: E402
 from duetjax.sampler import SampledTokens  # noqa: E402
 from duetjax.sampling_params import MAX_LOGPROBS  # noqa: E402
 from duetjax.step_inputs import Bucket  # noqa: E402
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.null_device:
                 engine.runner._executables = NullExecutables()
             run(engine, args.batch, args.prompt_len, args.max_tokens, seed=1)  # compiles
+            freeze_startup_heap()  # as the server does once it is up
             hosts, walls = [], []
             for repeat in range(args.repeats):
                 engine.stats.__init__()

@@ -1,6 +1,7 @@
 """Error of the predicted split-iteration time over the split records that ``bench_duet.py
---save-requests`` keeps, in two forms: the optimizer's max(t_p, k·t_d) and the engine's
-``duet.split_seconds`` (the decode stream's dispatch that ends after the chunk). Runs on the
+--save-requests`` keeps: the optimizer's max(t_p, k·t_d); t_p plus half a decode dispatch (the
+engine's form while the decode stream ran whole dispatches only, before its last dispatch was
+sized to the chunk); the engine's own recorded prediction; and each worker's step. Runs on the
 committed results, on CPU:
 
     python tools/split_error.py benchmarks/results/duet-8b-code-h200-2026-11-21 \\
@@ -18,13 +19,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from duetjax.duet import split_seconds, stream_steps  # noqa: E402
+from duetjax.duet import stream_steps  # noqa: E402
 
 
-def errors(results: dict) -> dict[str, dict[str, list[float]]]:
+def half_dispatch_form(t_p: float, t_d: float, stream_k: int) -> float:
+    """The iteration outlasts the chunk by half a whole dispatch (at least one dispatch)."""
+    dispatch = stream_k * t_d
+    return max(t_p + dispatch / 2, dispatch) if t_p > 0 else dispatch
+
+
+def errors(results: dict) -> dict[str, list[float]]:
     """(predicted - measured) / measured per split iteration, per form, over every point."""
     slo = results["engine_tbt_slo_ms"] / 1e3
-    out = {"max(t_p, k*t_d)": [], "split_seconds": [], "prefill worker": [], "decode worker": []}
+    out = {"max(t_p, k*t_d)": [], "t_p + half a dispatch": [], "engine's prediction": [],
+           "prefill worker": [], "decode worker": []}
     for mode in results["modes"].values():
         for point in mode["points"]:
             rec = (point.get("duet") or {}).get("records")
@@ -36,7 +44,8 @@ def errors(results: dict) -> dict[str, dict[str, list[float]]]:
                 stream_k = (rec["split_stream_k"][i] if "split_stream_k" in rec
                             else stream_steps(k, t_d, slo))
                 out["max(t_p, k*t_d)"].append(max(t_p, k * t_d) / measured - 1)
-                out["split_seconds"].append(split_seconds(t_p, t_d, stream_k) / measured - 1)
+                out["t_p + half a dispatch"].append(half_dispatch_form(t_p, t_d, stream_k) / measured - 1)
+                out["engine's prediction"].append(rec["predicted_seconds"][i] / measured - 1)
                 if rec["prefill_worker_seconds"][i] > 0:
                     out["prefill worker"].append(t_p / rec["prefill_worker_seconds"][i] - 1)
                 steps = rec["decode_worker_steps"][i]

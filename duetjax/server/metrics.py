@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..async_engine import AsyncEngine
+from ..gc_pauses import gc_pauses
 from ..outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -51,6 +52,11 @@ class _EngineCollector(Collector):
                     "Prompt tokens served from the prefix cache / prompt tokens looked up.",
                     stats.prefix_cache_hit_rate)
         yield gauge("engine_steps", "Engine scheduling iterations so far.", stats.num_steps)
+        pauses = gc_pauses()
+        yield gauge("gc_pause_seconds_total",
+                    "Time this process spent in Python's garbage collector.", pauses.seconds)
+        yield gauge("gc_longest_pause_seconds", "The longest single garbage collection.",
+                    pauses.longest_seconds)
         mode = InfoMetricFamily(f"{PREFIX}_mode", "Execution mode of the engine.",
                                 labels=labels)
         mode.add_metric([self.model_name], {"mode": stats.mode})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
-from duetjax.duet import split_seconds
+from duetjax.duet import final_dispatch_steps, split_seconds
 from duetjax.roofline import DeviceProfile, ModelShape, Roofline, SMLevel
 
 from .test_engine import token_ids
@@ -73,14 +73,25 @@ def test_duet_mode_splits_and_matches_aggregated(duet, expected):
     assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
 
 
-def test_split_seconds_adds_half_a_decode_dispatch():
-    # A 70 ms chunk beside 4-step dispatches of 10 ms steps: the iteration ends with the
-    # dispatch that finishes after the chunk, on average half a dispatch (20 ms) later.
-    assert split_seconds(0.070, 0.010, 4) == pytest.approx(0.090)
+def test_split_seconds_adds_half_a_decode_step():
+    # A 70 ms chunk beside 4-step dispatches of 10 ms steps: the last dispatch is sized to end
+    # just after the chunk, so the iteration ends on average half a step (5 ms) after it.
+    assert split_seconds(0.070, 0.010, 4) == pytest.approx(0.075)
     # A chunk shorter than one dispatch: the first dispatch ends the iteration.
     assert split_seconds(0.015, 0.010, 4) == pytest.approx(0.040)
     # No chunk (the prefill part was lost): the decode dispatch alone.
     assert split_seconds(0.0, 0.010, 2) == pytest.approx(0.020)
+
+
+def test_the_last_stream_dispatch_ends_just_after_the_chunk():
+    # 4-step dispatches of 10 ms steps: with the chunk predicted to end in 45 ms or more the
+    # dispatch is whole; sooner, the fewest steps (a power of two) that outlast it.
+    assert final_dispatch_steps(0.045, 0.010, 4) == 4
+    assert final_dispatch_steps(0.025, 0.010, 4) == 4
+    assert final_dispatch_steps(0.015, 0.010, 4) == 2
+    assert final_dispatch_steps(0.005, 0.010, 4) == 1
+    assert final_dispatch_steps(-0.020, 0.010, 4) == 1  # the chunk is late: one step at a time
+    assert final_dispatch_steps(0.001, 0.010, 1) == 1
 
 
 def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):

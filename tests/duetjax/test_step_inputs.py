@@ -60,7 +60,7 @@ def test_step_padding_agrees_with_the_buckets():
             seqs = int(rng.integers(1, max_seqs + 1))
             decode_only = bool(rng.random() < 0.4)
             tokens = seqs if decode_only else int(rng.integers(seqs, max_tokens + 1))
-            batch = SimpleNamespace(decode_only=decode_only, scheduled=[None] * seqs,
+            batch = SimpleNamespace(decode_only=decode_only, scheduled=[None] * seqs, continues=None,
                                     num_tokens=tokens, num_steps=1)
             b = bucket_for(batch, config)
             assert padding.padded(tokens, seqs, decode_only) == (b.num_tokens, b.num_seqs)
