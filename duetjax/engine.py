@@ -51,6 +51,15 @@ class LoopStats:
     """Inside the executable call (the runtime blocks there while its queue is full)."""
     wait_seconds: float = 0.0
     """Blocked on the device for a step's results."""
+    schedule_seconds: float = 0.0
+    """Of ``host_seconds``, aggregated steps only: the scheduler's pass."""
+    prepare_seconds: float = 0.0
+    """Of ``host_seconds``, aggregated steps only: building and packing the inputs."""
+    launch_bookkeeping_seconds: float = 0.0
+    """Of ``host_seconds``, aggregated steps only: reserving output slots, committing."""
+    apply_seconds: float = 0.0
+    """Of ``host_seconds``, aggregated steps only: applying sampled tokens (stop checks,
+    detokenizing, outputs)."""
 
     def record(self, host: float, launch: float, wait: float, steps: int = 1) -> None:
         self.steps += steps
@@ -262,7 +271,6 @@ class Engine:
             return
         request = self._requests.pop(request_id, None)
         if request is not None and not request.is_finished:
-            request.pending_rows.clear()
             request.output_token_ids = request.resolved_output_ids
             self.scheduler.finish(request, "abort")
 
@@ -291,17 +299,25 @@ class Engine:
                 predicted = decision.t_aggregated
         started = time.perf_counter()
         batch = self.scheduler.schedule(self.config.decode_steps)
+        scheduled = prepared = time.perf_counter()
         launched, launch_seconds = None, 0.0
         if batch.scheduled:
             launched = self.runner.dispatch(batch, self._in_flight)
             launch_seconds = self.runner.last_launch_seconds
+            prepared = time.perf_counter()
             self._mark_launched(batch, launched)
             self.scheduler.commit(batch)
+        marked = time.perf_counter()
         outputs, waited = self._finish_step(self._in_flight) if self._in_flight else ([], 0.0)
         self._observe_aggregated(launched, predicted)
         self._in_flight = launched
-        self.stats.record(time.perf_counter() - started - waited - launch_seconds, launch_seconds,
-                          waited, batch.num_steps if batch.scheduled else 0)
+        stats, now = self.stats, time.perf_counter()
+        stats.schedule_seconds += scheduled - started
+        stats.prepare_seconds += prepared - scheduled - launch_seconds
+        stats.launch_bookkeeping_seconds += marked - prepared
+        stats.apply_seconds += now - marked - waited
+        stats.record(now - started - waited - launch_seconds, launch_seconds, waited,
+                     batch.num_steps if batch.scheduled else 0)
         return outputs
 
     def _observe_aggregated(self, launched: InFlight | None, predicted: float | None) -> None:
@@ -321,15 +337,19 @@ class Engine:
         launched.finished_at_launch = self.scheduler.num_finished
         if batch.continues is not None:  # the previous dispatch again: only what changes
             k = batch.num_steps
-            pad = [PENDING] * k
-            output_index = []
-            for row, request in enumerate(batch.continues.requests):
-                outputs = request.output_token_ids
-                first = len(outputs)
-                outputs += pad
-                request.pending_rows[first + k - 1] = row
-                output_index.append(first)
-            launched.output_index = output_index
+            previous = self._in_flight
+            if previous is not None and previous.batch.scheduled is batch.scheduled:
+                # (each output grew by k PENDING at that launch, and nothing else since)
+                launched.output_index = [first + k for first in previous.output_index]
+            else:
+                launched.output_index = [len(r.output_token_ids) for r in batch.continues.requests]
+            if k == 1:
+                for request in batch.continues.requests:
+                    request.output_token_ids.append(PENDING)
+            else:
+                pad = [PENDING] * k
+                for request in batch.continues.requests:
+                    request.output_token_ids += pad
             return
         now = time.time()
         output_index: list[int | None] = [None] * len(batch.scheduled)
@@ -344,7 +364,6 @@ class Engine:
             if request.num_computed_tokens + item.num_new_tokens == len(request.prompt_token_ids) + first:
                 num_steps = item.num_steps
                 outputs += [PENDING] * num_steps
-                request.pending_rows[first + num_steps - 1] = row
                 output_index[row] = first
         launched.output_index = output_index
 
@@ -451,7 +470,6 @@ class Engine:
             request = item.request
             if request.is_finished:
                 continue
-            request.pending_rows.clear()
             request.output_token_ids = request.resolved_output_ids
             self.scheduler.requeue(request)
             self.duet.stats.requeued_requests += 1
@@ -483,7 +501,6 @@ class Engine:
                         and request.stop_ids.isdisjoint(tokens)):
                     # The common case, inline: no text, logprobs, stop or limit to handle.
                     request.output_token_ids[first:first + n] = tokens
-                    del request.pending_rows[first + n - 1]
                     metrics = request.metrics
                     if metrics.first_token_time is None:
                         metrics.first_token_time = now
@@ -528,13 +545,11 @@ class Engine:
         if k == 1 and not (ended or special):  # (the common case, at a third less per row)
             for request, first, token in triples:
                 request.output_token_ids[first] = token
-                del request.pending_rows[first]
                 request.metrics.token_times.append(now)
         else:
             times = [now] * k
             for request, first, column in triples:
                 request.output_token_ids[first:first + k] = column
-                del request.pending_rows[first + k - 1]
                 request.metrics.token_times += times
         blocks = self.scheduler.blocks
         if blocks.enable_prefix_caching:  # rows whose new tokens complete a page
@@ -567,9 +582,7 @@ class Engine:
         if request.detokenizer is not None:  # the text, and stop strings, go token by token
             upto = len(tokens) if stop is None else stop[0] + 1
             stop = self._detokenize(request, tokens[:upto]) or stop
-        if stop is None:
-            del request.pending_rows[first + len(tokens) - 1]
-        else:
+        if stop is not None:
             tokens = tokens[:stop[0] + 1]
         request.output_token_ids[first:first + len(tokens)] = tokens
         metrics = request.metrics
@@ -619,7 +632,6 @@ class Engine:
     def _finish(self, request: Request, last: int, reason: str, stop_reason) -> None:
         """Ends ``request`` at output index ``last``; tokens launched past it are dropped."""
         del request.output_token_ids[last + 1:]
-        request.pending_rows.clear()
         if request.detokenizer is not None and not isinstance(stop_reason, str):
             request.text += request.detokenizer.flush()  # a character held back at the end
         request.stop_reason = stop_reason

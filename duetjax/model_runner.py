@@ -311,7 +311,8 @@ class ModelRunner:
             sampled, last = self.execute(b, None, previous_tokens, batch.num_steps,
                                          reuse.sampler_flags, reuse, packed)
         else:
-            inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, reuse)
+            inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, reuse,
+                                  previous.batch.scheduled if previous is not None else None)
             sampled, last = self.execute(b, inputs, previous_tokens, batch.num_steps, reuse=reuse)
         return InFlight(batch, sampled, last, wants_logprobs=reuse.sampler_flags[1])
 

@@ -25,7 +25,7 @@ class Request:
 
     # Slots: the host loop reads a few of these per request on every step.
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "needs_full_sampler",
-                 "max_output_tokens", "seed", "output_token_ids", "pending_rows",
+                 "max_output_tokens", "seed", "output_token_ids",
                  "num_computed_tokens", "block_table", "page_hashes", "num_cached_pages",
                  "penalty_slot", "penalty_slot_fresh", "status", "finish_reason", "stop_reason",
                  "text", "logprobs", "detokenizer", "stop_ids", "plain", "metrics")
@@ -42,8 +42,6 @@ class Request:
         self.max_output_tokens = params.max_tokens
         self.seed = seed
         self.output_token_ids: list[int] = []  # PENDING where a token is still on the device
-        # Output index of the newest token of each dispatch in flight -> its row there.
-        self.pending_rows: dict[int, int] = {}
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.page_hashes: list[bytes] = []  # prefix-cache names of its full pages, in order

@@ -187,9 +187,11 @@ def _settings(requests: list[Request], num_seqs: int) -> tuple[tuple[np.ndarray,
 
 
 def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
-                 max_pages_per_seq: int, reuse: Reuse | None = None) -> StepInputs:
+                 max_pages_per_seq: int, reuse: Reuse | None = None,
+                 in_flight: list | None = None) -> StepInputs:
     """Host arrays of one step in bucket ``b`` (all padding when ``batch`` is None); ``reuse``
-    carries what consecutive calls share."""
+    carries what consecutive calls share. ``in_flight``: the ``scheduled`` list of the dispatch
+    still running, whose output rows hold the newest tokens still PENDING on the host."""
     num_seqs, num_tokens = b.num_seqs, b.num_tokens
     tokens = np.zeros(num_tokens, np.int32)
     from_previous = np.full(num_tokens, -1, np.int32)
@@ -228,23 +230,28 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
         ends = np.cumsum(counts, dtype=np.int32)
         at = int(ends[-1])
         flat: list[int] = []
-        newest_rows: list[int] = []  # per chunk: its last token's row in the in-flight step, or -1
-        # Only the newest token of a request can still be in flight.
+        # Only the newest token of a request can still be in flight, sampled by the dispatch
+        # in flight: its row there is where this step reads it (on the device).
         if at == num_real:  # one token each (decode steps): no slices, a third of the time
             for r in requests:
                 index = r.num_computed_tokens - len(r.prompt_token_ids)  # < 0: in the prompt
-                token = r.output_token_ids[index] if index >= 0 else r.prompt_token_ids[index]
-                flat.append(token)
-                newest_rows.append(r.pending_rows[index] if token == PENDING else -1)
+                flat.append(r.output_token_ids[index] if index >= 0 else r.prompt_token_ids[index])
+            newest = flat
         else:
+            newest = []
             for item, r in zip(scheduled, requests):
-                end = r.num_computed_tokens + item.num_new_tokens
-                chunk = r.token_slice(r.num_computed_tokens, end)
+                chunk = r.token_slice(r.num_computed_tokens, r.num_computed_tokens + item.num_new_tokens)
                 flat += chunk
-                newest_rows.append(r.pending_rows[end - 1 - len(r.prompt_token_ids)]
-                                   if chunk[-1] == PENDING else -1)
+                newest.append(chunk[-1])
         tokens[:at] = flat
-        from_previous[ends - 1] = newest_rows
+        if PENDING in newest:
+            rows_in_flight = {id(item.request): row for row, item in enumerate(in_flight or ())}
+            try:
+                from_previous[ends - 1] = [rows_in_flight[id(r)] if token == PENDING else -1
+                                           for r, token in zip(requests, newest)]
+            except KeyError:
+                raise RuntimeError("a request's newest token is in flight in no dispatch that "
+                                   "this step follows: an engine bug") from None
         for s in penalized:
             reset[s], count[s] = requests[s].penalty_slot_fresh, scheduled[s].completes_sequence
         query_start_loc[1:num_real + 1] = ends

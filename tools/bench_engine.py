@@ -150,10 +150,14 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int,
            "host_share": stats.host_seconds / wall,
            # (inside the host work: collections run wherever the loop allocates)
            "gc_ms_per_step": 1e3 * (gc_after["seconds"] - gc_before["seconds"]) / stats.steps,
-           "gc_full_collections": gc_after["full_collections"] - gc_before["full_collections"]}
+           "gc_full_collections": gc_after["full_collections"] - gc_before["full_collections"],
+           "host_ms_per_step_by_part": {  # (the rest: the loop itself, outside these parts)
+               part: 1e3 * getattr(stats, f"{part}_seconds") / stats.steps
+               for part in ("schedule", "prepare", "launch_bookkeeping", "apply")}}
     log(f"host loop B={batch}: {row['step_ms']:.2f} ms/step; host work {row['host_ms_per_step']:.3f} ms "
         f"({100 * row['host_share']:.1f} % of wall, garbage collection {row['gc_ms_per_step']:.3f} ms), "
-        f"in launch {row['launch_ms_per_step']:.2f} ms, waiting for results {row['wait_ms_per_step']:.2f} ms")
+        f"in launch {row['launch_ms_per_step']:.2f} ms, waiting for results {row['wait_ms_per_step']:.2f} ms; "
+        + ", ".join(f"{part} {ms:.3f}" for part, ms in row["host_ms_per_step_by_part"].items()))
     if profile_top:
         import cProfile
         import io

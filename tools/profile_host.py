@@ -91,16 +91,19 @@ def main(argv: list[str] | None = None) -> None:
                 engine.runner._executables = NullExecutables()
             run(engine, args.batch, args.prompt_len, args.max_tokens, seed=1)  # compiles
             freeze_startup_heap()  # as the server does once it is up
-            hosts, walls = [], []
+            hosts, walls, parts = [], [], {}
             for repeat in range(args.repeats):
                 engine.stats.__init__()
                 walls.append(run(engine, args.batch, args.prompt_len, args.max_tokens, seed=2 + repeat))
                 hosts.append(engine.stats.host_ms_per_step)
+                if hosts[-1] == min(hosts):
+                    parts = {part: 1e3 * getattr(engine.stats, f"{part}_seconds") / engine.stats.steps
+                             for part in ("schedule", "prepare", "launch_bookkeeping", "apply")}
             s = engine.stats
             print(f"k={k}: host {min(hosts):.3f} ms/step (median {np.median(hosts):.3f}) over "
                   f"{s.steps} steps ({s.dispatches} dispatches), wall {1e3 * min(walls) / s.steps:.2f} "
-                  f"ms/step (best of {args.repeats}{', null device' if args.null_device else ''})",
-                  flush=True)
+                  f"ms/step (best of {args.repeats}{', null device' if args.null_device else ''}); "
+                  + ", ".join(f"{part} {ms:.3f}" for part, ms in parts.items()), flush=True)
             if args.top:
                 profiler = cProfile.Profile()
                 profiler.enable()

@@ -28,7 +28,9 @@ def checked_continuations(monkeypatch):
 
     def continue_and_compare(batch, page_size, reuse):
         runner_config, width = reuse.checked_against  # set below, per runner
-        fresh = pack(build_inputs(bucket_for(batch, runner_config), batch, page_size, width))
+        # (the dispatch it continues is in flight, with the same rows)
+        fresh = pack(build_inputs(bucket_for(batch, runner_config), batch, page_size, width,
+                                  in_flight=batch.scheduled))
         packed = original(batch, page_size, reuse)
         assert packed.tobytes() == fresh, "a continuation differs from a fresh build"
         checked.append(len(batch.scheduled))

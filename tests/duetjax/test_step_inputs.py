@@ -89,12 +89,13 @@ def test_reused_inputs_equal_fresh_ones():
         r.num_computed_tokens = len(r.prompt_token_ids) - 1  # its last prompt token decodes next
         requests.append(r)
     reuse = Reuse()
+    in_flight: list = []  # the dispatch in flight: the row of each request's PENDING token
 
     def check(items, steps=1):
         batch = SchedulerOutput([ScheduledRequest(r, n, steps) for r, n in items], [], steps)
         b = bucket_for(batch, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32))
-        fresh = build_inputs(b, batch, page, width)
-        reused = build_inputs(b, batch, page, width, reuse)
+        fresh = build_inputs(b, batch, page, width, in_flight=in_flight)
+        reused = build_inputs(b, batch, page, width, reuse, in_flight)
         for want, got in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(reused)):
             assert want.dtype == got.dtype
             np.testing.assert_array_equal(got, want)
@@ -102,10 +103,11 @@ def test_reused_inputs_equal_fresh_ones():
 
     def decode_all(rows):
         """Each request's next token is sampled into row ``rows[i]`` of a step in flight."""
+        in_flight[:] = [None] * len(rows)
         for r, row in zip(requests, rows):
             r.num_computed_tokens = r.num_tokens
             r.output_token_ids.append(PENDING)
-            r.pending_rows = {len(r.output_token_ids) - 1: row}
+            in_flight[row] = ScheduledRequest(r, 1)
             blocks.grow(r, r.num_tokens)
 
     x = check([(r, 1) for r in requests])
