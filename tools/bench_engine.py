@@ -119,10 +119,35 @@ def prefill_section(engine: Engine, ceil: dict, lengths: list[int]) -> list[dict
     return rows
 
 
+def measured_host_run(engine: Engine, batch: int, prompts: list[dict], params: SamplingParams) -> dict:
+    """One ``generate`` of ``prompts``: where its host loop's time went, per step."""
+    engine.stats.__init__()
+    compiled_before = engine.runner.compile_seconds
+    gc_before = gc_pauses().snapshot()
+    start = time.perf_counter()
+    engine.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    gc_after = gc_pauses().snapshot()
+    assert engine.runner.compile_seconds == compiled_before, "the measured run compiled a step"
+    stats = engine.stats
+    return {"batch": batch, "steps": stats.steps, "wall_s": wall, "step_ms": 1e3 * wall / stats.steps,
+            "host_ms_per_step": stats.host_ms_per_step,
+            "launch_ms_per_step": 1e3 * stats.launch_seconds / stats.steps,
+            "wait_ms_per_step": 1e3 * stats.wait_seconds / stats.steps,
+            "host_share": stats.host_seconds / wall,
+            # (inside the host work: collections run wherever the loop allocates)
+            "gc_ms_per_step": 1e3 * (gc_after["seconds"] - gc_before["seconds"]) / stats.steps,
+            "gc_full_collections": gc_after["full_collections"] - gc_before["full_collections"],
+            "host_ms_per_step_by_part": {  # (the rest: the loop itself, outside these parts)
+                part: 1e3 * getattr(stats, f"{part}_seconds") / stats.steps
+                for part in ("schedule", "prepare", "launch_bookkeeping", "apply")}}
+
+
 def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int,
-                 profile_top: int = 0) -> dict:
-    """The warm-up run uses other prompts of the same shapes: the measured run must neither
-    hit the prefix cache nor meet a step shape that is not compiled yet. ``profile_top`` > 0
+                 profile_top: int = 0, repeats: int = 3, freeze: bool = True) -> dict:
+    """The warm-up run uses other prompts of the same shapes: the measured runs must neither
+    hit the prefix cache nor meet a step shape that is not compiled yet. Of ``repeats``
+    measured runs the row is the median one by host work (all are listed). ``profile_top`` > 0
     adds one more run under cProfile (which slows it: the timed run is the one before) and
     keeps its top functions by own time, to rank where the host time goes on this machine."""
     vocab = engine.model.config.vocab_size
@@ -133,29 +158,14 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int,
         return [{"prompt_token_ids": rng.integers(0, vocab, prompt_len).tolist()} for _ in range(batch)]
 
     engine.generate(prompts(1), params, use_tqdm=False)
-    freeze_startup_heap()  # as the server does once it is up
-    engine.stats.__init__()
-    compiled_before = engine.runner.compile_seconds
-    gc_before = gc_pauses().snapshot()
-    start = time.perf_counter()
-    engine.generate(prompts(2), params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    gc_after = gc_pauses().snapshot()
-    assert engine.runner.compile_seconds == compiled_before, "the measured run compiled a step"
-    stats = engine.stats
-    row = {"batch": batch, "steps": stats.steps, "wall_s": wall, "step_ms": 1e3 * wall / stats.steps,
-           "host_ms_per_step": stats.host_ms_per_step,
-           "launch_ms_per_step": 1e3 * stats.launch_seconds / stats.steps,
-           "wait_ms_per_step": 1e3 * stats.wait_seconds / stats.steps,
-           "host_share": stats.host_seconds / wall,
-           # (inside the host work: collections run wherever the loop allocates)
-           "gc_ms_per_step": 1e3 * (gc_after["seconds"] - gc_before["seconds"]) / stats.steps,
-           "gc_full_collections": gc_after["full_collections"] - gc_before["full_collections"],
-           "host_ms_per_step_by_part": {  # (the rest: the loop itself, outside these parts)
-               part: 1e3 * getattr(stats, f"{part}_seconds") / stats.steps
-               for part in ("schedule", "prepare", "launch_bookkeeping", "apply")}}
+    if freeze:
+        freeze_startup_heap()  # as the server does once it is up
+    rows = [measured_host_run(engine, batch, prompts(2 + i), params) for i in range(repeats)]
+    row = sorted(rows, key=lambda r: r["host_ms_per_step"])[len(rows) // 2]
+    row["host_ms_per_step_runs"] = [r["host_ms_per_step"] for r in rows]
     log(f"host loop B={batch}: {row['step_ms']:.2f} ms/step; host work {row['host_ms_per_step']:.3f} ms "
-        f"({100 * row['host_share']:.1f} % of wall, garbage collection {row['gc_ms_per_step']:.3f} ms), "
+        f"({100 * row['host_share']:.1f} % of wall, garbage collection {row['gc_ms_per_step']:.3f} ms; "
+        f"median of {', '.join(f'{ms:.3f}' for ms in row['host_ms_per_step_runs'])}), "
         f"in launch {row['launch_ms_per_step']:.2f} ms, waiting for results {row['wait_ms_per_step']:.2f} ms; "
         + ", ".join(f"{part} {ms:.3f}" for part, ms in row["host_ms_per_step_by_part"].items()))
     if profile_top:
@@ -164,7 +174,7 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int,
         import pstats
 
         profiler = cProfile.Profile()
-        profiler.runcall(engine.generate, prompts(3), params, use_tqdm=False)
+        profiler.runcall(engine.generate, prompts(2 + repeats), params, use_tqdm=False)
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(profile_top)
         row["profile"] = text.getvalue()
