@@ -519,30 +519,29 @@ class Engine:
 
     def _finish_continued(self, step: InFlight, sampled, now: float) -> list[RequestOutput]:
         """``_finish_step`` for a batch that ``continues`` a steady decode: every row sampled
-        k tokens from its ``output_index`` on. The checks (stop ids, limits, filled pages) run
-        as array operations; Python visits each request only to store its tokens, and the few
-        rows a check flags take ``_apply_tokens``."""
+        k tokens from its ``output_index`` on. Which rows need more than storing their tokens
+        (a stop id, the token limit, text or logprobs, a page to name) is known from a few
+        array operations and ``DecodeRows``; those rows take ``_apply_tokens``."""
         rows = step.batch.continues
-        requests, n, k = rows.requests, len(rows.requests), step.batch.num_steps
+        requests, k = rows.requests, step.batch.num_steps
         tokens = sampled.token_ids  # [k, n]
-        firsts = np.asarray(step.output_index)
-        flagged = ~rows.plain | (rows.max_outputs - firsts <= k)
+        firsts = step.output_index
+        special = set(rows.special_rows).union(step.batch.rows_at_limit)
         if len(rows.stop_ids):
-            flagged |= (tokens[..., None] == rows.stop_ids).any(axis=(0, 2))
+            special.update(np.flatnonzero((tokens[..., None] == rows.stop_ids).any(axis=(0, 2))).tolist())
         ended = ()
         if step.finished_at_launch != self.scheduler.num_finished:  # some rows may have ended
-            ended = set(row for row, r in enumerate(requests) if r.status is FINISHED)
-        special = [row for row in np.flatnonzero(flagged).tolist() if row not in ended]
-        columns = tokens.T.tolist()
-        for row in special:  # (rare) stop ids, limits, text or logprobs: the full treatment
-            self._apply_tokens(requests[row], int(firsts[row]), columns[row], sampled, row, now)
-        if ended or special:
-            done = set(ended).union(special)
-            rows_left = [row for row in range(n) if row not in done]
-            triples = [(requests[row], step.output_index[row], columns[row]) for row in rows_left]
+            ended = {row for row, r in enumerate(requests) if r.status is FINISHED}
+            special -= ended
+        columns = tokens.T.tolist() if special or k > 1 else None
+        for row in sorted(special):  # (rare) the full treatment
+            self._apply_tokens(requests[row], firsts[row], columns[row], sampled, row, now)
+        if special or ended:
+            left = [row for row in range(len(requests)) if row not in special and row not in ended]
+            triples = [(requests[row], firsts[row], columns[row]) for row in left]
         else:
-            triples = zip(requests, step.output_index, tokens[0].tolist() if k == 1 else columns)
-        if k == 1 and not (ended or special):  # (the common case, at a third less per row)
+            triples = zip(requests, firsts, tokens[0].tolist() if k == 1 else columns)
+        if k == 1 and not (special or ended):  # (the common case, at a third less per row)
             for request, first, token in triples:
                 request.output_token_ids[first] = token
                 request.metrics.token_times.append(now)
@@ -552,13 +551,12 @@ class Engine:
                 request.output_token_ids[first:first + k] = column
                 request.metrics.token_times += times
         blocks = self.scheduler.blocks
-        if blocks.enable_prefix_caching:  # rows whose new tokens complete a page
-            ends = rows.prompt_lens + firsts
-            for row in np.flatnonzero((ends + k) // blocks.page_size > ends // blocks.page_size).tolist():
+        if blocks.enable_prefix_caching:
+            for row in rows.rows_filling_a_page(firsts[0], k):
                 if requests[row].status is not FINISHED:
                     blocks.cache_full_pages(requests[row])
         outputs = []
-        for row in (special if self._finished_outputs_only else range(n)):
+        for row in (sorted(special) if self._finished_outputs_only else range(len(requests))):
             request = requests[row]
             if row in ended:
                 continue  # it ended before this step: its row is overrun

@@ -30,7 +30,7 @@ from .sampler import (SampledTokens, needs_full_sampler, sample_basic, sample_fu
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedState
-from .step_inputs import (Bucket, Reuse, StepInputs, bucket, bucket_for, build_inputs,
+from .step_inputs import (Bucket, Reuse, StepInputs, advanced, bucket, bucket_for, build_inputs,
                           continue_packed, layout_of, pack, plan_buckets, unpack, unpack_on_device)
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class ModelRunner:
     def _step_fn(self, params, kv_pool, previous, packed, layout):
         """(sampled, last tokens, KV pool, logits): the logits feed the full sampler when the
         host runs it."""
-        x: StepInputs = unpack_on_device(layout, packed)
+        x: StepInputs = advanced(unpack_on_device(layout, packed), self.page_size, jnp)
         stored = kv_pool.dtype
         params, kv_pool = self._compute_dtype((params, kv_pool))
         tokens = self._read_previous(previous, x)
@@ -266,7 +266,7 @@ class ModelRunner:
         scheduler runs requests that need the full sampler one step per dispatch). A static trip
         count matters on GPU: a loop with a runtime bound copies its predicate to the host every
         iteration, and the GPU idles while the next step's kernels are launched."""
-        x: StepInputs = unpack_on_device(layout, packed)
+        x: StepInputs = advanced(unpack_on_device(layout, packed), self.page_size, jnp)
         stored = kv_pool.dtype
         params, kv_pool = self._compute_dtype((params, kv_pool))
         meta, page = x.meta, self.page_size
@@ -340,8 +340,8 @@ class ModelRunner:
         full, logprobs = sampler_flags
         if reuse is not None:
             reuse.sampler_flags, reuse.packed = sampler_flags, packed
-        if inputs is None and (full or self.shared is not None):
-            inputs = unpack(reuse.inputs, packed)
+        if inputs is None and (full or self.shared is not None):  # (the host needs them)
+            inputs = advanced(unpack(reuse.inputs, packed), self.page_size)
         if (full or logprobs) and b.multi_step:
             raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
                                "sampler or logprobs: a scheduler bug")

@@ -50,6 +50,8 @@ class SchedulerOutput:
     ``scheduled`` list (the same requests in the same rows, every one decoding ``num_steps``
     tokens), nothing else changed in between. Its inputs follow from the previous dispatch's
     by arithmetic, and its rows' fixed facts are gathered once, here."""
+    rows_at_limit: list[int] = dataclasses.field(default_factory=list)
+    """Of a continuing dispatch: the rows whose token limit its tokens reach."""
 
     @property
     def num_tokens(self) -> int:
@@ -75,27 +77,41 @@ def split_batch(batch: SchedulerOutput) -> tuple[SchedulerOutput, SchedulerOutpu
 
 @dataclasses.dataclass(frozen=True)
 class DecodeRows:
-    """What stays fixed for the rows of a steady decode batch, as arrays over its rows (the
-    host loop's per-step checks then run once per step, not once per request)."""
+    """What stays fixed for the rows of a steady decode batch, gathered at its first
+    continuation (the host loop's per-step checks then cost about one operation per step,
+    not one per request)."""
 
     requests: list[Request]
-    prompt_lens: np.ndarray
-    """int64[n]."""
-    max_outputs: np.ndarray
-    """int64[n]: ``max_output_tokens``."""
-    plain: np.ndarray
-    """bool[n]: ``Request.plain`` (no text or logprobs to produce)."""
+    special_rows: list[int]
+    """Rows whose requests are not ``plain`` (text or logprobs to produce)."""
     stop_ids: np.ndarray
     """int64[m]: every row's stop ids together (a row that samples one is checked exactly)."""
+    first_output: int
+    """Row 0's output index of the first token the first continuation samples."""
+    rows_by_phase: list[list[int]]
+    """Rows by (prompt + outputs) % page_size at the first continuation: which rows' known
+    tokens fill a page in a later continuation follows from it (``rows_filling_a_page``)."""
 
     @classmethod
-    def of(cls, requests: list[Request]) -> "DecodeRows":
-        n = len(requests)
+    def of(cls, requests: list[Request], page_size: int) -> "DecodeRows":
         stop_ids = frozenset().union(*(r.stop_ids for r in requests))
-        return cls(requests, np.fromiter((len(r.prompt_token_ids) for r in requests), np.int64, n),
-                   np.fromiter((r.max_output_tokens for r in requests), np.int64, n),
-                   np.fromiter((r.plain for r in requests), bool, n),
-                   np.fromiter(stop_ids, np.int64, len(stop_ids)))
+        by_phase: list[list[int]] = [[] for _ in range(page_size)]
+        for row, r in enumerate(requests):
+            by_phase[(len(r.prompt_token_ids) + len(r.output_token_ids)) % page_size].append(row)
+        return cls(requests, [row for row, r in enumerate(requests) if not r.plain],
+                   np.fromiter(stop_ids, np.int64, len(stop_ids)),
+                   len(requests[0].output_token_ids), by_phase)
+
+    def rows_filling_a_page(self, first_output: int, num_steps: int) -> list[int]:
+        """Rows whose known tokens fill a page once the dispatch that samples ``num_steps``
+        tokens from row 0's output index ``first_output`` on is read (the page then gets its
+        prefix-cache name)."""
+        page_size = len(self.rows_by_phase)
+        if num_steps > page_size:
+            raise ValueError("more steps per dispatch than tokens per page")
+        shift = first_output - self.first_output  # (every row moved on as far as row 0)
+        return [row for t in range(num_steps)
+                for row in self.rows_by_phase[(page_size - num_steps + t - shift) % page_size]]
 
 
 @dataclasses.dataclass(slots=True)
@@ -236,6 +252,8 @@ class Scheduler:
         """The steady state that continues ``output``: when every running request decodes
         ``num_steps`` tokens in it."""
         k, n = output.num_steps, len(output.scheduled)
+        if k > self.blocks.page_size:
+            return None  # (``DecodeRows`` tracks pages filled by at most one page of tokens)
         for item in output.scheduled:
             r = item.request
             if (item.num_new_tokens != 1 or item.num_steps != k
@@ -254,7 +272,8 @@ class Scheduler:
         next tokens cross into a new page are visited."""
         k = steady.output.num_steps
         scheduled = steady.output.scheduled
-        if len(scheduled) != len(self.running) or steady.headroom.min() < k:
+        least = int(steady.headroom.min())
+        if len(scheduled) != len(self.running) or least < k:
             return None
         page_size = self.blocks.page_size
         for row in np.flatnonzero(steady.target > steady.capacity).tolist():
@@ -263,11 +282,13 @@ class Scheduler:
                 return None
             self.blocks.grow(request, target)
             steady.capacity[row] = len(request.block_table) * page_size
+        at_limit = np.flatnonzero(steady.headroom == k).tolist() if least == k else []
         steady.headroom -= k
         steady.target += k
         if steady.rows is None:
-            steady.rows = DecodeRows.of([item.request for item in scheduled])
-        steady.output = SchedulerOutput(scheduled, [], k, continues=steady.rows)
+            steady.rows = DecodeRows.of([item.request for item in scheduled], page_size)
+        steady.output = SchedulerOutput(scheduled, [], k, continues=steady.rows,
+                                        rows_at_limit=at_limit)
         steady.committed = False
         self._steady = steady
         return steady.output

@@ -102,6 +102,32 @@ class StepInputs:
     valid_steps: jax.Array
     """int32[S]: steps of a k-step decode that count for each row (its token limit may end it
     sooner); later steps write no KV and their tokens are discarded."""
+    advance: jax.Array
+    """int32[1]: decode steps that every live row of a decode step is past the positions,
+    context lengths and counters written here (``continue_packed`` leaves those as the last
+    full build wrote them and counts the steps since; ``advanced`` applies them, on the device
+    or on the host). 0 from ``build_inputs``."""
+
+
+def advanced(x: StepInputs, page_size: int, xp=np) -> StepInputs:
+    """``x`` with a decode step's ``advance`` applied: positions, context lengths and sampling
+    counters of the live rows moved on, and their KV slots recomputed from the block tables
+    (padding rows keep position 0, context 0 and slot -1). ``xp``: numpy, or jax.numpy inside
+    an executable. Mixed steps come back unchanged (their advance is always 0)."""
+    meta = x.meta
+    if not meta.decode_only:
+        return x
+    step = x.advance[0]
+    live = meta.context_lens > 0
+    positions = xp.where(live, meta.positions + step, meta.positions)
+    rows = xp.arange(positions.shape[0])
+    page = xp.minimum(positions // page_size, meta.block_tables.shape[1] - 1)
+    slots = xp.where(live, meta.block_tables[rows, page] * page_size + positions % page_size, -1)
+    return x.replace(
+        meta=meta.replace(positions=positions, slot_mapping=slots.astype(meta.slot_mapping.dtype),
+                          context_lens=xp.where(live, meta.context_lens + step, 0)),
+        sampling=x.sampling.replace(counters=xp.where(live, x.sampling.counters + step,
+                                                      x.sampling.counters)))
 
 
 class Reuse:
@@ -274,54 +300,47 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
                               reset=reset, count=count)
     inputs = StepInputs(tokens=tokens, from_previous=from_previous, meta=meta,
                         logits_indices=logits_indices, sampling=sampling, penalties=penalties,
-                        valid_steps=valid_steps)
+                        valid_steps=valid_steps, advance=np.zeros(1, np.int32))
     if reuse is not None:
         reuse.keep(tables, widths, block_tables, settings, penalized, inputs, scheduled)
     return inputs
 
 
 def continue_packed(batch: SchedulerOutput, page_size: int, reuse: Reuse) -> np.ndarray:
-    """``pack(build_inputs(...))`` of a batch that ``continues`` the one ``reuse`` last packed,
-    while that one is in flight, written into a copy of the last packed buffer: every row is
-    ``num_steps`` tokens further along, reads its newest token from the same row of the
-    in-flight output, and the rows whose tables grew get their new pages. Array arithmetic
-    only, whatever the batch size: this is every decode step's host work while the batch
-    stays the same."""
+    """``pack`` of inputs equivalent to ``build_inputs``' for a batch that ``continues`` the
+    one ``reuse`` last packed, while that one is in flight: a copy of the last packed buffer
+    whose ``advance`` counts ``num_steps`` more (every row is that many tokens further along;
+    the executable moves positions, context lengths, slots and counters on itself), whose
+    rows read their newest token from the same row of the in-flight output, and whose rows
+    that grew get their new pages. A few array operations whatever the batch size: this is
+    every decode step's host work while the batch stays the same."""
     if reuse.packed is None or reuse.scheduled is not batch.scheduled:
         raise ValueError("continue_packed needs the packed inputs of the batch it continues")
     if reuse.spans is None:
         reuse.spans, reuse.spans_fresh = _spans(reuse.inputs), True
     spans, buf = reuse.spans, reuse.packed.copy()
-    n, k = len(batch.scheduled), batch.num_steps
+    n = len(batch.scheduled)
 
     def view(span: tuple[int, int, tuple[int, ...], np.dtype]) -> np.ndarray:
         start, end, shape, dtype = span
         return buf[start:end].view(dtype).reshape(shape)
 
+    view(spans.advance)[0] += batch.num_steps
     tables = reuse.tables
     widths = np.fromiter(map(len, tables), np.int32, n)
-    block_tables = view(spans.meta.block_tables)
-    for s in np.flatnonzero(widths != reuse.widths).tolist():
-        block_tables[s, reuse.widths[s]:widths[s]] = tables[s][reuse.widths[s]:]
-    positions = view(spans.meta.positions)[:n]
-    positions += k
-    view(spans.meta.context_lens)[:n] += k
-    view(spans.sampling.counters)[:n] += k
-    slots = view(spans.meta.slot_mapping)[:n]
-    if k <= page_size:  # only rows that entered a new page change more than by k
-        slots += k
-        new_page = np.flatnonzero(positions % page_size < k)
-        pos = positions[new_page]
-        slots[new_page] = block_tables[new_page, pos // page_size] * page_size + pos % page_size
-    else:
-        slots[:] = block_tables[np.arange(n), positions // page_size] * page_size + positions % page_size
+    grew = np.flatnonzero(widths != reuse.widths).tolist()
+    if grew:
+        block_tables = view(spans.meta.block_tables)
+        for s in grew:
+            block_tables[s, reuse.widths[s]:widths[s]] = tables[s][reuse.widths[s]:]
+        block_tables.flags.writeable = False  # (the next full build may share it)
+        reuse.widths, reuse.block_tables = widths, block_tables
     if reuse.spans_fresh:  # (the first continuation; later ones copy these already)
         view(spans.tokens)[:n] = PENDING
         view(spans.from_previous)[:n] = np.arange(n, dtype=np.int32)
         view(spans.penalties.reset)[:] = False
         reuse.spans_fresh = False
-    block_tables.flags.writeable = False  # (the next slow build may share it)
-    reuse.widths, reuse.block_tables, reuse.packed = widths, block_tables, buf
+    reuse.packed = buf
     return buf
 
 

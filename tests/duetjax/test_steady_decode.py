@@ -1,13 +1,15 @@
 """The steady-decode path (``SchedulerOutput.continues``): a decode batch that repeats is
-continued with array arithmetic. Its packed inputs must equal a fresh build's byte for byte,
-and the engine's outputs must equal those of an engine that never takes the path."""
+continued with array arithmetic. Its packed inputs, once advanced (``advanced``: what the
+executable does first), must equal a fresh build's exactly, and the engine's outputs must
+equal those of an engine that never takes the path."""
+import jax
 import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
 from duetjax import model_runner
 from duetjax.scheduler import Scheduler
-from duetjax.step_inputs import bucket_for, build_inputs, pack
+from duetjax.step_inputs import advanced, bucket_for, build_inputs, unpack
 
 from .test_engine import prompts, token_ids
 
@@ -21,23 +23,35 @@ def make(tiny_llama_dir, **kw):
 
 @pytest.fixture
 def checked_continuations(monkeypatch):
-    """Wraps ``continue_packed``: each continuation is compared with ``pack(build_inputs())``
-    of the same batch, built from scratch. Returns the list of checked batch sizes."""
+    """Wraps ``continue_packed``: each continuation, advanced, is compared with
+    ``build_inputs()`` of the same batch, built from scratch. Returns the list of checked
+    batch sizes."""
     checked = []
     original = model_runner.continue_packed
 
     def continue_and_compare(batch, page_size, reuse):
         runner_config, width = reuse.checked_against  # set below, per runner
         # (the dispatch it continues is in flight, with the same rows)
-        fresh = pack(build_inputs(bucket_for(batch, runner_config), batch, page_size, width,
-                                  in_flight=batch.scheduled))
+        fresh = build_inputs(bucket_for(batch, runner_config), batch, page_size, width,
+                             in_flight=batch.scheduled)
         packed = original(batch, page_size, reuse)
-        assert packed.tobytes() == fresh, "a continuation differs from a fresh build"
+        got = advanced(unpack(reuse.inputs, packed), page_size)
+        assert got.advance[0] > 0 and fresh.advance[0] == 0
+        for name, want, have in zip(leaf_names(fresh), jax.tree_util.tree_leaves(fresh),
+                                    jax.tree_util.tree_leaves(got)):
+            if name != "advance":
+                assert want.dtype == have.dtype, name
+                np.testing.assert_array_equal(have, want, err_msg=name)
         checked.append(len(batch.scheduled))
         return packed
 
     monkeypatch.setattr(model_runner, "continue_packed", continue_and_compare)
     return checked
+
+
+def leaf_names(tree) -> list[str]:
+    return [jax.tree_util.keystr(path).split(".")[-1]
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def no_steady(monkeypatch):
@@ -61,12 +75,23 @@ def test_continuations_equal_fresh_builds_and_change_no_output(tiny_llama_dir, m
                                                                checked_continuations, decode_steps):
     batch = prompts(7, seed=21)
     params = mixed_params(len(batch))
+
+    def follow_ups(outputs):  # each conversation goes on: its generated pages are cache hits
+        return [{"prompt_token_ids": p["prompt_token_ids"] + o.outputs[0].token_ids}
+                for p, o in zip(batch, outputs)]
+
+    short = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     with monkeypatch.context() as m:
         no_steady(m)
-        expected = make(tiny_llama_dir, decode_steps=decode_steps).generate(batch, params, use_tqdm=False)
+        plain = make(tiny_llama_dir, decode_steps=decode_steps)
+        expected = plain.generate(batch, params, use_tqdm=False)
+        plain.generate(follow_ups(expected), short, use_tqdm=False)
     engine = make(tiny_llama_dir, decode_steps=decode_steps)
     engine.runner._reuse.checked_against = (engine.config, engine.runner.max_pages_per_seq)
     got = engine.generate(batch, params, use_tqdm=False)
+    engine.generate(follow_ups(got), short, use_tqdm=False)
+    # Pages filled by generated tokens were named for the prefix cache as without the path.
+    assert engine.scheduler.blocks.prefix_hit_rate == plain.scheduler.blocks.prefix_hit_rate > 0.5
     assert token_ids(got) == token_ids(expected)
     assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in expected]
     for a, b in zip(got, expected):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from duetjax.config import EngineConfig
-from duetjax.step_inputs import (Bucket, build_inputs, layout_of, pack, plan_buckets, unpack,
-                                 unpack_on_device)
+from duetjax.step_inputs import (Bucket, advanced, build_inputs, layout_of, pack, plan_buckets,
+                                 unpack, unpack_on_device)
 
 
 def random_like(inputs, seed: int):
@@ -37,6 +37,34 @@ def test_pack_round_trips_on_host_and_device(b):
         for want, leaf in zip(jax.tree_util.tree_leaves(inputs), jax.tree_util.tree_leaves(got)):
             assert np.asarray(leaf).dtype == want.dtype
             np.testing.assert_array_equal(np.asarray(leaf), want)
+
+
+def test_advancing_a_decode_step_moves_live_rows_only_the_same_on_host_and_device():
+    import jax.numpy as jnp
+
+    page, width = 4, 6
+    x = random_like(build_inputs(Bucket(True, 8, 8), None, page_size=page, max_pages_per_seq=width), 3)
+    rng = np.random.default_rng(4)
+    context = rng.integers(1, page * width - 3, 8).astype(np.int32)
+    context[[2, 7]] = 0  # padding rows
+    x = x.replace(advance=np.array([3], np.int32),
+                  meta=x.meta.replace(context_lens=context,
+                                      positions=np.where(context > 0, context - 1, 0).astype(np.int32),
+                                      block_tables=rng.integers(0, 50, (8, width)).astype(np.int32)))
+    on_host = advanced(x, page)
+    on_device = jax.jit(lambda x: advanced(x, page, jnp))(x)
+    for want, got in zip(jax.tree_util.tree_leaves(on_host), jax.tree_util.tree_leaves(on_device)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    live = context > 0
+    pos = np.where(live, context + 2, 0)  # the newest position, 3 steps on
+    np.testing.assert_array_equal(on_host.meta.positions, pos)
+    np.testing.assert_array_equal(on_host.meta.context_lens, np.where(live, context + 3, 0))
+    slots = x.meta.block_tables[np.arange(8), pos // page] * page + pos % page
+    np.testing.assert_array_equal(on_host.meta.slot_mapping, np.where(live, slots, -1))
+    np.testing.assert_array_equal(on_host.sampling.counters,
+                                  np.where(live, x.sampling.counters + 3, x.sampling.counters))
+    mixed = build_inputs(Bucket(False, 16, 4), None, page_size=page, max_pages_per_seq=width)
+    assert advanced(mixed, page) is mixed
 
 
 def test_unpack_on_device_rejects_a_wrong_size():
