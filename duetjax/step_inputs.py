@@ -237,7 +237,7 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
     tables = [r.block_table for r in requests]
     widths = np.fromiter(map(len, tables), np.int32, num_real)
     if reuse is not None and reuse.same_tables(tables, num_seqs, max_pages_per_seq):
-        block_tables, settings, penalized = reuse.block_tables, reuse.settings, reuse.penalized
+        settings, penalized = reuse.settings, reuse.penalized
         block_tables = reuse.grown_block_tables(tables, widths)
     else:
         block_tables = np.zeros((num_seqs, max_pages_per_seq), np.int32)
