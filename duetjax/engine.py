@@ -496,21 +496,11 @@ class Engine:
             known = request.num_computed_tokens  # tokens with KV whose ids the host has
             if first is not None:  # (a prefill chunk's sampled token is not the next one yet)
                 tokens = rows[row][:item.num_steps]
-                n = len(tokens)
-                if (request.plain and request.max_output_tokens - first > n
-                        and request.stop_ids.isdisjoint(tokens)):
-                    # The common case, inline: no text, logprobs, stop or limit to handle.
-                    request.output_token_ids[first:first + n] = tokens
-                    metrics = request.metrics
-                    if metrics.first_token_time is None:
-                        metrics.first_token_time = now
-                    metrics.token_times += [now] * n
-                else:
-                    self._apply_tokens(request, first, tokens, sampled, row, now)
+                self._apply_tokens(request, first, tokens, sampled, row, now)
                 if every_output or request.status is FINISHED:
                     outputs.append(self._output(request))
                 # (the next dispatch, already launched, computes tokens still PENDING here)
-                known = min(known, len(request.prompt_token_ids) + first + n)
+                known = min(known, len(request.prompt_token_ids) + first + len(tokens))
             if request.status is FINISHED:
                 self._requests.pop(request.request_id, None)
             elif known // page_size > request.num_cached_pages:

@@ -162,10 +162,14 @@ class Reuse:
         return (self.block_tables.shape == (num_seqs, width) and len(tables) == len(self.tables)
                 and all(map(operator.is_, tables, self.tables)))
 
+    def grown_rows(self, widths: np.ndarray) -> list[int]:
+        """Rows whose tables grew since the last step (``widths``: their lengths now)."""
+        return np.flatnonzero(widths != self.widths).tolist()
+
     def grown_block_tables(self, tables: list[list[int]], widths: np.ndarray) -> np.ndarray:
         """The shared block tables, with the rows of the tables that grew since updated."""
         block_tables = self.block_tables
-        grew = np.flatnonzero(widths != self.widths).tolist()
+        grew = self.grown_rows(widths)
         if grew:
             block_tables = block_tables.copy()
             for s in grew:
@@ -328,7 +332,7 @@ def continue_packed(batch: SchedulerOutput, page_size: int, reuse: Reuse) -> np.
     view(spans.advance)[0] += batch.num_steps
     tables = reuse.tables
     widths = np.fromiter(map(len, tables), np.int32, n)
-    grew = np.flatnonzero(widths != reuse.widths).tolist()
+    grew = reuse.grown_rows(widths)
     if grew:
         block_tables = view(spans.meta.block_tables)
         for s in grew:
