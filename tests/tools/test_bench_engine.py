@@ -35,5 +35,8 @@ def test_host_section_reports_the_median_run_and_its_parts(tiny_llama_dir):
     assert len(runs) == 3 and row["host_ms_per_step"] == sorted(runs)[1]
     parts = row["host_ms_per_step_by_part"]
     assert set(parts) == {"schedule", "prepare", "launch_bookkeeping", "apply"}
-    assert all(ms >= 0 for ms in parts.values()) and sum(parts.values()) <= row["host_ms_per_step"]
+    # The parts are a subset of the host work; when the loop's own time rounds to nothing the
+    # sums differ only in the last bit.
+    assert all(ms >= 0 for ms in parts.values())
+    assert sum(parts.values()) <= row["host_ms_per_step"] * (1 + 1e-9)
     assert row["steps"] >= 6 and row["gc_full_collections"] >= 0
