@@ -69,6 +69,11 @@ class EngineConfig:
     """Scale the roofline's predictions by measured/predicted ratios learned from the
     iterations the engine runs (``correction.py``): the calibrated roofline alone
     underestimated real 8B iterations by 25-35 % on an H200."""
+    duet_carry_stream: bool = False
+    """A split iteration ends when its prefill chunk does: the decode stream's dispatch then
+    running carries over into the next iteration, whose chunk launches without waiting for it.
+    Off: the iteration ends with the first decode dispatch to finish after the chunk (the
+    behaviour every committed GPU figure was measured with; this one is not measured yet)."""
     device_profile: str | None = None
     """Roofline profile JSON for duet mode; None: the shipped profile of this GPU model."""
     duet_worker_reserve_gib: float = 3.0

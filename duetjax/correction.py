@@ -79,6 +79,27 @@ class Correction:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
+@dataclasses.dataclass
+class StepOverhead:
+    """What a worker step costs the engine beyond the worker's own time (sending its inputs,
+    the reply, the engine noticing it), as a moving mean of what the engine measured: the
+    additive part of a split iteration's time, which a ratio would misjudge on small chunks."""
+
+    weight: float = 0.1
+    """Weight of each new observation (the first few weigh 1/(n+1): a fast start)."""
+    max_seconds: float = 0.020
+    """Observations are clipped to this: a stall is not overhead to expect next time."""
+    seconds: float = 0.0
+    observations: int = 0
+
+    def observe(self, seconds: float) -> None:
+        if not math.isfinite(seconds):
+            return
+        w = max(self.weight, 1 / (self.observations + 1))
+        self.seconds += w * (min(self.max_seconds, max(0.0, seconds)) - self.seconds)
+        self.observations += 1
+
+
 PREFILL_SIZE_BUCKETS_S = (0.020, 0.040, 0.060, 0.080, 0.100, 0.120, 0.150)
 """Edges of the prefill chunk-size keys, by predicted seconds (small chunks carry the fixed
 cost of a dispatch; long-context ones more attention than the roofline's)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import multiprocessing.connection
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
@@ -26,7 +27,7 @@ from .request import PENDING, Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
 from .shared_state import SharedState
-from .worker_client import WorkerDied
+from .worker_client import RemoteInFlight, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class _Split:
     """Requests in the chunk: the decode stream leaves them alone."""
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    """Worker-side seconds: the chunk, and all decode dispatches meanwhile."""
+    """Worker-side seconds: the chunk, and the decode dispatches that finished meanwhile."""
     decode_steps: int = 0
     """Decode steps those dispatches ran."""
     decode_dispatches: int = 0
@@ -116,7 +117,6 @@ class _Split:
     """Tokens of the chunks."""
     decode_batch: int = 0
     """Requests of the first decode dispatch."""
-    deferred_aborts: list[str] = dataclasses.field(default_factory=list)
 
 
 class Engine:
@@ -165,6 +165,11 @@ class Engine:
         self._in_flight: InFlight | None = None
         self._split: _Split | None = None
         """The split iteration whose prefill chunk is running, if any."""
+        self._stream: RemoteInFlight | None = None
+        """The decode stream's dispatch running on a decode worker, if any. It may outlive its
+        split iteration: the next split's chunk launches without waiting for it."""
+        self._deferred_aborts: list[str] = []
+        """Aborted requests whose pages a worker step still writes (freed once it ends)."""
         self._in_flight_predicted: float | None = None
         """The controller's prediction for the in-flight aggregated step (duet mode)."""
         self._last_results: float | None = None
@@ -265,19 +270,32 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stops a request now and frees its pages (unknown or finished ids are ignored)."""
-        if self._split is not None and request_id in self._split.request_ids:
-            # Its chunk still writes KV pages in the prefill worker: free them after it ends.
-            self._split.deferred_aborts.append(request_id)
+        if self._in_worker_step(request_id):
+            # A worker still writes its KV pages: free them once that step ends.
+            self._deferred_aborts.append(request_id)
             return
         request = self._requests.pop(request_id, None)
         if request is not None and not request.is_finished:
             request.output_token_ids = request.resolved_output_ids
             self.scheduler.finish(request, "abort")
 
+    def _in_worker_step(self, request_id: str) -> bool:
+        """Whether a duet worker's running step (the chunk or the decode stream) holds it."""
+        if self._split is not None and request_id in self._split.request_ids:
+            return True
+        return self._stream is not None and any(
+            item.request.request_id == request_id for item in self._stream.batch.scheduled)
+
+    def _run_deferred_aborts(self) -> None:
+        waiting, self._deferred_aborts = self._deferred_aborts, []
+        for request_id in waiting:
+            self.abort(request_id)  # (deferred again if another worker step holds it)
+
     def has_unfinished_requests(self) -> bool:
         in_flight = self._in_flight is not None and any(
             not item.request.is_finished for item in self._in_flight.batch.scheduled)
-        return self.scheduler.has_work() or in_flight or self._split is not None
+        return (self.scheduler.has_work() or in_flight or self._split is not None
+                or self._stream is not None)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -290,13 +308,25 @@ class Engine:
         if self._split is not None:
             return self._split_stream()
         predicted = None
+        drained: list[RequestOutput] = []
         if self.duet is not None:
             prefill, decode = self.scheduler.preview()
+            decision = pair = None
             if prefill and decode:  # otherwise there is nothing to split
                 decision, pair = self.duet.decide(prefill, decode)
-                if pair is not None:
-                    return self._split_step(decision, pair)
                 predicted = decision.t_aggregated
+            if self._stream is not None and (pair is None or self._stream.client is not pair[1]):
+                before = time.perf_counter()  # the stream's tokens must be on the host first
+                drained = self._finish_stream()
+                self.duet.stats.switch_seconds.append(time.perf_counter() - before)
+            if pair is not None:
+                return drained + self._split_step(decision, pair)
+        if drained:
+            return drained + self._aggregated_step(predicted)
+        return self._aggregated_step(predicted)
+
+    def _aggregated_step(self, predicted: float | None) -> list[RequestOutput]:
+        """One pipelined step on this process's device (``step``)."""
         started = time.perf_counter()
         batch = self.scheduler.schedule(self.config.decode_steps)
         scheduled = prepared = time.perf_counter()
@@ -372,8 +402,9 @@ class Engine:
         step then runs across ``step`` calls, while the S_d worker decodes everyone else, a few
         steps per dispatch, streaming tokens (``_split_stream``). The aggregated pipeline is
         drained first (its in-flight tokens must be on the host before another process
-        continues those requests); a worker that dies loses only its step: its requests are
-        recomputed."""
+        continues those requests); a decode dispatch carried over from the previous split
+        iteration (``duet_carry_stream``) keeps running, and the stream goes on after it. A
+        worker that dies loses only its step: its requests are recomputed."""
         started = time.perf_counter()
         outputs: list[RequestOutput] = []
         waited = 0.0
@@ -386,12 +417,15 @@ class Engine:
         # Every decode dispatch of the split, the first too, runs the stream's k: the tokens
         # of a dispatch reach the client together, so k bounds the gaps it sees.
         stream_k = self.duet.stream_steps(decision)
-        batch = self.scheduler.schedule(stream_k, split=True)
+        carried = self._stream
+        # With a decode dispatch still running, only the chunks are scheduled now (and nothing
+        # is preempted: a victim's pages could still be written); the decodes follow it.
+        batch = self.scheduler.schedule(stream_k, split=True, chunks_only=carried is not None)
         prefill_part, decode_part = split_batch(batch)
         split = _Split(decision, pair, launched_at=time.perf_counter(), stream_k=stream_k,
                        stream_step_seconds=self.duet.stream_step_seconds(decision, stream_k),
                        prefill_tokens=prefill_part.num_tokens,
-                       decode_batch=len(decode_part.scheduled))
+                       decode_batch=len((carried.batch if carried else decode_part).scheduled))
         if prefill_part.scheduled:
             try:
                 split.prefill = pair[0].dispatch(prefill_part, use_previous=False)
@@ -403,20 +437,28 @@ class Engine:
                 self._requeue(prefill_part)
         self._split = split
         self.stats.record(time.perf_counter() - started - waited, 0.0, waited, 0)
-        return outputs + self._split_decode(decode_part)
+        if carried is None:
+            self._launch_stream(decode_part)
+        return outputs
 
     def _split_stream(self) -> list[RequestOutput]:
-        """One ``step`` while a split's prefill chunk runs: another decode dispatch on the S_d
-        worker, or, once the chunk is done (or nothing else can decode), its results."""
+        """One ``step`` while a split's prefill chunk runs: the decode stream's next dispatch,
+        or the results of whichever of the chunk and the stream's dispatch ends first. The
+        split iteration ends with its chunk when ``duet_carry_stream`` (the stream's dispatch
+        then running carries over), else with that dispatch, sized to end just after the
+        chunk."""
         split = self._split
+        carry = self.config.duet_carry_stream
         if split.prefill is not None and not split.prefill.done():
-            # The last dispatch is sized to end just after the chunk's predicted end.
-            remaining = (split.decision.t_prefill or 0.0) - (time.perf_counter() - split.launched_at)
-            steps = final_dispatch_steps(remaining, split.stream_step_seconds, split.stream_k)
-            part = self.scheduler.schedule_decodes(steps, split.request_ids)
-            if part.scheduled:
-                self.duet.stats.stream_dispatches += 1
-                return self._split_decode(part)
+            if self._stream is None:
+                steps = split.stream_k
+                if not carry:
+                    remaining = (split.decision.t_prefill or 0.0) - (time.perf_counter() - split.launched_at)
+                    steps = final_dispatch_steps(remaining, split.stream_step_seconds, steps)
+                self._launch_stream(self.scheduler.schedule_decodes(steps, split.request_ids))
+            if self._stream is not None:
+                if self._wait_for_either(split.prefill, self._stream) is self._stream:
+                    return self._finish_stream()
         outputs: list[RequestOutput] = []
         before = time.perf_counter()
         if split.prefill is not None:
@@ -426,20 +468,36 @@ class Engine:
             except WorkerDied as e:
                 self.duet.worker_failed(split.pair[0], e)
                 self._requeue(split.prefill.batch)
-        self._split = None
         self.stats.record(0.0, 0.0, time.perf_counter() - before, 0)
+        if self._stream is not None:
+            if carry and split.prefill is not None:
+                self.duet.stats.carried_dispatches += 1
+            else:  # (without a chunk, nothing else would ever wait for it)
+                outputs += self._finish_stream()
+        self._split = None
         self.duet.record_split(split.decision, time.perf_counter() - split.launched_at,
                                (split.prefill_seconds, split.decode_seconds), split.decode_steps,
                                split.stream_k, split.decode_dispatches, split.prefill_tokens,
                                split.decode_batch)
-        for request_id in split.deferred_aborts:
-            self.abort(request_id)
+        self._run_deferred_aborts()
         return outputs
 
-    def _split_decode(self, part: SchedulerOutput) -> list[RequestOutput]:
-        """A decode dispatch on the split's S_d worker, read back at once."""
+    @staticmethod
+    def _wait_for_either(chunk: RemoteInFlight, stream: RemoteInFlight) -> RemoteInFlight:
+        """Blocks until the chunk's or the stream dispatch's reply is in (or its worker is
+        gone); returns which, the chunk when both."""
+        while True:
+            if chunk.done():
+                return chunk
+            if stream.done():
+                return stream
+            conns = [c for c in (chunk.client.conn, stream.client.conn) if c is not None]
+            multiprocessing.connection.wait(conns, timeout=0.1)
+
+    def _launch_stream(self, part: SchedulerOutput) -> None:
+        """Sends a decode dispatch to the split's S_d worker (its results: ``_finish_stream``)."""
         if not part.scheduled:
-            return []
+            return
         split = self._split
         started = time.perf_counter()
         try:
@@ -447,20 +505,32 @@ class Engine:
         except WorkerDied as e:
             self.duet.worker_failed(split.pair[1], e)
             self._requeue(part)
-            return []
+            return
         self._mark_launched(part, launched)
         self.scheduler.commit(part)
-        host = time.perf_counter() - started
+        self._stream = launched
+        self.duet.stats.stream_dispatches += 1
+        self.stats.record(time.perf_counter() - started, 0.0, 0.0, part.num_steps)
+
+    def _finish_stream(self) -> list[RequestOutput]:
+        """The decode stream's dispatch in flight: waits for it and applies its tokens; its
+        worker time counts in the split iteration running now, if any."""
+        stream, self._stream = self._stream, None
+        started = time.perf_counter()
         try:
-            outputs, waited = self._finish_step(launched)
-            split.decode_seconds += launched.worker_seconds or 0.0
-            split.decode_steps += part.num_steps
-            split.decode_dispatches += 1
+            outputs, waited = self._finish_step(stream)
         except WorkerDied as e:
-            self.duet.worker_failed(split.pair[1], e)
-            self._requeue(part)
-            outputs, waited = [], time.perf_counter() - started - host
-        self.stats.record(host, 0.0, waited, part.num_steps)
+            self.duet.worker_failed(stream.client, e)
+            self._requeue(stream.batch)
+            outputs, waited = [], time.perf_counter() - started
+        else:
+            split = self._split
+            if split is not None:
+                split.decode_seconds += stream.worker_seconds or 0.0
+                split.decode_steps += stream.batch.num_steps
+                split.decode_dispatches += 1
+        self.stats.record(time.perf_counter() - started - waited, 0.0, waited, 0)
+        self._run_deferred_aborts()
         return outputs
 
     def _requeue(self, batch: SchedulerOutput) -> None:

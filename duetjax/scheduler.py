@@ -163,12 +163,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, decode_steps: int = 1, split: bool = False) -> SchedulerOutput:
+    def schedule(self, decode_steps: int = 1, split: bool = False,
+                 chunks_only: bool = False) -> SchedulerOutput:
         """The next step's batch. ``decode_steps`` > 1 asks for a k-step decode, granted when
         every running request is decoding and nobody waits (a newcomer would wait k steps), and
         none needs the full sampler (which runs between steps, not inside the k-step loop).
         ``split``: DuetServe's split mode, where decoding requests get k steps on the decode
-        worker while the prefill worker runs the chunks (``split_batch`` separates them)."""
+        worker while the prefill worker runs the chunks (``split_batch`` separates them).
+        ``chunks_only`` (with ``split``): prefill chunks only, while a decode dispatch of the
+        previous split still runs: decoding requests keep their token of the budget but are
+        left to the decode stream, and nothing is preempted (a victim's pages could be in that
+        dispatch); a chunk whose pages cannot grow waits."""
         steady, self._steady = self._steady, None
         if (steady is not None and steady.committed and not split and not self.waiting
                 and steady.decode_steps == decode_steps):
@@ -187,6 +192,7 @@ class Scheduler:
         page_size = self.blocks.page_size
         index = 0
         running = self.running
+        stalled = False
         while index < len(running) and budget > 0:
             request = running[index]
             num_outputs = len(request.output_token_ids)
@@ -194,12 +200,19 @@ class Scheduler:
                 index += 1  # its last token is still on the device; it finishes on arrival
                 continue
             uncomputed = len(request.prompt_token_ids) + num_outputs - request.num_computed_tokens
+            if chunks_only and uncomputed == 1:
+                budget -= 1
+                index += 1
+                continue
             num_new = uncomputed if uncomputed < budget else budget
             steps = 1
             if k > 1 and uncomputed == 1:  # _steps_allowed, inlined (its length limit is ahead)
                 steps = min(k, request.max_output_tokens - num_outputs)
             target = request.num_computed_tokens + num_new + steps - 1
             if target > len(request.block_table) * page_size:
+                if chunks_only and not self.blocks.can_hold(request, target):
+                    stalled = True  # (and nobody is admitted past it)
+                    break
                 while not self.blocks.can_hold(request, target):
                     victim = self.running.pop()  # the most recently admitted
                     self._preempt(victim)
@@ -214,7 +227,7 @@ class Scheduler:
             index += 1
 
         num_running = len(scheduled)
-        while (self.waiting and budget > 0 and not preempted
+        while (self.waiting and budget > 0 and not preempted and not stalled
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             if request.params.penalized and request.penalty_slot is None:

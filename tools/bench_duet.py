@@ -358,7 +358,7 @@ def _stats_snapshot(engine: Any) -> dict[str, Any]:
         s = engine.duet.stats
         snap["duet"] = {name: getattr(s, name) for name in (
             "split_iterations", "aggregated_iterations", "mode_switches", "worker_failures",
-            "requeued_requests")}
+            "requeued_requests", "stream_dispatches", "carried_dispatches")}
         snap["duet_lists"] = {name: len(getattr(s, name)) for name in SPLIT_RECORDS}
     pauses.longest_seconds = 0.0  # (the longest pause from here on: ``loop_delta``)
     return snap
@@ -378,7 +378,8 @@ def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | N
     s = engine.duet.stats
     out = {name: getattr(s, name) - (before["duet"][name] if before else 0)
            for name in ("split_iterations", "aggregated_iterations", "mode_switches",
-                        "worker_failures", "requeued_requests")}
+                        "worker_failures", "requeued_requests", "stream_dispatches",
+                        "carried_dispatches")}
     lists = {name: list(getattr(s, name))[(before["duet_lists"][name] if before else 0):]
              for name in SPLIT_RECORDS}
     ks = lists["split_k"]
@@ -475,6 +476,8 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
+    if mode in ("duet", "static"):
+        kw["duet_carry_stream"] = args.carry_stream
     if mode == "aggregated":
         kw["mode"] = "aggregated"
     elif mode == "duet":
@@ -807,6 +810,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-online-correction", action="store_true",
                    help="duet mode without the online roofline correction (EngineConfig."
                         "duet_online_correction), to measure what the correction does")
+    p.add_argument("--carry-stream", action="store_true",
+                   help="split iterations end with their chunk (EngineConfig.duet_carry_stream)")
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--worker-timeout-s", type=float, default=1800.0)
     p.add_argument("--in-process", action="store_true",

@@ -30,6 +30,12 @@ for section in "$@"; do
                 --prefill 2048 --decode-steps $k --out "$out/engine-host-k$k.json" \
                 --table /tmp/work/engine-host.md
         done ;;
+    gemm256)  # batch-256 decode step: cuBLAS against XLA's autotuned Triton GEMMs, one run
+        for backend in cublas triton; do
+            python3 tools/bench_engine.py --model $model --sections decode --batches 128,256 \
+                --gemm-backend $backend --out "$out/engine-$backend-b256.json" \
+                --table "$out/engine-$backend-b256.md"
+        done ;;
     host4)  # host work per step with 4 decode steps per dispatch
         python3 tools/bench_engine.py --model $model --sections host --decode-steps 4 \
             --out "$out/engine-k4.json" --table /tmp/work/engine-k4.md ;;
@@ -84,7 +90,7 @@ for section in "$@"; do
         python3 tools/roofline_fit.py --model $model --dtype bfloat16 --iterations ${FIT_ITERATIONS:-1000} --reps ${FIT_REPS:-8} \
             --out "$out/profile-fitted.json" --report "$out/roofline-fit.json" ;;
     duet)  # aggregated vs static 50/50 vs adaptive duet at 8B (env: DUET_QPS, DUET_REQUESTS,
-        # DUET_MODES, DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE)
+        # DUET_MODES, DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1)
         python3 tools/bench_duet.py --model $model --load-format dummy --dtype bfloat16 \
             --dataset ${DUET_DATASET:-azure-conversation} --qps ${DUET_QPS:-4,8} --num-requests ${DUET_REQUESTS:-40} \
             --duration-cap-s 15 --drain-timeout-s 40 --modes ${DUET_MODES:-aggregated,static,duet} \
@@ -92,6 +98,7 @@ for section in "$@"; do
             --max-num-batched-tokens 2048 --max-model-len ${DUET_MAX_MODEL_LEN:-4096} --kv-cache-tokens 262144 \
             --max-decode-steps 4 --warmup-requests 4 --compilation-cache-dir /tmp/xla \
             --worker-timeout-s 300 --save-requests ${DUET_PROFILE:+--device-profile $DUET_PROFILE} \
+            ${DUET_CARRY:+--carry-stream} \
             --out "$out/duet8b" ;;
     *)
         echo "unknown section $section" ;;

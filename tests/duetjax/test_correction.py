@@ -79,3 +79,18 @@ def test_outliers_are_bounded_and_nonsense_is_ignored():
         correction.observe("mixed", 0.01, 0.01)
     with pytest.raises(ValueError, match="kind must be one of"):
         correction.factor("mixed")
+
+
+def test_step_overhead_learns_the_mean_and_clips_stalls():
+    from duetjax.correction import StepOverhead
+
+    overhead = StepOverhead()
+    for seconds in (0.002, 0.004, 0.003):  # the first observations weigh 1/(n+1): their mean
+        overhead.observe(seconds)
+    assert overhead.seconds == pytest.approx(0.003)
+    overhead.observe(0.500)  # a stall counts as max_seconds at most
+    assert overhead.seconds == pytest.approx(0.003 + 0.25 * (0.020 - 0.003))
+    before = overhead.seconds
+    overhead.observe(float("nan"))
+    overhead.observe(-0.001)  # (clock noise: no negative overhead)
+    assert overhead.seconds == pytest.approx(before + 0.2 * (0.0 - before))

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
-from duetjax.duet import final_dispatch_steps, split_seconds
+from duetjax.duet import carried_split_seconds, final_dispatch_steps, split_seconds
 from duetjax.roofline import DeviceProfile, ModelShape, Roofline, SMLevel
+from duetjax.worker_client import RemoteInFlight
 
 from .test_engine import token_ids
 
@@ -50,24 +51,40 @@ def expected(tiny_llama_dir):
     return token_ids(aggregated.generate(PROMPTS, PARAMS, use_tqdm=False))
 
 
-@pytest.fixture(scope="module")
-def duet(tiny_llama_dir, profile_and_slo):
+def duet_engine(tiny_llama_dir, profile_and_slo, **options):
     path, slo_ms = profile_and_slo
     engine = Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=path,
-                    tbt_slo_ms=slo_ms, **CONFIG)
+                    tbt_slo_ms=slo_ms, **CONFIG, **options)
     engine.duet.wait_ready(timeout=600)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def duet(tiny_llama_dir, profile_and_slo):
+    engine = duet_engine(tiny_llama_dir, profile_and_slo)
     yield engine
     engine.close()
 
 
-def test_duet_mode_splits_and_matches_aggregated(duet, expected):
+@pytest.fixture(scope="module")
+def carrying(tiny_llama_dir, profile_and_slo):
+    """A duet engine whose decode stream outlives its split iterations."""
+    engine = duet_engine(tiny_llama_dir, profile_and_slo, duet_carry_stream=True)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("engine", ["duet", "carrying"])
+def test_duet_mode_splits_and_matches_aggregated(engine, expected, request):
+    duet = request.getfixturevalue(engine)
     got = duet.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert token_ids(got) == expected
     stats = duet.duet.stats
     assert stats.split_iterations >= 3 and max(stats.split_k) > 1
     assert len(stats.decode_worker_seconds) == stats.split_iterations
-    assert min(stats.decode_worker_seconds) > 0  # every split ran decode steps
-    assert min(stats.decode_worker_steps) >= 1 and len(stats.decode_worker_steps) == stats.split_iterations
+    # (a split whose chunk ends before the stream's dispatch counts that dispatch in the next)
+    assert sum(stats.decode_worker_seconds) > 0 and sum(stats.decode_worker_steps) > 0
+    assert len(stats.decode_worker_steps) == stats.split_iterations
     assert len(stats.measured_seconds) == stats.split_iterations
     assert len(stats.split_stream_k) == stats.split_iterations and min(stats.split_stream_k) >= 1
     assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
@@ -83,6 +100,11 @@ def test_split_seconds_adds_half_a_decode_step():
     assert split_seconds(0.0, 0.010, 2) == pytest.approx(0.020)
 
 
+def test_a_carried_split_iteration_is_its_chunk_plus_the_step_overhead():
+    assert carried_split_seconds(0.070, 0.002) == pytest.approx(0.072)
+    assert carried_split_seconds(0.0, 0.002) == pytest.approx(0.002)  # no chunk: the overhead
+
+
 def test_the_last_stream_dispatch_ends_just_after_the_chunk():
     # 4-step dispatches of 10 ms steps: with the chunk predicted to end in 45 ms or more the
     # dispatch is whole; sooner, the fewest steps (a power of two) that outlast it.
@@ -95,16 +117,18 @@ def test_the_last_stream_dispatch_ends_just_after_the_chunk():
 
 
 def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
-    # CPU chunks finish at once: make each one look busy for its first three polls, so the
-    # decode worker takes more dispatches meanwhile. An abort of a request inside a running
-    # chunk waits for the chunk (its pages are still being written).
-    from duetjax.worker_client import RemoteInFlight
-
-    polls: dict[int, int] = {}
+    # CPU chunks finish at once: make each one look busy until the decode stream has sent
+    # two more dispatches. An abort of a request inside a running chunk waits for the chunk
+    # (its pages are still being written).
+    real_done = RemoteInFlight.done
+    stream_at_launch: dict[int, int] = {}
 
     def done(self):
-        polls[id(self)] = polls.get(id(self), 0) + 1
-        return polls[id(self)] > 3 and self.client.conn.poll(None)
+        split = duet._split
+        if split is None or self is not split.prefill:
+            return real_done(self)
+        first = stream_at_launch.setdefault(id(self), duet.duet.stats.stream_dispatches)
+        return duet.duet.stats.stream_dispatches >= first + 2 and real_done(self)
 
     monkeypatch.setattr(RemoteInFlight, "done", done)
     before = duet.duet.stats.stream_dispatches
@@ -124,6 +148,42 @@ def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
     assert aborted and extra not in duet._requests
     assert [results[i].outputs[0].token_ids for i in ids] == expected
     assert duet.duet.stats.stream_dispatches > before
+    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+
+
+def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monkeypatch):
+    # Make each decode dispatch look busy while its split's chunk runs: the chunk ends the
+    # iteration, and the dispatch carries over into the next one (the next chunk does not wait
+    # for it). An abort of a request in a carried dispatch waits for it (its pages are still
+    # being written), and the outputs are the aggregated engine's.
+    duet = carrying
+    real_done = RemoteInFlight.done
+
+    def done(self):
+        if self is duet._stream and duet._split is not None:
+            return False
+        return real_done(self)
+
+    monkeypatch.setattr(RemoteInFlight, "done", done)
+    before = duet.duet.stats.carried_dispatches
+    # (first in: it decodes while the others' chunks run)
+    extra = duet.add_request({"prompt_token_ids": list(range(3, 30))},
+                             SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
+    results, aborted = {}, False
+    while duet.has_unfinished_requests():
+        for output in duet.step():
+            if output.finished:
+                results[output.request_id] = output
+        stream = duet._stream
+        if (not aborted and duet._split is None and stream is not None
+                and any(item.request.request_id == extra for item in stream.batch.scheduled)):
+            duet.abort(extra)
+            aborted = True
+            assert duet._requests[extra].block_table and not duet._requests[extra].is_finished
+    assert aborted and extra not in duet._requests
+    assert [results[i].outputs[0].token_ids for i in ids] == expected
+    assert duet.duet.stats.carried_dispatches > before
     assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
 
 

@@ -159,7 +159,8 @@ def test_sweep_aggregated_and_static_in_process(tiny_llama_dir, device_profile, 
     out = tmp_path / "run"
     status = bd.main(["--model", str(tiny_llama_dir), *COMMON, "--qps", "20,80",
                       "--num-requests", "6", "--modes", "aggregated,static", "--check-outputs",
-                      "--device-profile", device_profile, "--in-process", "--out", str(out)])
+                      "--device-profile", device_profile, "--carry-stream", "--in-process",
+                      "--out", str(out)])
     assert status == 0
     report = json.loads((out / "results.json").read_text())
     assert set(report["modes"]) == {"aggregated", "static"}
@@ -181,6 +182,7 @@ def test_sweep_aggregated_and_static_in_process(tiny_llama_dir, device_profile, 
     assert report["modes"]["aggregated"]["points"][0]["duet"] is None
     static = report["modes"]["static"]
     assert static["static_policy"] == "forced" and static["engine_config"]["duet_pairs"] == [[50, 50]]
+    assert static["engine_config"]["duet_carry_stream"] is True
     assert static["check"]["split_iterations"] > 0
     totals = static["duet_totals"]
     assert totals["split_iterations"] > 0
