@@ -12,6 +12,11 @@ What llama.cpp's ``convert_hf_to_gguf.py`` changes, and is reversed here:
   multiplies by ``1 + w``).
 - Llama 3 rope scaling is stored as a ``rope_freqs`` tensor of per-frequency factors instead of
   the four config numbers; those are recovered and checked against the tensor.
+
+The tokenizer is rebuilt as a ``tokenizers.Tokenizer`` for the two vocabulary kinds llama.cpp
+stores as pieces: byte-level BPE (``tokenizer.ggml.model == "gpt2"``: merges stored) and
+SentencePiece (``"llama"``: Llama 2, Mistral, Gemma; pieces with scores and token types, merges
+derived from the scores).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Any, Callable
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
@@ -96,6 +101,50 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+SUPPORTED_TOKENIZER_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
+"""``tokenizer.ggml.model`` values whose tokenizer is rebuilt, with what they are."""
+
+_SPM_DEFAULT_IDS = {"bos": 1, "eos": 2, "unknown": 0}
+"""llama.cpp's special ids for a 'llama' vocabulary whose file does not name them."""
+_SPACE = "\u2581"  # '▁': SentencePiece's visible space
+
+
+def _sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges, best first, that reproduce SentencePiece's (and llama.cpp's) BPE encoding.
+
+    SentencePiece keeps no merge list: it repeatedly joins the adjacent pair whose
+    concatenation is the highest-scoring NORMAL piece. So every way of cutting a NORMAL piece
+    into two NORMAL pieces is a merge, ranked by the whole piece's score (ties: lower id first;
+    cuts of one piece: by the ids of their halves). No other piece is ever made by merging:
+    control and user-defined tokens are cut out of the text before BPE, byte pieces come only
+    from byte fallback, and SentencePiece never produces unused ones.
+    """
+    normal = {t: i for i, t in enumerate(tokens) if types[i] == gguf.TokenType.NORMAL}
+    merges: list[tuple[str, str]] = []
+    for piece, index in sorted(normal.items(), key=lambda item: (-scores[item[1]], item[1])):
+        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                if piece[:k] in normal and piece[k:] in normal]
+        cuts.sort(key=lambda cut: (normal[cut[0]], normal[cut[1]]))
+        merges.extend(cuts)
+    return merges
+
+
+def _bos_eos_post_processor(add_bos: bool, add_eos: bool, bos: str | None, eos: str | None,
+                            token_id: Callable[[str], int | None]) -> processors.PostProcessor | None:
+    """The post-processor that adds bos/eos around the encoded text (None: adds nothing)."""
+    if not (add_bos or add_eos):
+        return None
+    for name, token, on in (("bos", bos, add_bos), ("eos", eos, add_eos)):
+        if on and (token is None or token_id(token) is None):
+            raise CheckpointError(f"the GGUF asks to add a {name} token (tokenizer.ggml.add_{name}_token) "
+                                  "but names no valid one")
+    single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+    pair = single + ["$B:1"]
+    used = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    return processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair),
+                                         special_tokens=[(t, token_id(t)) for t in dict.fromkeys(used)])
 
 
 def _f32(value: Any) -> float | None:
@@ -267,9 +316,9 @@ class GGUFSource:
             config["final_logit_softcapping"] = _f32(self._arch_meta("final_logit_softcapping"))
             config["sliding_window"] = self._arch_meta("attention.sliding_window")
         for key in ("bos", "eos", "padding"):
-            token_id = self._meta(f"tokenizer.ggml.{key}_token_id")
+            token_id = self._special_token_id(key)
             if token_id is not None:
-                config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
+                config["pad_token_id" if key == "padding" else f"{key}_token_id"] = token_id
         return config
 
     # ---- tensors -------------------------------------------------------------------------
@@ -317,11 +366,18 @@ class GGUFSource:
 
     # ---- tokenizer -----------------------------------------------------------------------
 
+    def _special_token_id(self, key: str) -> int | None:
+        """``tokenizer.ggml.<key>_token_id``, or llama.cpp's default for a 'llama' vocabulary."""
+        token_id = self._meta(f"tokenizer.ggml.{key}_token_id")
+        if token_id is None and self._meta("tokenizer.ggml.model") == "llama":
+            token_id = _SPM_DEFAULT_IDS.get(key)
+        return None if token_id is None else int(token_id)
+
     def _token(self, key: str) -> str | None:
         """Text of the special token stored as ``tokenizer.ggml.<key>_token_id``."""
-        token_id = self._meta(f"tokenizer.ggml.{key}_token_id")
+        token_id = self._special_token_id(key)
         tokens = self._tokens()
-        return tokens[int(token_id)] if token_id is not None and int(token_id) < len(tokens) else None
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
 
     def _tokens(self) -> list[str]:
         if not hasattr(self, "_token_list"):
@@ -329,18 +385,44 @@ class GGUFSource:
         return self._token_list
 
     def _add_flags(self) -> tuple[bool, bool]:
+        # llama.cpp's defaults: bos for SentencePiece and Llama 3 vocabularies, never eos.
         pre = self._meta("tokenizer.ggml.pre", "default")
-        add_bos = self._meta("tokenizer.ggml.add_bos_token", pre in _PRE_LLAMA3)  # llama.cpp's default
+        default_bos = self._meta("tokenizer.ggml.model") == "llama" or pre in _PRE_LLAMA3
+        add_bos = self._meta("tokenizer.ggml.add_bos_token", default_bos)
         return bool(add_bos), bool(self._meta("tokenizer.ggml.add_eos_token", False))
 
     def backend_tokenizer(self) -> BackendTokenizer:
         """The ``tokenizers.Tokenizer`` (what tokenizer.json holds) built from the metadata."""
         model = self._meta("tokenizer.ggml.model")
-        if model != "gpt2":
+        if model not in SUPPORTED_TOKENIZER_MODELS:
+            supported = ", ".join(f"{k!r} ({v})" for k, v in SUPPORTED_TOKENIZER_MODELS.items())
             raise CheckpointError(
-                f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2'); "
+                f"GGUF tokenizer model {model!r} is not supported (supported: {supported}); "
                 "use the original model's Hugging Face directory for its tokenizer")
         tokens = self._tokens()
+        types = self._meta("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
+        if len(types) != len(tokens):
+            raise CheckpointError(f"{self.path.name}: {len(types)} token types for {len(tokens)} tokens")
+        if model == "gpt2":
+            backend = self._byte_level_bpe(tokens)
+            special_types = {gguf.TokenType.CONTROL}
+        else:
+            backend = self._sentencepiece_bpe(tokens, types)
+            special_types = {gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN}
+        # Control tokens are special (skipped when decoding); user-defined ones are plain added
+        # tokens. Both are matched in the raw text before the model runs, as llama.cpp does.
+        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                    for i, t in enumerate(types) if t in special_types])
+        backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                            for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED])
+        post_processor = _bos_eos_post_processor(*self._add_flags(), self._token("bos"),
+                                                 self._token("eos"), backend.token_to_id)
+        if post_processor is not None:
+            backend.post_processor = post_processor
+        return backend
+
+    def _byte_level_bpe(self, tokens: list[str]) -> BackendTokenizer:
+        """'gpt2' vocabularies: byte-level BPE with the stored merges and pre-tokenizer."""
         merges = [tuple(m.split(" ", 1)) for m in self._meta("tokenizer.ggml.merges", [])]
         pre = self._meta("tokenizer.ggml.pre", "default")
         backend = BackendTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
@@ -348,22 +430,31 @@ class GGUFSource:
                                        ignore_merges=pre in _PRE_LLAMA3))
         backend.pre_tokenizer = _pre_tokenizer(pre)
         backend.decoder = decoders.ByteLevel()
-        types = self._meta("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
-        control = [AddedToken(tokens[i], special=True, normalized=False)
-                   for i, t in enumerate(types) if t == gguf.TokenType.CONTROL]
-        user = [AddedToken(tokens[i], special=False, normalized=False)
-                for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED]
-        backend.add_special_tokens(control)
-        backend.add_tokens(user)
-        add_bos, add_eos = self._add_flags()
-        bos, eos = self._token("bos"), self._token("eos")
-        if add_bos or add_eos:
-            single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-            pair = single + ["$B:1"]
-            used = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-            backend.post_processor = processors.TemplateProcessing(
-                single=" ".join(single), pair=" ".join(pair),
-                special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(used)])
+        return backend
+
+    def _sentencepiece_bpe(self, tokens: list[str], types: list[int]) -> BackendTokenizer:
+        """'llama' vocabularies: SentencePiece BPE as llama.cpp runs it.
+
+        Spaces become '▁' and, with ``add_space_prefix`` (llama.cpp's default; Gemma stores
+        false), a '▁' is put before the text and again after every special or user-defined
+        token (llama.cpp's rule, also Hugging Face's legacy Llama tokenizer's). Characters
+        missing from the vocabulary fall back to their UTF-8 bytes (the ``<0xXX>`` pieces).
+        Decoding undoes both and drops the one prefix space.
+        """
+        scores = self._meta("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise CheckpointError(f"{self.path.name}: a SentencePiece vocabulary needs one "
+                                  "tokenizer.ggml.scores entry per token (they rank its merges)")
+        backend = BackendTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                       merges=_sentencepiece_merges(tokens, scores, types),
+                                       unk_token=self._token("unknown"), fuse_unk=True,
+                                       byte_fallback=True))
+        add_prefix = bool(self._meta("tokenizer.ggml.add_space_prefix", True))
+        backend.normalizer = normalizers.Sequence(
+            ([normalizers.Prepend(_SPACE)] if add_prefix else []) + [normalizers.Replace(" ", _SPACE)])
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+            + ([decoders.Strip(content=" ", left=1, right=0)] if add_prefix else []))
         return backend
 
     def _chat_templates(self) -> dict[str, str]:
@@ -395,11 +486,11 @@ class GGUFSource:
 
     def generation_config(self) -> dict[str, Any]:
         """generation_config.json: eos_token_id lists every end id (eos, end-of-turn, end-of-message)."""
-        eos = [self._meta(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
-        eos = list(dict.fromkeys(int(i) for i in eos if i is not None))
+        eos = [self._special_token_id(key) for key in ("eos", "eot", "eom")]
+        eos = list(dict.fromkeys(i for i in eos if i is not None))
         config: dict[str, Any] = {"_from_model_config": True}
-        if (bos := self._meta("tokenizer.ggml.bos_token_id")) is not None:
-            config["bos_token_id"] = int(bos)
+        if (bos := self._special_token_id("bos")) is not None:
+            config["bos_token_id"] = bos
         if eos:
             config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
         if (pad := self._meta("tokenizer.ggml.padding_token_id")) is not None:

@@ -99,7 +99,7 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         params = load_params(config, source, dtype)
         try:
             tokenizer = source.tokenizer()
-        except CheckpointError as err:  # e.g. SentencePiece GGUF vocabularies
+        except CheckpointError as err:  # e.g. a vocabulary type other than BPE or SentencePiece
             log.warning("%s: no tokenizer (%s); pass prompts as token ids", path, err)
             tokenizer = None
     else:
