@@ -159,7 +159,8 @@ class Engine:
                 raise
         blocks = BlockManager(self.runner.num_pages, self.config.page_size,
                               self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, blocks, self.max_model_len)
+        self.scheduler = Scheduler(self.config, blocks, self.max_model_len,
+                                   fill_slot=self.runner.fill_slot)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._in_flight: InFlight | None = None
@@ -251,6 +252,9 @@ class Engine:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the "
+                             f"vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         request_id = request_id or f"req-{next(self._ids)}"

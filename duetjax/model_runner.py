@@ -1,5 +1,5 @@
-"""The executor: owns every device array (weights, KV pool, penalty counts) and the compiled
-steps.
+"""The executor: owns every device array (weights, KV pool, penalty counts and slot tables)
+and the compiled steps.
 
 One step runs the model over a ragged batch (prefill chunks and decode tokens together) and
 samples on the device (``sampler.sample_basic``; a second, small executable runs the full
@@ -25,8 +25,10 @@ from models import LoadedModel
 from models.decoder import Decoder
 
 from .config import EngineConfig
-from .sampler import (SampledTokens, needs_full_sampler, sample_basic, sample_full, wants_logprobs,
-                      with_logprobs)
+from .request import Request
+from .sampling_params import SamplingParams
+from .sampler import (SampledTokens, SlotTables, fill_slot, needs_full_sampler, sample_basic,
+                      sample_full, slot_row, wants_logprobs, with_logprobs)
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedState
@@ -112,11 +114,16 @@ class ModelRunner:
         if shared is None:
             self.params = model.params
             self.kv_pool = jnp.zeros(self.kv_pool_shape, model.dtype)
-            # Generated-token counts of penalized requests, one row per scheduler slot.
+            # Generated-token counts of penalized requests, one row per scheduler slot, and
+            # what repetition penalties and logit biases read (``SlotTables``) per slot.
             self.token_counts = jnp.zeros(self.token_counts_shape, jnp.int32)
+            self.slot_tables = SlotTables.zeros(*self.token_counts_shape)
         else:
             self.params, self.kv_pool = shared.params(), shared.kv_pool()
             self.token_counts = shared.token_counts()
+            self.slot_tables = shared.slot_tables()
+        self.writes_slots = shared is None or shared.owner
+        """This process fills slot tables (``fill_slot``): the engine's, not a worker's."""
         unroll = config.scan_unroll
         if unroll is None:
             unroll = cfg.num_layers if jax.default_backend() == "gpu" else 1
@@ -141,6 +148,9 @@ class ModelRunner:
         self._jitted_full_sampler = jax.jit(self._full_sampler_fn, donate_argnums=(1,),
                                             static_argnames="layout")
         self._jitted_logprobs = jax.jit(with_logprobs)
+        self._jitted_fill_slot = jax.jit(self._fill_slot_fn, donate_argnums=(0,),
+                                         static_argnames="layout")
+        self._fill_slot_executable: jax.stages.Compiled | None = None
 
     @property
     def kv_pool_shape(self) -> tuple[int, ...]:
@@ -161,6 +171,8 @@ class ModelRunner:
             self._compile(b)
         for num_seqs in sorted({b.num_seqs for b in buckets}):
             self._compile_full_sampler(num_seqs)
+        if self.writes_slots:
+            self._compile_fill_slot()
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
         if jax.default_backend() == "gpu":
             self.warm_up(buckets)
@@ -182,8 +194,12 @@ class ModelRunner:
             logits = jnp.zeros((num_seqs, self.model.config.vocab_size), jnp.float32)
             # penalties neither reset nor count on padding: the counts come back unchanged
             sampled, _, self.token_counts = full_sampler(
-                logits, self.token_counts, _packed((x.sampling, x.penalties)))
+                logits, self.token_counts, self.slot_tables, _packed((x.sampling, x.penalties)))
             jax.block_until_ready(logprobs(logits, sampled.token_ids))
+        if self._fill_slot_executable is not None:  # a slot out of range: nothing is written
+            self.slot_tables = self._fill_slot_executable(self.slot_tables,
+                                                          _packed(self._slot_inputs(None)))
+            jax.block_until_ready(self.slot_tables)
         log.info("ran %d buckets once in %.1fs", len(buckets), time.perf_counter() - start)
 
     @property
@@ -220,7 +236,7 @@ class ModelRunner:
         logits = jax.ShapeDtypeStruct((num_seqs, self.model.config.vocab_size), jnp.float32)
         settings = (x.sampling, x.penalties)
         compiled = (self._jitted_full_sampler.lower(
-            logits, self.token_counts, _packed(settings), layout=layout_of(settings)
+            logits, self.token_counts, self.slot_tables, _packed(settings), layout=layout_of(settings)
         ).compile(compiler_options=self._compiler_options),
             self._jitted_logprobs.lower(logits, jax.ShapeDtypeStruct((num_seqs,), jnp.int32)).compile(
                 compiler_options=self._compiler_options))
@@ -228,10 +244,45 @@ class ModelRunner:
         self.compile_seconds += time.perf_counter() - start
         return compiled
 
-    def _full_sampler_fn(self, logits, counts, packed, layout):
+    def _full_sampler_fn(self, logits, counts, tables, packed, layout):
         sampling, penalties = unpack_on_device(layout, packed)
-        sampled, counts = sample_full(logits, counts, sampling, penalties)
+        sampled, counts = sample_full(logits, counts, tables, sampling, penalties)
         return sampled, self._pad_rows(sampled.token_ids), counts
+
+    def _slot_inputs(self, request: Request | None) -> tuple[np.ndarray, SlotTables]:
+        """What ``fill_slot`` reads: (int32[1] slot, its row). None: a slot out of range and an
+        empty row, which change nothing (compilation, warm-up)."""
+        slots, vocab = self.token_counts_shape
+        if request is None:
+            return np.asarray([slots], np.int32), slot_row(SamplingParams(), [], vocab)
+        return (np.asarray([request.penalty_slot], np.int32),
+                slot_row(request.params, request.prompt_token_ids, vocab))
+
+    def _fill_slot_fn(self, tables, packed, layout):
+        slot, row = unpack_on_device(layout, packed)
+        return fill_slot(tables, slot, row)
+
+    def _compile_fill_slot(self) -> jax.stages.Compiled:
+        start = time.perf_counter()
+        inputs = self._slot_inputs(None)
+        self._fill_slot_executable = self._jitted_fill_slot.lower(
+            self.slot_tables, _packed(inputs), layout=layout_of(inputs)
+        ).compile(compiler_options=self._compiler_options)
+        self.compile_seconds += time.perf_counter() - start
+        return self._fill_slot_executable
+
+    def fill_slot(self, request: Request) -> None:
+        """Writes ``request``'s prompt tokens and logit biases into its penalty slot's tables
+        (``SlotTables``), before any step samples for it. Launched without waiting (in duet
+        mode ``SharedState.after_fill`` makes the row visible to the workers first)."""
+        executable = self._fill_slot_executable
+        if executable is None:
+            if self.config.compile_on_start:
+                raise RuntimeError("no compiled fill_slot executable")
+            executable = self._compile_fill_slot()
+        self.slot_tables = executable(self.slot_tables, _packed(self._slot_inputs(request)))
+        if self.shared is not None:
+            self.shared.after_fill(self, request.penalty_slot)
 
     def _read_previous(self, previous: jax.Array, x: StepInputs) -> jax.Array:
         # Tokens sampled by the step still in flight never visit the host: they are read here,
@@ -361,7 +412,8 @@ class ModelRunner:
             full_sampler, logprob_executable = samplers
             if full:
                 sampled, last, self.token_counts = full_sampler(
-                    logits, self.token_counts, _packed((inputs.sampling, inputs.penalties)))
+                    logits, self.token_counts, self.slot_tables,
+                    _packed((inputs.sampling, inputs.penalties)))
             if logprobs:
                 sampled = logprob_executable(logits, sampled.token_ids)
         self.last_launch_seconds = time.perf_counter() - start

@@ -1,10 +1,10 @@
 """Token sampling on the device.
 
 Every step samples with ``sample_basic`` (greedy, temperature, min-p) inside its executable.
-Steps holding a request that uses top-k, top-p or penalties also run ``sample_full`` over the
-step's logits as a second executable, which replaces the step's tokens; steps with a request
-that wants log-probabilities run ``with_logprobs`` after that. The host picks them from the
-step's inputs, so no device value ever decides what runs.
+Steps holding a request that uses top-k, top-p, penalties or logit_bias also run ``sample_full``
+over the step's logits as a second executable, which replaces the step's tokens; steps with a
+request that wants log-probabilities run ``with_logprobs`` after that. The host picks them from
+the step's inputs, so no device value ever decides what runs.
 
 Randomness is per request: the key is ``fold_in(key(seed), n)`` where n counts the request's
 generated tokens, so a seeded request gives the same tokens whatever else is in the batch, and
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .sampling_params import MAX_LOGPROBS
+from .sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 
 @flax.struct.dataclass
@@ -42,8 +42,9 @@ class SamplingArrays:
 
 @flax.struct.dataclass
 class PenaltyArrays:
-    """Presence/frequency penalties of one step. Counts of generated tokens live on the device
-    in a table with one row (slot) per penalized request."""
+    """Penalties and logit biases of one step. What a penalized request accumulates or keeps
+    lives on the device, one row (slot) per penalized request: counts of its generated tokens,
+    and its ``SlotTables`` row."""
 
     slots: jax.Array
     """int32[S]: the row's slot in the count table (0 for rows without penalties)."""
@@ -51,17 +52,71 @@ class PenaltyArrays:
     """float32[S]."""
     frequency: jax.Array
     """float32[S]."""
+    repetition: jax.Array
+    """float32[S]; 1 = off."""
+    biased: jax.Array
+    """bool[S]: add the slot's logit biases."""
     reset: jax.Array
     """bool[S]: the slot is new to this request: zero it first."""
     count: jax.Array
     """bool[S]: add the token this row samples to its slot's counts."""
 
 
-def apply_penalties(logits: jax.Array, counts: jax.Array, p: PenaltyArrays):
-    """(penalized logits, counts with fresh slots zeroed). Rows without penalties read slot 0
-    (never counted into, so all zeros) with zero coefficients."""
+@flax.struct.dataclass
+class SlotTables:
+    """What repetition penalties and logit biases read, one row per penalty slot: written once
+    when a request that uses them gets its slot (``fill_slot``), read-only in steps.
+
+    The prompt's tokens are written from the host's copy of the prompt rather than marked as
+    prefill steps compute them: prefix-cache hits skip computing part of the prompt, and a
+    preempted request keeps its slot (and this row) while it is recomputed."""
+
+    prompt: jax.Array
+    """uint8[slots, vocab]: 1 where the token occurs in the prompt (repetition penalty)."""
+    bias_ids: jax.Array
+    """int32[slots, MAX_LOGIT_BIAS]: biased token ids, padded with vocab (out of range)."""
+    bias_values: jax.Array
+    """float32[slots, MAX_LOGIT_BIAS]."""
+
+    @classmethod
+    def zeros(cls, slots: int, vocab: int) -> "SlotTables":
+        return cls(prompt=jnp.zeros((slots, vocab), jnp.uint8),
+                   bias_ids=jnp.full((slots, MAX_LOGIT_BIAS), vocab, jnp.int32),
+                   bias_values=jnp.zeros((slots, MAX_LOGIT_BIAS), jnp.float32))
+
+
+def slot_row(params: SamplingParams, prompt_token_ids: list[int], vocab: int) -> SlotTables:
+    """Host arrays of one slot's ``SlotTables`` row (a leading axis of 1) for a request."""
+    prompt = np.zeros((1, vocab), np.uint8)
+    if params.repetition_penalty != 1.0:
+        prompt[0, prompt_token_ids] = 1
+    ids = np.full((1, MAX_LOGIT_BIAS), vocab, np.int32)
+    values = np.zeros((1, MAX_LOGIT_BIAS), np.float32)
+    bias = params.logit_bias or {}
+    ids[0, :len(bias)] = list(bias)
+    values[0, :len(bias)] = list(bias.values())
+    return SlotTables(prompt=prompt, bias_ids=ids, bias_values=values)
+
+
+def fill_slot(tables: SlotTables, slot: jax.Array, row: SlotTables) -> SlotTables:
+    """``tables`` with slot ``slot`` (int32[1]; out of range: nothing changes) set to ``row``."""
+    return jax.tree_util.tree_map(lambda t, r: t.at[slot].set(r, mode="drop"), tables, row)
+
+
+def apply_penalties(logits: jax.Array, counts: jax.Array, tables: SlotTables, p: PenaltyArrays):
+    """(adjusted logits, counts with fresh slots zeroed), in vLLM's order: logit biases, the
+    repetition penalty (over the prompt and the generated tokens), then presence and frequency
+    penalties (over the generated tokens only, as OpenAI defines them). Rows without penalties
+    read slot 0 with coefficients that change nothing; their logits come back bit for bit."""
     counts = counts.at[p.slots].multiply(jnp.where(p.reset, 0, 1)[:, None].astype(counts.dtype))
-    seen = counts[p.slots].astype(jnp.float32)
+    seen = counts[p.slots]
+    rows, vocab = logits.shape
+    ids = jnp.where(p.biased[:, None], tables.bias_ids[p.slots], vocab)  # (out of range: dropped)
+    logits = logits.at[jnp.arange(rows)[:, None], ids].add(tables.bias_values[p.slots], mode="drop")
+    repeated = (p.repetition != 1)[:, None] & ((tables.prompt[p.slots] != 0) | (seen > 0))
+    factor = p.repetition[:, None]
+    logits = jnp.where(repeated, jnp.where(logits > 0, logits / factor, logits * factor), logits)
+    seen = seen.astype(jnp.float32)
     return logits - p.presence[:, None] * (seen > 0) - p.frequency[:, None] * seen, counts
 
 
@@ -166,11 +221,11 @@ def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     return _choose(logits, truncated_logits(logits, s), s)
 
 
-def sample_full(logits: jax.Array, counts: jax.Array, s: SamplingArrays,
+def sample_full(logits: jax.Array, counts: jax.Array, tables: SlotTables, s: SamplingArrays,
                 p: PenaltyArrays) -> tuple[SampledTokens, jax.Array]:
-    """Penalties, truncated sampling and the count update: (sampled, counts); the
-    log-probability fields are zeros (``with_logprobs`` fills them)."""
-    penalized, counts = apply_penalties(logits, counts, p)
+    """Penalties and logit biases, truncated sampling and the count update: (sampled, counts);
+    the log-probability fields are zeros (``with_logprobs`` fills them)."""
+    penalized, counts = apply_penalties(logits, counts, tables, p)
     tokens = sample(penalized, s)
     return _without_logprobs(tokens, logits.shape[-1]), count_tokens(counts, tokens, p)
 
@@ -186,12 +241,17 @@ def with_logprobs(model_logits: jax.Array, tokens: jax.Array) -> SampledTokens:
     return SampledTokens(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 
+def slot_rows(p: PenaltyArrays) -> np.ndarray:
+    """Host check on a step's (numpy) inputs: bool[S], the rows whose penalty slot the full
+    sampler reads or writes."""
+    return (np.asarray(p.reset) | np.asarray(p.count) | (np.asarray(p.presence) != 0)
+            | (np.asarray(p.frequency) != 0) | (np.asarray(p.repetition) != 1) | np.asarray(p.biased))
+
+
 def needs_full_sampler(s: SamplingArrays, p: PenaltyArrays) -> bool:
-    """Host check on a step's (numpy) inputs: does any row need ``sample_full`` (top-k, top-p
-    or penalties)?"""
-    return bool(np.any((np.asarray(s.top_k) > 0) | (np.asarray(s.top_p) < 1)
-                       | np.asarray(p.reset) | np.asarray(p.count) | (np.asarray(p.presence) != 0)
-                       | (np.asarray(p.frequency) != 0)))
+    """Host check on a step's (numpy) inputs: does any row need ``sample_full`` (top-k, top-p,
+    penalties or logit biases)?"""
+    return bool(np.any((np.asarray(s.top_k) > 0) | (np.asarray(s.top_p) < 1) | slot_rows(p)))
 
 
 def wants_logprobs(s: SamplingArrays) -> bool:

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import math
+import numbers
+from typing import Mapping, Sequence
 
 MAX_LOGPROBS = 20
 """Most alternatives per token that ``logprobs`` may ask for (OpenAI's top_logprobs limit)."""
+MAX_LOGIT_BIAS = 300
+"""Most entries of ``logit_bias`` (OpenAI's limit): the device keeps this many per request."""
+LOGIT_BIAS_RANGE = 100.0
+"""A bias is in [-LOGIT_BIAS_RANGE, LOGIT_BIAS_RANGE] (OpenAI's range)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +30,14 @@ class SamplingParams:
     """Subtracted from the logit of every token already generated (OpenAI's; -2 to 2)."""
     frequency_penalty: float = 0.0
     """Subtracted once per earlier occurrence in the generated tokens (OpenAI's; -2 to 2)."""
+    repetition_penalty: float = 1.0
+    """For every token in the prompt or generated so far, a positive logit is divided by it and
+    a negative one multiplied (vLLM's and Hugging Face's; > 0, 1 disables, > 1 discourages
+    repeats)."""
+    logit_bias: Mapping[int, float] | None = dataclasses.field(default=None, hash=False)
+    """{token id: bias} added to those tokens' logits before sampling (OpenAI's; biases in
+    [-100, 100], at most MAX_LOGIT_BIAS entries; -100 in effect bans a token, +100 forces it).
+    The engine checks the ids against the vocabulary when the request is added."""
     max_tokens: int = 16
     """Most tokens to generate."""
     min_tokens: int = 0
@@ -49,6 +63,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        object.__setattr__(self, "logit_bias", _checked_logit_bias(self.logit_bias))
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -58,6 +73,9 @@ class SamplingParams:
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (0 < self.repetition_penalty < math.inf,
+             f"repetition_penalty must be a finite number > 0 (1 disables it), got "
+             f"{self.repetition_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
@@ -76,14 +94,44 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Needs counts of its generated tokens on the device."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Adjusts logits on the device (penalties or logit_bias), so it holds a penalty slot:
+        a row of generated-token counts and of ``fills_slot``'s tables."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.fills_slot)
+
+    @property
+    def fills_slot(self) -> bool:
+        """Uses repetition_penalty or logit_bias: its prompt's tokens and its biases are
+        written into its penalty slot once, when it gets the slot."""
+        return self.repetition_penalty != 1.0 or self.logit_bias is not None
 
     @property
     def needs_full_sampler(self) -> bool:
         """Uses a feature outside the sampling built into every step (greedy, temperature,
-        min-p): top-k, top-p, penalties or log-probabilities. Steps holding such a request run
-        the full sampler and/or the log-probability executable after the step, and decode one
-        step per dispatch."""
+        min-p): top-k, top-p, penalties, logit_bias or log-probabilities. Steps holding such a
+        request run the full sampler and/or the log-probability executable after the step, and
+        decode one step per dispatch."""
         return (self.top_k > 0 or self.top_p < 1.0 or self.penalized
                 or self.logprobs is not None)
+
+
+def _checked_logit_bias(logit_bias: Mapping[int, float] | None) -> dict[int, float] | None:
+    """A copy of ``logit_bias`` with int keys and float values (None when empty); ValueError
+    naming the first bad entry."""
+    if not logit_bias:
+        return None
+    if not isinstance(logit_bias, Mapping):
+        raise ValueError(f"logit_bias must map token ids to biases, got {type(logit_bias).__name__}")
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS} "
+                         "are allowed")
+    checked = {}
+    for token, bias in logit_bias.items():
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if (isinstance(bias, bool) or not isinstance(bias, numbers.Real)
+                or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE):
+            raise ValueError(f"logit_bias values must be numbers in [-{LOGIT_BIAS_RANGE:g}, "
+                             f"{LOGIT_BIAS_RANGE:g}], got {bias!r} for token {token}")
+        checked[int(token)] = float(bias)
+    return checked

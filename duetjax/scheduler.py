@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from typing import Callable
 
 import numpy as np
 
@@ -136,15 +137,20 @@ class _SteadyDecode:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int,
+                 fill_slot: Callable[[Request], None] | None = None):
         self.config = config
         self.max_model_len = max_model_len
         self.blocks = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # Rows of the device's token-count table, one per request with penalties, held from
-        # its first admission to its end (a preempted request keeps its counts).
+        # Rows of the device's token-count and slot tables, one per request with penalties or
+        # logit biases, held from its first admission to its end (a preempted request keeps
+        # its counts).
         self.free_penalty_slots: deque[int] = deque(range(config.max_num_seqs))
+        self.fill_slot = fill_slot
+        """Writes the slot tables of a request that ``fills_slot`` once it gets a slot, before
+        any step of it is launched (``ModelRunner.fill_slot``)."""
         self.num_preemptions = 0
         """Requests sent back to the queue for lack of KV pages (they are recomputed later)."""
         self.num_finished = 0
@@ -235,6 +241,8 @@ class Scheduler:
                     break
                 request.penalty_slot = self.free_penalty_slots.popleft()
                 request.penalty_slot_fresh = True
+                if request.params.fills_slot and self.fill_slot is not None:
+                    self.fill_slot(request)
             self.blocks.match_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             target = request.num_computed_tokens + num_new

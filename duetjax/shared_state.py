@@ -1,4 +1,5 @@
-"""The device state DuetServe's processes share: weights, the paged KV pool, penalty counts.
+"""The device state DuetServe's processes share: weights, the paged KV pool, penalty counts and
+slot tables.
 
 The engine process allocates them once (``SharedState.create``) and its workers attach
 (``SharedState.attach``), so the GPU holds one copy of the weights and one KV pool whatever the
@@ -9,6 +10,11 @@ same penalty row.
 On GPU (CUDA IPC) a donated step updates the shared pool in place; ``after_step`` checks once
 per executable that XLA really aliased it. On CPU (shared memory, tests) XLA copies donated
 imported buffers, so ``after_step`` writes the step's KV slots and penalty rows back.
+
+Slot tables (``sampler.SlotTables``) are written by the engine process only, once per request
+before its first step, and only read by steps: ``after_fill`` makes such a write visible to the
+workers (on GPU it waits for it, since a worker's step does not follow the engine's on one
+stream).
 """
 from __future__ import annotations
 
@@ -18,11 +24,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from .sampler import SlotTables, slot_rows
 from .shared_buffers import CPU_SHM, AttachedBuffers, BufferSpec, SharedBuffers, SharedHandles, attach
 from .step_inputs import StepInputs
 
 KV_POOL = "kv_pool"
 TOKEN_COUNTS = "token_counts"
+SLOT_TABLE_PREFIX = "slot:"
 PARAM_PREFIX = "param:"
 
 
@@ -67,10 +75,15 @@ class SharedState:
                  for p, leaf in zip(paths, leaves)]
         specs += [BufferSpec(KV_POOL, kv_pool_shape, np.dtype(kv_dtype).name),
                   BufferSpec(TOKEN_COUNTS, token_counts_shape, "int32")]
+        tables = SlotTables.zeros(*token_counts_shape)  # (one row per penalty slot)
+        specs += [BufferSpec(SLOT_TABLE_PREFIX + name, leaf.shape, leaf.dtype.name)
+                  for name, leaf in _slot_table_items(tables)]
         buffers = SharedBuffers.allocate(specs)
         try:
             for spec, leaf in zip(specs, leaves):
                 buffers.fill(spec.name, leaf)
+            for name, leaf in _slot_table_items(tables):  # (the bias ids' padding is not 0)
+                buffers.fill(SLOT_TABLE_PREFIX + name, leaf)
         except BaseException:
             buffers.close()
             raise
@@ -95,6 +108,15 @@ class SharedState:
     def token_counts(self) -> jax.Array:
         return self.buffers.array(TOKEN_COUNTS)
 
+    def slot_tables(self) -> SlotTables:
+        return SlotTables(**{name: self.buffers.array(SLOT_TABLE_PREFIX + name)
+                             for name in _slot_table_names()})
+
+    @property
+    def owner(self) -> bool:
+        """The engine process (it allocated the buffers), not a worker."""
+        return isinstance(self.buffers, SharedBuffers)
+
     def after_step(self, runner: Any, key: Any, inputs: StepInputs, num_steps: int) -> None:
         """Makes a finished step's writes visible to the other processes (see module doc)."""
         if not self.on_cpu:
@@ -109,15 +131,39 @@ class SharedState:
         view = self.buffers.numpy_view(KV_POOL)
         pool = np.asarray(runner.kv_pool)  # waits for the step
         view[:, pages, :, :, offsets, :] = pool[:, pages, :, :, offsets, :]
-        p = inputs.penalties
-        rows = np.unique(np.asarray(p.slots)[np.asarray(p.reset | p.count | (p.presence != 0)
-                                                         | (p.frequency != 0))])
+        rows = np.unique(np.asarray(inputs.penalties.slots)[slot_rows(inputs.penalties)])
         if rows.size:
             self.buffers.numpy_view(TOKEN_COUNTS)[rows] = np.asarray(runner.token_counts)[rows]
         runner.kv_pool, runner.token_counts = self.kv_pool(), self.token_counts()
 
+    def after_fill(self, runner: Any, slot: int) -> None:
+        """Makes the slot-table row the engine just wrote (``ModelRunner.fill_slot``) visible
+        to the workers before any of them runs a step that reads it."""
+        items = _slot_table_items(runner.slot_tables)
+        if not self.on_cpu:
+            if "fill_slot" not in self._checked:
+                for name, array in items:
+                    if (array.unsafe_buffer_pointer()
+                            != self.buffers.array(SLOT_TABLE_PREFIX + name).unsafe_buffer_pointer()):
+                        raise RuntimeError(f"XLA did not update the shared slot table {name} in "
+                                           "place: the processes would diverge")
+                self._checked.add("fill_slot")
+            jax.block_until_ready(runner.slot_tables)
+            return
+        for name, array in items:
+            self.buffers.numpy_view(SLOT_TABLE_PREFIX + name)[slot] = np.asarray(array)[slot]
+        runner.slot_tables = self.slot_tables()
+
     def close(self) -> None:
         self.buffers.close()
+
+
+def _slot_table_names() -> list[str]:
+    return [field.name for field in dataclasses.fields(SlotTables)]
+
+
+def _slot_table_items(tables: SlotTables) -> list[tuple[str, Any]]:
+    return [(name, getattr(tables, name)) for name in _slot_table_names()]
 
 
 def _written_slots(x: StepInputs, num_steps: int, page: int) -> tuple[np.ndarray, np.ndarray]:

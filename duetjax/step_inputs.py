@@ -88,7 +88,8 @@ def bucket_for(batch: SchedulerOutput, config: EngineConfig) -> Bucket:
 
 @flax.struct.dataclass
 class StepInputs:
-    """Everything a step executable reads besides weights, KV pool and penalty counts."""
+    """Everything a step executable reads besides weights, KV pool, penalty counts and slot
+    tables."""
 
     tokens: jax.Array
     """int32[T]: token ids (PENDING ones are read from the previous step's output)."""
@@ -190,7 +191,8 @@ class Reuse:
 def _settings(requests: list[Request], num_seqs: int) -> tuple[tuple[np.ndarray, ...], list[int]]:
     """What stays the same for a request while it runs, over ``num_seqs`` rows (padding rows
     sample greedily, without penalties): (temperature, top-k, top-p, min-p, seed, logprobs
-    wanted, penalty slot, presence and frequency penalties), and the rows with a penalty slot."""
+    wanted, penalty slot, presence, frequency and repetition penalties, logit biases used), and
+    the rows with a penalty slot."""
     n = len(requests)
     params = [r.params for r in requests]
     temperature = np.zeros(num_seqs, np.float32)
@@ -202,6 +204,8 @@ def _settings(requests: list[Request], num_seqs: int) -> tuple[tuple[np.ndarray,
     penalty_slots = np.zeros(num_seqs, np.int32)
     presence = np.zeros(num_seqs, np.float32)
     frequency = np.zeros(num_seqs, np.float32)
+    repetition = np.ones(num_seqs, np.float32)
+    biased = np.zeros(num_seqs, bool)
     temperature[:n] = [p.temperature for p in params]
     top_k[:n] = [p.top_k for p in params]
     top_p[:n] = [p.top_p for p in params]
@@ -212,8 +216,9 @@ def _settings(requests: list[Request], num_seqs: int) -> tuple[tuple[np.ndarray,
     for s in penalized:
         penalty_slots[s] = requests[s].penalty_slot
         presence[s], frequency[s] = params[s].presence_penalty, params[s].frequency_penalty
+        repetition[s], biased[s] = params[s].repetition_penalty, params[s].logit_bias is not None
     return (temperature, top_k, top_p, min_p, seeds, want_logprobs, penalty_slots, presence,
-            frequency), penalized
+            frequency, repetition, biased), penalized
 
 
 def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
@@ -250,7 +255,7 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
             itertools.chain.from_iterable(tables), np.int32, int(widths.sum()))
         settings, penalized = _settings(requests, num_seqs)
     (temperature, top_k, top_p, min_p, seeds, want_logprobs, penalty_slots, presence,
-     frequency) = settings
+     frequency, repetition, biased) = settings
 
     if num_real:
         # Per request only what needs its Python objects (tokens, tables, params); the
@@ -301,7 +306,7 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
     sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               seeds=seeds, counters=counters, want_logprobs=want_logprobs)
     penalties = PenaltyArrays(slots=penalty_slots, presence=presence, frequency=frequency,
-                              reset=reset, count=count)
+                              repetition=repetition, biased=biased, reset=reset, count=count)
     inputs = StepInputs(tokens=tokens, from_previous=from_previous, meta=meta,
                         logits_indices=logits_indices, sampling=sampling, penalties=penalties,
                         valid_steps=valid_steps, advance=np.zeros(1, np.int32))

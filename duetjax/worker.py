@@ -5,7 +5,7 @@ environment (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) already set, since the SM sh
 the process creates its CUDA context. FD is its end of a private socket pair:
 
 1. the engine sends one pickled ``WorkerSetup`` (model architecture, engine config, and the
-   layout of the shared weights / KV pool / penalty counts, which the worker attaches zero-copy);
+   layout of the shared weights / KV pool / penalty tables, which the worker attaches zero-copy);
 2. the worker compiles its buckets (from the shared persistent compilation cache) and answers
    ``{"ready": ...}`` or ``{"error": ...}``;
 3. then, per step, one byte message each way: a fixed header plus the step's packed host inputs

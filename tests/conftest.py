@@ -7,3 +7,10 @@ from tests.helpers import TINY_LLAMA, write_random_checkpoint
 def tiny_llama_dir(tmp_path_factory):
     """A 2-layer random Llama checkpoint (no tokenizer): feed it token ids."""
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny-llama"), TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf_dir(tmp_path_factory):
+    """The same tiny Llama with q/k/v and gate/up in HF's own tensors, which transformers
+    loads (the reference oracle runs on it)."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny-llama-hf"), TINY_LLAMA, fused=False)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from models.checkpoint import hf_names, random_params
+from models.checkpoint import FUSED, hf_names, member_features, random_params
 from models.config import ModelConfig
 
 TINY_LLAMA = {
@@ -20,10 +20,13 @@ TINY_LLAMA = {
 }
 
 
-def write_random_checkpoint(directory: Path, hf_config: dict, seed: int = 0, scale: float = 5.0) -> Path:
+def write_random_checkpoint(directory: Path, hf_config: dict, seed: int = 0, scale: float = 5.0,
+                            fused: bool = True) -> Path:
     """A Hugging Face directory (config.json + model.safetensors) with random weights.
 
     Weights are scaled up from the 0.02 init so logits are well separated (no greedy ties).
+    ``fused``: q/k/v and gate/up as duetjax's fused tensors (``qkv_proj``, ``gate_up_proj``);
+    False: split into HF's own members, the same weights in the names transformers loads.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(hf_config))
@@ -38,5 +41,17 @@ def write_random_checkpoint(directory: Path, hf_config: dict, seed: int = 0, sca
             tensors[names[0]] = value
         else:
             tensors.update({name: value[i] for i, name in enumerate(names)})
+        if not fused and keys[-2] in FUSED:
+            for name in names:
+                tensors.update(_split_fused(tensors.pop(name), name, keys[-2], config))
     save_file(tensors, str(directory / "model.safetensors"))
     return directory
+
+
+def _split_fused(value: np.ndarray, name: str, fused_name: str,
+                 config: ModelConfig) -> dict[str, np.ndarray]:
+    """HF's member tensors of one layer's fused tensor (rows in ``FUSED`` order)."""
+    members = FUSED[fused_name]
+    ends = np.cumsum([member_features(config, m) for m in members])
+    return {name.replace(fused_name, member): part
+            for member, part in zip(members, np.split(value, ends[:-1], axis=0))}

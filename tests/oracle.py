@@ -54,28 +54,46 @@ def oracle_python() -> Path:
     return Path(os.environ.get("DUETJAX_ORACLE_PYTHON", DEFAULT_ORACLE_PYTHON))
 
 
-def run_oracle(out_dir: Path, families: str = "", timeout: float = 600) -> dict[str, Path]:
-    """Runs the oracle into ``out_dir``; returns {case name: case directory}.
-
-    Raises OracleUnavailable (with the setup command) when the interpreter is missing, and
-    with the oracle's stderr when it fails.
-    """
+def _run_oracle_script(arguments: list[str], timeout: float) -> None:
+    """Runs tools/hf_oracle.py with the oracle interpreter; OracleUnavailable (with the setup
+    command) when the interpreter is missing, and with the oracle's stderr when it fails."""
     python = oracle_python()
     if not python.exists():
         raise OracleUnavailable(
             f"the reference oracle interpreter {python} does not exist; create it from the repo "
             f"root with:\n  {SETUP_HINT}\nor point DUETJAX_ORACLE_PYTHON at a Python 3.11 with "
             "torch (CPU) and transformers 5.x")
-    command = [str(python), str(ORACLE_SCRIPT), "--out", str(out_dir)]
-    if families:
-        command += ["--families", families]
+    command = [str(python), str(ORACLE_SCRIPT), *arguments]
     # The oracle imports neither duetjax nor jax; keep JAX/XLA flags from leaking into torch.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         raise OracleUnavailable(f"{' '.join(command)} failed (exit {result.returncode}):\n"
                                 f"{result.stderr[-4000:]}")
+
+
+def run_oracle(out_dir: Path, families: str = "", timeout: float = 600) -> dict[str, Path]:
+    """Runs the oracle into ``out_dir``; returns {case name: case directory}.
+
+    Raises OracleUnavailable (with the setup command) when the interpreter is missing, and
+    with the oracle's stderr when it fails.
+    """
+    _run_oracle_script(["--out", str(out_dir)] + (["--families", families] if families else []),
+                       timeout)
     return _read_cases(out_dir)
+
+
+def run_generate(model_dir: Path, requests: list[tuple[list[int], dict]], out_dir: Path,
+                 timeout: float = 300) -> list[dict]:
+    """transformers' greedy ``generate`` of each (prompt, generate() kwargs) on a saved model
+    (``hf_oracle.py --generate``): one {"tokens", "min_gap"} per request. Raises
+    OracleUnavailable as ``run_oracle`` does."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = out_dir / "spec.json"
+    spec.write_text(json.dumps({"model": str(model_dir), "requests": [
+        {"prompt": list(prompt), "kwargs": kwargs} for prompt, kwargs in requests]}))
+    _run_oracle_script(["--generate", str(spec), "--out", str(out_dir)], timeout)
+    return json.loads((out_dir / "generated.json").read_text())
 
 
 def _read_cases(out_dir: Path) -> dict[str, Path]:

@@ -19,6 +19,13 @@ greedy tokens come from a plain loop of full forwards, not ``generate``: no KV c
 generation-config defaults (EOS, min_length, repetition penalties) can change them.
 ``--check-generate`` additionally checks that ``model.generate`` gives the same tokens.
 
+``--generate SPEC.json`` runs greedy ``model.generate`` on a saved model instead (for sampling
+features such as ``repetition_penalty``, which the engine must apply as transformers does).
+SPEC is ``{"model": DIR, "requests": [{"prompt": [ids], "kwargs": {generate() arguments}}]}``;
+each prompt runs alone (no padding), EOS disabled, exactly ``max_new_tokens`` tokens.
+``OUT/generated.json`` gets, per request, ``{"tokens": [...], "min_gap": g}``: the new tokens and
+the smallest top-1 minus top-2 of the processed scores along the way (tie margin).
+
 Weights: ``initializer_range`` is large (0.15-0.2) so logits are well separated, and every
 RMSNorm weight and every bias (which HF initialises to ones/zeros) is perturbed, so a norm or
 bias that duetjax reads from the wrong tensor, or ignores, changes the logits. A seed is
@@ -250,6 +257,27 @@ def check_generate(model: "torch.nn.Module", prompt: list[int], expected: list[i
         raise AssertionError(f"generate() differs from the full-forward greedy loop: {got} vs {expected}")
 
 
+def generate_requests(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Greedy ``generate`` for each request of a ``--generate`` spec (see the module doc)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=torch.float32, attn_implementation="eager").eval()
+    results = []
+    for request in spec["requests"]:
+        prompt, kwargs = request["prompt"], request["kwargs"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, min_new_tokens=kwargs["max_new_tokens"],
+                                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 output_scores=True, return_dict_in_generate=True, **kwargs)
+        top2 = [torch.topk(scores[0], 2).values.tolist() for scores in out.scores]
+        results.append({"tokens": out.sequences[0, len(prompt):].tolist(),
+                        "min_gap": min(a - b for a, b in top2)})
+    return results
+
+
 def run_case(case: Case, out_dir: Path, check_gen: bool) -> dict[str, Any]:
     """Builds, saves and evaluates one case, trying seeds until greedy has no near-ties."""
     import torch
@@ -298,7 +326,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated families or case names (default: all)")
     parser.add_argument("--check-generate", action="store_true",
                         help="also check model.generate against the full-forward greedy loop")
+    parser.add_argument("--generate", type=Path, metavar="SPEC",
+                        help="run greedy generate() as SPEC (JSON) says instead of the cases")
     args = parser.parse_args(argv)
+    if args.generate is not None:
+        import torch
+        import transformers
+
+        torch.set_num_threads(1)
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = generate_requests(json.loads(args.generate.read_text()))
+        (args.out / "generated.json").write_text(json.dumps(results))
+        return 0
     wanted = {f.strip() for f in args.families.split(",") if f.strip()}
     cases = [c for c in CASES if not wanted or c.family in wanted or c.name in wanted]
     if not cases:

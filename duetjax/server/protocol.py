@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator,
+                      model_serializer, model_validator)
 
-from ..sampling_params import MAX_LOGPROBS
+from ..sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
@@ -55,17 +55,35 @@ class _SamplingFields(_Request):
     """Extra (vLLM): leave special tokens out of the text."""
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: float | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    """Extra (vLLM): divide positive logits of tokens in the prompt or output by it, multiply
+    negative ones; 1 disables."""
     logit_bias: dict[str, float] | None = None
+    """{token id (as a string): bias in [-100, 100]} added to the logits (at most 300)."""
     user: str | None = None
     """Accepted and ignored (OpenAI's end-user id)."""
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_entries(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries are allowed, got {len(value)}")
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"biases must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
+                                 f"got {bias} for token {key}")
+        return value
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` keyed by int token ids."""
+        return None if self.logit_bias is None else {int(k): v for k, v in self.logit_bias.items()}
+
     def unsupported(self) -> str | None:
         """A message naming a requested option duetjax does not implement, else None."""
-        if self.repetition_penalty not in (None, 1.0):
-            return "repetition_penalty is not supported by duetjax; leave it out or set it to 1"
-        if self.logit_bias:
-            return "logit_bias is not supported by duetjax; leave it out"
         if self.stream_options is not None and not self.stream:
             return "stream_options is only allowed with stream=true"
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:

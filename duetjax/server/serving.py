@@ -127,6 +127,8 @@ class Serving:
                 min_p=request.min_p or 0.0,
                 presence_penalty=request.presence_penalty or 0.0,
                 frequency_penalty=request.frequency_penalty or 0.0,
+                repetition_penalty=request.repetition_penalty or 1.0,
+                logit_bias=request.token_logit_bias(),
                 max_tokens=max_tokens,
                 min_tokens=min(request.min_tokens, max_tokens),
                 stop=[request.stop] if isinstance(request.stop, str) else (request.stop or ()),

@@ -275,3 +275,27 @@ def test_online_correction_learns_from_measured_iterations(tiny_llama_dir, profi
         # The constructed profile is far from this CPU: whatever was observed moved its ratio.
         observed = [kind for kind, n in correction.observations.items() if n]
         assert observed and all(correction.ratio[kind] != 1.0 for kind in observed)
+
+
+def test_penalties_and_logit_bias_hold_across_workers(duet, tiny_llama_dir):
+    """Penalty counts and slot tables are shared with the workers (the engine writes a request's
+    prompt and biases into its slot; a worker may prefill it and another decode it): requests
+    with every penalty and logit biases, more of them than slots, pick what greedy decoding by
+    the definitions picks."""
+    from models import load_model
+
+    from .test_engine import greedy_with_penalties
+
+    settings = [  # (repetition, presence, frequency, logit_bias)
+        (1.5, 0.0, 0.0, None), (1.0, 0.5, 0.5, {7: 2.0}), (0.8, 0.0, 1.0, None),
+        (1.0, 0.0, 0.0, None), (2.0, 0.0, 0.0, {20: -1.0, 30: 1.5}), (1.0, 0.0, 0.0, {100: 1.0}),
+        (1.2, 1.0, 0.0, None), (1.0, 0.0, 0.0, None)]
+    params = [SamplingParams(temperature=0.0, max_tokens=p.max_tokens, ignore_eos=True,
+                             repetition_penalty=r, presence_penalty=pr, frequency_penalty=f,
+                             logit_bias=bias) for p, (r, pr, f, bias) in zip(PARAMS, settings)]
+    splits = duet.duet.stats.split_iterations
+    got = token_ids(duet.generate(PROMPTS, params, use_tqdm=False))
+    assert duet.duet.stats.split_iterations > splits
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    assert got == greedy_with_penalties(loaded, [p["prompt_token_ids"] for p in PROMPTS], got, params)
+    assert len(duet.scheduler.free_penalty_slots) == CONFIG["max_num_seqs"]

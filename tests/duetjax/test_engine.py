@@ -31,13 +31,19 @@ def test_batch_equals_one_by_one(engine):
     assert all(len(t) == 12 for t in together)
 
 
-def test_preemption_and_chunked_prefill_keep_outputs(engine, tiny_llama_dir):
+@pytest.fixture(scope="module")
+def small(tiny_llama_dir):
+    """A KV pool of 64 tokens and a 16-token budget: six prompts force preemptions."""
+    return Engine(tiny_llama_dir, dtype="float32", kv_cache_tokens=64, max_model_len=64,
+                  max_num_batched_tokens=16, max_num_seqs=4, show_progress=False)
+
+
+def test_preemption_and_chunked_prefill_keep_outputs(engine, small):
     batch = prompts(6, seed=1)
     expected = token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
-    small = Engine(tiny_llama_dir, dtype="float32", kv_cache_tokens=64, max_model_len=64,
-                   max_num_batched_tokens=16, max_num_seqs=4)
+    before = small.scheduler.num_preemptions
     assert token_ids(small.generate(batch, GREEDY, use_tqdm=False)) == expected
-    assert small.scheduler.num_preemptions > 0  # the pool was small enough to force it
+    assert small.scheduler.num_preemptions > before  # the pool was small enough to force it
     assert small.scheduler.blocks.num_free_pages == small.scheduler.blocks.num_pages
 
 
@@ -136,9 +142,13 @@ def test_nothing_compiles_while_serving(tiny_llama_dir):
         rng = np.random.default_rng(6)
         batch = [{"prompt_token_ids": rng.integers(3, 256, size=n).tolist()}
                  for n in (1, 2, 5, 17, 40, 63, 100, 150, 3, 9)]  # chunked, mixed, decode
-        params = [SamplingParams(temperature=t, max_tokens=m, ignore_eos=True, logprobs=lp, seed=1)
-                  for t, m, lp in zip([0, 1, 0.5, 0, 1, 0, 0.7, 0, 1, 0], [1, 30, 5, 12, 7, 2, 9, 4, 20, 3],
-                                      [None, 2, None, 0, None, None, 5, None, None, 1])]
+        params = [SamplingParams(temperature=t, max_tokens=m, ignore_eos=True, logprobs=lp, seed=1,
+                                 repetition_penalty=r, logit_bias=bias)
+                  for t, m, lp, r, bias in zip(
+                      [0, 1, 0.5, 0, 1, 0, 0.7, 0, 1, 0], [1, 30, 5, 12, 7, 2, 9, 4, 20, 3],
+                      [None, 2, None, 0, None, None, 5, None, None, 1],
+                      [1, 1, 1.3, 1, 1, 0.9, 1, 1, 1.1, 1],
+                      [None, None, None, None, {5: 2.0}, None, None, {9: -100.0, 10: 1.0}, None, None])]
         outputs = engine.generate(batch, params, use_tqdm=False)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
@@ -148,7 +158,9 @@ def test_nothing_compiles_while_serving(tiny_llama_dir):
 
 def test_warm_up_runs_every_bucket_and_changes_no_state(tiny_llama_dir):
     """The GPU start-up's first run of each executable (compile_all skips it on CPU; here it
-    runs explicitly), on padding: it writes no KV and changes no penalty count."""
+    runs explicitly), on padding: it writes no KV and changes no penalty count or slot table."""
+    import jax
+
     from duetjax.step_inputs import plan_buckets
 
     engine = Engine(tiny_llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
@@ -156,14 +168,19 @@ def test_warm_up_runs_every_bucket_and_changes_no_state(tiny_llama_dir):
     runner = engine.runner
     runner.kv_pool = runner.kv_pool + 1.5  # not a zero pool: a stray write would show
     runner.token_counts = runner.token_counts + 2
+    runner.slot_tables = runner.slot_tables.replace(prompt=runner.slot_tables.prompt + 1)
     runner._compile_full_sampler(4)
+    runner._compile_fill_slot()
     pool, counts = np.asarray(runner.kv_pool), np.asarray(runner.token_counts)
+    tables = [np.asarray(a) for a in jax.tree_util.tree_leaves(runner.slot_tables)]
     buckets = plan_buckets(engine.config, (1, 2))
     assert any(b.multi_step for b in buckets) and any(not b.decode for b in buckets)
     runner.warm_up(buckets)
     assert set(buckets) <= set(runner._executables)
     np.testing.assert_array_equal(np.asarray(runner.kv_pool), pool)
     np.testing.assert_array_equal(np.asarray(runner.token_counts), counts)
+    for want, got in zip(tables, jax.tree_util.tree_leaves(runner.slot_tables)):
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny_llama_dir, engine):
@@ -176,20 +193,29 @@ def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny_llama_dir, e
         token_ids(engine.generate(batch, params, use_tqdm=False))
 
 
-def greedy_with_penalties(loaded, prompt: list[int], outputs: list[int], presence: float,
-                          frequency: float) -> list[int]:
-    """What greedy decoding with penalties must pick at each step, from full forward passes."""
+def greedy_with_penalties(loaded, prompts: list[list[int]], outputs: list[list[int]],
+                          params: list[SamplingParams]) -> list[list[int]]:
+    """What greedy decoding with each request's penalties and logit biases must pick at each
+    step, given its outputs, from full forward passes (all in one ragged batch)."""
     from collections import Counter
 
     from models import compute_logits
 
-    prefixes = [prompt + outputs[:i] for i in range(len(outputs))]
+    prefixes = [prompt + out[:i] for prompt, out in zip(prompts, outputs) for i in range(len(out))]
+    rows = iter(compute_logits(loaded, prefixes))
     picks = []
-    for i, rows in enumerate(compute_logits(loaded, prefixes)):  # one ragged batch
-        logits = rows[-1].copy()
-        for token, n in Counter(outputs[:i]).items():
-            logits[token] -= presence + frequency * n
-        picks.append(int(np.argmax(logits)))
+    for prompt, out, p in zip(prompts, outputs, params):
+        picks.append([])
+        for i in range(len(out)):
+            logits = next(rows)[-1].copy()
+            for token, value in (p.logit_bias or {}).items():
+                logits[token] += value
+            seen = sorted(set(prompt + out[:i]))
+            r = p.repetition_penalty
+            logits[seen] = np.where(logits[seen] > 0, logits[seen] / r, logits[seen] * r)
+            for token, n in Counter(out[:i]).items():
+                logits[token] -= p.presence_penalty + p.frequency_penalty * n
+            picks[-1].append(int(np.argmax(logits)))
     return picks
 
 
@@ -207,8 +233,8 @@ def test_presence_and_frequency_penalties_follow_their_definition(engine, tiny_l
     penalized = token_ids(engine.generate(batch, params, use_tqdm=False))
     assert penalized[2] == plain[2]  # the unpenalized neighbour is untouched
     assert penalized[0] != plain[0] and penalized[1] != plain[1]
-    for prompt, out, (p, f) in zip(batch, penalized, settings):
-        assert out == greedy_with_penalties(loaded, prompt["prompt_token_ids"], out, p, f)
+    assert penalized == greedy_with_penalties(loaded, [p["prompt_token_ids"] for p in batch],
+                                              penalized, params)
 
 
 def test_penalty_slots_are_reused_without_leaking_counts(tiny_llama_dir):
@@ -278,3 +304,85 @@ def test_generate_returns_what_streaming_ends_with(chat_model_dir, decode_steps)
             assert len(m.token_times) == len(x.token_ids) and m.first_token_time == m.token_times[0]
         reasons.add((x.finish_reason, type(x.stop_reason).__name__))
     assert reasons >= {("stop", "str"), ("stop", "int"), ("length", "NoneType")}
+
+
+REPETITION = [1.3, 1.0, 0.8, 2.0]
+
+
+def repetition_params(max_tokens=24):
+    return [SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                           repetition_penalty=r) for r in REPETITION]
+
+
+def test_repetition_penalty_matches_transformers_generate(engine, tiny_llama_hf_dir, tmp_path):
+    """Greedy tokens with ``repetition_penalty`` are transformers' ``generate(...,
+    repetition_penalty=...)`` tokens, with penalized and unpenalized requests in one batch
+    (chunked prefill, then decode). The engine fixture serves ``tiny_llama_dir``: the same
+    weights as ``tiny_llama_hf_dir``, which transformers loads."""
+    from tests.oracle import OracleUnavailable, run_generate
+
+    batch = prompts(4, seed=30)
+    try:
+        expected = run_generate(tiny_llama_hf_dir, [
+            (p["prompt_token_ids"], {"max_new_tokens": 24, "repetition_penalty": r})
+            for p, r in zip(batch, REPETITION)], tmp_path)
+    except OracleUnavailable as err:
+        pytest.fail(str(err), pytrace=False)
+    assert min(e["min_gap"] for e in expected) > 1e-4  # no near-tie float32 rounding could flip
+    got = token_ids(engine.generate(batch, repetition_params(), use_tqdm=False))
+    assert got == [e["tokens"] for e in expected]
+    plain = token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
+    assert [g[:12] != p for g, p in zip(got, plain)] == [True, False, True, True]
+
+
+def test_repetition_penalty_and_logit_bias_survive_preemption(engine, small):
+    batch = prompts(6, seed=1)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=r,
+                             logit_bias=bias)
+              for r, bias in [(1.5, None), (1.0, {40: 3.0}), (0.7, None), (1.0, None),
+                              (2.0, {7: -100.0, 8: 0.5}), (1.2, None)]]
+    expected = token_ids(engine.generate(batch, params, use_tqdm=False))
+    assert expected != token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
+    before = small.scheduler.num_preemptions
+    assert token_ids(small.generate(batch, params, use_tqdm=False)) == expected
+    assert small.scheduler.num_preemptions > before
+    assert len(small.scheduler.free_penalty_slots) == small.config.max_num_seqs
+
+
+def test_repetition_penalty_sees_prompt_tokens_served_by_the_prefix_cache(engine, tiny_llama_dir):
+    from models import load_model
+
+    rng = np.random.default_rng(33)
+    shared = rng.integers(3, 256, size=40).tolist()
+    engine.generate({"prompt_token_ids": shared + [5, 6]}, GREEDY, use_tqdm=False)
+    prompt = shared + [7, 8, 9]
+    hits = engine.scheduler.blocks.prefix_hits
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=3.0)
+    out = token_ids(engine.generate({"prompt_token_ids": prompt}, params, use_tqdm=False))[0]
+    assert engine.scheduler.blocks.prefix_hits - hits == 32  # two pages were never computed
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    # (the cached part of the prompt matters: penalizing only the computed tail picks otherwise)
+    want, tail_only = greedy_with_penalties(loaded, [prompt, [7, 8, 9]], [out, out], [params] * 2)
+    assert out == want and out != tail_only
+
+
+def test_logit_bias_forces_and_bans_tokens(engine):
+    batch = prompts(4, seed=31)
+    plain = token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
+    banned = plain[1][0]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias={77: 100}),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                             logit_bias={banned: -100}),
+              GREEDY,
+              SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=3,
+                             logit_bias={200: 100})]
+    got = token_ids(engine.generate(batch, params, use_tqdm=False))
+    assert got[0] == [77] * 12 and got[3] == [200] * 12  # +100 wins (logits here are within +-3)
+    assert banned not in got[1] and got[1] != plain[1]
+    assert got[2] == plain[2]  # the unbiased neighbour is untouched
+
+
+def test_logit_bias_outside_the_vocabulary_is_a_clear_error(engine):
+    with pytest.raises(ValueError, match=r"logit_bias token id 256 is outside the vocabulary \[0, 256\)"):
+        engine.add_request(prompts(1)[0], SamplingParams(logit_bias={3: 1.0, 256: -1.0}))
+    assert not engine.has_unfinished_requests()

@@ -1,10 +1,13 @@
-"""duetjax/sampler.py: the sort-free truncation keeps exactly what a sort keeps; penalties."""
+"""duetjax/sampler.py: the sort-free truncation keeps exactly what a sort keeps; penalties and
+logit biases."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duetjax.sampler import (PenaltyArrays, SamplingArrays, apply_penalties, count_tokens, sample,
-                            sample_basic, truncated_logits, with_logprobs)
+from duetjax.sampler import (PenaltyArrays, SamplingArrays, SlotTables, apply_penalties,
+                            count_tokens, fill_slot, sample, sample_basic, sample_full, slot_row,
+                            truncated_logits, with_logprobs)
+from duetjax.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 
 
 def sorted_reference(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarray:
@@ -88,11 +91,102 @@ def test_penalties_touch_only_penalized_rows():
     logits = jnp.asarray(rng.standard_normal((3, 8)).astype(np.float32))
     counts = jnp.zeros((4, 8), jnp.int32).at[2, 5].set(3).at[3, 1].set(9)
     p = PenaltyArrays(slots=jnp.asarray([0, 2, 3]), presence=jnp.asarray([0.0, 0.5, 0.0]),
-                      frequency=jnp.asarray([0.0, 0.25, 1.0]), reset=jnp.asarray([False, False, True]),
+                      frequency=jnp.asarray([0.0, 0.25, 1.0]), repetition=jnp.ones(3),
+                      biased=jnp.zeros(3, bool), reset=jnp.asarray([False, False, True]),
                       count=jnp.asarray([False, True, True]))
-    penalized, counts = apply_penalties(logits, counts, p)
+    penalized, counts = apply_penalties(logits, counts, SlotTables.zeros(4, 8), p)
     np.testing.assert_array_equal(penalized[0], logits[0])
     np.testing.assert_allclose(penalized[1], np.asarray(logits[1]) - np.eye(8)[5] * (0.5 + 0.25 * 3))
     np.testing.assert_array_equal(penalized[2], logits[2])  # slot 3 was reset before use
     counts = count_tokens(counts, jnp.asarray([4, 5, 1]), p)
     assert counts[0].sum() == 0 and counts[2, 5] == 4 and counts[3].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+
+
+def penalized_reference(logits, counts, prompt, bias, presence, frequency, repetition):
+    """The definitions, row by row in float64 on plain numpy: ``bias`` ({token: value}) added,
+    then every token of the prompt or already generated (count > 0) divided by the repetition
+    penalty where positive and multiplied where negative, then presence and frequency
+    penalties on the generated tokens only."""
+    out = logits.astype(np.float64)
+    for token, value in bias.items():
+        out[token] += value
+    if repetition != 1:
+        repeated = np.zeros(len(out), bool)
+        repeated[list(prompt)] = True
+        repeated |= counts > 0
+        out = np.where(repeated, np.where(out > 0, out / repetition, out * repetition), out)
+    return out - presence * (counts > 0) - frequency * counts
+
+
+def test_penalties_and_logit_bias_match_their_definition_and_spare_other_rows():
+    vocab, slots = 300, 6
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((7, vocab)) * 4).astype(np.float32)  # both signs, no zeros
+    counts = rng.integers(0, 3, (slots, vocab)) * (rng.random((slots, vocab)) < 0.1)
+    full_bias = {int(t): float(b) for t, b in zip(rng.choice(vocab, MAX_LOGIT_BIAS - 1, replace=False),
+                                                  rng.uniform(-100, 100, MAX_LOGIT_BIAS - 1))}
+    full_bias[vocab - 1] = 100.0  # the last token id, and the entry limit
+    rows = [  # (slot or None, prompt, params)
+        (None, [], SamplingParams()),
+        (1, [5, 9, 9, 200], SamplingParams(repetition_penalty=1.3)),
+        (2, [], SamplingParams(logit_bias={3: 100.0, 7: -100.0, 250: 0.5})),
+        (None, [], SamplingParams(temperature=0.7)),
+        (3, [0, 1, 2, 3], SamplingParams(repetition_penalty=0.7, presence_penalty=0.5,
+                                         frequency_penalty=-0.3, logit_bias={2: -2.0})),
+        (4, [], SamplingParams(frequency_penalty=1.0)),
+        (5, list(range(0, vocab, 3)), SamplingParams(repetition_penalty=2.0, logit_bias=full_bias)),
+    ]
+    # Slot tables as requests fill them, over a stale row (slot 0: nobody uses it here)
+    tables = SlotTables.zeros(slots, vocab)
+    tables = fill_slot(tables, jnp.asarray([0]), slot_row(
+        SamplingParams(repetition_penalty=3.0, logit_bias={1: 50.0}), list(range(vocab)), vocab))
+    for slot, prompt, params in rows:
+        if slot is not None and params.fills_slot:
+            tables = fill_slot(tables, jnp.asarray([slot]), slot_row(params, prompt, vocab))
+    p = PenaltyArrays(
+        slots=jnp.asarray([slot or 0 for slot, _, _ in rows], jnp.int32),
+        presence=jnp.asarray([r[2].presence_penalty for r in rows], jnp.float32),
+        frequency=jnp.asarray([r[2].frequency_penalty for r in rows], jnp.float32),
+        repetition=jnp.asarray([r[2].repetition_penalty for r in rows], jnp.float32),
+        biased=jnp.asarray([r[2].logit_bias is not None for r in rows]),
+        reset=jnp.zeros(len(rows), bool), count=jnp.zeros(len(rows), bool))
+    got, _ = jax.jit(apply_penalties)(jnp.asarray(logits), jnp.asarray(counts, jnp.int32), tables, p)
+    got = np.asarray(got)
+    for r, (slot, prompt, params) in enumerate(rows):
+        if slot is None:  # no penalty slot: the logits untouched, bit for bit
+            np.testing.assert_array_equal(got[r], logits[r], err_msg=f"row {r}")
+            continue
+        want = penalized_reference(logits[r], counts[slot], prompt, params.logit_bias or {},
+                                   params.presence_penalty, params.frequency_penalty,
+                                   params.repetition_penalty)
+        np.testing.assert_allclose(got[r], want, rtol=1e-6, atol=1e-5, err_msg=f"row {r}: {params}")
+    assert not np.array_equal(got[1], logits[1]) and not np.array_equal(got[6], logits[6])
+
+
+def test_logit_bias_forces_and_bans_tokens_in_the_full_sampler():
+    vocab = 50
+    rng = np.random.default_rng(12)
+    logits = jnp.asarray((rng.standard_normal((3, vocab)) * 3).astype(np.float32))
+    top = np.argmax(np.asarray(logits), axis=-1)
+    tables = SlotTables.zeros(2, vocab)
+    for slot, bias in ((0, {17: 100.0}), (1, {int(top[1]): -100.0})):
+        tables = fill_slot(tables, jnp.asarray([slot]), slot_row(SamplingParams(logit_bias=bias), [], vocab))
+    s = arrays(3, temperature=[0.0, 0.0, 0.9])
+    p = PenaltyArrays(slots=jnp.asarray([0, 1, 0]), presence=jnp.zeros(3), frequency=jnp.zeros(3),
+                      repetition=jnp.ones(3), biased=jnp.asarray([True, True, False]),
+                      reset=jnp.zeros(3, bool), count=jnp.asarray([True, True, False]))
+    sampled, counts = jax.jit(sample_full)(logits, jnp.zeros((2, vocab), jnp.int32), tables, s, p)
+    tokens = np.asarray(sampled.token_ids)
+    assert tokens[0] == 17
+    assert tokens[1] == np.argsort(-np.asarray(logits[1]))[1]  # the runner-up
+    np.testing.assert_array_equal(tokens[2], sample(logits, s)[2])  # an unbiased row as before
+    assert np.asarray(counts)[0, 17] == 1 and np.asarray(counts).sum() == 2
+
+
+def test_a_slot_out_of_range_fills_nothing():
+    tables = SlotTables.zeros(2, 10)
+    row = slot_row(SamplingParams(repetition_penalty=1.5, logit_bias={4: 1.0}), [1, 2], 10)
+    assert row.prompt[0].tolist() == [0, 1, 1, 0, 0, 0, 0, 0, 0, 0] and row.bias_ids[0, :2].tolist() == [4, 10]
+    same = fill_slot(tables, jnp.asarray([2]), row)
+    for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(tables)):
+        np.testing.assert_array_equal(a, b)

@@ -1,6 +1,8 @@
+import numpy as np
 import pytest
 
 from duetjax import SamplingParams
+from duetjax.sampling_params import MAX_LOGIT_BIAS
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -12,6 +14,18 @@ from duetjax import SamplingParams
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"stop": [""]}, "stop"),
     ({"seed": -1}, "seed"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a finite number > 0"),
+    ({"repetition_penalty": -1.2}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"logit_bias": {5: 100.5}}, r"logit_bias values must be numbers in \[-100, 100\]"),
+    ({"logit_bias": {5: float("nan")}}, "logit_bias values"),
+    ({"logit_bias": {5: "1"}}, "logit_bias values"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": {True: 1.0}}, "logit_bias keys"),
+    ({"logit_bias": {t: 1.0 for t in range(MAX_LOGIT_BIAS + 1)}}, "at most 300"),
+    ({"logit_bias": [(5, 1.0)]}, "logit_bias must map token ids"),
 ])
 def test_invalid_values_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -21,3 +35,19 @@ def test_invalid_values_name_the_field(kwargs, message):
 def test_normalizes_stop_and_top_k():
     params = SamplingParams(stop="###", top_k=-1)
     assert params.stop == ("###",) and params.top_k == 0
+
+
+def test_repetition_penalty_and_logit_bias_take_a_penalty_slot():
+    assert not SamplingParams().penalized and not SamplingParams(repetition_penalty=1.0).fills_slot
+    bias = {np.int64(7): np.float32(-3), 9: 100}
+    params = SamplingParams(logit_bias=bias)
+    assert params.logit_bias == {7: -3.0, 9: 100.0} and params.logit_bias is not bias
+    assert all(type(k) is int and type(v) is float for k, v in params.logit_bias.items())
+    assert params.penalized and params.fills_slot and params.needs_full_sampler
+    repetition = SamplingParams(repetition_penalty=1.2)
+    assert repetition.penalized and repetition.fills_slot and repetition.needs_full_sampler
+    assert SamplingParams(presence_penalty=1.0).penalized
+    assert not SamplingParams(presence_penalty=1.0).fills_slot
+    assert SamplingParams(logit_bias={}).logit_bias is None  # empty: off
+    assert len(SamplingParams(logit_bias={t: 0.0 for t in range(MAX_LOGIT_BIAS)}).logit_bias) == 300
+    hash(params)  # still hashable (logit_bias is left out of the hash)

@@ -108,7 +108,8 @@ def test_reused_inputs_equal_fresh_ones():
     blocks = BlockManager(num_pages=40, page_size=page, enable_prefix_caching=False)
     rng = np.random.default_rng(1)
     settings = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5, logprobs=2),
-                SamplingParams(temperature=0.0, frequency_penalty=1.0, presence_penalty=0.5)]
+                SamplingParams(temperature=0.0, frequency_penalty=1.0, presence_penalty=0.5,
+                               repetition_penalty=1.25, logit_bias={3: -1.0})]
     requests = []
     for i, params in enumerate(settings):
         r = Request(f"r{i}", rng.integers(3, 100, 5 + i).tolist(), params, seed=i)
@@ -141,6 +142,8 @@ def test_reused_inputs_equal_fresh_ones():
     x = check([(r, 1) for r in requests])
     assert x.tokens[:3].tolist() == [r.prompt_token_ids[-1] for r in requests]
     assert x.from_previous[:3].tolist() == [-1, -1, -1]
+    assert x.penalties.repetition.tolist() == [1, 1, 1.25, 1]  # (padding rows: off)
+    assert x.penalties.biased.tolist() == [False, False, True, False]
     for rows in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):  # tables grow past page boundaries meanwhile
         decode_all(rows)
         x = check([(r, 1) for r in requests])

@@ -141,6 +141,26 @@ def test_logprobs(client):
                if t != "\ufffd")
 
 
+def test_logit_bias_and_repetition_penalty(client):
+    kwargs = dict(model=MODEL, prompt="abc", max_tokens=12, temperature=0)
+    forced = client.completions.create(logit_bias={"65": 100}, extra_body={"ignore_eos": True},
+                                       **kwargs)
+    assert forced.choices[0].text == "A" * 12  # byte 65; ignore_eos: EOS is not forced away
+    plain = client.completions.create(extra_body={"ignore_eos": True}, **kwargs).choices[0].text
+    # a byte the tiny model repeats (one token per byte: ASCII characters are their token ids)
+    repeated = next(c for c in plain if c.isascii() and plain.count(c) > 1)
+    banned = client.completions.create(logit_bias={str(ord(repeated)): -100},
+                                       extra_body={"ignore_eos": True}, **kwargs).choices[0].text
+    assert repeated not in banned
+    penalized = client.completions.create(
+        extra_body={"ignore_eos": True, "repetition_penalty": 3.0}, **kwargs).choices[0].text
+    assert penalized != plain
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logit_bias={"66": 100},
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.2})
+    assert chat.choices[0].message.content == "B" * 6
+
+
 def async_client(server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
 
