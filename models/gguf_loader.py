@@ -108,6 +108,8 @@ SUPPORTED_TOKENIZER_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece 
 
 _SPM_DEFAULT_IDS = {"bos": 1, "eos": 2, "unknown": 0}
 """llama.cpp's special ids for a 'llama' vocabulary whose file does not name them."""
+_END_OF_TURN_TEXTS = frozenset({"<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<EOT>"})
+"""Texts of end-of-turn tokens, llama.cpp's fallback when a file names no ``eot_token_id``."""
 _SPACE = "\u2581"  # '▁': SentencePiece's visible space
 
 
@@ -367,10 +369,14 @@ class GGUFSource:
     # ---- tokenizer -----------------------------------------------------------------------
 
     def _special_token_id(self, key: str) -> int | None:
-        """``tokenizer.ggml.<key>_token_id``, or llama.cpp's default for a 'llama' vocabulary."""
+        """``tokenizer.ggml.<key>_token_id``, or llama.cpp's default for a 'llama' vocabulary;
+        an end-of-turn id missing from the metadata is found by its text, as llama.cpp does
+        (Gemma GGUFs store only ``<eos>``, yet a chat turn ends with ``<end_of_turn>``)."""
         token_id = self._meta(f"tokenizer.ggml.{key}_token_id")
         if token_id is None and self._meta("tokenizer.ggml.model") == "llama":
             token_id = _SPM_DEFAULT_IDS.get(key)
+        if token_id is None and key == "eot":
+            token_id = next((i for i, t in enumerate(self._tokens()) if t in _END_OF_TURN_TEXTS), None)
         return None if token_id is None else int(token_id)
 
     def _token(self, key: str) -> str | None:

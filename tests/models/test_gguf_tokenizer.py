@@ -235,7 +235,11 @@ def test_bos_eos_and_special_token_config(case):
         style.ids["bos"], style.ids["eos"])
     if style.ids["pad"] >= 0:
         assert config["pad_token"] == "<pad>" and tok.pad_token_id == style.ids["pad"]
-    assert tok.eos_token_ids == (style.ids["eos"],)
+    # The file names no end-of-turn id: llama.cpp's rule finds it by its text, and a chat
+    # turn stops there as well as at EOS (Gemma's <end_of_turn>, ChatML's <|im_end|>).
+    end_of_turn = sp.piece_to_id(style.control[1])
+    assert tok.eos_token_ids == (style.ids["eos"], end_of_turn)
+    assert source.generation_config()["eos_token_id"] == [style.ids["eos"], end_of_turn]
     assert tok.vocab_size == sp.get_piece_size() + 3  # the [PAD{i}] entries
 
 
@@ -258,7 +262,7 @@ def test_llama_cpp_defaults_when_metadata_is_missing(tmp_path):
     config = source.tokenizer_config()
     assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
     assert (source.hf_config["bos_token_id"], source.hf_config["eos_token_id"]) == (1, 2)
-    assert source.generation_config()["eos_token_id"] == 2
+    assert source.generation_config()["eos_token_id"] == [2, sp.piece_to_id("<|im_end|>")]
 
 
 def test_saved_tokenizer_files_round_trip(case, tmp_path):
