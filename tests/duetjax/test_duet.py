@@ -116,6 +116,24 @@ def test_the_last_stream_dispatch_ends_just_after_the_chunk():
     assert final_dispatch_steps(0.001, 0.010, 1) == 1
 
 
+def run_aborting_once(duet, extra, held_by_a_worker) -> dict:
+    """Steps ``duet`` to the end, aborting ``extra`` the first time ``held_by_a_worker()``
+    says a worker step writes its pages: the abort must wait for that step (its pages are kept,
+    it is not finished yet) and free everything after. Returns the finished outputs by id."""
+    results, aborted = {}, False
+    while duet.has_unfinished_requests():
+        for output in duet.step():
+            if output.finished:
+                results[output.request_id] = output
+        if not aborted and held_by_a_worker():
+            duet.abort(extra)
+            aborted = True
+            assert duet._requests[extra].block_table and not duet._requests[extra].is_finished
+    assert aborted and extra not in duet._requests
+    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+    return results
+
+
 def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
     # CPU chunks finish at once: make each one look busy until the decode stream has sent
     # two more dispatches. An abort of a request inside a running chunk waits for the chunk
@@ -135,20 +153,10 @@ def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
     ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
     extra = duet.add_request({"prompt_token_ids": list(range(3, 70))},
                              SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
-    results, aborted = {}, False
-    while duet.has_unfinished_requests():
-        for output in duet.step():
-            if output.finished:
-                results[output.request_id] = output
-        split = duet._split
-        if not aborted and split is not None and extra in split.request_ids:
-            duet.abort(extra)
-            aborted = True
-            assert duet._requests[extra].block_table  # pages kept while the chunk runs
-    assert aborted and extra not in duet._requests
+    results = run_aborting_once(duet, extra,
+                                lambda: duet._split is not None and extra in duet._split.request_ids)
     assert [results[i].outputs[0].token_ids for i in ids] == expected
     assert duet.duet.stats.stream_dispatches > before
-    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
 
 
 def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monkeypatch):
@@ -170,21 +178,11 @@ def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monk
     extra = duet.add_request({"prompt_token_ids": list(range(3, 30))},
                              SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
-    results, aborted = {}, False
-    while duet.has_unfinished_requests():
-        for output in duet.step():
-            if output.finished:
-                results[output.request_id] = output
-        stream = duet._stream
-        if (not aborted and duet._split is None and stream is not None
-                and any(item.request.request_id == extra for item in stream.batch.scheduled)):
-            duet.abort(extra)
-            aborted = True
-            assert duet._requests[extra].block_table and not duet._requests[extra].is_finished
-    assert aborted and extra not in duet._requests
+    results = run_aborting_once(duet, extra, lambda: (
+        duet._split is None and duet._stream is not None
+        and any(item.request.request_id == extra for item in duet._stream.batch.scheduled)))
     assert [results[i].outputs[0].token_ids for i in ids] == expected
     assert duet.duet.stats.carried_dispatches > before
-    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
 
 
 def test_killed_decode_worker_loses_nothing(duet, expected):

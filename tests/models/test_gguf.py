@@ -229,6 +229,11 @@ def _write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], heads=2, 
         writer.add_float32(key, value)
     for key, value in (uint_extra or {}).items():
         writer.add_uint32(key, value)
+    return write_gguf(writer, tensors, path)
+
+
+def write_gguf(writer: gguf.GGUFWriter, tensors: dict[str, np.ndarray], path: Path) -> Path:
+    """Adds ``tensors`` and writes the file ``writer`` was opened on."""
     for name, value in tensors.items():
         writer.add_tensor(name, value)
     writer.write_header_to_file()

@@ -19,7 +19,7 @@ import pytest
 from models.errors import CheckpointError
 from models.gguf_loader import GGUFSource
 from models.tokenizer import Tokenizer
-from tests.models.test_gguf import _layer
+from tests.models.test_gguf import _layer, write_gguf
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while engines serve tokens and models "
           "answer questions about numbers like 12345 or 3.14, it's what we'll do; don't stop! "
@@ -135,13 +135,7 @@ def _write_spm_gguf(path: Path, sp, style: Style, *, padding: int = 3, special_i
         writer.add_add_space_prefix(style.write_space_prefix)
     tensors = _layer(np.random.default_rng(0))
     tensors["token_embd.weight"] = np.zeros((len(tokens), 8), np.float32)
-    for name, value in tensors.items():
-        writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(writer, tensors, path)
 
 
 @pytest.fixture(scope="module", params=[LLAMA2, GEMMA], ids=lambda s: s.name)
