@@ -1,8 +1,9 @@
 """Duet mode on a real GPU: MPS daemon, CUDA IPC sharing, split iterations, a killed worker.
 
 Checks, in one process tree, what the CPU tests cannot: that the MPS daemon starts (or is
-found) and stops, that workers attach the engine's weights and KV pool over CUDA IPC and XLA
-updates them in place (``SharedState.after_step`` raises otherwise), that split iterations give
+found) and stops, that workers attach the engine's weights, KV pool and penalty tables over
+CUDA IPC and XLA updates them in place (``SharedState.after_step`` and ``after_fill`` raise
+otherwise), that split iterations give
 the same greedy tokens as aggregated ones, that a SIGKILLed worker loses no request, and how
 much GPU memory the processes take. Writes JSON.
 
@@ -39,12 +40,18 @@ def log(*args) -> None:
 
 
 def workload(vocab: int, n: int, seed: int):
+    """Greedy requests; every third one with penalties and logit biases, whose device tables
+    (counts, prompt tokens, biases) the workers share with the engine."""
     from duetjax import SamplingParams
     rng = np.random.default_rng(seed)
     prompts = [{"prompt_token_ids": rng.integers(100, vocab, int(m)).tolist()}
                for m in rng.integers(300, 1500, n)]
-    params = [SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True)
-              for m in rng.integers(24, 64, n)]
+    adjusted = [dict(repetition_penalty=1.3), dict(frequency_penalty=0.5, presence_penalty=0.3),
+                dict(logit_bias={int(t): 3.0 for t in rng.integers(100, vocab, 8)},
+                     repetition_penalty=1.1)]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True,
+                             **(adjusted[(i // 3) % len(adjusted)] if i % 3 == 2 else {}))
+              for i, m in enumerate(rng.integers(24, 64, n))]
     return prompts, params
 
 
@@ -109,6 +116,8 @@ def main() -> None:
     p.add_argument("--pairs", default="70:30,50:50")
     p.add_argument("--scan-unroll", type=int, default=1,
                    help="1 compiles fastest; the check is about mechanism, not speed")
+    p.add_argument("--carry-stream", action="store_true",
+                   help="split iterations end with their chunk (EngineConfig.duet_carry_stream)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     report: dict = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
@@ -128,7 +137,8 @@ def main() -> None:
     engine = Engine(model, load_format="dummy", dtype=args.dtype, mode="duet", duet_pairs=pairs,
                     max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=2048,
                     kv_cache_tokens=131072, enable_prefix_caching=False,
-                    scan_unroll=args.scan_unroll, show_progress=False)
+                    scan_unroll=args.scan_unroll, duet_carry_stream=args.carry_stream,
+                    show_progress=False)
     report["engine_ready_s"] = time.perf_counter() - start
     import jax
     report["device"] = jax.devices()[0].device_kind

@@ -30,6 +30,10 @@ for section in "$@"; do
                 --prefill 2048 --decode-steps $k --out "$out/engine-host-k$k.json" \
                 --table /tmp/work/engine-host.md
         done ;;
+    check)  # the duet mechanism: MPS, CUDA IPC, shared penalty tables, tokens equal to
+        # aggregated's, a killed worker; both ways of ending a split iteration
+        python3 tools/duet_check.py --out "$out/duet-check.json"
+        python3 tools/duet_check.py --carry-stream --out "$out/duet-check-carry.json" ;;
     gemm256)  # batch-256 decode step: cuBLAS against XLA's autotuned Triton GEMMs, one run
         for backend in cublas triton; do
             python3 tools/bench_engine.py --model $model --sections decode --batches 128,256 \
