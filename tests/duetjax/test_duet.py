@@ -185,7 +185,10 @@ def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monk
     assert duet.duet.stats.carried_dispatches > before
 
 
-def test_killed_decode_worker_loses_nothing(duet, expected):
+@pytest.mark.parametrize("engine", ["duet", "carrying"])
+def test_killed_decode_worker_loses_nothing(engine, expected, request):
+    # (carrying: killed while its dispatch outlives a split iteration)
+    duet = request.getfixturevalue(engine)
     decode_worker = duet.duet.workers[("decode", 50)]
     ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
     results = {}
@@ -194,7 +197,9 @@ def test_killed_decode_worker_loses_nothing(duet, expected):
         for output in duet.step():
             if output.finished:
                 results[output.request_id] = output
-        if not killed and duet.duet.stats.split_iterations and decode_worker.ready:
+        carried = duet._stream is not None and duet._split is None
+        if (not killed and duet.duet.stats.split_iterations and decode_worker.ready
+                and (carried or not duet.config.duet_carry_stream)):
             os.kill(decode_worker.process.pid, signal.SIGKILL)
             decode_worker.process.wait()
             killed = True
