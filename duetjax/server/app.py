@@ -20,11 +20,15 @@ from .chat import ChatCompletions
 from .completions import Completions
 from .errors import APIError, error_response, install_error_handlers
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
+                       TokenizeResponse)
 from .serving import Serving
+from .tokenization import Tokenization
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
+          "/health", "/metrics")
 
 
 class _CountRequests:
@@ -88,14 +92,15 @@ def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = No
                drain_timeout: float = 30.0) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` as ``model_name``.
 
-    api_key: when set, /v1/* needs ``Authorization: Bearer <api_key>`` (/health and /metrics
-    stay open for probes and scrapers). max_body_bytes: larger request bodies get a 413.
+    api_key: when set, /v1/*, /tokenize and /detokenize need ``Authorization: Bearer <api_key>``
+    (/health and /metrics stay open for probes and scrapers). max_body_bytes: larger request bodies get a 413.
     drain_timeout: on shutdown, how long requests still in flight may run before being aborted.
     """
     metrics = ServerMetrics(engine, model_name)
     serving = Serving(engine, model_name, metrics)
     completions = Completions(serving)
     chat = ChatCompletions(serving)
+    tokenization = Tokenization(serving, chat)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,5 +163,13 @@ def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = No
     @app.post("/v1/chat/completions", dependencies=v1, response_model=None)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
+
+    @app.post("/tokenize", dependencies=v1)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return await tokenization.tokenize(body)
+
+    @app.post("/detokenize", dependencies=v1)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await tokenization.detokenize(body)
 
     return app

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import Request
 
 from ..sampling_params import SamplingParams
 from .errors import APIError, bad_request, from_engine_error
 from .protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
+                       ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatResponseMessage,
                        ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob)
 from .serving import (SSE_DONE, Choice, Prompt, Serving, holdback_for, new_id,
                       now, sampled_and_top, sse)
@@ -20,12 +20,19 @@ class ChatCompletions:
         self.serving = serving
 
     async def prompt(self, request: ChatCompletionRequest) -> Prompt:
+        return await self.render(request.messages, request.add_generation_prompt,
+                                 request.chat_template_kwargs)
+
+    async def render(self, chat: list[ChatMessage], add_generation_prompt: bool,
+                     chat_template_kwargs: dict[str, Any] | None,
+                     add_special_tokens: bool = False) -> Prompt:
+        """The prompt the chat template makes of ``chat`` (also what /tokenize counts)."""
         tokenizer = self.serving.require_tokenizer("chat")
         if not getattr(tokenizer, "chat_template", None):
             raise bad_request(f"the model '{self.serving.model_name}' has no chat template; use "
                               "/v1/completions with a plain prompt")
         messages = []
-        for i, message in enumerate(request.messages):
+        for i, message in enumerate(chat):
             try:
                 content = message.text()
             except ValueError as error:
@@ -35,12 +42,11 @@ class ChatCompletions:
         try:
             text = await asyncio.to_thread(
                 tokenizer.apply_chat_template, messages,
-                add_generation_prompt=request.add_generation_prompt,
-                **(request.chat_template_kwargs or {}))
+                add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
         except Exception as error:  # noqa: BLE001 - template errors describe the bad input
             raise bad_request(f"the chat template rejected the messages: {error}",
                               param="messages") from None
-        ids = await self.serving.tokenize(text, add_special_tokens=False)
+        ids = await self.serving.tokenize(text, add_special_tokens=add_special_tokens)
         return Prompt(ids, text)
 
     async def create(self, request: ChatCompletionRequest, http: Request):

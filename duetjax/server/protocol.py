@@ -285,6 +285,46 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered by the chat template."""
+
+    model: str | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_generation_prompt: bool = True
+    """With messages: end with the assistant turn's header, as chat completions do."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = None
+    """Add the tokens the tokenizer adds (BOS for most models). Default: yes for a prompt, as
+    completions do; no for messages, whose chat template writes them."""
+    return_token_strs: bool = False
+    """Also return each token's vocabulary entry."""
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either 'prompt' (a string) or 'messages' (a chat), not both")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -62,6 +62,12 @@ CASES = [
     ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "not supported"),
     ("stream-options-without-stream", "/v1/chat/completions",
      {**CHAT, "stream_options": {"include_usage": True}}, 400, "stream=true"),
+    ("tokenize-neither", "/tokenize", {"model": "tiny-chat"}, 400, "either 'prompt'"),
+    ("tokenize-both", "/tokenize", {"prompt": "hi", "messages": CHAT["messages"]}, 400, "not both"),
+    ("tokenize-unknown-model", "/tokenize", {"model": "gpt-9", "prompt": "hi"}, 404, "does not exist"),
+    ("detokenize-vocabulary", "/detokenize", {"tokens": [65, 259]}, 400,
+     "token id 259 is outside the vocabulary [0, 259)"),
+    ("detokenize-type", "/detokenize", {"tokens": ["a"]}, 400, "tokens"),
 ]
 
 
