@@ -2,6 +2,7 @@
 
     python -m duetjax.serve                                  # the embedded SmolLM2-135M-Instruct
     python -m duetjax.serve --model ./Llama-3.2-1B-Instruct --port 8000 --api-key sk-local
+    python -m duetjax.serve --model ./Qwen2.5-1.5B-Instruct --tool-call-parser hermes
 
 Binds to 127.0.0.1 unless --host says otherwise, and prints
 ``duetjax serving MODEL on http://HOST:PORT`` once it accepts connections. On SIGTERM (or
@@ -24,6 +25,7 @@ from .async_engine import AsyncEngine
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
+from .server.tool_parsers import TOOL_PARSERS
 
 log = logging.getLogger("duetjax.serve")
 
@@ -75,7 +77,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on SIGTERM, seconds requests in flight may take to finish (default 30)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
-    return p.parse_args(argv)
+    t = p.add_argument_group("tool calling (vLLM's flags)")
+    t.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                   help="how the model writes tool calls: hermes (Hermes, Qwen2.5, Qwen3: "
+                        "<tool_call>{...}</tool_call>) or llama3_json (Llama 3.1/3.2 JSON calls); "
+                        "enables tool_choice 'auto' (without it, requests with tools need "
+                        "tool_choice 'none')")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's switch for tool_choice 'auto'; accepted so vLLM command lines "
+                        "work (needs --tool-call-parser, which alone enables it here)")
+    t.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="with tool_choice 'none', leave the tools out of the prompt (default: "
+                        "the chat template still renders them, and nothing is parsed)")
+    args = p.parse_args(argv)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        p.error("--enable-auto-tool-choice needs --tool-call-parser "
+                f"({'|'.join(sorted(TOOL_PARSERS))}): it says how the model writes its calls")
+    return args
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     name = served_name(args)
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
     app = create_app(async_engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     drain_timeout=1.0)  # uvicorn drains HTTP for --drain-timeout before that
+                     drain_timeout=1.0,  # uvicorn drains HTTP for --drain-timeout before that
+                     tool_call_parser=args.tool_call_parser,
+                     exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
     freeze_startup_heap()  # (a full collection over the start-up heap would stall every stream)
     gc_pauses()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -25,6 +25,7 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
                        TokenizeResponse)
 from .serving import Serving
 from .tokenization import Tokenization
+from .tool_calls import ToolCallConfig
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
@@ -89,17 +90,22 @@ class _LimitBody:
 
 def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               drain_timeout: float = 30.0) -> FastAPI:
+               drain_timeout: float = 30.0, tool_call_parser: str | None = None,
+               exclude_tools_when_tool_choice_none: bool = False) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` as ``model_name``.
 
     api_key: when set, /v1/*, /tokenize and /detokenize need ``Authorization: Bearer <api_key>``
     (/health and /metrics stay open for probes and scrapers). max_body_bytes: larger request bodies get a 413.
     drain_timeout: on shutdown, how long requests still in flight may run before being aborted.
+    tool_call_parser: how to find tool calls in the output ('hermes', 'llama3_json'); None:
+    requests with tool_choice "auto" get a 400. exclude_tools_when_tool_choice_none: do not
+    render the tools into the prompt of a request with tool_choice "none".
     """
+    tool_config = ToolCallConfig(tool_call_parser, exclude_tools_when_tool_choice_none)
     metrics = ServerMetrics(engine, model_name)
     serving = Serving(engine, model_name, metrics)
     completions = Completions(serving)
-    chat = ChatCompletions(serving)
+    chat = ChatCompletions(serving, tool_config)
     tokenization = Tokenization(serving, chat)
 
     @contextlib.asynccontextmanager

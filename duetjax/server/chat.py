@@ -1,4 +1,5 @@
-"""``POST /v1/chat/completions``: messages through the model's chat template."""
+"""``POST /v1/chat/completions``: messages through the model's chat template; with a tool-call
+parser, the calls the model writes come back as ``tool_calls`` (see tool_calls.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,20 +13,24 @@ from .protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatResponseMessage,
                        ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob)
 from .serving import (SSE_DONE, Choice, Prompt, Serving, holdback_for, new_id,
-                      now, sampled_and_top, sse)
+                      now, sampled_and_top, sse, visible_text)
+from .tool_calls import (ToolCallConfig, ToolCallStream, ToolPlan, extract_tool_calls,
+                         plan_tools, template_tool_calls)
 
 
 class ChatCompletions:
-    def __init__(self, serving: Serving):
+    def __init__(self, serving: Serving, tool_config: ToolCallConfig = ToolCallConfig()):
         self.serving = serving
+        self.tool_config = tool_config
 
-    async def prompt(self, request: ChatCompletionRequest) -> Prompt:
+    async def prompt(self, request: ChatCompletionRequest, tools: ToolPlan) -> Prompt:
         return await self.render(request.messages, request.add_generation_prompt,
-                                 request.chat_template_kwargs)
+                                 request.chat_template_kwargs, tools=tools.template_tools)
 
     async def render(self, chat: list[ChatMessage], add_generation_prompt: bool,
                      chat_template_kwargs: dict[str, Any] | None,
-                     add_special_tokens: bool = False) -> Prompt:
+                     add_special_tokens: bool = False,
+                     tools: list[dict[str, Any]] | None = None) -> Prompt:
         """The prompt the chat template makes of ``chat`` (also what /tokenize counts)."""
         tokenizer = self.serving.require_tokenizer("chat")
         if not getattr(tokenizer, "chat_template", None):
@@ -37,12 +42,19 @@ class ChatCompletions:
                 content = message.text()
             except ValueError as error:
                 raise bad_request(str(error), param=f"messages.{i}.content") from None
-            messages.append({**(message.model_extra or {}), "role": message.role,
-                             "content": content})
+            entry = {**(message.model_extra or {}), "role": message.role, "content": content}
+            if message.tool_calls is not None:
+                entry["tool_calls"] = template_tool_calls(message, i)
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+            messages.append(entry)
+        kwargs = dict(chat_template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools
         try:
             text = await asyncio.to_thread(
                 tokenizer.apply_chat_template, messages,
-                add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+                add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as error:  # noqa: BLE001 - template errors describe the bad input
             raise bad_request(f"the chat template rejected the messages: {error}",
                               param="messages") from None
@@ -55,7 +67,8 @@ class ChatCompletions:
         serving.check_model(request.model)
         if (message := request.unsupported()) is not None:
             raise bad_request(message)
-        prompt = await self.prompt(request)
+        tools = plan_tools(request, self.tool_config)
+        prompt = await self.prompt(request, tools)
         field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         max_tokens = serving.max_tokens_for(prompt, request.max_new_tokens, field)
         top_n = (request.top_logprobs or 0) if request.logprobs else None
@@ -64,20 +77,26 @@ class ChatCompletions:
         choices = await serving.start([prompt], params, request.n, request_id)
         return await serving.respond(
             choices, http, arrival, request.stream,
-            lambda: self.stream(request, request_id, choices, arrival, params),
-            lambda: self.response(request, request_id, choices))
+            lambda: self.stream(request, request_id, choices, arrival, params, tools),
+            lambda: self.response(request, request_id, choices, tools))
 
     def response(self, request: ChatCompletionRequest, request_id: str,
-                 choices: list[Choice]) -> ChatCompletionResponse:
+                 choices: list[Choice], tools: ToolPlan = ToolPlan()) -> ChatCompletionResponse:
         serving = self.serving
-        return ChatCompletionResponse(
-            id=request_id, model=serving.model_name, usage=serving.usage(choices),
-            choices=[ChatChoice(index=c.index,
-                                message=ChatResponseMessage(content=c.last.outputs[0].text),
-                                logprobs=self.logprobs(request, c),
-                                finish_reason=c.last.outputs[0].finish_reason,
-                                stop_reason=c.last.outputs[0].stop_reason)
-                     for c in choices])
+        answers = []
+        for c in choices:
+            completion = c.last.outputs[0]
+            content, calls = completion.text, []
+            if tools.parser is not None:
+                content, calls = extract_tool_calls(completion.text, tools.parser, tools.parallel)
+            message = ChatResponseMessage(content=content, tool_calls=calls or None)
+            answers.append(ChatChoice(
+                index=c.index, message=message,
+                logprobs=self.logprobs(request, c),
+                finish_reason=finish_reason(completion.finish_reason, bool(calls)),
+                stop_reason=completion.stop_reason))
+        return ChatCompletionResponse(id=request_id, model=serving.model_name,
+                                      usage=serving.usage(choices), choices=answers)
 
     def logprobs(self, request: ChatCompletionRequest, choice: Choice) -> ChatLogprobs | None:
         if not request.logprobs:
@@ -97,11 +116,13 @@ class ChatCompletions:
         return ChatLogprobs(content=content)
 
     async def stream(self, request: ChatCompletionRequest, request_id: str,
-                     choices: list[Choice], arrival: float,
-                     params: SamplingParams) -> AsyncIterator[str]:
+                     choices: list[Choice], arrival: float, params: SamplingParams,
+                     tools: ToolPlan = ToolPlan()) -> AsyncIterator[str]:
         serving = self.serving
         holdback = holdback_for(params)
         created = int(arrival)
+        tool_streams = ({c.index: ToolCallStream(tools.parser, tools.parallel) for c in choices}
+                        if tools.parser is not None else {})
 
         def chunk(choice_list: list[ChatStreamChoice]) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created,
@@ -115,14 +136,22 @@ class ChatCompletions:
             async for choice in serving.outputs(choices):
                 completion = choice.last.outputs[0]
                 finished = choice.last.finished
-                delta = serving.text_delta(choice, holdback)
+                tool_stream = tool_streams.get(choice.index)
+                new_calls = []
+                if tool_stream is None:
+                    delta = serving.text_delta(choice, holdback)
+                else:
+                    delta, new_calls = tool_stream.step(visible_text(choice.last, holdback),
+                                                        finished)
                 has_logprobs = request.logprobs and len(completion.logprobs or []) > choice.sent_tokens
-                if not (delta or finished or has_logprobs):
+                if not (delta or new_calls or finished or has_logprobs):
                     continue
+                called = tool_stream is not None and bool(tool_stream.calls)
+                reason = finish_reason(completion.finish_reason, called) if finished else None
                 yield chunk([ChatStreamChoice(
-                    index=choice.index, delta=DeltaMessage(content=delta or None),
-                    logprobs=self.logprobs(request, choice),
-                    finish_reason=completion.finish_reason if finished else None,
+                    index=choice.index,
+                    delta=DeltaMessage(content=delta or None, tool_calls=new_calls or None),
+                    logprobs=self.logprobs(request, choice), finish_reason=reason,
                     stop_reason=completion.stop_reason if finished else None)])
             if request.stream_options and request.stream_options.include_usage:
                 yield sse(ChatCompletionChunk(id=request_id, created=created,
@@ -135,3 +164,9 @@ class ChatCompletions:
         finally:
             serving.finish(choices, arrival)
         yield SSE_DONE
+
+
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    """"tool_calls" when the model ended its turn after calling tools; a cut-off ("length")
+    stays as it is, so the client knows the calls may be incomplete."""
+    return "tool_calls" if called and reason == "stop" else reason

@@ -4,6 +4,8 @@ Requests reject unknown fields (``extra="forbid"``) so a typo or an unsupported 
 is answered with a 400 that names it, rather than silently ignored. Range checks live here so
 pydantic's messages name the field; options that the wire format has but duetjax does not
 implement are checked in ``unsupported()`` and answered with a 400 that says so.
+Tool calling follows OpenAI's shapes (``tools``, ``tool_choice``, ``message.tool_calls``);
+what the server does with them is in ``tool_calls.py``.
 """
 from __future__ import annotations
 
@@ -126,12 +128,34 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallParam(BaseModel):
+    """The function an earlier assistant message called (in the chat history)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any] = ""
+    """OpenAI sends a JSON string; the server hands templates the parsed object."""
+
+
+class ToolCallParam(BaseModel):
+    """One entry of an assistant message's ``tool_calls`` (in the chat history)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(BaseModel):
-    """One message; extra keys (name, tool_call_id, ...) reach the chat template as is."""
+    """One message; extra keys (name, ...) reach the chat template as is."""
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    """An assistant message's calls (content is then usually null)."""
+    tool_call_id: StrictStr | None = None
+    """A tool message: the id of the call it answers."""
 
     def text(self) -> str:
         """The content as one string; raises ValueError for non-text parts (images, audio)."""
@@ -144,6 +168,47 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"content parts of type '{part.type}' are not supported by "
                                  "duetjax (it serves text models); send text parts only")
         return "".join(part.text or "" for part in self.content)
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[StrictStr, Field(min_length=1)]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    """The arguments' JSON schema (reaches the chat template as is; not enforced)."""
+    strict: bool | None = None
+    """Accepted; duetjax does not constrain decoding to the schema either way."""
+
+
+class ChatTool(_Request):
+    """One entry of ``tools``: ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def template_dict(self) -> dict[str, Any]:
+        """The tool as chat templates read it (OpenAI's shape, without unset keys)."""
+        function = {k: v for k, v in self.function.model_dump().items() if v is not None}
+        return {"type": self.type, "function": function}
+
+
+class NamedFunction(_Request):
+    name: StrictStr
+
+
+class NamedToolChoice(_Request):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def check_tools(tools: list[ChatTool] | None) -> None:
+    """Raises ValueError when two tools share a name (a call could not say which it means)."""
+    seen: set[str] = set()
+    for tool in tools or ():
+        if tool.function.name in seen:
+            raise ValueError(f"tool names must be unique; '{tool.function.name}' appears twice")
+        seen.add(tool.function.name)
 
 
 class ResponseFormat(_Request):
@@ -165,9 +230,11 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra (vLLM): more variables for the chat template."""
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """None: "auto" when tools are given, else "none" (OpenAI's default)."""
     parallel_tool_calls: bool | None = None
+    """False: keep only the first call the model writes."""
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -175,9 +242,32 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs needs logprobs=true")
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatCompletionRequest:
+        check_tools(self.tools)
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools: send the functions the model may call in "
+                             "'tools', or leave tool_choice out")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if all(tool.function.name != name for tool in self.tools or ()):
+                raise ValueError(f"tool_choice names the function '{name}', which is not in tools")
+        return self
+
+    @property
+    def effective_tool_choice(self) -> Literal["none", "auto", "required"] | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
     def unsupported(self) -> str | None:
-        if self.tools or self.tool_choice not in (None, "none"):
-            return "tools and tool_choice are not supported by duetjax; leave them out"
+        choice = self.tool_choice
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            what = ("'required'" if choice == "required"
+                    else f"naming a function ('{choice.function.name}')")
+            return (f"tool_choice {what} needs structured output (decoding constrained to the "
+                    "tools' JSON schemas), which duetjax does not have; use tool_choice 'auto' "
+                    "(the server parses the calls the model writes) or 'none'")
         if self.response_format is not None and self.response_format.type != "text":
             return (f"response_format {self.response_format.type!r} (structured output) is not "
                     "supported by duetjax; leave it out or use {'type': 'text'}")
@@ -236,9 +326,37 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """A JSON object as a string."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    """A whole call in one stream chunk (OpenAI clients also accept it in pieces)."""
+
+    index: int
+    """Position among the choice's calls."""
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_tool_calls(self, handler: Any) -> dict[str, Any]:
+        """``tool_calls`` only when the model called tools, as OpenAI answers."""
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -261,6 +379,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
@@ -291,6 +410,8 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: list[ChatTool] | None = None
+    """With messages: the tools, rendered by the chat template as chat completions do."""
     add_generation_prompt: bool = True
     """With messages: end with the assistant turn's header, as chat completions do."""
     chat_template_kwargs: dict[str, Any] | None = None
@@ -304,6 +425,9 @@ class TokenizeRequest(_Request):
     def _prompt_or_messages(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send either 'prompt' (a string) or 'messages' (a chat), not both")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools go with 'messages' (the chat template renders them)")
+        check_tools(self.tools)
         return self
 
 

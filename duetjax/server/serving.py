@@ -259,10 +259,9 @@ class Serving:
         """New text to stream. Until the request finishes, the last ``holdback`` characters
         (longest stop string - 1) stay back, since a stop string completed by a later token
         truncates the text before it and streamed text cannot be taken back."""
-        output = choice.last
-        assert output is not None
-        text = output.outputs[0].text
-        end = len(text) if output.finished else max(len(text) - holdback, 0)
+        assert choice.last is not None
+        text = visible_text(choice.last, holdback)
+        end = len(text)
         if end <= choice.sent_chars:
             return ""
         delta = text[choice.sent_chars:end]
@@ -289,6 +288,13 @@ class Serving:
         completion = sum(len(c.last.outputs[0].token_ids) for c in choices if c.last is not None)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
                          total_tokens=prompt_tokens + completion)
+
+
+def visible_text(output: RequestOutput, holdback: int) -> str:
+    """The text that may be streamed: all of it once finished, else without the last
+    ``holdback`` characters (where a stop string may be starting)."""
+    text = output.outputs[0].text
+    return text if output.finished else text[:max(len(text) - holdback, 0)]
 
 
 def holdback_for(params: SamplingParams) -> int:

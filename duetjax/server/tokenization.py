@@ -21,7 +21,9 @@ class Tokenization:
         if request.messages is not None:
             prompt = await self.chat.render(request.messages, request.add_generation_prompt,
                                             request.chat_template_kwargs,
-                                            bool(request.add_special_tokens))
+                                            bool(request.add_special_tokens),
+                                            tools=[t.template_dict() for t in request.tools]
+                                            if request.tools else None)
             ids = prompt.token_ids
         else:
             add = request.add_special_tokens is not False

@@ -11,7 +11,7 @@ MAX_BODY_BYTES = 200_000
 # Small batch limits: few compiled buckets (fast start), and queueing is easy to provoke.
 TINY_SERVER_ARGS = ("--dtype", "float32", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
                     "--kv-cache-tokens", "4096", "--max-queued-requests", "32",
-                    "--served-model-name", "tiny-chat")
+                    "--served-model-name", "tiny-chat", "--tool-call-parser", "hermes")
 
 
 @pytest.fixture(scope="session")

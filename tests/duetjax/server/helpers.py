@@ -16,9 +16,15 @@ import httpx
 from tests.helpers import TINY_LLAMA, write_random_checkpoint
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
-          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+CHATML = ("{% if tools %}{{ '<|im_start|>system\n# Tools\n' }}{% for tool in tools %}"
+          "{{ tool | tojson + '\n' }}{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
+          "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+          "message['content']}}{% for call in message.tool_calls or [] %}{{ '<tool_call>' + "
+          "{'name': call.function.name, 'arguments': call.function.arguments} | tojson + "
+          "'</tool_call>' }}{% endfor %}{{ '<|im_end|>' + '\n'}}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+"""ChatML; with tools, a system turn listing them, and earlier calls as Hermes <tool_call>
+blocks (their arguments rendered with tojson, so they must reach the template as objects)."""
 TINY_CHAT_LLAMA = {**TINY_LLAMA, "vocab_size": 256 + len(SPECIAL_TOKENS), "bos_token_id": 256,
                    "eos_token_id": 258}
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -26,7 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 def write_tiny_chat_model(directory: Path) -> Path:
     """A random 2-layer Llama with a byte-level tokenizer (one token per byte, ids 0..255, then
-    the ChatML special tokens) and a ChatML template: fast, and it exercises every text path."""
+    the ChatML special tokens) and a ChatML template that renders tools: fast, and it exercises
+    every text path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     write_random_checkpoint(directory, TINY_CHAT_LLAMA)

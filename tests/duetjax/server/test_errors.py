@@ -2,15 +2,30 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+
+from duetjax.server import create_app
 
 from .conftest import API_KEY, MAX_BODY_BYTES
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 COMPLETION = {"model": "tiny-chat", "prompt": "hi", "max_tokens": 2}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def tool_history(arguments: str) -> list[dict]:
+    """A chat whose assistant turn called a tool with ``arguments``."""
+    return [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+
 
 CASES = [
     # (id, path, body (dict, or raw bytes), expected status, words the message must contain)
@@ -59,7 +74,38 @@ CASES = [
      "logit_bias"),
     ("logit-bias-vocabulary", "/v1/chat/completions", {**CHAT, "logit_bias": {"259": 5}}, 400,
      "logit_bias token id 259 is outside the vocabulary [0, 259)"),
-    ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "not supported"),
+    ("tool-schema", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400,
+     "tools.0.function"),
+    ("tool-schema-typo", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "paramters": {}}}]}, 400,
+     "unknown field 'tools.0.function.paramters'"),
+    ("tool-type", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "retrieval", "function": {"name": "f"}}]}, 400, "tools.0.type"),
+    ("tool-names-unique", "/v1/chat/completions", {**CHAT, "tools": [TOOL, TOOL]}, 400,
+     "'get_weather' appears twice"),
+    ("tool-choice-required", "/v1/chat/completions",
+     {**CHAT, "tools": [TOOL], "tool_choice": "required"}, 400, "needs structured output"),
+    ("tool-choice-named", "/v1/chat/completions",
+     {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function",
+                                               "function": {"name": "get_weather"}}}, 400,
+     "needs structured output"),
+    ("tool-choice-named-unknown", "/v1/chat/completions",
+     {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     400, "'nope', which is not in tools"),
+    ("tool-choice-without-tools", "/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, 400,
+     "tool_choice needs tools"),
+    ("tool-choice-value", "/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": "any"},
+     400, "tool_choice"),
+    ("tool-call-arguments-json", "/v1/chat/completions",
+     {**CHAT, "messages": tool_history('{"city": "Par')}, 400,
+     "messages.1.tool_calls.0.function.arguments is not valid JSON"),
+    ("tool-call-arguments-object", "/v1/chat/completions",
+     {**CHAT, "messages": tool_history('["Paris"]')}, 400, "must be a JSON object"),
+    ("tool-call-shape", "/v1/chat/completions",
+     {**CHAT, "messages": [{"role": "assistant", "tool_calls": [{"id": "c"}]}]}, 400,
+     "messages.0.tool_calls.0.function"),
+    ("tokenize-tools-without-messages", "/tokenize", {"prompt": "hi", "tools": [TOOL]}, 400,
+     "tools go with 'messages'"),
     ("stream-options-without-stream", "/v1/chat/completions",
      {**CHAT, "stream_options": {"include_usage": True}}, 400, "stream=true"),
     ("tokenize-neither", "/tokenize", {"model": "tiny-chat"}, 400, "either 'prompt'"),
@@ -148,3 +194,18 @@ def test_queue_full_answers_429_with_retry_after(server):
     assert server.wait_until(lambda: server.metric("duetjax_num_requests_in_flight") == 0)
     assert server.metric("duetjax_requests_rejected_total", reason="queue_full") >= 1
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_tool_choice_auto_needs_a_tool_call_parser():
+    """A server started without --tool-call-parser (the shared one has one): tools with
+    tool_choice "auto", or with no tool_choice (OpenAI's default is then "auto"), get a 400 that
+    says how to start the server; "none" passes that check."""
+    engine = SimpleNamespace(tokenizer=None, max_model_len=256, stats=None)
+    client = TestClient(create_app(engine, "tiny-chat"))  # no lifespan, no engine work needed
+    for choice in ({"tool_choice": "auto"}, {}):
+        response = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL], **choice})
+        error = assert_error(response, 400, "start the server with --tool-call-parser")
+        assert error["param"] == "tool_choice"
+    response = client.post("/v1/chat/completions",
+                           json={**CHAT, "tools": [TOOL], "tool_choice": "none"})
+    assert_error(response, 400, "ships none")  # past the tool check: this stub has no tokenizer
