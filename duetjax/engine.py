@@ -442,15 +442,15 @@ class Engine:
         self._split = split
         self.stats.record(time.perf_counter() - started - waited, 0.0, waited, 0)
         if carried is None:
-            self._launch_stream(decode_part)
+            outputs += self._stream_decodes(decode_part)
         return outputs
 
     def _split_stream(self) -> list[RequestOutput]:
-        """One ``step`` while a split's prefill chunk runs: the decode stream's next dispatch,
-        or the results of whichever of the chunk and the stream's dispatch ends first. The
-        split iteration ends with its chunk when ``duet_carry_stream`` (the stream's dispatch
-        then running carries over), else with that dispatch, sized to end just after the
-        chunk."""
+        """One ``step`` while a split's prefill chunk runs: the decode stream's next dispatch
+        (``_stream_decodes``), or the results of whichever of the chunk and the stream's
+        dispatch ends first. The split iteration ends with its chunk when ``duet_carry_stream``
+        (the stream's dispatch then running carries over), else with a dispatch sized to end
+        just after the chunk."""
         split = self._split
         carry = self.config.duet_carry_stream
         if split.prefill is not None and not split.prefill.done():
@@ -459,7 +459,11 @@ class Engine:
                 if not carry:
                     remaining = (split.decision.t_prefill or 0.0) - (time.perf_counter() - split.launched_at)
                     steps = final_dispatch_steps(remaining, split.stream_step_seconds, steps)
-                self._launch_stream(self.scheduler.schedule_decodes(steps, split.request_ids))
+                part = self.scheduler.schedule_decodes(steps, split.request_ids)
+                if part.scheduled:
+                    outputs = self._stream_decodes(part)
+                    if self._stream is None:  # (it ran to the end already, or its worker died)
+                        return outputs
             if self._stream is not None:
                 if self._wait_for_either(split.prefill, self._stream) is self._stream:
                     return self._finish_stream()
@@ -497,6 +501,15 @@ class Engine:
                 return stream
             conns = [c for c in (chunk.client.conn, stream.client.conn) if c is not None]
             multiprocessing.connection.wait(conns, timeout=0.1)
+
+    def _stream_decodes(self, part: SchedulerOutput) -> list[RequestOutput]:
+        """Launches a decode-stream dispatch. Without ``duet_carry_stream`` it also waits for
+        it, as the split path every committed GPU figure measured did; with it, the dispatch
+        runs beside the chunk (``_split_stream`` waits for either)."""
+        self._launch_stream(part)
+        if self._stream is None or self.config.duet_carry_stream:
+            return []
+        return self._finish_stream()
 
     def _launch_stream(self, part: SchedulerOutput) -> None:
         """Sends a decode dispatch to the split's S_d worker (its results: ``_finish_stream``)."""
