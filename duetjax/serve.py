@@ -3,6 +3,7 @@
     python -m duetjax.serve                                  # the embedded SmolLM2-135M-Instruct
     python -m duetjax.serve --model ./Llama-3.2-1B-Instruct --port 8000 --api-key sk-local
     python -m duetjax.serve --model ./Qwen2.5-1.5B-Instruct --tool-call-parser hermes
+    python -m duetjax.serve --model ./Qwen3-1.7B --reasoning-parser qwen3 --tool-call-parser hermes
 
 Binds to 127.0.0.1 unless --host says otherwise, and prints
 ``duetjax serving MODEL on http://HOST:PORT`` once it accepts connections. On SIGTERM (or
@@ -25,6 +26,7 @@ from .async_engine import AsyncEngine
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
+from .server.reasoning import REASONING_PARSERS
 from .server.tool_parsers import TOOL_PARSERS
 
 log = logging.getLogger("duetjax.serve")
@@ -89,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                    help="with tool_choice 'none', leave the tools out of the prompt (default: "
                         "the chat template still renders them, and nothing is parsed)")
+    p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                   help="move the model's <think> reasoning into reasoning_content in chat "
+                        "responses (vLLM's flag): qwen3 or deepseek_r1")
     args = p.parse_args(argv)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         p.error("--enable-auto-tool-choice needs --tool-call-parser "
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(async_engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      drain_timeout=1.0,  # uvicorn drains HTTP for --drain-timeout before that
                      tool_call_parser=args.tool_call_parser,
-                     exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
+                     exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+                     reasoning_parser=args.reasoning_parser)
     freeze_startup_heap()  # (a full collection over the start-up heap would stall every stream)
     gc_pauses()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -25,6 +25,7 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
                        TokenizeResponse)
 from .serving import Serving
 from .tokenization import Tokenization
+from .reasoning import reasoning_parser as reasoning_parser_named
 from .tool_calls import ToolCallConfig
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
@@ -91,7 +92,8 @@ class _LimitBody:
 def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                drain_timeout: float = 30.0, tool_call_parser: str | None = None,
-               exclude_tools_when_tool_choice_none: bool = False) -> FastAPI:
+               exclude_tools_when_tool_choice_none: bool = False,
+               reasoning_parser: str | None = None) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` as ``model_name``.
 
     api_key: when set, /v1/*, /tokenize and /detokenize need ``Authorization: Bearer <api_key>``
@@ -99,13 +101,14 @@ def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = No
     drain_timeout: on shutdown, how long requests still in flight may run before being aborted.
     tool_call_parser: how to find tool calls in the output ('hermes', 'llama3_json'); None:
     requests with tool_choice "auto" get a 400. exclude_tools_when_tool_choice_none: do not
-    render the tools into the prompt of a request with tool_choice "none".
+    render the tools into the prompt of a request with tool_choice "none". reasoning_parser:
+    'qwen3' or 'deepseek_r1' moves the model's <think> text into ``reasoning_content``.
     """
     tool_config = ToolCallConfig(tool_call_parser, exclude_tools_when_tool_choice_none)
     metrics = ServerMetrics(engine, model_name)
     serving = Serving(engine, model_name, metrics)
     completions = Completions(serving)
-    chat = ChatCompletions(serving, tool_config)
+    chat = ChatCompletions(serving, tool_config, reasoning_parser_named(reasoning_parser))
     tokenization = Tokenization(serving, chat)
 
     @contextlib.asynccontextmanager

@@ -1,5 +1,7 @@
 """``POST /v1/chat/completions``: messages through the model's chat template; with a tool-call
-parser, the calls the model writes come back as ``tool_calls`` (see tool_calls.py)."""
+parser, the calls the model writes come back as ``tool_calls`` (see tool_calls.py); with a
+reasoning parser, the model's thinking comes back as ``reasoning_content`` (reasoning.py), and
+tool calls are looked for in the rest."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +14,7 @@ from .errors import APIError, bad_request, from_engine_error
 from .protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatResponseMessage,
                        ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob)
+from .reasoning import ReasoningParser, ReasoningStream, extract_reasoning
 from .serving import (SSE_DONE, Choice, Prompt, Serving, holdback_for, new_id,
                       now, sampled_and_top, sse, visible_text)
 from .tool_calls import (ToolCallConfig, ToolCallStream, ToolPlan, extract_tool_calls,
@@ -19,9 +22,11 @@ from .tool_calls import (ToolCallConfig, ToolCallStream, ToolPlan, extract_tool_
 
 
 class ChatCompletions:
-    def __init__(self, serving: Serving, tool_config: ToolCallConfig = ToolCallConfig()):
+    def __init__(self, serving: Serving, tool_config: ToolCallConfig = ToolCallConfig(),
+                 reasoning_parser: ReasoningParser | None = None):
         self.serving = serving
         self.tool_config = tool_config
+        self.reasoning_parser = reasoning_parser
 
     async def prompt(self, request: ChatCompletionRequest, tools: ToolPlan) -> Prompt:
         return await self.render(request.messages, request.add_generation_prompt,
@@ -86,10 +91,15 @@ class ChatCompletions:
         answers = []
         for c in choices:
             completion = c.last.outputs[0]
-            content, calls = completion.text, []
+            reasoning, content, calls = None, completion.text, []
+            if self.reasoning_parser is not None:
+                reasoning, content = extract_reasoning(content, self.reasoning_parser)
             if tools.parser is not None:
-                content, calls = extract_tool_calls(completion.text, tools.parser, tools.parallel)
-            message = ChatResponseMessage(content=content, tool_calls=calls or None)
+                content, calls = extract_tool_calls(content, tools.parser, tools.parallel)
+            if reasoning is not None and not content:
+                content = None  # all thinking (e.g. cut off), as vLLM answers
+            message = ChatResponseMessage(content=content, reasoning_content=reasoning,
+                                          tool_calls=calls or None)
             answers.append(ChatChoice(
                 index=c.index, message=message,
                 logprobs=self.logprobs(request, c),
@@ -123,6 +133,8 @@ class ChatCompletions:
         created = int(arrival)
         tool_streams = ({c.index: ToolCallStream(tools.parser, tools.parallel) for c in choices}
                         if tools.parser is not None else {})
+        reasoning_streams = ({c.index: ReasoningStream(self.reasoning_parser) for c in choices}
+                             if self.reasoning_parser is not None else {})
 
         def chunk(choice_list: list[ChatStreamChoice]) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created,
@@ -137,20 +149,28 @@ class ChatCompletions:
                 completion = choice.last.outputs[0]
                 finished = choice.last.finished
                 tool_stream = tool_streams.get(choice.index)
-                new_calls = []
-                if tool_stream is None:
+                reasoning_stream = reasoning_streams.get(choice.index)
+                new_calls, reasoning = [], ""
+                if tool_stream is None and reasoning_stream is None:
                     delta = serving.text_delta(choice, holdback)
                 else:
-                    delta, new_calls = tool_stream.step(visible_text(choice.last, holdback),
-                                                        finished)
+                    text = visible_text(choice.last, holdback)
+                    if reasoning_stream is not None:
+                        reasoning, text = reasoning_stream.step(text, finished)
+                    if tool_stream is not None:
+                        delta, new_calls = tool_stream.step(text, finished)
+                    else:
+                        assert reasoning_stream is not None
+                        delta = reasoning_stream.content_delta(text)
                 has_logprobs = request.logprobs and len(completion.logprobs or []) > choice.sent_tokens
-                if not (delta or new_calls or finished or has_logprobs):
+                if not (delta or reasoning or new_calls or finished or has_logprobs):
                     continue
                 called = tool_stream is not None and bool(tool_stream.calls)
                 reason = finish_reason(completion.finish_reason, called) if finished else None
                 yield chunk([ChatStreamChoice(
                     index=choice.index,
-                    delta=DeltaMessage(content=delta or None, tool_calls=new_calls or None),
+                    delta=DeltaMessage(content=delta or None, reasoning_content=reasoning or None,
+                                       tool_calls=new_calls or None),
                     logprobs=self.logprobs(request, choice), finish_reason=reason,
                     stop_reason=completion.stop_reason if finished else None)])
             if request.stream_options and request.stream_options.include_usage:

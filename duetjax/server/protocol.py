@@ -348,14 +348,18 @@ class DeltaToolCall(ToolCall):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    """The model's thinking, with ``--reasoning-parser`` (vLLM's field)."""
     tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_no_tool_calls(self, handler: Any) -> dict[str, Any]:
-        """``tool_calls`` only when the model called tools, as OpenAI answers."""
+        """``tool_calls`` only when the model called tools, as OpenAI answers; likewise
+        ``reasoning_content`` only when there is some."""
         data = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
+        for key in ("reasoning_content", "tool_calls"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -379,6 +383,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")

@@ -72,8 +72,9 @@ def partial_marker_length(text: str, marker: str, start: int = 0) -> int:
     return 0
 
 
-def _content_end(text: str, marker: str, start: int, final: bool) -> int:
-    """Where the decided content of ``text[start:]`` (holding no ``marker``) ends."""
+def decided_end(text: str, marker: str, start: int, final: bool) -> int:
+    """Where the decided part of ``text[start:]`` (holding no ``marker``) ends: all of it
+    when ``final``, else up to a partial ``marker`` at its end."""
     return len(text) if final else len(text) - partial_marker_length(text, marker, start)
 
 
@@ -124,7 +125,7 @@ class HermesToolParser(ToolParser):
         while True:
             start = text.find(self.START, at)
             if start < 0:
-                segments.append(text[at:_content_end(text, self.START, at, final)])
+                segments.append(text[at:decided_end(text, self.START, at, final)])
                 return segments
             segments.append(text[at:start])
             body = start + len(self.START)
@@ -162,7 +163,7 @@ class Llama3JsonToolParser(ToolParser):
             if region is None:
                 tag = text.find(self.TAG, at)
                 if tag < 0:
-                    segments.append(text[at:_content_end(text, self.TAG, at, final)])
+                    segments.append(text[at:decided_end(text, self.TAG, at, final)])
                     return segments
                 segments.append(text[at:tag])
                 at, region = tag, tag + len(self.TAG)
