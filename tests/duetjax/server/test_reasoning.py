@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 
 import pytest
 
@@ -17,7 +16,7 @@ from duetjax.server.reasoning import (DeepSeekR1ReasoningParser, Qwen3ReasoningP
 from duetjax.server.serving import Choice, Prompt
 from duetjax.server.tool_calls import ToolCallConfig, plan_tools
 
-from .test_tool_calls import WEATHER, ScriptedStream, chat_completions, outputs_of
+from .test_tool_calls import WEATHER, ScriptedStream, chat_completions, outputs_of, stream_cuts
 
 QWEN3 = Qwen3ReasoningParser()
 R1 = DeepSeekR1ReasoningParser()
@@ -83,10 +82,7 @@ def streamed(parser, text: str, cuts: list[int]) -> tuple[str | None, str]:
                          + [f"deepseek_r1-{c[0]}" for c in R1_CASES])
 def test_streaming_any_split_equals_the_whole_text(parser, text):
     whole = extract_reasoning(text, parser)
-    assert streamed(parser, text, list(range(len(text)))) == whole  # a character at a time
-    rng = random.Random(len(text))
-    for _ in range(5):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(4, len(text) + 1)))
+    for cuts in stream_cuts(text):
         assert streamed(parser, text, cuts) == whole
 
 

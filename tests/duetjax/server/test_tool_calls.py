@@ -137,16 +137,20 @@ def streamed(parser, text: str, cuts: list[int]):
             [(c.function.name, json.loads(c.function.arguments)) for c in calls])
 
 
+def stream_cuts(text: str) -> list[list[int]]:
+    """Where a streamed text is cut into chunks: after every character, and 5 random splits."""
+    rng = random.Random(len(text))
+    return [list(range(len(text)))] + [
+        sorted(rng.sample(range(len(text) + 1), min(4, len(text) + 1))) for _ in range(5)]
+
+
 @pytest.mark.parametrize("parser,text", [(HERMES, c[1]) for c in HERMES_CASES]
                          + [(LLAMA, c[1]) for c in LLAMA_CASES],
                          ids=[f"hermes-{c[0]}" for c in HERMES_CASES]
                          + [f"llama3_json-{c[0]}" for c in LLAMA_CASES])
 def test_streaming_any_split_equals_the_whole_text(parser, text):
     whole = parse(parser, text)
-    assert streamed(parser, text, list(range(len(text)))) == whole  # a character at a time
-    rng = random.Random(len(text))
-    for _ in range(5):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(4, len(text) + 1)))
+    for cuts in stream_cuts(text):
         assert streamed(parser, text, cuts) == whole
 
 
