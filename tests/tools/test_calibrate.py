@@ -210,14 +210,15 @@ def test_interference_and_gemm_fit_math():
 # ------------------------------------------------------------------ children as processes
 
 def test_pair_children_start_together():
-    runner = cal.SubprocessRunner(cal.Measure(fake=True, window_s=0.3), timeout_s=60)
+    # (a window long enough that a busy CI machine's scheduling delays stay small beside it)
+    runner = cal.SubprocessRunner(cal.Measure(fake=True, window_s=1.0), timeout_s=60)
     env = cal.child_env(cal.FakeMPS(), 70), cal.child_env(cal.FakeMPS(), 30)
     p, d = runner.pair(*env, 70, 30)
     assert p["role"] == "prefill" and p["pct"] == 70 and d["role"] == "decode" and d["pct"] == 30
     assert p["flops"] == pytest.approx(cal.fake_flops(0.7) * _prefill_factor(30))
     assert d["bandwidth"] == pytest.approx(cal.fake_bandwidth(0.3) * _decode_factor(70))
-    assert abs(p["window_start"] - d["window_start"]) < 0.1
-    assert cal.window_overlap(p, d) > 0.6
+    assert abs(p["window_start"] - d["window_start"]) < 0.3
+    assert cal.window_overlap(p, d) > 0.7
 
 
 def test_failing_children_are_reported():
