@@ -11,6 +11,7 @@ _EXPORTS = {
     "EngineConfig": ".config",
     "RequestOutput": ".outputs",
     "SamplingParams": ".sampling_params",
+    "StructuredOutputsParams": ".structured_outputs",
 }
 __all__ = sorted(_EXPORTS)
 

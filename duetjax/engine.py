@@ -27,6 +27,7 @@ from .request import PENDING, Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
 from .shared_state import SharedState
+from .structured_outputs import GrammarCompiler, all_tokens_mask, fill_token_mask
 from .worker_client import RemoteInFlight, WorkerDied
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,9 @@ class Engine:
         """When the previous aggregated step's results arrived, while the pipeline stays full."""
         self._finished_outputs_only = False
         """``step`` returns outputs of finished requests only (``generate`` needs no others)."""
+        self._grammars = (GrammarCompiler(self.tokenizer.backend.to_str(), cfg.vocab_size,
+                                          self.eos_token_ids) if self.tokenizer else None)
+        """Structured outputs' grammar compiler (None: no tokenizer)."""
         self.stats = LoopStats()
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(self.config.seed)
@@ -257,6 +261,9 @@ class Engine:
                              f"vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+        matcher = None
+        if params.structured_outputs is not None:
+            matcher = self._grammar_compiler().matcher(params.structured_outputs)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -268,9 +275,30 @@ class Engine:
             request.detokenizer = self.tokenizer.incremental_detokenizer(
                 ids, skip_special_tokens=params.skip_special_tokens)
         request.plain = request.detokenizer is None and params.logprobs is None
+        request.matcher = matcher
         self.scheduler.add(request)
         self._requests[request_id] = request
         return request_id
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        """The model's ``GrammarCompiler``; ValueError where structured outputs cannot run."""
+        if self._grammars is None:
+            raise ValueError(f"structured outputs need a tokenizer; {self.model.path} ships none")
+        return self._grammars
+
+    def _token_mask(self, batch: SchedulerOutput) -> np.ndarray | None:
+        """The allowed tokens of the batch's rows that sample a constrained token (None when
+        there are none): each from its request's grammar state."""
+        if not self.scheduler.num_constrained:
+            return None
+        mask = None
+        for row, item in enumerate(batch.scheduled):
+            request = item.request
+            if request.matcher is not None and item.completes_sequence:
+                if mask is None:
+                    mask = all_tokens_mask(len(batch.scheduled), self.model.config.vocab_size)
+                fill_token_mask(request.matcher, mask, row)
+        return mask
 
     def abort(self, request_id: str) -> None:
         """Stops a request now and frees its pages (unknown or finished ids are ignored)."""
@@ -316,7 +344,9 @@ class Engine:
         if self.duet is not None:
             prefill, decode = self.scheduler.preview()
             decision = pair = None
-            if prefill and decode:  # otherwise there is nothing to split
+            # (nothing to split; or a constrained request waits or runs: workers take no token
+            # masks, so iterations stay aggregated until it ends)
+            if prefill and decode and not self.scheduler.num_constrained:
                 decision, pair = self.duet.decide(prefill, decode)
                 predicted = decision.t_aggregated
             if self._stream is not None and (pair is None or self._stream.client is not pair[1]):
@@ -330,29 +360,39 @@ class Engine:
         return self._aggregated_step(predicted)
 
     def _aggregated_step(self, predicted: float | None) -> list[RequestOutput]:
-        """One pipelined step on this process's device (``step``)."""
+        """One pipelined step on this process's device (``step``). When the step in flight
+        samples a constrained token (structured outputs), its tokens are read first: the
+        next step's token mask follows from them, so the pipeline waits for the device."""
         started = time.perf_counter()
+        drained, waited = [], 0.0
+        if self._in_flight is not None and self._in_flight.samples_constrained:
+            drained, waited = self._finish_step(self._in_flight)
+            self._in_flight = None
+        drain_seconds = time.perf_counter() - started
         batch = self.scheduler.schedule(self.config.decode_steps)
         scheduled = prepared = time.perf_counter()
         launched, launch_seconds = None, 0.0
         if batch.scheduled:
-            launched = self.runner.dispatch(batch, self._in_flight)
+            token_mask = self._token_mask(batch)
+            launched = self.runner.dispatch(batch, self._in_flight, token_mask)
+            launched.samples_constrained = token_mask is not None
             launch_seconds = self.runner.last_launch_seconds
             prepared = time.perf_counter()
             self._mark_launched(batch, launched)
             self.scheduler.commit(batch)
         marked = time.perf_counter()
-        outputs, waited = self._finish_step(self._in_flight) if self._in_flight else ([], 0.0)
+        outputs, in_flight_waited = self._finish_step(self._in_flight) if self._in_flight else ([], 0.0)
+        waited += in_flight_waited
         self._observe_aggregated(launched, predicted)
         self._in_flight = launched
         stats, now = self.stats, time.perf_counter()
-        stats.schedule_seconds += scheduled - started
+        stats.schedule_seconds += scheduled - started - drain_seconds
         stats.prepare_seconds += prepared - scheduled - launch_seconds
         stats.launch_bookkeeping_seconds += marked - prepared
-        stats.apply_seconds += now - marked - waited
+        stats.apply_seconds += now - marked + drain_seconds - waited
         stats.record(now - started - waited - launch_seconds, launch_seconds, waited,
                      batch.num_steps if batch.scheduled else 0)
-        return outputs
+        return drained + outputs if drained else outputs
 
     def _observe_aggregated(self, launched: InFlight | None, predicted: float | None) -> None:
         """Duet mode: the in-flight step's results just arrived; with the pipeline full, the
@@ -659,6 +699,8 @@ class Engine:
             stop = self._detokenize(request, tokens[:upto]) or stop
         if stop is not None:
             tokens = tokens[:stop[0] + 1]
+        if request.matcher is not None and stop is None:
+            stop = self._grammar_stop(request, tokens)
         request.output_token_ids[first:first + len(tokens)] = tokens
         metrics = request.metrics
         if metrics.first_token_time is None:
@@ -670,6 +712,17 @@ class Engine:
                                  for j, token in enumerate(tokens)]
         if stop is not None:
             self._finish(request, first + stop[0], stop[1], stop[2])
+
+    @staticmethod
+    def _grammar_stop(request: Request, tokens: list[int]) -> tuple[int, str, None] | None:
+        """Advances a constrained request's grammar over its new tokens (one per dispatch);
+        (position, 'stop', None) once the grammar is complete. A token the grammar refuses
+        (only possible for a stop token the mask allowed at a complete grammar) ends it too."""
+        matcher = request.matcher
+        for j, token in enumerate(tokens):
+            if not matcher.consume_token(token) or matcher.is_stopped():
+                return j, "stop", None
+        return None
 
     def _token_stop(self, request: Request, first: int,
                     tokens: list[int]) -> tuple[int, str, int | None] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +28,27 @@ from models.decoder import Decoder
 from .config import EngineConfig
 from .request import Request
 from .sampling_params import SamplingParams
-from .sampler import (SampledTokens, SlotTables, fill_slot, needs_full_sampler, sample_basic,
-                      sample_full, slot_row, wants_logprobs, with_logprobs)
+from .sampler import (SampledTokens, SlotTables, apply_token_mask, fill_slot, needs_full_sampler,
+                      sample_basic, sample_full, slot_row, wants_logprobs, with_logprobs)
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedState
+from .structured_outputs import all_tokens_mask, token_mask_width
 from .step_inputs import (Bucket, Reuse, StepInputs, advanced, bucket, bucket_for, build_inputs,
                           continue_packed, layout_of, pack, plan_buckets, unpack, unpack_on_device)
 
 log = logging.getLogger(__name__)
+
+
+class Samplers(NamedTuple):
+    """The executables that run after a step over its logits, for one sequence bucket."""
+
+    full: jax.stages.Compiled
+    """``sample_full``: penalties, logit biases, top-k / top-p (replaces the step's tokens)."""
+    logprobs: jax.stages.Compiled
+    """``with_logprobs``: the sampled tokens' log-probabilities and the most likely tokens'."""
+    mask: jax.stages.Compiled
+    """``apply_token_mask``: structured outputs' allowed tokens (before ``full``)."""
 
 
 @dataclasses.dataclass
@@ -55,6 +68,9 @@ class InFlight:
     """Some row asked for log-probabilities: ``fetch`` reads them too."""
     finished_at_launch: int = 0
     """``Scheduler.num_finished`` at launch: while it stays, none of the rows has ended."""
+    samples_constrained: bool = False
+    """A row samples a structured-outputs token: the next step's mask needs it (set by the
+    engine at launch)."""
 
     def fetch(self) -> SampledTokens:
         """Waits for the step; host arrays with a leading step axis [k, n, ...], one column
@@ -138,8 +154,8 @@ class ModelRunner:
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
         self._reuse = Reuse()
         """What consecutive dispatches' inputs share (``build_inputs``)."""
-        self._full_samplers: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
-        """Sequence bucket -> the compiled (full sampler, log-probabilities) executables."""
+        self._full_samplers: dict[int, Samplers] = {}
+        """Sequence bucket -> its compiled ``Samplers``."""
         # Step inputs travel as one packed byte buffer (``step_inputs.pack``): one host-to-device
         # copy per step; each executable unpacks them with its bucket's static layout.
         self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames="layout")
@@ -148,6 +164,7 @@ class ModelRunner:
         self._jitted_full_sampler = jax.jit(self._full_sampler_fn, donate_argnums=(1,),
                                             static_argnames="layout")
         self._jitted_logprobs = jax.jit(with_logprobs)
+        self._jitted_token_mask = jax.jit(apply_token_mask)
         self._jitted_fill_slot = jax.jit(self._fill_slot_fn, donate_argnums=(0,),
                                          static_argnames="layout")
         self._fill_slot_executable: jax.stages.Compiled | None = None
@@ -188,14 +205,16 @@ class ModelRunner:
             inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
             sampled, _ = self.execute(b, inputs, None, b.steps)
             jax.block_until_ready(sampled)
-        for num_seqs, (full_sampler, logprobs) in self._full_samplers.items():
+        vocab = self.model.config.vocab_size
+        for num_seqs, samplers in self._full_samplers.items():
             x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size,
                              self.max_pages_per_seq)
-            logits = jnp.zeros((num_seqs, self.model.config.vocab_size), jnp.float32)
+            logits = samplers.mask(jnp.zeros((num_seqs, vocab), jnp.float32),
+                                   all_tokens_mask(num_seqs, vocab))
             # penalties neither reset nor count on padding: the counts come back unchanged
-            sampled, _, self.token_counts = full_sampler(
+            sampled, _, self.token_counts = samplers.full(
                 logits, self.token_counts, self.slot_tables, _packed((x.sampling, x.penalties)))
-            jax.block_until_ready(logprobs(logits, sampled.token_ids))
+            jax.block_until_ready(samplers.logprobs(logits, sampled.token_ids))
         if self._fill_slot_executable is not None:  # a slot out of range: nothing is written
             self.slot_tables = self._fill_slot_executable(self.slot_tables,
                                                           _packed(self._slot_inputs(None)))
@@ -229,17 +248,23 @@ class ModelRunner:
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
 
-    def _compile_full_sampler(self, num_seqs: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
-        """The full sampler and the log-probability executable for ``num_seqs`` sequences."""
+    def _compile_full_sampler(self, num_seqs: int) -> Samplers:
+        """The ``Samplers`` for ``num_seqs`` sequences."""
         start = time.perf_counter()
         x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size, self.max_pages_per_seq)
-        logits = jax.ShapeDtypeStruct((num_seqs, self.model.config.vocab_size), jnp.float32)
+        vocab = self.model.config.vocab_size
+        logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32)
         settings = (x.sampling, x.penalties)
-        compiled = (self._jitted_full_sampler.lower(
-            logits, self.token_counts, self.slot_tables, _packed(settings), layout=layout_of(settings)
-        ).compile(compiler_options=self._compiler_options),
-            self._jitted_logprobs.lower(logits, jax.ShapeDtypeStruct((num_seqs,), jnp.int32)).compile(
-                compiler_options=self._compiler_options))
+        options = self._compiler_options
+        compiled = Samplers(
+            self._jitted_full_sampler.lower(logits, self.token_counts, self.slot_tables,
+                                            _packed(settings), layout=layout_of(settings)
+                                            ).compile(compiler_options=options),
+            self._jitted_logprobs.lower(logits, jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
+                                        ).compile(compiler_options=options),
+            self._jitted_token_mask.lower(
+                logits, jax.ShapeDtypeStruct((num_seqs, token_mask_width(vocab)), jnp.int32)
+            ).compile(compiler_options=options))
         self._full_samplers[num_seqs] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
@@ -349,9 +374,11 @@ class ModelRunner:
         tokens, kv_pool, out = jax.lax.fori_loop(0, num_steps, one_step, (tokens, kv_pool, out))
         return out, self._pad_rows(tokens), jax.lax.bitcast_convert_type(kv_pool, stored)
 
-    def dispatch(self, batch: SchedulerOutput, previous: InFlight | None) -> InFlight:
+    def dispatch(self, batch: SchedulerOutput, previous: InFlight | None,
+                 token_mask: np.ndarray | None = None) -> InFlight:
         """Launches one dispatch without waiting for it (nor for ``previous``, whose sampled
-        tokens feed this one on the device)."""
+        tokens feed this one on the device). ``token_mask``: int32[rows, ceil(vocab / 32)],
+        the tokens each scheduled row may sample (structured outputs; None: any)."""
         b = bucket_for(batch, self.config)
         reuse = self._reuse
         previous_tokens = previous.last_tokens if previous is not None else None
@@ -364,18 +391,20 @@ class ModelRunner:
         else:
             inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, reuse,
                                   previous.batch.scheduled if previous is not None else None)
-            sampled, last = self.execute(b, inputs, previous_tokens, batch.num_steps, reuse=reuse)
+            sampled, last = self.execute(b, inputs, previous_tokens, batch.num_steps, reuse=reuse,
+                                         token_mask=token_mask)
         return InFlight(batch, sampled, last, wants_logprobs=reuse.sampler_flags[1])
 
     def execute(self, b: Bucket, inputs: StepInputs | None, previous_tokens: jax.Array | None,
                 num_steps: int = 1, sampler_flags: tuple[bool, bool] | None = None,
-                reuse: Reuse | None = None, packed: np.ndarray | None = None
-                ) -> tuple[SampledTokens, jax.Array]:
+                reuse: Reuse | None = None, packed: np.ndarray | None = None,
+                token_mask: np.ndarray | None = None) -> tuple[SampledTokens, jax.Array]:
         """Runs prepared inputs; returns (sampled, last tokens) as device arrays.
         ``sampler_flags``: (needs the full sampler, wants logprobs) when already known.
         ``reuse`` keeps the flags and the packed inputs for a continuation; ``packed``: the
         inputs already packed (``continue_packed``: ``inputs`` is None then, and is unpacked
-        from ``packed`` where it is needed, with ``reuse.inputs`` as the template)."""
+        from ``packed`` where it is needed, with ``reuse.inputs`` as the template).
+        ``token_mask``: see ``dispatch`` (its rows run the full sampler)."""
         executable = self._executables.get(b)
         if executable is None:
             if self.config.compile_on_start:
@@ -388,6 +417,8 @@ class ModelRunner:
         if sampler_flags is None:
             sampler_flags = (needs_full_sampler(inputs.sampling, inputs.penalties),
                              wants_logprobs(inputs.sampling))
+        if token_mask is not None:  # (the masked logits are sampled again)
+            sampler_flags = (True, sampler_flags[1])
         full, logprobs = sampler_flags
         if reuse is not None:
             reuse.sampler_flags, reuse.packed = sampler_flags, packed
@@ -409,13 +440,17 @@ class ModelRunner:
                 if self.config.compile_on_start:
                     raise RuntimeError(f"no compiled full sampler for {b.num_seqs} sequences")
                 samplers = self._compile_full_sampler(b.num_seqs)
-            full_sampler, logprob_executable = samplers
             if full:
-                sampled, last, self.token_counts = full_sampler(
-                    logits, self.token_counts, self.slot_tables,
+                allowed = logits
+                if token_mask is not None:
+                    padded = all_tokens_mask(b.num_seqs, self.model.config.vocab_size)
+                    padded[:len(token_mask)] = token_mask
+                    allowed = samplers.mask(logits, padded)
+                sampled, last, self.token_counts = samplers.full(
+                    allowed, self.token_counts, self.slot_tables,
                     _packed((inputs.sampling, inputs.penalties)))
-            if logprobs:
-                sampled = logprob_executable(logits, sampled.token_ids)
+            if logprobs:  # (the model's distribution, before penalties and masks)
+                sampled = samplers.logprobs(logits, sampled.token_ids)
         self.last_launch_seconds = time.perf_counter() - start
         if self.shared is not None:
             self.shared.after_step(self, (b, full), inputs, num_steps)

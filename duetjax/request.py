@@ -28,7 +28,7 @@ class Request:
                  "max_output_tokens", "seed", "output_token_ids",
                  "num_computed_tokens", "block_table", "page_hashes", "num_cached_pages",
                  "penalty_slot", "penalty_slot_fresh", "status", "finish_reason", "stop_reason",
-                 "text", "logprobs", "detokenizer", "stop_ids", "plain", "metrics")
+                 "text", "logprobs", "detokenizer", "stop_ids", "plain", "matcher", "metrics")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, prompt: str | None = None, arrival_time: float | None = None):
@@ -57,6 +57,9 @@ class Request:
         self.stop_ids: frozenset[int] = frozenset()  # ids that end it (set by the engine)
         # No text and no logprobs to produce: its tokens take the engine's short path.
         self.plain = False
+        # Structured outputs: its grammar's state (``llguidance.LLMatcher``) after the tokens
+        # the host has seen; it samples only when none is on the device (``Scheduler``).
+        self.matcher = None
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
 
     @property

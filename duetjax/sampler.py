@@ -1,9 +1,11 @@
 """Token sampling on the device.
 
 Every step samples with ``sample_basic`` (greedy, temperature, min-p) inside its executable.
-Steps holding a request that uses top-k, top-p, penalties or logit_bias also run ``sample_full``
-over the step's logits as a second executable, which replaces the step's tokens; steps with a
-request that wants log-probabilities run ``with_logprobs`` after that. The host picks them from
+Steps holding a request that uses top-k, top-p, penalties, logit_bias or structured outputs
+also run ``sample_full`` over the step's logits as a second executable, which replaces the
+step's tokens (structured outputs first mask the logits with ``apply_token_mask``, a third);
+steps with a request that wants log-probabilities run ``with_logprobs`` after that, on the
+model's logits. The host picks them from
 the step's inputs, so no device value ever decides what runs.
 
 Randomness is per request: the key is ``fold_in(key(seed), n)`` where n counts the request's
@@ -228,6 +230,16 @@ def sample_full(logits: jax.Array, counts: jax.Array, tables: SlotTables, s: Sam
     penalized, counts = apply_penalties(logits, counts, tables, p)
     tokens = sample(penalized, s)
     return _without_logprobs(tokens, logits.shape[-1]), count_tokens(counts, tokens, p)
+
+
+def apply_token_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """``logits`` with -inf where ``mask`` (int32[S, ceil(vocab / 32)], bit i of word w for
+    token 32 w + i: llguidance's layout) does not allow the token (structured outputs). Rows
+    that allow everything come back bit for bit."""
+    rows, vocab = logits.shape
+    bits = jax.lax.bitcast_convert_type(mask, jnp.uint32)[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)
+    allowed = (bits & 1).reshape(rows, -1)[:, :vocab] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def with_logprobs(model_logits: jax.Array, tokens: jax.Array) -> SampledTokens:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+from .structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 """Most alternatives per token that ``logprobs`` may ask for (OpenAI's top_logprobs limit)."""
@@ -55,6 +57,11 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the log-probability of each generated token and of the N most likely
     alternatives (0: the generated token only; None: no log-probabilities)."""
+    structured_outputs: StructuredOutputsParams | Mapping[str, Any] | None = None
+    """Constrain the output to a JSON schema, a regex, a list of choices or a grammar
+    (``StructuredOutputsParams``, or a dict of its fields). The request ends when the
+    constraint is complete. In duet mode, iterations run aggregated while such a request waits
+    or runs."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +71,12 @@ class SamplingParams:
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         object.__setattr__(self, "logit_bias", _checked_logit_bias(self.logit_bias))
+        if isinstance(self.structured_outputs, Mapping):
+            object.__setattr__(self, "structured_outputs",
+                               StructuredOutputsParams(**self.structured_outputs))
+        elif not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of "
+                             f"its fields, got {type(self.structured_outputs).__name__}")
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -108,11 +121,11 @@ class SamplingParams:
     @property
     def needs_full_sampler(self) -> bool:
         """Uses a feature outside the sampling built into every step (greedy, temperature,
-        min-p): top-k, top-p, penalties, logit_bias or log-probabilities. Steps holding such a
-        request run the full sampler and/or the log-probability executable after the step, and
-        decode one step per dispatch."""
+        min-p): top-k, top-p, penalties, logit_bias, log-probabilities or structured outputs.
+        Steps holding such a request run the full sampler and/or the log-probability
+        executable after the step, and decode one step per dispatch."""
         return (self.top_k > 0 or self.top_p < 1.0 or self.penalized
-                or self.logprobs is not None)
+                or self.logprobs is not None or self.structured_outputs is not None)
 
 
 def _checked_logit_bias(logit_bias: Mapping[int, float] | None) -> dict[int, float] | None:

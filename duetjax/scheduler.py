@@ -16,7 +16,7 @@ import numpy as np
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .request import Request, RequestStatus
+from .request import PENDING, Request, RequestStatus
 
 
 @dataclasses.dataclass(slots=True)
@@ -155,6 +155,9 @@ class Scheduler:
         """Requests sent back to the queue for lack of KV pages (they are recomputed later)."""
         self.num_finished = 0
         """Requests ended so far (the host loop checks rows for ends only when it changed)."""
+        self.num_constrained = 0
+        """Unfinished requests with structured outputs (a ``matcher``): while there are any,
+        the engine looks for them in each batch to build its token mask."""
         self._steady: _SteadyDecode | None = None
 
     def add(self, request: Request) -> None:
@@ -165,6 +168,8 @@ class Scheduler:
         request.max_output_tokens = min(request.params.max_tokens,
                                         self.max_model_len - len(request.prompt_token_ids))
         self.waiting.append(request)
+        if request.matcher is not None:
+            self.num_constrained += 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -206,6 +211,10 @@ class Scheduler:
                 index += 1  # its last token is still on the device; it finishes on arrival
                 continue
             uncomputed = len(request.prompt_token_ids) + num_outputs - request.num_computed_tokens
+            if (request.matcher is not None and uncomputed == 1 and num_outputs
+                    and request.output_token_ids[-1] == PENDING):
+                index += 1  # its next token's mask follows the one still on the device
+                continue
             if chunks_only and uncomputed == 1:
                 budget -= 1
                 index += 1
@@ -273,8 +282,10 @@ class Scheduler:
         """The steady state that continues ``output``: when every running request decodes
         ``num_steps`` tokens in it."""
         k, n = output.num_steps, len(output.scheduled)
-        if k > self.blocks.page_size:
-            return None  # (``DecodeRows`` tracks pages filled by at most one page of tokens)
+        if k > self.blocks.page_size or self.num_constrained:
+            # (``DecodeRows`` tracks pages filled by at most one page of tokens; a constrained
+            # request sits out every other step)
+            return None
         for item in output.scheduled:
             r = item.request
             if (item.num_new_tokens != 1 or item.num_steps != k
@@ -410,6 +421,8 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        if request.matcher is not None:
+            self.num_constrained -= 1
         self.blocks.free(request)
         if request.penalty_slot is not None:
             self.free_penalty_slots.append(request.penalty_slot)

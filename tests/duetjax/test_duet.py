@@ -307,3 +307,31 @@ def test_penalties_and_logit_bias_hold_across_workers(duet, tiny_llama_dir):
     loaded = load_model(tiny_llama_dir, dtype="float32")
     assert got == greedy_with_penalties(loaded, [p["prompt_token_ids"] for p in PROMPTS], got, params)
     assert len(duet.scheduler.free_penalty_slots) == CONFIG["max_num_seqs"]
+
+
+def test_structured_outputs_keep_iterations_aggregated(profile_and_slo, tmp_path):
+    # Workers take no token masks: while a constrained request waits or runs, every iteration
+    # runs aggregated, and the outputs are the aggregated engine's; splits resume after it.
+    from tests.duetjax.server.helpers import write_tiny_chat_model
+
+    chat = write_tiny_chat_model(tmp_path / "chat")
+    constrained = SamplingParams(temperature=0.0, max_tokens=12,
+                                 structured_outputs={"regex": "[a-z]{5,30}"})
+    params = [constrained] + PARAMS[1:]
+    want = token_ids(Engine(chat, **CONFIG).generate(PROMPTS, params, use_tqdm=False))
+    duet = duet_engine(chat, profile_and_slo)
+    try:
+        ids = [duet.add_request(p, q) for p, q in zip(PROMPTS, params)]
+        results, splits_while_constrained = {}, 0
+        while duet.has_unfinished_requests():
+            constrained_in, before = duet.scheduler.num_constrained, duet.duet.stats.split_iterations
+            for output in duet.step():
+                if output.finished:
+                    results[output.request_id] = output
+            if constrained_in:
+                splits_while_constrained += duet.duet.stats.split_iterations - before
+        assert [results[i].outputs[0].token_ids for i in ids] == want
+        assert splits_while_constrained == 0 and duet.duet.stats.split_iterations > 0
+        assert all("a" <= c <= "z" for c in results[ids[0]].outputs[0].text)
+    finally:
+        duet.close()
