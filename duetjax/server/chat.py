@@ -1,7 +1,8 @@
 """``POST /v1/chat/completions``: messages through the model's chat template; with a tool-call
 parser, the calls the model writes come back as ``tool_calls`` (see tool_calls.py); with a
 reasoning parser, the model's thinking comes back as ``reasoning_content`` (reasoning.py), and
-tool calls are looked for in the rest."""
+tool calls are looked for in the rest. ``response_format``, ``structured_outputs`` and
+tool_choice "required" or a named function constrain the output (structured.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,8 @@ from .protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
 from .reasoning import ReasoningParser, ReasoningStream, extract_reasoning
 from .serving import (SSE_DONE, Choice, Prompt, Serving, holdback_for, new_id,
                       now, sampled_and_top, sse, visible_text)
-from .tool_calls import (ToolCallConfig, ToolCallStream, ToolPlan, extract_tool_calls,
-                         plan_tools, template_tool_calls)
+from .structured import asks_for_structured_output, chat_constraint
+from .tool_calls import ToolCallConfig, ToolPlan, finished_calls, plan_tools, template_tool_calls
 
 
 class ChatCompletions:
@@ -73,29 +74,41 @@ class ChatCompletions:
         if (message := request.unsupported()) is not None:
             raise bad_request(message)
         tools = plan_tools(request, self.tool_config)
+        constraint = chat_constraint(request, tools.forced)
         prompt = await self.prompt(request, tools)
         field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         max_tokens = serving.max_tokens_for(prompt, request.max_new_tokens, field)
         top_n = (request.top_logprobs or 0) if request.logprobs else None
-        params = serving.sampling_params(request, max_tokens, top_n)
+        params = serving.sampling_params(request, max_tokens, top_n, constraint)
         request_id = new_id("chatcmpl")
-        choices = await serving.start([prompt], params, request.n, request_id)
+        choices = await serving.start([prompt], params, request.n, request_id, constraint)
         return await serving.respond(
             choices, http, arrival, request.stream,
             lambda: self.stream(request, request_id, choices, arrival, params, tools),
             lambda: self.response(request, request_id, choices, tools))
 
+    def reasoning_for(self, request: ChatCompletionRequest,
+                      tools: ToolPlan) -> ReasoningParser | None:
+        """The reasoning parser, unless the output is constrained: then all of it is the
+        constrained answer (no <think> block; deepseek_r1's parser would call it all reasoning).
+        vLLM constrains only what follows the reasoning; duetjax constrains the whole output."""
+        if tools.forced is not None or asks_for_structured_output(request):
+            return None
+        return self.reasoning_parser
+
     def response(self, request: ChatCompletionRequest, request_id: str,
                  choices: list[Choice], tools: ToolPlan = ToolPlan()) -> ChatCompletionResponse:
         serving = self.serving
+        reasoning_parser = self.reasoning_for(request, tools)
         answers = []
         for c in choices:
             completion = c.last.outputs[0]
-            reasoning, content, calls = None, completion.text, []
-            if self.reasoning_parser is not None:
-                reasoning, content = extract_reasoning(content, self.reasoning_parser)
-            if tools.parser is not None:
-                content, calls = extract_tool_calls(content, tools.parser, tools.parallel)
+            reasoning, content, calls, called = None, completion.text, [], False
+            if reasoning_parser is not None:
+                reasoning, content = extract_reasoning(content, reasoning_parser)
+            if (call_stream := tools.call_stream()) is not None:
+                content, calls = finished_calls(call_stream, content)
+                called = call_stream.ends_in_tool_calls
             if reasoning is not None and not content:
                 content = None  # all thinking (e.g. cut off), as vLLM answers
             message = ChatResponseMessage(content=content, reasoning_content=reasoning,
@@ -103,7 +116,7 @@ class ChatCompletions:
             answers.append(ChatChoice(
                 index=c.index, message=message,
                 logprobs=self.logprobs(request, c),
-                finish_reason=finish_reason(completion.finish_reason, bool(calls)),
+                finish_reason=finish_reason(completion.finish_reason, called),
                 stop_reason=completion.stop_reason))
         return ChatCompletionResponse(id=request_id, model=serving.model_name,
                                       usage=serving.usage(choices), choices=answers)
@@ -131,10 +144,11 @@ class ChatCompletions:
         serving = self.serving
         holdback = holdback_for(params)
         created = int(arrival)
-        tool_streams = ({c.index: ToolCallStream(tools.parser, tools.parallel) for c in choices}
-                        if tools.parser is not None else {})
-        reasoning_streams = ({c.index: ReasoningStream(self.reasoning_parser) for c in choices}
-                             if self.reasoning_parser is not None else {})
+        tool_streams = {c.index: stream for c in choices
+                        if (stream := tools.call_stream()) is not None}
+        reasoning_parser = self.reasoning_for(request, tools)
+        reasoning_streams = ({c.index: ReasoningStream(reasoning_parser) for c in choices}
+                             if reasoning_parser is not None else {})
 
         def chunk(choice_list: list[ChatStreamChoice]) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created,
@@ -165,7 +179,7 @@ class ChatCompletions:
                 has_logprobs = request.logprobs and len(completion.logprobs or []) > choice.sent_tokens
                 if not (delta or reasoning or new_calls or finished or has_logprobs):
                     continue
-                called = tool_stream is not None and bool(tool_stream.calls)
+                called = tool_stream is not None and tool_stream.ends_in_tool_calls
                 reason = finish_reason(completion.finish_reason, called) if finished else None
                 yield chunk([ChatStreamChoice(
                     index=choice.index,
@@ -187,6 +201,7 @@ class ChatCompletions:
 
 
 def finish_reason(reason: str | None, called: bool) -> str | None:
-    """"tool_calls" when the model ended its turn after calling tools; a cut-off ("length")
-    stays as it is, so the client knows the calls may be incomplete."""
+    """"tool_calls" when the model ended its turn after calling tools (not for a named
+    tool_choice, which vLLM answers with "stop"); a cut-off ("length") stays as it is, so the
+    client knows the calls may be incomplete."""
     return "tool_calls" if called and reason == "stop" else reason

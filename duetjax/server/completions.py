@@ -1,4 +1,5 @@
-"""``POST /v1/completions``: prompts in (text, texts, token ids), text completions out."""
+"""``POST /v1/completions``: prompts in (text, texts, token ids), text completions out;
+``response_format`` and vLLM's ``structured_outputs`` constrain the text (structured.py)."""
 from __future__ import annotations
 
 from typing import AsyncIterator
@@ -10,6 +11,7 @@ from .errors import APIError, bad_request, from_engine_error
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .serving import (SSE_DONE, Choice, Prompt, Serving, holdback_for, new_id,
                       now, sampled_and_top, sse)
+from .structured import requested_structured_outputs
 
 
 class Completions:
@@ -41,14 +43,15 @@ class Completions:
         serving.check_model(request.model)
         if (message := request.unsupported()) is not None:
             raise bad_request(message)
+        constraint = requested_structured_outputs(request)
         prompts = await self.prompts(request)
         max_tokens = [serving.max_tokens_for(p, request.max_tokens, "max_tokens") for p in prompts]
         if len(set(max_tokens)) > 1:  # max_tokens=None with prompts of different lengths
             raise bad_request("max_tokens is required when prompts differ in length",
                               param="max_tokens")
-        params = serving.sampling_params(request, max_tokens[0], request.logprobs)
+        params = serving.sampling_params(request, max_tokens[0], request.logprobs, constraint)
         request_id = new_id("cmpl")
-        choices = await serving.start(prompts, params, request.n, request_id)
+        choices = await serving.start(prompts, params, request.n, request_id, constraint)
         return await serving.respond(
             choices, http, arrival, request.stream,
             lambda: self.stream(request, request_id, choices, arrival, params),

@@ -5,7 +5,9 @@ is answered with a 400 that names it, rather than silently ignored. Range checks
 pydantic's messages name the field; options that the wire format has but duetjax does not
 implement are checked in ``unsupported()`` and answered with a 400 that says so.
 Tool calling follows OpenAI's shapes (``tools``, ``tool_choice``, ``message.tool_calls``);
-what the server does with them is in ``tool_calls.py``.
+what the server does with them is in ``tool_calls.py``. Structured outputs (``response_format``,
+vLLM's ``structured_outputs``) become the engine's ``StructuredOutputsParams`` in
+``structured.py``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,58 @@ class StreamOptions(_Request):
     """Send one last chunk with token usage before ``[DONE]``."""
     continuous_usage_stats: bool = False
     """vLLM's usage in every chunk: not supported (400 when true)."""
+
+
+class JsonSchemaFormat(_Request):
+    """``response_format.json_schema`` (OpenAI's shape)."""
+
+    name: Annotated[StrictStr, Field(min_length=1)]
+    """The format's name (OpenAI requires it; it does not change the output)."""
+    description: StrictStr | None = None
+    """Accepted and ignored (what the format is for)."""
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """The JSON schema the output must match (``schema`` on the wire; the Python name would
+    shadow pydantic's ``BaseModel.schema``)."""
+    strict: bool | None = None
+    """Accepted; the output is always held to the schema (decoding is constrained)."""
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    """With type "json_schema": the schema (and its name)."""
+
+    @model_validator(mode="after")
+    def _json_schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("type 'json_schema' needs 'json_schema': {'name': ..., "
+                                 "'schema': {...}} (the JSON schema the output must match)")
+            if self.json_schema.schema_ is None:
+                raise ValueError("json_schema needs 'schema': the JSON schema the output must "
+                                 "match (an object)")
+        elif self.json_schema is not None:
+            raise ValueError(f"json_schema goes with type 'json_schema', not {self.type!r}; "
+                             "set type to 'json_schema' or leave json_schema out")
+        return self
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's extra ``structured_outputs``: what the output must match, exactly one field."""
+
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    """A JSON schema (an object, or its JSON text); ``json`` on the wire (the Python name would
+    shadow pydantic's ``BaseModel.json``)."""
+    json_object: bool | None = None
+    """True: the output is one JSON object, of any shape."""
+    regex: StrictStr | None = None
+    """A regular expression the whole output matches."""
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    """The output is exactly one of these strings."""
+    grammar: StrictStr | None = None
+    """A Lark (or GBNF) grammar the output follows."""
 
 
 class _SamplingFields(_Request):
@@ -64,6 +118,12 @@ class _SamplingFields(_Request):
     """{token id (as a string): bias in [-100, 100]} added to the logits (at most 300)."""
     user: str | None = None
     """Accepted and ignored (OpenAI's end-user id)."""
+    response_format: ResponseFormat | None = None
+    """{"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}: decoding is
+    constrained to JSON (vLLM takes it on completions too); {"type": "text"}: no constraint."""
+    structured_outputs: StructuredOutputsRequest | None = None
+    """Extra (vLLM): constrain the output to a JSON schema, a regex, choices or a grammar; not
+    together with a JSON response_format."""
 
     @field_validator("logit_bias")
     @classmethod
@@ -174,9 +234,10 @@ class FunctionDefinition(_Request):
     name: Annotated[StrictStr, Field(min_length=1)]
     description: StrictStr | None = None
     parameters: dict[str, Any] | None = None
-    """The arguments' JSON schema (reaches the chat template as is; not enforced)."""
+    """The arguments' JSON schema: reaches the chat template as is; enforced (decoding
+    constrained to it) only with tool_choice "required" or naming this function."""
     strict: bool | None = None
-    """Accepted; duetjax does not constrain decoding to the schema either way."""
+    """Accepted and ignored: the schema is enforced exactly when tool_choice forces a call."""
 
 
 class ChatTool(_Request):
@@ -211,11 +272,6 @@ def check_tools(tools: list[ChatTool] | None) -> None:
         seen.add(tool.function.name)
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -229,12 +285,13 @@ class ChatCompletionRequest(_SamplingFields):
     """Extra (vLLM): end the prompt with the assistant turn's header."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra (vLLM): more variables for the chat template."""
-    response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    """None: "auto" when tools are given, else "none" (OpenAI's default)."""
+    """None: "auto" when tools are given, else "none" (OpenAI's default). "required" and a named
+    function constrain the output to calls (structured.py)."""
     parallel_tool_calls: bool | None = None
-    """False: keep only the first call the model writes."""
+    """False: at most one call (the first the model writes; with "required", the output is
+    constrained to one)."""
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -259,19 +316,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tool_choice is not None:
             return self.tool_choice
         return "auto" if self.tools else "none"
-
-    def unsupported(self) -> str | None:
-        choice = self.tool_choice
-        if choice == "required" or isinstance(choice, NamedToolChoice):
-            what = ("'required'" if choice == "required"
-                    else f"naming a function ('{choice.function.name}')")
-            return (f"tool_choice {what} needs structured output (decoding constrained to the "
-                    "tools' JSON schemas), which duetjax does not have; use tool_choice 'auto' "
-                    "(the server parses the calls the model writes) or 'none'")
-        if self.response_format is not None and self.response_format.type != "text":
-            return (f"response_format {self.response_format.type!r} (structured output) is not "
-                    "supported by duetjax; leave it out or use {'type': 'text'}")
-        return super().unsupported()
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -338,11 +382,31 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class DeltaToolCall(ToolCall):
-    """A whole call in one stream chunk (OpenAI clients also accept it in pieces)."""
+class DeltaFunctionCall(BaseModel):
+    """The function part of a ``DeltaToolCall``."""
+
+    name: str | None = None
+    """In a call's first piece only."""
+    arguments: str | None = None
+    """More of the arguments' JSON text."""
+
+
+class DeltaToolCall(BaseModel):
+    """A call, or a piece of one, in a stream chunk: the first piece carries the id, type and
+    name, later pieces only more ``arguments`` (OpenAI clients join them by ``index``). Parsed
+    calls come whole, in one piece; a named tool_choice streams its arguments in pieces."""
 
     index: int
     """Position among the choice's calls."""
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        data["function"] = {k: v for k, v in data["function"].items() if v is not None}
+        return {k: v for k, v in data.items() if v is not None}
 
 
 class ChatResponseMessage(BaseModel):

@@ -24,6 +24,7 @@ from ..sampling_params import SamplingParams
 from .errors import APIError, bad_request, error_response, from_engine_error
 from .metrics import ServerMetrics
 from .protocol import UsageInfo
+from .structured import Constraint
 
 
 @dataclasses.dataclass
@@ -118,7 +119,8 @@ class Serving:
         return wanted
 
     @staticmethod
-    def sampling_params(request: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(request: Any, max_tokens: int, logprobs: int | None,
+                        constraint: Constraint | None = None) -> SamplingParams:
         try:
             return SamplingParams(
                 temperature=1.0 if request.temperature is None else request.temperature,
@@ -136,15 +138,18 @@ class Serving:
                 ignore_eos=request.ignore_eos,
                 seed=request.seed,
                 skip_special_tokens=request.skip_special_tokens,
-                logprobs=logprobs)
+                logprobs=logprobs,
+                structured_outputs=None if constraint is None else constraint.params)
         except ValueError as error:
             raise bad_request(str(error)) from None
 
     # ---- running requests ---------------------------------------------------------------------
 
     async def start(self, prompts: list[Prompt], params: SamplingParams, n: int,
-                    request_id: str) -> list[Choice]:
-        """Adds ``n`` engine requests per prompt; all or nothing (a failure aborts the rest)."""
+                    request_id: str, constraint: Constraint | None = None) -> list[Choice]:
+        """Adds ``n`` engine requests per prompt; all or nothing (a failure aborts the rest).
+        ``constraint``: the request's structured output, whose field an error that the engine
+        raises about it (a schema, regex or grammar that does not compile) names as param."""
         choices: list[Choice] = []
         try:
             for p, prompt in enumerate(prompts):
@@ -158,6 +163,9 @@ class Serving:
             self.finish(choices, None)
             if isinstance(error, Exception):
                 api_error = from_engine_error(error)
+                if (constraint is not None and api_error.status == 400
+                        and "structured output" in api_error.message):
+                    api_error.param = constraint.field
                 self.metrics.reject({429: "queue_full", 503: "draining"}.get(
                     api_error.status, "invalid" if api_error.status < 500 else "error"))
                 raise api_error from None

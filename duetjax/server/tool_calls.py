@@ -6,18 +6,23 @@ The request side: which tools reach the chat template and whether the output is 
 choice into content deltas and whole calls; the non-streaming response runs it once on the
 final text, so both paths split the same text the same way.
 
-The calls are whatever the model writes (no constrained decoding), so tool_choice "required" or
-a named function, which need the output forced into a call, are refused (400).
+With tool_choice "auto" the calls are whatever the model writes, found by the parser. With
+"required" or a named function the output is constrained to calls (structured.py has the
+schemas) and read back without a parser: ``NamedCallStream`` (the whole output is the named
+function's arguments) and ``RequiredCallsStream`` (a JSON array of calls). All three streams
+answer ``step(text, final) -> (content delta, new calls)``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import bad_request
-from .protocol import ChatCompletionRequest, ChatMessage, DeltaToolCall, FunctionCall, ToolCall
+from .protocol import (ChatCompletionRequest, ChatMessage, DeltaFunctionCall, DeltaToolCall,
+                       FunctionCall, ToolCall)
+from .structured import ForcedToolChoice, forced_tool_choice
 from .tool_parsers import TOOL_PARSERS, ParsedCall, ToolParser
 
 
@@ -47,6 +52,19 @@ class ToolPlan:
     """Parses the output into calls; None: the text is all content."""
     parallel: bool = True
     """False (parallel_tool_calls=false): only the first call is kept."""
+    forced: ForcedToolChoice | None = None
+    """tool_choice "required" or a named function: the output is constrained to calls (no
+    parser needed)."""
+
+    def call_stream(self) -> CallStream | None:
+        """A fresh reader of one choice's calls; None: the text is all content."""
+        if self.forced is not None:
+            if self.forced.function is not None:
+                return NamedCallStream(self.forced.function)
+            return RequiredCallsStream()
+        if self.parser is not None:
+            return ToolCallStream(self.parser, self.parallel)
+        return None
 
 
 def plan_tools(request: ChatCompletionRequest, config: ToolCallConfig) -> ToolPlan:
@@ -55,8 +73,9 @@ def plan_tools(request: ChatCompletionRequest, config: ToolCallConfig) -> ToolPl
     choice = request.effective_tool_choice
     if choice == "none":
         return ToolPlan(None if config.exclude_tools_when_tool_choice_none else tools)
-    if choice != "auto":  # request.unsupported() answers these first
-        raise bad_request(f"tool_choice {choice!r} is not supported by duetjax", "tool_choice")
+    if choice != "auto":  # "required" or a named function: constrained, no parser needed
+        return ToolPlan(tools, parallel=request.parallel_tool_calls is not False,
+                        forced=forced_tool_choice(request))
     if config.parser is None:
         raise bad_request(
             'tool_choice "auto" (the default when tools are given) needs a tool-call parser: start '
@@ -94,6 +113,30 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+class CallStream(Protocol):
+    """Reads one choice's calls out of its growing text."""
+
+    calls: list[ToolCall]
+    """The calls returned so far."""
+    content_started: bool
+    """Some of the text was returned as content (else the message's content is null)."""
+
+    def step(self, text: str, final: bool) -> tuple[str, list[DeltaToolCall]]:
+        """What to send for ``text`` (the text so far; ``final``: all of it): new content and
+        new calls or pieces of calls."""
+
+    @property
+    def ends_in_tool_calls(self) -> bool:
+        """A finished ("stop") output answers finish_reason "tool_calls" rather than "stop"."""
+
+
+def whole_call(index: int, name: str, arguments: str) -> tuple[ToolCall, DeltaToolCall]:
+    """A new call, and the stream delta that carries all of it."""
+    call = ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))
+    return call, DeltaToolCall(index=index, id=call.id, type="function",
+                               function=DeltaFunctionCall(name=name, arguments=arguments))
+
+
 class ToolCallStream:
     """One choice's text, split into content and calls as it grows.
 
@@ -119,11 +162,10 @@ class ToolCallStream:
         if not self.parallel:
             found = found[:1]
         new_calls = []
-        for call in found[len(self.calls):]:
-            new = DeltaToolCall(index=len(self.calls), id=new_call_id(),
-                                function=FunctionCall(name=call.name, arguments=call.arguments))
-            self.calls.append(ToolCall(id=new.id, function=new.function))
-            new_calls.append(new)
+        for found_call in found[len(self.calls):]:
+            call, delta = whole_call(len(self.calls), found_call.name, found_call.arguments)
+            self.calls.append(call)
+            new_calls.append(delta)
         if not self.content_started and (content.strip() or (final and not self.calls)):
             self.content_started = True
         delta = ""
@@ -132,10 +174,110 @@ class ToolCallStream:
             self.sent_content = len(content)
         return delta, new_calls
 
+    @property
+    def ends_in_tool_calls(self) -> bool:
+        return bool(self.calls)
+
+
+class NamedCallStream:
+    """tool_choice naming a function: the whole output is that function's arguments (decoding
+    is constrained to its parameters schema). They stream as they grow, as one call whose first
+    piece carries the id, type and name. An output that is not complete JSON when it ends (cut
+    off by max_tokens, or by a stop string) is content instead, unless some of it was already
+    streamed as arguments: a stream cannot take them back, and its finish_reason ("length")
+    then says the arguments are incomplete."""
+
+    ends_in_tool_calls = False
+    """vLLM answers a named function's call with the output's own finish_reason ("stop")."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.calls: list[ToolCall] = []
+        self.content_started = False
+        self.sent = 0
+        """Characters of the text already returned (as arguments or as content)."""
+
+    def step(self, text: str, final: bool) -> tuple[str, list[DeltaToolCall]]:
+        if not self.calls and final and not is_json(text):
+            self.content_started = True
+        piece = text[self.sent:]
+        self.sent = len(text)
+        if self.content_started:
+            return piece, []
+        if not piece:
+            return "", []
+        if not self.calls:
+            call, delta = whole_call(0, self.name, piece)
+            self.calls.append(call)
+            return "", [delta]
+        self.calls[0].function.arguments += piece
+        return "", [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=piece))]
+
+
+class RequiredCallsStream:
+    """tool_choice "required": the output is a JSON array of ``{"name": ..., "parameters":
+    {...}}`` (decoding is constrained to it, at most one element with parallel_tool_calls
+    false). The calls are read when the output is complete and sent whole then: streaming each
+    element as it closes would send calls that an output cut off later (max_tokens) could not
+    take back, where the non-streamed answer for such an output is its raw text as content."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+        self.content_started = False
+
+    @property
+    def ends_in_tool_calls(self) -> bool:
+        return bool(self.calls)
+
+    def step(self, text: str, final: bool) -> tuple[str, list[DeltaToolCall]]:
+        if not final:
+            return "", []
+        found = required_calls(text)
+        if found is None:
+            self.content_started = True
+            return text, []
+        deltas = []
+        for name, arguments in found:
+            call, delta = whole_call(len(self.calls), name, arguments)
+            self.calls.append(call)
+            deltas.append(delta)
+        return "", deltas
+
+
+def required_calls(text: str) -> list[tuple[str, str]] | None:
+    """(name, arguments as JSON text) of each call in a "required" output, or None when the
+    text is not such an array (cut off)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, list) or not value:
+        return None
+    calls = []
+    for item in value:
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str)
+                and isinstance(item.get("parameters"), dict)):
+            return None
+        calls.append((item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
+    return calls
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def finished_calls(stream: CallStream, text: str) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a finished text: what ``stream`` fed all of it at once sends (and so
+    what streaming the same text adds up to). Content is None when none was returned."""
+    content, _ = stream.step(text, final=True)
+    return (content if stream.content_started else None), stream.calls
+
 
 def extract_tool_calls(text: str, parser: ToolParser,
                        parallel: bool = True) -> tuple[str | None, list[ToolCall]]:
     """(content, calls) of a finished text: what the stream of the same text adds up to."""
-    stream = ToolCallStream(parser, parallel)
-    content, _ = stream.step(text, final=True)
-    return (content if stream.content_started else None), stream.calls
+    return finished_calls(ToolCallStream(parser, parallel), text)
