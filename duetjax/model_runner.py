@@ -47,8 +47,9 @@ class Samplers(NamedTuple):
     """``sample_full``: penalties, logit biases, top-k / top-p (replaces the step's tokens)."""
     logprobs: jax.stages.Compiled
     """``with_logprobs``: the sampled tokens' log-probabilities and the most likely tokens'."""
-    mask: jax.stages.Compiled
-    """``apply_token_mask``: structured outputs' allowed tokens (before ``full``)."""
+    masked: jax.stages.Compiled
+    """Structured outputs: ``apply_token_mask``, then ``sample_basic`` on the masked logits
+    (replaces the step's tokens; ``full`` then samples the masked logits where it runs)."""
 
 
 @dataclasses.dataclass
@@ -164,7 +165,7 @@ class ModelRunner:
         self._jitted_full_sampler = jax.jit(self._full_sampler_fn, donate_argnums=(1,),
                                             static_argnames="layout")
         self._jitted_logprobs = jax.jit(with_logprobs)
-        self._jitted_token_mask = jax.jit(apply_token_mask)
+        self._jitted_masked_sampler = jax.jit(self._masked_sampler_fn, static_argnames="layout")
         self._jitted_fill_slot = jax.jit(self._fill_slot_fn, donate_argnums=(0,),
                                          static_argnames="layout")
         self._fill_slot_executable: jax.stages.Compiled | None = None
@@ -209,11 +210,12 @@ class ModelRunner:
         for num_seqs, samplers in self._full_samplers.items():
             x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size,
                              self.max_pages_per_seq)
-            logits = samplers.mask(jnp.zeros((num_seqs, vocab), jnp.float32),
-                                   all_tokens_mask(num_seqs, vocab))
+            settings = _packed((x.sampling, x.penalties))
+            logits, _, _ = samplers.masked(jnp.zeros((num_seqs, vocab), jnp.float32),
+                                           all_tokens_mask(num_seqs, vocab), settings)
             # penalties neither reset nor count on padding: the counts come back unchanged
             sampled, _, self.token_counts = samplers.full(
-                logits, self.token_counts, self.slot_tables, _packed((x.sampling, x.penalties)))
+                logits, self.token_counts, self.slot_tables, settings)
             jax.block_until_ready(samplers.logprobs(logits, sampled.token_ids))
         if self._fill_slot_executable is not None:  # a slot out of range: nothing is written
             self.slot_tables = self._fill_slot_executable(self.slot_tables,
@@ -262,12 +264,18 @@ class ModelRunner:
                                             ).compile(compiler_options=options),
             self._jitted_logprobs.lower(logits, jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
                                         ).compile(compiler_options=options),
-            self._jitted_token_mask.lower(
-                logits, jax.ShapeDtypeStruct((num_seqs, token_mask_width(vocab)), jnp.int32)
-            ).compile(compiler_options=options))
+            self._jitted_masked_sampler.lower(
+                logits, jax.ShapeDtypeStruct((num_seqs, token_mask_width(vocab)), jnp.int32),
+                _packed(settings), layout=layout_of(settings)).compile(compiler_options=options))
         self._full_samplers[num_seqs] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
+
+    def _masked_sampler_fn(self, logits, mask, packed, layout):
+        sampling, _ = unpack_on_device(layout, packed)
+        masked = apply_token_mask(logits, mask)
+        sampled = sample_basic(masked, sampling)
+        return masked, sampled, self._pad_rows(sampled.token_ids)
 
     def _full_sampler_fn(self, logits, counts, tables, packed, layout):
         sampling, penalties = unpack_on_device(layout, packed)
@@ -417,16 +425,15 @@ class ModelRunner:
         if sampler_flags is None:
             sampler_flags = (needs_full_sampler(inputs.sampling, inputs.penalties),
                              wants_logprobs(inputs.sampling))
-        if token_mask is not None:  # (the masked logits are sampled again)
-            sampler_flags = (True, sampler_flags[1])
         full, logprobs = sampler_flags
+        masked = token_mask is not None
         if reuse is not None:
             reuse.sampler_flags, reuse.packed = sampler_flags, packed
-        if inputs is None and (full or self.shared is not None):  # (the host needs them)
+        if inputs is None and (full or masked or self.shared is not None):  # (the host needs them)
             inputs = advanced(unpack(reuse.inputs, packed), self.page_size)
-        if (full or logprobs) and b.multi_step:
+        if (full or logprobs or masked) and b.multi_step:
             raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
-                               "sampler or logprobs: a scheduler bug")
+                               "sampler, logprobs or a token mask: a scheduler bug")
         args = (self.params, self.kv_pool,
                 self._no_previous if previous_tokens is None else previous_tokens, packed)
         start = time.perf_counter()
@@ -434,21 +441,21 @@ class ModelRunner:
             sampled, last, self.kv_pool = executable(*args)
         else:
             sampled, last, self.kv_pool, logits = executable(*args)
-        if full or logprobs:
+        if full or logprobs or masked:
             samplers = self._full_samplers.get(b.num_seqs)
             if samplers is None:
                 if self.config.compile_on_start:
                     raise RuntimeError(f"no compiled full sampler for {b.num_seqs} sequences")
                 samplers = self._compile_full_sampler(b.num_seqs)
+            settings = _packed((inputs.sampling, inputs.penalties)) if full or masked else None
+            allowed = logits
+            if masked:
+                padded = all_tokens_mask(b.num_seqs, self.model.config.vocab_size)
+                padded[:len(token_mask)] = token_mask
+                allowed, sampled, last = samplers.masked(logits, padded, settings)
             if full:
-                allowed = logits
-                if token_mask is not None:
-                    padded = all_tokens_mask(b.num_seqs, self.model.config.vocab_size)
-                    padded[:len(token_mask)] = token_mask
-                    allowed = samplers.mask(logits, padded)
                 sampled, last, self.token_counts = samplers.full(
-                    allowed, self.token_counts, self.slot_tables,
-                    _packed((inputs.sampling, inputs.penalties)))
+                    allowed, self.token_counts, self.slot_tables, settings)
             if logprobs:  # (the model's distribution, before penalties and masks)
                 sampled = samplers.logprobs(logits, sampled.token_ids)
         self.last_launch_seconds = time.perf_counter() - start
