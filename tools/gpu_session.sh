@@ -52,6 +52,9 @@ for section in "$@"; do
         done ;;
     sampler)
         python3 tools/bench_sampler.py --out "$out/sampler.json" ;;
+    structured)  # what structured outputs cost: free decodes alone, then beside constrained ones
+        python3 tools/bench_structured.py --dtype bfloat16 --batch 64 --constrained 0,1,8 \
+            --max-tokens 256 --out "$out/structured.json" --table "$out/structured.md" ;;
     trace)  # every kernel of a batch-64 decode step
         python3 tools/profile_step.py --model $model --unroll 32 --batches 64 --context 1024 \
             --trace --top-kernels 1000 --out-dir /tmp/work \
