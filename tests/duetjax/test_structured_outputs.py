@@ -199,3 +199,13 @@ def test_a_constrained_request_gets_a_token_every_step(engine):
         engine.step()
         calls += 1
     assert request_id not in engine._requests and calls <= 20 + 2
+
+
+def test_k_step_decode_drops_to_one_step_while_a_constrained_request_runs(engine, chat_dir):
+    # (a k-step executable samples inside its device loop, where no mask can reach)
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)] * 3 + [
+        SamplingParams(temperature=0, max_tokens=20, structured_outputs={"regex": "[a-z]{3,}"})]
+    want = token_ids(engine.generate(PROMPTS[:4], params, use_tqdm=False))
+    multi = Engine(chat_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
+                   decode_steps=4, show_progress=False)
+    assert token_ids(multi.generate(PROMPTS[:4], params, use_tqdm=False)) == want
