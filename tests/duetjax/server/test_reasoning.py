@@ -2,21 +2,17 @@
 whole text, and reasoning_content through the chat response and stream on scripted outputs."""
 from __future__ import annotations
 
-import asyncio
-import json
 
 import pytest
 
-from duetjax.sampling_params import SamplingParams
 from duetjax.serve import parse_args
 from duetjax.server.chat import ChatCompletions
 from duetjax.server.protocol import ChatCompletionRequest, ChatResponseMessage, DeltaMessage
 from duetjax.server.reasoning import (DeepSeekR1ReasoningParser, Qwen3ReasoningParser,
                                       ReasoningStream, extract_reasoning, reasoning_parser)
-from duetjax.server.serving import Choice, Prompt
-from duetjax.server.tool_calls import ToolCallConfig, plan_tools
+from duetjax.server.tool_calls import ToolCallConfig
 
-from .test_tool_calls import WEATHER, ScriptedStream, chat_completions, outputs_of, stream_cuts
+from .test_tool_calls import WEATHER, answer_both_ways, chat_completions, outputs_of, stream_cuts
 
 QWEN3 = Qwen3ReasoningParser()
 R1 = DeepSeekR1ReasoningParser()
@@ -124,26 +120,7 @@ def run_both(parser_name: str, texts: list[str], finish_reason: str = "stop", to
     chat = ChatCompletions(chat.serving, ToolCallConfig("hermes"), reasoning_parser(parser_name))
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}],
                                 tools=[WEATHER] if tools else None, stream=True)
-    plan = plan_tools(req, chat.tool_config)
-    outputs = outputs_of(texts, finish_reason)
-    prompt = Prompt([1, 2, 3])
-    done = Choice(0, prompt, ScriptedStream("r", outputs), last=outputs[-1])
-    body = chat.response(req, "id", [done], plan).model_dump()["choices"][0]
-
-    async def stream() -> list[str]:
-        choice = Choice(0, prompt, ScriptedStream("r", outputs))
-        return [c async for c in chat.stream(req, "id", [choice], 0.0, SamplingParams(), plan)]
-
-    events = asyncio.run(stream())
-    assert events[-1] == "data: [DONE]\n\n"
-    reasoning, content, calls, finishes = "", "", [], []
-    for event in events[:-1]:
-        [choice] = json.loads(event[len("data: "):])["choices"]
-        reasoning += choice["delta"].get("reasoning_content") or ""
-        content += choice["delta"].get("content") or ""
-        calls += choice["delta"].get("tool_calls") or []
-        finishes += [choice["finish_reason"]] if choice["finish_reason"] else []
-    return body, (reasoning, content, calls, finishes)
+    return answer_both_ways(chat, req, outputs_of(texts, finish_reason))
 
 
 QWEN3_SCRIPT = ("<think>\nThe user wants the weather.\n</think>\n\nChecking.\n"

@@ -4,7 +4,6 @@ model's tokenizer), reading the calls back (streamed == non-streamed, on scripte
 the whole path through the real server."""
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 
@@ -18,7 +17,6 @@ from duetjax.server.chat import ChatCompletions
 from duetjax.server.errors import APIError
 from duetjax.server.protocol import ChatCompletionRequest, CompletionRequest
 from duetjax.server.reasoning import reasoning_parser
-from duetjax.server.serving import Choice, Prompt
 from duetjax.server.structured import (chat_constraint, forced_tool_choice,
                                        requested_structured_outputs, required_calls_schema)
 from duetjax.server.tool_calls import (NamedCallStream, RequiredCallsStream, ToolCallConfig,
@@ -27,7 +25,7 @@ from duetjax.structured_outputs import GrammarCompiler, StructuredOutputsParams
 
 from .conftest import API_KEY, TINY_SERVER_ARGS
 from .helpers import TINY_CHAT_LLAMA, ServerProcess
-from .test_tool_calls import ScriptedStream, chat_completions, outputs_of
+from .test_tool_calls import answer_both_ways, chat_completions, outputs_of
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 FLAG = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
@@ -241,28 +239,9 @@ def test_finished_named_and_required_outputs():
 def run_both(texts: list[str], finish_reason: str = "stop", **fields):
     """(non-streaming choice, (content, tool-call deltas, finish reasons) summed over the SSE
     chunks) of one scripted output (``texts``: its text as it grows) for a chat request."""
-    chat_api = chat_completions()
-    request = chat(stream=True, **fields)
-    plan = plan_tools(request, chat_api.tool_config)
-    outputs = outputs_of(texts, finish_reason)
-    prompt = Prompt([1, 2, 3])
-    done = Choice(0, prompt, ScriptedStream("r", outputs), last=outputs[-1])
-    body = chat_api.response(request, "id", [done], plan).model_dump()["choices"][0]
-
-    async def stream() -> list[str]:
-        choice = Choice(0, prompt, ScriptedStream("r", outputs))
-        return [c async for c in chat_api.stream(request, "id", [choice], 0.0, SamplingParams(),
-                                                 plan)]
-
-    events = asyncio.run(stream())
-    assert events[-1] == "data: [DONE]\n\n"
-    content, calls, finishes = "", [], []
-    for event in events[:-1]:
-        [choice] = json.loads(event[len("data: "):])["choices"]
-        content += choice["delta"].get("content") or ""
-        calls += choice["delta"].get("tool_calls") or []
-        finishes += [choice["finish_reason"]] if choice["finish_reason"] else []
-    return body, (content, calls, finishes)
+    body, sent = answer_both_ways(chat_completions(), chat(stream=True, **fields),
+                                  outputs_of(texts, finish_reason))
+    return body, (sent.content, sent.calls, sent.finishes)
 
 
 NAMED_TEXT = '{"a": true}'

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -203,10 +204,22 @@ def request(**fields) -> ChatCompletionRequest:
                                  **fields)
 
 
-def run_both(outputs: list[RequestOutput], params: SamplingParams, **fields):
-    """(non-streaming message and finish reason, the same from the SSE chunks) for one script."""
-    chat = chat_completions()
-    req = request(**fields)
+class Streamed(NamedTuple):
+    """The SSE deltas of one choice, summed."""
+
+    reasoning: str
+    content: str
+    calls: list[dict]
+    """Every tool-call delta, in order."""
+    finishes: list[str]
+    """Every finish reason sent."""
+
+
+def answer_both_ways(chat: ChatCompletions, req: ChatCompletionRequest,
+                     outputs: list[RequestOutput], params: SamplingParams | None = None
+                     ) -> tuple[dict, Streamed]:
+    """A scripted engine output answered whole and streamed: (the non-streaming choice, what
+    the stream sent)."""
     plan = plan_tools(req, chat.tool_config)
     prompt = Prompt([1, 2, 3])
     done = Choice(0, prompt, ScriptedStream("r", outputs), last=outputs[-1])
@@ -214,18 +227,25 @@ def run_both(outputs: list[RequestOutput], params: SamplingParams, **fields):
 
     async def stream() -> list[str]:
         choice = Choice(0, prompt, ScriptedStream("r", outputs))
-        return [c async for c in chat.stream(req, "id", [choice], 0.0, params, plan)]
+        return [c async for c in chat.stream(req, "id", [choice], 0.0, params or SamplingParams(), plan)]
 
     events = asyncio.run(stream())
     assert events[-1] == "data: [DONE]\n\n"
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
-    content, calls, finishes = "", [], []
-    for chunk in chunks:
-        [choice] = chunk["choices"]
-        content += choice["delta"].get("content") or ""
-        calls += choice["delta"].get("tool_calls") or []
-        finishes += [choice["finish_reason"]] if choice["finish_reason"] else []
-    return body, (content, calls, finishes)
+    sent = Streamed("", "", [], [])
+    for event in events[:-1]:
+        [choice] = json.loads(event[len("data: "):])["choices"]
+        delta = choice["delta"]
+        sent = Streamed(sent.reasoning + (delta.get("reasoning_content") or ""),
+                        sent.content + (delta.get("content") or ""),
+                        sent.calls + (delta.get("tool_calls") or []),
+                        sent.finishes + ([choice["finish_reason"]] if choice["finish_reason"] else []))
+    return body, sent
+
+
+def run_both(outputs: list[RequestOutput], params: SamplingParams, **fields):
+    """(non-streaming choice, (content, tool-call deltas, finish reasons) from the stream)."""
+    body, sent = answer_both_ways(chat_completions(), request(**fields), outputs, params)
+    return body, (sent.content, sent.calls, sent.finishes)
 
 
 def without_ids(calls):
