@@ -717,7 +717,7 @@ class Engine:
     def _grammar_stop(request: Request, tokens: list[int]) -> tuple[int, str, None] | None:
         """Advances a constrained request's grammar over its new tokens (one per dispatch);
         (position, 'stop', None) once the grammar is complete. A token the grammar refuses
-        (only possible for a stop token the mask allowed at a complete grammar) ends it too."""
+        (the mask should rule that out) ends it too, rather than let it go on unconstrained."""
         matcher = request.matcher
         for j, token in enumerate(tokens):
             if not matcher.consume_token(token) or matcher.is_stopped():
