@@ -155,7 +155,7 @@ class ModelRunner:
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
         self._reuse = Reuse()
         """What consecutive dispatches' inputs share (``build_inputs``)."""
-        self._full_samplers: dict[int, Samplers] = {}
+        self._samplers: dict[int, Samplers] = {}
         """Sequence bucket -> its compiled ``Samplers``."""
         # Step inputs travel as one packed byte buffer (``step_inputs.pack``): one host-to-device
         # copy per step; each executable unpacks them with its bucket's static layout.
@@ -188,7 +188,7 @@ class ModelRunner:
         for b in tqdm(buckets, desc="compile", disable=not show_progress):
             self._compile(b)
         for num_seqs in sorted({b.num_seqs for b in buckets}):
-            self._compile_full_sampler(num_seqs)
+            self._compile_samplers(num_seqs)
         if self.writes_slots:
             self._compile_fill_slot()
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
@@ -207,7 +207,7 @@ class ModelRunner:
             sampled, _ = self.execute(b, inputs, None, b.steps)
             jax.block_until_ready(sampled)
         vocab = self.model.config.vocab_size
-        for num_seqs, samplers in self._full_samplers.items():
+        for num_seqs, samplers in self._samplers.items():
             x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size,
                              self.max_pages_per_seq)
             settings = _packed((x.sampling, x.penalties))
@@ -250,7 +250,7 @@ class ModelRunner:
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
 
-    def _compile_full_sampler(self, num_seqs: int) -> Samplers:
+    def _compile_samplers(self, num_seqs: int) -> Samplers:
         """The ``Samplers`` for ``num_seqs`` sequences."""
         start = time.perf_counter()
         x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size, self.max_pages_per_seq)
@@ -267,7 +267,7 @@ class ModelRunner:
             self._jitted_masked_sampler.lower(
                 logits, jax.ShapeDtypeStruct((num_seqs, token_mask_width(vocab)), jnp.int32),
                 _packed(settings), layout=layout_of(settings)).compile(compiler_options=options))
-        self._full_samplers[num_seqs] = compiled
+        self._samplers[num_seqs] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
 
@@ -442,11 +442,11 @@ class ModelRunner:
         else:
             sampled, last, self.kv_pool, logits = executable(*args)
         if full or logprobs or masked:
-            samplers = self._full_samplers.get(b.num_seqs)
+            samplers = self._samplers.get(b.num_seqs)
             if samplers is None:
                 if self.config.compile_on_start:
                     raise RuntimeError(f"no compiled full sampler for {b.num_seqs} sequences")
-                samplers = self._compile_full_sampler(b.num_seqs)
+                samplers = self._compile_samplers(b.num_seqs)
             settings = _packed((inputs.sampling, inputs.penalties)) if full or masked else None
             allowed = logits
             if masked:

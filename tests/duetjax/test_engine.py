@@ -169,7 +169,7 @@ def test_warm_up_runs_every_bucket_and_changes_no_state(tiny_llama_dir):
     runner.kv_pool = runner.kv_pool + 1.5  # not a zero pool: a stray write would show
     runner.token_counts = runner.token_counts + 2
     runner.slot_tables = runner.slot_tables.replace(prompt=runner.slot_tables.prompt + 1)
-    runner._compile_full_sampler(4)
+    runner._compile_samplers(4)
     runner._compile_fill_slot()
     pool, counts = np.asarray(runner.kv_pool), np.asarray(runner.token_counts)
     tables = [np.asarray(a) for a in jax.tree_util.tree_leaves(runner.slot_tables)]
