@@ -79,6 +79,9 @@ class EngineStats:
     """Duet mode: the measured time of the last split iteration."""
     worker_failures: int = 0
     """Duet mode: worker processes lost (and restarted)."""
+    token_budget: int = 0
+    """Token budget of the last aggregated iteration that had prefill work (the SLO-aware
+    budget's choice with a TBT SLO set, else ``max_num_batched_tokens``)."""
 
 
 class RequestStream:
@@ -347,7 +350,11 @@ class AsyncEngine:
             prefix_cache_hit_rate=float(getattr(blocks, "prefix_hit_rate", 0.0)),
             mode=str(getattr(self.engine, "mode", "aggregated")),
             sm_share=tuple(getattr(self.engine, "sm_share", (1.0, 1.0))),
-            num_steps=num_steps, **extra)
+            num_steps=num_steps, token_budget=self._token_budget(), **extra)
+
+    def _token_budget(self) -> int:
+        budget = getattr(self.engine, "token_budget", None)
+        return budget.last if budget is not None else self.engine.config.max_num_batched_tokens
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import dataclasses
 
 
+DEFAULT_DUET_TBT_SLO_MS = 50.0
+"""The TBT SLO duet mode protects when ``tbt_slo_ms`` is not set."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine batches work and sizes its KV pool."""
@@ -56,8 +60,11 @@ class EngineConfig:
     """'aggregated' (one mixed batch on the whole GPU), 'duet' (DuetServe: split prefill and
     decode onto MPS-limited worker processes whenever the aggregated step is predicted to miss
     the TBT SLO) or 'auto' (duet when MPS is usable, else aggregated)."""
-    tbt_slo_ms: float = 50.0
-    """Time-between-tokens SLO that duet mode protects, milliseconds."""
+    tbt_slo_ms: float | None = None
+    """Time-between-tokens SLO, milliseconds. Aggregated mode: each iteration's token budget is
+    the largest (up to ``max_num_batched_tokens``) whose mixed step the roofline predicts
+    within it (``token_budget.py``; needs a device profile); None: the fixed budget. Duet mode
+    protects it by splitting (None: ``DEFAULT_DUET_TBT_SLO_MS``)."""
     duet_pairs: tuple[tuple[int, int], ...] = ((80, 20), (70, 30), (60, 40), (50, 50))
     """(prefill %, decode %) SM shares of the worker pairs duet mode starts (one process per
     distinct share and role)."""
@@ -66,7 +73,7 @@ class EngineConfig:
     choosing the pair and k) or 'static' (split every iteration with both prefill and decode
     work at the first pair of ``duet_pairs``: the baseline)."""
     duet_online_correction: bool = True
-    """Scale the roofline's predictions by measured/predicted ratios learned from the
+    """Duet mode and the SLO-aware budget: scale the roofline's predictions by measured/predicted ratios learned from the
     iterations the engine runs (``correction.py``): the calibrated roofline alone
     underestimated real 8B iterations by 25-35 % on an H200."""
     duet_carry_stream: bool = False
@@ -80,6 +87,11 @@ class EngineConfig:
     """GPU memory left free for each duet worker's CUDA context and XLA workspace."""
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
+
+    @property
+    def duet_tbt_slo_ms(self) -> float:
+        """The TBT SLO duet mode protects."""
+        return self.tbt_slo_ms if self.tbt_slo_ms is not None else DEFAULT_DUET_TBT_SLO_MS
 
     @property
     def active_duet_pairs(self) -> tuple[tuple[int, int], ...]:
@@ -112,7 +124,7 @@ class EngineConfig:
             raise ValueError(f"duet_policy must be 'adaptive' or 'static', got {self.duet_policy!r}")
         if self.gemm_backend not in ("cublas", "triton"):
             raise ValueError(f"gemm_backend must be 'cublas' or 'triton', got {self.gemm_backend!r}")
-        if self.tbt_slo_ms <= 0:
-            raise ValueError("tbt_slo_ms must be > 0")
+        if self.tbt_slo_ms is not None and not 0 < self.tbt_slo_ms < float("inf"):
+            raise ValueError(f"tbt_slo_ms must be a number > 0 (or None), got {self.tbt_slo_ms}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")

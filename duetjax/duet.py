@@ -143,6 +143,29 @@ def _jax_uses_gpu() -> bool:
     return False
 
 
+def device_profile(path: str | None, needed_by: str) -> DeviceProfile:
+    """The roofline profile at ``path``, else the shipped one of this GPU model; ValueError
+    saying what ``needed_by`` needs when there is none."""
+    if path is not None:
+        return DeviceProfile.from_json(Path(path))
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"{needed_by} on CPU needs device_profile=PATH (a roofline profile "
+                         "JSON): there is no GPU model to look one up for")
+    try:
+        return load_profile(jax.devices()[0].device_kind)
+    except LookupError as e:
+        raise ValueError(f"{needed_by}: {e}") from None
+
+
+def build_roofline(model_config: Any, dtype: Any, engine_config: Any, max_model_len: int,
+                   profile: DeviceProfile, correction: Correction | None) -> Roofline | CorrectedRoofline:
+    """The roofline of this model as the engine pads its steps, scaled by ``correction``
+    when given."""
+    shape = ModelShape.from_config(model_config, dtype_bytes=jax.numpy.dtype(dtype).itemsize)
+    roofline = Roofline(shape, profile, step_padding(engine_config, max_model_len))
+    return CorrectedRoofline(roofline, correction) if correction is not None else roofline
+
+
 def stream_steps(k: int, t_decode: float, tbt_slo_s: float) -> int:
     """Decode steps per decode-worker dispatch while a split's prefill chunk runs: the largest
     power of two up to the decision's k whose predicted steps fit half the TBT SLO (a
@@ -195,21 +218,19 @@ class Duet:
         self.shared = shared
         self.daemon = daemon
         self.stats = DuetStats()
-        profile = self._profile()
-        shape = ModelShape.from_config(model.config, dtype_bytes=jax.numpy.dtype(model.dtype).itemsize)
+        profile = device_profile(engine_config.device_profile, "duet mode")
         used = engine_config.active_duet_pairs
         pairs = tuple((p / 100, d / 100) for p, d in used)
         controller = StaticController if engine_config.duet_policy == "static" else ModeController
         self.correction = Correction()
         self.step_overhead = StepOverhead()
-        roofline = Roofline(shape, profile, step_padding(engine_config, max_model_len))
-        self.corrected: CorrectedRoofline | None = None
-        if engine_config.duet_online_correction:
-            roofline = self.corrected = CorrectedRoofline(roofline, self.correction)
+        roofline = build_roofline(model.config, model.dtype, engine_config, max_model_len, profile,
+                                  self.correction if engine_config.duet_online_correction else None)
+        self.corrected = roofline if isinstance(roofline, CorrectedRoofline) else None
         self._split_raw: tuple[float, float] | None = None
         """(t_p, t_d) of the last split decision before correction (None: uncorrected)."""
         self.controller = controller(roofline, OptimizerConfig(
-            tbt_slo_s=engine_config.tbt_slo_ms / 1e3, pairs=pairs,
+            tbt_slo_s=engine_config.duet_tbt_slo_ms / 1e3, pairs=pairs,
             k_max=engine_config.max_decode_steps, k_values=decode_step_choices(engine_config)))
         layout = shared.layout()
         self.workers: dict[tuple[str, int], WorkerClient] = {}
@@ -226,18 +247,6 @@ class Duet:
             client = WorkerClient(setup, env, f"{role}@{share}%")
             client.start()
             self.workers[(role, share)] = client
-
-    def _profile(self) -> DeviceProfile:
-        path = self.config.device_profile
-        if path is not None:
-            return DeviceProfile.from_json(Path(path))
-        if jax.default_backend() != "gpu":
-            raise ValueError("duet mode on CPU needs device_profile=PATH (a roofline profile "
-                             "JSON): there is no GPU model to look one up for")
-        try:
-            return load_profile(jax.devices()[0].device_kind)
-        except LookupError as e:
-            raise ValueError(str(e)) from None
 
     def wait_ready(self, timeout: float) -> None:
         for client in self.workers.values():
@@ -280,7 +289,7 @@ class Duet:
 
     def stream_steps(self, decision: Decision) -> int:
         """Decode steps per decode-worker dispatch while this split's prefill chunk runs."""
-        return stream_steps(decision.k, decision.t_decode or 0.0, self.config.tbt_slo_ms / 1e3)
+        return stream_steps(decision.k, decision.t_decode or 0.0, self.config.duet_tbt_slo_ms / 1e3)
 
     def stream_step_seconds(self, decision: Decision, stream_k: int) -> float:
         """Predicted time of one decode step in dispatches of ``stream_k`` steps (a dispatch's

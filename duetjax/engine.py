@@ -20,14 +20,17 @@ from models.cache import cache_dir
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .duet import Duet, final_dispatch_steps, prepare_process
+from .correction import Correction
+from .duet import Duet, build_roofline, device_profile, final_dispatch_steps, prepare_process
 from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
 from .request import PENDING, Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
 from .shared_state import SharedState
+from .step_inputs import MIN_MIXED_TOKENS
 from .structured_outputs import GrammarCompiler, all_tokens_mask, fill_token_mask
+from .token_budget import TokenBudget
 from .worker_client import RemoteInFlight, WorkerDied
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,8 @@ class Engine:
             except BaseException:
                 self.runner.shared.close()
                 raise
+        self.token_budget = self._slo_token_budget()
+        """Aggregated mode with a TBT SLO: each iteration's token budget (None: the fixed one)."""
         blocks = BlockManager(self.runner.num_pages, self.config.page_size,
                               self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, blocks, self.max_model_len,
@@ -207,6 +212,17 @@ class Engine:
         self.model = dataclasses.replace(self.model, params=None)  # one copy: the shared one
         return ModelRunner(self.model, self.config, self.max_model_len, num_pages=num_pages,
                            shared=shared)
+
+    def _slo_token_budget(self) -> TokenBudget | None:
+        """The SLO-aware budget of aggregated iterations, when a TBT SLO is set."""
+        config = self.config
+        if self.mode != "aggregated" or config.tbt_slo_ms is None:
+            return None
+        profile = device_profile(config.device_profile, "tbt_slo_ms in aggregated mode")
+        roofline = build_roofline(self.model.config, self.model.dtype, config, self.max_model_len,
+                                  profile, Correction() if config.duet_online_correction else None)
+        return TokenBudget(roofline, config.tbt_slo_ms / 1e3, config.max_num_batched_tokens,
+                           min_tokens=MIN_MIXED_TOKENS, min_prefill_tokens=MIN_MIXED_TOKENS)
 
     @property
     def sm_share(self) -> tuple[float, float]:
@@ -369,7 +385,11 @@ class Engine:
             drained, waited = self._finish_step(self._in_flight)
             self._in_flight = None
         drain_seconds = time.perf_counter() - started
-        batch = self.scheduler.schedule(self.config.decode_steps)
+        budget = None
+        if self.token_budget is not None and self.scheduler.has_prefill_work():
+            budget = self.token_budget.choose(*self.scheduler.preview())
+            predicted = self.token_budget.last_predicted_s or None
+        batch = self.scheduler.schedule(self.config.decode_steps, budget=budget)
         scheduled = prepared = time.perf_counter()
         launched, launch_seconds = None, 0.0
         if batch.scheduled:
@@ -395,14 +415,16 @@ class Engine:
         return drained + outputs if drained else outputs
 
     def _observe_aggregated(self, launched: InFlight | None, predicted: float | None) -> None:
-        """Duet mode: the in-flight step's results just arrived; with the pipeline full, the
+        """The in-flight step's results just arrived; with the pipeline full, the
         time since the previous step's results is that step's iteration time, which teaches
-        the roofline correction (``correction.py``) when the controller predicted it."""
-        if self.duet is None:
+        the roofline correction (``correction.py``) when the controller (or the SLO-aware
+        budget) predicted it."""
+        learner = self.duet if self.duet is not None else self.token_budget
+        if learner is None:
             return
         now = time.perf_counter()
         if self._in_flight is not None and self._last_results is not None and self._in_flight_predicted:
-            self.duet.observe_aggregated(self._in_flight_predicted, now - self._last_results)
+            learner.observe_aggregated(self._in_flight_predicted, now - self._last_results)
         self._last_results = now if self._in_flight is not None and launched is not None else None
         self._in_flight_predicted = predicted
 

@@ -174,8 +174,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_prefill_work(self) -> bool:
+        """A request waits, or a running one has prompt tokens left (a steady decode batch,
+        where every running request decodes, answers without a pass over them)."""
+        if self.waiting:
+            return True
+        if self._steady is not None:
+            return False
+        return any(not _decoding(r) for r in self.running)
+
     def schedule(self, decode_steps: int = 1, split: bool = False,
-                 chunks_only: bool = False) -> SchedulerOutput:
+                 chunks_only: bool = False, budget: int | None = None) -> SchedulerOutput:
         """The next step's batch. ``decode_steps`` > 1 asks for a k-step decode, granted when
         every running request is decoding and nobody waits (a newcomer would wait k steps), and
         none needs the full sampler (which runs between steps, not inside the k-step loop).
@@ -184,14 +193,16 @@ class Scheduler:
         ``chunks_only`` (with ``split``): prefill chunks only, while a decode dispatch of the
         previous split still runs: decoding requests keep their token of the budget but are
         left to the decode stream, and nothing is preempted (a victim's pages could be in that
-        dispatch); a chunk whose pages cannot grow waits."""
+        dispatch); a chunk whose pages cannot grow waits. ``budget``: this step's token budget
+        (None: ``max_num_batched_tokens``; the SLO-aware budget passes a smaller one)."""
         steady, self._steady = self._steady, None
         if (steady is not None and steady.committed and not split and not self.waiting
                 and steady.decode_steps == decode_steps):
             output = self._continue(steady)
             if output is not None:
                 return output
-        budget = self.config.max_num_batched_tokens
+        if budget is None:
+            budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         k = decode_steps if decode_steps > 1 and (split or (not self.waiting and self.running and all(

@@ -52,14 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the GPU's SMs between prefill and decode when the TBT SLO needs it; "
                         "auto: duet where available")
     p.add_argument("--tbt-slo-ms", type=float, default=None,
-                   help="time-between-tokens SLO that duet mode protects (default 50)")
+                   help="time-between-tokens SLO, ms. Aggregated mode: each iteration's token "
+                        "budget is the largest (up to --max-num-batched-tokens) predicted to fit "
+                        "it (needs a device profile); unset: the fixed budget. Duet mode: the SLO "
+                        "it splits to protect (default 50)")
     p.add_argument("--duet-pairs", default=None,
                    help="prefill:decode SM percentages of the duet worker pairs, e.g. 70:30,50:50")
     p.add_argument("--duet-policy", choices=("adaptive", "static"), default=None,
                    help="adaptive: split when the SLO needs it (DuetServe); static: split every "
                         "mixed iteration at the first pair (a baseline)")
     p.add_argument("--device-profile", default=None,
-                   help="roofline profile JSON for duet mode (default: the shipped one of this GPU; "
+                   help="roofline profile JSON for duet mode and --tbt-slo-ms (default: the shipped one of this GPU; "
                         "make one with tools/calibrate.py)")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")

@@ -17,7 +17,13 @@ B/results.json`` (their ``requests.json`` too). The exit status is 1 when a mode
 mismatch (everything measured is written first).
 
 Modes
-  aggregated  ``mode='aggregated'``: one mixed batch on the whole GPU, every iteration.
+  aggregated  ``mode='aggregated'``: one mixed batch on the whole GPU, every iteration, at the
+              fixed token budget ``--max-num-batched-tokens``.
+  aggregated@N  the same at a fixed budget of N tokens (Sarathi-Serve's knob: a smaller budget
+              shortens the mixed step, so tighter TBT SLOs hold at some cost in prefill rate).
+  slo         SLO-aware aggregated (``tbt_slo_ms`` set in aggregated mode): each iteration's
+              budget is the largest, up to ``--max-num-batched-tokens``, whose mixed step the
+              roofline predicts within the engine's SLO (``duetjax/token_budget.py``).
   duet        ``mode='duet'``: DuetServe's adaptive controller (roofline + hysteresis) over the
               engine's ``duet_pairs`` (``--duet-pairs`` overrides them).
   static      a fixed 50/50 SM partition: ``mode='duet'`` with ``duet_pairs=((50, 50),)`` and,
@@ -59,8 +65,8 @@ Metrics (all from the engine's wall-clock stamps, ``RequestOutput.metrics``):
   duration = first scheduled arrival to the last completion (or to the abort).
 - Goodput at a TBT SLO s = completed requests per second with TTFT <= ``--ttft-slo-ms`` (default
   2000 ms: a chat-style interactive bound; the TBT criteria below are what this benchmark is
-  about) AND, three criteria reported side by side: ``tpot`` mean TPOT <= s (vLLM's goodput);
-  ``max_tbt`` every raw gap <= s (strict, burst-sensitive); ``max_tbt_amortised`` every
+  about) AND, four criteria reported side by side: ``tpot`` mean TPOT <= s (vLLM's goodput);
+  ``p99_tbt`` the request's P99 raw gap <= s; ``max_tbt`` every raw gap <= s (strict, burst-sensitive); ``max_tbt_amortised`` every
   amortised gap <= s. Requests with one token have no gaps and meet the TBT criteria.
   SLOs: ``--tbt-slos-ms`` (default 50 and a tighter 25); the first is also the SLO the duet
   controller protects (``EngineConfig.tbt_slo_ms``) unless ``--engine-tbt-slo-ms`` is given.
@@ -99,7 +105,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_serve import SYNTHETIC, _lognormal  # noqa: E402
 
-MODES = ("aggregated", "static", "duet")
+MODES = ("aggregated", "slo", "static", "duet")
+"""Mode kinds; ``aggregated@N`` is aggregated at a fixed budget of N tokens."""
+
+
+def mode_kind(mode: str) -> tuple[str, int | None]:
+    """('aggregated', N) for 'aggregated@N'; (mode, None) otherwise. ValueError when unknown."""
+    kind, _, budget = mode.partition("@")
+    if kind not in MODES or (budget and (kind != "aggregated" or not budget.isdigit())):
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)} or aggregated@N")
+    return kind, int(budget) if budget else None
+
+
+def is_aggregated(mode: str) -> bool:
+    """An aggregated variant (fixed or SLO-aware budget): the baselines duet must beat."""
+    return mode_kind(mode)[0] in ("aggregated", "slo")
 STATIC_SHARES = (50, 50)
 
 
@@ -176,18 +196,22 @@ class RequestRecord:
 
 
 def request_meets(record: RequestRecord, criterion: str, tbt_slo_s: float, ttft_slo_s: float) -> bool:
-    """Whether a request counts towards goodput under ``criterion`` ('tpot', 'max_tbt',
-    'max_tbt_amortised') at TBT SLO ``tbt_slo_s`` and TTFT SLO ``ttft_slo_s``."""
+    """Whether a request counts towards goodput under ``criterion`` ('tpot', 'p99_tbt',
+    'max_tbt', 'max_tbt_amortised') at TBT SLO ``tbt_slo_s`` and TTFT SLO ``ttft_slo_s``."""
     if not record.completed or record.ttft is None or record.ttft > ttft_slo_s:
         return False
     if criterion == "tpot":
         t = tpot(record.token_times)
         return t is None or t <= tbt_slo_s
+    if criterion == "p99_tbt":
+        gaps = tbt_gaps(record.token_times)
+        return not gaps or float(np.percentile(gaps, 99)) <= tbt_slo_s
     gaps = (tbt_gaps if criterion == "max_tbt" else amortised_gaps)(record.token_times)
     return not gaps or max(gaps) <= tbt_slo_s
 
 
-GOODPUT_CRITERIA = ("tpot", "max_tbt", "max_tbt_amortised")
+GOODPUT_CRITERIA = ("tpot", "p99_tbt", "max_tbt", "max_tbt_amortised")
+"""vLLM's (mean TPOT), the request's P99 raw token gap, every raw gap, every amortised gap."""
 
 
 def summarize(records: Sequence[RequestRecord], duration_s: float, tbt_slos_ms: Sequence[float],
@@ -354,6 +378,8 @@ def _stats_snapshot(engine: Any) -> dict[str, Any]:
     pauses = gc_pauses()
     snap = {"loop": dataclasses.asdict(engine.stats), "gc": pauses.snapshot(),
             "compile_seconds": float(getattr(engine.runner, "compile_seconds", 0.0))}
+    if engine.token_budget is not None:
+        snap["budgets"] = dict(engine.token_budget.chosen)
     if engine.duet is not None:
         s = engine.duet.stats
         snap["duet"] = {name: getattr(s, name) for name in (
@@ -410,6 +436,10 @@ def loop_delta(engine: Any, before: dict[str, Any]) -> dict[str, Any]:
     gc_now = pauses.snapshot()
     d["gc"] = {k: gc_now[k] - before["gc"][k] for k in ("collections", "full_collections", "seconds")}
     d["gc"]["longest_seconds"] = gc_now["longest_seconds"]  # (since the snapshot: reset there)
+    if engine.token_budget is not None:  # the SLO-aware budget: how often each size was chosen
+        d["budgets"] = {size: n - before["budgets"].get(size, 0)
+                        for size, n in sorted(engine.token_budget.chosen.items())
+                        if n > before["budgets"].get(size, 0)}
     return d
 
 
@@ -467,30 +497,33 @@ def compare_checks(checks: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
 # ---- one mode -------------------------------------------------------------------------------
 
 def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    kind, budget = mode_kind(mode)
     kw: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              max_num_batched_tokens=budget or args.max_num_batched_tokens,
                               max_decode_steps=args.max_decode_steps, decode_steps=args.decode_steps,
-                              tbt_slo_ms=engine_slo_ms(args), seed=args.seed)
+                              seed=args.seed)
+    if kind != "aggregated":  # (a fixed budget has no SLO to meet)
+        kw["tbt_slo_ms"] = engine_slo_ms(args)
     for name in ("max_model_len", "kv_cache_tokens", "scan_unroll", "compilation_cache_dir",
                  "device_profile", "kv_cache_memory_fraction"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
-    if mode in ("duet", "static"):
+    if kind in ("duet", "static"):
         kw["duet_carry_stream"] = args.carry_stream
-    if mode == "aggregated":
+    if kind in ("aggregated", "slo"):
         kw["mode"] = "aggregated"
-    elif mode == "duet":
+        if kind == "slo":
+            kw["duet_online_correction"] = not args.no_online_correction
+    elif kind == "duet":
         kw["mode"] = "duet"
         kw["duet_online_correction"] = not args.no_online_correction
         if args.duet_pairs:
             kw["duet_pairs"] = parse_pairs(args.duet_pairs)
-    elif mode == "static":
+    elif kind == "static":
         kw["mode"] = "duet"
         kw["duet_pairs"] = (STATIC_SHARES,)
         kw["duet_policy"] = "static" if args.static_policy == "forced" else "adaptive"
-    else:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     return kw
 
 
@@ -596,6 +629,7 @@ def point_line(mode: str, p: dict[str, Any], slos: Sequence[float]) -> str:
             f"TBT p50/p99 {_fmt(p['tbt_ms']['p50'])}/{_fmt(p['tbt_ms']['p99'])} ms "
             f"(amortised p99 {_fmt(p['tbt_amortised_ms']['p99'])}); goodput@{slo}ms tpot/maxTBT "
             f"{p['goodput'][slo]['tpot']:.2f}/{p['goodput'][slo]['max_tbt']:.2f} req/s{splits}"
+            + (f"; budgets {p['loop']['budgets']}" if p.get("loop", {}).get("budgets") else "")
             + (f"; GC {p['loop']['gc']['full_collections']} full, longest "
                f"{1e3 * p['loop']['gc']['longest_seconds']:.1f} ms" if "gc" in p.get("loop", {}) else ""))
 
@@ -613,11 +647,12 @@ def markdown(report: dict[str, Any]) -> str:
              + (f", arrivals capped at {a['duration_cap_s']:g} s" if a["duration_cap_s"] else "")
              + f". TTFT SLO {a['ttft_slo_ms']:g} ms; TBT SLOs {', '.join(slos)} ms; the duet "
              f"controller protects {report['engine_tbt_slo_ms']:g} ms.", "",
-             "Goodput (req/s) per TBT SLO as `tpot / max_tbt / max_tbt_amortised`: TTFT within "
-             "its SLO and, respectively, mean TPOT, every raw token gap, every amortised gap "
-             "within the TBT SLO. TBT raw: gaps between token arrivals at the host (a k-token "
+             "Goodput (req/s) per TBT SLO as `tpot / p99_tbt / max_tbt / max_tbt_amortised`: TTFT "
+             "within its SLO and, respectively, mean TPOT (vLLM's goodput), the request's P99 raw "
+             "token gap, every raw token gap, every amortised gap within the TBT SLO. TBT raw: gaps between token arrivals at the host (a k-token "
              "burst shows as one gap and k-1 zeros); amortised: each burst's gap spread over its "
              "tokens.", ""]
+    lines += best_aggregated_table(report, slos)
     if "static" in report["modes"]:
         policy = report["modes"]["static"].get("static_policy") or a["static_policy"]
         lines += [("static = a fixed 50/50 SM split of every iteration that holds both prefill "
@@ -689,6 +724,55 @@ def markdown(report: dict[str, Any]) -> str:
                             f"MISMATCH against {check['reference']}: {check['mismatches']}"))
         lines.append("")
     return "\n".join(lines)
+
+
+def best_aggregated(report: dict[str, Any], slo: str, criterion: str,
+                    index: int) -> tuple[str | None, float | None]:
+    """(mode, goodput) of the best aggregated variant at point ``index`` for that SLO and
+    criterion: the baseline each other mode is compared with."""
+    best = (None, None)
+    for mode, res in report["modes"].items():
+        if "error" in res or not is_aggregated(mode) or index >= len(res["points"]):
+            continue
+        good = res["points"][index]["goodput"][slo][criterion]
+        if best[1] is None or good > best[1]:
+            best = (mode, good)
+    return best
+
+
+def best_aggregated_table(report: dict[str, Any], slos: Sequence[str]) -> list[str]:
+    """Each non-aggregated mode's goodput over the best aggregated variant's, per point, SLO
+    and criterion (empty without both kinds)."""
+    others = [m for m, r in report["modes"].items() if "error" not in r and not is_aggregated(m)]
+    if not others or not any(is_aggregated(m) and "error" not in r
+                             for m, r in report["modes"].items()):
+        return []
+    lines = ["Against the best aggregated variant at each point (goodput req/s, mode in "
+             "brackets; ratio = mode / best aggregated). `TBT p99 ok`: the mode's pooled P99 token "
+             "gap is within the SLO.", "",
+             "| QPS | SLO ms | criterion | best aggregated | "
+             + " | ".join(f"{m} | ratio | TBT p99 ok" for m in others) + " |",
+             "|" + " --- |" * (4 + 3 * len(others))]
+    qps = [p["qps"] for p in next(r for m, r in report["modes"].items()
+                                  if "error" not in r and is_aggregated(m))["points"]]
+    for index, q in enumerate(qps):
+        for slo in slos:
+            for criterion in ("tpot", "p99_tbt", "max_tbt"):
+                mode, best = best_aggregated(report, slo, criterion, index)
+                cells = []
+                for m in others:
+                    points = report["modes"][m]["points"]
+                    if index >= len(points):
+                        cells.append("- | - | -")
+                        continue
+                    p = points[index]
+                    good = p["goodput"][slo][criterion]
+                    ratio = f"{good / best:.2f}" if best else "-"
+                    ok = p["tbt_ms"]["p99"] is not None and p["tbt_ms"]["p99"] <= float(slo)
+                    cells.append(f"{good:.2f} | {ratio} | {'yes' if ok else 'no'}")
+                lines.append(f"| {q:g} | {slo} | {criterion} | {best:.2f} ({mode}) | "
+                             + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(report: dict[str, Any], out: Path) -> list[str]:
@@ -785,7 +869,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="issue no arrival later than this into a point")
     p.add_argument("--drain-timeout-s", type=float, default=120.0,
                    help="abort what still runs this long after the cap (or after the last arrival)")
-    p.add_argument("--modes", default="aggregated,static,duet")
+    p.add_argument("--modes", default="aggregated,static,duet",
+                   help="comma-separated: aggregated, aggregated@N (fixed budget N), slo, static, duet")
     p.add_argument("--static-policy", choices=("forced", "restricted"), default="forced")
     p.add_argument("--tbt-slos-ms", type=floats, default=[50.0, 25.0],
                    help="TBT SLOs for goodput; the first is the duet controller's unless "
@@ -828,8 +913,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in args.mode_list:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        try:
+            mode_kind(m)
+        except ValueError as e:
+            p.error(str(e))
     if not args.qps or any(q <= 0 for q in args.qps):
         p.error("--qps needs positive rates")
     return args

@@ -52,6 +52,8 @@ class _EngineCollector(Collector):
                     "Prompt tokens served from the prefix cache / prompt tokens looked up.",
                     stats.prefix_cache_hit_rate)
         yield gauge("engine_steps", "Engine scheduling iterations so far.", stats.num_steps)
+        yield gauge("token_budget", "Token budget of the last iteration with prefill work "
+                    "(chosen per iteration to fit --tbt-slo-ms when it is set).", stats.token_budget)
         pauses = gc_pauses()
         yield gauge("gc_pause_seconds_total",
                     "Time this process spent in Python's garbage collector.", pauses.seconds)

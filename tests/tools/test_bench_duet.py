@@ -76,13 +76,56 @@ def test_summarize_ttft_tbt_goodput():
     assert m["add_lag_ms"]["mean"] == pytest.approx(1.0)
     g50, g25 = m["goodput"]["50"], m["goodput"]["25"]
     # SLO 50: records 0, 1, 4 always; record 3 by TPOT and amortised, not by raw max gap
-    assert g50 == pytest.approx({"tpot": 0.4, "max_tbt": 0.3, "max_tbt_amortised": 0.4})
+    assert g50 == pytest.approx({"tpot": 0.4, "p99_tbt": 0.3, "max_tbt": 0.3,
+                                 "max_tbt_amortised": 0.4})
     # SLO 25: record 0 and 4; record 3 by TPOT (17.5) and amortised (20), not raw (60)
-    assert g25 == pytest.approx({"tpot": 0.3, "max_tbt": 0.2, "max_tbt_amortised": 0.3})
+    assert g25 == pytest.approx({"tpot": 0.3, "p99_tbt": 0.2, "max_tbt": 0.2,
+                                 "max_tbt_amortised": 0.3})
     assert m["slo_attainment"]["50"]["max_tbt"] == pytest.approx(3 / 6)
     # the TTFT SLO binds too
     strict = bd.summarize(records, 10.0, [50], ttft_slo_ms=150)
     assert strict["goodput"]["50"]["tpot"] == pytest.approx(0.2)  # records 0 and 4
+
+
+def test_p99_gap_goodput_forgives_one_gap_in_a_hundred():
+    steady = [0.1 + 0.01 * i for i in range(201)]  # 200 gaps of 10 ms
+    one_stall = steady[:100] + [t + 0.07 for t in steady[100:]]  # one of them 80 ms
+    three_stalls = one_stall[:150] + [t + 0.07 for t in one_stall[150:]]
+    three_stalls = three_stalls[:180] + [t + 0.07 for t in three_stalls[180:]]  # 1.5 % of gaps
+    records = [_record(0.0, steady), _record(0.0, one_stall), _record(0.0, three_stalls)]
+    g = bd.summarize(records, duration_s=1.0, tbt_slos_ms=[50], ttft_slo_ms=2000)["goodput"]["50"]
+    assert g["max_tbt"] == pytest.approx(1.0)
+    assert g["p99_tbt"] == pytest.approx(2.0)
+    assert g["tpot"] == pytest.approx(3.0)
+
+
+def test_modes_and_their_engines():
+    args = bd.parse_args(["--out", "x", "--modes", "aggregated,aggregated@256,slo,duet",
+                          "--tbt-slos-ms", "25,50", "--max-num-batched-tokens", "1024"])
+    assert args.mode_list == ["aggregated", "aggregated@256", "slo", "duet"]
+    fixed, small, slo = (bd.engine_kwargs(args, m) for m in args.mode_list[:3])
+    assert (fixed["max_num_batched_tokens"], "tbt_slo_ms" in fixed) == (1024, False)
+    assert (small["max_num_batched_tokens"], "tbt_slo_ms" in small) == (256, False)
+    assert (slo["mode"], slo["max_num_batched_tokens"], slo["tbt_slo_ms"]) == ("aggregated", 1024, 25)
+    assert bd.engine_kwargs(args, "duet")["tbt_slo_ms"] == 25
+    assert [bd.is_aggregated(m) for m in args.mode_list] == [True, True, True, False]
+    for bad in ("aggregated@x", "duet@512", "fast"):
+        with pytest.raises(SystemExit):
+            bd.parse_args(["--out", "x", "--modes", bad])
+
+
+def test_best_aggregated_table():
+    def point(qps, good, p99):
+        return {"qps": qps, "tbt_ms": {"p99": p99},
+                "goodput": {"50": {c: good for c in bd.GOODPUT_CRITERIA}}}
+
+    report = {"modes": {"aggregated@512": {"points": [point(1, 1.0, 20), point(2, 1.5, 30)]},
+                        "slo": {"points": [point(1, 0.9, 20), point(2, 1.8, 40)]},
+                        "duet": {"points": [point(1, 1.1, 20), point(2, 1.2, 60)]}}}
+    assert bd.best_aggregated(report, "50", "tpot", 1) == ("slo", 1.8)
+    table = "\n".join(bd.best_aggregated_table(report, ["50"]))
+    assert "| 1 | 50 | tpot | 1.00 (aggregated@512) | 1.10 | 1.10 | yes |" in table
+    assert "| 2 | 50 | p99_tbt | 1.80 (slo) | 1.20 | 0.67 | no |" in table
 
 
 def test_roofline_error():

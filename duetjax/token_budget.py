@@ -1,0 +1,119 @@
+"""SLO-aware token budget of aggregated iterations (plain Python, no jax).
+
+A mixed iteration runs every decoding request's next token beside prefill chunks; its length is
+the gap every decoding request sees between two tokens. Sarathi-Serve keeps that gap within a
+time-between-tokens (TBT) SLO by choosing one fixed token budget per deployment. ``TokenBudget``
+chooses it per iteration instead: the largest compiled token bucket whose mixed step the
+roofline (with its online correction) predicts within the SLO, given the decodes running now
+and the prefill work waiting. Long contexts get smaller chunks, light decode batches larger
+ones, and nothing outside the compiled buckets is ever run.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from .roofline import power_of_two
+
+
+class MixedStepPredictor(Protocol):
+    def predict_mixed(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
+                      sm_share: float = 1.0) -> float: ...
+
+
+def budget_sizes(max_tokens: int, min_tokens: int) -> tuple[int, ...]:
+    """The budgets worth choosing: each mixed bucket size (a power of two from ``min_tokens``)
+    below ``max_tokens``, then ``max_tokens``. A budget between two sizes would pad to the
+    larger one and cost as much."""
+    sizes = []
+    size = power_of_two(min_tokens)
+    while size < max_tokens:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_tokens)
+
+
+def chunks_within(prefill: Sequence[tuple[int, int]], tokens: int) -> list[tuple[int, int]]:
+    """The prefill chunks, in scheduling order, that ``tokens`` of budget cover (the scheduler
+    fills them first come, first served; the last one may be cut short)."""
+    chunks = []
+    for new, cached in prefill:
+        if tokens <= 0:
+            break
+        take = min(new, tokens)
+        chunks.append((take, cached))
+        tokens -= take
+    return chunks
+
+
+class TokenBudget:
+    """Chooses each aggregated iteration's token budget so that its predicted step fits the
+    TBT SLO (``choose``), and learns how far the predictions are off (``observe``)."""
+
+    def __init__(self, roofline: MixedStepPredictor, tbt_slo_s: float, max_tokens: int,
+                 min_tokens: int, min_prefill_tokens: int) -> None:
+        if tbt_slo_s <= 0:
+            raise ValueError(f"tbt_slo_s must be > 0, got {tbt_slo_s}")
+        self.roofline = roofline
+        self.tbt_slo_s = tbt_slo_s
+        self.max_tokens = max_tokens
+        self.sizes = budget_sizes(max_tokens, min_tokens)
+        self.min_prefill_tokens = min_prefill_tokens
+        """Prefill tokens every iteration gets even when no budget fits the SLO: a budget that
+        starved prefill would hold the SLO only by letting time to first token grow forever."""
+        self.last = max_tokens
+        """The budget of the last iteration that had prefill work (for metrics)."""
+        self.last_predicted_s = 0.0
+        """The predicted step time at that budget."""
+        self.chosen: dict[int, int] = {}
+        """How often each budget was chosen (iterations with both prefill and decode work)."""
+
+    def choose(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int]) -> int:
+        """The largest budget whose mixed step is predicted to fit the SLO.
+
+        ``prefill``: the waiting and unfinished prompts as (tokens left, cached tokens), in
+        scheduling order; ``decode_context_lens``: cached tokens of each decoding request (one
+        token of budget each). With no decodes there is no gap to protect: the full budget.
+        When even the smallest budget misses, the smallest that gives prefill
+        ``min_prefill_tokens``.
+        """
+        decodes = len(decode_context_lens)
+        if not prefill:
+            return self.max_tokens
+        if not decodes:
+            self.last, self.last_predicted_s = self.max_tokens, 0.0
+            return self.max_tokens
+        wanted = decodes + sum(new for new, _ in prefill)
+        floor = decodes + self.min_prefill_tokens
+        sizes = [s for s in self.sizes if s >= floor]
+        if not sizes:
+            sizes = [self.max_tokens]
+        # Sizes past the first that holds all the work cost the same as it: stop there.
+        cut = next((i for i, s in enumerate(sizes) if s >= wanted), len(sizes) - 1)
+        sizes = sizes[:cut + 1]
+        # The step grows with the budget: binary search for the last size that fits.
+        predicted = {}
+
+        def fits(i: int) -> bool:
+            predicted[i] = self.roofline.predict_mixed(
+                chunks_within(prefill, sizes[i] - decodes), decode_context_lens, 1.0)
+            return predicted[i] <= self.tbt_slo_s
+
+        low, high = 0, len(sizes) - 1  # the answer is in [low, high]; sizes[0] if none fits
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid - 1
+        if low not in predicted:
+            fits(low)
+        self.last, self.last_predicted_s = sizes[low], predicted[low]
+        self.chosen[self.last] = self.chosen.get(self.last, 0) + 1
+        return self.last
+
+    def observe_aggregated(self, predicted: float, measured: float) -> None:
+        """A mixed iteration predicted at ``predicted`` seconds took ``measured``: the online
+        correction (when the roofline has one) learns the ratio."""
+        correction = getattr(self.roofline, "correction", None)
+        if correction is not None:
+            correction.observe("aggregated", predicted, measured)
