@@ -166,6 +166,27 @@ def build_roofline(model_config: Any, dtype: Any, engine_config: Any, max_model_
     return CorrectedRoofline(roofline, correction) if correction is not None else roofline
 
 
+def duet_kv_bytes(free_bytes: int, weight_bytes: int, workers: int, worker_reserve_gib: float,
+                  kv_tokens: int | None, kv_bytes_per_token: int) -> int:
+    """GPU memory the KV pool may take in duet mode: what is free once the weights' shared copy
+    (allocated beside the loaded one) and every worker's reserve are set aside. ValueError,
+    before anything is allocated, when ``kv_tokens`` asks for more than that."""
+    gib = 2**30
+    reserve = int(workers * worker_reserve_gib * gib)
+    left = free_bytes - weight_bytes - reserve
+    if left <= 0 or (kv_tokens is not None and kv_tokens * kv_bytes_per_token > left):
+        fits = max(left, 0) // kv_bytes_per_token
+        asked = (f"a KV pool of {kv_tokens} tokens ({kv_tokens * kv_bytes_per_token / gib:.1f} GiB)"
+                 if kv_tokens is not None else "a KV pool")
+        raise ValueError(
+            f"duet mode cannot fit {asked}: the GPU has {free_bytes / gib:.1f} GiB free, the "
+            f"weights' shared copy takes {weight_bytes / gib:.1f} GiB and {workers} workers "
+            f"reserve {reserve / gib:.1f} GiB (duet_worker_reserve_gib), which leaves room for "
+            f"{fits} tokens: lower --kv-cache-tokens, or start fewer worker pairs "
+            f"(--duet-pairs)")
+    return left
+
+
 def stream_steps(k: int, t_decode: float, tbt_slo_s: float) -> int:
     """Decode steps per decode-worker dispatch while a split's prefill chunk runs: the largest
     power of two up to the decision's k whose predicted steps fit half the TBT SLO (a

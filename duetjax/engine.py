@@ -21,7 +21,8 @@ from models.cache import cache_dir
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .correction import Correction
-from .duet import Duet, build_roofline, device_profile, final_dispatch_steps, prepare_process
+from .duet import (Duet, build_roofline, device_profile, duet_kv_bytes, final_dispatch_steps,
+                   prepare_process)
 from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
 from .request import PENDING, Request, RequestStatus
@@ -196,14 +197,20 @@ class Engine:
     def _shared_runner(self) -> ModelRunner:
         """Duet mode: weights, KV pool and counts in buffers the workers attach to."""
         free = None
+        cfg = self.model.config
         if jax.default_backend() == "gpu":
             import cupy
             pairs = self.config.active_duet_pairs
-            workers = len({p for p, _ in pairs} | {d for _, d in pairs})
-            free = cupy.cuda.runtime.memGetInfo()[0] - int(
-                workers * self.config.duet_worker_reserve_gib * 2**30)
+            free = duet_kv_bytes(
+                free_bytes=cupy.cuda.runtime.memGetInfo()[0],
+                weight_bytes=sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.model.params)),
+                workers=len({p for p, _ in pairs} | {d for _, d in pairs}),
+                worker_reserve_gib=self.config.duet_worker_reserve_gib,
+                kv_tokens=self.config.kv_cache_tokens,
+                kv_bytes_per_token=pallas_kernels.kv_bytes_per_token(
+                    cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                    np.dtype(self.model.dtype).itemsize))
         num_pages = plan_num_pages(self.model, self.config, free)
-        cfg = self.model.config
         shared = SharedState.create(
             self.model.params,
             pallas_kernels.kv_pool_shape(cfg.num_layers, num_pages, cfg.num_kv_heads,

@@ -335,3 +335,19 @@ def test_structured_outputs_keep_iterations_aggregated(profile_and_slo, tmp_path
         assert all("a" <= c <= "z" for c in results[ids[0]].outputs[0].text)
     finally:
         duet.close()
+
+
+def test_duet_memory_plan_sets_the_weights_copy_and_workers_aside():
+    from duetjax.duet import duet_kv_bytes
+
+    gib = 2**30
+    # 80 GB card, 8B weights loaded (16 GiB): 62 GiB free; a copy of the weights and 4 workers
+    left = duet_kv_bytes(62 * gib, 16 * gib, workers=4, worker_reserve_gib=3.0, kv_tokens=None,
+                         kv_bytes_per_token=131072)
+    assert left == (62 - 16 - 12) * gib
+    assert duet_kv_bytes(62 * gib, 16 * gib, 4, 3.0, kv_tokens=131072,
+                         kv_bytes_per_token=131072) == left  # 16 GiB of KV fits
+    with pytest.raises(ValueError, match=r"327680 tokens \(40.0 GiB\).*room for 278528 tokens"):
+        duet_kv_bytes(62 * gib, 16 * gib, 4, 3.0, kv_tokens=327680, kv_bytes_per_token=131072)
+    with pytest.raises(ValueError, match="--kv-cache-tokens"):
+        duet_kv_bytes(20 * gib, 16 * gib, 4, 3.0, None, 131072)
