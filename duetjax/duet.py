@@ -26,7 +26,8 @@ from .correction import Correction, CorrectedRoofline, StepOverhead
 from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig, StaticController
 from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
 from .shared_state import SharedState
-from .step_inputs import decode_step_choices, step_padding
+from .step_inputs import MIN_MIXED_TOKENS, decode_step_choices, step_padding
+from .token_budget import TokenBudget
 from .worker import DECODE, PREFILL, WorkerSetup
 from .worker_client import WorkerClient, WorkerDied
 
@@ -250,9 +251,15 @@ class Duet:
         self.corrected = roofline if isinstance(roofline, CorrectedRoofline) else None
         self._split_raw: tuple[float, float] | None = None
         """(t_p, t_d) of the last split decision before correction (None: uncorrected)."""
-        self.controller = controller(roofline, OptimizerConfig(
+        optimizer = OptimizerConfig(
             tbt_slo_s=engine_config.duet_tbt_slo_ms / 1e3, pairs=pairs,
-            k_max=engine_config.max_decode_steps, k_values=decode_step_choices(engine_config)))
+            k_max=engine_config.max_decode_steps, k_values=decode_step_choices(engine_config))
+        if controller is ModeController:
+            self.controller = ModeController(roofline, optimizer, token_budget=TokenBudget(
+                roofline, optimizer.tbt_slo_s, engine_config.max_num_batched_tokens,
+                min_tokens=MIN_MIXED_TOKENS, min_prefill_tokens=MIN_MIXED_TOKENS))
+        else:
+            self.controller = StaticController(roofline, optimizer)
         layout = shared.layout()
         self.workers: dict[tuple[str, int], WorkerClient] = {}
         for role, share in sorted({(PREFILL, p) for p, _ in used} | {(DECODE, d) for _, d in used}):

@@ -362,7 +362,7 @@ class Engine:
         runs on the worker pair instead (``_split_step``)."""
         if self._split is not None:
             return self._split_stream()
-        predicted = None
+        predicted = budget = None
         drained: list[RequestOutput] = []
         if self.duet is not None:
             prefill, decode = self.scheduler.preview()
@@ -378,12 +378,16 @@ class Engine:
                 self.duet.stats.switch_seconds.append(time.perf_counter() - before)
             if pair is not None:
                 return drained + self._split_step(decision, pair)
+            if decision is not None:
+                budget = decision.token_budget
         if drained:
-            return drained + self._aggregated_step(predicted)
-        return self._aggregated_step(predicted)
+            return drained + self._aggregated_step(predicted, budget)
+        return self._aggregated_step(predicted, budget)
 
-    def _aggregated_step(self, predicted: float | None) -> list[RequestOutput]:
-        """One pipelined step on this process's device (``step``). When the step in flight
+    def _aggregated_step(self, predicted: float | None,
+                         budget: int | None = None) -> list[RequestOutput]:
+        """One pipelined step on this process's device (``step``), within ``budget`` tokens
+        (None: the SLO-aware budget's choice, else the fixed one). When the step in flight
         samples a constrained token (structured outputs), its tokens are read first: the
         next step's token mask follows from them, so the pipeline waits for the device."""
         started = time.perf_counter()
@@ -392,8 +396,7 @@ class Engine:
             drained, waited = self._finish_step(self._in_flight)
             self._in_flight = None
         drain_seconds = time.perf_counter() - started
-        budget = None
-        if self.token_budget is not None and self.scheduler.has_prefill_work():
+        if budget is None and self.token_budget is not None and self.scheduler.has_prefill_work():
             budget = self.token_budget.choose(*self.scheduler.preview())
             predicted = self.token_budget.last_predicted_s or None
         batch = self.scheduler.schedule(self.config.decode_steps, budget=budget)

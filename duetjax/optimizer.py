@@ -18,6 +18,7 @@ import dataclasses
 from typing import Sequence
 
 from .roofline import Roofline
+from .token_budget import TokenBudget, chunks_within
 
 AGGREGATED = "aggregated"
 SPLIT = "split"
@@ -71,6 +72,9 @@ class Decision:
     """Whether the chosen plan's decode step is predicted to fit the TBT SLO."""
     reason: str
     """Why this choice, in words."""
+    token_budget: int | None = None
+    """Aggregated at a smaller token budget than the engine's (the SLO-aware budget, which
+    shortens the prefill chunk until the mixed step fits the SLO); None: the engine's own."""
 
 
 def _prefill_tokens(prefill: Sequence[tuple[int, int]]) -> int:
@@ -217,10 +221,15 @@ class ModeController:
     """
 
     def __init__(self, roofline: Roofline, config: OptimizerConfig,
-                 hysteresis: HysteresisConfig = HysteresisConfig()) -> None:
+                 hysteresis: HysteresisConfig = HysteresisConfig(),
+                 token_budget: TokenBudget | None = None) -> None:
         self.roofline = roofline
         self.config = config
         self.hysteresis = hysteresis
+        self.token_budget = token_budget
+        """The SLO-aware aggregated alternative: where the full mixed step misses the SLO, a
+        smaller prefill chunk on the whole GPU competes with the best split (and replaces the
+        full step when no split fits)."""
         self.mode = AGGREGATED
         self._misses = 0
         self._fits = 0
@@ -251,6 +260,10 @@ class ModeController:
                                   f"back to aggregated after {hyst.exit_after} comfortable fits",
                                   t_agg)
         split = best_split(roofline, prefill, decode_context_lens, config, t_agg)
+        smaller = self._smaller_budget(prefill, decode_context_lens, split)
+        if smaller is not None:
+            self._reset(AGGREGATED)
+            return smaller
         if split is None:
             self._reset(AGGREGATED)
             return fallback(roofline, prefill, decode_context_lens, config, t_agg)
@@ -261,6 +274,29 @@ class ModeController:
                 split, reason=f"hysteresis: aggregated fits ({t_agg * 1e3:.3f} ms), staying split "
                               f"({self._fits} of {hyst.exit_after} comfortable fits)")
         return split
+
+    def _smaller_budget(self, prefill: Sequence[tuple[int, int]],
+                        decode_context_lens: Sequence[int], split: Decision | None) -> Decision | None:
+        """Aggregated at the SLO-aware budget, when it beats ``split`` in predicted tokens per
+        second within the SLO (or when there is no feasible split); else None."""
+        if self.token_budget is None:
+            return None
+        budget = self.token_budget.choose(prefill, decode_context_lens)
+        t = self.token_budget.last_predicted_s
+        slo = self.config.tbt_slo_s
+        if t <= 0 or (split is not None and t > slo):
+            return None
+        decodes = len(decode_context_lens)
+        tokens = decodes + _prefill_tokens(chunks_within(prefill, budget - decodes))
+        objective = tokens / t
+        if split is not None and objective < split.objective:
+            return None
+        versus = (f"beats the best split ({split.objective:.0f} tokens/s)" if split is not None
+                  else "no split pair meets the SLO")
+        return Decision(mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1, t_aggregated=t, t_prefill=None,
+                        t_decode=None, objective=objective, slo_met=t <= slo,
+                        reason=f"aggregated at a {budget}-token budget ({t * 1e3:.3f} ms, "
+                               f"{objective:.0f} tokens/s) {versus}", token_budget=budget)
 
     def _reset(self, mode: str) -> None:
         self.mode = mode

@@ -351,3 +351,37 @@ def test_duet_memory_plan_sets_the_weights_copy_and_workers_aside():
         duet_kv_bytes(62 * gib, 16 * gib, 4, 3.0, kv_tokens=327680, kv_bytes_per_token=131072)
     with pytest.raises(ValueError, match="--kv-cache-tokens"):
         duet_kv_bytes(20 * gib, 16 * gib, 4, 3.0, None, 131072)
+
+
+def test_a_smaller_aggregated_budget_replaces_splits_that_gain_nothing(tiny_llama_dir, expected,
+                                                                        tmp_path):
+    """With workers that the profile says run at a third of their share's rate, no split beats
+    the whole GPU at a smaller prefill chunk: the engine stays aggregated, with mixed steps
+    within the budget that fits the SLO, and the tokens are the aggregated engine's."""
+    from models.config import ModelConfig
+
+    from duetjax.roofline import InterferencePoint, StepPadding
+
+    flops = 1e9
+    profile = DeviceProfile(gpu_name="test", overhead_s=0.0, levels=(
+        SMLevel(0.5, flops / 2, 1e18), SMLevel(1.0, flops, 1e18)),
+        interference=(InterferencePoint(0.5, 0.5, 0.3, 0.3, 0.3, 0.3),))
+    path = tmp_path / "slow-split.json"
+    profile.save(path)
+    config = ModelConfig.from_hf(json.loads((tiny_llama_dir / "config.json").read_text()))
+    roofline = Roofline(ModelShape.from_config(config, dtype_bytes=4), profile,
+                        StepPadding(max_seqs=4, min_tokens=16))
+    # (a 32-token step fits the SLO whatever the decodes' contexts)
+    slo_ms = 1e3 * roofline.predict_mixed([(28, 90)], [128] * 4) * 1.05
+    scheduled = []
+    with Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=str(path),
+                tbt_slo_ms=slo_ms, **CONFIG | {"max_num_batched_tokens": 64}) as engine:
+        engine.duet.wait_ready(timeout=600)
+        schedule = engine.scheduler.schedule
+        engine.scheduler.schedule = lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1]
+        assert token_ids(engine.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
+        assert engine.duet.stats.split_iterations == 0
+    mixed = [b for b in scheduled if any(s.num_new_tokens == 1 for s in b.scheduled)
+             and not b.decode_only]
+    assert mixed and max(b.num_tokens for b in mixed) <= 32
+    assert max(b.num_tokens for b in scheduled) > 32  # prefill alone takes the whole budget

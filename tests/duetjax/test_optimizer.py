@@ -263,3 +263,58 @@ def test_static_controller_always_splits_when_both_phases_present():
     assert controller.step(prefill, []).mode == AGGREGATED
     # a big prefill chunk: decode keeps stepping while it runs (k > 1)
     assert controller.step([(512, 0)], [16]).k > 1
+
+
+def _budgeted_controller(slo, pairs=PAIRS):
+    from duetjax.token_budget import TokenBudget
+
+    config = OptimizerConfig(tbt_slo_s=slo, pairs=pairs, k_max=8)
+    return ModeController(ROOFLINE, config, token_budget=TokenBudget(
+        ROOFLINE, slo, max_tokens=4096, min_tokens=16, min_prefill_tokens=16))
+
+
+@pytest.mark.parametrize("prefill,slo", [([(256, 0)], 0.01), ([(1024, 0), (512, 300)], 0.006),
+                                         ([(300, 0)], 0.02), ([(4096, 0)], 0.012)])
+def test_a_smaller_aggregated_budget_competes_with_the_split(prefill, slo):
+    """Where the full mixed step misses the SLO, the controller picks whichever predicts more
+    tokens per second within the SLO: the best split, or the whole GPU at the largest budget
+    that fits."""
+    from duetjax.token_budget import chunks_within
+
+    controller = _budgeted_controller(slo)
+    d = controller.step(prefill, SMALL_DECODE)
+    split = decide(ROOFLINE, prefill, SMALL_DECODE, OptimizerConfig(tbt_slo_s=slo, pairs=PAIRS))
+    budget = controller.token_budget.choose(prefill, SMALL_DECODE)
+    t = controller.token_budget.last_predicted_s
+    tokens = len(SMALL_DECODE) + sum(q for q, _ in chunks_within(prefill, budget - len(SMALL_DECODE)))
+    if t <= slo and tokens / t >= split.objective:
+        assert (d.mode, d.token_budget) == (AGGREGATED, budget)
+        assert d.objective == pytest.approx(tokens / t) and d.t_aggregated == pytest.approx(t)
+        assert d.slo_met
+    else:
+        assert d.mode == SPLIT and d.objective == pytest.approx(split.objective)
+        assert d.token_budget is None
+
+
+def test_smaller_budget_wins_when_splitting_costs_more_than_it_gives():
+    """A profile whose SM shares give much less than their share (heavy interference) makes
+    every split slower than the whole GPU at a smaller chunk."""
+    interference = tuple(InterferencePoint(p, d, 0.3, 0.3, 0.3, 0.3) for p, d in PAIRS)
+    roofline = Roofline(SHAPE, saturating_profile(interference))
+    from duetjax.token_budget import TokenBudget
+
+    prefill = [(4096, 0)]
+    slo = predict_aggregated(roofline, [(512, 0)], SMALL_DECODE) * 1.05
+    controller = ModeController(roofline, OptimizerConfig(tbt_slo_s=slo, pairs=PAIRS),
+                                token_budget=TokenBudget(roofline, slo, 4096, 16, 16))
+    d = controller.step(prefill, SMALL_DECODE)
+    assert d.mode == AGGREGATED and d.token_budget == 512 and d.slo_met
+
+
+def test_no_feasible_split_takes_the_smaller_budget():
+    prefill = [(4096, 0)]
+    slo = predict_aggregated(ROOFLINE, [(64, 0)], HEAVY_DECODE) * 1.01
+    controller = _budgeted_controller(slo, pairs=((0.9, 0.1),))  # a decode share too small
+    d = controller.step(prefill, HEAVY_DECODE)
+    assert d.mode == AGGREGATED and d.token_budget is not None and d.token_budget < 4096
+    assert "no split pair meets the SLO" in d.reason
