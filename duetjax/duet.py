@@ -89,9 +89,18 @@ class DuetStats:
         return d.mode if d is not None else AGGREGATED
 
 
-def _backend_initialized() -> bool:
-    from jax._src import xla_bridge
-    return xla_bridge.backends_are_initialized()
+def _jax_backends_initialized() -> bool:
+    """Whether JAX has created its backends (and so its CUDA context) yet.
+
+    JAX's public API cannot ask without creating them (``jax.devices()`` and
+    ``jax.default_backend()`` do), so this reads JAX's own flag. Should a JAX version move it,
+    the answer is "not yet": the GPU is then found from the configuration alone, and a late
+    ``mode='duet'`` is not caught here."""
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        return False
+    return backends_are_initialized()
 
 
 def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
@@ -115,7 +124,7 @@ def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
         if mode == "auto":
             return "aggregated", None, status
         raise ValueError(f"mode='duet' needs MPS on the GPU: {status}")
-    if _backend_initialized():
+    if _jax_backends_initialized():
         raise ValueError("mode='duet' must be chosen before JAX initializes the GPU (the MPS "
                            "daemon and XLA_PYTHON_CLIENT_PREALLOCATE=false must be in place "
                            "first): create the Engine before any other JAX call")
@@ -129,7 +138,7 @@ def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
 
 def _jax_uses_gpu() -> bool:
     """Whether JAX runs (or will run) on a GPU, without initializing a backend."""
-    if _backend_initialized():
+    if _jax_backends_initialized():
         return jax.default_backend() == "gpu"
     platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
     if platforms:
