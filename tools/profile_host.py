@@ -5,7 +5,7 @@ run of the same shapes) on a small random Llama, for each k of ``--decode-steps`
 more run, top functions by own time.
 
 The host work (scheduling, input preparation, output processing) is the same Python whatever
-the device, so the CPU ranks its hotspots; absolute figures differ from the GPU machine's. On a
+the device, so the CPU ranks its hotspots; absolute figures differ from a GPU machine's. On a
 small CPU the XLA threads running the model compete with the host thread, which makes the
 figures noisy: ``--null-device`` replaces the step executables by stubs that return at once
 (every sampled token is 3), which leaves the host work alone on the CPU: steady figures for
