@@ -177,12 +177,10 @@ def split_seconds(t_prefill: float, t_decode: float, stream_k: int) -> float:
     """Expected time of a split iteration that ends with the first decode dispatch to finish
     after the chunk: dispatches of ``stream_k`` steps run back to back while the chunk runs,
     the last one sized to end just after the chunk's predicted end (``final_dispatch_steps``):
-    on average half a step after it, and no sooner than one dispatch. (With full dispatches
-    only, the iteration outlasted the chunk by half a dispatch; over 821 split iterations of
-    three 8B H200 runs that tail was a median 10 % of the iteration:
-    duet-datasets-h200-2026-11-21.md.) Which part of a step the stream is in when the chunk
-    ends, no prediction made beforehand can know: over 1,032 split iterations this form's
-    P95 error was 12.4 %, the chunk's alone 9.9 % (``carried_split_seconds``)."""
+    on average half a step after it, and no sooner than one dispatch. Which part of a step the
+    stream is in when the chunk ends, no prediction made beforehand can know
+    (``carried_split_seconds`` ends the iteration with the chunk instead; docs/design.md,
+    "Timing a split iteration")."""
     if t_prefill <= 0:
         return stream_k * t_decode
     return max(t_prefill + t_decode / 2, stream_k * t_decode)

@@ -2,11 +2,11 @@
 
 JAX/XLA cannot pin a stream to a subset of SMs, so duetjax partitions the GPU between
 processes instead: each worker is an MPS client with a fixed
-``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (see DESIGN.md). This module finds or starts the MPS
-control daemon those clients attach to, hands out the environment a worker needs, and makes
-sure a daemon we started is stopped again — on ``stop()``, on leaving a ``with`` block, at
-interpreter exit and on SIGTERM/SIGINT — because a leaked daemon keeps the GPU in MPS mode for
-every later process on the machine.
+``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (docs/design.md, "DuetServe in duetjax"). This module
+finds or starts the MPS control daemon those clients attach to, hands out the environment a
+worker needs, and makes sure a daemon we started is stopped again — on ``stop()``, on leaving a
+``with`` block, at interpreter exit and on SIGTERM/SIGINT — because a leaked daemon keeps the
+GPU in MPS mode for every later process on the machine.
 
 A daemon we did not start (``owned=False``) is never stopped: it belongs to the machine's
 administrator or to another job.
