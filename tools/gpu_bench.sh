@@ -21,7 +21,7 @@ if [ $# -lt 2 ]; then
     exit 2
 fi
 mkdir -p "$1"
-out=$(cd "$1" && pwd)
+results_dir=$(cd "$1" && pwd)
 shift
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -40,69 +40,69 @@ for section in "$@"; do
     case $section in
     locality)  # decode kernel: page placement and pool values
         $python tools/kernel_bench.py --quick --skip correctness,decode,variants,prefill,write \
-            --out "$out/kernels-locality.json" --table "$out/kernels-locality.md" ;;
+            --out "$results_dir/kernels-locality.json" --table "$results_dir/kernels-locality.md" ;;
     engine)  # decode step vs HBM roofline, host work per step (one decode step per dispatch)
         $python tools/bench_engine.py --model $model --sections decode,host \
-            --out "$out/engine.json" --table "$out/engine.md" ;;
+            --out "$results_dir/engine.json" --table "$results_dir/engine.md" ;;
     decode4)  # decode step vs HBM roofline with 4 decode steps per dispatch (a device loop)
         $python tools/bench_engine.py --model $model --sections decode --decode-steps 4 \
-            --out "$out/engine-decode-k4.json" --table "$out/engine-decode-k4.md" ;;
+            --out "$results_dir/engine-decode-k4.json" --table "$results_dir/engine-decode-k4.md" ;;
     host)  # host work per step at batch 64, 1 and 4 decode steps per dispatch
         for k in 1 4; do
             $python tools/bench_engine.py --model $model --sections host --batches 64 \
-                --prefill 2048 --decode-steps $k --out "$out/engine-host-k$k.json" \
+                --prefill 2048 --decode-steps $k --out "$results_dir/engine-host-k$k.json" \
                 --table "$scratch/engine-host.md"
         done ;;
     check)  # the duet mechanism: MPS, CUDA IPC, shared penalty tables, tokens equal to
         # aggregated's, a killed worker; both ways of ending a split iteration
-        $python tools/duet_check.py --out "$out/duet-check.json"
-        $python tools/duet_check.py --carry-stream --out "$out/duet-check-carry.json" ;;
+        $python tools/duet_check.py --out "$results_dir/duet-check.json"
+        $python tools/duet_check.py --carry-stream --out "$results_dir/duet-check-carry.json" ;;
     gemm256)  # batch-256 decode step: cuBLAS against XLA's autotuned Triton GEMMs, one run
         for backend in cublas triton; do
             $python tools/bench_engine.py --model $model --sections decode --batches 128,256 \
-                --gemm-backend $backend --out "$out/engine-$backend-b256.json" \
-                --table "$out/engine-$backend-b256.md"
+                --gemm-backend $backend --out "$results_dir/engine-$backend-b256.json" \
+                --table "$results_dir/engine-$backend-b256.md"
         done ;;
     host4)  # host work per step with 4 decode steps per dispatch
         $python tools/bench_engine.py --model $model --sections host --decode-steps 4 \
-            --out "$out/engine-k4.json" --table "$scratch/engine-k4.md" ;;
+            --out "$results_dir/engine-k4.json" --table "$scratch/engine-k4.md" ;;
     host-profile)  # host work per step (engines sized for 256 or 64 sequences; k), cProfiled
         for run in 1,16,64,128,256:1 64:1 64:4; do
             echo "== batches ${run%:*}, decode steps ${run#*:}"
             $python tools/bench_engine.py --model $model --sections host --batches ${run%:*} \
                 --prefill 2048 --decode-steps ${run#*:} --profile-host ${PROFILE_TOP:-45} \
-                --out "$out/engine-host-$(echo $run | tr ',:' '-_').json" --table "$scratch/engine-host.md"
+                --out "$results_dir/engine-host-$(echo $run | tr ',:' '-_').json" --table "$scratch/engine-host.md"
         done ;;
     sampler)
-        $python tools/bench_sampler.py --out "$out/sampler.json" ;;
+        $python tools/bench_sampler.py --out "$results_dir/sampler.json" ;;
     structured)  # what structured outputs cost: free decodes alone, then beside constrained ones
         $python tools/bench_structured.py --dtype bfloat16 --batch 64 --constrained 0,1,8 \
-            --max-tokens 256 --out "$out/structured.json" --table "$out/structured.md" ;;
+            --max-tokens 256 --out "$results_dir/structured.json" --table "$results_dir/structured.md" ;;
     trace)  # every kernel of a batch-64 decode step
         $python tools/profile_step.py --model $model --unroll 32 --batches 64 --context 1024 \
             --trace --top-kernels 1000 --out-dir "$scratch" \
-            && cp "$scratch/trace_b64_unroll32_cublas.json" "$out/trace-b64.json" ;;
+            && cp "$scratch/trace_b64_unroll32_cublas.json" "$results_dir/trace-b64.json" ;;
     prefill-trace)  # every kernel of 2k and 8k prefill steps
         $python tools/profile_step.py --model $model --unroll 32 --batches 64 \
             --trace-prefill 2048,8192 --top-kernels 1000 --out-dir "$scratch" \
-            && cp "$scratch"/trace_prefill*_unroll32_cublas.json "$out/" ;;
+            && cp "$scratch"/trace_prefill*_unroll32_cublas.json "$results_dir/" ;;
     kernels)  # every kernel against the ceilings and the built-in peers
-        $python tools/kernel_bench.py --out "$out/kernels.json" --table "$out/kernels.md" ;;
+        $python tools/kernel_bench.py --out "$results_dir/kernels.json" --table "$results_dir/kernels.md" ;;
     prefill-kernels)  # prefill and mixed-batch attention only
         $python tools/kernel_bench.py --skip correctness,decode,variants,locality,write \
-            --out "$out/kernels-prefill.json" --table "$out/kernels-prefill.md" ;;
+            --out "$results_dir/kernels-prefill.json" --table "$results_dir/kernels-prefill.md" ;;
     offline)  # decode, prefill, host work and offline throughput
         $python tools/bench_engine.py --model $model --sections decode,prefill,host,offline \
-            --out "$out/engine.json" --table "$out/engine.md" ;;
+            --out "$results_dir/engine.json" --table "$results_dir/engine.md" ;;
     mps)  # decode under MPS SM limits, added to the kernels section's report
-        $python tools/kernel_bench.py --mps --out "$out/kernels.json" --table "$out/kernels.md" ;;
+        $python tools/kernel_bench.py --mps --out "$results_dir/kernels.json" --table "$results_dir/kernels.md" ;;
     decode-knobs)  # batch-64 decode step: block-table width (decode splits) and KV pool size
         i=0
         for knobs in "" "--max-model-len 8208" "--max-model-len 8208 --kv-cache-tokens 0"; do
             echo "== $knobs"
             $python tools/profile_step.py --model $model --unroll 32 --batches 64 --context 1024 \
                 --trace --top-kernels 60 --out-dir "$scratch" $knobs 2>&1 | grep "ms/step\|trace:"
-            cp "$scratch/trace_b64_unroll32_cublas.json" "$out/trace-knobs-$i.json"
+            cp "$scratch/trace_b64_unroll32_cublas.json" "$results_dir/trace-knobs-$i.json"
             i=$((i + 1))
         done ;;
     cmdbuf)  # XLA command buffers (CUDA graphs): update modes; batch-64 decode step
@@ -118,7 +118,7 @@ for section in "$@"; do
         done ;;
     fit)  # roofline error over 1,000 real mixed iterations, and the fitted profile
         $python tools/roofline_fit.py --model $model --dtype bfloat16 --iterations ${FIT_ITERATIONS:-1000} --reps ${FIT_REPS:-8} \
-            --out "$out/profile-fitted.json" --report "$out/roofline-fit.json" ;;
+            --out "$results_dir/profile-fitted.json" --report "$results_dir/roofline-fit.json" ;;
     duet)  # aggregated vs static 50/50 vs adaptive duet at 8B (env: DUET_QPS, DUET_REQUESTS,
         # DUET_MODES, DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1)
         $python tools/bench_duet.py --model $model --load-format dummy --dtype bfloat16 \
@@ -129,9 +129,9 @@ for section in "$@"; do
             --max-decode-steps 4 --warmup-requests 4 \
             --worker-timeout-s 300 --save-requests ${DUET_PROFILE:+--device-profile $DUET_PROFILE} \
             ${DUET_CARRY:+--carry-stream} \
-            --out "$out/duet8b" ;;
+            --out "$results_dir/duet8b" ;;
     *)
         echo "unknown section $section" ;;
     esac
 done
-ls -la "$out"
+ls -la "$results_dir"
