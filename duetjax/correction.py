@@ -1,9 +1,9 @@
 """Online correction of the roofline's predictions from the iterations the engine measures.
 
-The calibrated roofline underestimated real Llama-3-8B iterations on an H200 by 25-35 %
-(benchmarks/results/duet-h200-2026-11-21.md): launch gaps, skinny GEMMs and the sampler are not
-in its rates. The optimizer decides on those predictions (split when the aggregated step misses
-the SLO; which pair; k), so a steady bias means steady wrong decisions. ``Correction`` keeps
+The calibrated roofline alone underestimated real Llama-3-8B split iterations on an H200 by
+about a third (docs/design.md, "Measured facts"): launch gaps, skinny GEMMs and the sampler are
+not in its rates. The optimizer decides on those predictions (split when the aggregated step
+misses the SLO; which pair; k), so a steady bias means steady wrong decisions. ``Correction`` keeps
 one measured/predicted ratio per kind of work, a geometric moving average of what the engine
 observed, and ``CorrectedRoofline`` scales the roofline's answers by it.
 """
@@ -26,11 +26,10 @@ class Correction:
     """measured / predicted, learned online per kind of work and, finer, per detail of it
     (a worker's SM share; a chunk's size; the steps per decode dispatch).
 
-    One ratio per kind missed by 15-18 % at the 95th percentile on 821 split iterations of
-    three 8B H200 runs: a worker's error depends on its share and on the size of its work (a
-    fixed cost per dispatch weighs most on small ones), and a ratio learned on one pair was
-    applied to the other. Keyed ratios, each starting from its parent's, fit those; see
-    ``benchmarks/results/duet-correction-h200-2026-11-21.md``."""
+    A worker's error depends on its share and on the size of its work (a fixed cost per
+    dispatch weighs most on small ones), and a single ratio per kind would carry what it
+    learned on one pair over to the other. Keyed ratios, each starting from its parent's, fit
+    those (docs/design.md, "The online correction")."""
 
     weight: float = 0.3
     """Weight of each new observation in the (log-space) moving average (a key's first few

@@ -90,9 +90,18 @@ class DuetStats:
         return d.mode if d is not None else AGGREGATED
 
 
-def _backend_initialized() -> bool:
-    from jax._src import xla_bridge
-    return xla_bridge.backends_are_initialized()
+def _jax_backends_initialized() -> bool:
+    """Whether JAX has created its backends (and so its CUDA context) yet.
+
+    JAX's public API cannot ask without creating them (``jax.devices()`` and
+    ``jax.default_backend()`` do), so this reads JAX's own flag. Should a JAX version move it,
+    the answer is "not yet": the GPU is then found from the configuration alone, and a late
+    ``mode='duet'`` is not caught here."""
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        return False
+    return backends_are_initialized()
 
 
 def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
@@ -116,7 +125,7 @@ def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
         if mode == "auto":
             return "aggregated", None, status
         raise ValueError(f"mode='duet' needs MPS on the GPU: {status}")
-    if _backend_initialized():
+    if _jax_backends_initialized():
         raise ValueError("mode='duet' must be chosen before JAX initializes the GPU (the MPS "
                            "daemon and XLA_PYTHON_CLIENT_PREALLOCATE=false must be in place "
                            "first): create the Engine before any other JAX call")
@@ -130,7 +139,7 @@ def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
 
 def _jax_uses_gpu() -> bool:
     """Whether JAX runs (or will run) on a GPU, without initializing a backend."""
-    if _backend_initialized():
+    if _jax_backends_initialized():
         return jax.default_backend() == "gpu"
     platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
     if platforms:
@@ -213,12 +222,10 @@ def split_seconds(t_prefill: float, t_decode: float, stream_k: int) -> float:
     """Expected time of a split iteration that ends with the first decode dispatch to finish
     after the chunk: dispatches of ``stream_k`` steps run back to back while the chunk runs,
     the last one sized to end just after the chunk's predicted end (``final_dispatch_steps``):
-    on average half a step after it, and no sooner than one dispatch. (With full dispatches
-    only, the iteration outlasted the chunk by half a dispatch; over 821 split iterations of
-    three 8B H200 runs that tail was a median 10 % of the iteration:
-    duet-datasets-h200-2026-11-21.md.) Which part of a step the stream is in when the chunk
-    ends, no prediction made beforehand can know: over 1,032 split iterations this form's
-    P95 error was 12.4 %, the chunk's alone 9.9 % (``carried_split_seconds``)."""
+    on average half a step after it, and no sooner than one dispatch. Which part of a step the
+    stream is in when the chunk ends, no prediction made beforehand can know
+    (``carried_split_seconds`` ends the iteration with the chunk instead; docs/design.md,
+    "Timing a split iteration")."""
     if t_prefill <= 0:
         return stream_k * t_decode
     return max(t_prefill + t_decode / 2, stream_k * t_decode)

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 import pallas_kernels
 
 from models import LoadedModel, load_model
-from models.cache import cache_dir
 
 from .block_manager import BlockManager
+from .compilation_cache import enable_compilation_cache
 from .config import EngineConfig
 from .correction import Correction
 from .duet import (Duet, build_roofline, device_profile, duet_kv_bytes, final_dispatch_steps,
@@ -77,15 +77,6 @@ class LoopStats:
     @property
     def host_ms_per_step(self) -> float:
         return 1e3 * self.host_seconds / max(self.steps, 1)
-
-
-def enable_compilation_cache(directory: str | None) -> None:
-    if directory == "":
-        return
-    path = Path(directory) if directory else cache_dir() / "xla"
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _logprobs_of(sampled, step: int, row: int, token: int, top_n: int) -> dict[int, float]:

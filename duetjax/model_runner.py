@@ -198,9 +198,7 @@ class ModelRunner:
     def warm_up(self, buckets: list[Bucket]) -> None:
         """Runs every bucket once on padding (no KV written, nothing sampled for anyone). On a
         GPU an executable's first run instantiates its CUDA graphs and loads its kernels, a
-        stall for the first request to need each shape: without this, the split-mode stalls of
-        an 8B sweep on an H200 were 20-35 ms longer
-        (``benchmarks/results/remat-off-h200-2026-11-21.md``)."""
+        stall for the first request to need each shape (docs/design.md, "Measured facts")."""
         start = time.perf_counter()
         for b in buckets:
             inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
@@ -228,13 +226,12 @@ class ModelRunner:
         """Per-executable XLA options (the process's XLA_FLAGS stay untouched).
 
         - XLA's dot merger is off: it fused GEMMs that share an input by concatenating their
-          weights on every step (26 us a layer at Llama-3-8B decode on an H200); the models
-          store q/k/v and gate/up fused at load instead
-          (``benchmarks/results/decode-fusion-h200-2026-11-21.md``).
+          weights on every step; the models store q/k/v and gate/up fused at load instead.
         - Rematerialization is off: it counts the KV pool argument against the device's
           memory, and with a pool of most of the GPU it recomputed GEMMs to save memory the
-          step never needed (a third more GEMM time at Llama-3-8B batch-64 decode on an H200).
-          The engine sizes the pool leaving room for the steps' temporaries itself."""
+          step never needed. The engine sizes the pool leaving room for the steps'
+          temporaries itself.
+        What each cost: docs/design.md, "Measured facts"."""
         return {"xla_gpu_enable_triton_gemm": self.config.gemm_backend == "triton",
                 "xla_disable_hlo_passes": "dot-merger,rematerialization"}
 

@@ -2,11 +2,11 @@
 
 JAX/XLA cannot pin a stream to a subset of SMs, so duetjax partitions the GPU between
 processes instead: each worker is an MPS client with a fixed
-``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (see DESIGN.md). This module finds or starts the MPS
-control daemon those clients attach to, hands out the environment a worker needs, and makes
-sure a daemon we started is stopped again — on ``stop()``, on leaving a ``with`` block, at
-interpreter exit and on SIGTERM/SIGINT — because a leaked daemon keeps the GPU in MPS mode for
-every later process on the machine.
+``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (docs/design.md, "DuetServe in duetjax"). This module
+finds or starts the MPS control daemon those clients attach to, hands out the environment a
+worker needs, and makes sure a daemon we started is stopped again — on ``stop()``, on leaving a
+``with`` block, at interpreter exit and on SIGTERM/SIGINT — because a leaked daemon keeps the
+GPU in MPS mode for every later process on the machine.
 
 A daemon we did not start (``owned=False``) is never stopped: it belongs to the machine's
 administrator or to another job.
@@ -31,7 +31,7 @@ DEFAULT_LOG_DIR = "/var/log/nvidia-mps"
 """Where the real control daemon logs when CUDA_MPS_LOG_DIRECTORY is unset."""
 CONTROL_BINARY_NAME = "nvidia-cuda-mps-control"
 FALLBACK_BIN_DIR = "/usr/local/nvidia/bin"
-"""Where the GPU machine installs the NVIDIA tools when they are not on PATH."""
+"""Where GPU containers commonly mount the NVIDIA driver tools, outside PATH."""
 CONTROL_PIPE = "control"
 """Name of the control FIFO inside the pipe directory; its presence means a daemon was set up."""
 PID_FILE = "nvidia-cuda-mps-control.pid"
@@ -50,7 +50,7 @@ class MPSConfig:
 
     control_binary: str | None = None
     """Path of ``nvidia-cuda-mps-control``; None: found on PATH, else in /usr/local/nvidia/bin
-    (the GPU machine does not put it on PATH)."""
+    (GPU containers often mount it there, outside PATH)."""
     pipe_dir: str | None = None
     """CUDA_MPS_PIPE_DIRECTORY of the daemon; None: a private temporary directory (mode 0700,
     removed on stop) so our daemon never collides with a system-wide one in /tmp/nvidia-mps."""

@@ -187,11 +187,11 @@ class HysteresisConfig:
     headroom: float = 0.1
     """Share of the SLO kept free for prediction error: an aggregated iteration predicted
     above SLO·(1 − headroom) counts as a miss. A mixed iteration that really misses breaks the
-    SLO for every running request, so the controller must not wait to be sure; the fitted
-    roofline's P95 error is about 11 % on an H200 (benchmarks/results/decode-fusion-h200-2026-11-21.md)."""
+    SLO for every running request, so the controller must not wait to be sure (the roofline's
+    error: docs/design.md, "Measured facts")."""
     enter_after: int = 1
-    """Consecutive predicted misses before going split. 1: at once (an 8B run with 2 let
-    three 57 ms mixed iterations through at a 50 ms SLO, and those gaps failed most requests)."""
+    """Consecutive predicted misses before going split. 1: at once, since every mixed iteration
+    let through over the SLO is a gap all running requests see."""
     enter_margin: float = 0.05
     """A miss by more than this (t_agg > SLO·(1 − headroom)·(1 + margin)) goes split at once
     when ``enter_after`` > 1: waiting would miss the SLO for sure."""

@@ -14,7 +14,7 @@ cached tokens and summed; the LM head runs only on the rows that produce logits.
 FLOP counting of attention: we count what a causal, block-skipping kernel computes. New token j
 (0-based) of a request with c cached tokens attends to ``c + j + 1`` keys; QKᵀ and PV each cost
 2·d_h FLOPs per (query, key) pair per query head, so ``F_attn = 4·h_q·d_h·Σ_j keys_j =
-4·h_q·d_h·(q·c + q(q+1)/2)``. For a decode step (q = 1) this equals DESIGN.md's
+4·h_q·d_h·(q·c + q(q+1)/2)``. For a decode step (q = 1) this equals the DuetServe paper's
 ``4·h_q·q·(q+c)·d_h``; for a prefill chunk it counts the causal half of the new×new block instead
 of the whole square. Softmax FLOPs and the waste on diagonal blocks are left to the attention
 efficiency factor. Sliding-window layers cap each query's keys at the window.
@@ -30,11 +30,9 @@ prefill kernel, whose programs stream keys about four times slower). A decode pr
 sequence's keys for one KV head (a 1/splits share of them under split-K); a prefill program,
 ``block_m`` query rows of one chunk over all the keys its last token sees. This term is added
 per layer to the summed roofline times (the bound of greedy scheduling: work / rate + longest
-program). Without it, on 700 timed Llama-3-8B steps on an H200, decode steps of the 32-row
-bucket (the first without split-K) came out about 6 % too fast and those of 1-8 rows 9 % too
-slow, and short chunks after long cached prefixes (a few dozen programs for 132 SMs) up to a
-third too fast: the fit's held-out P95 error was 11.1 %, 7.5 % with one slot count for both
-kernels and 7.3 % with one each (1,000 later steps: 22.4 %, 10.5 % and 8.4 %).
+program). Without it, decode steps whose bucket changes the kernel's split-K and short chunks
+after long cached prefixes (a few dozen programs for all the SMs) were mispredicted most
+(docs/design.md, "Measured facts").
 
 Not modelled (small next to the ops above, or absorbed by calibration): rotary embeddings,
 residual adds, biases, sampling; the KV write is the k/v projections' output. Tensor-parallel
@@ -106,8 +104,8 @@ class InterferencePoint:
     """Slowdown of a prefill client and a decode client running at once at (s_p, s_d).
 
     Each factor multiplies the rate that the client would have *alone* at its share: co-running
-    clients contend for HBM and L2, and DESIGN.md measured a memory-bound client at 30 % keeping
-    only about three quarters of its bandwidth next to a matmul client at 70 %.
+    clients contend for HBM and L2 (on an H200, a copy client at 30 % kept 78 % of its bandwidth
+    next to a matmul client at 70 %: docs/design.md, "Measured facts").
     """
 
     s_p: float

@@ -99,7 +99,7 @@ def _serve(conn: Connection) -> None:
 
     from models import LoadedModel
 
-    from .engine import enable_compilation_cache
+    from .compilation_cache import enable_compilation_cache
     from .gc_pauses import freeze_startup_heap
     from .model_runner import ModelRunner
     from .shared_state import SharedState

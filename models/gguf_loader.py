@@ -520,10 +520,6 @@ class GGUFSource:
         _write_json(out_dir / "generation_config.json", self.generation_config())
 
 
-GGUFCheckpoint = GGUFSource
-"""Alias: the same class under the name used in the design notes."""
-
-
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -105,7 +105,7 @@ def cached_oracle(session_tmp: Path) -> dict[str, Path]:
     """The oracle's output for this session.
 
     ``DUETJAX_ORACLE_DIR=DIR``: use a finished oracle run as it is (``hf_oracle.py --out DIR``
-    made elsewhere), for machines without the oracle venv, such as the GPU machine.
+    made elsewhere), for machines without the oracle venv, such as a GPU machine.
     ``DUETJAX_ORACLE_CACHE=DIR``: keep the output under DIR, keyed by a hash of the oracle
     script and interpreter, and reuse it in later sessions (fast edit-test loops).
     Otherwise the oracle runs into ``session_tmp`` and its output lasts one session.

@@ -11,7 +11,7 @@ For each mode a Poisson-arrival workload is driven straight through ``Engine.add
 ``--out``: ``results.json`` (everything but per-request data), ``results.md`` (tables), with
 ``--save-requests`` ``requests.json`` (every request's lengths, arrival and token times) and,
 when matplotlib imports, ``tbt_p99_vs_qps.png``, ``goodput_vs_qps.png`` and
-``ttft_p99_vs_qps.png``. Sweeps of one workload run apart (a device call that holds only some
+``ttft_p99_vs_qps.png``. Sweeps of one workload run apart (runs that each hold some of the
 modes) merge into one report: ``python tools/bench_duet.py merge OUT A/results.json
 B/results.json`` (their ``requests.json`` too). The exit status is 1 when a mode failed or the output check found a
 mismatch (everything measured is written first).
@@ -956,8 +956,8 @@ def same_workload(modes: dict[str, Any]) -> bool:
 
 
 def merge(paths: list[str], out: Path) -> dict[str, Any]:
-    """One report from sweeps of the same workload run apart (a device call's time limit can
-    hold only some modes): the modes of each, in order; the first report's header and args,
+    """One report from sweeps of the same workload run apart (each run holding some of the
+    modes): the modes of each, in order; the first report's header and args,
     with the modes' commands kept per report."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     merged = dict(reports[0], modes={}, merged_from=[r["command"] for r in reports])

@@ -181,7 +181,7 @@ def parse_tokens(text: str) -> tuple[int, ...]:
 
 def _model_config_class() -> Any:
     """``models.config.ModelConfig``; only config.py is loaded if the package's other modules
-    cannot be imported (the GPU machine lacks e.g. ``gguf``, which models/__init__ pulls in)."""
+    cannot be imported (a GPU machine without e.g. ``gguf``, which models/__init__ pulls in)."""
     try:
         from models.config import ModelConfig
     except ImportError:
@@ -441,7 +441,7 @@ def child_main(args: argparse.Namespace) -> int:
         fields = json.loads(args.shape)
         fields["layer_windows"] = tuple(fields.get("layer_windows", ()))
         result = measure_gemm(m, ModelShape(**fields), args.gemm_tokens)
-    result["child_s"] = round(time.monotonic() - _T0, 2)  # since import, for the time budget
+    result["child_s"] = round(time.monotonic() - _T0, 2)  # since import: what the child cost
     print(json.dumps(result), flush=True)
     return 0
 

@@ -5,7 +5,7 @@ run of the same shapes) on a small random Llama, for each k of ``--decode-steps`
 more run, top functions by own time.
 
 The host work (scheduling, input preparation, output processing) is the same Python whatever
-the device, so the CPU ranks its hotspots; absolute figures differ from the GPU machine's. On a
+the device, so the CPU ranks its hotspots; absolute figures differ from a GPU machine's. On a
 small CPU the XLA threads running the model compete with the host thread, which makes the
 figures noisy: ``--null-device`` replaces the step executables by stubs that return at once
 (every sampled token is 3), which leaves the host work alone on the CPU: steady figures for
@@ -19,6 +19,7 @@ import argparse
 import cProfile
 import functools
 import io
+import json
 import os
 import pstats
 import sys
@@ -35,7 +36,16 @@ from duetjax.gc_pauses import freeze_startup_heap  # noqa: E402
 from duetjax.sampler import SampledTokens  # noqa: E402
 from duetjax.sampling_params import MAX_LOGPROBS  # noqa: E402
 from duetjax.step_inputs import Bucket  # noqa: E402
-from tests.helpers import TINY_LLAMA, write_random_checkpoint  # noqa: E402
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+"""The model: a small one, so that the host's work dominates (its random weights are made by
+``load_format="dummy"``)."""
 
 
 class NullExecutables(dict):
@@ -80,9 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     config = dict(TINY_LLAMA, max_position_embeddings=args.max_model_len)
     kv_tokens = args.batch * (args.prompt_len + args.max_tokens + 16)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = write_random_checkpoint(Path(tmp) / "llama", config)
+        model_dir = Path(tmp)  # config.json only: load_format="dummy" makes the weights
+        (model_dir / "config.json").write_text(json.dumps(config))
         for k in (int(x) for x in args.decode_steps.split(",")):
-            engine = Engine(checkpoint, dtype="float32", max_num_seqs=args.batch,
+            engine = Engine(model_dir, dtype="float32", load_format="dummy",
+                            max_num_seqs=args.batch,
                             max_num_batched_tokens=args.batch * args.prompt_len,
                             max_model_len=args.max_model_len, kv_cache_tokens=kv_tokens,
                             decode_steps=k, max_decode_steps=max(8, k),

@@ -206,7 +206,7 @@ def test_interpolation_between_levels():
 
 def test_h200_profile_is_a_plausible_calibration(h200):
     """The shipped profile comes from tools/calibrate.py on an H200: rates near the datasheet's
-    reach (bf16 dense 989 TFLOP/s, HBM 4.8 TB/s) and DESIGN.md's measurements, growing with the
+    reach (bf16 dense 989 TFLOP/s, HBM 4.8 TB/s) and docs/design.md's measurements, growing with the
     SM share, interference factors that slow clients down."""
     assert "calibrate.py" in h200.source and "H200" in h200.source
     assert 700e12 < h200.flops_at(1.0) < 900e12 and 3.8e12 < h200.bandwidth_at(1.0) < 4.8e12

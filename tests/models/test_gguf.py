@@ -33,7 +33,7 @@ def source() -> GGUFSource:
 # ---- the embedded SmolLM2 ---------------------------------------------------------------
 
 
-def test_hf_config_matches_the_design_notes(source):
+def test_hf_config_is_smollm2_135m(source):
     cfg = source.hf_config
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]) == (30, 576, 1536)

@@ -237,7 +237,7 @@ def test_sweep_aggregated_and_static_in_process(tiny_llama_dir, device_profile, 
     md = (out / "results.md").read_text()
     assert "| aggregated | 20 |" in md and "| static | 80 |" in md
     assert "identical token ids in every mode" in md
-    # the same sweep run apart (one mode per device call) merges back into one report
+    # the same sweep run apart (one mode per run) merges back into one report
     for mode in report["modes"]:
         (tmp_path / mode).mkdir()
         (tmp_path / mode / "results.json").write_text(json.dumps(
