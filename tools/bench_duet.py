@@ -809,14 +809,16 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
     plt.close(fig)
     written.append("tbt_p99_vs_qps.png")
 
-    fig, axes = plt.subplots(1, len(slos), figsize=(5 * len(slos), 4), squeeze=False)
-    for ax, s in zip(axes[0], slos):
-        for mode, res in modes.items():
-            line, = ax.plot(*series(res, lambda p: p["goodput"][s]["tpot"]), "o-", label=f"{mode} (TPOT)")
-            ax.plot(*series(res, lambda p: p["goodput"][s]["max_tbt"]), "x--", color=line.get_color(),
-                    label=f"{mode} (max TBT)")
-        ax.set(xlabel="QPS", ylabel="goodput (req/s)", title=f"goodput, TBT SLO {s} ms")
-        ax.legend(fontsize=7)
+    shown = (("tpot", "mean TPOT"), ("p99_tbt", "request P99 gap"), ("max_tbt", "every gap"))
+    fig, axes = plt.subplots(len(slos), len(shown), figsize=(5 * len(shown), 4 * len(slos)),
+                             squeeze=False)
+    for row, s in zip(axes, slos):
+        for ax, (criterion, words) in zip(row, shown):
+            for mode, res in modes.items():
+                ax.plot(*series(res, lambda p: p["goodput"][s][criterion]),
+                        "o-" if is_aggregated(mode) else "s--", label=mode)
+            ax.set(xlabel="QPS", ylabel="goodput (req/s)", title=f"goodput by {words}, TBT SLO {s} ms")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "goodput_vs_qps.png", dpi=120)
     plt.close(fig)
