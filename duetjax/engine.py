@@ -23,6 +23,7 @@ from .config import EngineConfig
 from .duet import Duet, final_dispatch_steps, prepare_process
 from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
+from .prompt_logprobs import chunks_of
 from .request import PENDING, Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
@@ -344,9 +345,11 @@ class Engine:
         if self.duet is not None:
             prefill, decode = self.scheduler.preview()
             decision = pair = None
-            # (nothing to split; or a constrained request waits or runs: workers take no token
-            # masks, so iterations stay aggregated until it ends)
-            if prefill and decode and not self.scheduler.num_constrained:
+            # (nothing to split; or a constrained request waits or runs, or a request with
+            # prompt logprobs waits or prefills: workers take no token masks and compute no
+            # prompt logprobs, so iterations stay aggregated meanwhile)
+            if (prefill and decode and not self.scheduler.num_constrained
+                    and not self.scheduler.num_prompt_logprobs):
                 decision, pair = self.duet.decide(prefill, decode)
                 predicted = decision.t_aggregated
             if self._stream is not None and (pair is None or self._stream.client is not pair[1]):
@@ -374,7 +377,9 @@ class Engine:
         launched, launch_seconds = None, 0.0
         if batch.scheduled:
             token_mask = self._token_mask(batch)
-            launched = self.runner.dispatch(batch, self._in_flight, token_mask)
+            prompt_chunks = (chunks_of(batch) if self.scheduler.num_prompt_logprobs
+                             and batch.continues is None else None)
+            launched = self.runner.dispatch(batch, self._in_flight, token_mask, prompt_chunks)
             launched.samples_constrained = token_mask is not None
             launch_seconds = self.runner.last_launch_seconds
             prepared = time.perf_counter()
@@ -605,6 +610,8 @@ class Engine:
         """Reads a finished step's tokens and applies them (detokenize, stop checks)."""
         before = time.perf_counter()
         sampled = step.fetch()
+        if step.prompt_logprobs is not None:  # (before the outputs that carry them)
+            step.prompt_logprobs.record()
         waited = time.perf_counter() - before
         now = time.time()
         if step.batch.continues is not None:
@@ -775,7 +782,7 @@ class Engine:
                                       else None)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              [completion], request.status is RequestStatus.FINISHED,
-                             request.metrics)
+                             request.metrics, request.prompt_logprobs)
 
     # ---- batch APIs -------------------------------------------------------------------------
 
