@@ -89,9 +89,7 @@ class PromptLogprobsInFlight:
         """Waits for the results and appends each chunk's entries to its request's
         ``prompt_logprobs``. Entries a request already has are skipped: a preempted request
         recomputes its prompt."""
-        results = SampledTokens(*(np.asarray(a) for a in (
-            self.results.token_ids, self.results.logprobs, self.results.top_ids,
-            self.results.top_logprobs)))
+        results = jax.tree_util.tree_map(np.asarray, self.results)
         for c in self.chunks:
             entries, top_n = c.request.prompt_logprobs, c.request.params.prompt_logprobs
             skip = len(entries) - (c.position + 1)
