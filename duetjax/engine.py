@@ -25,6 +25,7 @@ from .duet import (Duet, build_roofline, device_profile, duet_kv_bytes, final_di
                    prepare_process)
 from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
+from .prompt_logprobs import chunks_of
 from .request import PENDING, Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
@@ -358,9 +359,11 @@ class Engine:
         if self.duet is not None:
             prefill, decode = self.scheduler.preview()
             decision = pair = None
-            # (nothing to split; or a constrained request waits or runs: workers take no token
-            # masks, so iterations stay aggregated until it ends)
-            if prefill and decode and not self.scheduler.num_constrained:
+            # (nothing to split; or a constrained request waits or runs, or a request with
+            # prompt logprobs waits or prefills: workers take no token masks and compute no
+            # prompt logprobs, so iterations stay aggregated meanwhile)
+            if (prefill and decode and not self.scheduler.num_constrained
+                    and not self.scheduler.num_prompt_logprobs):
                 decision, pair = self.duet.decide(prefill, decode)
                 predicted = decision.t_aggregated
             if self._stream is not None and (pair is None or self._stream.client is not pair[1]):
@@ -395,7 +398,9 @@ class Engine:
         launched, launch_seconds = None, 0.0
         if batch.scheduled:
             token_mask = self._token_mask(batch)
-            launched = self.runner.dispatch(batch, self._in_flight, token_mask)
+            prompt_chunks = (chunks_of(batch) if self.scheduler.num_prompt_logprobs
+                             and batch.continues is None else None)
+            launched = self.runner.dispatch(batch, self._in_flight, token_mask, prompt_chunks)
             launched.samples_constrained = token_mask is not None
             launch_seconds = self.runner.last_launch_seconds
             prepared = time.perf_counter()
@@ -628,6 +633,8 @@ class Engine:
         """Reads a finished step's tokens and applies them (detokenize, stop checks)."""
         before = time.perf_counter()
         sampled = step.fetch()
+        if step.prompt_logprobs is not None:  # (before the outputs that carry them)
+            step.prompt_logprobs.record()
         waited = time.perf_counter() - before
         now = time.time()
         if step.batch.continues is not None:
@@ -798,7 +805,7 @@ class Engine:
                                       else None)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              [completion], request.status is RequestStatus.FINISHED,
-                             request.metrics)
+                             request.metrics, request.prompt_logprobs)
 
     # ---- batch APIs -------------------------------------------------------------------------
 

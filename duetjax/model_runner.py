@@ -3,9 +3,11 @@ and the compiled steps.
 
 One step runs the model over a ragged batch (prefill chunks and decode tokens together) and
 samples on the device (``sampler.sample_basic``; a second, small executable runs the full
-sampler over the step's logits when a request needs it); a k-step decode runs k decode steps in one executable (a device loop that
-writes KV in place and feeds each step's tokens to the next). Inputs come padded to a bucket
-(``step_inputs``) and every bucket is compiled at start-up, so nothing compiles while serving.
+sampler over the step's logits when a request needs it, and another the prompt logprobs over
+its hidden states, ``prompt_logprobs``); a k-step decode runs k decode steps in one executable
+(a device loop that writes KV in place and feeds each step's tokens to the next). Inputs come
+padded to a bucket (``step_inputs``) and every bucket is compiled at start-up, so nothing
+compiles while serving.
 Weights are arguments (not constants) and the KV pool and counts are donated, so XLA updates
 them in place.
 """
@@ -25,7 +27,9 @@ import pallas_kernels
 from models import LoadedModel
 from models.decoder import Decoder
 
+from . import prompt_logprobs
 from .config import EngineConfig
+from .prompt_logprobs import PromptChunk, PromptLogprobsInFlight
 from .request import Request
 from .sampling_params import SamplingParams
 from .sampler import (SampledTokens, SlotTables, apply_token_mask, fill_slot, needs_full_sampler,
@@ -72,6 +76,9 @@ class InFlight:
     samples_constrained: bool = False
     """A row samples a structured-outputs token: the next step's mask needs it (set by the
     engine at launch)."""
+    prompt_logprobs: PromptLogprobsInFlight | None = None
+    """The prompt logprobs of the rows that compute prompt positions of requests asking for
+    them (None: none does)."""
 
     def fetch(self) -> SampledTokens:
         """Waits for the step; host arrays with a leading step axis [k, n, ...], one column
@@ -141,6 +148,9 @@ class ModelRunner:
             self.slot_tables = shared.slot_tables()
         self.writes_slots = shared is None or shared.owner
         """This process fills slot tables (``fill_slot``): the engine's, not a worker's."""
+        self.computes_prompt_logprobs = shared is None or shared.owner
+        """The engine's runner: duet workers never run prompt positions of a request that asks
+        for prompt logprobs (iterations stay aggregated while one prefills)."""
         unroll = config.scan_unroll
         if unroll is None:
             unroll = cfg.num_layers if jax.default_backend() == "gpu" else 1
@@ -157,6 +167,8 @@ class ModelRunner:
         """What consecutive dispatches' inputs share (``build_inputs``)."""
         self._samplers: dict[int, Samplers] = {}
         """Sequence bucket -> its compiled ``Samplers``."""
+        self._prompt_logprobs: dict[int, jax.stages.Compiled] = {}
+        """Token bucket -> its compiled ``prompt_logprobs.compute``."""
         # Step inputs travel as one packed byte buffer (``step_inputs.pack``): one host-to-device
         # copy per step; each executable unpacks them with its bucket's static layout.
         self._jitted_step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames="layout")
@@ -165,6 +177,7 @@ class ModelRunner:
         self._jitted_full_sampler = jax.jit(self._full_sampler_fn, donate_argnums=(1,),
                                             static_argnames="layout")
         self._jitted_logprobs = jax.jit(with_logprobs)
+        self._jitted_prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
         self._jitted_masked_sampler = jax.jit(self._masked_sampler_fn, static_argnames="layout")
         self._jitted_fill_slot = jax.jit(self._fill_slot_fn, donate_argnums=(0,),
                                          static_argnames="layout")
@@ -189,6 +202,9 @@ class ModelRunner:
             self._compile(b)
         for num_seqs in sorted({b.num_seqs for b in buckets}):
             self._compile_samplers(num_seqs)
+        if self.computes_prompt_logprobs:
+            for num_tokens in sorted({b.num_tokens for b in buckets if not b.multi_step}):
+                self._compile_prompt_logprobs(num_tokens)
         if self.writes_slots:
             self._compile_fill_slot()
         log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
@@ -202,7 +218,7 @@ class ModelRunner:
         start = time.perf_counter()
         for b in buckets:
             inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
-            sampled, _ = self.execute(b, inputs, None, b.steps)
+            sampled, _, _ = self.execute(b, inputs, None, b.steps)
             jax.block_until_ready(sampled)
         vocab = self.model.config.vocab_size
         for num_seqs, samplers in self._samplers.items():
@@ -215,6 +231,11 @@ class ModelRunner:
             sampled, _, self.token_counts = samplers.full(
                 logits, self.token_counts, self.slot_tables, settings)
             jax.block_until_ready(samplers.logprobs(logits, sampled.token_ids))
+        hidden_size = self.model.config.hidden_size
+        for num_tokens, executable in self._prompt_logprobs.items():
+            jax.block_until_ready(executable(self.params, jnp.zeros((num_tokens, hidden_size),
+                                                                    self.model.dtype),
+                                             np.zeros(num_tokens, np.int32)))
         if self._fill_slot_executable is not None:  # a slot out of range: nothing is written
             self.slot_tables = self._fill_slot_executable(self.slot_tables,
                                                           _packed(self._slot_inputs(None)))
@@ -267,6 +288,23 @@ class ModelRunner:
         self._samplers[num_seqs] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
+
+    def _compile_prompt_logprobs(self, num_tokens: int) -> jax.stages.Compiled:
+        """``prompt_logprobs.compute`` over the hidden states of a ``num_tokens`` step."""
+        start = time.perf_counter()
+        hidden = jax.ShapeDtypeStruct((num_tokens, self.model.config.hidden_size), self.model.dtype)
+        targets = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+        compiled = self._jitted_prompt_logprobs.lower(self.params, hidden, targets).compile(
+            compiler_options=self._compiler_options)
+        self._prompt_logprobs[num_tokens] = compiled
+        self.compile_seconds += time.perf_counter() - start
+        return compiled
+
+    def _prompt_logprobs_fn(self, params, hidden, targets):
+        params = self._compute_dtype(params)
+        return prompt_logprobs.compute(
+            lambda rows: self._decoder.apply({"params": params}, rows, method=Decoder.logits),
+            hidden, targets)
 
     def _masked_sampler_fn(self, logits, mask, packed, layout):
         sampling, _ = unpack_on_device(layout, packed)
@@ -330,17 +368,20 @@ class ModelRunner:
             and a.dtype == transport_dtype(dtype) else a, tree)
 
     def _step_fn(self, params, kv_pool, previous, packed, layout):
-        """(sampled, last tokens, KV pool, logits): the logits feed the full sampler when the
-        host runs it."""
+        """(sampled, last tokens, KV pool, logits, hidden states): the logits feed the full
+        sampler and the hidden states (of every token) the prompt logprobs when the host runs
+        them."""
         x: StepInputs = advanced(unpack_on_device(layout, packed), self.page_size, jnp)
         stored = kv_pool.dtype
         params, kv_pool = self._compute_dtype((params, kv_pool))
         tokens = self._read_previous(previous, x)
-        logits, kv_pool = self._decoder.apply({"params": params}, tokens, kv_pool, x.meta,
-                                              x.logits_indices)
+        hidden, kv_pool = self._decoder.apply({"params": params}, tokens, kv_pool, x.meta,
+                                              method=Decoder.hidden_states)
+        logits = self._decoder.apply({"params": params}, hidden[x.logits_indices],
+                                     method=Decoder.logits)
         sampled = sample_basic(logits, x.sampling)
         return (sampled, self._pad_rows(sampled.token_ids),
-                jax.lax.bitcast_convert_type(kv_pool, stored), logits)
+                jax.lax.bitcast_convert_type(kv_pool, stored), logits, hidden)
 
     def _multi_step_fn(self, params, kv_pool, previous, packed, layout, num_steps: int):
         """``num_steps`` (static) decode steps over one decode bucket, basic sampling only (the
@@ -380,10 +421,13 @@ class ModelRunner:
         return out, self._pad_rows(tokens), jax.lax.bitcast_convert_type(kv_pool, stored)
 
     def dispatch(self, batch: SchedulerOutput, previous: InFlight | None,
-                 token_mask: np.ndarray | None = None) -> InFlight:
+                 token_mask: np.ndarray | None = None,
+                 prompt_chunks: list[PromptChunk] | None = None) -> InFlight:
         """Launches one dispatch without waiting for it (nor for ``previous``, whose sampled
         tokens feed this one on the device). ``token_mask``: int32[rows, ceil(vocab / 32)],
-        the tokens each scheduled row may sample (structured outputs; None: any)."""
+        the tokens each scheduled row may sample (structured outputs; None: any).
+        ``prompt_chunks``: the batch's positions that need prompt logprobs
+        (``prompt_logprobs.chunks_of``; None or empty: none)."""
         b = bucket_for(batch, self.config)
         reuse = self._reuse
         previous_tokens = previous.last_tokens if previous is not None else None
@@ -391,25 +435,34 @@ class ModelRunner:
                 and previous.batch.scheduled is batch.scheduled):
             # (the same settings as the step it continues: the same sampler flags)
             packed = continue_packed(batch, self.page_size, reuse)
-            sampled, last = self.execute(b, None, previous_tokens, batch.num_steps,
-                                         reuse.sampler_flags, reuse, packed)
-        else:
-            inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, reuse,
-                                  previous.batch.scheduled if previous is not None else None)
-            sampled, last = self.execute(b, inputs, previous_tokens, batch.num_steps, reuse=reuse,
-                                         token_mask=token_mask)
-        return InFlight(batch, sampled, last, wants_logprobs=reuse.sampler_flags[1])
+            sampled, last, _ = self.execute(b, None, previous_tokens, batch.num_steps,
+                                            reuse.sampler_flags, reuse, packed)
+            return InFlight(batch, sampled, last, wants_logprobs=reuse.sampler_flags[1])
+        inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, reuse,
+                              previous.batch.scheduled if previous is not None else None)
+        targets = prompt_logprobs.targets_of(prompt_chunks, b.num_tokens) if prompt_chunks else None
+        sampled, last, prompt_results = self.execute(
+            b, inputs, previous_tokens, batch.num_steps, reuse=reuse, token_mask=token_mask,
+            prompt_targets=targets)
+        launched = InFlight(batch, sampled, last, wants_logprobs=reuse.sampler_flags[1])
+        if prompt_results is not None:
+            launched.prompt_logprobs = PromptLogprobsInFlight(prompt_chunks, prompt_results)
+        return launched
 
     def execute(self, b: Bucket, inputs: StepInputs | None, previous_tokens: jax.Array | None,
                 num_steps: int = 1, sampler_flags: tuple[bool, bool] | None = None,
                 reuse: Reuse | None = None, packed: np.ndarray | None = None,
-                token_mask: np.ndarray | None = None) -> tuple[SampledTokens, jax.Array]:
-        """Runs prepared inputs; returns (sampled, last tokens) as device arrays.
-        ``sampler_flags``: (needs the full sampler, wants logprobs) when already known.
+                token_mask: np.ndarray | None = None, prompt_targets: np.ndarray | None = None
+                ) -> tuple[SampledTokens, jax.Array, SampledTokens | None]:
+        """Runs prepared inputs; returns (sampled, last tokens, prompt logprobs) as device
+        arrays. ``sampler_flags``: (needs the full sampler, wants logprobs) when already known.
         ``reuse`` keeps the flags and the packed inputs for a continuation; ``packed``: the
         inputs already packed (``continue_packed``: ``inputs`` is None then, and is unpacked
         from ``packed`` where it is needed, with ``reuse.inputs`` as the template).
-        ``token_mask``: see ``dispatch`` (its rows run the full sampler)."""
+        ``token_mask``: see ``dispatch`` (its rows run the full sampler).
+        ``prompt_targets``: int32[num_tokens], the token each of the step's tokens predicts
+        (``prompt_logprobs.targets_of``): the step then returns ``with_logprobs`` of them at
+        every token (else None)."""
         executable = self._executables.get(b)
         if executable is None:
             if self.config.compile_on_start:
@@ -428,16 +481,21 @@ class ModelRunner:
             reuse.sampler_flags, reuse.packed = sampler_flags, packed
         if inputs is None and (full or masked or self.shared is not None):  # (the host needs them)
             inputs = advanced(unpack(reuse.inputs, packed), self.page_size)
-        if (full or logprobs or masked) and b.multi_step:
+        if (full or logprobs or masked or prompt_targets is not None) and b.multi_step:
             raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
-                               "sampler, logprobs or a token mask: a scheduler bug")
+                               "sampler, logprobs, a token mask or prompt logprobs: a scheduler "
+                               "bug")
         args = (self.params, self.kv_pool,
                 self._no_previous if previous_tokens is None else previous_tokens, packed)
         start = time.perf_counter()
+        prompt_results = None
         if b.multi_step:
             sampled, last, self.kv_pool = executable(*args)
         else:
-            sampled, last, self.kv_pool, logits = executable(*args)
+            sampled, last, self.kv_pool, logits, hidden = executable(*args)
+            if prompt_targets is not None:
+                prompt_results = self._prompt_logprobs_executable(b.num_tokens)(
+                    self.params, hidden, prompt_targets)
         if full or logprobs or masked:
             samplers = self._samplers.get(b.num_seqs)
             if samplers is None:
@@ -458,7 +516,15 @@ class ModelRunner:
         self.last_launch_seconds = time.perf_counter() - start
         if self.shared is not None:
             self.shared.after_step(self, (b, full), inputs, num_steps)
-        return sampled, last
+        return sampled, last, prompt_results
+
+    def _prompt_logprobs_executable(self, num_tokens: int) -> jax.stages.Compiled:
+        executable = self._prompt_logprobs.get(num_tokens)
+        if executable is None:
+            if self.config.compile_on_start:
+                raise RuntimeError(f"no compiled prompt logprobs for {num_tokens} tokens")
+            executable = self._compile_prompt_logprobs(num_tokens)
+        return executable
 
 
 def _packed(tree) -> np.ndarray:

@@ -45,3 +45,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """Per prompt token: None for the first, then {token id: log-probability} for the prompt
+    token given the tokens before it and the top-N alternatives there (when
+    SamplingParams.prompt_logprobs is set)."""

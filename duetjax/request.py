@@ -28,7 +28,7 @@ class Request:
                  "max_output_tokens", "seed", "output_token_ids",
                  "num_computed_tokens", "block_table", "page_hashes", "num_cached_pages",
                  "penalty_slot", "penalty_slot_fresh", "status", "finish_reason", "stop_reason",
-                 "text", "logprobs", "detokenizer", "stop_ids", "plain", "matcher", "metrics")
+                 "text", "logprobs", "prompt_logprobs", "detokenizer", "stop_ids", "plain", "matcher", "metrics")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, prompt: str | None = None, arrival_time: float | None = None):
@@ -53,6 +53,10 @@ class Request:
         self.stop_reason: int | str | None = None
         self.text = ""
         self.logprobs: list[dict[int, float]] = []
+        # Per prompt token: None for the first, then {token id: logprob} as steps compute them
+        # (None when not asked for).
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            None if params.prompt_logprobs is None else [None])
         self.detokenizer = None  # set by the engine when the model has a tokenizer
         self.stop_ids: frozenset[int] = frozenset()  # ids that end it (set by the engine)
         # No text and no logprobs to produce: its tokens take the engine's short path.

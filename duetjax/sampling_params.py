@@ -57,6 +57,10 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the log-probability of each generated token and of the N most likely
     alternatives (0: the generated token only; None: no log-probabilities)."""
+    prompt_logprobs: int | None = None
+    """Return, for every prompt token after the first, its log-probability given the tokens
+    before it and the N most likely alternatives there (0: the prompt token only; None: none).
+    Such a request computes its whole prompt: it takes no prefix-cache hits."""
     structured_outputs: StructuredOutputsParams | Mapping[str, Any] | None = None
     """Constrain the output to a JSON schema, a regex, a list of choices or a grammar
     (``StructuredOutputsParams``, or a dict of its fields). The request ends when the
@@ -91,6 +95,8 @@ class SamplingParams:
              f"{self.repetition_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),

@@ -158,6 +158,10 @@ class Scheduler:
         self.num_constrained = 0
         """Unfinished requests with structured outputs (a ``matcher``): while there are any,
         the engine looks for them in each batch to build its token mask."""
+        self.num_prompt_logprobs = 0
+        """Unfinished requests with prompt logprobs whose prompt is not all computed (launched)
+        yet: while there are any, the engine looks for their positions in each batch, and duet
+        mode stays aggregated (workers compute no prompt logprobs)."""
         self._steady: _SteadyDecode | None = None
 
     def add(self, request: Request) -> None:
@@ -170,6 +174,8 @@ class Scheduler:
         self.waiting.append(request)
         if request.matcher is not None:
             self.num_constrained += 1
+        if request.prompt_logprobs is not None:
+            self.num_prompt_logprobs += 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -263,7 +269,8 @@ class Scheduler:
                 request.penalty_slot_fresh = True
                 if request.params.fills_slot and self.fill_slot is not None:
                     self.fill_slot(request)
-            self.blocks.match_prefix(request)
+            if request.prompt_logprobs is None:  # (prompt logprobs need every position computed)
+                self.blocks.match_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             target = request.num_computed_tokens + num_new
             if not self.blocks.can_hold(request, target):
@@ -378,6 +385,11 @@ class Scheduler:
             for request in batch.continues.requests:
                 request.num_computed_tokens += k
             return
+        if self.num_prompt_logprobs:  # (the prompts this step completes leave the count)
+            self.num_prompt_logprobs -= sum(
+                self._prefilling_prompt_logprobs(item.request)
+                and item.num_computed_after >= len(item.request.prompt_token_ids)
+                for item in batch.scheduled)
         for item in batch.scheduled:
             item.request.num_computed_tokens = item.num_computed_after
 
@@ -413,10 +425,19 @@ class Scheduler:
         self._steady = None
         if request in self.running:
             self.running.remove(request)
+        if request.prompt_logprobs is not None and not self._prefilling_prompt_logprobs(request):
+            self.num_prompt_logprobs += 1  # (its prompt is computed again)
         self.blocks.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
+
+    @staticmethod
+    def _prefilling_prompt_logprobs(request: Request) -> bool:
+        """Counted in ``num_prompt_logprobs``: it asks for prompt logprobs and its prompt is
+        not all computed."""
+        return (request.prompt_logprobs is not None
+                and request.num_computed_tokens < len(request.prompt_token_ids))
 
     def _preempt(self, request: Request) -> None:
         self.num_preemptions += 1
@@ -434,6 +455,8 @@ class Scheduler:
         request.finish_reason = reason
         if request.matcher is not None:
             self.num_constrained -= 1
+        if self._prefilling_prompt_logprobs(request):
+            self.num_prompt_logprobs -= 1
         self.blocks.free(request)
         if request.penalty_slot is not None:
             self.free_penalty_slots.append(request.penalty_slot)

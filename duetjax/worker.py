@@ -85,7 +85,7 @@ def run_step(runner: Any, b: Any, inputs: Any, previous: Any, num_steps: int) ->
 
     from .step_inputs import pack
 
-    sampled, last = runner.execute(b, inputs, previous, num_steps)
+    sampled, last, _ = runner.execute(b, inputs, previous, num_steps)
     host = jax.tree_util.tree_map(np.asarray, sampled)  # one transfer, waits for the step
     if not b.multi_step:
         host = jax.tree_util.tree_map(lambda a: a[None], host)

@@ -80,7 +80,8 @@ class DecoderLayer(nn.Module):
 
 class Decoder(nn.Module):
     """Causal LM over a paged KV pool. ``__call__`` runs one ragged step and returns float32
-    logits for the tokens at ``logits_indices`` plus the updated pool."""
+    logits for the tokens at ``logits_indices`` plus the updated pool; ``hidden_states`` and
+    ``logits`` are its two halves, for callers that need the logits of other tokens too."""
 
     config: ModelConfig
     impl: str = "auto"
@@ -88,27 +89,43 @@ class Decoder(nn.Module):
     scan_unroll: int = 1
     """Layers per iteration of the layer loop (``num_layers`` unrolls it fully)."""
 
-    @nn.compact
+    def setup(self) -> None:
+        cfg = self.config
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype)
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                         unroll=self.scan_unroll)
+        self.layers = layers(cfg, self.impl, self.dtype)
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.vocab_size, False, self.dtype)
+
     def __call__(self, tokens: jax.Array, kv_pool: jax.Array, meta: AttentionMetadata,
                  logits_indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+        hidden, kv_pool = self.hidden_states(tokens, kv_pool, meta)
+        return self.logits(hidden[logits_indices]), kv_pool
+
+    def hidden_states(self, tokens: jax.Array, kv_pool: jax.Array,
+                      meta: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
+        """(the last layer's output for every token, before the final norm; the updated pool)."""
         cfg = self.config
-        embed = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
-        x = embed(tokens)
+        x = self.embed_tokens(tokens)
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the dtype, as HF does
         per_layer = (jnp.arange(cfg.num_layers, dtype=jnp.int32),
                      jnp.asarray(cfg.layer_windows, jnp.int32),
                      jnp.asarray(cfg.uses_local_rope, bool))
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                         unroll=self.scan_unroll)
-        (x, kv_pool), _ = layers(cfg, self.impl, self.dtype, name="layers")((x, kv_pool), per_layer, meta)
-        x = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name="norm")(x[logits_indices])
+        (x, kv_pool), _ = self.layers((x, kv_pool), per_layer, meta)
+        return x, kv_pool
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits of ``hidden_states`` rows: final norm, LM head, final softcap."""
+        cfg = self.config
+        x = self.norm(hidden)
         if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+            logits = self.embed_tokens.attend(x)
         else:
-            head = Linear(cfg.vocab_size, False, self.dtype, name="lm_head")
-            logits = head(x).astype(jnp.float32)
+            logits = self.lm_head(x).astype(jnp.float32)
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
-        return logits, kv_pool
+        return logits

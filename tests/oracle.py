@@ -96,6 +96,19 @@ def run_generate(model_dir: Path, requests: list[tuple[list[int], dict]], out_di
     return json.loads((out_dir / "generated.json").read_text())
 
 
+def run_prompt_logprobs(model_dir: Path, prompts: list[list[int]], out_dir: Path,
+                        timeout: float = 300) -> list[np.ndarray]:
+    """transformers' log-softmax at every position of each prompt on a saved model
+    (``hf_oracle.py --logprobs``): float32 ``[len(prompt), vocab]`` per prompt. Raises
+    OracleUnavailable as ``run_oracle`` does."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = out_dir / "spec.json"
+    spec.write_text(json.dumps({"model": str(model_dir), "prompts": [list(p) for p in prompts]}))
+    _run_oracle_script(["--logprobs", str(spec), "--out", str(out_dir)], timeout)
+    with np.load(out_dir / "logprobs.npz") as data:
+        return [data[f"logprobs_{i}"] for i in range(len(prompts))]
+
+
 def _read_cases(out_dir: Path) -> dict[str, Path]:
     names = json.loads((out_dir / "cases.json").read_text())
     return {name: out_dir / name for name in names}

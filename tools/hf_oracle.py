@@ -26,6 +26,10 @@ each prompt runs alone (no padding), EOS disabled, exactly ``max_new_tokens`` to
 ``OUT/generated.json`` gets, per request, ``{"tokens": [...], "min_gap": g}``: the new tokens and
 the smallest top-1 minus top-2 of the processed scores along the way (tie margin).
 
+``--logprobs SPEC.json`` writes the log-softmax of every prompt position instead (what prompt
+logprobs must return). SPEC is ``{"model": DIR, "prompts": [[ids], ...]}``; each prompt runs
+alone; ``OUT/logprobs.npz`` gets ``logprobs_{i}``, float32 ``[len_i, vocab]``.
+
 Weights: ``initializer_range`` is large (0.15-0.2) so logits are well separated, and every
 RMSNorm weight and every bias (which HF initialises to ones/zeros) is perturbed, so a norm or
 bias that duetjax reads from the wrong tensor, or ignores, changes the logits. A seed is
@@ -278,6 +282,19 @@ def generate_requests(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
+def prompt_logprobs(spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The log-softmax over the vocabulary at every position of each prompt of a
+    ``--logprobs`` spec (see the module doc)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=torch.float32, attn_implementation="eager").eval()
+    return {f"logprobs_{i}": torch.log_softmax(torch.from_numpy(full_logits(model, prompt)),
+                                               dim=-1).numpy()
+            for i, prompt in enumerate(spec["prompts"])}
+
+
 def run_case(case: Case, out_dir: Path, check_gen: bool) -> dict[str, Any]:
     """Builds, saves and evaluates one case, trying seeds until greedy has no near-ties."""
     import torch
@@ -328,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also check model.generate against the full-forward greedy loop")
     parser.add_argument("--generate", type=Path, metavar="SPEC",
                         help="run greedy generate() as SPEC (JSON) says instead of the cases")
+    parser.add_argument("--logprobs", type=Path, metavar="SPEC",
+                        help="write the log-softmax of every position of SPEC's (JSON) prompts "
+                             "instead of the cases")
     args = parser.parse_args(argv)
-    if args.generate is not None:
+    if args.generate is not None or args.logprobs is not None:
         import torch
         import transformers
 
@@ -337,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         args.out.mkdir(parents=True, exist_ok=True)
-        results = generate_requests(json.loads(args.generate.read_text()))
-        (args.out / "generated.json").write_text(json.dumps(results))
+        if args.generate is not None:
+            results = generate_requests(json.loads(args.generate.read_text()))
+            (args.out / "generated.json").write_text(json.dumps(results))
+        else:
+            np.savez(args.out / "logprobs.npz",
+                     **prompt_logprobs(json.loads(args.logprobs.read_text())))
         return 0
     wanted = {f.strip() for f in args.families.split(",") if f.strip()}
     cases = [c for c in CASES if not wanted or c.family in wanted or c.name in wanted]

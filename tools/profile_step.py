@@ -160,7 +160,7 @@ def dispatch_probe(engine: Engine, batch_size: int, context: int) -> None:
 
     def launch(inputs):
         nonlocal previous
-        sampled, last = runner.execute(bucket, inputs, previous.last_tokens)
+        sampled, last, _ = runner.execute(bucket, inputs, previous.last_tokens)
         previous = InFlight(batch, sampled, last)
 
     for name, prepare in (("numpy inputs", lambda: host_inputs),):

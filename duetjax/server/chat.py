@@ -79,7 +79,8 @@ class ChatCompletions:
         field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         max_tokens = serving.max_tokens_for(prompt, request.max_new_tokens, field)
         top_n = (request.top_logprobs or 0) if request.logprobs else None
-        params = serving.sampling_params(request, max_tokens, top_n, constraint)
+        params = serving.sampling_params(request, max_tokens, top_n, constraint,
+                                         request.prompt_logprobs)
         request_id = new_id("chatcmpl")
         choices = await serving.start([prompt], params, request.n, request_id, constraint)
         return await serving.respond(
@@ -118,8 +119,13 @@ class ChatCompletions:
                 logprobs=self.logprobs(request, c),
                 finish_reason=finish_reason(completion.finish_reason, called),
                 stop_reason=completion.stop_reason))
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None:  # (one prompt: the first choice's)
+            prompt_logprobs = serving.prompt_logprobs(choices[0].last, request.prompt_logprobs,
+                                                      request.prompt_logprobs)
         return ChatCompletionResponse(id=request_id, model=serving.model_name,
-                                      usage=serving.usage(choices), choices=answers)
+                                      usage=serving.usage(choices), choices=answers,
+                                      prompt_logprobs=prompt_logprobs)
 
     def logprobs(self, request: ChatCompletionRequest, choice: Choice) -> ChatLogprobs | None:
         if not request.logprobs:

@@ -1,5 +1,8 @@
 """``POST /v1/completions``: prompts in (text, texts, token ids), text completions out;
-``response_format`` and vLLM's ``structured_outputs`` constrain the text (structured.py)."""
+``response_format`` and vLLM's ``structured_outputs`` constrain the text (structured.py).
+``echo`` returns the prompt ahead of the completion, with ``logprobs`` its tokens' logprobs
+too (the engine's prompt logprobs), and with ``max_tokens: 0`` the prompt only (what
+log-likelihood evaluations send; as vLLM does, the engine generates one token, not returned)."""
 from __future__ import annotations
 
 from typing import AsyncIterator
@@ -8,7 +11,8 @@ from fastapi import Request
 
 from ..sampling_params import SamplingParams
 from .errors import APIError, bad_request, from_engine_error
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
+                       CompletionResponse, UsageInfo)
 from .serving import (SSE_DONE, Choice, Prompt, Serving, holdback_for, new_id,
                       now, sampled_and_top, sse)
 from .structured import requested_structured_outputs
@@ -49,7 +53,8 @@ class Completions:
         if len(set(max_tokens)) > 1:  # max_tokens=None with prompts of different lengths
             raise bad_request("max_tokens is required when prompts differ in length",
                               param="max_tokens")
-        params = serving.sampling_params(request, max_tokens[0], request.logprobs, constraint)
+        params = serving.sampling_params(request, max(max_tokens[0], 1), request.logprobs,
+                                         constraint, request.engine_prompt_logprobs)
         request_id = new_id("cmpl")
         choices = await serving.start(prompts, params, request.n, request_id, constraint)
         return await serving.respond(
@@ -62,43 +67,72 @@ class Completions:
         serving = self.serving
         return CompletionResponse(
             id=request_id, model=serving.model_name,
-            choices=[self.choice(request, c, c.last.outputs[0].text, finished=True)
-                     for c in choices],
-            usage=serving.usage(choices))
+            choices=[self.choice(request, c, c.last.outputs[0].text, finished=True,
+                                 with_prompt_logprobs=True) for c in choices],
+            usage=self.usage(request, choices))
 
-    def choice(self, request: CompletionRequest, choice: Choice, text: str,
-               finished: bool) -> CompletionChoice:
-        completion = choice.last.outputs[0]
-        if request.echo and not choice.started:
-            text = (choice.prompt.text or "") + text
+    def usage(self, request: CompletionRequest, choices: list[Choice]) -> UsageInfo:
+        usage = self.serving.usage(choices)
+        if not request.generates:  # (the token the engine generated is not returned)
+            usage = UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=0,
+                              total_tokens=usage.prompt_tokens)
+        return usage
+
+    def choice(self, request: CompletionRequest, choice: Choice, text: str, finished: bool,
+               with_prompt_logprobs: bool = False) -> CompletionChoice:
+        """A choice with the new ``text`` (and the prompt ahead of it, the first time, with
+        echo). ``with_prompt_logprobs``: vLLM's ``prompt_logprobs`` too, when asked for."""
+        output = choice.last
+        completion = output.outputs[0]
+        echo = request.echo and not choice.started
         choice.started = True
+        if not request.generates:
+            text = ""
         logprobs = None
         if request.logprobs is not None:
-            logprobs = self.logprobs(choice, self.serving.new_logprobs(choice),
-                                     completion.token_ids, request.logprobs)
+            logprobs = CompletionLogprobs()
+            if echo:
+                self.add_logprobs(logprobs, choice, output.prompt_logprobs,
+                                  output.prompt_token_ids, request.logprobs)
+                choice.text_offset = len(choice.prompt.text or "")  # (the completion's start)
+            entries = self.serving.new_logprobs(choice)
+            if request.generates:
+                token_ids = completion.token_ids
+                self.add_logprobs(logprobs, choice, entries,
+                                  token_ids[len(token_ids) - len(entries):], request.logprobs)
+        if echo:
+            text = (choice.prompt.text or "") + text
+        prompt_logprobs = None
+        if with_prompt_logprobs and request.prompt_logprobs is not None:
+            prompt_logprobs = self.serving.prompt_logprobs(output, request.engine_prompt_logprobs,
+                                                           request.prompt_logprobs)
         return CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
                                 finish_reason=completion.finish_reason if finished else None,
-                                stop_reason=completion.stop_reason if finished else None)
+                                stop_reason=completion.stop_reason if finished else None,
+                                prompt_logprobs=prompt_logprobs)
 
-    def logprobs(self, choice: Choice, entries: list[dict[int, float]], token_ids: list[int],
-                 top_n: int) -> CompletionLogprobs:
-        """The legacy format: for each new token its text, logprob, the top ``top_n``
-        alternatives (plus the sampled token) and its character offset in the completion."""
-        result = CompletionLogprobs()
+    def add_logprobs(self, result: CompletionLogprobs, choice: Choice,
+                     entries: list[dict[int, float] | None], token_ids: list[int],
+                     top_n: int) -> None:
+        """Appends the legacy format of ``entries`` (one per token of ``token_ids``; None for
+        a prompt's first token, which has none): for each token its text, logprob, the top
+        ``top_n`` alternatives (plus the token itself) and its character offset in the text."""
         offset = choice.text_offset
-        start = len(token_ids) - len(entries)
-        for entry, token in zip(entries, token_ids[start:]):
-            logprob, top = sampled_and_top(entry, token, max(top_n, 1), self.serving.token_text)
+        for entry, token in zip(entries, token_ids):
             text = self.serving.token_text(token)
             result.tokens.append(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            logprob, top = sampled_and_top(entry, token, max(top_n, 1), self.serving.token_text)
             result.token_logprobs.append(logprob)
             tops = {t: lp for t, _, lp in top[:top_n]}
             tops.setdefault(text, logprob)
             result.top_logprobs.append(tops)
-            result.text_offset.append(offset)
-            offset += len(text)
         choice.text_offset = offset
-        return result
 
     async def stream(self, request: CompletionRequest, request_id: str, choices: list[Choice],
                      arrival: float, params: SamplingParams) -> AsyncIterator[str]:
@@ -108,8 +142,8 @@ class Completions:
         try:
             async for choice in serving.outputs(choices):
                 finished = choice.last.finished
-                delta = serving.text_delta(choice, holdback)
-                has_logprobs = request.logprobs is not None and (
+                delta = serving.text_delta(choice, holdback) if request.generates else ""
+                has_logprobs = request.logprobs is not None and request.generates and (
                     len(choice.last.outputs[0].logprobs or []) > choice.sent_tokens)
                 if not (delta or finished or has_logprobs or (request.echo and not choice.started)):
                     continue
@@ -119,7 +153,7 @@ class Completions:
             if request.stream_options and request.stream_options.include_usage:
                 yield sse(CompletionResponse(id=request_id, created=created,
                                              model=serving.model_name, choices=[],
-                                             usage=serving.usage(choices)))
+                                             usage=self.usage(request, choices)))
         except APIError as error:
             yield sse({"error": {"message": error.message, "type": error.type, "code": error.code}})
         except Exception as error:  # noqa: BLE001 - the stream has started: report in-band

@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo,
+                      field_validator, model_serializer, model_validator)
 
 from ..sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS
 
@@ -124,6 +124,16 @@ class _SamplingFields(_Request):
     structured_outputs: StructuredOutputsRequest | None = None
     """Extra (vLLM): constrain the output to a JSON schema, a regex, choices or a grammar; not
     together with a JSON response_format."""
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """Extra (vLLM): return ``prompt_logprobs``, per prompt token after the first its logprob
+    and the N most likely tokens there (not with stream=true, as vLLM)."""
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available with stream=true; leave one out")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -160,23 +170,43 @@ class CompletionRequest(_SamplingFields):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1)]
     """A string, a list of strings, a list of token ids, or a list of token-id lists."""
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    """None: up to the end of the context window."""
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    """Return the log-probabilities of each generated token and of the N most likely."""
     echo: bool = False
-    """Prepend the prompt to the returned text."""
+    """Prepend the prompt to the returned text (and its tokens to the logprobs)."""
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    """None: up to the end of the context window; 0 (with echo): no new tokens, only the
+    prompt and, with logprobs, its logprobs (what log-likelihood evaluations send)."""
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """Return the log-probabilities of each generated token and of the N most likely (with
+    echo, of each prompt token after the first too)."""
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _no_new_tokens_only_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):  # (echo is validated first)
+            raise ValueError("max_tokens must be >= 1, or 0 with echo=true (the prompt only, "
+                             "e.g. for its logprobs)")
+        return value
+
+    @property
+    def generates(self) -> bool:
+        """New tokens are returned (max_tokens 0 with echo returns the prompt only)."""
+        return self.max_tokens != 0
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """The prompt logprobs the engine computes: ``prompt_logprobs``, and with echo and
+        logprobs the N alternatives the echoed prompt tokens need."""
+        wanted = [n for n in (self.prompt_logprobs, self.logprobs if self.echo else None)
+                  if n is not None]
+        return max(wanted, default=None)
 
     def unsupported(self) -> str | None:
         if self.suffix:
             return "suffix (insertion) is not supported by duetjax; leave it out"
         if self.best_of is not None and self.best_of != self.n:
             return "best_of other than n is not supported by duetjax; leave it out"
-        if self.echo and self.logprobs is not None:
-            return ("echo with logprobs needs prompt log-probabilities, which duetjax does not "
-                    "compute; use one or the other")
         return super().unsupported()
 
 
@@ -339,12 +369,28 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one token's entry in ``prompt_logprobs`` (keyed by its id)."""
+
+    logprob: float
+    rank: int | None = None
+    """1 for the most likely token; None for a prompt token below the N alternatives."""
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+"""vLLM's ``prompt_logprobs``: None for the first prompt token, then per prompt token
+{token id: its entry} for it and the N most likely tokens there."""
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    """With the extra ``prompt_logprobs`` (vLLM's)."""
 
 
 class CompletionResponse(BaseModel):
@@ -442,6 +488,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
+    """With the extra ``prompt_logprobs`` (vLLM's: one prompt, so here, not per choice)."""
 
 
 class DeltaMessage(BaseModel):

@@ -23,7 +23,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .errors import APIError, bad_request, error_response, from_engine_error
 from .metrics import ServerMetrics
-from .protocol import UsageInfo
+from .protocol import PromptLogprob, PromptLogprobs, UsageInfo
 from .structured import Constraint
 
 
@@ -120,7 +120,8 @@ class Serving:
 
     @staticmethod
     def sampling_params(request: Any, max_tokens: int, logprobs: int | None,
-                        constraint: Constraint | None = None) -> SamplingParams:
+                        constraint: Constraint | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         try:
             return SamplingParams(
                 temperature=1.0 if request.temperature is None else request.temperature,
@@ -139,6 +140,7 @@ class Serving:
                 seed=request.seed,
                 skip_special_tokens=request.skip_special_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 structured_outputs=None if constraint is None else constraint.params)
         except ValueError as error:
             raise bad_request(str(error)) from None
@@ -284,6 +286,23 @@ class Serving:
         new = entries[choice.sent_tokens:]
         choice.sent_tokens = len(entries)
         return new
+
+    def prompt_logprobs(self, output: RequestOutput, computed: int, top_n: int) -> PromptLogprobs:
+        """vLLM's ``prompt_logprobs`` of ``output``, whose entries hold the ``computed`` most
+        likely tokens at each position (and the prompt token): the prompt token's and the
+        ``top_n`` most likely tokens' entries, ranked where the entries tell the rank."""
+        result: PromptLogprobs = [None]
+        for token, entry in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]):
+            ranked = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)
+            # (an entry holds one token more than the top ``computed`` when the prompt token is
+            # not among them: its rank is unknown then)
+            ranks = {t: r for r, (t, _) in enumerate(ranked[:computed], 1)}
+            kept = dict(ranked[:top_n])
+            kept[token] = entry[token]
+            result.append({t: PromptLogprob(logprob=lp, rank=ranks.get(t),
+                                            decoded_token=self.token_text(t))
+                           for t, lp in kept.items()})
+        return result
 
     def token_text(self, token_id: int) -> str:
         if self.tokenizer is None:

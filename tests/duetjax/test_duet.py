@@ -5,6 +5,7 @@ with a TBT SLO that a mixed iteration with more than 17 tokens misses and a deco
 to 8 always fits at half the GPU. That drives the optimizer into split mode whenever prefill
 work meets decode work, and the outputs must still be exactly the aggregated engine's.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -385,3 +386,29 @@ def test_a_smaller_aggregated_budget_replaces_splits_that_gain_nothing(tiny_llam
              and not b.decode_only]
     assert mixed and max(b.num_tokens for b in mixed) <= 32
     assert max(b.num_tokens for b in scheduled) > 32  # prefill alone takes the whole budget
+
+
+def test_prompt_logprobs_keep_iterations_aggregated_while_their_prompt_prefills(duet, tiny_llama_dir):
+    # Workers compute no prompt logprobs: while a request asking for them waits or prefills,
+    # every iteration runs aggregated, with the aggregated engine's results; splits resume after.
+    params = [dataclasses.replace(p, prompt_logprobs=n)
+              for p, n in zip(PARAMS, (None, 2, None, None, 0, None, None, None))]
+    want = Engine(tiny_llama_dir, **CONFIG).generate(PROMPTS, params, use_tqdm=False)
+    ids = [duet.add_request(p, q) for p, q in zip(PROMPTS, params)]
+    results, splits, splits_while_prefilling = {}, duet.duet.stats.split_iterations, 0
+    while duet.has_unfinished_requests():
+        prefilling, before = duet.scheduler.num_prompt_logprobs, duet.duet.stats.split_iterations
+        for output in duet.step():
+            if output.finished:
+                results[output.request_id] = output
+        if prefilling:
+            splits_while_prefilling += duet.duet.stats.split_iterations - before
+    got = [results[i] for i in ids]
+    assert token_ids(got) == token_ids(want)
+    assert splits_while_prefilling == 0 and duet.duet.stats.split_iterations > splits
+    for a, b in zip(got, want):
+        assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+        for x, y in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
+            assert x == y or x.keys() == y.keys() and np.allclose(list(x.values()),
+                                                                   [y[t] for t in x], atol=1e-5)
+    assert len(got[1].prompt_logprobs) == len(PROMPTS[1]["prompt_token_ids"])

@@ -143,16 +143,18 @@ def test_nothing_compiles_while_serving(tiny_llama_dir):
         batch = [{"prompt_token_ids": rng.integers(3, 256, size=n).tolist()}
                  for n in (1, 2, 5, 17, 40, 63, 100, 150, 3, 9)]  # chunked, mixed, decode
         params = [SamplingParams(temperature=t, max_tokens=m, ignore_eos=True, logprobs=lp, seed=1,
-                                 repetition_penalty=r, logit_bias=bias)
-                  for t, m, lp, r, bias in zip(
+                                 repetition_penalty=r, logit_bias=bias, prompt_logprobs=plp)
+                  for t, m, lp, r, bias, plp in zip(
                       [0, 1, 0.5, 0, 1, 0, 0.7, 0, 1, 0], [1, 30, 5, 12, 7, 2, 9, 4, 20, 3],
                       [None, 2, None, 0, None, None, 5, None, None, 1],
                       [1, 1, 1.3, 1, 1, 0.9, 1, 1, 1.1, 1],
-                      [None, None, None, None, {5: 2.0}, None, None, {9: -100.0, 10: 1.0}, None, None])]
+                      [None, None, None, None, {5: 2.0}, None, None, {9: -100.0, 10: 1.0}, None, None],
+                      [None, 1, None, 0, None, None, 5, 20, None, 2])]
         outputs = engine.generate(batch, params, use_tqdm=False)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 30, 5, 12, 7, 2, 9, 4, 20, 3]
+    assert [len(o.prompt_logprobs or ()) for o in outputs] == [0, 2, 0, 17, 0, 0, 100, 150, 0, 9]
     assert compiles == []
 
 
@@ -171,6 +173,7 @@ def test_warm_up_runs_every_bucket_and_changes_no_state(tiny_llama_dir):
     runner.slot_tables = runner.slot_tables.replace(prompt=runner.slot_tables.prompt + 1)
     runner._compile_samplers(4)
     runner._compile_fill_slot()
+    runner._compile_prompt_logprobs(32)
     pool, counts = np.asarray(runner.kv_pool), np.asarray(runner.token_counts)
     tables = [np.asarray(a) for a in jax.tree_util.tree_leaves(runner.slot_tables)]
     buckets = plan_buckets(engine.config, (1, 2))
