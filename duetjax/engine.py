@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing.connection
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
@@ -231,8 +232,11 @@ class Engine:
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                ids = [int(t) for t in prompt["prompt_token_ids"]]
-                return prompt.get("prompt"), ids
+                ids = prompt["prompt_token_ids"]
+                if isinstance(ids, (str, bytes)) or not all(
+                        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+                    raise TypeError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), [int(t) for t in ids]
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -248,17 +252,16 @@ class Engine:
         """Queues one prompt; returns its request id."""
         params = params or SamplingParams()
         text, ids = self._prompt_ids(prompt)
-        vocab = self.model.config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")
-        if any(t < 0 or t >= vocab for t in ids):
-            bad = next(t for t in ids if t < 0 or t >= vocab)
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        vocab = self.model.config.vocab_size
+        for field, field_ids in (("prompt", ids), ("logit_bias", params.logit_bias or ()),
+                                 ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in field_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{field} token id {bad} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the "
-                             f"vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         matcher = None

@@ -386,3 +386,17 @@ def test_logit_bias_outside_the_vocabulary_is_a_clear_error(engine):
     with pytest.raises(ValueError, match=r"logit_bias token id 256 is outside the vocabulary \[0, 256\)"):
         engine.add_request(prompts(1)[0], SamplingParams(logit_bias={3: 1.0, 256: -1.0}))
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("prompt_token_ids, params, message", [
+    ([1, 2], SamplingParams(stop_token_ids=[256]),
+     r"stop_token_ids token id 256 is outside the vocabulary \[0, 256\)"),
+    ([1, -1], GREEDY, r"prompt token id -1 is outside the vocabulary"),
+    ([1, 2**64], GREEDY, r"prompt token id 18446744073709551616 is outside the vocabulary"),
+    ([1, 2.5], GREEDY, "prompt_token_ids must be a list of integers"),
+])
+def test_token_ids_are_checked_against_the_vocabulary(engine, prompt_token_ids, params, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine.add_request({"prompt_token_ids": prompt_token_ids}, params)
+    assert not engine.has_unfinished_requests()
+
