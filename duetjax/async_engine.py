@@ -7,6 +7,11 @@ caller's event loop with ``loop.call_soon_threadsafe``. Admission is bounded: pa
 ``max_num_seqs + max_queued_requests`` requests in flight, ``add_request`` raises
 ``QueueFullError`` at once instead of letting the queue (and memory) grow without limit.
 
+A request the Engine fails alone (finish reason "error": something in the work done for it
+raised) fails only its stream, with ``RequestFailedError``; the thread serves on. An exception
+out of ``Engine.step`` itself (a device failure) stops the thread: every stream then fails with
+``EngineDeadError`` and ``failure`` says why.
+
 Nothing here knows about HTTP, so notebooks and tools can use it directly::
 
     engine = AsyncEngine(Engine())
@@ -44,6 +49,11 @@ class EngineDrainingError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped after an error; every request fails until a restart."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request alone (an error in the work done for it); the engine
+    and every other request go on."""
 
 
 class RequestAbortedError(RuntimeError):
@@ -176,6 +186,15 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         """The engine thread is alive and has not failed."""
         return self._error is None and self._thread.is_alive()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped serving (None while it is healthy)."""
+        if self._error is not None:
+            return f"{type(self._error).__name__}: {self._error}"
+        if not self._thread.is_alive():
+            return "the engine thread has stopped"
+        return None
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -323,7 +342,11 @@ class AsyncEngine:
         if output.finished:
             del self._streams[output.request_id]
             self._release()
-        stream._loop.call_soon_threadsafe(stream._put, output)
+        if output.error is not None:
+            error = RequestFailedError(f"the request failed in the engine: {output.error}")
+            stream._loop.call_soon_threadsafe(stream._fail, error)
+        else:
+            stream._loop.call_soon_threadsafe(stream._put, output)
 
     def _release(self) -> None:
         with self._cv:

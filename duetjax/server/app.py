@@ -145,9 +145,11 @@ def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 while the engine takes requests; 503 while draining or after an engine failure."""
+        """200 while the engine takes requests; 503 while draining or after an engine failure
+        (with the reason)."""
         if not engine.is_healthy:
-            return JSONResponse({"status": "engine failed"}, status_code=503)
+            return JSONResponse({"status": "engine failed", "reason": engine.failure},
+                                status_code=503)
         if engine.is_draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})

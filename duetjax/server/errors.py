@@ -14,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..async_engine import EngineDeadError, EngineDrainingError, QueueFullError, RequestAbortedError
+from ..async_engine import (EngineDeadError, EngineDrainingError, QueueFullError,
+                            RequestAbortedError, RequestFailedError)
 from .protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def from_engine_error(error: BaseException) -> APIError:
         return APIError(503, str(error), type="service_unavailable", code="aborted")
     if isinstance(error, EngineDeadError):
         return APIError(500, str(error), type="server_error", code="engine_dead")
+    if isinstance(error, RequestFailedError):
+        return APIError(500, str(error), type="server_error", code="request_failed")
     if isinstance(error, (ValueError, TypeError)):  # the Engine's checks of prompt and params
         return bad_request(str(error))
     return APIError(500, f"internal error: {error!r}", type="server_error")

@@ -8,8 +8,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from duetjax import SamplingParams
+from duetjax.async_engine import AsyncEngine
 from duetjax.server import create_app
 
+from ..test_engine import break_detokenizers
 from .conftest import API_KEY, MAX_BODY_BYTES
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -223,3 +226,59 @@ def test_tool_choice_auto_needs_a_tool_call_parser():
     response = client.post("/v1/chat/completions",
                            json={**CHAT, "tools": [TOOL], "tool_choice": "none"})
     assert_error(response, 400, "ships none")  # past the tool check: this stub has no tokenizer
+
+
+def test_a_request_that_fails_in_the_engine_gets_a_500_and_nothing_else_does(tiny_chat_engine,
+                                                                              monkeypatch):
+    """One request's detokenizer raises: that request gets a 500 with an OpenAI error body,
+    the requests beside it get their answers, the server stays healthy and counts the 500."""
+    engine = tiny_chat_engine
+    prompts = ["first", "boom", "third"]
+    expected = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0,
+                                                       ignore_eos=True), use_tqdm=False)
+    break_detokenizers(engine, monkeypatch, "boom")
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        app = create_app(async_engine, "tiny-chat")
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://test", timeout=60) as client:
+                answers = await asyncio.gather(*(client.post("/v1/completions", json={
+                    "prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+                    for p in prompts))
+                return answers, await client.get("/health"), await client.get("/metrics")
+        finally:
+            await async_engine.shutdown(drain_timeout=0)
+
+    answers, health, metrics = asyncio.run(main())
+    error = assert_error(answers[1], 500, "the detokenizer broke")
+    assert (error["type"], error["code"]) == ("server_error", "request_failed")
+    for i in (0, 2):
+        assert answers[i].status_code == 200
+        assert answers[i].json()["choices"][0]["text"] == expected[i].outputs[0].text
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert 'duetjax_http_requests_total{route="/v1/completions",status="500"} 1.0' in metrics.text
+
+
+def test_health_says_why_the_engine_failed(tiny_chat_engine, monkeypatch):
+    def lost(self):
+        raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(type(tiny_chat_engine), "step", lost)
+
+    async def main():
+        async_engine = AsyncEngine(tiny_chat_engine)
+        app = create_app(async_engine, "tiny-chat")
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://test", timeout=60) as client:
+                answer = await client.post("/v1/completions", json=COMPLETION)
+                return answer, await client.get("/health")
+        finally:
+            await async_engine.shutdown(drain_timeout=0)
+
+    answer, health = asyncio.run(main())
+    assert assert_error(answer, 500, "the device is gone")["code"] == "engine_dead"
+    assert health.status_code == 503
+    assert health.json() == {"status": "engine failed", "reason": "RuntimeError: the device is gone"}
