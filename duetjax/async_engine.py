@@ -179,6 +179,11 @@ class AsyncEngine:
         return self._num_in_flight
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids are in [0, vocab_size)."""
+        return self.engine.model.config.vocab_size
+
+    @property
     def is_draining(self) -> bool:
         return self._draining
 

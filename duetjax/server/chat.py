@@ -60,7 +60,7 @@ class ChatCompletions:
         try:
             text = await asyncio.to_thread(
                 tokenizer.apply_chat_template, messages,
-                add_generation_prompt=add_generation_prompt, **kwargs)
+                add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
         except Exception as error:  # noqa: BLE001 - template errors describe the bad input
             raise bad_request(f"the chat template rejected the messages: {error}",
                               param="messages") from None

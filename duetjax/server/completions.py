@@ -31,6 +31,7 @@ class Completions:
                     raise bad_request("the prompt is empty; send some text", param="prompt")
                 prompts.append(Prompt(await self.serving.tokenize(item), item))
             else:
+                self.serving.check_token_ids(item, "prompt")
                 text = None
                 if request.echo:
                     text = self.serving.require_tokenizer("echo").decode(item)

@@ -89,6 +89,8 @@ def describe_validation_errors(errors: Sequence[dict[str, Any]]) -> tuple[str, s
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON ({detail}); send a JSON object", None
+    if kind == "invalid_json_value":  # (protocol.check_json_values: the field is in ctx)
+        return message, first["ctx"]["field"]
     if not where:
         if kind in ("missing", "model_attributes_type", "dict_type"):
             return "the request body must be a JSON object", None

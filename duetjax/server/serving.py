@@ -12,7 +12,7 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -102,6 +102,15 @@ class Serving:
                               "none; send the prompt as a list of token ids to /v1/completions")
         return self.tokenizer
 
+    def check_token_ids(self, ids: Iterable[int], param: str) -> None:
+        """A 400 naming ``param`` unless every id is in the model's vocabulary (checked before
+        any use: decoding, echo, the device)."""
+        vocab = self.engine.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"{param} token id {bad} is outside the vocabulary [0, {vocab})",
+                              param=param)
+
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tokenizer = self.require_tokenizer("a text prompt")
         return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
@@ -118,9 +127,10 @@ class Serving:
                 f"{field}); shorten the prompt or lower {field}", param=field)
         return wanted
 
-    @staticmethod
-    def sampling_params(request: Any, max_tokens: int, logprobs: int | None,
+    def sampling_params(self, request: Any, max_tokens: int, logprobs: int | None,
                         constraint: Constraint | None = None) -> SamplingParams:
+        self.check_token_ids(request.stop_token_ids or (), "stop_token_ids")
+        self.check_token_ids(request.token_logit_bias() or (), "logit_bias")
         try:
             return SamplingParams(
                 temperature=1.0 if request.temperature is None else request.temperature,

@@ -64,7 +64,7 @@ CASES = [
     ("repetition-zero", "/v1/chat/completions", {**CHAT, "repetition_penalty": 0}, 400,
      "repetition_penalty"),
     ("repetition-negative", "/v1/completions", {**COMPLETION, "repetition_penalty": -1.5}, 400,
-     "'repetition_penalty': input should be greater than 0"),
+     "'repetition_penalty': input should be greater than or equal to 0.01"),
     ("logit-bias-range", "/v1/completions", {**COMPLETION, "logit_bias": {"65": 101}}, 400,
      "biases must be in [-100, 100]"),
     ("logit-bias-entries", "/v1/chat/completions",
@@ -131,6 +131,41 @@ CASES = [
     ("detokenize-vocabulary", "/detokenize", {"tokens": [65, 259]}, 400,
      "token id 259 is outside the vocabulary [0, 259)"),
     ("detokenize-type", "/detokenize", {"tokens": ["a"]}, 400, "tokens"),
+    # Values the device cannot hold, text that is not Unicode, numbers that are not JSON
+    ("top-k-past-int32", "/v1/completions", {**COMPLETION, "top_k": 2**31}, 400,
+     "'top_k': input should be less than or equal to 2147483647"),
+    ("top-k-huge", "/v1/chat/completions", {**CHAT, "top_k": 10**20}, 400, "top_k"),
+    ("stop-token-ids-huge", "/v1/completions", {**COMPLETION, "stop_token_ids": [2**64]}, 400,
+     "'stop_token_ids.0': input should be less than or equal to 2147483647"),
+    ("stop-token-ids-vocabulary", "/v1/chat/completions", {**CHAT, "stop_token_ids": [259]}, 400,
+     "stop_token_ids token id 259 is outside the vocabulary [0, 259)"),
+    ("logit-bias-key-huge", "/v1/completions", {**COMPLETION, "logit_bias": {str(2**64): 1}}, 400,
+     "keys must be token ids (integers in [0, 2147483647])"),
+    ("max-tokens-huge", "/v1/completions", {**COMPLETION, "max_tokens": 2**63}, 400, "max_tokens"),
+    ("min-tokens-huge", "/v1/completions", {**COMPLETION, "min_tokens": 2**40}, 400, "min_tokens"),
+    ("repetition-huge", "/v1/completions", {**COMPLETION, "repetition_penalty": 1000}, 400,
+     "repetition_penalty"),
+    ("temperature-infinity", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400,
+     "'temperature' is Infinity, which is not a JSON number"),
+    ("temperature-nan", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400,
+     "'temperature' is NaN"),
+    ("nan-deep-inside", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": [-Infinity]}}',
+     400, "'chat_template_kwargs.x.0' is -Infinity"),
+    ("lone-surrogate-prompt", "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}', 400,
+     "'prompt' is not valid Unicode (it holds a lone surrogate, '\\ud800' at character 1)"),
+    ("lone-surrogate-message", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "a\\udc00"}]}', 400,
+     "'messages.0.content' is not valid Unicode"),
+    ("lone-surrogate-tokenize", "/tokenize", b'{"prompt": "\\ud83d"}', 400,
+     "'prompt' is not valid Unicode"),
+    ("chat-template-kwargs-tokenize", "/v1/chat/completions",
+     {**CHAT, "chat_template_kwargs": {"tokenize": True}}, 400, "the chat template rejected"),
+    ("echo-negative-id", "/v1/completions", {**COMPLETION, "prompt": [1, -1], "echo": True}, 400,
+     "prompt token id -1 is outside the vocabulary [0, 259)"),
+    ("echo-id-past-uint32", "/v1/completions", {**COMPLETION, "prompt": [[2**32]], "echo": True},
+     400, "prompt token id 4294967296 is outside the vocabulary"),
 ]
 
 
@@ -158,6 +193,19 @@ def assert_error(response, status, words):
 def test_bad_input(http, path, body, status, words):
     assert_error(post(http, path, body), status, words)
     assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {**COMPLETION, "top_k": 2**31}, "top_k"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[5], [3, 999]]}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "stop_token_ids": [259]}, "stop_token_ids"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"300": 1}}, "logit_bias"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}',
+     "messages.0.content"),
+    ("/v1/completions", b'{"prompt": "hi", "presence_penalty": NaN}', "presence_penalty"),
+])
+def test_bad_values_name_their_field(http, path, body, param):
+    assert assert_error(post(http, path, body), 400, "")["param"] == param
 
 
 def test_body_over_the_size_limit(http):
