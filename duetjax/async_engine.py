@@ -79,6 +79,8 @@ class EngineStats:
     """(prefill, decode) share of the GPU's SMs in the last step; aggregated mode gives each
     phase the whole device."""
     num_steps: int = 0
+    num_preemptions: int = 0
+    """Requests sent back to the queue for lack of KV pages so far (recomputed later)."""
     split_iterations: int = 0
     """Duet mode: iterations run split on a worker pair."""
     decode_steps: int = 1
@@ -373,6 +375,7 @@ class AsyncEngine:
             kv_cache_usage=blocks.usage, num_free_pages=blocks.num_free_pages,
             num_pages=blocks.num_pages,
             prefix_cache_hit_rate=float(getattr(blocks, "prefix_hit_rate", 0.0)),
+            num_preemptions=scheduler.num_preemptions,
             mode=str(getattr(self.engine, "mode", "aggregated")),
             sm_share=tuple(getattr(self.engine, "sm_share", (1.0, 1.0))),
             num_steps=num_steps, **extra)

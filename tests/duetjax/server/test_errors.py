@@ -9,8 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from duetjax import SamplingParams
-from duetjax.async_engine import AsyncEngine
+from duetjax.async_engine import AsyncEngine, EngineStats
 from duetjax.server import create_app
+from duetjax.server.serving import Serving
 
 from ..test_engine import break_detokenizers
 from .conftest import API_KEY, MAX_BODY_BYTES
@@ -330,3 +331,21 @@ def test_health_says_why_the_engine_failed(tiny_chat_engine, monkeypatch):
     assert assert_error(answer, 500, "the device is gone")["code"] == "engine_dead"
     assert health.status_code == 503
     assert health.json() == {"status": "engine failed", "reason": "RuntimeError: the device is gone"}
+
+
+def test_an_unexpected_error_is_a_counted_500_and_the_app_goes_on(monkeypatch):
+    """An exception no handler takes is answered inside the app (an OpenAI error body, counted
+    in duetjax_http_requests_total) instead of escaping it: TestClient would re-raise it, and
+    uvicorn would drop the connection."""
+    def broken(self, model):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Serving, "check_model", broken)
+    engine = SimpleNamespace(tokenizer=None, max_model_len=256, num_in_flight=0,
+                             stats=EngineStats(num_preemptions=3))
+    client = TestClient(create_app(engine, "tiny-chat"))  # (re-raises what escapes the app)
+    error = assert_error(client.post("/v1/completions", json=COMPLETION), 500, "a bug")
+    assert error["type"] == "server_error"
+    metrics = client.get("/metrics").text
+    assert 'duetjax_http_requests_total{route="/v1/completions",status="500"} 1.0' in metrics
+    assert 'duetjax_preemptions_total{model_name="tiny-chat"} 3.0' in metrics

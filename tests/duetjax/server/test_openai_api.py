@@ -237,7 +237,7 @@ def test_metrics_exposes_the_serving_picture(server, client):
                  "duetjax_request_success_total", "duetjax_http_requests_total",
                  "duetjax_duet_split_iterations", "duetjax_duet_decode_steps",
                  "duetjax_duet_predicted_iteration_ms", "duetjax_duet_measured_iteration_ms",
-                 "duetjax_duet_worker_failures"):
+                 "duetjax_duet_worker_failures", "duetjax_preemptions_total"):
         assert name in names, name
     assert server.metric("duetjax_mode_info", mode="aggregated") == 1.0
     assert server.metric("duetjax_sm_share", phase="decode") == 1.0
