@@ -152,7 +152,8 @@ class ChatCompletions:
 
         def chunk(choice_list: list[ChatStreamChoice]) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created,
-                                           model=serving.model_name, choices=choice_list))
+                                           model=serving.model_name, choices=choice_list,
+                                           usage=serving.chunk_usage(request, choices)))
 
         try:
             for choice in choices:  # the role first, as OpenAI does

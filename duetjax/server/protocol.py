@@ -96,7 +96,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
     """Send one last chunk with token usage before ``[DONE]``."""
     continuous_usage_stats: bool = False
-    """vLLM's usage in every chunk: not supported (400 when true)."""
+    """vLLM's: every chunk carries the usage so far (prompt, completion tokens so far, total)."""
 
 
 class JsonSchemaFormat(_Request):
@@ -218,9 +218,6 @@ class _SamplingFields(_Body):
         """A message naming a requested option duetjax does not implement, else None."""
         if self.stream_options is not None and not self.stream:
             return "stream_options is only allowed with stream=true"
-        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
-            return ("stream_options.continuous_usage_stats is not supported by duetjax; use "
-                    "include_usage for one usage chunk at the end")
         return None
 
 

@@ -301,6 +301,16 @@ class Serving:
         return self.tokenizer.decode([token_id])
 
     @staticmethod
+    def chunk_usage(request: Any, choices: list[Choice]) -> UsageInfo | None:
+        """The usage so far, for every chunk of a stream that asks for vLLM's
+        ``continuous_usage_stats`` (which, as in vLLM, goes with ``include_usage``); else
+        None."""
+        options = request.stream_options
+        if options is not None and options.include_usage and options.continuous_usage_stats:
+            return Serving.usage(choices)
+        return None
+
+    @staticmethod
     def usage(choices: list[Choice]) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in {id(c.prompt): c.prompt for c in choices}.values())
         completion = sum(len(c.last.outputs[0].token_ids) for c in choices if c.last is not None)
