@@ -54,13 +54,13 @@ class ChatCompletions:
             if message.tool_call_id is not None:
                 entry["tool_call_id"] = message.tool_call_id
             messages.append(entry)
-        kwargs = dict(chat_template_kwargs or {})
+        kwargs = {**(chat_template_kwargs or {}), "tokenize": False}  # (text: tokenized below)
         if tools is not None:
             kwargs["tools"] = tools
         try:
             text = await asyncio.to_thread(
                 tokenizer.apply_chat_template, messages,
-                add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+                add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as error:  # noqa: BLE001 - template errors describe the bad input
             raise bad_request(f"the chat template rejected the messages: {error}",
                               param="messages") from None

@@ -161,8 +161,6 @@ CASES = [
      "'messages.0.content' is not valid Unicode"),
     ("lone-surrogate-tokenize", "/tokenize", b'{"prompt": "\\ud83d"}', 400,
      "'prompt' is not valid Unicode"),
-    ("chat-template-kwargs-tokenize", "/v1/chat/completions",
-     {**CHAT, "chat_template_kwargs": {"tokenize": True}}, 400, "the chat template rejected"),
     ("echo-negative-id", "/v1/completions", {**COMPLETION, "prompt": [1, -1], "echo": True}, 400,
      "prompt token id -1 is outside the vocabulary [0, 259)"),
     ("echo-id-past-uint32", "/v1/completions", {**COMPLETION, "prompt": [[2**32]], "echo": True},
