@@ -753,7 +753,10 @@ class Engine:
         request.error = f"{type(error).__name__}: {error}"
         request.output_token_ids = request.resolved_output_ids
         request.metrics.finished_time = time.time()
-        self.scheduler.finish(request, "error")
+        if request.is_finished:  # (it had just ended: nothing to free twice)
+            request.finish_reason = "error"
+        else:
+            self.scheduler.finish(request, "error")
         self._requests.pop(request.request_id, None)
         self._failed_outputs.append(self._output(request))
 
