@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator,
                       model_serializer, model_validator)
@@ -37,10 +37,10 @@ class _Request(BaseModel):
 
 
 def check_json_values(data: Any) -> None:
-    """Raises a validation error naming the first string (or key) that is not valid Unicode
-    (a lone surrogate: JSON's \\ud800 escape spells one, UTF-8 cannot encode it, so neither a
-    tokenizer nor a response could take it) or number that is not finite (Python's json reads
-    NaN and Infinity, which are not JSON), anywhere in ``data``. Paths are built only for
+    """Raises a validation error naming where ``data`` holds a string (or key) that is not
+    valid Unicode (a lone surrogate: JSON's \\ud800 escape spells one, UTF-8 cannot encode it,
+    so neither a tokenizer nor a response could take it) or a number that is not finite
+    (Python's json reads NaN and Infinity, which are not JSON). Paths are built only for
     containers, so a long list of numbers costs one pass."""
     stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
     while stack:
@@ -75,7 +75,7 @@ def _first_surrogate(text: str) -> str:
     return f"{ascii(text[at])} at character {at}"
 
 
-def _reject(path: tuple[Any, ...], problem: str) -> None:
+def _reject(path: tuple[Any, ...], problem: str) -> NoReturn:
     field = ".".join(str(p).encode("utf-8", "backslashreplace").decode() for p in path)
     raise PydanticCustomError("invalid_json_value", "'{field}' {problem}",
                               {"field": field, "problem": problem})
