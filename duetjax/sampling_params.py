@@ -101,7 +101,8 @@ class SamplingParams:
                              f"{self.min_tokens}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+            raise ValueError(f"stop must be a non-empty string or a list of them, got "
+                             f"{self.stop!r}")
         set_field("stop", stop)
         set_field("stop_token_ids", tuple(_integer("stop_token_ids", t, 0, INT32_MAX)
                                           for t in self.stop_token_ids or ()))

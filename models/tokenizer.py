@@ -96,8 +96,9 @@ def _check_unicode(text: Any) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise ValueError(f"the text is not valid Unicode: {ascii(text[error.start])} at "
-                             f"character {error.start} is a lone surrogate; send UTF-8 text") from None
+            at = error.start
+            raise ValueError(f"the text is not valid Unicode: {ascii(text[at])} at character "
+                             f"{at} is a lone surrogate; send UTF-8 text") from None
 
 
 def _strftime_now(fmt: str) -> str:
