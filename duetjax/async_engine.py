@@ -7,6 +7,11 @@ caller's event loop with ``loop.call_soon_threadsafe``. Admission is bounded: pa
 ``max_num_seqs + max_queued_requests`` requests in flight, ``add_request`` raises
 ``QueueFullError`` at once instead of letting the queue (and memory) grow without limit.
 
+A request the Engine fails alone (finish reason "error": something in the work done for it
+raised) fails only its stream, with ``RequestFailedError``; the thread serves on. An exception
+out of ``Engine.step`` itself (a device failure) stops the thread: every stream then fails with
+``EngineDeadError`` and ``failure`` says why.
+
 Nothing here knows about HTTP, so notebooks and tools can use it directly::
 
     engine = AsyncEngine(Engine())
@@ -46,6 +51,11 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped after an error; every request fails until a restart."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed this request alone (an error in the work done for it); the engine
+    and every other request go on."""
+
+
 class RequestAbortedError(RuntimeError):
     """The request was aborted (shutdown past its drain timeout) before it finished."""
 
@@ -69,6 +79,8 @@ class EngineStats:
     """(prefill, decode) share of the GPU's SMs in the last step; aggregated mode gives each
     phase the whole device."""
     num_steps: int = 0
+    num_preemptions: int = 0
+    """Requests sent back to the queue for lack of KV pages so far (recomputed later)."""
     split_iterations: int = 0
     """Duet mode: iterations run split on a worker pair."""
     decode_steps: int = 1
@@ -172,6 +184,11 @@ class AsyncEngine:
         return self._num_in_flight
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids are in [0, vocab_size)."""
+        return self.engine.model.config.vocab_size
+
+    @property
     def is_draining(self) -> bool:
         return self._draining
 
@@ -179,6 +196,15 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         """The engine thread is alive and has not failed."""
         return self._error is None and self._thread.is_alive()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped serving (None while it is healthy)."""
+        if self._error is not None:
+            return f"{type(self._error).__name__}: {self._error}"
+        if not self._thread.is_alive():
+            return "the engine thread has stopped"
+        return None
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -326,7 +352,11 @@ class AsyncEngine:
         if output.finished:
             del self._streams[output.request_id]
             self._release()
-        stream._loop.call_soon_threadsafe(stream._put, output)
+        if output.error is not None:
+            error = RequestFailedError(f"the request failed in the engine: {output.error}")
+            stream._loop.call_soon_threadsafe(stream._fail, error)
+        else:
+            stream._loop.call_soon_threadsafe(stream._put, output)
 
     def _release(self) -> None:
         with self._cv:
@@ -348,6 +378,7 @@ class AsyncEngine:
             kv_cache_usage=blocks.usage, num_free_pages=blocks.num_free_pages,
             num_pages=blocks.num_pages,
             prefix_cache_hit_rate=float(getattr(blocks, "prefix_hit_rate", 0.0)),
+            num_preemptions=scheduler.num_preemptions,
             mode=str(getattr(self.engine, "mode", "aggregated")),
             sm_share=tuple(getattr(self.engine, "sm_share", (1.0, 1.0))),
             num_steps=num_steps, token_budget=self._token_budget(), **extra)

@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing.connection
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
@@ -30,7 +31,7 @@ from .request import PENDING, Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
 from .shared_state import SharedState
-from .step_inputs import MIN_MIXED_TOKENS
+from .step_inputs import MIN_MIXED_TOKENS, bucket_for, build_inputs
 from .structured_outputs import GrammarCompiler, all_tokens_mask, fill_token_mask
 from .token_budget import TokenBudget
 from .worker_client import RemoteInFlight, WorkerDied
@@ -159,7 +160,7 @@ class Engine:
         blocks = BlockManager(self.runner.num_pages, self.config.page_size,
                               self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, blocks, self.max_model_len,
-                                   fill_slot=self.runner.fill_slot)
+                                   fill_slot=self._fill_slot)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._in_flight: InFlight | None = None
@@ -176,6 +177,8 @@ class Engine:
         """When the previous aggregated step's results arrived, while the pipeline stays full."""
         self._finished_outputs_only = False
         """``step`` returns outputs of finished requests only (``generate`` needs no others)."""
+        self._failed_outputs: list[RequestOutput] = []
+        """Outputs of requests failed since ``step`` last returned (``_fail``)."""
         self._grammars = (GrammarCompiler(self.tokenizer.backend.to_str(), cfg.vocab_size,
                                           self.eos_token_ids) if self.tokenizer else None)
         """Structured outputs' grammar compiler (None: no tokenizer)."""
@@ -246,8 +249,11 @@ class Engine:
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                ids = [int(t) for t in prompt["prompt_token_ids"]]
-                return prompt.get("prompt"), ids
+                ids = prompt["prompt_token_ids"]
+                if isinstance(ids, (str, bytes)) or not all(
+                        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+                    raise TypeError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), [int(t) for t in ids]
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -263,17 +269,16 @@ class Engine:
         """Queues one prompt; returns its request id."""
         params = params or SamplingParams()
         text, ids = self._prompt_ids(prompt)
-        vocab = self.model.config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")
-        if any(t < 0 or t >= vocab for t in ids):
-            bad = next(t for t in ids if t < 0 or t >= vocab)
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        vocab = self.model.config.vocab_size
+        for field, field_ids in (("prompt", ids), ("logit_bias", params.logit_bias or ()),
+                                 ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in field_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{field} token id {bad} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the "
-                             f"vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         matcher = None
@@ -312,7 +317,10 @@ class Engine:
             if request.matcher is not None and item.completes_sequence:
                 if mask is None:
                     mask = all_tokens_mask(len(batch.scheduled), self.model.config.vocab_size)
-                fill_token_mask(request.matcher, mask, row)
+                try:
+                    fill_token_mask(request.matcher, mask, row)
+                except Exception as error:  # its row samples unmasked; the token is dropped
+                    self._fail(request, error)
         return mask
 
     def abort(self, request_id: str) -> None:
@@ -350,8 +358,16 @@ class Engine:
         """One scheduling iteration, pipelined: it launches step N+1 before reading step N's
         tokens, so the device never waits for the host. Stop conditions are therefore checked
         one step late; a token computed past a stop is discarded. Returns the outputs of the
-        requests that got a token in step N. In duet mode an iteration the optimizer splits
-        runs on the worker pair instead (``_split_step``)."""
+        requests that got a token in step N, and of those that failed (``_fail``). In duet
+        mode an iteration the optimizer splits runs on the worker pair instead
+        (``_split_step``)."""
+        outputs = self._step()
+        if self._failed_outputs:
+            outputs = outputs + self._failed_outputs
+            self._failed_outputs = []
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if self._split is not None:
             return self._split_stream()
         predicted = budget = None
@@ -400,7 +416,13 @@ class Engine:
             token_mask = self._token_mask(batch)
             prompt_chunks = (chunks_of(batch) if self.scheduler.num_prompt_logprobs
                              and batch.continues is None else None)
-            launched = self.runner.dispatch(batch, self._in_flight, token_mask, prompt_chunks)
+            try:
+                launched = self.runner.dispatch(batch, self._in_flight, token_mask, prompt_chunks)
+            except Exception as error:
+                if not self._fail_requests_without_inputs(batch):
+                    raise  # not one request's doing: the engine fails
+                log.warning("a step was not launched: %r (its requests are scheduled again)", error)
+        if launched is not None:
             launched.samples_constrained = token_mask is not None
             launch_seconds = self.runner.last_launch_seconds
             prepared = time.perf_counter()
@@ -653,7 +675,11 @@ class Engine:
             known = request.num_computed_tokens  # tokens with KV whose ids the host has
             if first is not None:  # (a prefill chunk's sampled token is not the next one yet)
                 tokens = rows[row][:item.num_steps]
-                self._apply_tokens(request, first, tokens, sampled, row, now)
+                try:
+                    self._apply_tokens(request, first, tokens, sampled, row, now)
+                except Exception as error:
+                    self._fail(request, error)
+                    continue
                 if every_output or request.status is FINISHED:
                     outputs.append(self._output(request))
                 # (the next dispatch, already launched, computes tokens still PENDING here)
@@ -676,13 +702,18 @@ class Engine:
         special = set(rows.special_rows).union(step.batch.rows_at_limit)
         if len(rows.stop_ids):
             special.update(np.flatnonzero((tokens[..., None] == rows.stop_ids).any(axis=(0, 2))).tolist())
-        ended = ()
+        ended = set()
         if step.finished_at_launch != self.scheduler.num_finished:  # some rows may have ended
             ended = {row for row, r in enumerate(requests) if r.status is FINISHED}
             special -= ended
         columns = tokens.T.tolist() if special or k > 1 else None
         for row in sorted(special):  # (rare) the full treatment
-            self._apply_tokens(requests[row], firsts[row], columns[row], sampled, row, now)
+            try:
+                self._apply_tokens(requests[row], firsts[row], columns[row], sampled, row, now)
+            except Exception as error:
+                self._fail(requests[row], error)
+                ended.add(row)
+        special -= ended
         if special or ended:
             left = [row for row in range(len(requests)) if row not in special and row not in ended]
             triples = [(requests[row], firsts[row], columns[row]) for row in left]
@@ -742,6 +773,45 @@ class Engine:
                                  for j, token in enumerate(tokens)]
         if stop is not None:
             self._finish(request, first + stop[0], stop[1], stop[2])
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        """Ends ``request`` alone after ``error`` in the host work done for it (detokenizing,
+        stop checks, its grammar, its slot tables or step inputs): finish reason "error", the
+        message in its output's ``error``, its pages freed. Every other request goes on."""
+        log.error("request %s failed: %r", request.request_id, error, exc_info=error)
+        request.error = f"{type(error).__name__}: {error}"
+        request.output_token_ids = request.resolved_output_ids
+        request.metrics.finished_time = time.time()
+        if request.is_finished:  # (it had just ended: nothing to free twice)
+            request.finish_reason = "error"
+        else:
+            self.scheduler.finish(request, "error")
+        self._requests.pop(request.request_id, None)
+        self._failed_outputs.append(self._output(request))
+
+    def _fill_slot(self, request: Request) -> None:
+        """The scheduler's ``fill_slot``: a request whose slot tables cannot be written fails
+        alone (the scheduler then leaves it out)."""
+        try:
+            self.runner.fill_slot(request)
+        except Exception as error:
+            self._fail(request, error)
+
+    def _fail_requests_without_inputs(self, batch: SchedulerOutput) -> bool:
+        """After a dispatch of ``batch`` failed before launching: fails the requests whose step
+        inputs cannot be built on their own, and says whether there were any (the batch was not
+        launched; the others are scheduled again next step)."""
+        in_flight = self._in_flight.batch.scheduled if self._in_flight is not None else None
+        failed = False
+        for item in batch.scheduled:
+            alone = SchedulerOutput([item], [], batch.num_steps)
+            try:
+                build_inputs(bucket_for(alone, self.config), alone, self.config.page_size,
+                             self.runner.max_pages_per_seq, in_flight=in_flight)
+            except Exception as error:
+                self._fail(item.request, error)
+                failed = True
+        return failed
 
     @staticmethod
     def _grammar_stop(request: Request, tokens: list[int]) -> tuple[int, str, None] | None:
@@ -805,7 +875,7 @@ class Engine:
                                       else None)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              [completion], request.status is RequestStatus.FINISHED,
-                             request.metrics, request.prompt_logprobs)
+                             request.metrics, request.prompt_logprobs, request.error)
 
     # ---- batch APIs -------------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ class CompletionOutput:
     token_ids: list[int]
     """Generated token ids."""
     finish_reason: str | None
-    """'stop' (EOS, stop string or stop token), 'length' (max_tokens or context), 'abort', or
-    None while running."""
+    """'stop' (EOS, stop string or stop token), 'length' (max_tokens or context), 'abort',
+    'error' (the engine failed this request alone: ``RequestOutput.error`` says why), or None
+    while running."""
     stop_reason: int | str | None = None
     """The stop string or token id that ended generation, if any."""
     logprobs: list[dict[int, float]] | None = None
@@ -49,3 +50,5 @@ class RequestOutput:
     """Per prompt token: None for the first, then {token id: log-probability} for the prompt
     token given the tokens before it and the top-N alternatives there (when
     SamplingParams.prompt_logprobs is set)."""
+    error: str | None = None
+    """Why the engine failed this request (finish reason 'error'); None otherwise."""

@@ -28,7 +28,8 @@ class Request:
                  "max_output_tokens", "seed", "output_token_ids",
                  "num_computed_tokens", "block_table", "page_hashes", "num_cached_pages",
                  "penalty_slot", "penalty_slot_fresh", "status", "finish_reason", "stop_reason",
-                 "text", "logprobs", "prompt_logprobs", "detokenizer", "stop_ids", "plain", "matcher", "metrics")
+                 "text", "logprobs", "prompt_logprobs", "detokenizer", "stop_ids", "plain", "matcher",
+                 "metrics", "error")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, prompt: str | None = None, arrival_time: float | None = None):
@@ -65,6 +66,7 @@ class Request:
         # the host has seen; it samples only when none is on the device (``Scheduler``).
         self.matcher = None
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        self.error: str | None = None  # why the engine failed it (finish reason "error")
 
     @property
     def num_tokens(self) -> int:

@@ -150,7 +150,7 @@ class Scheduler:
         self.free_penalty_slots: deque[int] = deque(range(config.max_num_seqs))
         self.fill_slot = fill_slot
         """Writes the slot tables of a request that ``fills_slot`` once it gets a slot, before
-        any step of it is launched (``ModelRunner.fill_slot``)."""
+        any step of it is launched (``Engine._fill_slot``; it may end the request instead)."""
         self.num_preemptions = 0
         """Requests sent back to the queue for lack of KV pages (they are recomputed later)."""
         self.num_finished = 0
@@ -269,6 +269,8 @@ class Scheduler:
                 request.penalty_slot_fresh = True
                 if request.params.fills_slot and self.fill_slot is not None:
                     self.fill_slot(request)
+                    if request.is_finished:  # (the engine failed it: its tables were refused)
+                        continue
             if request.prompt_logprobs is None:  # (prompt logprobs need every position computed)
                 self.blocks.match_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)

@@ -89,6 +89,18 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                       sort_keys=sort_keys)
 
 
+def _check_unicode(text: Any) -> None:
+    """ValueError saying where ``text`` is not valid Unicode: a lone surrogate, which UTF-8
+    cannot encode, so no tokenizer can take it."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            at = error.start
+            raise ValueError(f"the text is not valid Unicode: {ascii(text[at])} at character "
+                             f"{at} is a lone surrogate; send UTF-8 text") from None
+
+
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
@@ -208,8 +220,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (e.g. '<|im_end|>') map to
-        their ids, as in transformers."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        their ids, as in transformers. ValueError for text that is not valid Unicode."""
+        try:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            _check_unicode(text)  # (the backend's own message says only "must be str")
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..async_engine import AsyncEngine
 from .chat import ChatCompletions
 from .completions import Completions
-from .errors import APIError, error_response, install_error_handlers
+from .errors import AnswerUnhandledErrors, APIError, error_response, install_error_handlers
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
@@ -135,6 +135,7 @@ def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = No
     app.state.metrics = metrics
     app.state.max_body_bytes = max_body_bytes
     install_error_handlers(app)
+    app.add_middleware(AnswerUnhandledErrors)  # (the last added runs first: this one last)
     app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
     app.add_middleware(_CountRequests, metrics=metrics)
     v1 = [Depends(check_api_key)]
@@ -145,9 +146,11 @@ def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 while the engine takes requests; 503 while draining or after an engine failure."""
+        """200 while the engine takes requests; 503 while draining or after an engine failure
+        (with the reason)."""
         if not engine.is_healthy:
-            return JSONResponse({"status": "engine failed"}, status_code=503)
+            return JSONResponse({"status": "engine failed", "reason": engine.failure},
+                                status_code=503)
         if engine.is_draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})

@@ -54,7 +54,7 @@ class ChatCompletions:
             if message.tool_call_id is not None:
                 entry["tool_call_id"] = message.tool_call_id
             messages.append(entry)
-        kwargs = dict(chat_template_kwargs or {})
+        kwargs = {**(chat_template_kwargs or {}), "tokenize": False}  # (text: tokenized below)
         if tools is not None:
             kwargs["tools"] = tools
         try:
@@ -158,7 +158,8 @@ class ChatCompletions:
 
         def chunk(choice_list: list[ChatStreamChoice]) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created,
-                                           model=serving.model_name, choices=choice_list))
+                                           model=serving.model_name, choices=choice_list,
+                                           usage=serving.chunk_usage(request, choices)))
 
         try:
             for choice in choices:  # the role first, as OpenAI does

@@ -35,6 +35,7 @@ class Completions:
                     raise bad_request("the prompt is empty; send some text", param="prompt")
                 prompts.append(Prompt(await self.serving.tokenize(item), item))
             else:
+                self.serving.check_token_ids(item, "prompt")
                 text = None
                 if request.echo:
                     text = self.serving.require_tokenizer("echo").decode(item)
@@ -148,7 +149,8 @@ class Completions:
                 if not (delta or finished or has_logprobs or (request.echo and not choice.started)):
                     continue
                 body = CompletionResponse(id=request_id, created=created, model=serving.model_name,
-                                          choices=[self.choice(request, choice, delta, finished)])
+                                          choices=[self.choice(request, choice, delta, finished)],
+                                          usage=serving.chunk_usage(request, choices))
                 yield sse(body)
             if request.stream_options and request.stream_options.include_usage:
                 yield sse(CompletionResponse(id=request_id, created=created,

@@ -13,8 +13,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..async_engine import EngineDeadError, EngineDrainingError, QueueFullError, RequestAbortedError
+from ..async_engine import (EngineDeadError, EngineDrainingError, QueueFullError,
+                            RequestAbortedError, RequestFailedError)
 from .protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ def from_engine_error(error: BaseException) -> APIError:
         return APIError(503, str(error), type="service_unavailable", code="aborted")
     if isinstance(error, EngineDeadError):
         return APIError(500, str(error), type="server_error", code="engine_dead")
+    if isinstance(error, RequestFailedError):
+        return APIError(500, str(error), type="server_error", code="request_failed")
     if isinstance(error, (ValueError, TypeError)):  # the Engine's checks of prompt and params
         return bad_request(str(error))
     return APIError(500, f"internal error: {error!r}", type="server_error")
@@ -86,6 +90,8 @@ def describe_validation_errors(errors: Sequence[dict[str, Any]]) -> tuple[str, s
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON ({detail}); send a JSON object", None
+    if kind == "invalid_json_value":  # (protocol.check_json_values: the field is in ctx)
+        return message, first["ctx"]["field"]
     if not where:
         if kind in ("missing", "model_attributes_type", "dict_type"):
             return "the request body must be a JSON object", None
@@ -137,9 +143,39 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(error.status_code, str(error.detail),
                                        headers=getattr(error, "headers", None)))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(from_engine_error(error)
-                              if not isinstance(error, (ValueError, TypeError))
-                              else APIError(500, f"internal error: {error!r}", type="server_error"))
+
+def internal_error(error: Exception) -> APIError:
+    """What an exception no handler took becomes: an engine error as ``from_engine_error``
+    maps it, anything else a 500 (a ValueError here is a server bug, not bad input: bad input
+    is refused before any work)."""
+    if isinstance(error, (ValueError, TypeError)):
+        return APIError(500, f"internal error: {error!r}", type="server_error")
+    return from_engine_error(error)
+
+
+class AnswerUnhandledErrors:
+    """Answers an exception that no handler took with an OpenAI-style 500 from inside the app.
+    (Starlette's own last-resort handler sits outside every middleware: its 500s would go
+    uncounted, and it re-raises, so the server then drops the connection.) Installed innermost,
+    under the counting middleware."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # part of a response is out: nothing else can be said on it
+                raise
+            await error_response(internal_error(error))(scope, receive, send)

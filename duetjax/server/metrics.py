@@ -2,15 +2,17 @@
 
 Latencies come from the engine's own timestamps (``RequestMetrics``), measured from the moment
 the server received the request. Engine state (running / waiting requests, KV usage, prefix
-cache hit rate, mode and SM split) is read from the snapshot the engine thread publishes, at
-scrape time, so scraping never touches the Engine.
+cache hit rate, preemptions, mode and SM split) is read from the snapshot the engine thread
+publishes, at scrape time, so scraping never touches the Engine. Every HTTP response is
+counted by route and status, error answers included (``app._CountRequests``).
 """
 from __future__ import annotations
 
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily,
+                                   Metric)
 from prometheus_client.registry import Collector
 
 from ..async_engine import AsyncEngine
@@ -54,6 +56,11 @@ class _EngineCollector(Collector):
         yield gauge("engine_steps", "Engine scheduling iterations so far.", stats.num_steps)
         yield gauge("token_budget", "Token budget of the last iteration with prefill work "
                     "(chosen per iteration to fit --tbt-slo-ms when it is set).", stats.token_budget)
+        preemptions = CounterMetricFamily(
+            f"{PREFIX}_preemptions", "Requests sent back to the queue for lack of KV pages (they "
+            "are recomputed later).", labels=labels)
+        preemptions.add_metric([self.model_name], stats.num_preemptions)
+        yield preemptions
         pauses = gc_pauses()
         yield gauge("gc_pause_seconds_total",
                     "Time this process spent in Python's garbage collector.", pauses.seconds)

@@ -2,8 +2,11 @@
 
 Requests reject unknown fields (``extra="forbid"``) so a typo or an unsupported OpenAI option
 is answered with a 400 that names it, rather than silently ignored. Range checks live here so
-pydantic's messages name the field; options that the wire format has but duetjax does not
-implement are checked in ``unsupported()`` and answered with a 400 that says so.
+pydantic's messages name the field: every number has the range ``SamplingParams`` documents
+(integers bounded by what the device's int32 holds), no string may hold a lone surrogate and no
+number may be NaN or infinite, anywhere in a body (``_Body``). Token ids are checked against the
+vocabulary where it is known (``Serving.check_token_ids``). Options that the wire format has but
+duetjax does not implement are checked in ``unsupported()`` and answered with a 400 that says so.
 Tool calling follows OpenAI's shapes (``tools``, ``tool_choice``, ``message.tool_calls``);
 what the server does with them is in ``tool_calls.py``. Structured outputs (``response_format``,
 vLLM's ``structured_outputs``) become the engine's ``StructuredOutputsParams`` in
@@ -11,26 +14,89 @@ vLLM's ``structured_outputs``) become the engine's ``StructuredOutputsParams`` i
 """
 from __future__ import annotations
 
+import json
+import math
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo,
                       field_validator, model_serializer, model_validator)
+from pydantic_core import PydanticCustomError
 
-from ..sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS
+from ..sampling_params import (FLOAT32_MAX, INT32_MAX, LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS,
+                               MAX_LOGPROBS, REPETITION_PENALTY_RANGE)
 
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+"""A prompt's ids: checked against the vocabulary by the server, with a message saying so."""
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_json_values(data: Any) -> None:
+    """Raises a validation error naming where ``data`` holds a string (or key) that is not
+    valid Unicode (a lone surrogate: JSON's \\ud800 escape spells one, UTF-8 cannot encode it,
+    so neither a tokenizer nor a response could take it) or a number that is not finite
+    (Python's json reads NaN and Infinity, which are not JSON). Paths are built only for
+    containers, so a long list of numbers costs one pass."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while stack:
+        path, container = stack.pop()
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, value in items:
+            if isinstance(key, str) and not _is_unicode(key):
+                _reject(path + (key,), "is a key that is not valid Unicode (it holds a lone "
+                                       "surrogate); send UTF-8 text")
+            if isinstance(value, str):
+                if not _is_unicode(value):
+                    _reject(path + (key,), "is not valid Unicode (it holds a lone surrogate, "
+                                           f"{_first_surrogate(value)}); send UTF-8 text")
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    _reject(path + (key,), f"is {json.dumps(value)}, which is not a JSON number "
+                                           "(NaN and Infinity are not JSON); send a finite number")
+            elif isinstance(value, (dict, list)):
+                stack.append((path + (key,), value))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _first_surrogate(text: str) -> str:
+    at = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+    return f"{ascii(text[at])} at character {at}"
+
+
+def _reject(path: tuple[Any, ...], problem: str) -> NoReturn:
+    field = ".".join(str(p).encode("utf-8", "backslashreplace").decode() for p in path)
+    raise PydanticCustomError("invalid_json_value", "'{field}' {problem}",
+                              {"field": field, "problem": problem})
+
+
+class _Body(_Request):
+    """A whole request body: its strings and numbers are checked before its fields."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_json_values(cls, data: Any) -> Any:
+        if isinstance(data, (dict, list)):
+            check_json_values(data)
+        return data
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
     """Send one last chunk with token usage before ``[DONE]``."""
     continuous_usage_stats: bool = False
-    """vLLM's usage in every chunk: not supported (400 when true)."""
+    """vLLM's: every chunk carries the usage so far (prompt, completion tokens so far, total)."""
 
 
 class JsonSchemaFormat(_Request):
@@ -85,25 +151,27 @@ class StructuredOutputsRequest(_Request):
     """A Lark (or GBNF) grammar the output follows."""
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(_Body):
     """Fields shared by both endpoints, with OpenAI's names and vLLM's extras."""
 
     model: str | None = None
     """The served model name; None: the one model this server serves."""
-    temperature: Annotated[float, Field(ge=0.0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=FLOAT32_MAX)] | None = None
+    """Below 1e-5: greedy (vLLM's rule)."""
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    """Extra (vLLM): keep the k most likely tokens; -1 or 0 disables."""
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
+    """Extra (vLLM): keep the k most likely tokens; -1 or 0 disables; a k at least the
+    vocabulary's size keeps every token."""
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Extra (vLLM): drop tokens below min_p times the top token's probability."""
     n: Annotated[int, Field(ge=1, le=64)] = 1
     stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
     """Extra (vLLM): token ids that end generation."""
     seed: Annotated[int, Field(ge=0, lt=2**32)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
     """Extra (vLLM): EOS and stop token ids are ignored until this many tokens exist."""
     ignore_eos: bool = False
     """Extra (vLLM): keep generating past EOS (benchmarks)."""
@@ -111,7 +179,8 @@ class _SamplingFields(_Request):
     """Extra (vLLM): leave special tokens out of the text."""
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=REPETITION_PENALTY_RANGE[0],
+                                               le=REPETITION_PENALTY_RANGE[1])] | None = None
     """Extra (vLLM): divide positive logits of tokens in the prompt or output by it, multiply
     negative ones; 1 disables."""
     logit_bias: dict[str, float] | None = None
@@ -143,8 +212,9 @@ class _SamplingFields(_Request):
         if len(value) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries are allowed, got {len(value)}")
         for key, bias in value.items():
-            if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not (key.isascii() and key.isdigit() and int(key) <= INT32_MAX):
+                raise ValueError(f"keys must be token ids (integers in [0, {INT32_MAX}]), "
+                                 f"got {key[:20]!r}")
             if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
                 raise ValueError(f"biases must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
                                  f"got {bias} for token {key}")
@@ -158,9 +228,6 @@ class _SamplingFields(_Request):
         """A message naming a requested option duetjax does not implement, else None."""
         if self.stream_options is not None and not self.stream:
             return "stream_options is only allowed with stream=true"
-        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
-            return ("stream_options.continuous_usage_stats is not supported by duetjax; use "
-                    "include_usage for one usage chunk at the end")
         return None
 
 
@@ -172,14 +239,15 @@ class CompletionRequest(_SamplingFields):
     """A string, a list of strings, a list of token ids, or a list of token-id lists."""
     echo: bool = False
     """Prepend the prompt to the returned text (and its tokens to the logprobs)."""
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = 16
     """None: up to the end of the context window; 0 (with echo): no new tokens, only the
     prompt and, with logprobs, its logprobs (what log-likelihood evaluations send)."""
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     """Return the log-probabilities of each generated token and of the N most likely (with
     echo, of each prompt token after the first too)."""
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Annotated[int, Field(ge=1, le=64)] | None = None
+    """Accepted when it equals n (one sequence per choice)."""
 
     @field_validator("max_tokens")
     @classmethod
@@ -306,9 +374,9 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
     """Deprecated by OpenAI in favour of max_completion_tokens; None: to the context end."""
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
@@ -521,7 +589,7 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_Body):
     """POST /tokenize (vLLM's): a prompt, or chat messages rendered by the chat template."""
 
     model: str | None = None
@@ -555,11 +623,12 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(_Body):
     """POST /detokenize (vLLM's)."""
 
     model: str | None = None
     tokens: list[StrictInt]
+    """Checked against the vocabulary by the server."""
 
 
 class DetokenizeResponse(BaseModel):

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -102,6 +102,15 @@ class Serving:
                               "none; send the prompt as a list of token ids to /v1/completions")
         return self.tokenizer
 
+    def check_token_ids(self, ids: Iterable[int], param: str) -> None:
+        """A 400 naming ``param`` unless every id is in the model's vocabulary (checked before
+        any use: decoding, echo, the device)."""
+        vocab = self.engine.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"{param} token id {bad} is outside the vocabulary [0, {vocab})",
+                              param=param)
+
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tokenizer = self.require_tokenizer("a text prompt")
         return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
@@ -118,10 +127,11 @@ class Serving:
                 f"{field}); shorten the prompt or lower {field}", param=field)
         return wanted
 
-    @staticmethod
-    def sampling_params(request: Any, max_tokens: int, logprobs: int | None,
+    def sampling_params(self, request: Any, max_tokens: int, logprobs: int | None,
                         constraint: Constraint | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
+        self.check_token_ids(request.stop_token_ids or (), "stop_token_ids")
+        self.check_token_ids(request.token_logit_bias() or (), "logit_bias")
         try:
             return SamplingParams(
                 temperature=1.0 if request.temperature is None else request.temperature,
@@ -308,6 +318,16 @@ class Serving:
         if self.tokenizer is None:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id])
+
+    @staticmethod
+    def chunk_usage(request: Any, choices: list[Choice]) -> UsageInfo | None:
+        """The usage so far, for every chunk of a stream that asks for vLLM's
+        ``continuous_usage_stats`` (which, as in vLLM, goes with ``include_usage``); else
+        None."""
+        options = request.stream_options
+        if options is not None and options.include_usage and options.continuous_usage_stats:
+            return Serving.usage(choices)
+        return None
 
     @staticmethod
     def usage(choices: list[Choice]) -> UsageInfo:

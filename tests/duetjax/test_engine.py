@@ -389,3 +389,90 @@ def test_logit_bias_outside_the_vocabulary_is_a_clear_error(engine):
     with pytest.raises(ValueError, match=r"logit_bias token id 256 is outside the vocabulary \[0, 256\)"):
         engine.add_request(prompts(1)[0], SamplingParams(logit_bias={3: 1.0, 256: -1.0}))
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("prompt_token_ids, params, message", [
+    ([1, 2], SamplingParams(stop_token_ids=[256]),
+     r"stop_token_ids token id 256 is outside the vocabulary \[0, 256\)"),
+    ([1, -1], GREEDY, r"prompt token id -1 is outside the vocabulary"),
+    ([1, 2**64], GREEDY, r"prompt token id 18446744073709551616 is outside the vocabulary"),
+    ([1, 2.5], GREEDY, "prompt_token_ids must be a list of integers"),
+])
+def test_token_ids_are_checked_against_the_vocabulary(engine, prompt_token_ids, params, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine.add_request({"prompt_token_ids": prompt_token_ids}, params)
+    assert not engine.has_unfinished_requests()
+
+
+class RaisingDetokenizer:
+    """Stands in for one request's detokenizer: its second token raises."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def add(self, token_id):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("the detokenizer broke")
+        return "x"
+
+
+def break_detokenizers(engine, monkeypatch, marker: str) -> None:
+    """From now on, requests whose prompt text holds ``marker`` get a ``RaisingDetokenizer``
+    (set as the engine adds them, on whatever thread adds them)."""
+    add_request = engine.add_request
+
+    def add_and_break(prompt, params=None, request_id=None):
+        request_id = add_request(prompt, params, request_id)
+        text = prompt if isinstance(prompt, str) else prompt.get("prompt") or ""
+        if marker in text:
+            engine._requests[request_id].detokenizer = RaisingDetokenizer()
+        return request_id
+
+    monkeypatch.setattr(engine, "add_request", add_and_break)
+
+
+FAULTS = {
+    # fault: (the faulty request's params, how it breaks after it was added)
+    "detokenizer": (GREEDY, lambda r: setattr(r, "detokenizer", RaisingDetokenizer())),
+    "grammar": (SamplingParams(temperature=0.0, max_tokens=12, structured_outputs={"regex": "a+"}),
+                lambda r: setattr(r, "matcher", "not a grammar")),
+    "step inputs": (SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, top_k=5),
+                    lambda r: object.__setattr__(r.params, "top_k", 2**40)),
+    "slot tables": (SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                   logit_bias={3: 1.0}),
+                    lambda r: object.__setattr__(r.params, "logit_bias", {2**40: 1.0})),
+}
+
+
+@pytest.fixture(scope="module")
+def chat_engine(chat_model_dir):
+    return Engine(chat_model_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
+                  show_progress=False)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_request_that_fails_fails_alone(chat_engine, fault):
+    """An exception in the host work for one request (its detokenizer, its grammar, its step
+    inputs, its slot tables) ends that request with finish reason "error"; the requests
+    batched with it get the tokens they get without it, and the engine goes on serving."""
+    engine = chat_engine
+    texts = [f"{text} {i}" for i, text in enumerate(["Hello there", "abc", "The quick brown fox",
+                                                     "a" * 30, "Once upon a time"])]
+    expected = engine.generate(texts, GREEDY, use_tqdm=False)
+    params, breaks = FAULTS[fault]
+    ids = [engine.add_request(text, params if i == 2 else GREEDY) for i, text in enumerate(texts)]
+    breaks(engine._requests[ids[2]])
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    failed = finished[ids[2]]
+    assert failed.outputs[0].finish_reason == "error" and failed.error
+    for i, request_id in enumerate(ids):
+        if i != 2:
+            assert finished[request_id].error is None
+            assert finished[request_id].outputs[0].token_ids == expected[i].outputs[0].token_ids
+    blocks = engine.scheduler.blocks
+    assert blocks.num_free_pages == blocks.num_pages and not engine.scheduler.num_constrained
+    again = engine.generate(texts[0], GREEDY, use_tqdm=False)[0]
+    assert again.outputs[0].token_ids == expected[0].outputs[0].token_ids

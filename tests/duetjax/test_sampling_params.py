@@ -14,7 +14,7 @@ from duetjax.sampling_params import MAX_LOGIT_BIAS
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"stop": [""]}, "stop"),
     ({"seed": -1}, "seed"),
-    ({"repetition_penalty": 0}, "repetition_penalty must be a finite number > 0"),
+    ({"repetition_penalty": 0}, r"repetition_penalty must be in \[0.01, 100\]"),
     ({"repetition_penalty": -1.2}, "repetition_penalty"),
     ({"repetition_penalty": float("inf")}, "repetition_penalty"),
     ({"repetition_penalty": float("nan")}, "repetition_penalty"),
@@ -26,15 +26,35 @@ from duetjax.sampling_params import MAX_LOGIT_BIAS
     ({"logit_bias": {True: 1.0}}, "logit_bias keys"),
     ({"logit_bias": {t: 1.0 for t in range(MAX_LOGIT_BIAS + 1)}}, "at most 300"),
     ({"logit_bias": [(5, 1.0)]}, "logit_bias must map token ids"),
+    ({"logit_bias": {2**31: 1.0}}, r"logit_bias keys must be token ids \(integers in \[0, 2147483647\]\)"),
+    ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
+    ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+    ({"temperature": "0.7"}, "temperature must be a number, got '0.7'"),
+    ({"top_p": float("nan")}, "top_p must be a finite number"),
+    ({"presence_penalty": float("-inf")}, "presence_penalty must be a finite number"),
+    ({"repetition_penalty": 1000}, r"repetition_penalty must be in \[0.01, 100\]"),
+    ({"top_k": 2**31}, r"top_k must be in \[-1, 2147483647\]"),
+    ({"top_k": 10**20}, "top_k must be in"),
+    ({"top_k": 2.5}, "top_k must be an integer"),
+    ({"max_tokens": 10**20}, r"max_tokens must be in \[1, 2147483647\]"),
+    ({"max_tokens": True}, "max_tokens must be an integer"),
+    ({"stop_token_ids": [2**64]}, r"stop_token_ids must be in \[0, 2147483647\], got 18446744073709551616"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids must be in"),
+    ({"seed": 2**32}, r"seed must be in \[0, 4294967295\]"),
+    ({"logprobs": 21}, r"logprobs must be in \[0, 20\]"),
 ])
 def test_invalid_values_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
 
 
-def test_normalizes_stop_and_top_k():
+def test_normalizes_stop_top_k_and_tiny_temperatures():
     params = SamplingParams(stop="###", top_k=-1)
     assert params.stop == ("###",) and params.top_k == 0
+    assert SamplingParams(temperature=1e-6).greedy  # (vLLM's rule: below 1e-5 is greedy)
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+    exact = SamplingParams(top_k=np.int64(2**31 - 1), max_tokens=np.int32(5), temperature=np.float32(0.5))
+    assert (type(exact.top_k), type(exact.max_tokens), type(exact.temperature)) == (int, int, float)
 
 
 def test_repetition_penalty_and_logit_bias_take_a_penalty_slot():

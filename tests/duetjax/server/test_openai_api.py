@@ -72,6 +72,32 @@ def test_streaming_chat_with_usage_matches_non_streaming(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, endpoint):
+    """vLLM's stream_options.continuous_usage_stats, which vLLM's benchmark clients send with
+    include_usage on every streaming request."""
+    kwargs = dict(model=MODEL, max_tokens=6, temperature=0, stream=True,
+                  stream_options={"include_usage": True, "continuous_usage_stats": True},
+                  extra_body={"ignore_eos": True})
+    if endpoint == "chat":
+        chunks = list(client.chat.completions.create(messages=MESSAGES, **kwargs))
+    else:
+        chunks = list(client.completions.create(prompt="Hello there", **kwargs))
+    usages = [c.usage for c in chunks]
+    assert all(u is not None for u in usages)
+    completion = [u.completion_tokens for u in usages]
+    assert completion == sorted(completion) and completion[0] < completion[-1] == 6
+    assert len({u.prompt_tokens for u in usages}) == 1
+    assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)
+    assert chunks[-1].choices == [] and chunks[-2].choices  # the final usage chunk still comes
+    without_include_usage = {**kwargs, "stream_options": {"continuous_usage_stats": True}}
+    if endpoint == "chat":
+        plain = list(client.chat.completions.create(messages=MESSAGES, **without_include_usage))
+    else:
+        plain = list(client.completions.create(prompt="Hello there", **without_include_usage))
+    assert all(c.usage is None for c in plain)  # (as vLLM: it goes with include_usage)
+
+
 def test_n_choices(client):
     response = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=3, max_tokens=6,
                                               temperature=1.0, seed=3,
@@ -237,7 +263,7 @@ def test_metrics_exposes_the_serving_picture(server, client):
                  "duetjax_request_success_total", "duetjax_http_requests_total",
                  "duetjax_duet_split_iterations", "duetjax_duet_decode_steps",
                  "duetjax_duet_predicted_iteration_ms", "duetjax_duet_measured_iteration_ms",
-                 "duetjax_duet_worker_failures"):
+                 "duetjax_duet_worker_failures", "duetjax_preemptions_total"):
         assert name in names, name
     assert server.metric("duetjax_mode_info", mode="aggregated") == 1.0
     assert server.metric("duetjax_sm_share", phase="decode") == 1.0

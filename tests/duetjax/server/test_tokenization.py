@@ -35,6 +35,12 @@ def test_tokenized_chat_is_what_a_chat_completion_counts(http):
     without_header = http.post("/tokenize", json={"messages": MESSAGES,
                                                   "add_generation_prompt": False}).json()["count"]
     assert without_header < counted
+    # The server renders text and tokenizes it itself: a template's own tokenize stays off.
+    kwargs = {"chat_template_kwargs": {"tokenize": True}}
+    assert http.post("/tokenize", json={"messages": MESSAGES, **kwargs}).json()["count"] == counted
+    completion = http.post("/v1/chat/completions",
+                           json={"messages": MESSAGES, "max_tokens": 1, **kwargs})
+    assert completion.status_code == 200 and completion.json()["usage"]["prompt_tokens"] == counted
 
 
 def test_tokenize_needs_the_api_key(server):
