@@ -4,6 +4,21 @@ from __future__ import annotations
 import dataclasses
 
 
+class ConfigError(ValueError):
+    """An engine option that cannot work: ``option`` names its EngineConfig field (or Engine
+    argument), so that a command line can name its flag instead (``flag``)."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option = option
+        self.problem = problem
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag of the option: ``--`` and its name with dashes."""
+        return "--" + self.option.replace("_", "-")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine batches work and sizes its KV pool."""
@@ -80,6 +95,10 @@ class EngineConfig:
     """GPU memory left free for each duet worker's CUDA context and XLA workspace."""
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
+    generation_config: str = "auto"
+    """Where requests' default sampling comes from (vLLM's option): 'auto', the model's
+    generation config (``sampling_defaults.py``); 'vllm', ``SamplingParams``' own defaults; or a
+    directory holding a generation_config.json."""
 
     @property
     def active_duet_pairs(self) -> tuple[tuple[int, int], ...]:

@@ -24,6 +24,7 @@ from .duet import Duet, final_dispatch_steps, prepare_process
 from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
 from .request import PENDING, Request, RequestStatus
+from .sampling_defaults import SamplingDefaults
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
 from .shared_state import SharedState
@@ -127,6 +128,8 @@ class Engine:
     Face directory or a GGUF file; ``load_format="dummy"`` random weights of the real shapes.
     Extra keyword arguments are ``EngineConfig`` fields; ``mode="duet"`` turns on DuetServe's
     split mode (create the Engine before any other JAX call then: see ``duet.prepare_process``).
+    Requests without SamplingParams get ``get_default_sampling_params()``: the model's
+    generation config's settings (``generation_config``, as vLLM's; ``sampling_defaults.py``).
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto",
@@ -134,6 +137,8 @@ class Engine:
         self.config = EngineConfig(**config)
         self.mode, daemon, why = prepare_process(self.config.mode)  # before JAX meets the GPU
         self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
+        self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, self.model)
+        """The SamplingParams fields the model's generation config sets."""
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
         limit = cfg.max_position_embeddings
@@ -243,10 +248,16 @@ class Engine:
             raise ValueError(f"{self.model.path} ships no tokenizer; pass {{'prompt_token_ids': [...]}}")
         return prompt, self.tokenizer.encode(prompt)
 
+    def get_default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """What a request without SamplingParams samples with: the model's generation config's
+        settings (vLLM's ``LLM.get_default_sampling_params``), with ``overrides``
+        (SamplingParams fields) on top, e.g. ``get_default_sampling_params(max_tokens=64)``."""
+        return self.sampling_defaults.params(**overrides)
+
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queues one prompt; returns its request id."""
-        params = params or SamplingParams()
+        """Queues one prompt; returns its request id. No params: the model's defaults."""
+        params = params or self.get_default_sampling_params()
         text, ids = self._prompt_ids(prompt)
         vocab = self.model.config.vocab_size
         if not ids:
@@ -782,7 +793,8 @@ class Engine:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generates for every prompt; returns one ``RequestOutput`` per prompt, in order."""
+        """Generates for every prompt; returns one ``RequestOutput`` per prompt, in order.
+        No sampling_params: ``get_default_sampling_params()``, the model's defaults."""
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
             prompts = [prompts]
         prompts = list(prompts)
@@ -791,7 +803,7 @@ class Engine:
                 raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
             params_list = list(sampling_params)
         else:
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):

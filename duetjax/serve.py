@@ -6,7 +6,9 @@
     python -m duetjax.serve --model ./Qwen3-1.7B --reasoning-parser qwen3 --tool-call-parser hermes
 
 Binds to 127.0.0.1 unless --host says otherwise, and prints
-``duetjax serving MODEL on http://HOST:PORT`` once it accepts connections. On SIGTERM (or
+``duetjax serving MODEL on http://HOST:PORT`` once it accepts connections. Sampling fields a
+request leaves out (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens) take the
+model's defaults, as vLLM's server does (see --generation-config), not OpenAI's. On SIGTERM (or
 Ctrl-C) it drains: it stops accepting, lets requests in flight finish for up to
 --drain-timeout seconds, aborts the rest, and exits 0.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import uvicorn
 
 from .async_engine import AsyncEngine
+from .cli import add_generation_config_flag, start_error
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
@@ -70,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool capacity in tokens")
     e.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
     e.add_argument("--seed", type=int, default=None, help="seeds requests that bring no seed")
+    add_generation_config_flag(e)
     s = p.add_argument_group("server")
     s.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests that may wait beyond --max-num-seqs; past that, 429 + Retry-After")
@@ -107,6 +111,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
              "page_size", "seed")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     options["mode"] = args.mode
+    options["generation_config"] = args.generation_config
     for name in ("tbt_slo_ms", "duet_policy", "device_profile"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, **options)
     except (ValueError, TypeError, OSError) as error:
-        print(f"error: cannot start the engine: {error}", file=sys.stderr)
+        print(start_error(error), file=sys.stderr)
         return 2
     name = served_name(args)
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)

@@ -161,7 +161,8 @@ class CompletionRequest(_SamplingFields):
         Annotated[list[TokenIds], Field(min_length=1)]
     """A string, a list of strings, a list of token ids, or a list of token-id lists."""
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    """None: up to the end of the context window."""
+    """Left out: the model's max_new_tokens if it sets one, else 16. None: the model's
+    max_new_tokens, else up to the end of the context window."""
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     """Return the log-probabilities of each generated token and of the N most likely."""
     echo: bool = False
@@ -277,7 +278,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    """Deprecated by OpenAI in favour of max_completion_tokens; None: to the context end."""
+    """Deprecated by OpenAI in favour of max_completion_tokens; None: the model's
+    max_new_tokens if it sets one, else to the context end."""
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None

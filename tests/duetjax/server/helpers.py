@@ -51,6 +51,19 @@ def write_tiny_chat_model(directory: Path) -> Path:
     return directory
 
 
+MODEL_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 1, "max_new_tokens": 5}
+"""A generation_config.json's sampling settings whose effect shows in the tokens: top_k 1
+samples the most likely token (the greedy output) and max_new_tokens ends outputs at 5."""
+
+
+def write_tiny_model_with_sampling_defaults(directory: Path) -> Path:
+    """The tiny chat model with ``MODEL_SAMPLING`` in its generation_config.json."""
+    write_tiny_chat_model(directory)
+    (directory / "generation_config.json").write_text(json.dumps(
+        {**MODEL_SAMPLING, "eos_token_id": TINY_CHAT_LLAMA["eos_token_id"]}))
+    return directory
+
+
 def _byte_of(char: str) -> int:
     """GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to 256+."""
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))

@@ -10,7 +10,8 @@ def test_duet_flags_become_engine_config():
                                          "--duet-pairs", "70:30,50:50", "--max-num-seqs", "8",
                                          "--duet-policy", "static", "--device-profile", "p.json"]))
     assert options == {"mode": "duet", "tbt_slo_ms": 25.0, "duet_pairs": ((70, 30), (50, 50)),
-                       "max_num_seqs": 8, "duet_policy": "static", "device_profile": "p.json"}
+                       "max_num_seqs": 8, "duet_policy": "static", "device_profile": "p.json",
+                       "generation_config": "auto"}
     config = EngineConfig(**{k: v for k, v in options.items()})
     assert config.duet_pairs == ((70, 30), (50, 50))
 
