@@ -108,14 +108,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running "
                              "sequence needs a token of budget per step)")
         for name in ("decode_steps", "max_decode_steps"):
             k = getattr(self, name)
             if k < 1 or k & (k - 1):
-                raise ValueError(f"{name} must be a power of two >= 1, got {k}")
+                raise ConfigError(name, f"must be a power of two >= 1, got {k}")
         if self.decode_steps > self.max_decode_steps:
             raise ValueError(f"decode_steps {self.decode_steps} > max_decode_steps "
                              f"{self.max_decode_steps}")
@@ -132,6 +132,6 @@ class EngineConfig:
         if self.gemm_backend not in ("cublas", "triton"):
             raise ValueError(f"gemm_backend must be 'cublas' or 'triton', got {self.gemm_backend!r}")
         if self.tbt_slo_ms <= 0:
-            raise ValueError("tbt_slo_ms must be > 0")
+            raise ConfigError("tbt_slo_ms", f"must be > 0, got {self.tbt_slo_ms}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")

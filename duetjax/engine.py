@@ -20,7 +20,7 @@ from models.cache import cache_dir
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .duet import Duet, final_dispatch_steps, prepare_process
+from .duet import Duet, duet_profile, final_dispatch_steps, prepare_process
 from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
 from .request import PENDING, Request, RequestStatus
@@ -136,6 +136,8 @@ class Engine:
                  load_format: str = "auto", show_progress: bool = True, **config: Any):
         self.config = EngineConfig(**config)
         self.mode, daemon, why = prepare_process(self.config.mode)  # before JAX meets the GPU
+        # What the mode needs is checked before the slow part (loading, compiling) starts.
+        profile = duet_profile(self.config) if self.mode == "duet" else None
         self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
         self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, self.model)
         """The SamplingParams fields the model's generation config sets."""
@@ -159,7 +161,7 @@ class Engine:
         if self.mode == "duet":  # after compiling: prefill workers load the same executables
             try:
                 self.duet = Duet(self.model, self.config, self.max_model_len,
-                                 self.runner.num_pages, self.runner.shared, daemon)
+                                 self.runner.num_pages, self.runner.shared, daemon, profile)
             except BaseException:
                 self.runner.shared.close()
                 raise
