@@ -10,7 +10,8 @@ Binds to 127.0.0.1 unless --host says otherwise, and prints
 request leaves out (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens) take the
 model's defaults, as vLLM's server does (see --generation-config), not OpenAI's. On SIGTERM (or
 Ctrl-C) it drains: it stops accepting, lets requests in flight finish for up to
---drain-timeout seconds, aborts the rest, and exits 0.
+--drain-timeout seconds, aborts the rest, and exits 0. A second Ctrl-C cuts the drain short:
+requests still in flight are aborted at once, and it exits 130.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ log = logging.getLogger("duetjax.serve")
 
 MODES = ("aggregated", "duet", "auto")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+FORCED_EXIT_STATUS = 130
+"""The exit status after a second Ctrl-C cut the drain short (128 + SIGINT, the shell's)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,17 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     server = _Server(config, async_engine, f"duetjax serving {name} on http://{url_host}:{port}")
+    # uvicorn handles the signals while it serves and puts these back when it stops; from then
+    # on the process is on its way out, and a late Ctrl-C would only break the event loop's
+    # teardown into tracebacks.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         server.run(sockets=[sock])
     finally:
         engine.close()  # duet workers and an MPS daemon we started
-    return 0
+    return FORCED_EXIT_STATUS if server.force_exit else 0
 
 
 class _Server(uvicorn.Server):
     """uvicorn's server, plus: print the address once listening, refuse new requests as soon
-    as a shutdown signal arrives, and exit 0 after a graceful drain (uvicorn re-raises the
-    signal after shutting down, which would end the process with 143)."""
+    as a shutdown signal arrives, exit 0 after a graceful drain (uvicorn re-raises the
+    signal after shutting down, which would end the process with 143), and stop the engine
+    when a second Ctrl-C skips the drain (uvicorn's force exit)."""
 
     def __init__(self, config: Any, engine: AsyncEngine, ready_message: str):
         super().__init__(config)
@@ -187,6 +196,12 @@ class _Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             print(self._ready_message, flush=True)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets=sockets)
+        if self.force_exit:  # uvicorn skipped the app's shutdown (which stops the engine)
+            await self._engine.shutdown(drain_timeout=0.0)  # aborts what is in flight
+            await self.lifespan.shutdown()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._engine.begin_drain()

@@ -99,7 +99,8 @@ class ServerProcess:
                     ready.set()
             ready.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
         if not ready.wait(timeout) or not found:
             self.process.kill()
             raise RuntimeError("the server did not start:\n" + "".join(self.lines[-50:]))
@@ -108,6 +109,11 @@ class ServerProcess:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+    def output_to_the_end(self, timeout: float = 30.0) -> str:
+        """Everything the process printed, once it has exited and its output is all read."""
+        self._reader.join(timeout)
+        return self.output
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value}."""
