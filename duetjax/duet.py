@@ -204,8 +204,8 @@ def duet_profile(config: Any) -> DeviceProfile:
         try:
             return DeviceProfile.from_json(Path(path).expanduser())
         except (OSError, ValueError) as error:
-            raise ConfigError("device_profile", f"{path!r} cannot be read as a roofline profile "
-                                                f"({error}); make one with tools/calibrate.py") from None
+            raise ConfigError("device_profile", f"{path!r} cannot be read as a roofline "
+                              f"profile ({error}); make one with tools/calibrate.py") from None
     if jax.default_backend() != "gpu":
         raise ConfigError("device_profile", "is needed for duet mode on CPU: a roofline profile "
                                             "JSON (there is no GPU model to look one up for); "

@@ -57,8 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The SamplingParams fields the command line sets."""
-    flags = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
-    return {**flags, "stop": args.stop}
+    flags = {"stop": args.stop}
+    for name in SAMPLING_FLAGS:
+        if getattr(args, name) is not None:
+            flags[name] = getattr(args, name)
+    return flags
 
 
 def sampling_params(engine: Engine, args: argparse.Namespace) -> SamplingParams:

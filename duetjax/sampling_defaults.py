@@ -47,7 +47,8 @@ class SamplingDefaults:
             if not (directory / GENERATION_CONFIG_FILE).is_file():
                 raise ConfigError("generation_config", f"{generation_config!r} is neither 'auto', "
                                   f"'vllm' nor a directory holding {GENERATION_CONFIG_FILE}")
-            config, source = read_generation_config(directory), str(directory / GENERATION_CONFIG_FILE)
+            config = read_generation_config(directory)
+            source = str(directory / GENERATION_CONFIG_FILE)
         defaults = cls({field: config[key] for key, field in GENERATION_CONFIG_FIELDS.items()
                         if config.get(key) is not None})
         try:

@@ -46,7 +46,8 @@ class Completions:
         constraint = requested_structured_outputs(request)
         prompts = await self.prompts(request)
         requested = request.max_tokens
-        if "max_tokens" not in request.model_fields_set and serving.engine.sampling_defaults.max_tokens:
+        model_max_tokens = serving.engine.sampling_defaults.max_tokens
+        if "max_tokens" not in request.model_fields_set and model_max_tokens is not None:
             requested = None  # left out: the model's max_new_tokens rather than OpenAI's 16
         max_tokens = [serving.max_tokens_for(p, requested, "max_tokens") for p in prompts]
         if len(set(max_tokens)) > 1:  # max_tokens=None with prompts of different lengths
