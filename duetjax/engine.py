@@ -141,6 +141,10 @@ class Engine:
         self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
         self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, self.model)
         """The SamplingParams fields the model's generation config sets."""
+        if self.sampling_defaults.fields:
+            log.info("default sampling, from the model's generation config: %s (requests override "
+                     "it; generation config 'vllm' leaves it out)", ", ".join(
+                         f"{k}={v}" for k, v in self.sampling_defaults.fields.items()))
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
         limit = cfg.max_position_embeddings
