@@ -69,3 +69,23 @@ def test_a_bad_generation_config_names_the_option(model_dir, tmp_path, content, 
     with pytest.raises(ConfigError, match=message) as error:
         Engine(model_dir, generation_config=str(tmp_path), **OPTIONS)
     assert error.value.option == "generation_config"
+
+
+def test_the_models_defaults_compile_nothing_while_serving(model_dir, tmp_path):
+    """Defaults like the embedded SmolLM2's (top_p, repetition_penalty: the full sampler)."""
+    import jax
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}))
+    engine = Engine(model_dir, generation_config=str(tmp_path),
+                    **{**OPTIONS, "compile_on_start": True})
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        outputs = engine.generate([PROMPT, {"prompt_token_ids": list(range(3, 40))}], use_tqdm=False)
+        engine.chat(CHAT, use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert all(o.outputs[0].token_ids for o in outputs)
+    assert compiles == []
