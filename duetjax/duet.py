@@ -22,6 +22,7 @@ from typing import Any
 import jax
 
 from . import mps
+from .config import ConfigError
 from .correction import Correction, CorrectedRoofline, StepOverhead
 from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig, StaticController
 from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
@@ -107,9 +108,10 @@ def _jax_backends_initialized() -> bool:
 def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
     """Resolves ``mode`` and readies this process for it; returns (mode, daemon, why).
 
-    'auto' is duet when a GPU with MPS is usable, else aggregated. On a GPU, duet starts (or
-    finds) the MPS daemon and turns XLA preallocation off before JAX creates its CUDA context.
-    On CPU, 'duet' runs the workers as plain processes (tests): nothing limits their cores.
+    'auto' is duet when a GPU with MPS (and CuPy) is usable, else aggregated. On a GPU, duet
+    starts (or finds) the MPS daemon and turns XLA preallocation off before JAX creates its
+    CUDA context. On CPU, 'duet' runs the workers as plain processes (tests): nothing limits
+    their cores. What 'duet' lacks here is a ConfigError naming the option.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -124,7 +126,14 @@ def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
     if not status.startswith("MPS available"):
         if mode == "auto":
             return "aggregated", None, status
-        raise ValueError(f"mode='duet' needs MPS on the GPU: {status}")
+        raise ConfigError("mode", f"duet needs MPS on the GPU ({status}); mode auto runs "
+                                  "aggregated where it is missing")
+    if importlib.util.find_spec("cupy") is None:
+        why = ("CuPy is missing (duet mode shares the weights and KV pool through its CUDA IPC): "
+               "install duetjax's cuda12 or cuda13 extra")
+        if mode == "auto":
+            return "aggregated", None, why
+        raise ConfigError("mode", f"duet cannot run: {why}")
     if _jax_backends_initialized():
         raise ValueError("mode='duet' must be chosen before JAX initializes the GPU (the MPS "
                            "daemon and XLA_PYTHON_CLIENT_PREALLOCATE=false must be in place "
@@ -151,20 +160,6 @@ def _jax_uses_gpu() -> bool:
         except ImportError:
             pass
     return False
-
-
-def device_profile(path: str | None, needed_by: str) -> DeviceProfile:
-    """The roofline profile at ``path``, else the shipped one of this GPU model; ValueError
-    saying what ``needed_by`` needs when there is none."""
-    if path is not None:
-        return DeviceProfile.from_json(Path(path))
-    if jax.default_backend() != "gpu":
-        raise ValueError(f"{needed_by} on CPU needs device_profile=PATH (a roofline profile "
-                         "JSON): there is no GPU model to look one up for")
-    try:
-        return load_profile(jax.devices()[0].device_kind)
-    except LookupError as e:
-        raise ValueError(f"{needed_by}: {e}") from None
 
 
 def build_roofline(model_config: Any, dtype: Any, engine_config: Any, max_model_len: int,
@@ -238,16 +233,36 @@ def carried_split_seconds(t_prefill: float, overhead: float) -> float:
     return t_prefill + overhead
 
 
+def device_profile(config: Any, needed_by: str = "duet mode") -> DeviceProfile:
+    """The roofline profile ``needed_by`` predicts with: the ``device_profile`` file, else the
+    one duetjax ships for this GPU model; ConfigError naming device_profile when there is none.
+    (Call it before loading or compiling anything; in duet mode after ``prepare_process``.)"""
+    path = config.device_profile
+    if path is not None:
+        try:
+            return DeviceProfile.from_json(Path(path).expanduser())
+        except (OSError, ValueError) as error:
+            raise ConfigError("device_profile", f"{path!r} cannot be read as a roofline "
+                              f"profile ({error}); make one with tools/calibrate.py") from None
+    if jax.default_backend() != "gpu":
+        raise ConfigError("device_profile", f"is needed for {needed_by} on CPU: a roofline "
+                                            "profile JSON (there is no GPU model to look one up "
+                                            "for); make one with tools/calibrate.py")
+    try:
+        return load_profile(jax.devices()[0].device_kind)
+    except LookupError as e:
+        raise ConfigError("device_profile", f"is needed for {needed_by}: {e}") from None
+
+
 class Duet:
     """The split-mode machinery of one engine: shared state, workers, controller."""
 
     def __init__(self, model: Any, engine_config: Any, max_model_len: int, num_pages: int,
-                 shared: SharedState, daemon: mps.MPSDaemon | None):
+                 shared: SharedState, daemon: mps.MPSDaemon | None, profile: DeviceProfile):
         self.config = engine_config
         self.shared = shared
         self.daemon = daemon
         self.stats = DuetStats()
-        profile = device_profile(engine_config.device_profile, "duet mode")
         used = engine_config.active_duet_pairs
         pairs = tuple((p / 100, d / 100) for p, d in used)
         controller = StaticController if engine_config.duet_policy == "static" else ModeController

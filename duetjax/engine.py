@@ -28,11 +28,13 @@ from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
 from .prompt_logprobs import chunks_of
 from .request import PENDING, Request, RequestStatus
+from .sampling_defaults import SamplingDefaults
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
 from .shared_state import SharedState
 from .step_inputs import MIN_MIXED_TOKENS, bucket_for, build_inputs
 from .structured_outputs import GrammarCompiler, all_tokens_mask, fill_token_mask
+from .roofline import DeviceProfile
 from .token_budget import TokenBudget
 from .worker_client import RemoteInFlight, WorkerDied
 
@@ -124,13 +126,26 @@ class Engine:
     Face directory or a GGUF file; ``load_format="dummy"`` random weights of the real shapes.
     Extra keyword arguments are ``EngineConfig`` fields; ``mode="duet"`` turns on DuetServe's
     split mode (create the Engine before any other JAX call then: see ``duet.prepare_process``).
+    Requests without SamplingParams get ``get_default_sampling_params()``: the model's
+    generation config's settings (``generation_config``, as vLLM's; ``sampling_defaults.py``).
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto",
                  load_format: str = "auto", show_progress: bool = True, **config: Any):
         self.config = EngineConfig(**config)
         self.mode, daemon, why = prepare_process(self.config.mode)  # before JAX meets the GPU
+        # What the mode needs is checked before the slow part (loading, compiling) starts.
+        profile = None
+        if self.mode == "duet" or self.config.tbt_slo_ms is not None:  # (the roofline's)
+            profile = device_profile(self.config, "duet mode" if self.mode == "duet"
+                                     else "tbt_slo_ms in aggregated mode")
         self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
+        self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, self.model)
+        """The SamplingParams fields the model's generation config sets."""
+        if self.sampling_defaults.fields:
+            log.info("default sampling, from the model's generation config: %s (requests override "
+                     "it; generation config 'vllm' leaves it out)", ", ".join(
+                         f"{k}={v}" for k, v in self.sampling_defaults.fields.items()))
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
         limit = cfg.max_position_embeddings
@@ -151,11 +166,11 @@ class Engine:
         if self.mode == "duet":  # after compiling: prefill workers load the same executables
             try:
                 self.duet = Duet(self.model, self.config, self.max_model_len,
-                                 self.runner.num_pages, self.runner.shared, daemon)
+                                 self.runner.num_pages, self.runner.shared, daemon, profile)
             except BaseException:
                 self.runner.shared.close()
                 raise
-        self.token_budget = self._slo_token_budget()
+        self.token_budget = self._slo_token_budget(profile)
         """Aggregated mode with a TBT SLO: each iteration's token budget (None: the fixed one)."""
         blocks = BlockManager(self.runner.num_pages, self.config.page_size,
                               self.config.enable_prefix_caching)
@@ -215,12 +230,11 @@ class Engine:
         return ModelRunner(self.model, self.config, self.max_model_len, num_pages=num_pages,
                            shared=shared)
 
-    def _slo_token_budget(self) -> TokenBudget | None:
+    def _slo_token_budget(self, profile: DeviceProfile | None) -> TokenBudget | None:
         """The SLO-aware budget of aggregated iterations, when a TBT SLO is set."""
         config = self.config
         if self.mode != "aggregated" or config.tbt_slo_ms is None:
             return None
-        profile = device_profile(config.device_profile, "tbt_slo_ms in aggregated mode")
         roofline = build_roofline(self.model.config, self.model.dtype, config, self.max_model_len,
                                   profile, Correction() if config.duet_online_correction else None)
         return TokenBudget(roofline, config.tbt_slo_ms / 1e3, config.max_num_batched_tokens,
@@ -264,10 +278,16 @@ class Engine:
             raise ValueError(f"{self.model.path} ships no tokenizer; pass {{'prompt_token_ids': [...]}}")
         return prompt, self.tokenizer.encode(prompt)
 
+    def get_default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """What a request without SamplingParams samples with: the model's generation config's
+        settings (vLLM's ``LLM.get_default_sampling_params``), with ``overrides``
+        (SamplingParams fields) on top, e.g. ``get_default_sampling_params(max_tokens=64)``."""
+        return self.sampling_defaults.params(**overrides)
+
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queues one prompt; returns its request id."""
-        params = params or SamplingParams()
+        """Queues one prompt; returns its request id. No params: the model's defaults."""
+        params = params or self.get_default_sampling_params()
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -882,7 +902,8 @@ class Engine:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generates for every prompt; returns one ``RequestOutput`` per prompt, in order."""
+        """Generates for every prompt; returns one ``RequestOutput`` per prompt, in order.
+        No sampling_params: ``get_default_sampling_params()``, the model's defaults."""
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
             prompts = [prompts]
         prompts = list(prompts)
@@ -891,7 +912,7 @@ class Engine:
                 raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
             params_list = list(sampling_params)
         else:
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):

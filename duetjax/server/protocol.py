@@ -240,8 +240,9 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     """Prepend the prompt to the returned text (and its tokens to the logprobs)."""
     max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = 16
-    """None: up to the end of the context window; 0 (with echo): no new tokens, only the
-    prompt and, with logprobs, its logprobs (what log-likelihood evaluations send)."""
+    """Left out: the model's max_new_tokens if it sets one, else 16. None: the model's
+    max_new_tokens, else up to the end of the context window. 0 (with echo): no new tokens,
+    only the prompt and, with logprobs, its logprobs (what log-likelihood evaluations send)."""
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     """Return the log-probabilities of each generated token and of the N most likely (with
     echo, of each prompt token after the first too)."""
@@ -375,7 +376,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: MaxTokens | None = None
-    """Deprecated by OpenAI in favour of max_completion_tokens; None: to the context end."""
+    """Deprecated by OpenAI in favour of max_completion_tokens; None: the model's
+    max_new_tokens if it sets one, else to the context end."""
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None

@@ -74,6 +74,9 @@ def sse(payload: BaseModel | dict) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty")
+"""Request fields that, left out (or null), take the model's default (else SamplingParams')."""
 
 
 class Serving:
@@ -116,10 +119,16 @@ class Serving:
         return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     def max_tokens_for(self, prompt: Prompt, requested: int | None, field: str) -> int:
-        """The request's max_tokens, checked against the context window (None: the rest of it)."""
+        """The request's max_tokens, checked against the context window. None: the model's
+        max_new_tokens (from its generation config) within what the context leaves, or, where
+        the model sets none, all of it."""
         limit = self.engine.max_model_len
         prompt_len = len(prompt.token_ids)
-        wanted = requested if requested is not None else max(limit - prompt_len, 0)
+        wanted = requested
+        if wanted is None:
+            room = max(limit - prompt_len, 0)
+            model_default = self.engine.sampling_defaults.max_tokens
+            wanted = room if model_default is None else min(model_default, room)
         if prompt_len + wanted > limit or prompt_len >= limit:
             raise bad_request(
                 f"this model's maximum context length is {limit} tokens, but the request needs "
@@ -130,17 +139,16 @@ class Serving:
     def sampling_params(self, request: Any, max_tokens: int, logprobs: int | None,
                         constraint: Constraint | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
+        """The request's sampling: the settings it sends, over the model's defaults (as vLLM's
+        server with --generation-config auto); OpenAI's defaults (temperature 1, ...) apply
+        only where neither says."""
         self.check_token_ids(request.stop_token_ids or (), "stop_token_ids")
         self.check_token_ids(request.token_logit_bias() or (), "logit_bias")
+        sent = {name: getattr(request, name) for name in MODEL_DEFAULTED
+                if getattr(request, name) is not None}
         try:
-            return SamplingParams(
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                top_k=request.top_k or 0,
-                min_p=request.min_p or 0.0,
-                presence_penalty=request.presence_penalty or 0.0,
-                frequency_penalty=request.frequency_penalty or 0.0,
-                repetition_penalty=request.repetition_penalty or 1.0,
+            return self.engine.sampling_defaults.params(
+                **sent,
                 logit_bias=request.token_logit_bias(),
                 max_tokens=max_tokens,
                 min_tokens=min(request.min_tokens, max_tokens),

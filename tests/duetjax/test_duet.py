@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
+from duetjax import duet as duet_module
+from duetjax.config import ConfigError
 from duetjax.duet import carried_split_seconds, final_dispatch_steps, split_seconds
 from duetjax.roofline import DeviceProfile, ModelShape, Roofline, SMLevel
 from duetjax.worker_client import RemoteInFlight
@@ -243,9 +245,25 @@ def test_auto_mode_without_a_gpu_runs_aggregated(tiny_llama_dir, caplog):
     assert "no GPU" in caplog.text  # the log line says which mode and why
 
 
+def test_duet_on_a_gpu_without_mps_or_cupy_names_the_mode(monkeypatch):
+    """Checked before anything starts (no daemon, no JAX backend); 'auto' falls back instead."""
+    monkeypatch.setattr(duet_module, "_jax_uses_gpu", lambda: True)
+    monkeypatch.setattr(duet_module.mps, "mps_status", lambda: "MPS unavailable: no control binary")
+    with pytest.raises(ConfigError, match=r"duet needs MPS on the GPU \(MPS unavailable") as error:
+        duet_module.prepare_process("duet")
+    assert error.value.option == "mode"
+    assert duet_module.prepare_process("auto")[:2] == ("aggregated", None)
+    monkeypatch.setattr(duet_module.mps, "mps_status", lambda: "MPS available (test)")
+    monkeypatch.setattr(duet_module.importlib.util, "find_spec", lambda name: None)  # no CuPy
+    with pytest.raises(ConfigError, match="CuPy is missing") as error:
+        duet_module.prepare_process("duet")
+    assert error.value.option == "mode"
+    assert duet_module.prepare_process("auto")[:2] == ("aggregated", None)
+
+
 def test_duet_on_cpu_without_a_profile_is_a_clear_error(tiny_llama_dir):
     before = {n for n in os.listdir("/dev/shm") if n.startswith("duetjax_")}
-    with pytest.raises(ValueError, match="device_profile=PATH"):
+    with pytest.raises(ValueError, match="device_profile is needed for duet mode on CPU"):
         Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), **CONFIG)
     assert {n for n in os.listdir("/dev/shm") if n.startswith("duetjax_")} <= before  # nothing leaked
 

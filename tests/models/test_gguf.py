@@ -15,7 +15,9 @@ from safetensors import safe_open
 
 from models import default_model
 from models.errors import CheckpointError
-from models.gguf_loader import GGUFSource, _unpermute_rope_rows
+from models.gguf_loader import (LLAMA_CPP_SAMPLING, SAMPLING_SETTINGS, GGUFSource,
+                                _unpermute_rope_rows)
+from models.loader import load_model
 from models.tokenizer import Tokenizer
 from tests.oracle import SETUP_HINT, oracle_python
 
@@ -129,6 +131,9 @@ def test_conversion_round_trip(source, smollm2_dir):
             np.testing.assert_array_equal(f.get_tensor(name), source.get_tensor(name), err_msg=name)
     generation = json.loads((smollm2_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 2 and generation["bos_token_id"] == 1
+    # The file recommends no sampling: the model card's settings replace llama.cpp's defaults.
+    assert {k: generation.get(k) for k in SAMPLING_SETTINGS} == {
+        **dict.fromkeys(SAMPLING_SETTINGS), **default_model.EMBEDDED_SAMPLING}
     tokenizer_config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
     assert tokenizer_config["eos_token"] == "<|im_end|>" and tokenizer_config["add_bos_token"] is False
     assert tokenizer_config["chat_template"].startswith("{% for message in messages %}")
@@ -320,6 +325,23 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}
     assert "rope_freqs.weight" not in src.names()
+
+
+def test_sampling_metadata_becomes_the_generation_config(tmp_path):
+    sampling = {"general.sampling.temp": 0.6, "general.sampling.top_p": 0.9,
+                "general.sampling.min_p": 0.02, "general.sampling.penalty_repeat": 1.1}
+    path = _write_gguf(tmp_path / "s.gguf", "llama", _layer(np.random.default_rng(0)),
+                       extra=sampling, uint_extra={"general.sampling.top_k": 20})
+    expected = {"temperature": 0.6, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 1.1,
+                "top_k": 20}
+    assert {k: v for k, v in GGUFSource(path).generation_config().items()
+            if k in SAMPLING_SETTINGS} == expected
+    assert load_model(path).generation_config.items() >= expected.items()
+
+
+def test_a_file_without_sampling_metadata_gets_llama_cpps_defaults(tmp_path):
+    src = GGUFSource(_write_gguf(tmp_path / "m.gguf", "llama", _layer(np.random.default_rng(0))))
+    assert src.generation_config().items() >= LLAMA_CPP_SAMPLING.items()
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):

@@ -132,3 +132,9 @@ def test_sharded_checkpoint_missing_shard_is_named(checkpoint):
     (checkpoint / "model-00002-of-00002.safetensors").unlink()
     message = _load_error(checkpoint)
     assert "model-00002-of-00002.safetensors" in message, message
+
+
+def test_malformed_generation_config_names_the_file(tiny_llama_dir, tmp_path):
+    path = Path(shutil.copytree(tiny_llama_dir, tmp_path / "tiny"))
+    (path / "generation_config.json").write_text('{"temperature": 0.7,')
+    assert re.search(r"generation_config\.json is not valid JSON", _load_error(path))

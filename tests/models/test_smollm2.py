@@ -2,12 +2,17 @@
 model, and it answers a simple question correctly."""
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
 from models import compute_logits, load_model
 from models.default_model import default_gguf_path
+from models.tokenizer import Tokenizer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -43,3 +48,9 @@ def test_stop_strings_end_the_text_before_them(gguf_engine):
     answer = gguf_engine.chat(QUESTION, params, use_tqdm=False)[0].outputs[0]
     assert "Paris" not in answer.text and answer.text.startswith("The capital of France is")
     assert answer.finish_reason == "stop" and answer.stop_reason == "Paris"
+
+
+def test_the_readmes_token_id_prompt_is_the_text_it_names(smollm2_dir):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    ids, text = re.search(r'\{"prompt_token_ids": (\[[\d, ]+\])\}\],\s+# "([^"]+)"', readme).groups()
+    assert Tokenizer.from_dir(smollm2_dir).encode(text) == json.loads(ids)

@@ -51,6 +51,19 @@ def write_tiny_chat_model(directory: Path) -> Path:
     return directory
 
 
+MODEL_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 1, "max_new_tokens": 5}
+"""A generation_config.json's sampling settings whose effect shows in the tokens: top_k 1
+samples the most likely token (the greedy output) and max_new_tokens ends outputs at 5."""
+
+
+def write_tiny_model_with_sampling_defaults(directory: Path) -> Path:
+    """The tiny chat model with ``MODEL_SAMPLING`` in its generation_config.json."""
+    write_tiny_chat_model(directory)
+    (directory / "generation_config.json").write_text(json.dumps(
+        {**MODEL_SAMPLING, "eos_token_id": TINY_CHAT_LLAMA["eos_token_id"]}))
+    return directory
+
+
 def _byte_of(char: str) -> int:
     """GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to 256+."""
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -86,7 +99,8 @@ class ServerProcess:
                     ready.set()
             ready.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
         if not ready.wait(timeout) or not found:
             self.process.kill()
             raise RuntimeError("the server did not start:\n" + "".join(self.lines[-50:]))
@@ -95,6 +109,11 @@ class ServerProcess:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+    def output_to_the_end(self, timeout: float = 30.0) -> str:
+        """Everything the process printed, once it has exited and its output is all read."""
+        self._reader.join(timeout)
+        return self.output
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value}."""

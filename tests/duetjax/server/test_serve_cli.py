@@ -1,8 +1,9 @@
-"""Command-line options of ``python -m duetjax.serve`` map onto EngineConfig fields."""
+"""Command-line options of ``python -m duetjax.serve`` map onto EngineConfig fields; what the
+engine cannot start with is one line that names the flag."""
 import pytest
 
 from duetjax.config import EngineConfig
-from duetjax.serve import engine_options, parse_args
+from duetjax.serve import engine_options, main, parse_args
 
 
 def test_duet_flags_become_engine_config():
@@ -10,7 +11,8 @@ def test_duet_flags_become_engine_config():
                                          "--duet-pairs", "70:30,50:50", "--max-num-seqs", "8",
                                          "--duet-policy", "static", "--device-profile", "p.json"]))
     assert options == {"mode": "duet", "tbt_slo_ms": 25.0, "duet_pairs": ((70, 30), (50, 50)),
-                       "max_num_seqs": 8, "duet_policy": "static", "device_profile": "p.json"}
+                       "max_num_seqs": 8, "duet_policy": "static", "device_profile": "p.json",
+                       "generation_config": "auto"}
     config = EngineConfig(**{k: v for k, v in options.items()})
     assert config.duet_pairs == ((70, 30), (50, 50))
 
@@ -24,3 +26,22 @@ def test_bad_duet_pairs_say_what_to_write(pairs, capsys):
         return
     with pytest.raises(SystemExit, match="PREFILL:DECODE"):
         engine_options(parse_args(["--duet-pairs", pairs]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "error: --device-profile is needed for duet mode on CPU"),
+    (["--device-profile", "/nonexistent.json"],
+     "error: --device-profile '/nonexistent.json' cannot be read as a roofline profile"),
+])
+def test_duet_mode_without_a_profile_fails_before_loading_anything(tiny_llama_dir, monkeypatch,
+                                                                     capsys, argv, message):
+    monkeypatch.setattr("duetjax.engine.load_model",
+                        lambda *a, **k: pytest.fail("the model loaded before the mode was checked"))
+    assert main(["--model", str(tiny_llama_dir), "--mode", "duet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_a_bad_engine_option_names_its_flag(tiny_llama_dir, capsys):
+    assert main(["--model", str(tiny_llama_dir), "--max-num-seqs", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-num-seqs must be >= 1, got 0\n"

@@ -1,0 +1,30 @@
+"""What the command lines (``duetjax.generate``, ``duetjax.serve``) share: the
+``--generation-config`` flag and one-line start-up errors that name flags."""
+from __future__ import annotations
+
+import argparse
+
+from models.default_model import EMBEDDED_SAMPLING
+
+from .config import ConfigError
+
+GENERATION_CONFIG_HELP = (
+    "where the default sampling (temperature, top_p, top_k, min_p, repetition_penalty, "
+    "max_tokens) comes from, as vLLM's flag: 'auto' (default) the model's "
+    "generation_config.json (a GGUF's general.sampling.* metadata, else llama.cpp's defaults; "
+    "the embedded SmolLM2: "
+    + ", ".join(f"{k} {v}" for k, v in EMBEDDED_SAMPLING.items())
+    + "); 'vllm' none (temperature 1, no top-p/top-k/min-p, no penalty); or a directory "
+    "holding a generation_config.json. What a request or flag sets overrides it")
+
+
+def add_generation_config_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                        help=GENERATION_CONFIG_HELP)
+
+
+def start_error(error: Exception) -> str:
+    """The line to print when the engine cannot start: an option's problem names its flag."""
+    if isinstance(error, ConfigError):
+        return f"error: {error.flag} {error.problem}"
+    return f"error: cannot start the engine: {error}"
