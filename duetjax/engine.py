@@ -28,13 +28,13 @@ from .model_runner import InFlight, ModelRunner, plan_num_pages
 from .outputs import CompletionOutput, RequestOutput
 from .prompt_logprobs import chunks_of
 from .request import PENDING, Request, RequestStatus
+from .roofline import DeviceProfile
 from .sampling_defaults import SamplingDefaults
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, split_batch
 from .shared_state import SharedState
 from .step_inputs import MIN_MIXED_TOKENS, bucket_for, build_inputs
 from .structured_outputs import GrammarCompiler, all_tokens_mask, fill_token_mask
-from .roofline import DeviceProfile
 from .token_budget import TokenBudget
 from .worker_client import RemoteInFlight, WorkerDied
 
