@@ -44,7 +44,7 @@ def test_prints_what_the_models_defaults_generate(model_dir, engine, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "/nonexistent"], "error: cannot start the engine: model path /nonexistent does not exist"),
     (["--generation-config", "/nonexistent"], "error: --generation-config '/nonexistent' is neither"),
-    (["--temperature", "-1"], "error: temperature must be >= 0"),
+    (["--temperature", "-1"], "error: temperature must be in [0"),
 ])
 def test_errors_are_one_line_and_exit_2(model_dir, argv, message, capsys):
     if "--model" not in argv:
