@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+
+import pallas_kernels
 
 from . import mps
 from .config import ConfigError
 from .correction import Correction, CorrectedRoofline, StepOverhead
+from .model_runner import ModelRunner, plan_num_pages
 from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig, StaticController
 from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
 from .shared_state import SharedState
@@ -190,6 +194,32 @@ def duet_kv_bytes(free_bytes: int, weight_bytes: int, workers: int, worker_reser
             f"{fits} tokens: lower --kv-cache-tokens, or start fewer worker pairs "
             f"(--duet-pairs)")
     return left
+
+
+def shared_runner(model: Any, config: Any, max_model_len: int) -> tuple[Any, ModelRunner]:
+    """Duet mode's runner: weights, KV pool and counts in buffers the workers attach to.
+    Returns the model without its own weights (one copy: the shared one) and the runner."""
+    free = None
+    cfg = model.config
+    if jax.default_backend() == "gpu":
+        import cupy
+        pairs = config.active_duet_pairs
+        free = duet_kv_bytes(
+            free_bytes=cupy.cuda.runtime.memGetInfo()[0],
+            weight_bytes=sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(model.params)),
+            workers=len({p for p, _ in pairs} | {d for _, d in pairs}),
+            worker_reserve_gib=config.duet_worker_reserve_gib,
+            kv_tokens=config.kv_cache_tokens,
+            kv_bytes_per_token=pallas_kernels.kv_bytes_per_token(
+                cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, np.dtype(model.dtype).itemsize))
+    num_pages = plan_num_pages(model, config, free)
+    shared = SharedState.create(
+        model.params,
+        pallas_kernels.kv_pool_shape(cfg.num_layers, num_pages, cfg.num_kv_heads,
+                                     config.page_size, cfg.head_dim),
+        model.dtype, (config.max_num_seqs, cfg.vocab_size))
+    model = dataclasses.replace(model, params=None)
+    return model, ModelRunner(model, config, max_model_len, num_pages=num_pages, shared=shared)
 
 
 def stream_steps(k: int, t_decode: float, tbt_slo_s: float) -> int:

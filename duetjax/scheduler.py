@@ -150,7 +150,7 @@ class Scheduler:
         self.free_penalty_slots: deque[int] = deque(range(config.max_num_seqs))
         self.fill_slot = fill_slot
         """Writes the slot tables of a request that ``fills_slot`` once it gets a slot, before
-        any step of it is launched (``Engine._fill_slot``; it may end the request instead)."""
+        any step of it is launched (``LocalExecutor.fill_slot``; it may end the request instead)."""
         self.num_preemptions = 0
         """Requests sent back to the queue for lack of KV pages (they are recomputed later)."""
         self.num_finished = 0

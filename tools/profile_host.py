@@ -61,7 +61,7 @@ def null_step(b: Bucket, params, kv_pool, previous, packed) -> tuple:
                             np.zeros((*shape, MAX_LOGPROBS), np.int32),
                             np.zeros((*shape, MAX_LOGPROBS), np.float32))
     last = np.full(len(previous), 3, np.int32)
-    return (sampled, last, kv_pool) if b.multi_step else (sampled, last, kv_pool, None)
+    return (sampled, last, kv_pool) if b.multi_step else (sampled, last, kv_pool, None, None)
 
 
 def run(engine: Engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -> float:

@@ -131,8 +131,9 @@ def run_aborting_once(duet, extra, held_by_a_worker) -> dict:
         if not aborted and held_by_a_worker():
             duet.abort(extra)
             aborted = True
-            assert duet._requests[extra].block_table and not duet._requests[extra].is_finished
-    assert aborted and extra not in duet._requests
+            request = duet.output_processor.requests[extra]
+            assert request.block_table and not request.is_finished
+    assert aborted and extra not in duet.output_processor.requests
     assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
     return results
 
@@ -145,7 +146,7 @@ def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
     stream_at_launch: dict[int, int] = {}
 
     def done(self):
-        split = duet._split
+        split = duet.split_executor.iteration
         if split is None or self is not split.prefill:
             return real_done(self)
         first = stream_at_launch.setdefault(id(self), duet.duet.stats.stream_dispatches)
@@ -156,8 +157,9 @@ def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
     ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
     extra = duet.add_request({"prompt_token_ids": list(range(3, 70))},
                              SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
-    results = run_aborting_once(duet, extra,
-                                lambda: duet._split is not None and extra in duet._split.request_ids)
+    split_executor = duet.split_executor
+    results = run_aborting_once(duet, extra, lambda: (
+        split_executor.iteration is not None and extra in split_executor.iteration.request_ids))
     assert [results[i].outputs[0].token_ids for i in ids] == expected
     assert duet.duet.stats.stream_dispatches > before
 
@@ -170,8 +172,10 @@ def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monk
     duet = carrying
     real_done = RemoteInFlight.done
 
+    split_executor = duet.split_executor
+
     def done(self):
-        if self is duet._stream and duet._split is not None:
+        if self is split_executor.stream and split_executor.iteration is not None:
             return False
         return real_done(self)
 
@@ -182,8 +186,8 @@ def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monk
                              SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
     results = run_aborting_once(duet, extra, lambda: (
-        duet._split is None and duet._stream is not None
-        and any(item.request.request_id == extra for item in duet._stream.batch.scheduled)))
+        split_executor.iteration is None and split_executor.stream is not None
+        and any(item.request.request_id == extra for item in split_executor.stream.batch.scheduled)))
     assert [results[i].outputs[0].token_ids for i in ids] == expected
     assert duet.duet.stats.carried_dispatches > before
 
@@ -195,8 +199,9 @@ def test_killed_decode_worker_loses_nothing(engine, expected, request, monkeypat
     duet = request.getfixturevalue(engine)
     decode_worker = duet.duet.workers[("decode", 50)]
     real_done = RemoteInFlight.done
+    split_executor = duet.split_executor
     monkeypatch.setattr(RemoteInFlight, "done", lambda self: (
-        not (self is duet._stream and duet._split is not None) and real_done(self)))
+        not (self is split_executor.stream and split_executor.iteration is not None) and real_done(self)))
     ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
     results = {}
     killed = False
@@ -204,7 +209,7 @@ def test_killed_decode_worker_loses_nothing(engine, expected, request, monkeypat
         for output in duet.step():
             if output.finished:
                 results[output.request_id] = output
-        carried = duet._stream is not None and duet._split is None
+        carried = split_executor.stream is not None and split_executor.iteration is None
         if (not killed and duet.duet.stats.split_iterations and decode_worker.ready
                 and duet.scheduler.waiting
                 and (carried or not duet.config.duet_carry_stream)):

@@ -426,7 +426,7 @@ def break_detokenizers(engine, monkeypatch, marker: str) -> None:
         request_id = add_request(prompt, params, request_id)
         text = prompt if isinstance(prompt, str) else prompt.get("prompt") or ""
         if marker in text:
-            engine._requests[request_id].detokenizer = RaisingDetokenizer()
+            engine.output_processor.requests[request_id].detokenizer = RaisingDetokenizer()
         return request_id
 
     monkeypatch.setattr(engine, "add_request", add_and_break)
@@ -462,7 +462,7 @@ def test_a_request_that_fails_fails_alone(chat_engine, fault):
     expected = engine.generate(texts, GREEDY, use_tqdm=False)
     params, breaks = FAULTS[fault]
     ids = [engine.add_request(text, params if i == 2 else GREEDY) for i, text in enumerate(texts)]
-    breaks(engine._requests[ids[2]])
+    breaks(engine.output_processor.requests[ids[2]])
     finished = {}
     while engine.has_unfinished_requests():
         finished.update((o.request_id, o) for o in engine.step() if o.finished)

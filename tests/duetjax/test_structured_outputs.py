@@ -79,7 +79,7 @@ def best_allowed_tokens(engine, prompt_ids, output_ids, params):
     step that biases every allowed token by +100 (the logits' spread is far smaller)."""
     import llguidance
 
-    matcher = engine._grammar_compiler().matcher(params)
+    matcher = engine.admission.grammar_compiler().matcher(params)
     requests, biases = [], []
     for i, token in enumerate(output_ids):
         mask = all_tokens_mask(1, engine.model.config.vocab_size)
@@ -198,7 +198,7 @@ def test_a_constrained_request_gets_a_token_every_step(engine):
     while engine.has_unfinished_requests():
         engine.step()
         calls += 1
-    assert request_id not in engine._requests and calls <= 20 + 2
+    assert request_id not in engine.output_processor.requests and calls <= 20 + 2
 
 
 def test_k_step_decode_drops_to_one_step_while_a_constrained_request_runs(engine, chat_dir):
