@@ -151,7 +151,7 @@ def main() -> None:
     report["daemon"] = {"pipe_dir": daemon.pipe_dir, "owned": daemon.owned, "pid": daemon.pid,
                         "pid_file": os.path.exists(os.path.join(daemon.pipe_dir,
                                                                 "nvidia-cuda-mps-control.pid"))}
-    engine.duet.wait_ready(timeout=540)
+    engine.wait_for_workers(timeout=540)
     report["workers_ready_s"] = time.perf_counter() - start
     report["workers"] = {w.name: w.info for w in engine.duet.workers.values()}
     report["gpu_memory"] = gpu_memory()
