@@ -9,6 +9,7 @@ _EXPORTS = {
     "CompletionOutput": ".outputs",
     "Engine": ".engine",
     "EngineConfig": ".config",
+    "EngineStats": ".engine_stats",
     "RequestOutput": ".outputs",
     "SamplingParams": ".sampling_params",
     "StructuredOutputsParams": ".structured_outputs",

@@ -21,14 +21,15 @@ Nothing here knows about HTTP, so notebooks and tools can use it directly::
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from .engine import Engine, Prompt
+from .engine_stats import EngineStats
 from .outputs import RequestOutput
 from .sampling_defaults import SamplingDefaults
 from .sampling_params import SamplingParams
@@ -59,42 +60,6 @@ class RequestFailedError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The request was aborted (shutdown past its drain timeout) before it finished."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's state, published by the engine thread after every step so
-    other threads (e.g. a metrics scrape) never touch the Engine itself."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    """Fraction of KV pages in use, 0..1."""
-    num_free_pages: int = 0
-    num_pages: int = 0
-    prefix_cache_hit_rate: float = 0.0
-    """Prompt tokens served from the prefix cache / prompt tokens looked up."""
-    mode: str = "aggregated"
-    """Execution mode: 'aggregated' (one mixed batch on the whole GPU) or 'duet'."""
-    sm_share: tuple[float, float] = (1.0, 1.0)
-    """(prefill, decode) share of the GPU's SMs in the last step; aggregated mode gives each
-    phase the whole device."""
-    num_steps: int = 0
-    num_preemptions: int = 0
-    """Requests sent back to the queue for lack of KV pages so far (recomputed later)."""
-    split_iterations: int = 0
-    """Duet mode: iterations run split on a worker pair."""
-    decode_steps: int = 1
-    """Duet mode: k of the last decision."""
-    predicted_ms: float = 0.0
-    """Duet mode: the roofline's time of the last split iteration."""
-    measured_ms: float = 0.0
-    """Duet mode: the measured time of the last split iteration."""
-    worker_failures: int = 0
-    """Duet mode: worker processes lost (and restarted)."""
-    token_budget: int = 0
-    """Token budget of the last aggregated iteration that had prefill work (the SLO-aware
-    budget's choice with a TBT SLO set, else ``max_num_batched_tokens``)."""
 
 
 class RequestStream:
@@ -164,7 +129,9 @@ class AsyncEngine:
         self._draining = False
         self._stopping = False
         self._error: BaseException | None = None
-        self.stats = self._snapshot(0)
+        self.stats: EngineStats = engine.stats()
+        """The engine's state after its last step, published by the engine thread so other
+        threads (e.g. a metrics scrape) never touch the Engine itself."""
         self._thread = threading.Thread(target=self._run, name="duetjax-engine", daemon=True)
         self._thread.start()
 
@@ -175,6 +142,11 @@ class AsyncEngine:
         """The model's tokenizer (None when the checkpoint ships none). Its ``encode`` and
         ``apply_chat_template`` are safe to call from other threads."""
         return self.engine.tokenizer
+
+    @property
+    def model_path(self) -> Path:
+        """Where the model was loaded from (a directory or a GGUF file)."""
+        return self.engine.model_path
 
     @property
     def max_model_len(self) -> int:
@@ -192,7 +164,7 @@ class AsyncEngine:
     @property
     def vocab_size(self) -> int:
         """Token ids are in [0, vocab_size)."""
-        return self.engine.model.config.vocab_size
+        return self.engine.vocab_size
 
     @property
     def is_draining(self) -> bool:
@@ -308,11 +280,10 @@ class AsyncEngine:
                     command()
                 if stopping:
                     break
-                stepped = engine.has_unfinished_requests()
-                if stepped:
+                if engine.has_unfinished_requests():
                     for output in engine.step():
                         self._deliver(output)
-                self.stats = self._snapshot(self.stats.num_steps + stepped)
+                self.stats = engine.stats()
         except BaseException as error:  # noqa: BLE001 - any failure must reach the callers
             log.exception("the engine thread failed")
             self._error = error
@@ -326,7 +297,7 @@ class AsyncEngine:
             command()
         for request_id in list(self._streams):
             self._abort(request_id, failure)
-        self.stats = self._snapshot(self.stats.num_steps)
+        self.stats = engine.stats()
 
     def _add(self, stream: RequestStream, prompt: Prompt, params: SamplingParams) -> None:
         if self._stopping or self._error is not None:
@@ -367,31 +338,6 @@ class AsyncEngine:
     def _release(self) -> None:
         with self._cv:
             self._num_in_flight -= 1
-
-    def _snapshot(self, num_steps: int) -> EngineStats:
-        scheduler = self.engine.scheduler
-        blocks = scheduler.blocks
-        duet = getattr(self.engine, "duet", None)
-        extra = {}
-        if duet is not None:
-            s = duet.stats
-            extra = dict(split_iterations=s.split_iterations, worker_failures=s.worker_failures,
-                         decode_steps=s.last_decision.k if s.last_decision else 1,
-                         predicted_ms=1e3 * s.predicted_seconds[-1] if s.predicted_seconds else 0.0,
-                         measured_ms=1e3 * s.measured_seconds[-1] if s.measured_seconds else 0.0)
-        return EngineStats(
-            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-            kv_cache_usage=blocks.usage, num_free_pages=blocks.num_free_pages,
-            num_pages=blocks.num_pages,
-            prefix_cache_hit_rate=float(getattr(blocks, "prefix_hit_rate", 0.0)),
-            num_preemptions=scheduler.num_preemptions,
-            mode=str(getattr(self.engine, "mode", "aggregated")),
-            sm_share=tuple(getattr(self.engine, "sm_share", (1.0, 1.0))),
-            num_steps=num_steps, token_budget=self._token_budget(), **extra)
-
-    def _token_budget(self) -> int:
-        budget = getattr(self.engine, "token_budget", None)
-        return budget.last if budget is not None else self.engine.config.max_num_batched_tokens
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

@@ -7,8 +7,11 @@ Each ``step`` schedules a batch (``scheduler.py``), launches it on an executor
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -16,14 +19,15 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from models import LoadedModel, load_model
+from models import LoadedModel, ModelConfig, load_model
 
 from .admission import Admission, Prompt
 from .block_manager import BlockManager
 from .compilation_cache import enable_compilation_cache
 from .config import EngineConfig
 from .correction import Correction
-from .duet import Duet, build_roofline, device_profile, prepare_process, shared_runner
+from .duet import Duet, DuetStats, build_roofline, device_profile, prepare_process, shared_runner
+from .engine_stats import EngineStats
 from .executor import LocalExecutor
 from .loop_stats import LoopStats
 from .model_runner import ModelRunner
@@ -34,12 +38,12 @@ from .sampling_defaults import SamplingDefaults
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .split_executor import SplitExecutor
-from .step_inputs import MIN_MIXED_TOKENS
+from .step_inputs import MIN_MIXED_TOKENS, Bucket
 from .token_budget import TokenBudget
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "LoopStats", "Prompt"]
+__all__ = ["Engine", "EngineStats", "LoopStats", "Prompt"]
 
 Message = dict
 Conversation = Sequence[Message]
@@ -112,9 +116,11 @@ class Engine:
         self.executor = LocalExecutor(self.runner, self.output_processor, config, cfg.vocab_size,
                                       learner=self.duet if self.duet is not None else self.token_budget)
         self.scheduler.fill_slot = self.executor.fill_slot
-        self.stats = LoopStats()
+        self.loop_stats = LoopStats()
+        """Where the host loop's time goes (read it through ``stats()``)."""
+        self._num_steps = 0
         self.split_executor = (SplitExecutor(self.duet, self.output_processor, self.executor,
-                                             config, self.stats) if self.duet is not None else None)
+                                             config, self.loop_stats) if self.duet is not None else None)
         """Duet mode's split iterations (None: aggregated mode)."""
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer
                                        else cfg.eos_token_ids)
@@ -137,6 +143,78 @@ class Engine:
         """(prefill, decode) SM shares of the last iteration: (1, 1) when aggregated."""
         decision = self.duet.stats.last_decision if self.duet is not None else None
         return (decision.s_p, decision.s_d) if decision is not None else (1.0, 1.0)
+
+    # ---- what the engine is and does ------------------------------------------------------
+
+    @property
+    def model_path(self) -> Path:
+        """Where the model was loaded from (a directory or a GGUF file)."""
+        return self.model.path
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model's architecture (layers, heads, sizes), e.g. for roofline estimates."""
+        return self.model.config
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype the weights (and the KV cache) are stored and computed in."""
+        return np.dtype(self.model.dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are in [0, vocab_size)."""
+        return self.model.config.vocab_size
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's state and counters (nothing in it changes later)."""
+        scheduler, blocks = self.scheduler, self.scheduler.blocks
+        budget = self.token_budget
+        duet = self._duet_counters(self.duet.stats) if self.duet is not None else {}
+        return EngineStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            kv_cache_usage=blocks.usage, num_free_pages=blocks.num_free_pages,
+            num_pages=blocks.num_pages, page_size=self.config.page_size,
+            prefix_cache_hit_rate=blocks.prefix_hit_rate, prefix_cache_hit_tokens=blocks.prefix_hits,
+            mode=self.mode, sm_share=self.sm_share, num_steps=self._num_steps,
+            num_preemptions=scheduler.num_preemptions, num_constrained=scheduler.num_constrained,
+            num_prompt_logprobs=scheduler.num_prompt_logprobs,
+            token_budget=budget.last if budget is not None else self.config.max_num_batched_tokens,
+            token_budget_choices=MappingProxyType(dict(budget.chosen) if budget is not None else {}),
+            loop=dataclasses.replace(self.loop_stats), compile_seconds=self.runner.compile_seconds,
+            **duet)
+
+    @staticmethod
+    def _duet_counters(s: DuetStats) -> dict[str, Any]:
+        last = s.last_decision
+        return dict(split_iterations=s.split_iterations, aggregated_iterations=s.aggregated_iterations,
+                    mode_switches=s.mode_switches, worker_failures=s.worker_failures,
+                    requeued_requests=s.requeued_requests, stream_dispatches=s.stream_dispatches,
+                    carried_dispatches=s.carried_dispatches,
+                    decode_steps=last.k if last is not None else 1,
+                    predicted_ms=1e3 * s.predicted_seconds[-1] if s.predicted_seconds else 0.0,
+                    measured_ms=1e3 * s.measured_seconds[-1] if s.measured_seconds else 0.0)
+
+    def split_history(self) -> DuetStats | None:
+        """Duet mode: a copy of every split iteration's records (predicted and measured times,
+        k, SM shares, each worker's own time), for benchmarks and roofline fits; None when
+        aggregated. It grows with every split iteration: ``stats()`` is the cheap snapshot."""
+        return copy.deepcopy(self.duet.stats) if self.duet is not None else None
+
+    def compiled_buckets(self) -> list[Bucket]:
+        """The step shapes compiled so far (every one the scheduler can ask for once
+        ``compile_on_start`` compiled them: serving never compiles)."""
+        return self.runner.compiled_buckets()
+
+    def wait_for_workers(self, timeout: float) -> list[str]:
+        """Duet mode: blocks until every worker process is ready (they load and compile in the
+        background; until then iterations run aggregated) and returns their names; raises
+        ``WorkerDied`` if one is not ready within ``timeout`` seconds. Aggregated mode: returns
+        [] at once."""
+        if self.duet is None:
+            return []
+        self.duet.wait_ready(timeout)
+        return sorted(client.name for client in self.duet.workers.values())
 
     def close(self) -> None:
         """Stops duet workers and the MPS daemon this engine started (idempotent)."""
@@ -185,6 +263,7 @@ class Engine:
         requests that got a token in step N, and of those that failed
         (``OutputProcessor.fail``). In duet mode an iteration the optimizer splits runs on the
         worker pair instead (``SplitExecutor``)."""
+        self._num_steps += 1
         outputs = self._step()
         if self.output_processor.failed:
             outputs = outputs + self.output_processor.take_failed()
@@ -232,7 +311,7 @@ class Engine:
         marked = time.perf_counter()
         ready, read_waited = processor.process(executor.in_flight) if executor.in_flight else ([], 0.0)
         executor.advance(launched, predicted)
-        self.stats.record_aggregated(started, drain_seconds, scheduled, prepared, marked,
+        self.loop_stats.record_aggregated(started, drain_seconds, scheduled, prepared, marked,
                                      launch_seconds, waited + read_waited,
                                      batch.num_steps if batch.scheduled else 0)
         return drained + ready if drained else ready

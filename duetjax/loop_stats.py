@@ -1,4 +1,4 @@
-"""Where the engine's host loop spends its time (``Engine.stats``)."""
+"""Where the engine's host loop spends its time (``Engine.stats().loop``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,6 +48,11 @@ class LoopStats:
         self.launch_bookkeeping_seconds += marked - prepared
         self.apply_seconds += now - marked + drain - waited
         self.record(now - started - waited - launch, launch, waited, steps)
+
+    def since(self, before: "LoopStats") -> "LoopStats":
+        """What was recorded after ``before`` (an earlier copy, e.g. ``Engine.stats().loop``)."""
+        return LoopStats(**{f.name: getattr(self, f.name) - getattr(before, f.name)
+                            for f in dataclasses.fields(self)})
 
     @property
     def host_ms_per_step(self) -> float:

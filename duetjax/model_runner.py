@@ -193,6 +193,10 @@ class ModelRunner:
     def token_counts_shape(self) -> tuple[int, int]:
         return self.config.max_num_seqs, self.model.config.vocab_size
 
+    def compiled_buckets(self) -> list[Bucket]:
+        """The step shapes compiled so far."""
+        return list(self._executables)
+
     def compile_all(self, show_progress: bool = True, buckets: list[Bucket] | None = None) -> None:
         """Compiles every bucket (default: all the engine can run), and the full sampler for
         each of their sequence counts (from the persistent cache when it holds them)."""

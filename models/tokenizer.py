@@ -197,6 +197,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry of ``token_id`` as stored (e.g. 'Ġthe' for byte-level BPE,
+        not the decoded ' the'); None for an id outside the vocabulary."""
+        return self._backend.id_to_token(token_id)
+
     def _special_id(self, key: str) -> int | None:
         token = self.special_tokens.get(key)
         return None if token is None else self._backend.token_to_id(token)

@@ -376,16 +376,11 @@ def _stats_snapshot(engine: Any) -> dict[str, Any]:
     from duetjax.gc_pauses import gc_pauses
 
     pauses = gc_pauses()
-    snap = {"loop": dataclasses.asdict(engine.stats), "gc": pauses.snapshot(),
-            "compile_seconds": float(getattr(engine.runner, "compile_seconds", 0.0))}
-    if engine.token_budget is not None:
-        snap["budgets"] = dict(engine.token_budget.chosen)
-    if engine.duet is not None:
-        s = engine.duet.stats
-        snap["duet"] = {name: getattr(s, name) for name in (
-            "split_iterations", "aggregated_iterations", "mode_switches", "worker_failures",
-            "requeued_requests", "stream_dispatches", "carried_dispatches")}
-        snap["duet_lists"] = {name: len(getattr(s, name)) for name in SPLIT_RECORDS}
+    stats = engine.stats()
+    snap = {"stats": stats, "gc": pauses.snapshot()}
+    history = engine.split_history()
+    if history is not None:
+        snap["duet_lists"] = {name: len(getattr(history, name)) for name in SPLIT_RECORDS}
     pauses.longest_seconds = 0.0  # (the longest pause from here on: ``loop_delta``)
     return snap
 
@@ -396,17 +391,20 @@ SPLIT_RECORDS = ("split_k", "split_stream_k", "split_shares", "predicted_seconds
                  "decode_worker_dispatches", "split_prefill_tokens", "split_decode_batch")
 """``DuetStats`` lists kept per QPS point (one entry per split iteration; switches apart)."""
 
+DUET_COUNTERS = ("split_iterations", "aggregated_iterations", "mode_switches", "worker_failures",
+                 "requeued_requests", "stream_dispatches", "carried_dispatches")
+"""``EngineStats`` counters of duet mode kept per QPS point."""
+
 
 def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | None:
     """DuetStats accumulated since ``before`` (a ``_stats_snapshot``; None: since the start)."""
-    if engine.duet is None:
+    history = engine.split_history()
+    if history is None:
         return None
-    s = engine.duet.stats
-    out = {name: getattr(s, name) - (before["duet"][name] if before else 0)
-           for name in ("split_iterations", "aggregated_iterations", "mode_switches",
-                        "worker_failures", "requeued_requests", "stream_dispatches",
-                        "carried_dispatches")}
-    lists = {name: list(getattr(s, name))[(before["duet_lists"][name] if before else 0):]
+    now = engine.stats()
+    out = {name: getattr(now, name) - (getattr(before["stats"], name) if before else 0)
+           for name in DUET_COUNTERS}
+    lists = {name: list(getattr(history, name))[(before["duet_lists"][name] if before else 0):]
              for name in SPLIT_RECORDS}
     ks = lists["split_k"]
     out["split_k_mean"] = float(np.mean(ks)) if ks else None
@@ -425,21 +423,20 @@ def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def loop_delta(engine: Any, before: dict[str, Any]) -> dict[str, Any]:
-    now = dataclasses.asdict(engine.stats)
-    d = {k: now[k] - before["loop"][k] for k in now}
+    now, then = engine.stats(), before["stats"]
+    d = dataclasses.asdict(now.loop.since(then.loop))
     d["host_ms_per_step"] = 1e3 * d["host_seconds"] / max(d["steps"], 1)
-    d["compile_seconds_during"] = (float(getattr(engine.runner, "compile_seconds", 0.0))
-                                   - before["compile_seconds"])
+    d["compile_seconds_during"] = now.compile_seconds - then.compile_seconds
     from duetjax.gc_pauses import gc_pauses
 
     pauses = gc_pauses()
     gc_now = pauses.snapshot()
     d["gc"] = {k: gc_now[k] - before["gc"][k] for k in ("collections", "full_collections", "seconds")}
     d["gc"]["longest_seconds"] = gc_now["longest_seconds"]  # (since the snapshot: reset there)
-    if engine.token_budget is not None:  # the SLO-aware budget: how often each size was chosen
-        d["budgets"] = {size: n - before["budgets"].get(size, 0)
-                        for size, n in sorted(engine.token_budget.chosen.items())
-                        if n > before["budgets"].get(size, 0)}
+    if now.token_budget_choices:  # the SLO-aware budget: how often each size was chosen
+        d["budgets"] = {size: n - then.token_budget_choices.get(size, 0)
+                        for size, n in sorted(now.token_budget_choices.items())
+                        if n > then.token_budget_choices.get(size, 0)}
     return d
 
 
@@ -463,7 +460,7 @@ def check_requests(vocab_size: int, max_model_len: int, budget: int) -> tuple[li
 def run_check(engine: Any) -> dict[str, Any]:
     from duetjax import SamplingParams
 
-    prompts, lens = check_requests(engine.model.config.vocab_size, engine.max_model_len,
+    prompts, lens = check_requests(engine.vocab_size, engine.max_model_len,
                                    engine.config.max_num_batched_tokens)
     before = _stats_snapshot(engine)
     outs = engine.generate([{"prompt_token_ids": p} for p in prompts],
@@ -554,19 +551,19 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         result["startup_s"] = time.perf_counter() - started
         result["engine_config"] = {k: v for k, v in dataclasses.asdict(engine.config).items()}
         result["max_model_len"] = engine.max_model_len
-        result["kv_capacity_tokens"] = engine.runner.num_pages * engine.config.page_size
+        stats = engine.stats()
+        result["kv_capacity_tokens"] = stats.num_pages * stats.page_size
         if mode == "static":
             result["static_policy"] = args.static_policy
-        if engine.duet is not None:
+        if engine.mode == "duet":
             before = time.perf_counter()
-            engine.duet.wait_ready(args.worker_timeout_s)
+            result["workers"] = engine.wait_for_workers(args.worker_timeout_s)
             result["workers_ready_s"] = time.perf_counter() - before
-            result["workers"] = sorted(client.name for client in engine.duet.workers.values())
         log(f"[{mode}] ready in {result['startup_s']:.1f} s"
-            + (f" + workers {result['workers_ready_s']:.1f} s" if engine.duet else "")
+            + (f" + workers {result['workers_ready_s']:.1f} s" if engine.mode == "duet" else "")
             + f"; max_model_len {engine.max_model_len}, KV {result['kv_capacity_tokens']} tokens")
 
-        vocab = engine.model.config.vocab_size
+        vocab = engine.vocab_size
         lengths = sample_lengths(args.dataset, args.num_requests, args.scale,
                                  args.output_scale if args.output_scale is not None else args.scale,
                                  engine.max_model_len, args.seed)

@@ -13,6 +13,10 @@ Sections (``--sections``, default all):
 - ``paris``: the embedded SmolLM2 in bf16 on the GPU kernels answers the capital question.
 - ``startup``: process start to a ready engine (all buckets compiled), cold and warm cache.
 
+The decode and prefill sections time the model runner's dispatches below the scheduler, so
+they build batches on the engine's own runner and block manager (``synthetic_batch``,
+``time_steps``); the other sections use the public ``Engine`` API only.
+
     python tools/bench_engine.py --model llama-3-8b --out engine.json --table engine.md
 """
 from __future__ import annotations
@@ -48,7 +52,7 @@ def synthetic_batch(engine: Engine, lengths: list[int], new_tokens: list[int],
     (the KV content is whatever the pool holds: timing does not depend on it). ``steps`` > 1:
     a k-step decode (every request must then have one new token)."""
     rng = np.random.default_rng(0)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     scheduled = []
     for i, (done, new) in enumerate(zip(lengths, new_tokens)):
         r = Request(f"bench-{i}", rng.integers(0, vocab, done + new).tolist(),
@@ -88,7 +92,7 @@ def decode_section(engine: Engine, ceil: dict, batches: list[int], context: int,
                    steps: int = 1) -> list[dict]:
     """Per decode step; ``steps`` > 1 times k-step dispatches (the KV read grows by one token
     per step, which the roofline's mean context counts)."""
-    cfg = engine.model.config
+    cfg = engine.model_config
     weight_bytes = cfg.num_params * 2
     per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2)
     rows = []
@@ -106,7 +110,7 @@ def decode_section(engine: Engine, ceil: dict, batches: list[int], context: int,
 
 
 def prefill_section(engine: Engine, ceil: dict, lengths: list[int]) -> list[dict]:
-    cfg = engine.model.config
+    cfg = engine.model_config
     linear = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     rows = []
     for n in lengths:
@@ -121,15 +125,15 @@ def prefill_section(engine: Engine, ceil: dict, lengths: list[int]) -> list[dict
 
 def measured_host_run(engine: Engine, batch: int, prompts: list[dict], params: SamplingParams) -> dict:
     """One ``generate`` of ``prompts``: where its host loop's time went, per step."""
-    engine.stats.__init__()
-    compiled_before = engine.runner.compile_seconds
+    before = engine.stats()
     gc_before = gc_pauses().snapshot()
     start = time.perf_counter()
     engine.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     gc_after = gc_pauses().snapshot()
-    assert engine.runner.compile_seconds == compiled_before, "the measured run compiled a step"
-    stats = engine.stats
+    after = engine.stats()
+    assert after.compile_seconds == before.compile_seconds, "the measured run compiled a step"
+    stats = after.loop.since(before.loop)
     return {"batch": batch, "steps": stats.steps, "wall_s": wall, "step_ms": 1e3 * wall / stats.steps,
             "host_ms_per_step": stats.host_ms_per_step,
             "launch_ms_per_step": 1e3 * stats.launch_seconds / stats.steps,
@@ -150,7 +154,7 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int,
     measured runs the row is the median one by host work (all are listed). ``profile_top`` > 0
     adds one more run under cProfile (which slows it: the timed run is the one before) and
     keeps its top functions by own time, to rank where the host time goes on this machine."""
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
     def prompts(seed: int) -> list[dict]:
@@ -192,7 +196,7 @@ def startup_section(model: str, load_format: str, max_num_seqs: int, max_num_bat
             f"e = Engine({model!r}, load_format={load_format!r}, dtype='bfloat16', "
             f"max_num_seqs={max_num_seqs}, max_num_batched_tokens={max_num_batched_tokens}, "
             "show_progress=False); "
-            "print('READY', time.time() - t, e.runner.compile_seconds, len(e.runner._executables))")
+            "print('READY', time.time() - t, e.stats().compile_seconds, len(e.compiled_buckets()))")
     row = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, DUETJAX_CACHE_DIR=cache)
@@ -220,7 +224,7 @@ def conversation_lengths(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
 def offline_section(engine: Engine, num_prompts: int) -> dict:
     prompt_lens, output_lens = conversation_lengths(num_prompts)
     rng = np.random.default_rng(2)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     prompts = [{"prompt_token_ids": rng.integers(0, vocab, n).tolist()} for n in prompt_lens]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in output_lens]
     start = time.perf_counter()

@@ -36,12 +36,12 @@ def run(engine: Engine, batch: int, constrained: int, max_tokens: int) -> dict:
     bound = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                            structured_outputs=CONSTRAINT)
     params = [bound] * constrained + [free] * (batch - constrained)
-    before = stats_snapshot(engine.stats)
+    before = engine.stats().loop
     start = time.perf_counter()
     outputs = engine.generate([PROMPT] * batch, params, use_tqdm=False)
     wall = time.perf_counter() - start
-    stats = engine.stats
-    steps = stats.steps - before["steps"]
+    stats = engine.stats().loop.since(before)
+    steps = stats.steps
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs), "a request ended early"
 
@@ -52,15 +52,10 @@ def run(engine: Engine, batch: int, constrained: int, max_tokens: int) -> dict:
     return {"batch": batch, "constrained": constrained, "max_tokens": max_tokens,
             "wall_s": wall, "steps": steps, "ms_per_step": 1e3 * wall / max(steps, 1),
             "output_tokens_per_s": tokens / wall,
-            "host_ms_per_step": 1e3 * (stats.host_seconds - before["host_seconds"]) / max(steps, 1),
-            "wait_ms_per_step": 1e3 * (stats.wait_seconds - before["wait_seconds"]) / max(steps, 1),
+            "host_ms_per_step": 1e3 * stats.host_seconds / max(steps, 1),
+            "wait_ms_per_step": 1e3 * stats.wait_seconds / max(steps, 1),
             "tpot_ms_constrained": tpot_ms(outputs[:constrained]),
             "tpot_ms_free": tpot_ms(outputs[constrained:])}
-
-
-def stats_snapshot(stats) -> dict:
-    return {"steps": stats.steps, "host_seconds": stats.host_seconds,
-            "wait_seconds": stats.wait_seconds}
 
 
 def markdown(report: dict) -> str:
@@ -97,7 +92,7 @@ def main() -> None:
             row = run(engine, args.batch, constrained, args.max_tokens)
         print(json.dumps(row), flush=True)
         runs.append(row)
-    report = {"model": str(engine.model.path), "device": jax.devices()[0].device_kind,
+    report = {"model": str(engine.model_path), "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "command": "python " + " ".join(sys.argv), "runs": runs}
     if args.out:

@@ -7,6 +7,10 @@ otherwise), that split iterations give
 the same greedy tokens as aggregated ones, that a SIGKILLed worker loses no request, and how
 much GPU memory the processes take. Writes JSON.
 
+What it checks is the duet machinery itself, so beside ``Engine.stats()`` and
+``Engine.split_history()`` it reaches the engine's duet controller (to force an SLO), its worker
+clients (to wait for, kill and restart them), the MPS daemon and the runner's shared buffers.
+
     python tools/duet_check.py --out duet-check.json
 """
 from __future__ import annotations
@@ -80,7 +84,7 @@ def set_slo(engine, slo_s: float) -> None:
 
 
 def run(engine, prompts, params, kill_decode: bool = False) -> tuple[list[list[int]], dict]:
-    before = dataclasses.asdict(engine.duet.stats)
+    before = engine.split_history()
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     results, killed = {}, None
     start = time.perf_counter()
@@ -88,22 +92,22 @@ def run(engine, prompts, params, kill_decode: bool = False) -> tuple[list[list[i
         for out in engine.step():
             if out.finished:
                 results[out.request_id] = out.outputs[0].token_ids
-        if kill_decode and killed is None and engine.duet.stats.split_iterations > before["split_iterations"]:
+        if kill_decode and killed is None and engine.stats().split_iterations > before.split_iterations:
             worker = next(w for (role, _), w in engine.duet.workers.items() if role == "decode" and w.ready)
             os.kill(worker.process.pid, signal.SIGKILL)
             killed = worker.name
     wall = time.perf_counter() - start
-    s = engine.duet.stats
-    ratios = [abs(p - m) / m for p, m in zip(s.predicted_seconds[len(before["predicted_seconds"]):],
-                                                 s.measured_seconds[len(before["measured_seconds"]):])]
-    info = {"wall_s": wall, "split_iterations": s.split_iterations - before["split_iterations"],
-            "aggregated_iterations": s.aggregated_iterations - before["aggregated_iterations"],
-            "split_k": s.split_k[len(before["split_k"]):],
-            "measured_ms": [1e3 * m for m in s.measured_seconds[len(before["measured_seconds"]):]],
-            "predicted_ms": [1e3 * p for p in s.predicted_seconds[len(before["predicted_seconds"]):]],
+    s = engine.split_history()
+    ratios = [abs(p - m) / m for p, m in zip(s.predicted_seconds[len(before.predicted_seconds):],
+                                                 s.measured_seconds[len(before.measured_seconds):])]
+    info = {"wall_s": wall, "split_iterations": s.split_iterations - before.split_iterations,
+            "aggregated_iterations": s.aggregated_iterations - before.aggregated_iterations,
+            "split_k": s.split_k[len(before.split_k):],
+            "measured_ms": [1e3 * m for m in s.measured_seconds[len(before.measured_seconds):]],
+            "predicted_ms": [1e3 * p for p in s.predicted_seconds[len(before.predicted_seconds):]],
             "roofline_abs_error_median": float(np.median(ratios)) if ratios else None,
-            "worker_failures": s.worker_failures - before["worker_failures"],
-            "requeued": s.requeued_requests - before["requeued_requests"], "killed": killed,
+            "worker_failures": s.worker_failures - before.worker_failures,
+            "requeued": s.requeued_requests - before.requeued_requests, "killed": killed,
             "output_tokens": sum(len(results[i]) for i in ids)}
     return [results[i] for i in ids], info
 
@@ -147,7 +151,7 @@ def main() -> None:
     report["daemon"] = {"pipe_dir": daemon.pipe_dir, "owned": daemon.owned, "pid": daemon.pid,
                         "pid_file": os.path.exists(os.path.join(daemon.pipe_dir,
                                                                 "nvidia-cuda-mps-control.pid"))}
-    engine.duet.wait_ready(timeout=540)
+    engine.wait_for_workers(timeout=540)
     report["workers_ready_s"] = time.perf_counter() - start
     report["workers"] = {w.name: w.info for w in engine.duet.workers.values()}
     report["gpu_memory"] = gpu_memory()
@@ -157,7 +161,7 @@ def main() -> None:
                         "kv_pool_gib": engine.runner.kv_pool.nbytes / 2**30,
                         "weights_gib": sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.runner.params)) / 2**30}
     save()
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     prompts, params = workload(vocab, args.requests, seed=1)
     # Warm-up (buckets, workers' first steps), then aggregated only (an SLO nothing misses).
     set_slo(engine, 1e3)

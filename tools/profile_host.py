@@ -67,7 +67,7 @@ def null_step(b: Bucket, params, kv_pool, previous, packed) -> tuple:
 def run(engine: Engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -> float:
     """One ``generate`` of fresh random prompts (no prefix-cache hits); its wall seconds."""
     rng = np.random.default_rng(seed)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     prompts = [{"prompt_token_ids": rng.integers(3, vocab, prompt_len).tolist()} for _ in range(batch)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -99,19 +99,19 @@ def main(argv: list[str] | None = None) -> None:
                             max_model_len=args.max_model_len, kv_cache_tokens=kv_tokens,
                             decode_steps=k, max_decode_steps=max(8, k),
                             compile_on_start=False, show_progress=False)
-            if args.null_device:
+            if args.null_device:  # (an internal hook on purpose: no public API swaps executables)
                 engine.runner._executables = NullExecutables()
             run(engine, args.batch, args.prompt_len, args.max_tokens, seed=1)  # compiles
             freeze_startup_heap()  # as the server does once it is up
             hosts, walls, parts = [], [], {}
             for repeat in range(args.repeats):
-                engine.stats.__init__()
+                before = engine.stats().loop
                 walls.append(run(engine, args.batch, args.prompt_len, args.max_tokens, seed=2 + repeat))
-                hosts.append(engine.stats.host_ms_per_step)
+                s = engine.stats().loop.since(before)
+                hosts.append(s.host_ms_per_step)
                 if hosts[-1] == min(hosts):
-                    parts = {part: 1e3 * getattr(engine.stats, f"{part}_seconds") / engine.stats.steps
+                    parts = {part: 1e3 * getattr(s, f"{part}_seconds") / s.steps
                              for part in ("schedule", "prepare", "launch_bookkeeping", "apply")}
-            s = engine.stats
             print(f"k={k}: host {min(hosts):.3f} ms/step (median {np.median(hosts):.3f}) over "
                   f"{s.steps} steps ({s.dispatches} dispatches), wall {1e3 * min(walls) / s.steps:.2f} "
                   f"ms/step (best of {args.repeats}{', null device' if args.null_device else ''}); "

@@ -4,6 +4,10 @@ summed per GPU kernel and kernel class (``--trace``: where the step's device tim
 much of the step the GPU sits idle between kernels), and a cProfile of the host loop. For
 diagnosing gaps to the roofline; ``bench_engine.py`` reports the figures.
 
+It measures below the public API on purpose: it dispatches batches on the engine's model
+runner (as ``bench_engine.py``'s decode section does) and reads a compiled executable's HLO
+from the runner's executable table.
+
     python tools/profile_step.py --model llama-3-8b --unroll 1,32 --trace --out-dir OUT
     python tools/profile_step.py --model llama-3-8b --unroll 32 --batches 64 --trace-prefill 2048,8192
 """
@@ -218,8 +222,8 @@ def main() -> None:
         for b in batches:
             t = time_steps(engine, synthetic_batch(engine, [args.context - 1] * b, [1] * b), steps=20)
             print(f"[{tag or 'plain'} unroll={unroll}] decode B={b}: {1e3 * t:.2f} ms/step", flush=True)
-        print(f"[{tag or 'plain'} unroll={unroll}] compiled {len(engine.runner._executables)} buckets in "
-              f"{engine.runner.compile_seconds:.1f} s", flush=True)
+        print(f"[{tag or 'plain'} unroll={unroll}] compiled {len(engine.compiled_buckets())} buckets in "
+              f"{engine.stats().compile_seconds:.1f} s", flush=True)
         first = Bucket(True, batches[0], batches[0])
         hlo = engine.runner._executables[first].as_text()
         print(f"[{tag or 'plain'} unroll={unroll}] decode B={batches[0]} op census: {census(hlo)}",
@@ -254,21 +258,22 @@ def main() -> None:
             dispatch_probe(engine, max(batches), args.context)
         if args.profile_host:
             rng = np.random.default_rng(0)
-            vocab = engine.model.config.vocab_size
+            vocab = engine.vocab_size
             prompts = [{"prompt_token_ids": rng.integers(0, vocab, 128).tolist()} for _ in range(64)]
             params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
             engine.generate(prompts, params, use_tqdm=False)
-            engine.stats.__init__()
+            before = engine.stats().loop
             profiler = cProfile.Profile()
             profiler.enable()
             engine.generate(prompts, params, use_tqdm=False)
             profiler.disable()
+            loop = engine.stats().loop.since(before)
             text = io.StringIO()
             stats = pstats.Stats(profiler, stream=text)
             stats.sort_stats("tottime").print_stats(25)
             stats.sort_stats("cumulative").print_stats(25)
-            print(f"host ms/step {engine.stats.host_ms_per_step:.2f}, wait "
-                  f"{1e3 * engine.stats.wait_seconds / engine.stats.steps:.2f} ms/step")
+            print(f"host ms/step {loop.host_ms_per_step:.2f}, wait "
+                  f"{1e3 * loop.wait_seconds / loop.steps:.2f} ms/step")
             print(text.getvalue()[:12000], flush=True)
         del engine
         gc.collect()

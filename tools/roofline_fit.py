@@ -187,8 +187,7 @@ def timed_iterations(args: argparse.Namespace,
                     compile_on_start=False, show_progress=False)
     base = (DeviceProfile.from_json(args.profile) if args.profile
             else load_profile(jax.devices()[0].device_kind))
-    shape = ModelShape.from_config(engine.model.config,
-                                   dtype_bytes=np.dtype(engine.model.dtype).itemsize)
+    shape = ModelShape.from_config(engine.model_config, dtype_bytes=engine.dtype.itemsize)
     # the decode kernel's split-K depends on the block tables' width
     padding = step_padding(engine.config, engine.max_model_len)
     rng = np.random.default_rng(args.seed)

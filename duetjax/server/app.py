@@ -141,7 +141,7 @@ def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = No
     v1 = [Depends(check_api_key)]
 
     def card() -> ModelCard:
-        return ModelCard(id=model_name, root=str(engine.engine.model.path),
+        return ModelCard(id=model_name, root=str(engine.model_path),
                          max_model_len=engine.max_model_len)
 
     @app.get("/health")

@@ -30,8 +30,7 @@ class Tokenization:
             ids = await serving.tokenize(request.prompt, add)
         strs = None
         if request.return_token_strs:
-            backend = serving.tokenizer.backend
-            strs = [backend.id_to_token(i) for i in ids]
+            strs = [serving.tokenizer.id_to_token(i) for i in ids]
         return TokenizeResponse(count=len(ids), max_model_len=serving.engine.max_model_len,
                                 tokens=ids, token_strs=strs)
 

@@ -58,7 +58,7 @@ def duet_engine(tiny_llama_dir, profile_and_slo, **options):
     path, slo_ms = profile_and_slo
     engine = Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=path,
                     tbt_slo_ms=slo_ms, **CONFIG, **options)
-    engine.duet.wait_ready(timeout=600)
+    engine.wait_for_workers(timeout=600)
     return engine
 
 
@@ -82,7 +82,7 @@ def test_duet_mode_splits_and_matches_aggregated(engine, expected, request):
     duet = request.getfixturevalue(engine)
     got = duet.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert token_ids(got) == expected
-    stats = duet.duet.stats
+    stats = duet.split_history()
     assert stats.split_iterations >= 3 and max(stats.split_k) > 1
     assert len(stats.decode_worker_seconds) == stats.split_iterations
     # (a split whose chunk ends before the stream's dispatch counts that dispatch in the next)
@@ -90,7 +90,7 @@ def test_duet_mode_splits_and_matches_aggregated(engine, expected, request):
     assert len(stats.decode_worker_steps) == stats.split_iterations
     assert len(stats.measured_seconds) == stats.split_iterations
     assert len(stats.split_stream_k) == stats.split_iterations and min(stats.split_stream_k) >= 1
-    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+    assert duet.stats().num_free_pages == duet.stats().num_pages
 
 
 def test_split_seconds_adds_half_a_decode_step():
@@ -134,7 +134,7 @@ def run_aborting_once(duet, extra, held_by_a_worker) -> dict:
             request = duet.output_processor.requests[extra]
             assert request.block_table and not request.is_finished
     assert aborted and extra not in duet.output_processor.requests
-    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+    assert duet.stats().num_free_pages == duet.stats().num_pages
     return results
 
 
@@ -149,11 +149,11 @@ def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
         split = duet.split_executor.iteration
         if split is None or self is not split.prefill:
             return real_done(self)
-        first = stream_at_launch.setdefault(id(self), duet.duet.stats.stream_dispatches)
-        return duet.duet.stats.stream_dispatches >= first + 2 and real_done(self)
+        first = stream_at_launch.setdefault(id(self), duet.stats().stream_dispatches)
+        return duet.stats().stream_dispatches >= first + 2 and real_done(self)
 
     monkeypatch.setattr(RemoteInFlight, "done", done)
-    before = duet.duet.stats.stream_dispatches
+    before = duet.stats().stream_dispatches
     ids = [duet.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
     extra = duet.add_request({"prompt_token_ids": list(range(3, 70))},
                              SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
@@ -161,7 +161,7 @@ def test_decode_streams_while_a_prefill_chunk_runs(duet, expected, monkeypatch):
     results = run_aborting_once(duet, extra, lambda: (
         split_executor.iteration is not None and extra in split_executor.iteration.request_ids))
     assert [results[i].outputs[0].token_ids for i in ids] == expected
-    assert duet.duet.stats.stream_dispatches > before
+    assert duet.stats().stream_dispatches > before
 
 
 def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monkeypatch):
@@ -180,7 +180,7 @@ def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monk
         return real_done(self)
 
     monkeypatch.setattr(RemoteInFlight, "done", done)
-    before = duet.duet.stats.carried_dispatches
+    before = duet.stats().carried_dispatches
     # (first in: it decodes while the others' chunks run)
     extra = duet.add_request({"prompt_token_ids": list(range(3, 30))},
                              SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
@@ -189,7 +189,7 @@ def test_the_decode_stream_outlives_its_split_iteration(carrying, expected, monk
         split_executor.iteration is None and split_executor.stream is not None
         and any(item.request.request_id == extra for item in split_executor.stream.batch.scheduled)))
     assert [results[i].outputs[0].token_ids for i in ids] == expected
-    assert duet.duet.stats.carried_dispatches > before
+    assert duet.stats().carried_dispatches > before
 
 
 @pytest.mark.parametrize("engine", ["duet", "carrying"])
@@ -210,20 +210,20 @@ def test_killed_decode_worker_loses_nothing(engine, expected, request, monkeypat
             if output.finished:
                 results[output.request_id] = output
         carried = split_executor.stream is not None and split_executor.iteration is None
-        if (not killed and duet.duet.stats.split_iterations and decode_worker.ready
-                and duet.scheduler.waiting
+        if (not killed and duet.stats().split_iterations and decode_worker.ready
+                and duet.stats().num_waiting
                 and (carried or not duet.config.duet_carry_stream)):
             os.kill(decode_worker.process.pid, signal.SIGKILL)
             decode_worker.process.wait()
             killed = True
     assert killed
     assert [results[i].outputs[0].token_ids for i in ids] == expected
-    assert duet.duet.stats.worker_failures >= 1 and decode_worker.restarts >= 1
-    assert duet.scheduler.blocks.num_free_pages == duet.scheduler.blocks.num_pages
+    assert duet.stats().worker_failures >= 1 and decode_worker.restarts >= 1
+    assert duet.stats().num_free_pages == duet.stats().num_pages
     decode_worker.wait_ready(timeout=600)  # restarted, serves again
-    splits = duet.duet.stats.split_iterations
+    splits = duet.stats().split_iterations
     assert token_ids(duet.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
-    assert duet.duet.stats.split_iterations > splits
+    assert duet.stats().split_iterations > splits
 
 
 def test_close_stops_workers_and_frees_shared_memory(tiny_llama_dir, profile_and_slo):
@@ -289,9 +289,9 @@ def test_static_policy_splits_every_mixed_iteration_at_its_pair(tiny_llama_dir, 
     with Engine(tiny_llama_dir, mode="duet", duet_policy="static", duet_pairs=((50, 50), (70, 30)),
                 device_profile=path, tbt_slo_ms=1e6, **CONFIG) as engine:  # an SLO nothing misses
         assert set(engine.duet.workers) == {("prefill", 50), ("decode", 50)}
-        engine.duet.wait_ready(timeout=600)
+        engine.wait_for_workers(timeout=600)
         assert token_ids(engine.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
-        stats = engine.duet.stats
+        stats = engine.stats()
         assert stats.split_iterations >= 3 and stats.aggregated_iterations == 0
         assert max(steps) > 1  # with a loose SLO the decode stream runs k-step dispatches
 
@@ -301,7 +301,7 @@ def test_online_correction_learns_from_measured_iterations(tiny_llama_dir, profi
     config = CONFIG | {"duet_online_correction": True}
     with Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=path,
                 tbt_slo_ms=slo_ms, **config) as engine:
-        engine.duet.wait_ready(timeout=600)
+        engine.wait_for_workers(timeout=600)
         assert token_ids(engine.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
         correction = engine.duet.correction
         # The constructed profile is far from this CPU: whatever was observed moved its ratio.
@@ -325,9 +325,9 @@ def test_penalties_and_logit_bias_hold_across_workers(duet, tiny_llama_dir):
     params = [SamplingParams(temperature=0.0, max_tokens=p.max_tokens, ignore_eos=True,
                              repetition_penalty=r, presence_penalty=pr, frequency_penalty=f,
                              logit_bias=bias) for p, (r, pr, f, bias) in zip(PARAMS, settings)]
-    splits = duet.duet.stats.split_iterations
+    splits = duet.stats().split_iterations
     got = token_ids(duet.generate(PROMPTS, params, use_tqdm=False))
-    assert duet.duet.stats.split_iterations > splits
+    assert duet.stats().split_iterations > splits
     loaded = load_model(tiny_llama_dir, dtype="float32")
     assert got == greedy_with_penalties(loaded, [p["prompt_token_ids"] for p in PROMPTS], got, params)
     assert len(duet.scheduler.free_penalty_slots) == CONFIG["max_num_seqs"]
@@ -348,14 +348,14 @@ def test_structured_outputs_keep_iterations_aggregated(profile_and_slo, tmp_path
         ids = [duet.add_request(p, q) for p, q in zip(PROMPTS, params)]
         results, splits_while_constrained = {}, 0
         while duet.has_unfinished_requests():
-            constrained_in, before = duet.scheduler.num_constrained, duet.duet.stats.split_iterations
+            constrained_in, before = duet.stats().num_constrained, duet.stats().split_iterations
             for output in duet.step():
                 if output.finished:
                     results[output.request_id] = output
             if constrained_in:
-                splits_while_constrained += duet.duet.stats.split_iterations - before
+                splits_while_constrained += duet.stats().split_iterations - before
         assert [results[i].outputs[0].token_ids for i in ids] == want
-        assert splits_while_constrained == 0 and duet.duet.stats.split_iterations > 0
+        assert splits_while_constrained == 0 and duet.stats().split_iterations > 0
         assert all("a" <= c <= "z" for c in results[ids[0]].outputs[0].text)
     finally:
         duet.close()
@@ -400,11 +400,11 @@ def test_a_smaller_aggregated_budget_replaces_splits_that_gain_nothing(tiny_llam
     scheduled = []
     with Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=str(path),
                 tbt_slo_ms=slo_ms, **CONFIG | {"max_num_batched_tokens": 64}) as engine:
-        engine.duet.wait_ready(timeout=600)
+        engine.wait_for_workers(timeout=600)
         schedule = engine.scheduler.schedule
         engine.scheduler.schedule = lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1]
         assert token_ids(engine.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
-        assert engine.duet.stats.split_iterations == 0
+        assert engine.stats().split_iterations == 0
     mixed = [b for b in scheduled if any(s.num_new_tokens == 1 for s in b.scheduled)
              and not b.decode_only]
     assert mixed and max(b.num_tokens for b in mixed) <= 32
@@ -418,17 +418,17 @@ def test_prompt_logprobs_keep_iterations_aggregated_while_their_prompt_prefills(
               for p, n in zip(PARAMS, (None, 2, None, None, 0, None, None, None))]
     want = Engine(tiny_llama_dir, **CONFIG).generate(PROMPTS, params, use_tqdm=False)
     ids = [duet.add_request(p, q) for p, q in zip(PROMPTS, params)]
-    results, splits, splits_while_prefilling = {}, duet.duet.stats.split_iterations, 0
+    results, splits, splits_while_prefilling = {}, duet.stats().split_iterations, 0
     while duet.has_unfinished_requests():
-        prefilling, before = duet.scheduler.num_prompt_logprobs, duet.duet.stats.split_iterations
+        prefilling, before = duet.stats().num_prompt_logprobs, duet.stats().split_iterations
         for output in duet.step():
             if output.finished:
                 results[output.request_id] = output
         if prefilling:
-            splits_while_prefilling += duet.duet.stats.split_iterations - before
+            splits_while_prefilling += duet.stats().split_iterations - before
     got = [results[i] for i in ids]
     assert token_ids(got) == token_ids(want)
-    assert splits_while_prefilling == 0 and duet.duet.stats.split_iterations > splits
+    assert splits_while_prefilling == 0 and duet.stats().split_iterations > splits
     for a, b in zip(got, want):
         assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
         for x, y in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):

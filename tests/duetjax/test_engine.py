@@ -1,4 +1,6 @@
 """Engine behaviour on a tiny random Llama (token ids in, token ids out)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,31 @@ def test_batch_equals_one_by_one(engine):
     assert all(len(t) == 12 for t in together)
 
 
+def test_stats_is_a_snapshot_of_the_engine(engine, tiny_llama_dir):
+    assert engine.model_path == tiny_llama_dir and engine.vocab_size == engine.model_config.vocab_size
+    assert engine.dtype == np.float32 and engine.compiled_buckets()
+    idle = engine.stats()
+    assert idle.num_running == idle.num_waiting == 0 and idle.num_free_pages == idle.num_pages
+    assert idle.page_size == 16 and idle.mode == "aggregated" and idle.sm_share == (1.0, 1.0)
+    assert idle.compile_seconds > 0 and idle.token_budget == 64
+    request_id = engine.add_request(prompts(1)[0], GREEDY)
+    engine.add_request(prompts(1, seed=1)[0], GREEDY)
+    engine.step()
+    busy = engine.stats()
+    assert busy.num_running == 2 and busy.num_waiting == 0
+    assert busy.num_free_pages < idle.num_free_pages and 0 < busy.kv_cache_usage <= 1
+    assert busy.num_steps == idle.num_steps + 1 and busy.loop.steps == idle.loop.steps + 1
+    engine.abort(request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    done = engine.stats()
+    assert done.num_running == 0 and done.num_free_pages == done.num_pages
+    assert busy.num_running == 2 and busy.loop.steps == idle.loop.steps + 1  # (a snapshot)
+    assert done.loop.since(busy.loop).steps == done.loop.steps - busy.loop.steps > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        done.num_running = 1
+
+
 @pytest.fixture(scope="module")
 def small(tiny_llama_dir):
     """A KV pool of 64 tokens and a 16-token budget: six prompts force preemptions."""
@@ -41,10 +68,10 @@ def small(tiny_llama_dir):
 def test_preemption_and_chunked_prefill_keep_outputs(engine, small):
     batch = prompts(6, seed=1)
     expected = token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
-    before = small.scheduler.num_preemptions
+    before = small.stats().num_preemptions
     assert token_ids(small.generate(batch, GREEDY, use_tqdm=False)) == expected
-    assert small.scheduler.num_preemptions > before  # the pool was small enough to force it
-    assert small.scheduler.blocks.num_free_pages == small.scheduler.blocks.num_pages
+    assert small.stats().num_preemptions > before  # the pool was small enough to force it
+    assert small.stats().num_free_pages == small.stats().num_pages
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
@@ -71,12 +98,12 @@ def test_max_tokens_and_stop_token_ids(engine):
 
 
 def test_abort_frees_pages(engine):
-    free = engine.scheduler.blocks.num_free_pages
+    free = engine.stats().num_free_pages
     request_id = engine.add_request(prompts(1)[0], GREEDY)
     engine.step()
-    assert engine.scheduler.blocks.num_free_pages < free
+    assert engine.stats().num_free_pages < free
     engine.abort(request_id)
-    assert engine.scheduler.blocks.num_free_pages == free
+    assert engine.stats().num_free_pages == free
     assert not engine.has_unfinished_requests()
 
 
@@ -124,10 +151,10 @@ def test_prefix_cache_hits_compute_fewer_tokens_and_change_nothing(tiny_llama_di
     expected = token_ids(cold.generate(batch, GREEDY, use_tqdm=False))
     warm = Engine(tiny_llama_dir, dtype="float32")
     first = token_ids(warm.generate(batch[:1], GREEDY, use_tqdm=False))
-    assert warm.scheduler.blocks.prefix_hits == 0
+    assert warm.stats().prefix_cache_hit_tokens == 0
     second = token_ids(warm.generate(batch[1:], GREEDY, use_tqdm=False))
     assert first + second == expected
-    assert warm.scheduler.blocks.prefix_hits == 32  # two full 16-token pages of the shared prefix
+    assert warm.stats().prefix_cache_hit_tokens == 32  # two full 16-token pages of the shared prefix
 
 
 def test_nothing_compiles_while_serving(tiny_llama_dir):
@@ -346,9 +373,9 @@ def test_repetition_penalty_and_logit_bias_survive_preemption(engine, small):
                               (2.0, {7: -100.0, 8: 0.5}), (1.2, None)]]
     expected = token_ids(engine.generate(batch, params, use_tqdm=False))
     assert expected != token_ids(engine.generate(batch, GREEDY, use_tqdm=False))
-    before = small.scheduler.num_preemptions
+    before = small.stats().num_preemptions
     assert token_ids(small.generate(batch, params, use_tqdm=False)) == expected
-    assert small.scheduler.num_preemptions > before
+    assert small.stats().num_preemptions > before
     assert len(small.scheduler.free_penalty_slots) == small.config.max_num_seqs
 
 
@@ -359,10 +386,10 @@ def test_repetition_penalty_sees_prompt_tokens_served_by_the_prefix_cache(engine
     shared = rng.integers(3, 256, size=40).tolist()
     engine.generate({"prompt_token_ids": shared + [5, 6]}, GREEDY, use_tqdm=False)
     prompt = shared + [7, 8, 9]
-    hits = engine.scheduler.blocks.prefix_hits
+    hits = engine.stats().prefix_cache_hit_tokens
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=3.0)
     out = token_ids(engine.generate({"prompt_token_ids": prompt}, params, use_tqdm=False))[0]
-    assert engine.scheduler.blocks.prefix_hits - hits == 32  # two pages were never computed
+    assert engine.stats().prefix_cache_hit_tokens - hits == 32  # two pages were never computed
     loaded = load_model(tiny_llama_dir, dtype="float32")
     # (the cached part of the prompt matters: penalizing only the computed tail picks otherwise)
     want, tail_only = greedy_with_penalties(loaded, [prompt, [7, 8, 9]], [out, out], [params] * 2)
@@ -472,7 +499,7 @@ def test_a_request_that_fails_fails_alone(chat_engine, fault):
         if i != 2:
             assert finished[request_id].error is None
             assert finished[request_id].outputs[0].token_ids == expected[i].outputs[0].token_ids
-    blocks = engine.scheduler.blocks
-    assert blocks.num_free_pages == blocks.num_pages and not engine.scheduler.num_constrained
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_pages and not stats.num_constrained
     again = engine.generate(texts[0], GREEDY, use_tqdm=False)[0]
     assert again.outputs[0].token_ids == expected[0].outputs[0].token_ids

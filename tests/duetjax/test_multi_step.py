@@ -32,13 +32,14 @@ def test_k_step_decode_matches_single_steps(single, multi):
     params = plain[:2] + [SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True,
                                          stop_token_ids=[stop_at])] + plain[3:]
     expected[2] = expected[2][:expected[2].index(stop_at) + 1]
-    steps_before, dispatches_before = multi.stats.steps, multi.stats.dispatches
+    before = multi.stats().loop
     got = multi.generate(batch, params, use_tqdm=False)
     assert token_ids(got) == expected
     assert got[2].outputs[0].finish_reason == "stop"
-    assert multi.stats.steps - steps_before > multi.stats.dispatches - dispatches_before  # k > 1 ran
-    blocks = multi.scheduler.blocks
-    assert blocks.num_free_pages == blocks.num_pages  # overrun pages were freed too
+    loop = multi.stats().loop.since(before)
+    assert loop.steps > loop.dispatches  # k > 1 ran
+    stats = multi.stats()
+    assert stats.num_free_pages == stats.num_pages  # overrun pages were freed too
 
 
 def test_k_step_seeded_sampling_matches(single, multi):
@@ -46,10 +47,11 @@ def test_k_step_seeded_sampling_matches(single, multi):
     params = [SamplingParams(temperature=1.0, max_tokens=11, seed=5, ignore_eos=True),
               SamplingParams(temperature=0.7, min_p=0.05, max_tokens=9, seed=6, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True)]
-    steps_before, dispatches_before = multi.stats.steps, multi.stats.dispatches
+    before = multi.stats().loop
     assert token_ids(multi.generate(batch, params, use_tqdm=False)) == token_ids(
         single.generate(batch, params, use_tqdm=False))
-    assert multi.stats.steps - steps_before > multi.stats.dispatches - dispatches_before  # k > 1 ran
+    loop = multi.stats().loop.since(before)
+    assert loop.steps > loop.dispatches  # k > 1 ran
 
 
 def test_full_sampler_requests_decode_one_step_per_dispatch(single, multi):
@@ -59,9 +61,10 @@ def test_full_sampler_requests_decode_one_step_per_dispatch(single, multi):
               SamplingParams(temperature=0.0, max_tokens=11, frequency_penalty=1.5, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=11, logprobs=3, ignore_eos=True)]
     one = single.generate(batch, params, use_tqdm=False)
-    steps_before, dispatches_before = multi.stats.steps, multi.stats.dispatches
+    before = multi.stats().loop
     many = multi.generate(batch, params, use_tqdm=False)
-    assert multi.stats.steps - steps_before == multi.stats.dispatches - dispatches_before  # k = 1
+    loop = multi.stats().loop.since(before)
+    assert loop.steps == loop.dispatches  # k = 1
     assert token_ids(many) == token_ids(one)
     for a, b in zip(one[2].outputs[0].logprobs, many[2].outputs[0].logprobs):
         assert a.keys() == b.keys()
@@ -104,8 +107,8 @@ def test_k_step_with_preemption_and_no_compiles(tiny_llama_dir, single):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert token_ids(got) == expected
     assert compiles == []
-    assert small.scheduler.num_preemptions > 0
-    assert small.scheduler.blocks.num_free_pages == small.scheduler.blocks.num_pages
+    assert small.stats().num_preemptions > 0
+    assert small.stats().num_free_pages == small.stats().num_pages
 
 
 def test_decode_steps_is_validated(tiny_llama_dir):
@@ -125,7 +128,6 @@ def test_pages_filled_by_generated_tokens_are_cached(engine_name, request):
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     output = engine.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
     follow_up = prompt + list(output.outputs[0].token_ids) + [5]  # 51 tokens: 3 full pages
-    blocks = engine.scheduler.blocks
-    hits_before = blocks.prefix_hits
+    hits_before = engine.stats().prefix_cache_hit_tokens
     engine.generate([{"prompt_token_ids": follow_up}], SamplingParams(max_tokens=1), use_tqdm=False)
-    assert blocks.prefix_hits - hits_before == 48
+    assert engine.stats().prefix_cache_hit_tokens - hits_before == 48

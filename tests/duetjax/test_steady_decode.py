@@ -91,7 +91,7 @@ def test_continuations_equal_fresh_builds_and_change_no_output(tiny_llama_dir, m
     got = engine.generate(batch, params, use_tqdm=False)
     engine.generate(follow_ups(got), short, use_tqdm=False)
     # Pages filled by generated tokens were named for the prefix cache as without the path.
-    assert engine.scheduler.blocks.prefix_hit_rate == plain.scheduler.blocks.prefix_hit_rate > 0.5
+    assert engine.stats().prefix_cache_hit_rate == plain.stats().prefix_cache_hit_rate > 0.5
     assert token_ids(got) == token_ids(expected)
     assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in expected]
     for a, b in zip(got, expected):
@@ -99,8 +99,8 @@ def test_continuations_equal_fresh_builds_and_change_no_output(tiny_llama_dir, m
     # The path ran (55 and 7 times here), at several batch sizes.
     assert len(checked_continuations) >= {1: 40, 4: 5}[decode_steps]
     assert len(set(checked_continuations)) >= 2
-    blocks = engine.scheduler.blocks
-    assert blocks.num_free_pages == blocks.num_pages
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_pages
 
 
 def test_arrivals_aborts_and_preemption_leave_the_steady_path_cleanly(tiny_llama_dir, monkeypatch,
@@ -130,8 +130,8 @@ def test_arrivals_aborts_and_preemption_leave_the_steady_path_cleanly(tiny_llama
         expected = run(make(tiny_llama_dir, **small))
     engine = make(tiny_llama_dir, **small)
     assert run(engine) == expected
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.stats().num_preemptions > 0
     assert expected[1][1] is None  # aborted: its last streamed output is unfinished
     assert len(checked_continuations) >= 5
-    blocks = engine.scheduler.blocks
-    assert blocks.num_free_pages == blocks.num_pages
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_pages

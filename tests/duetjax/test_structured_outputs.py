@@ -82,10 +82,10 @@ def best_allowed_tokens(engine, prompt_ids, output_ids, params):
     matcher = engine.admission.grammar_compiler().matcher(params)
     requests, biases = [], []
     for i, token in enumerate(output_ids):
-        mask = all_tokens_mask(1, engine.model.config.vocab_size)
+        mask = all_tokens_mask(1, engine.vocab_size)
         fill_token_mask(matcher, mask, 0)
         allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")
-                                 [:engine.model.config.vocab_size])
+                                 [:engine.vocab_size])
         assert len(allowed) <= 300, "too many allowed tokens for a logit_bias reference"
         requests.append({"prompt_token_ids": prompt_ids + output_ids[:i]})
         biases.append(SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
@@ -141,8 +141,8 @@ def test_constrained_and_free_requests_share_batches_without_changing_each_other
     params = [p for p in free + constrained for _ in PROMPTS]
     together = token_ids(engine.generate(PROMPTS * 4, params, use_tqdm=False))
     assert [together[i:i + len(PROMPTS)] for i in range(0, len(together), len(PROMPTS))] == alone
-    assert engine.scheduler.num_constrained == 0
-    assert engine.scheduler.blocks.num_free_pages == engine.scheduler.blocks.num_pages
+    assert engine.stats().num_constrained == 0
+    assert engine.stats().num_free_pages == engine.stats().num_pages
 
 
 def test_constrained_requests_survive_preemption(engine, chat_dir):
@@ -151,7 +151,7 @@ def test_constrained_requests_survive_preemption(engine, chat_dir):
     small = Engine(chat_dir, dtype="float32", kv_cache_tokens=64, max_model_len=64,
                    max_num_batched_tokens=16, max_num_seqs=4, show_progress=False)
     assert token_ids(small.generate(PROMPTS, params, use_tqdm=False)) == want
-    assert small.scheduler.num_preemptions > 0
+    assert small.stats().num_preemptions > 0
 
 
 def test_nothing_compiles_for_constrained_requests(engine):

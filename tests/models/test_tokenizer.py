@@ -161,3 +161,10 @@ def test_missing_chat_template_is_a_clear_error(smollm2_dir, tmp_path):
 def test_missing_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_id_to_token_gives_the_vocabulary_entry_and_none_past_it(tok):
+    ids = tok.encode(" the", add_special_tokens=False)
+    assert [tok.id_to_token(i) for i in ids] == ["Ġthe"]  # the stored piece, not " the"
+    assert tok.id_to_token(tok.token_to_id("<|im_end|>")) == "<|im_end|>"
+    assert tok.id_to_token(tok.vocab_size) is None

@@ -17,12 +17,12 @@ def test_decode_section_times_k_step_dispatches_and_frees_pages(tiny_llama_dir, 
     engine = Engine(str(tiny_llama_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
                     max_model_len=64, decode_steps=steps, compile_on_start=False,
                     show_progress=False)
-    free = engine.scheduler.blocks.num_free_pages
+    free = engine.stats().num_free_pages
     rows = be.decode_section(engine, {"copy_tb_s": 1.0}, [2], context=20, steps=steps)
-    assert engine.scheduler.blocks.num_free_pages == free
+    assert engine.stats().num_free_pages == free
     assert rows[0]["steps_per_dispatch"] == steps and rows[0]["step_ms"] > 0
     # The k-step bucket ran (compiled on first use), not k single steps.
-    assert any(b.multi_step == (steps > 1) and b.steps == steps for b in engine.runner._executables)
+    assert any(b.multi_step == (steps > 1) and b.steps == steps for b in engine.compiled_buckets())
 
 
 def test_host_section_reports_the_median_run_and_its_parts(tiny_llama_dir):

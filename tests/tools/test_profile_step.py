@@ -51,6 +51,6 @@ def test_trace_prefill_runs_and_frees_its_pages(tiny_llama_dir):
 
     engine = Engine(str(tiny_llama_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
                     max_model_len=64, compile_on_start=False, show_progress=False)
-    free = engine.scheduler.blocks.num_free_pages
+    free = engine.stats().num_free_pages
     assert ps.trace_prefill(engine, 24, steps=2) == {"kernels": 0}
-    assert engine.scheduler.blocks.num_free_pages == free
+    assert engine.stats().num_free_pages == free

@@ -93,7 +93,7 @@ def test_shutdown_aborts_what_outlives_the_drain_timeout(engine):
                 pass
         with pytest.raises(EngineDrainingError):
             await ae.add_request("z", LONG)
-        assert engine.scheduler.blocks.num_free_pages == engine.scheduler.blocks.num_pages
+        assert engine.stats().num_free_pages == engine.stats().num_pages
     run(engine, body)
 
 
