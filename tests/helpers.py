@@ -11,13 +11,9 @@ from safetensors.numpy import save_file
 from models.checkpoint import FUSED, hf_names, member_features, random_params
 from models.config import ModelConfig
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-    "bos_token_id": 1, "eos_token_id": 2,
-}
+TINY_LLAMA = json.loads((Path(__file__).parents[1] / "models" / "configs" / "tiny-llama"
+                         / "config.json").read_text())
+"""A 2-layer Llama of width 64 (the shipped ``tiny-llama`` config)."""
 
 
 def write_random_checkpoint(directory: Path, hf_config: dict, seed: int = 0, scale: float = 5.0,

@@ -37,13 +37,8 @@ from duetjax.sampler import SampledTokens  # noqa: E402
 from duetjax.sampling_params import MAX_LOGPROBS  # noqa: E402
 from duetjax.step_inputs import Bucket  # noqa: E402
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-    "bos_token_id": 1, "eos_token_id": 2,
-}
+TINY_LLAMA = json.loads((Path(__file__).parents[1] / "models" / "configs" / "tiny-llama"
+                         / "config.json").read_text())
 """The model: a small one, so that the host's work dominates (its random weights are made by
 ``load_format="dummy"``)."""
 

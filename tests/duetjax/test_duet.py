@@ -62,6 +62,21 @@ def duet_engine(tiny_llama_dir, profile_and_slo, **options):
     return engine
 
 
+def run_counting_splits(duet, params, busy):
+    """Runs PROMPTS with ``params`` step by step; (outputs in order, split iterations that
+    began while ``busy(duet.stats())`` held)."""
+    ids = [duet.add_request(p, q) for p, q in zip(PROMPTS, params)]
+    results, splits = {}, 0
+    while duet.has_unfinished_requests():
+        stats = duet.stats()
+        for output in duet.step():
+            if output.finished:
+                results[output.request_id] = output
+        if busy(stats):
+            splits += duet.stats().split_iterations - stats.split_iterations
+    return [results[i] for i in ids], splits
+
+
 @pytest.fixture(scope="module")
 def duet(tiny_llama_dir, profile_and_slo):
     engine = duet_engine(tiny_llama_dir, profile_and_slo)
@@ -345,18 +360,11 @@ def test_structured_outputs_keep_iterations_aggregated(profile_and_slo, tmp_path
     want = token_ids(Engine(chat, **CONFIG).generate(PROMPTS, params, use_tqdm=False))
     duet = duet_engine(chat, profile_and_slo)
     try:
-        ids = [duet.add_request(p, q) for p, q in zip(PROMPTS, params)]
-        results, splits_while_constrained = {}, 0
-        while duet.has_unfinished_requests():
-            constrained_in, before = duet.stats().num_constrained, duet.stats().split_iterations
-            for output in duet.step():
-                if output.finished:
-                    results[output.request_id] = output
-            if constrained_in:
-                splits_while_constrained += duet.stats().split_iterations - before
-        assert [results[i].outputs[0].token_ids for i in ids] == want
+        got, splits_while_constrained = run_counting_splits(
+            duet, params, lambda stats: stats.num_constrained)
+        assert token_ids(got) == want
         assert splits_while_constrained == 0 and duet.stats().split_iterations > 0
-        assert all("a" <= c <= "z" for c in results[ids[0]].outputs[0].text)
+        assert all("a" <= c <= "z" for c in got[0].outputs[0].text)
     finally:
         duet.close()
 
@@ -417,16 +425,9 @@ def test_prompt_logprobs_keep_iterations_aggregated_while_their_prompt_prefills(
     params = [dataclasses.replace(p, prompt_logprobs=n)
               for p, n in zip(PARAMS, (None, 2, None, None, 0, None, None, None))]
     want = Engine(tiny_llama_dir, **CONFIG).generate(PROMPTS, params, use_tqdm=False)
-    ids = [duet.add_request(p, q) for p, q in zip(PROMPTS, params)]
-    results, splits, splits_while_prefilling = {}, duet.stats().split_iterations, 0
-    while duet.has_unfinished_requests():
-        prefilling, before = duet.stats().num_prompt_logprobs, duet.stats().split_iterations
-        for output in duet.step():
-            if output.finished:
-                results[output.request_id] = output
-        if prefilling:
-            splits_while_prefilling += duet.stats().split_iterations - before
-    got = [results[i] for i in ids]
+    splits = duet.stats().split_iterations
+    got, splits_while_prefilling = run_counting_splits(
+        duet, params, lambda stats: stats.num_prompt_logprobs)
     assert token_ids(got) == token_ids(want)
     assert splits_while_prefilling == 0 and duet.stats().split_iterations > splits
     for a, b in zip(got, want):
