@@ -111,7 +111,6 @@ class Engine:
         self.output_processor = OutputProcessor(self.scheduler)
         self.executor = LocalExecutor(self.runner, self.output_processor, config, cfg.vocab_size,
                                       learner=self.duet if self.duet is not None else self.token_budget)
-        self.scheduler.fill_slot = self.executor.fill_slot
         self.stats = LoopStats()
         self.split_executor = (SplitExecutor(self.duet, self.output_processor, self.executor,
                                              config, self.stats) if self.duet is not None else None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Callable
 
 import numpy as np
 
@@ -53,6 +52,9 @@ class SchedulerOutput:
     by arithmetic, and its rows' fixed facts are gathered once, here."""
     rows_at_limit: list[int] = dataclasses.field(default_factory=list)
     """Of a continuing dispatch: the rows whose token limit its tokens reach."""
+    slots_to_fill: list[Request] = dataclasses.field(default_factory=list)
+    """Requests admitted with a fresh penalty slot whose slot tables (prompt tokens, logit
+    biases) must be written before any step of theirs is launched (``LocalExecutor.launch``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -72,7 +74,7 @@ def split_batch(batch: SchedulerOutput) -> tuple[SchedulerOutput, SchedulerOutpu
     """(prefill chunks, k-step decodes) of a batch scheduled with ``split=True``."""
     decode = [s for s in batch.scheduled if _decoding(s.request) and s.num_new_tokens == 1]
     prefill = [s for s in batch.scheduled if not (_decoding(s.request) and s.num_new_tokens == 1)]
-    return (SchedulerOutput(prefill, batch.preempted),
+    return (SchedulerOutput(prefill, batch.preempted, slots_to_fill=batch.slots_to_fill),
             SchedulerOutput(decode, [], batch.num_steps if decode else 1))
 
 
@@ -137,8 +139,7 @@ class _SteadyDecode:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int,
-                 fill_slot: Callable[[Request], None] | None = None):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int):
         self.config = config
         self.max_model_len = max_model_len
         self.blocks = block_manager
@@ -148,9 +149,6 @@ class Scheduler:
         # logit biases, held from its first admission to its end (a preempted request keeps
         # its counts).
         self.free_penalty_slots: deque[int] = deque(range(config.max_num_seqs))
-        self.fill_slot = fill_slot
-        """Writes the slot tables of a request that ``fills_slot`` once it gets a slot, before
-        any step of it is launched (``LocalExecutor.fill_slot``; it may end the request instead)."""
         self.num_preemptions = 0
         """Requests sent back to the queue for lack of KV pages (they are recomputed later)."""
         self.num_finished = 0
@@ -259,6 +257,7 @@ class Scheduler:
             index += 1
 
         num_running = len(scheduled)
+        slots_to_fill: list[Request] = []
         while (self.waiting and budget > 0 and not preempted and not stalled
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
@@ -267,10 +266,6 @@ class Scheduler:
                     break
                 request.penalty_slot = self.free_penalty_slots.popleft()
                 request.penalty_slot_fresh = True
-                if request.params.fills_slot and self.fill_slot is not None:
-                    self.fill_slot(request)
-                    if request.is_finished:  # (the engine failed it: its tables were refused)
-                        continue
             if request.prompt_logprobs is None:  # (prompt logprobs need every position computed)
                 self.blocks.match_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -280,6 +275,8 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if request.penalty_slot_fresh and request.params.fills_slot:  # (no step of it ran yet)
+                slots_to_fill.append(request)
             self.blocks.record_lookup(request)
             self.blocks.grow(request, target)
             request.status = RequestStatus.RUNNING
@@ -292,7 +289,8 @@ class Scheduler:
             k = 1
             for item in scheduled:
                 item.num_steps = 1
-        output = SchedulerOutput(scheduled, preempted, k if scheduled else 1)
+        output = SchedulerOutput(scheduled, preempted, k if scheduled else 1,
+                                 slots_to_fill=slots_to_fill)
         if (scheduled and not split and not preempted and not self.waiting
                 and len(scheduled) == len(self.running)):
             self._steady = self._steady_after(output, decode_steps)
