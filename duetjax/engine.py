@@ -226,7 +226,7 @@ class Engine:
         if launched is not None:
             launch_seconds = self.runner.last_launch_seconds
             prepared = time.perf_counter()
-            processor.reserve(batch, launched, executor.in_flight)
+            processor.reserve(batch, launched)
             self.scheduler.commit(batch)
         marked = time.perf_counter()
         ready, read_waited = processor.process(executor.in_flight) if executor.in_flight else ([], 0.0)

@@ -413,9 +413,9 @@ class ModelRunner:
         b = bucket_for(batch, self.config)
         reuse = self._reuse
         previous_tokens = previous.last_tokens if previous is not None else None
-        if (batch.continues is not None and previous is not None and reuse.packed is not None
-                and previous.batch.scheduled is batch.scheduled):
-            # (the same settings as the step it continues: the same sampler flags)
+        if batch.continues is not None and previous is not None and reuse.packed is not None:
+            # (a continuation follows the dispatch of its rows launched last, still in flight
+            # here, whose inputs ``reuse`` holds: the same settings, the same sampler flags)
             packed = continue_packed(batch, self.page_size, reuse)
             sampled, last, _ = self.execute(b, None, previous_tokens, batch.num_steps,
                                             reuse.sampler_flags, reuse, packed)

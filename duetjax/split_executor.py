@@ -226,7 +226,7 @@ class SplitExecutor:
             self.duet.worker_failed(worker, e)
             self._requeue(part)
             return None
-        self.outputs.reserve(part, launched, None)
+        self.outputs.reserve(part, launched)
         self.scheduler.commit(part)
         return launched
 
