@@ -20,14 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-
-import pallas_kernels
 
 from . import mps
 from .config import ConfigError
 from .correction import Correction, CorrectedRoofline, StepOverhead
-from .model_runner import ModelRunner, plan_num_pages
 from .optimizer import AGGREGATED, Decision, ModeController, OptimizerConfig, StaticController
 from .roofline import DeviceProfile, ModelShape, Roofline, load_profile
 from .shared_state import SharedState
@@ -173,53 +169,6 @@ def build_roofline(model_config: Any, dtype: Any, engine_config: Any, max_model_
     shape = ModelShape.from_config(model_config, dtype_bytes=jax.numpy.dtype(dtype).itemsize)
     roofline = Roofline(shape, profile, step_padding(engine_config, max_model_len))
     return CorrectedRoofline(roofline, correction) if correction is not None else roofline
-
-
-def duet_kv_bytes(free_bytes: int, weight_bytes: int, workers: int, worker_reserve_gib: float,
-                  kv_tokens: int | None, kv_bytes_per_token: int) -> int:
-    """GPU memory the KV pool may take in duet mode: what is free once the weights' shared copy
-    (allocated beside the loaded one) and every worker's reserve are set aside. ValueError,
-    before anything is allocated, when ``kv_tokens`` asks for more than that."""
-    gib = 2**30
-    reserve = int(workers * worker_reserve_gib * gib)
-    left = free_bytes - weight_bytes - reserve
-    if left <= 0 or (kv_tokens is not None and kv_tokens * kv_bytes_per_token > left):
-        fits = max(left, 0) // kv_bytes_per_token
-        asked = (f"a KV pool of {kv_tokens} tokens ({kv_tokens * kv_bytes_per_token / gib:.1f} GiB)"
-                 if kv_tokens is not None else "a KV pool")
-        raise ValueError(
-            f"duet mode cannot fit {asked}: the GPU has {free_bytes / gib:.1f} GiB free, the "
-            f"weights' shared copy takes {weight_bytes / gib:.1f} GiB and {workers} workers "
-            f"reserve {reserve / gib:.1f} GiB (duet_worker_reserve_gib), which leaves room for "
-            f"{fits} tokens: lower --kv-cache-tokens, or start fewer worker pairs "
-            f"(--duet-pairs)")
-    return left
-
-
-def shared_runner(model: Any, config: Any, max_model_len: int) -> tuple[Any, ModelRunner]:
-    """Duet mode's runner: weights, KV pool and counts in buffers the workers attach to.
-    Returns the model without its own weights (one copy: the shared one) and the runner."""
-    free = None
-    cfg = model.config
-    if jax.default_backend() == "gpu":
-        import cupy
-        pairs = config.active_duet_pairs
-        free = duet_kv_bytes(
-            free_bytes=cupy.cuda.runtime.memGetInfo()[0],
-            weight_bytes=sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(model.params)),
-            workers=len({p for p, _ in pairs} | {d for _, d in pairs}),
-            worker_reserve_gib=config.duet_worker_reserve_gib,
-            kv_tokens=config.kv_cache_tokens,
-            kv_bytes_per_token=pallas_kernels.kv_bytes_per_token(
-                cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, np.dtype(model.dtype).itemsize))
-    num_pages = plan_num_pages(model, config, free)
-    shared = SharedState.create(
-        model.params,
-        pallas_kernels.kv_pool_shape(cfg.num_layers, num_pages, cfg.num_kv_heads,
-                                     config.page_size, cfg.head_dim),
-        model.dtype, (config.max_num_seqs, cfg.vocab_size))
-    model = dataclasses.replace(model, params=None)
-    return model, ModelRunner(model, config, max_model_len, num_pages=num_pages, shared=shared)
 
 
 def stream_steps(k: int, t_decode: float, tbt_slo_s: float) -> int:

@@ -26,7 +26,7 @@ from .block_manager import BlockManager
 from .compilation_cache import enable_compilation_cache
 from .config import EngineConfig
 from .correction import Correction
-from .duet import Duet, DuetStats, build_roofline, device_profile, prepare_process, shared_runner
+from .duet import Duet, DuetStats, build_roofline, device_profile, prepare_process
 from .engine_stats import EngineStats
 from .executor import LocalExecutor
 from .loop_stats import LoopStats
@@ -86,19 +86,19 @@ class Engine:
         self.max_model_len = limit
         enable_compilation_cache(self.config.compilation_cache_dir)
         self.duet: Duet | None = None
-        if self.mode == "duet":
-            self.model, self.runner = shared_runner(self.model, self.config, self.max_model_len)
-        else:
-            self.runner = ModelRunner(self.model, self.config, self.max_model_len)
+        # Duet mode: weights, KV pool and counts in buffers the workers attach to.
+        self.runner = ModelRunner(self.model, self.config, self.max_model_len,
+                                  shared=self.mode == "duet")
+        self.model = self.runner.model  # (shared: without weights of its own, the runner's alone)
         log.info("mode %s (%s)", self.mode, why)
         if self.config.compile_on_start:
             self.runner.compile_all(show_progress=show_progress)
         if self.mode == "duet":  # after compiling: prefill workers load the same executables
             try:
                 self.duet = Duet(self.model, self.config, self.max_model_len,
-                                 self.runner.num_pages, self.runner.shared, daemon, profile)
+                                 self.runner.num_pages, self.runner.state.shared, daemon, profile)
             except BaseException:
-                self.runner.shared.close()
+                self.runner.state.close()
                 raise
         self.token_budget = self._slo_token_budget(profile)
         """Aggregated mode with a TBT SLO: each iteration's token budget (None: the fixed one)."""
@@ -115,7 +115,6 @@ class Engine:
         self.output_processor = OutputProcessor(self.scheduler)
         self.executor = LocalExecutor(self.runner, self.output_processor, config, cfg.vocab_size,
                                       learner=self.duet if self.duet is not None else self.token_budget)
-        self.scheduler.fill_slot = self.executor.fill_slot
         self.loop_stats = LoopStats()
         """Where the host loop's time goes (read it through ``stats()``)."""
         self._num_steps = 0
@@ -306,7 +305,7 @@ class Engine:
         if launched is not None:
             launch_seconds = self.runner.last_launch_seconds
             prepared = time.perf_counter()
-            processor.reserve(batch, launched, executor.in_flight)
+            processor.reserve(batch, launched)
             self.scheduler.commit(batch)
         marked = time.perf_counter()
         ready, read_waited = processor.process(executor.in_flight) if executor.in_flight else ([], 0.0)

@@ -18,7 +18,6 @@ from .config import EngineConfig
 from .model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .prompt_logprobs import chunks_of
-from .request import Request
 from .scheduler import SchedulerOutput
 from .step_inputs import bucket_for, build_inputs
 from .structured_outputs import all_tokens_mask, fill_token_mask
@@ -49,6 +48,10 @@ class LocalExecutor:
         """Launches ``batch`` behind the step in flight (whose tokens it reads on the device).
         None: not launched, because some of its requests' inputs cannot be built; those fail
         alone, and the others are scheduled again next step."""
+        if batch.slots_to_fill:
+            self.fill_slots(batch)
+            if not batch.scheduled:
+                return None
         token_mask = self._token_mask(batch)
         prompt_chunks = (chunks_of(batch) if self.scheduler.num_prompt_logprobs
                          and batch.continues is None else None)
@@ -87,13 +90,19 @@ class LocalExecutor:
         return self.in_flight is not None and any(
             not item.request.is_finished for item in self.in_flight.batch.scheduled)
 
-    def fill_slot(self, request: Request) -> None:
-        """The scheduler's ``fill_slot``: a request whose slot tables cannot be written fails
-        alone (the scheduler then leaves it out)."""
-        try:
-            self.runner.fill_slot(request)
-        except Exception as error:
-            self.outputs.fail(request, error)
+    def fill_slots(self, batch: SchedulerOutput) -> None:
+        """Writes the slot tables of the requests ``batch`` admitted with a fresh penalty slot
+        (``slots_to_fill``), before any step of theirs is launched. A request whose tables
+        cannot be written fails alone and leaves the batch."""
+        failed = False
+        for request in batch.slots_to_fill:
+            try:
+                self.runner.fill_slot(request)
+            except Exception as error:
+                self.outputs.fail(request, error)
+                failed = True
+        if failed:
+            batch.scheduled = [item for item in batch.scheduled if not item.request.is_finished]
 
     def _token_mask(self, batch: SchedulerOutput) -> np.ndarray | None:
         """The allowed tokens of the batch's rows that sample a constrained token (None when

@@ -1,5 +1,5 @@
-"""The executor: owns every device array (weights, KV pool, penalty counts and slot tables)
-and the compiled steps.
+"""The model runner: owns the device state (``device_state.py``: weights, KV pool, penalty
+counts and slot tables), the only writer of it, and the compiled steps.
 
 One step runs the model over a ragged batch (prefill chunks and decode tokens together) and
 samples on the device (``sampler.sample_basic``; a second, small executable runs the full
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from models.decoder import Decoder
 
 from . import prompt_logprobs
 from .config import EngineConfig
+from .device_state import DeviceState, plan_num_pages, shared_kv_bytes
 from .prompt_logprobs import PromptChunk, PromptLogprobsInFlight
 from .request import Request
 from .sampling_params import SamplingParams
@@ -36,7 +37,7 @@ from .sampler import (SampledTokens, SlotTables, apply_token_mask, fill_slot, ne
                       sample_basic, sample_full, slot_row, wants_logprobs, with_logprobs)
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
-from .shared_state import SharedState
+from .shared_state import SharedLayout
 from .structured_outputs import all_tokens_mask, token_mask_width
 from .step_inputs import (Bucket, Reuse, StepInputs, advanced, bucket, bucket_for, build_inputs,
                           continue_packed, layout_of, pack, plan_buckets, unpack, unpack_on_device)
@@ -95,60 +96,40 @@ class InFlight:
         return SampledTokens(take(self.sampled.token_ids), None, None, None)
 
 
-def plan_num_pages(model: LoadedModel, config: EngineConfig, free_bytes: int | None = None) -> int:
-    """KV pool pages: ``kv_cache_tokens``, else a share of the free GPU memory (``free_bytes``,
-    default what XLA reports), else the CPU default."""
-    cfg = model.config
-    per_token = pallas_kernels.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                                  jnp.dtype(model.dtype).itemsize)
-    tokens = config.kv_cache_tokens
-    if tokens is None and jax.default_backend() == "gpu":
-        if free_bytes is None:
-            stats = jax.devices()[0].memory_stats() or {}
-            free_bytes = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-        tokens = int(free_bytes * config.kv_cache_memory_fraction) // per_token
-    if tokens is None:
-        tokens = config.cpu_kv_cache_tokens
-    pages = tokens // config.page_size
-    log.info("KV pool: %d pages of %d tokens (%.2f GiB)", pages, config.page_size,
-             pages * config.page_size * per_token / 2**30)
-    return pages
-
-
 class ModelRunner:
-    """Runs steps on this process's device. With ``shared``, weights, KV pool and penalty
-    counts are views of buffers shared with other processes (DuetServe workers); otherwise the
-    pool and counts are allocated here."""
+    """Runs steps on this process's device, and holds its device state (``DeviceState``:
+    weights, KV pool, penalty counts and slot tables), which only it writes. ``shared``: the
+    state lives in buffers DuetServe's worker processes attach to (the engine's runner);
+    ``attach``: the layout of those buffers (a worker's runner)."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig, max_model_len: int, *,
                  num_pages: int | None = None, decode_steps: tuple[int, ...] | None = None,
-                 shared: SharedState | None = None):
-        self.model = model
+                 shared: bool = False, attach: SharedLayout | None = None):
         self.config = config
         cfg = model.config
         self.page_size = config.page_size
         self.max_pages_per_seq = -(-max_model_len // config.page_size)
-        self.num_pages = num_pages if num_pages is not None else plan_num_pages(model, config)
+        if num_pages is None:
+            num_pages = plan_num_pages(model, config, shared_kv_bytes(model, config) if shared else None)
+        self.num_pages = num_pages
         if self.num_pages < self.max_pages_per_seq:
             raise ValueError(
                 f"the KV pool holds {self.num_pages * self.page_size} tokens, less than "
                 f"max_model_len={max_model_len}; lower max_model_len or raise kv_cache_tokens")
         self.max_seqs = bucket(config.max_num_seqs)
-        self.shared = shared
-        if shared is None:
-            self.params = model.params
-            self.kv_pool = jnp.zeros(self.kv_pool_shape, model.dtype)
-            # Generated-token counts of penalized requests, one row per scheduler slot, and
-            # what repetition penalties and logit biases read (``SlotTables``) per slot.
-            self.token_counts = jnp.zeros(self.token_counts_shape, jnp.int32)
-            self.slot_tables = SlotTables.zeros(*self.token_counts_shape)
+        kv_pool_shape = pallas_kernels.kv_pool_shape(cfg.num_layers, self.num_pages,
+                                                     cfg.num_kv_heads, self.page_size, cfg.head_dim)
+        token_counts_shape = (config.max_num_seqs, cfg.vocab_size)
+        if attach is not None:
+            self.state = DeviceState.attach(attach)
         else:
-            self.params, self.kv_pool = shared.params(), shared.kv_pool()
-            self.token_counts = shared.token_counts()
-            self.slot_tables = shared.slot_tables()
-        self.writes_slots = shared is None or shared.owner
+            self.state = DeviceState.allocate(model.params, kv_pool_shape, model.dtype,
+                                              token_counts_shape, shared)
+        self.model = dataclasses.replace(model, params=None) if self.state.shared else model
+        """The model; in shared buffers its weights are the state's alone (one copy)."""
+        self.writes_slots = self.state.owner
         """This process fills slot tables (``fill_slot``): the engine's, not a worker's."""
-        self.computes_prompt_logprobs = shared is None or shared.owner
+        self.computes_prompt_logprobs = self.state.owner
         """The engine's runner: duet workers never run prompt positions of a request that asks
         for prompt logprobs (iterations stay aggregated while one prefills)."""
         unroll = config.scan_unroll
@@ -184,14 +165,14 @@ class ModelRunner:
         self._fill_slot_executable: jax.stages.Compiled | None = None
 
     @property
-    def kv_pool_shape(self) -> tuple[int, ...]:
-        cfg = self.model.config
-        return pallas_kernels.kv_pool_shape(cfg.num_layers, self.num_pages, cfg.num_kv_heads,
-                                            self.page_size, cfg.head_dim)
+    def params(self) -> Any:
+        """The weights (read-only: the state is written by the runner alone)."""
+        return self.state.params
 
     @property
-    def token_counts_shape(self) -> tuple[int, int]:
-        return self.config.max_num_seqs, self.model.config.vocab_size
+    def kv_pool(self) -> jax.Array:
+        """The KV pool (read-only: the state is written by the runner alone)."""
+        return self.state.kv_pool
 
     def compiled_buckets(self) -> list[Bucket]:
         """The step shapes compiled so far."""
@@ -225,6 +206,7 @@ class ModelRunner:
             sampled, _, _ = self.execute(b, inputs, None, b.steps)
             jax.block_until_ready(sampled)
         vocab = self.model.config.vocab_size
+        state = self.state
         for num_seqs, samplers in self._samplers.items():
             x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size,
                              self.max_pages_per_seq)
@@ -232,18 +214,18 @@ class ModelRunner:
             logits, _, _ = samplers.masked(jnp.zeros((num_seqs, vocab), jnp.float32),
                                            all_tokens_mask(num_seqs, vocab), settings)
             # penalties neither reset nor count on padding: the counts come back unchanged
-            sampled, _, self.token_counts = samplers.full(
-                logits, self.token_counts, self.slot_tables, settings)
+            sampled, _, state.token_counts = samplers.full(
+                logits, state.token_counts, state.slot_tables, settings)
             jax.block_until_ready(samplers.logprobs(logits, sampled.token_ids))
         hidden_size = self.model.config.hidden_size
         for num_tokens, executable in self._prompt_logprobs.items():
-            jax.block_until_ready(executable(self.params, jnp.zeros((num_tokens, hidden_size),
+            jax.block_until_ready(executable(state.params, jnp.zeros((num_tokens, hidden_size),
                                                                     self.model.dtype),
                                              np.zeros(num_tokens, np.int32)))
         if self._fill_slot_executable is not None:  # a slot out of range: nothing is written
-            self.slot_tables = self._fill_slot_executable(self.slot_tables,
-                                                          _packed(self._slot_inputs(None)))
-            jax.block_until_ready(self.slot_tables)
+            state.slot_tables = self._fill_slot_executable(state.slot_tables,
+                                                           _packed(self._slot_inputs(None)))
+            jax.block_until_ready(state.slot_tables)
         log.info("ran %d buckets once in %.1fs", len(buckets), time.perf_counter() - start)
 
     @property
@@ -263,7 +245,7 @@ class ModelRunner:
     def _compile(self, b: Bucket) -> jax.stages.Compiled:
         start = time.perf_counter()
         inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
-        args = (self.params, self.kv_pool, self._no_previous, _packed(inputs))
+        args = (self.state.params, self.state.kv_pool, self._no_previous, _packed(inputs))
         if b.multi_step:
             lowered = self._jitted_multi_step.lower(*args, layout=layout_of(inputs), num_steps=b.steps)
         else:
@@ -281,7 +263,7 @@ class ModelRunner:
         settings = (x.sampling, x.penalties)
         options = self._compiler_options
         compiled = Samplers(
-            self._jitted_full_sampler.lower(logits, self.token_counts, self.slot_tables,
+            self._jitted_full_sampler.lower(logits, self.state.token_counts, self.state.slot_tables,
                                             _packed(settings), layout=layout_of(settings)
                                             ).compile(compiler_options=options),
             self._jitted_logprobs.lower(logits, jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
@@ -298,7 +280,7 @@ class ModelRunner:
         start = time.perf_counter()
         hidden = jax.ShapeDtypeStruct((num_tokens, self.model.config.hidden_size), self.model.dtype)
         targets = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
-        compiled = self._jitted_prompt_logprobs.lower(self.params, hidden, targets).compile(
+        compiled = self._jitted_prompt_logprobs.lower(self.state.params, hidden, targets).compile(
             compiler_options=self._compiler_options)
         self._prompt_logprobs[num_tokens] = compiled
         self.compile_seconds += time.perf_counter() - start
@@ -324,7 +306,7 @@ class ModelRunner:
     def _slot_inputs(self, request: Request | None) -> tuple[np.ndarray, SlotTables]:
         """What ``fill_slot`` reads: (int32[1] slot, its row). None: a slot out of range and an
         empty row, which change nothing (compilation, warm-up)."""
-        slots, vocab = self.token_counts_shape
+        slots, vocab = self.state.token_counts.shape
         if request is None:
             return np.asarray([slots], np.int32), slot_row(SamplingParams(), [], vocab)
         return (np.asarray([request.penalty_slot], np.int32),
@@ -338,7 +320,7 @@ class ModelRunner:
         start = time.perf_counter()
         inputs = self._slot_inputs(None)
         self._fill_slot_executable = self._jitted_fill_slot.lower(
-            self.slot_tables, _packed(inputs), layout=layout_of(inputs)
+            self.state.slot_tables, _packed(inputs), layout=layout_of(inputs)
         ).compile(compiler_options=self._compiler_options)
         self.compile_seconds += time.perf_counter() - start
         return self._fill_slot_executable
@@ -346,15 +328,15 @@ class ModelRunner:
     def fill_slot(self, request: Request) -> None:
         """Writes ``request``'s prompt tokens and logit biases into its penalty slot's tables
         (``SlotTables``), before any step samples for it. Launched without waiting (in duet
-        mode ``SharedState.after_fill`` makes the row visible to the workers first)."""
+        mode ``DeviceState.after_fill`` makes the row visible to the workers first)."""
         executable = self._fill_slot_executable
         if executable is None:
             if self.config.compile_on_start:
                 raise RuntimeError("no compiled fill_slot executable")
             executable = self._compile_fill_slot()
-        self.slot_tables = executable(self.slot_tables, _packed(self._slot_inputs(request)))
-        if self.shared is not None:
-            self.shared.after_fill(self, request.penalty_slot)
+        state = self.state
+        state.slot_tables = executable(state.slot_tables, _packed(self._slot_inputs(request)))
+        state.after_fill(request.penalty_slot)
 
     def _read_previous(self, previous: jax.Array, x: StepInputs) -> jax.Array:
         # Tokens sampled by the step still in flight never visit the host: they are read here,
@@ -435,9 +417,9 @@ class ModelRunner:
         b = bucket_for(batch, self.config)
         reuse = self._reuse
         previous_tokens = previous.last_tokens if previous is not None else None
-        if (batch.continues is not None and previous is not None and reuse.packed is not None
-                and previous.batch.scheduled is batch.scheduled):
-            # (the same settings as the step it continues: the same sampler flags)
+        if batch.continues is not None and previous is not None and reuse.packed is not None:
+            # (a continuation follows the dispatch of its rows launched last, still in flight
+            # here, whose inputs ``reuse`` holds: the same settings, the same sampler flags)
             packed = continue_packed(batch, self.page_size, reuse)
             sampled, last, _ = self.execute(b, None, previous_tokens, batch.num_steps,
                                             reuse.sampler_flags, reuse, packed)
@@ -483,23 +465,24 @@ class ModelRunner:
         masked = token_mask is not None
         if reuse is not None:
             reuse.sampler_flags, reuse.packed = sampler_flags, packed
-        if inputs is None and (full or masked or self.shared is not None):  # (the host needs them)
+        state = self.state
+        if inputs is None and (full or masked or state.shared is not None):  # (the host needs them)
             inputs = advanced(unpack(reuse.inputs, packed), self.page_size)
         if (full or logprobs or masked or prompt_targets is not None) and b.multi_step:
             raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
                                "sampler, logprobs, a token mask or prompt logprobs: a scheduler "
                                "bug")
-        args = (self.params, self.kv_pool,
+        args = (state.params, state.kv_pool,
                 self._no_previous if previous_tokens is None else previous_tokens, packed)
         start = time.perf_counter()
         prompt_results = None
         if b.multi_step:
-            sampled, last, self.kv_pool = executable(*args)
+            sampled, last, state.kv_pool = executable(*args)
         else:
-            sampled, last, self.kv_pool, logits, hidden = executable(*args)
+            sampled, last, state.kv_pool, logits, hidden = executable(*args)
             if prompt_targets is not None:
                 prompt_results = self._prompt_logprobs_executable(b.num_tokens)(
-                    self.params, hidden, prompt_targets)
+                    state.params, hidden, prompt_targets)
         if full or logprobs or masked:
             samplers = self._samplers.get(b.num_seqs)
             if samplers is None:
@@ -513,13 +496,12 @@ class ModelRunner:
                 padded[:len(token_mask)] = token_mask
                 allowed, sampled, last = samplers.masked(logits, padded, settings)
             if full:
-                sampled, last, self.token_counts = samplers.full(
-                    allowed, self.token_counts, self.slot_tables, settings)
+                sampled, last, state.token_counts = samplers.full(
+                    allowed, state.token_counts, state.slot_tables, settings)
             if logprobs:  # (the model's distribution, before penalties and masks)
                 sampled = samplers.logprobs(logits, sampled.token_ids)
         self.last_launch_seconds = time.perf_counter() - start
-        if self.shared is not None:
-            self.shared.after_step(self, (b, full), inputs, num_steps)
+        state.after_step((b, full), inputs, num_steps, self.page_size)
         return sampled, last, prompt_results
 
     def _prompt_logprobs_executable(self, num_tokens: int) -> jax.stages.Compiled:

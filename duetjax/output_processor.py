@@ -59,17 +59,12 @@ class OutputProcessor:
         failed, self.failed = self.failed, []
         return failed
 
-    def reserve(self, batch: SchedulerOutput, launched: InFlight, previous: InFlight | None) -> None:
-        """Reserves output slots (PENDING) for the tokens a launched dispatch samples
-        (``previous``: the dispatch launched before it on the same runner, if any)."""
+    def reserve(self, batch: SchedulerOutput, launched: InFlight) -> None:
+        """Reserves output slots (PENDING) for the tokens a launched dispatch samples."""
         launched.finished_at_launch = self.scheduler.num_finished
         if batch.continues is not None:  # the previous dispatch again: only what changes
             k = batch.num_steps
-            if previous is not None and previous.batch.scheduled is batch.scheduled:
-                # (each output grew by k PENDING at that launch, and nothing else since)
-                launched.output_index = [first + k for first in previous.output_index]
-            else:
-                launched.output_index = [len(r.output_token_ids) for r in batch.continues.requests]
+            launched.output_index = batch.continues.reserve(k)
             if k == 1:
                 for request in batch.continues.requests:
                     request.output_token_ids.append(PENDING)
@@ -138,7 +133,7 @@ class OutputProcessor:
         """``process`` for a batch that ``continues`` a steady decode: every row sampled
         k tokens from its ``output_index`` on. Which rows need more than storing their tokens
         (a stop id, the token limit, text or logprobs, a page to name) is known from a few
-        array operations and ``DecodeRows``; those rows take ``_apply_tokens``."""
+        array operations and the ``PersistentBatch``; those rows take ``_apply_tokens``."""
         rows = step.batch.continues
         requests, k = rows.requests, step.batch.num_steps
         tokens = sampled.token_ids  # [k, n]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Callable
 
 import numpy as np
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .persistent_batch import PersistentBatch
 from .request import PENDING, Request, RequestStatus
 
 
@@ -46,13 +46,16 @@ class SchedulerOutput:
     preempted: list[Request]
     num_steps: int = 1
     """Decode steps run by this dispatch (k > 1: a k-step decode of every scheduled request)."""
-    continues: "DecodeRows | None" = None
+    continues: PersistentBatch | None = None
     """Set when this is the previous dispatch again, one decode dispatch later: the same
     ``scheduled`` list (the same requests in the same rows, every one decoding ``num_steps``
     tokens), nothing else changed in between. Its inputs follow from the previous dispatch's
-    by arithmetic, and its rows' fixed facts are gathered once, here."""
+    by arithmetic, and its rows' fixed facts are kept in the persistent batch."""
     rows_at_limit: list[int] = dataclasses.field(default_factory=list)
     """Of a continuing dispatch: the rows whose token limit its tokens reach."""
+    slots_to_fill: list[Request] = dataclasses.field(default_factory=list)
+    """Requests admitted with a fresh penalty slot whose slot tables (prompt tokens, logit
+    biases) must be written before any step of theirs is launched (``LocalExecutor.launch``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -72,73 +75,12 @@ def split_batch(batch: SchedulerOutput) -> tuple[SchedulerOutput, SchedulerOutpu
     """(prefill chunks, k-step decodes) of a batch scheduled with ``split=True``."""
     decode = [s for s in batch.scheduled if _decoding(s.request) and s.num_new_tokens == 1]
     prefill = [s for s in batch.scheduled if not (_decoding(s.request) and s.num_new_tokens == 1)]
-    return (SchedulerOutput(prefill, batch.preempted),
+    return (SchedulerOutput(prefill, batch.preempted, slots_to_fill=batch.slots_to_fill),
             SchedulerOutput(decode, [], batch.num_steps if decode else 1))
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeRows:
-    """What stays fixed for the rows of a steady decode batch, gathered at its first
-    continuation (the host loop's per-step checks then cost about one operation per step,
-    not one per request)."""
-
-    requests: list[Request]
-    special_rows: list[int]
-    """Rows whose requests are not ``plain`` (text or logprobs to produce)."""
-    stop_ids: np.ndarray
-    """int64[m]: every row's stop ids together (a row that samples one is checked exactly)."""
-    first_output: int
-    """Row 0's output index of the first token the first continuation samples."""
-    rows_by_phase: list[list[int]]
-    """Rows by (prompt + outputs) % page_size at the first continuation: which rows' known
-    tokens fill a page in a later continuation follows from it (``rows_filling_a_page``)."""
-
-    @classmethod
-    def of(cls, requests: list[Request], page_size: int) -> "DecodeRows":
-        stop_ids = frozenset().union(*(r.stop_ids for r in requests))
-        by_phase: list[list[int]] = [[] for _ in range(page_size)]
-        for row, r in enumerate(requests):
-            by_phase[(len(r.prompt_token_ids) + len(r.output_token_ids)) % page_size].append(row)
-        return cls(requests, [row for row, r in enumerate(requests) if not r.plain],
-                   np.fromiter(stop_ids, np.int64, len(stop_ids)),
-                   len(requests[0].output_token_ids), by_phase)
-
-    def rows_filling_a_page(self, first_output: int, num_steps: int) -> list[int]:
-        """Rows whose known tokens fill a page once the dispatch that samples ``num_steps``
-        tokens from row 0's output index ``first_output`` on is read (the page then gets its
-        prefix-cache name)."""
-        page_size = len(self.rows_by_phase)
-        if num_steps > page_size:
-            raise ValueError("more steps per dispatch than tokens per page")
-        shift = first_output - self.first_output  # (every row moved on as far as row 0)
-        return [row for t in range(num_steps)
-                for row in self.rows_by_phase[(page_size - num_steps + t - shift) % page_size]]
-
-
-@dataclasses.dataclass(slots=True)
-class _SteadyDecode:
-    """A decode batch that repeats while nobody joins, leaves, waits or nears a limit: the
-    scheduler then continues it with array arithmetic instead of a pass over its requests."""
-
-    output: SchedulerOutput
-    """The dispatch it continues (the last one scheduled)."""
-    rows: DecodeRows | None
-    """Gathered at its first continuation."""
-    decode_steps: int
-    """The ``decode_steps`` it was scheduled with."""
-    headroom: np.ndarray
-    """int64[n]: tokens each row may still generate before the next dispatch."""
-    target: np.ndarray
-    """int64[n]: tokens with KV once the next dispatch has run."""
-    capacity: np.ndarray
-    """int64[n]: tokens its pages hold."""
-    committed: bool = False
-    """``output`` was launched (``commit``)."""
-
-
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int,
-                 fill_slot: Callable[[Request], None] | None = None):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int):
         self.config = config
         self.max_model_len = max_model_len
         self.blocks = block_manager
@@ -148,9 +90,6 @@ class Scheduler:
         # logit biases, held from its first admission to its end (a preempted request keeps
         # its counts).
         self.free_penalty_slots: deque[int] = deque(range(config.max_num_seqs))
-        self.fill_slot = fill_slot
-        """Writes the slot tables of a request that ``fills_slot`` once it gets a slot, before
-        any step of it is launched (``LocalExecutor.fill_slot``; it may end the request instead)."""
         self.num_preemptions = 0
         """Requests sent back to the queue for lack of KV pages (they are recomputed later)."""
         self.num_finished = 0
@@ -162,7 +101,8 @@ class Scheduler:
         """Unfinished requests with prompt logprobs whose prompt is not all computed (launched)
         yet: while there are any, the engine looks for their positions in each batch, and duet
         mode stays aggregated (workers compute no prompt logprobs)."""
-        self._steady: _SteadyDecode | None = None
+        self._steady: PersistentBatch | None = None
+        """The steady decode the next ``schedule`` may continue."""
 
     def add(self, request: Request) -> None:
         needed = self.blocks.pages_needed(len(request.prompt_token_ids) + 1)
@@ -202,7 +142,7 @@ class Scheduler:
         dispatch); a chunk whose pages cannot grow waits. ``budget``: this step's token budget
         (None: ``max_num_batched_tokens``; the SLO-aware budget passes a smaller one)."""
         steady, self._steady = self._steady, None
-        if (steady is not None and steady.committed and not split and not self.waiting
+        if (steady is not None and steady.launched and not split and not self.waiting
                 and steady.decode_steps == decode_steps):
             output = self._continue(steady)
             if output is not None:
@@ -259,6 +199,7 @@ class Scheduler:
             index += 1
 
         num_running = len(scheduled)
+        slots_to_fill: list[Request] = []
         while (self.waiting and budget > 0 and not preempted and not stalled
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
@@ -267,10 +208,6 @@ class Scheduler:
                     break
                 request.penalty_slot = self.free_penalty_slots.popleft()
                 request.penalty_slot_fresh = True
-                if request.params.fills_slot and self.fill_slot is not None:
-                    self.fill_slot(request)
-                    if request.is_finished:  # (the engine failed it: its tables were refused)
-                        continue
             if request.prompt_logprobs is None:  # (prompt logprobs need every position computed)
                 self.blocks.match_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -280,6 +217,8 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if request.penalty_slot_fresh and request.params.fills_slot:  # (no step of it ran yet)
+                slots_to_fill.append(request)
             self.blocks.record_lookup(request)
             self.blocks.grow(request, target)
             request.status = RequestStatus.RUNNING
@@ -292,18 +231,19 @@ class Scheduler:
             k = 1
             for item in scheduled:
                 item.num_steps = 1
-        output = SchedulerOutput(scheduled, preempted, k if scheduled else 1)
+        output = SchedulerOutput(scheduled, preempted, k if scheduled else 1,
+                                 slots_to_fill=slots_to_fill)
         if (scheduled and not split and not preempted and not self.waiting
                 and len(scheduled) == len(self.running)):
             self._steady = self._steady_after(output, decode_steps)
         return output
 
-    def _steady_after(self, output: SchedulerOutput, decode_steps: int) -> _SteadyDecode | None:
+    def _steady_after(self, output: SchedulerOutput, decode_steps: int) -> PersistentBatch | None:
         """The steady state that continues ``output``: when every running request decodes
         ``num_steps`` tokens in it."""
         k, n = output.num_steps, len(output.scheduled)
         if k > self.blocks.page_size or self.num_constrained:
-            # (``DecodeRows`` tracks pages filled by at most one page of tokens; a constrained
+            # (``PersistentBatch`` tracks pages filled by at most one page of tokens; a constrained
             # request sits out every other step)
             return None
         for item in output.scheduled:
@@ -316,9 +256,9 @@ class Scheduler:
                                np.int64, n)
         target = np.fromiter((r.num_computed_tokens for r in requests), np.int64, n) + 2 * k
         capacity = np.fromiter((len(r.block_table) for r in requests), np.int64, n) * self.blocks.page_size
-        return _SteadyDecode(output, None, decode_steps, headroom, target, capacity)
+        return PersistentBatch(output, decode_steps, headroom, target, capacity)
 
-    def _continue(self, steady: _SteadyDecode) -> SchedulerOutput | None:
+    def _continue(self, steady: PersistentBatch) -> SchedulerOutput | None:
         """The steady batch's next dispatch, or None where a row reaches its token limit or
         needs pages that are not free (the full ``schedule`` then handles it). Only rows whose
         next tokens cross into a new page are visited."""
@@ -337,11 +277,10 @@ class Scheduler:
         at_limit = np.flatnonzero(steady.headroom == k).tolist() if least == k else []
         steady.headroom -= k
         steady.target += k
-        if steady.rows is None:
-            steady.rows = DecodeRows.of([item.request for item in scheduled], page_size)
-        steady.output = SchedulerOutput(scheduled, [], k, continues=steady.rows,
-                                        rows_at_limit=at_limit)
-        steady.committed = False
+        if not steady.gathered:
+            steady.gather(page_size)
+        steady.output = SchedulerOutput(scheduled, [], k, continues=steady, rows_at_limit=at_limit)
+        steady.launched = False
         self._steady = steady
         return steady.output
 
@@ -379,7 +318,7 @@ class Scheduler:
         steady = self._steady
         if steady is not None:
             if batch is steady.output:
-                steady.committed = True
+                steady.launched = True
             else:
                 self._steady = None
         if batch.continues is not None:

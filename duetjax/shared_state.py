@@ -2,7 +2,7 @@
 slot tables.
 
 The engine process allocates them once (``SharedState.create``) and its workers attach
-(``SharedState.attach``), so the GPU holds one copy of the weights and one KV pool whatever the
+(``SharedState.attach``), each through its runner's ``DeviceState`` (``device_state.py``), so the GPU holds one copy of the weights and one KV pool whatever the
 number of workers: the pages a prefill worker writes are the pages a decode worker reads. The
 scheduler keeps the processes apart: two concurrent steps never touch the same KV slot or the
 same penalty row.
@@ -117,29 +117,32 @@ class SharedState:
         """The engine process (it allocated the buffers), not a worker."""
         return isinstance(self.buffers, SharedBuffers)
 
-    def after_step(self, runner: Any, key: Any, inputs: StepInputs, num_steps: int) -> None:
-        """Makes a finished step's writes visible to the other processes (see module doc)."""
+    def after_step(self, kv_pool: jax.Array, token_counts: jax.Array, key: Any,
+                   inputs: StepInputs, num_steps: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+        """Makes a launched step's writes visible to the other processes (see module doc):
+        the KV pool and counts to keep (``kv_pool`` and ``token_counts``: what the step
+        returned; ``key`` names its executable)."""
         if not self.on_cpu:
             if key not in self._checked:  # the first run of each executable
-                for name, array in ((KV_POOL, runner.kv_pool), (TOKEN_COUNTS, runner.token_counts)):
+                for name, array in ((KV_POOL, kv_pool), (TOKEN_COUNTS, token_counts)):
                     if array.unsafe_buffer_pointer() != self.buffers.array(name).unsafe_buffer_pointer():
                         raise RuntimeError(f"XLA did not update the shared {name} in place "
                                            f"(executable {key}): the processes would diverge")
                 self._checked.add(key)
-            return
-        pages, offsets = _written_slots(inputs, num_steps, runner.page_size)
+            return kv_pool, token_counts
+        pages, offsets = _written_slots(inputs, num_steps, page_size)
         view = self.buffers.numpy_view(KV_POOL)
-        pool = np.asarray(runner.kv_pool)  # waits for the step
+        pool = np.asarray(kv_pool)  # waits for the step
         view[:, pages, :, :, offsets, :] = pool[:, pages, :, :, offsets, :]
         rows = np.unique(np.asarray(inputs.penalties.slots)[slot_rows(inputs.penalties)])
         if rows.size:
-            self.buffers.numpy_view(TOKEN_COUNTS)[rows] = np.asarray(runner.token_counts)[rows]
-        runner.kv_pool, runner.token_counts = self.kv_pool(), self.token_counts()
+            self.buffers.numpy_view(TOKEN_COUNTS)[rows] = np.asarray(token_counts)[rows]
+        return self.kv_pool(), self.token_counts()
 
-    def after_fill(self, runner: Any, slot: int) -> None:
+    def after_fill(self, tables: SlotTables, slot: int) -> SlotTables:
         """Makes the slot-table row the engine just wrote (``ModelRunner.fill_slot``) visible
-        to the workers before any of them runs a step that reads it."""
-        items = _slot_table_items(runner.slot_tables)
+        to the workers before any of them runs a step that reads it: the tables to keep."""
+        items = _slot_table_items(tables)
         if not self.on_cpu:
             if "fill_slot" not in self._checked:
                 for name, array in items:
@@ -148,11 +151,11 @@ class SharedState:
                         raise RuntimeError(f"XLA did not update the shared slot table {name} in "
                                            "place: the processes would diverge")
                 self._checked.add("fill_slot")
-            jax.block_until_ready(runner.slot_tables)
-            return
+            jax.block_until_ready(tables)
+            return tables
         for name, array in items:
             self.buffers.numpy_view(SLOT_TABLE_PREFIX + name)[slot] = np.asarray(array)[slot]
-        runner.slot_tables = self.slot_tables()
+        return self.slot_tables()
 
     def close(self) -> None:
         self.buffers.close()

@@ -148,8 +148,6 @@ class Reuse:
         self.penalized: list[int] = []
         self.inputs: StepInputs | None = None
         """The last inputs built (``build_inputs``)."""
-        self.scheduled: list | None = None
-        """The ``scheduled`` list of the last step packed."""
         self.packed: np.ndarray | None = None
         """uint8[n]: the last step's packed inputs (``pack``), set by the executor."""
         self.spans: StepInputs | None = None
@@ -178,13 +176,12 @@ class Reuse:
         return block_tables
 
     def keep(self, tables: list[list[int]], widths: np.ndarray, block_tables: np.ndarray,
-             settings: tuple[np.ndarray, ...], penalized: list[int], inputs: StepInputs,
-             scheduled: list) -> None:
+             settings: tuple[np.ndarray, ...], penalized: list[int], inputs: StepInputs) -> None:
         for array in (block_tables, *settings):
             array.flags.writeable = False  # shared with the next step's inputs
         self.tables, self.widths, self.block_tables = tables, widths, block_tables
         self.settings, self.penalized = settings, penalized
-        self.inputs, self.scheduled = inputs, scheduled
+        self.inputs = inputs
         self.packed = self.spans = None
 
 
@@ -311,7 +308,7 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
                         logits_indices=logits_indices, sampling=sampling, penalties=penalties,
                         valid_steps=valid_steps, advance=np.zeros(1, np.int32))
     if reuse is not None:
-        reuse.keep(tables, widths, block_tables, settings, penalized, inputs, scheduled)
+        reuse.keep(tables, widths, block_tables, settings, penalized, inputs)
     return inputs
 
 
@@ -323,7 +320,7 @@ def continue_packed(batch: SchedulerOutput, page_size: int, reuse: Reuse) -> np.
     rows read their newest token from the same row of the in-flight output, and whose rows
     that grew get their new pages. A few array operations whatever the batch size: this is
     every decode step's host work while the batch stays the same."""
-    if reuse.packed is None or reuse.scheduled is not batch.scheduled:
+    if reuse.packed is None:
         raise ValueError("continue_packed needs the packed inputs of the batch it continues")
     if reuse.spans is None:
         reuse.spans, reuse.spans_fresh = _spans(reuse.inputs), True

@@ -102,16 +102,14 @@ def _serve(conn: Connection) -> None:
     from .compilation_cache import enable_compilation_cache
     from .gc_pauses import freeze_startup_heap
     from .model_runner import ModelRunner
-    from .shared_state import SharedState
     from .step_inputs import build_inputs, decode_step_choices, unpack
 
     enable_compilation_cache(setup.compilation_cache_dir)
-    shared = SharedState.attach(setup.layout)
     model = LoadedModel(config=setup.model_config, params=None, tokenizer=None,
                         dtype=jnp.dtype(setup.dtype).type, path=f"<shared:{setup.role}>",
                         load_seconds=0.0)
     runner = ModelRunner(model, setup.engine_config, setup.max_model_len,
-                         num_pages=setup.num_pages, shared=shared,
+                         num_pages=setup.num_pages, attach=setup.layout,
                          decode_steps=decode_step_choices(setup.engine_config)
                          if setup.role == DECODE else (1,))
     buckets = worker_buckets(setup.engine_config, setup.role)

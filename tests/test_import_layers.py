@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("pallas_kernels", "models", "duetjax", "tools")
 """Lowest first: a package may import the ones before it, never the ones after (nor tests)."""
 
-JAX_FREE = ("scheduler", "block_manager", "roofline", "optimizer", "request")
+JAX_FREE = ("scheduler", "persistent_batch", "block_manager", "roofline", "optimizer", "request")
 """Modules of ``duetjax`` that plan on the host every iteration and are tested without a device:
 importing them must not load JAX, directly or through our other modules."""
 

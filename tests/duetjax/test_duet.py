@@ -246,7 +246,7 @@ def test_close_stops_workers_and_frees_shared_memory(tiny_llama_dir, profile_and
     engine = Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=path,
                     tbt_slo_ms=slo_ms, **CONFIG)
     processes = [w.process for w in engine.duet.workers.values()]
-    segments = engine.runner.shared.buffers.handles().payload
+    segments = engine.runner.state.shared.buffers.handles().payload
     assert all(os.path.exists(f"/dev/shm/{name}") for name in segments)
     engine.close()
     assert all(p.poll() is not None for p in processes)
@@ -370,7 +370,7 @@ def test_structured_outputs_keep_iterations_aggregated(profile_and_slo, tmp_path
 
 
 def test_duet_memory_plan_sets_the_weights_copy_and_workers_aside():
-    from duetjax.duet import duet_kv_bytes
+    from duetjax.device_state import duet_kv_bytes
 
     gib = 2**30
     # 80 GB card, 8B weights loaded (16 GiB): 62 GiB free; a copy of the weights and 4 workers

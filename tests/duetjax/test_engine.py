@@ -195,21 +195,22 @@ def test_warm_up_runs_every_bucket_and_changes_no_state(tiny_llama_dir):
     engine = Engine(tiny_llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
                     compile_on_start=False, show_progress=False)
     runner = engine.runner
-    runner.kv_pool = runner.kv_pool + 1.5  # not a zero pool: a stray write would show
-    runner.token_counts = runner.token_counts + 2
-    runner.slot_tables = runner.slot_tables.replace(prompt=runner.slot_tables.prompt + 1)
+    state = runner.state
+    state.kv_pool = state.kv_pool + 1.5  # not a zero pool: a stray write would show
+    state.token_counts = state.token_counts + 2
+    state.slot_tables = state.slot_tables.replace(prompt=state.slot_tables.prompt + 1)
     runner._compile_samplers(4)
     runner._compile_fill_slot()
     runner._compile_prompt_logprobs(32)
-    pool, counts = np.asarray(runner.kv_pool), np.asarray(runner.token_counts)
-    tables = [np.asarray(a) for a in jax.tree_util.tree_leaves(runner.slot_tables)]
+    pool, counts = np.asarray(state.kv_pool), np.asarray(state.token_counts)
+    tables = [np.asarray(a) for a in jax.tree_util.tree_leaves(state.slot_tables)]
     buckets = plan_buckets(engine.config, (1, 2))
     assert any(b.multi_step for b in buckets) and any(not b.decode for b in buckets)
     runner.warm_up(buckets)
     assert set(buckets) <= set(runner._executables)
-    np.testing.assert_array_equal(np.asarray(runner.kv_pool), pool)
-    np.testing.assert_array_equal(np.asarray(runner.token_counts), counts)
-    for want, got in zip(tables, jax.tree_util.tree_leaves(runner.slot_tables)):
+    np.testing.assert_array_equal(np.asarray(state.kv_pool), pool)
+    np.testing.assert_array_equal(np.asarray(state.token_counts), counts)
+    for want, got in zip(tables, jax.tree_util.tree_leaves(state.slot_tables)):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 

@@ -40,7 +40,7 @@ def run_step(processor: OutputProcessor, tokens: list[int]):
     """Schedules and launches one step that samples ``tokens``, then reads it."""
     batch = processor.scheduler.schedule()
     launched = SampledInFlight(batch, tokens)
-    processor.reserve(batch, launched, None)
+    processor.reserve(batch, launched)
     processor.scheduler.commit(batch)
     return processor.process(launched)[0]
 

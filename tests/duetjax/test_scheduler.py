@@ -48,3 +48,32 @@ def test_chunks_only_preempts_nobody():
     assert not stalled.scheduled and not stalled.preempted
     assert all(d.status.value == "running" for d in decoders)
     assert scheduler.schedule(1, split=True).preempted  # (what chunks-only avoided)
+
+
+def test_requests_admitted_with_a_fresh_penalty_slot_are_reported_once_to_be_filled():
+    """The scheduler writes nothing to the device: the batch names the requests whose slot
+    tables (repetition penalty, logit bias) must be written before their first step, once."""
+    scheduler = scheduler_with(num_pages=8, budget=64)
+    biased = Request("biased", list(range(3, 9)), SamplingParams(logit_bias={5: 1.0}), seed=0)
+    counted = Request("counted", list(range(3, 9)), SamplingParams(presence_penalty=0.5), seed=0)
+    plain = Request("plain", list(range(3, 9)), SamplingParams(), seed=0)
+    # 6 pages of 4 tokens: admitted after the others, with its slot taken while it waited
+    repeated = Request("repeated", list(range(3, 27)), SamplingParams(repetition_penalty=1.2), seed=0)
+    for request in (biased, counted, plain, repeated):
+        scheduler.add(request)
+    first = scheduler.schedule()
+    assert [s.request.request_id for s in first.scheduled] == ["biased", "counted", "plain"]
+    assert first.slots_to_fill == [biased]
+    assert repeated.penalty_slot is not None  # (a slot, but no pages yet)
+    scheduler.commit(first)
+    for request in (biased, counted, plain):
+        scheduler.finish(request, "stop")
+    second = scheduler.schedule()
+    assert [s.request.request_id for s in second.scheduled] == ["repeated"]
+    assert second.slots_to_fill == [repeated]
+    chunks, _ = split_batch(second)  # (split mode fills them before a worker's chunk)
+    assert chunks.slots_to_fill == [repeated]
+    scheduler.commit(second)
+    repeated.penalty_slot_fresh = False  # (its first step was launched)
+    scheduler.requeue(repeated)  # preempted: it keeps its slot and its tables
+    assert scheduler.schedule().slots_to_fill == []
