@@ -80,6 +80,11 @@ class EngineConfig:
     the largest (up to ``max_num_batched_tokens``) whose mixed step the roofline predicts
     within it (``token_budget.py``; needs a device profile); None: the fixed budget. Duet mode
     protects it by splitting (None: ``DEFAULT_DUET_TBT_SLO_MS``)."""
+    slo_min_prefill_tokens: int = 256
+    """With ``tbt_slo_ms``: prefill tokens each mixed iteration gets at least, whatever the
+    roofline predicts. Below what arrivals bring, the queue and time to first token grow
+    without bound (a 16-token floor at a 25 ms SLO let Mooncake-like prompts wait 12 s on an
+    H100, ``benchmarks/results/slo-budget-mooncake-h100-2026-12-06.md``)."""
     duet_pairs: tuple[tuple[int, int], ...] = ((80, 20), (70, 30), (60, 40), (50, 50))
     """(prefill %, decode %) SM shares of the worker pairs duet mode starts (one process per
     distinct share and role)."""
@@ -118,7 +123,8 @@ class EngineConfig:
         return self.duet_pairs[:1] if self.duet_policy == "static" else self.duet_pairs
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size",
+                     "slo_min_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:

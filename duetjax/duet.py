@@ -258,7 +258,8 @@ class Duet:
         if controller is ModeController:
             self.controller = ModeController(roofline, optimizer, token_budget=TokenBudget(
                 roofline, optimizer.tbt_slo_s, engine_config.max_num_batched_tokens,
-                min_tokens=MIN_MIXED_TOKENS, min_prefill_tokens=MIN_MIXED_TOKENS))
+                min_tokens=MIN_MIXED_TOKENS,
+                min_prefill_tokens=engine_config.slo_min_prefill_tokens))
         else:
             self.controller = StaticController(roofline, optimizer)
         layout = shared.layout()

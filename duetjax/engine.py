@@ -135,7 +135,8 @@ class Engine:
         roofline = build_roofline(self.model.config, self.model.dtype, config, self.max_model_len,
                                   profile, Correction() if config.duet_online_correction else None)
         return TokenBudget(roofline, config.tbt_slo_ms / 1e3, config.max_num_batched_tokens,
-                           min_tokens=MIN_MIXED_TOKENS, min_prefill_tokens=MIN_MIXED_TOKENS)
+                           min_tokens=MIN_MIXED_TOKENS,
+                           min_prefill_tokens=config.slo_min_prefill_tokens)
 
     @property
     def sm_share(self) -> tuple[float, float]:

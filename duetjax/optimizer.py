@@ -284,7 +284,7 @@ class ModeController:
         budget = self.token_budget.choose(prefill, decode_context_lens)
         t = self.token_budget.last_predicted_s
         slo = self.config.tbt_slo_s
-        if t <= 0 or (split is not None and t > slo):
+        if t <= 0 or (split is not None and t > self.token_budget.target_s):
             return None
         decodes = len(decode_context_lens)
         tokens = decodes + _prefill_tokens(chunks_within(prefill, budget - decodes))

@@ -50,16 +50,21 @@ class TokenBudget:
     TBT SLO (``choose``), and learns how far the predictions are off (``observe``)."""
 
     def __init__(self, roofline: MixedStepPredictor, tbt_slo_s: float, max_tokens: int,
-                 min_tokens: int, min_prefill_tokens: int) -> None:
+                 min_tokens: int, min_prefill_tokens: int, headroom: float = 0.1) -> None:
         if tbt_slo_s <= 0:
             raise ValueError(f"tbt_slo_s must be > 0, got {tbt_slo_s}")
+        if not 0 <= headroom < 1:
+            raise ValueError(f"headroom must be in [0, 1), got {headroom}")
         self.roofline = roofline
         self.tbt_slo_s = tbt_slo_s
+        self.target_s = tbt_slo_s * (1 - headroom)
+        """The step time a budget must be predicted within: the SLO less a share kept for
+        prediction error (a step predicted right at the SLO misses it about half the time)."""
         self.max_tokens = max_tokens
         self.sizes = budget_sizes(max_tokens, min_tokens)
         self.min_prefill_tokens = min_prefill_tokens
-        """Prefill tokens every iteration gets even when no budget fits the SLO: a budget that
-        starved prefill would hold the SLO only by letting time to first token grow forever."""
+        """Prefill tokens every mixed iteration gets whatever the prediction: a budget that
+        starves prefill holds the SLO only while the queue, and time to first token, grow."""
         self.last = max_tokens
         """The budget of the last iteration that had prefill work (for metrics)."""
         self.last_predicted_s = 0.0
@@ -68,7 +73,7 @@ class TokenBudget:
         """How often each budget was chosen (iterations with both prefill and decode work)."""
 
     def choose(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int]) -> int:
-        """The largest budget whose mixed step is predicted to fit the SLO.
+        """The largest budget whose mixed step is predicted to fit the SLO (less its headroom).
 
         ``prefill``: the waiting and unfinished prompts as (tokens left, cached tokens), in
         scheduling order; ``decode_context_lens``: cached tokens of each decoding request (one
@@ -96,7 +101,7 @@ class TokenBudget:
         def fits(i: int) -> bool:
             predicted[i] = self.roofline.predict_mixed(
                 chunks_within(prefill, sizes[i] - decodes), decode_context_lens, 1.0)
-            return predicted[i] <= self.tbt_slo_s
+            return predicted[i] <= self.target_s
 
         low, high = 0, len(sizes) - 1  # the answer is in [low, high]; sizes[0] if none fits
         while low < high:

@@ -404,10 +404,11 @@ def test_a_smaller_aggregated_budget_replaces_splits_that_gain_nothing(tiny_llam
     roofline = Roofline(ModelShape.from_config(config, dtype_bytes=4), profile,
                         StepPadding(max_seqs=4, min_tokens=16))
     # (a 32-token step fits the SLO whatever the decodes' contexts)
-    slo_ms = 1e3 * roofline.predict_mixed([(28, 90)], [128] * 4) * 1.05
+    slo_ms = 1e3 * roofline.predict_mixed([(28, 90)], [128] * 4) * 1.05 / 0.9  # (10 % headroom)
     scheduled = []
     with Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=str(path),
-                tbt_slo_ms=slo_ms, **CONFIG | {"max_num_batched_tokens": 64}) as engine:
+                tbt_slo_ms=slo_ms, **CONFIG | {"max_num_batched_tokens": 64,
+                                               "slo_min_prefill_tokens": 16}) as engine:
         engine.wait_for_workers(timeout=600)
         schedule = engine.scheduler.schedule
         engine.scheduler.schedule = lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1]

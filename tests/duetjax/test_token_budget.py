@@ -39,7 +39,8 @@ def test_choice_is_the_largest_budget_that_fits(seed):
     rng = np.random.default_rng(seed)
     step = LinearStep()
     slo = float(rng.uniform(1e-3, 2e-2))
-    budget = TokenBudget(step, slo, max_tokens=2048, min_tokens=16, min_prefill_tokens=16)
+    budget = TokenBudget(step, slo, max_tokens=2048, min_tokens=16, min_prefill_tokens=16,
+                         headroom=0.0)
     decodes = rng.integers(1, 4000, size=int(rng.integers(1, 64))).tolist()
     prefill = [(int(q), int(c)) for q, c in zip(rng.integers(1, 3000, size=4),
                                                   rng.integers(0, 2000, size=4))]
@@ -64,6 +65,21 @@ def test_choice_is_the_largest_budget_that_fits(seed):
         assert budget.last_predicted_s > slo
 
 
+def test_headroom_and_prefill_floor():
+    """The budget keeps a share of the SLO for prediction error, and never gives prefill less
+    than its floor, whatever the prediction."""
+    step = LinearStep()
+    decodes = [100] * 8  # 0.08 ms + 0.8 ms; each prefill token 0.01 ms
+    t = lambda size: step.predict_mixed([(size - 8, 0)], decodes)
+    slo = t(256) * 1.05
+    assert TokenBudget(step, slo, 2048, 16, 16, headroom=0.0).choose([(4000, 0)], decodes) == 256
+    assert TokenBudget(step, slo, 2048, 16, 16, headroom=0.1).choose([(4000, 0)], decodes) == 128
+    floor = TokenBudget(step, 1e-6, 2048, 16, min_prefill_tokens=256)  # nothing fits
+    assert floor.choose([(4000, 0)], decodes) == 512  # 8 decodes + 256 prefill: the 512 bucket
+    with pytest.raises(ValueError, match="headroom"):
+        TokenBudget(step, slo, 2048, 16, 16, headroom=1.0)
+
+
 def test_no_decodes_or_no_prefill_take_the_full_budget():
     budget = TokenBudget(LinearStep(), 1e-4, max_tokens=512, min_tokens=16, min_prefill_tokens=16)
     assert budget.choose([(4000, 0)], []) == 512
@@ -82,7 +98,8 @@ def test_real_roofline_keeps_the_step_within_the_slo():
     for _ in range(10):
         decodes = rng.integers(500, 8000, size=int(rng.integers(8, 64))).tolist()
         prefill = [(int(rng.integers(500, 8000)), 0) for _ in range(3)]
-        budget = TokenBudget(roofline, 0.030, max_tokens=2048, min_tokens=16, min_prefill_tokens=16)
+        budget = TokenBudget(roofline, 0.030, max_tokens=2048, min_tokens=16, min_prefill_tokens=16,
+                             headroom=0.0)
         chosen = budget.choose(prefill, decodes)
         t = roofline.predict_mixed(chunks_within(prefill, chosen - len(decodes)), decodes)
         if chosen > min(s for s in budget.sizes if s >= len(decodes) + 16):
@@ -108,7 +125,7 @@ def slow_profile(tiny_llama_dir, tmp_path_factory):
     assert t32 < t64
     path = tmp_path_factory.mktemp("profile") / "slow.json"
     profile.save(path)
-    return str(path), 1e3 * (t32 + t64) / 2
+    return str(path), 1e3 * (t32 + t64) / 2 / 0.9  # (the budget keeps 10 % headroom)
 
 
 def test_engine_uses_smaller_budgets_and_changes_no_token(tiny_llama_dir, slow_profile):
@@ -116,7 +133,7 @@ def test_engine_uses_smaller_budgets_and_changes_no_token(tiny_llama_dir, slow_p
 
     path, slo_ms = slow_profile
     config = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=128,
-                  show_progress=False, duet_online_correction=False)
+                  show_progress=False, duet_online_correction=False, slo_min_prefill_tokens=16)
     rng = np.random.default_rng(11)
     batch = [{"prompt_token_ids": rng.integers(3, 256, size=n).tolist()}
              for n in (40, 150, 20, 90, 33, 120)]
