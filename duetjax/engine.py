@@ -115,6 +115,9 @@ class Engine:
         self.output_processor = OutputProcessor(self.scheduler)
         self.executor = LocalExecutor(self.runner, self.output_processor, config, cfg.vocab_size,
                                       learner=self.duet if self.duet is not None else self.token_budget)
+        self._budgets: dict[int, int] = {}
+        """How often each SLO-aware budget ran (aggregated iterations with prefill work)."""
+        self._last_budget: int | None = None
         self.loop_stats = LoopStats()
         """Where the host loop's time goes (read it through ``stats()``)."""
         self._num_steps = 0
@@ -169,7 +172,6 @@ class Engine:
     def stats(self) -> EngineStats:
         """A snapshot of the engine's state and counters (nothing in it changes later)."""
         scheduler, blocks = self.scheduler, self.scheduler.blocks
-        budget = self.token_budget
         duet = self._duet_counters(self.duet.stats) if self.duet is not None else {}
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
@@ -179,8 +181,8 @@ class Engine:
             mode=self.mode, sm_share=self.sm_share, num_steps=self._num_steps,
             num_preemptions=scheduler.num_preemptions, num_constrained=scheduler.num_constrained,
             num_prompt_logprobs=scheduler.num_prompt_logprobs,
-            token_budget=budget.last if budget is not None else self.config.max_num_batched_tokens,
-            token_budget_choices=MappingProxyType(dict(budget.chosen) if budget is not None else {}),
+            token_budget=self._last_budget or self.config.max_num_batched_tokens,
+            token_budget_choices=MappingProxyType(dict(self._budgets)),
             loop=dataclasses.replace(self.loop_stats), compile_seconds=self.runner.compile_seconds,
             **duet)
 
@@ -299,6 +301,9 @@ class Engine:
         if budget is None and self.token_budget is not None and self.scheduler.has_prefill_work():
             budget = self.token_budget.choose(*self.scheduler.preview())
             predicted = self.token_budget.last_predicted_s or None
+        if budget is not None:  # (an SLO-aware budget, in either mode)
+            self._last_budget = budget
+            self._budgets[budget] = self._budgets.get(budget, 0) + 1
         batch = self.scheduler.schedule(self.config.decode_steps, budget=budget)
         scheduled = prepared = time.perf_counter()
         launched = executor.launch(batch) if batch.scheduled else None

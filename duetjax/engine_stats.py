@@ -43,11 +43,12 @@ class EngineStats:
     num_prompt_logprobs: int = 0
     """Requests waiting or running that still compute prompt logprobs."""
     token_budget: int = 0
-    """Token budget of the last aggregated iteration that had prefill work (the SLO-aware
-    budget's choice with a TBT SLO set, else ``max_num_batched_tokens``)."""
+    """The last SLO-aware token budget an aggregated iteration ran with (a TBT SLO in
+    aggregated mode, or duet mode preferring a smaller chunk to a split), else
+    ``max_num_batched_tokens``."""
     token_budget_choices: Mapping[int, int] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
-    """With a TBT SLO in aggregated mode: how often each token budget was chosen."""
+    """How often each SLO-aware token budget ran."""
     split_iterations: int = 0
     """Duet mode: iterations run split on a worker pair."""
     aggregated_iterations: int = 0

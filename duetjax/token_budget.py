@@ -66,11 +66,9 @@ class TokenBudget:
         """Prefill tokens every mixed iteration gets whatever the prediction: a budget that
         starves prefill holds the SLO only while the queue, and time to first token, grow."""
         self.last = max_tokens
-        """The budget of the last iteration that had prefill work (for metrics)."""
+        """The last budget chosen for work with prefill."""
         self.last_predicted_s = 0.0
         """The predicted step time at that budget."""
-        self.chosen: dict[int, int] = {}
-        """How often each budget was chosen (iterations with both prefill and decode work)."""
 
     def choose(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int]) -> int:
         """The largest budget whose mixed step is predicted to fit the SLO (less its headroom).
@@ -113,7 +111,6 @@ class TokenBudget:
         if low not in predicted:
             fits(low)
         self.last, self.last_predicted_s = sizes[low], predicted[low]
-        self.chosen[self.last] = self.chosen.get(self.last, 0) + 1
         return self.last
 
     def observe_aggregated(self, predicted: float, measured: float) -> None:

@@ -413,7 +413,9 @@ def test_a_smaller_aggregated_budget_replaces_splits_that_gain_nothing(tiny_llam
         schedule = engine.scheduler.schedule
         engine.scheduler.schedule = lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1]
         assert token_ids(engine.generate(PROMPTS, PARAMS, use_tqdm=False)) == expected
-        assert engine.stats().split_iterations == 0
+        stats = engine.stats()
+        assert stats.split_iterations == 0
+        assert set(stats.token_budget_choices) == {32}  # what ran, counted
     mixed = [b for b in scheduled if any(s.num_new_tokens == 1 for s in b.scheduled)
              and not b.decode_only]
     assert mixed and max(b.num_tokens for b in mixed) <= 32

@@ -155,6 +155,8 @@ def test_engine_uses_smaller_budgets_and_changes_no_token(tiny_llama_dir, slow_p
         jax.monitoring.unregister_event_duration_listener(listener)
     assert got == expected
     assert compiles == []
+    choices = engine.stats().token_budget_choices
+    assert 32 in choices and engine.stats().token_budget in choices  # (128: prefill alone)
     mixed = [b for b in scheduled if b.scheduled and not b.decode_only]
     with_decodes = [b for b in mixed if any(s.num_new_tokens == 1 for s in b.scheduled)]
     assert with_decodes, "no mixed step met a decode"
