@@ -21,25 +21,25 @@ from tqdm.auto import tqdm
 
 from models import LoadedModel, ModelConfig, load_model
 
-from .admission import Admission, Prompt
-from .block_manager import BlockManager
 from .compilation_cache import enable_compilation_cache
 from .config import EngineConfig
-from .correction import Correction
-from .duet import Duet, DuetStats, build_roofline, device_profile, prepare_process
+from .core.admission import Admission, Prompt
+from .core.block_manager import BlockManager
+from .core.executor import LocalExecutor
+from .core.model_runner import ModelRunner
+from .core.output_processor import OutputProcessor
+from .core.scheduler import Scheduler
+from .core.step_inputs import MIN_MIXED_TOKENS, Bucket
+from .duet.split_executor import SplitExecutor
+from .duet.split_mode import Duet, DuetStats, build_roofline, device_profile, prepare_process
 from .engine_stats import EngineStats
-from .executor import LocalExecutor
 from .loop_stats import LoopStats
-from .model_runner import ModelRunner
-from .output_processor import OutputProcessor
 from .outputs import RequestOutput
-from .roofline import DeviceProfile
+from .perf.correction import Correction
+from .perf.roofline import DeviceProfile
+from .perf.token_budget import TokenBudget
 from .sampling_defaults import SamplingDefaults
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .split_executor import SplitExecutor
-from .step_inputs import MIN_MIXED_TOKENS, Bucket
-from .token_budget import TokenBudget
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """The import layering of docs/design.md ("Layers"), read from the source with ``ast``.
 
-Imports run one way, ``tools → duetjax → models → pallas_kernels``; the modules of ``duetjax``
-import each other without cycles; the host-side planners load no JAX. Every import counts,
-at module level or inside a function: both run. Only ``if TYPE_CHECKING:`` blocks, which
-never run, are left out of the cycle and JAX checks (they still may not point upward).
+Imports run one way, ``tools → duetjax → models → pallas_kernels``; inside ``duetjax`` they
+run one way too, ``top level → duet/ → core/ → perf/ → base modules``; the modules of
+``duetjax`` import each other without cycles; the host-side planners load no JAX. Every import
+counts, at module level or inside a function: both run. Only ``if TYPE_CHECKING:`` blocks,
+which never run, are left out of the cycle and JAX checks (they still may not point upward).
 """
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("pallas_kernels", "models", "duetjax", "tools")
 """Lowest first: a package may import the ones before it, never the ones after (nor tests)."""
 
-JAX_FREE = ("scheduler", "persistent_batch", "block_manager", "roofline", "optimizer", "request")
-"""Modules of ``duetjax`` that plan on the host every iteration and are tested without a device:
-importing them must not load JAX, directly or through our other modules."""
 
 JAX_PACKAGES = ("jax", "jaxlib", "flax")
 
@@ -44,6 +42,23 @@ def module_path(name: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+BASE_MODULES = ("config", "sampling_params", "structured_outputs", "outputs", "engine_stats",
+                "loop_stats", "compilation_cache", "gc_pauses")
+"""The top-level modules of ``duetjax`` that every layer may use: the public base types and the
+process set-up (``compilation_cache``, ``gc_pauses``, which the duet workers run too). They
+import only each other."""
+
+SUBPACKAGE_LAYERS = ("perf", "core", "duet")
+"""The sub-packages of ``duetjax``, lowest first, between the base modules and the top level
+(the public API, the entry points and ``server/``)."""
+
+JAX_FREE = ("duetjax.core.scheduler", "duetjax.core.persistent_batch",
+            "duetjax.core.block_manager", "duetjax.core.request",
+            *(module_name(path) for path in source_files("duetjax/perf")))
+"""Modules that plan on the host every iteration and are tested without a device: importing
+them must not load JAX, directly or through our other modules (the performance model entire)."""
 
 
 TOOL_SCRIPTS = {path.stem for path in source_files("tools")}
@@ -99,6 +114,36 @@ def test_imports_only_go_down_the_layers():
         "\n".join(upward)
 
 
+def duetjax_layer(name: str) -> int:
+    """Rank of a ``duetjax`` module, lowest first: 0 the base modules, then the sub-packages of
+    ``SUBPACKAGE_LAYERS``, and last the top level (``duetjax`` itself included)."""
+    first = name.split(".")[1] if "." in name else ""
+    if first in BASE_MODULES:
+        return 0
+    if first in SUBPACKAGE_LAYERS:
+        return 1 + SUBPACKAGE_LAYERS.index(first)
+    return 1 + len(SUBPACKAGE_LAYERS)
+
+
+def test_duetjax_layers_rank_base_perf_core_duet_top():
+    ranks = [duetjax_layer(name) for name in ("duetjax.config", "duetjax.perf.roofline",
+                                              "duetjax.core.scheduler", "duetjax.duet.worker",
+                                              "duetjax.engine")]
+    assert ranks == sorted(set(ranks))
+    assert duetjax_layer("duetjax.server.app") == duetjax_layer("duetjax") == ranks[-1]
+
+
+def test_duetjax_imports_only_go_down_its_layers():
+    upward = []
+    for path in source_files("duetjax"):
+        rank = duetjax_layer(module_name(path))
+        for line, name in imports_of(path):
+            if name.split(".")[0] == "duetjax" and duetjax_layer(name) > rank:
+                upward.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    assert not upward, "imports against top level → duet → core → perf → " + \
+        ", ".join(BASE_MODULES) + ":\n" + "\n".join(upward)
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle of ``graph`` as [a, b, ..., a], or None (depth-first search)."""
     finished: set[str] = set()
@@ -137,7 +182,10 @@ def jax_import_chain(module: str) -> list[str] | None:
     queue = deque([module])
     while queue:
         current = queue.popleft()
-        for _, name in imports_of(module_path(current), runtime_only=True):
+        # Importing a module runs its packages' __init__ first.
+        packages = [".".join(current.split(".")[:i]) for i in range(1, current.count(".") + 1)]
+        imported = [name for _, name in imports_of(module_path(current), runtime_only=True)]
+        for name in packages + imported:
             if name.split(".")[0] in JAX_PACKAGES:
                 chain = [name, current]
                 while came_from[chain[-1]] is not None:
@@ -156,5 +204,5 @@ def test_jax_import_chain_follows_our_modules():
 
 @pytest.mark.parametrize("name", JAX_FREE)
 def test_host_planners_do_not_import_jax(name):
-    chain = jax_import_chain(f"duetjax.{name}")
+    chain = jax_import_chain(name)
     assert chain is None, "loads JAX: " + " → ".join(chain)

@@ -23,7 +23,7 @@ Modes
               shortens the mixed step, so tighter TBT SLOs hold at some cost in prefill rate).
   slo         SLO-aware aggregated (``tbt_slo_ms`` set in aggregated mode): each iteration's
               budget is the largest, up to ``--max-num-batched-tokens``, whose mixed step the
-              roofline predicts within the engine's SLO (``duetjax/token_budget.py``).
+              roofline predicts within the engine's SLO (``duetjax/perf/token_budget.py``).
   duet        ``mode='duet'``: DuetServe's adaptive controller (roofline + hysteresis) over the
               engine's ``duet_pairs`` (``--duet-pairs`` overrides them).
   static      a fixed 50/50 SM partition: ``mode='duet'`` with ``duet_pairs=((50, 50),)`` and,

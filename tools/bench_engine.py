@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from duetjax import Engine, SamplingParams  # noqa: E402
+from duetjax.core.request import Request  # noqa: E402
+from duetjax.core.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
 from duetjax.gc_pauses import freeze_startup_heap, gc_pauses  # noqa: E402
-from duetjax.request import Request  # noqa: E402
-from duetjax.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
 from gpu_ceilings import ceilings  # noqa: E402
 from pallas_kernels import kv_bytes_per_token  # noqa: E402
 

@@ -1,7 +1,7 @@
-"""Device time of the on-device samplers (``duetjax.sampler``) at decode batch sizes over a real
-vocabulary: ``sample_basic`` (inside every step), ``sample_full`` (the executable for steps
-with top-k/top-p or penalties) and ``with_logprobs``, and of the full sampler's parts: the
-top-k/top-p radix select at several radix widths, against a descending sort, the
+"""Device time of the on-device samplers (``duetjax.core.sampler``) at decode batch sizes over a
+real vocabulary: ``sample_basic`` (inside every step), ``sample_full`` (the executable for
+steps with top-k/top-p or penalties) and ``with_logprobs``, and of the full sampler's parts:
+the top-k/top-p radix select at several radix widths, against a descending sort, the
 log-probability top-k, and the penalties.
 
     python tools/bench_sampler.py --vocab 128256 --batches 1,16,64,256 --out sampler.json
@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from duetjax import sampler  # noqa: E402
-from duetjax.sampler import PenaltyArrays, SamplingArrays  # noqa: E402
+from duetjax.core import sampler  # noqa: E402
+from duetjax.core.sampler import PenaltyArrays, SamplingArrays  # noqa: E402
 
 
 def seconds(fn, *args, calls: int = 30) -> float:

@@ -1,6 +1,6 @@
-"""Measure a device profile (``duetjax/profiles/<gpu>.json``) for the GPU this runs on.
+"""Measure a device profile (``duetjax/perf/profiles/<gpu>.json``) for the GPU this runs on.
 
-The roofline model (``duetjax/roofline.py``) predicts iteration times from rates *measured* per
+The roofline model (``duetjax/perf/roofline.py``) predicts iteration times from rates *measured* per
 SM share, because under MPS they are not proportional to the share (a copy saturates HBM at
 about half the SMs, a matmul scales linearly) and co-running clients slow each other down. This
 tool measures those numbers and writes them as a ``DeviceProfile``:
@@ -16,7 +16,7 @@ Steps, and why each exists. Every measurement runs in a fresh child process
 
 1. MPS. The SM partition that split mode relies on is an MPS client setting, so the levels must
    be measured as MPS clients. A running daemon is used as is; otherwise a private one is
-   started through ``duetjax.mps`` and always stopped at the end (on errors and SIGINT/SIGTERM
+   started through ``duetjax.duet.mps`` and always stopped at the end (on errors and SIGINT/SIGTERM
    too). Without MPS only the 100 % level can be measured (no partition exists); the profile's
    notes and stderr say so.
 2. SM levels (``--levels``, default 10..80 and 100 %). One child per share measures the bf16
@@ -69,8 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from duetjax import mps  # noqa: E402
-from duetjax.roofline import (PROFILES_DIR, DeviceProfile, Efficiency,  # noqa: E402
+from duetjax.duet import mps  # noqa: E402
+from duetjax.perf.roofline import (PROFILES_DIR, DeviceProfile, Efficiency,  # noqa: E402
                               InterferencePoint, ModelShape, Roofline, SMLevel,
                               normalize_gpu_name)
 
@@ -672,7 +672,7 @@ class InProcessRunner:
 # ============================================================== MPS
 
 class ClientEnvs(Protocol):
-    """What calibration needs of an MPS daemon (``duetjax.mps.MPSDaemon`` has it)."""
+    """What calibration needs of an MPS daemon (``duetjax.duet.mps.MPSDaemon`` has it)."""
 
     def client_env(self, active_thread_percentage: int) -> dict[str, str]: ...
 
@@ -967,7 +967,8 @@ def markdown(cal: Calibration, written: Path | None) -> str:
 
 
 def output_path(out: str | None, gpu_name: str) -> Path:
-    """``out`` if it names a .json file, else ``out`` (default duetjax/profiles) / <gpu>.json."""
+    """``out`` if it names a .json file, else ``out`` (default duetjax/perf/profiles) /
+    <gpu>.json."""
     if out is not None and out.endswith(".json"):
         return Path(out)
     return Path(out or PROFILES_DIR) / f"{normalize_gpu_name(gpu_name)}.json"
@@ -995,7 +996,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm-layers", type=int, default=8,
                    help="layers of distinct weights in the GEMM timing (default %(default)s)")
     p.add_argument("--out", help="output directory (file named after the GPU) or .json path; "
-                                 "default duetjax/profiles (with --fake: print only)")
+                                 "default duetjax/perf/profiles (with --fake: print only)")
     p.add_argument("--no-mps", action="store_true",
                    help="do not use MPS: measure the 100 %% level only")
     p.add_argument("--fake", "--dry-run", action="store_true",

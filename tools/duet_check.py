@@ -77,7 +77,7 @@ def gpu_memory() -> list[dict]:
 
 
 def set_slo(engine, slo_s: float) -> None:
-    from duetjax.optimizer import ModeController
+    from duetjax.perf.optimizer import ModeController
     c = engine.duet.controller
     engine.duet.controller = ModeController(c.roofline, dataclasses.replace(c.config, tbt_slo_s=slo_s),
                                             c.hysteresis)
@@ -134,7 +134,7 @@ def main() -> None:
         model = tempfile.mkdtemp(prefix="llama-1b-")
         Path(model, "config.json").write_text(json.dumps(LLAMA_1B))
     from duetjax import Engine
-    from duetjax.mps import mps_status
+    from duetjax.duet.mps import mps_status
     report["mps_status_before"] = mps_status()
     pairs = tuple(tuple(int(x) for x in pair.split(":")) for pair in args.pairs.split(","))
     start = time.perf_counter()

@@ -3,7 +3,7 @@
 #     bash tools/duet_eval.sh DIR profile sweep
 # Sections:
 #   profile  calibrate this GPU's roofline profile (tools/calibrate.py, with the Llama-3-8B
-#            GEMMs) into DIR and into duetjax/profiles/ for the sweeps that follow
+#            GEMMs) into DIR and into duetjax/perf/profiles/ for the sweeps that follow
 #   sweep    one tools/bench_duet.py sweep (Llama-3-8B shape, random weights) into DIR/NAME
 # The sweep is set by environment variables (defaults in brackets):
 #   EVAL_NAME [sweep]  EVAL_DATASET [azure-conversation]  EVAL_QPS [2,4,8]
@@ -32,7 +32,7 @@ for section in "$@"; do
     case $section in
     profile)
         python3 tools/calibrate.py --model-config models/configs/$model --out "$out" \
-            && cp "$out"/*.json duetjax/profiles/ ;;
+            && cp "$out"/*.json duetjax/perf/profiles/ ;;
     sweep)
         name=${EVAL_NAME:-sweep}
         # shellcheck disable=SC2086

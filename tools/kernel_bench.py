@@ -486,7 +486,7 @@ def mps_runs(percents=(20, 30, 50)) -> list[dict]:
 
     This process never touches the GPU, so the children have the whole card to themselves.
     """
-    from duetjax import mps
+    from duetjax.duet import mps
 
     daemon = mps.find_running_daemon() or mps.start_private_daemon()
     with daemon:

@@ -32,10 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from duetjax import Engine, SamplingParams  # noqa: E402
+from duetjax.core.sampler import SampledTokens  # noqa: E402
+from duetjax.core.step_inputs import Bucket  # noqa: E402
 from duetjax.gc_pauses import freeze_startup_heap  # noqa: E402
-from duetjax.sampler import SampledTokens  # noqa: E402
 from duetjax.sampling_params import MAX_LOGPROBS  # noqa: E402
-from duetjax.step_inputs import Bucket  # noqa: E402
 
 TINY_LLAMA = json.loads((Path(__file__).parents[1] / "models" / "configs" / "tiny-llama"
                          / "config.json").read_text())

@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 
 from bench_engine import synthetic_batch, time_steps  # noqa: E402
 from duetjax import Engine, SamplingParams  # noqa: E402
-from duetjax.model_runner import InFlight  # noqa: E402
-from duetjax.step_inputs import Bucket, bucket_for, build_inputs  # noqa: E402
+from duetjax.core.model_runner import InFlight  # noqa: E402
+from duetjax.core.step_inputs import Bucket, bucket_for, build_inputs  # noqa: E402
 
 OPS = re.compile(r" (copy|dynamic-slice|dynamic-update-slice|custom-call|fusion|while|scatter|"
                  r"gather|sort)\(")

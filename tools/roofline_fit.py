@@ -42,8 +42,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from duetjax.roofline import (OP_CLASSES, SPAN_CLASSES, DeviceProfile, Efficiency,  # noqa: E402
-                              ModelShape, Roofline, StepPadding)
+from duetjax.perf.roofline import (OP_CLASSES, SPAN_CLASSES, DeviceProfile,  # noqa: E402
+                                   Efficiency, ModelShape, Roofline, StepPadding)
 
 COLUMNS = ("overhead", *OP_CLASSES, *SPAN_CLASSES)
 """What each regressor of ``class_times`` holds: a constant, the op classes' times, the spans."""
@@ -178,8 +178,8 @@ def timed_iterations(args: argparse.Namespace,
     import jax
 
     from duetjax import Engine
-    from duetjax.roofline import load_profile
-    from duetjax.step_inputs import step_padding
+    from duetjax.core.step_inputs import step_padding
+    from duetjax.perf.roofline import load_profile
 
     engine = Engine(args.model, load_format=args.load_format, dtype=args.dtype,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -215,7 +215,7 @@ def reported_iterations(args: argparse.Namespace,
     from calibrate import load_model_shape
 
     from duetjax.config import EngineConfig
-    from duetjax.roofline import load_profile
+    from duetjax.perf.roofline import load_profile
 
     source = json.loads(Path(args.from_report).read_text())
     base = (DeviceProfile.from_json(args.profile) if args.profile

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from duetjax.duet import stream_steps  # noqa: E402
+from duetjax.duet.split_mode import stream_steps  # noqa: E402
 
 
 def half_dispatch_form(t_p: float, t_d: float, stream_k: int) -> float:

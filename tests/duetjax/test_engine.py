@@ -190,7 +190,7 @@ def test_warm_up_runs_every_bucket_and_changes_no_state(tiny_llama_dir):
     runs explicitly), on padding: it writes no KV and changes no penalty count or slot table."""
     import jax
 
-    from duetjax.step_inputs import plan_buckets
+    from duetjax.core.step_inputs import plan_buckets
 
     engine = Engine(tiny_llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
                     compile_on_start=False, show_progress=False)

@@ -74,7 +74,7 @@ def test_full_sampler_requests_decode_one_step_per_dispatch(single, multi):
 def test_split_schedule_drops_to_one_step_for_a_full_sampler_newcomer(multi):
     # A one-token prompt decodes at once; with top-p it needs the full sampler, so the k-step
     # decode of the others becomes a single step.
-    from duetjax.request import Request
+    from duetjax.core.request import Request
 
     scheduler = multi.scheduler
     plain = Request("plain", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=8), seed=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams, StructuredOutputsParams
-from duetjax.sampler import apply_token_mask
+from duetjax.core.sampler import apply_token_mask
 from duetjax.structured_outputs import all_tokens_mask, fill_token_mask, token_mask_width
 
 from .test_engine import token_ids

@@ -189,7 +189,7 @@ COMMON = ["--dataset", "azure-conversation", "--scale", "0.05", "--output-scale"
 
 @pytest.fixture(scope="module")
 def device_profile(tmp_path_factory):
-    from duetjax.roofline import DeviceProfile, SMLevel
+    from duetjax.perf.roofline import DeviceProfile, SMLevel
 
     profile = DeviceProfile(gpu_name="test", overhead_s=0.0, levels=(
         SMLevel(0.5, 5e8, 1e18), SMLevel(1.0, 1e9, 1e18)))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from duetjax.mps import MPSError
-from duetjax.roofline import DeviceProfile, load_profile
+from duetjax.duet.mps import MPSError
+from duetjax.perf.roofline import DeviceProfile, load_profile
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "calibrate.py"

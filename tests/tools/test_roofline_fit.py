@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
 import roofline_fit as rf  # noqa: E402
-from duetjax.roofline import (DeviceProfile, Efficiency, ModelShape, Roofline, SMLevel,  # noqa: E402
-                              StepPadding)
+from duetjax.perf.roofline import (DeviceProfile, Efficiency, ModelShape, Roofline,  # noqa: E402
+                                   SMLevel, StepPadding)
 
 
 @pytest.fixture(scope="module")
