@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("pallas_kernels", "models", "duetjax", "tools")
 """Lowest first: a package may import the ones before it, never the ones after (nor tests)."""
 
-
 JAX_PACKAGES = ("jax", "jaxlib", "flax")
 
 
@@ -58,8 +57,7 @@ JAX_FREE = ("duetjax.core.scheduler", "duetjax.core.persistent_batch",
             "duetjax.core.block_manager", "duetjax.core.request",
             *(module_name(path) for path in source_files("duetjax/perf")))
 """Modules that plan on the host every iteration and are tested without a device: importing
-them must not load JAX, directly or through our other modules (the performance model entire)."""
-
+them must not load JAX, directly or through our other modules (all of ``perf/``)."""
 
 TOOL_SCRIPTS = {path.stem for path in source_files("tools")}
 """Tool scripts import each other by bare name (``import bench_serve``): they run from tools/."""
