@@ -6,6 +6,7 @@ imported without pulling in JAX.
 from importlib import import_module
 
 _EXPORTS = {
+    "AsyncEngine": ".async_engine",
     "CompletionOutput": ".outputs",
     "Engine": ".engine",
     "EngineConfig": ".config",

@@ -504,3 +504,12 @@ def test_a_request_that_fails_fails_alone(chat_engine, fault):
     assert stats.num_free_pages == stats.num_pages and not stats.num_constrained
     again = engine.generate(texts[0], GREEDY, use_tqdm=False)[0]
     assert again.outputs[0].token_ids == expected[0].outputs[0].token_ids
+
+
+def test_public_names_load_from_the_package():
+    import duetjax
+
+    for name in duetjax.__all__:
+        assert getattr(duetjax, name).__name__ == name
+    assert {"Engine", "AsyncEngine", "SamplingParams", "EngineConfig",
+            "RequestOutput"} <= set(duetjax.__all__)
