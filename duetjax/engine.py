@@ -172,7 +172,7 @@ class Engine:
     def stats(self) -> EngineStats:
         """A snapshot of the engine's state and counters (nothing in it changes later)."""
         scheduler, blocks = self.scheduler, self.scheduler.blocks
-        duet = self._duet_counters(self.duet.stats) if self.duet is not None else {}
+        duet = self.duet.stats.counters() if self.duet is not None else {}
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             kv_cache_usage=blocks.usage, num_free_pages=blocks.num_free_pages,
@@ -185,17 +185,6 @@ class Engine:
             token_budget_choices=MappingProxyType(dict(self._budgets)),
             loop=dataclasses.replace(self.loop_stats), compile_seconds=self.runner.compile_seconds,
             **duet)
-
-    @staticmethod
-    def _duet_counters(s: DuetStats) -> dict[str, Any]:
-        last = s.last_decision
-        return dict(split_iterations=s.split_iterations, aggregated_iterations=s.aggregated_iterations,
-                    mode_switches=s.mode_switches, worker_failures=s.worker_failures,
-                    requeued_requests=s.requeued_requests, stream_dispatches=s.stream_dispatches,
-                    carried_dispatches=s.carried_dispatches,
-                    decode_steps=last.k if last is not None else 1,
-                    predicted_ms=1e3 * s.predicted_seconds[-1] if s.predicted_seconds else 0.0,
-                    measured_ms=1e3 * s.measured_seconds[-1] if s.measured_seconds else 0.0)
 
     def split_history(self) -> DuetStats | None:
         """Duet mode: a copy of every split iteration's records (predicted and measured times,
@@ -317,8 +306,8 @@ class Engine:
         ready, read_waited = processor.process(executor.in_flight) if executor.in_flight else ([], 0.0)
         executor.advance(launched, predicted)
         self.loop_stats.record_aggregated(started, drain_seconds, scheduled, prepared, marked,
-                                     launch_seconds, waited + read_waited,
-                                     batch.num_steps if batch.scheduled else 0)
+                                          launch_seconds, waited + read_waited,
+                                          batch.num_steps if batch.scheduled else 0)
         return drained + ready if drained else ready
 
     # ---- batch APIs -------------------------------------------------------------------------

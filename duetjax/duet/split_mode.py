@@ -90,6 +90,19 @@ class DuetStats:
         d = self.last_decision
         return d.mode if d is not None else AGGREGATED
 
+    def counters(self) -> dict[str, Any]:
+        """The counters and the last split's figures, as ``EngineStats`` fields."""
+        last = self.last_decision
+        return dict(split_iterations=self.split_iterations,
+                    aggregated_iterations=self.aggregated_iterations,
+                    mode_switches=self.mode_switches, worker_failures=self.worker_failures,
+                    requeued_requests=self.requeued_requests,
+                    stream_dispatches=self.stream_dispatches,
+                    carried_dispatches=self.carried_dispatches,
+                    decode_steps=last.k if last is not None else 1,
+                    predicted_ms=1e3 * self.predicted_seconds[-1] if self.predicted_seconds else 0.0,
+                    measured_ms=1e3 * self.measured_seconds[-1] if self.measured_seconds else 0.0)
+
 
 def _jax_backends_initialized() -> bool:
     """Whether JAX has created its backends (and so its CUDA context) yet.
