@@ -86,7 +86,8 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, endp
     usages = [c.usage for c in chunks]
     assert all(u is not None for u in usages)
     completion = [u.completion_tokens for u in usages]
-    assert completion == sorted(completion) and completion[0] < completion[-1] == 6
+    # (non-decreasing: a slow reader may get several tokens in one chunk, even all of them)
+    assert completion == sorted(completion) and completion[-1] == 6
     assert len({u.prompt_tokens for u in usages}) == 1
     assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)
     assert chunks[-1].choices == [] and chunks[-2].choices  # the final usage chunk still comes
