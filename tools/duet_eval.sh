@@ -10,7 +10,8 @@
 #   EVAL_REQUESTS [300]  EVAL_MODES [aggregated@512,aggregated@1024,slo,duet]
 #   EVAL_SLOS [50,25] (the first is the one the slo and duet engines protect)
 #   EVAL_MAX_TOKENS [2048] (the slo and duet engines' largest budget)
-#   EVAL_KV_TOKENS [131072]  EVAL_MAX_MODEL_LEN [16384]  EVAL_MODEL [llama-3-8b]
+#   EVAL_KV_TOKENS [131072; empty: the engine's default sizing]  EVAL_MAX_MODEL_LEN [16384]
+#   EVAL_MODEL [llama-3-8b]  EVAL_PAIRS [80/20,70/30] (the duet engine's worker pairs)
 #   EVAL_EXTRA (more bench_duet flags)
 # WHEELS_DIR: a folder of wheels to install first (for a machine without a package index).
 set -u
@@ -35,6 +36,7 @@ for section in "$@"; do
             && cp "$out"/*.json duetjax/perf/profiles/ ;;
     sweep)
         name=${EVAL_NAME:-sweep}
+        kv_tokens=${EVAL_KV_TOKENS-131072}
         # shellcheck disable=SC2086
         python3 tools/bench_duet.py --model-config models/configs/$model --load-format dummy \
             --dataset "${EVAL_DATASET:-azure-conversation}" --qps "${EVAL_QPS:-2,4,8}" \
@@ -42,8 +44,8 @@ for section in "$@"; do
             --modes "${EVAL_MODES:-aggregated@512,aggregated@1024,slo,duet}" \
             --tbt-slos-ms "${EVAL_SLOS:-50,25}" \
             --max-num-batched-tokens "${EVAL_MAX_TOKENS:-2048}" \
-            --kv-cache-tokens "${EVAL_KV_TOKENS:-131072}" \
-            --max-model-len "${EVAL_MAX_MODEL_LEN:-16384}" --duet-pairs 70/30,50/50 \
+            ${kv_tokens:+--kv-cache-tokens "$kv_tokens"} \
+            --max-model-len "${EVAL_MAX_MODEL_LEN:-16384}" --duet-pairs "${EVAL_PAIRS:-80/20,70/30}" \
             ${EVAL_EXTRA:-} --out "$out/$name" ;;
     *) echo "unknown section $section"; exit 2 ;;
     esac
