@@ -103,8 +103,9 @@ class EngineConfig:
     behaviour every committed GPU figure was measured with; this one is not measured yet)."""
     device_profile: str | None = None
     """Roofline profile JSON for duet mode; None: the shipped profile of this GPU model."""
-    duet_worker_reserve_gib: float = 3.0
-    """GPU memory left free for each duet worker's CUDA context and XLA workspace."""
+    duet_worker_reserve_gib: float = 5.0
+    """GPU memory left free for each duet worker's CUDA context, XLA workspace and compiling
+    (autotuning allocates operands as large as the LM head's weight)."""
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
     generation_config: str = "auto"

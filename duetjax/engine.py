@@ -31,7 +31,8 @@ from .core.output_processor import OutputProcessor
 from .core.scheduler import Scheduler
 from .core.step_inputs import MIN_MIXED_TOKENS, Bucket
 from .duet.split_executor import SplitExecutor
-from .duet.split_mode import Duet, DuetStats, build_roofline, device_profile, prepare_process
+from .duet.split_mode import (Duet, DuetStats, build_roofline, device_profile, prepare_process,
+                               weights_loading_device)
 from .engine_stats import EngineStats
 from .loop_stats import LoopStats
 from .outputs import RequestOutput
@@ -69,7 +70,8 @@ class Engine:
         if self.mode == "duet" or self.config.tbt_slo_ms is not None:  # (the roofline's)
             profile = device_profile(self.config, "duet mode" if self.mode == "duet"
                                      else "tbt_slo_ms in aggregated mode")
-        self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
+        with weights_loading_device(self.mode):
+            self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
         self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, self.model)
         """The SamplingParams fields the model's generation config sets."""
         if self.sampling_defaults.fields:

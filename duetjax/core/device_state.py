@@ -119,7 +119,7 @@ def shared_kv_bytes(model: LoadedModel, config: EngineConfig) -> int | None:
     return duet_kv_bytes(
         free_bytes=cupy.cuda.runtime.memGetInfo()[0],
         weight_bytes=sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(model.params)),
-        workers=len({p for p, _ in pairs} | {d for _, d in pairs}),
+        workers=len({p for p, _ in pairs}) + len({d for _, d in pairs}),
         worker_reserve_gib=config.duet_worker_reserve_gib,
         kv_tokens=config.kv_cache_tokens,
         kv_bytes_per_token=pallas_kernels.kv_bytes_per_token(
@@ -129,7 +129,8 @@ def shared_kv_bytes(model: LoadedModel, config: EngineConfig) -> int | None:
 def duet_kv_bytes(free_bytes: int, weight_bytes: int, workers: int, worker_reserve_gib: float,
                   kv_tokens: int | None, kv_bytes_per_token: int) -> int:
     """GPU memory the KV pool may take in duet mode: what is free once the weights' shared copy
-    (allocated beside the loaded one) and every worker's reserve are set aside. ValueError,
+    and every worker's reserve are set aside (the engine loads its weights on the host in duet
+    mode, so the free memory holds no other copy). ValueError,
     before anything is allocated, when ``kv_tokens`` asks for more than that."""
     gib = 2**30
     reserve = int(workers * worker_reserve_gib * gib)

@@ -12,6 +12,7 @@ both and must run before JAX touches the GPU (``Engine`` calls it first thing).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -157,6 +158,16 @@ def prepare_process(mode: str) -> tuple[str, mps.MPSDaemon | None, str]:
                        if k != "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"})
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return "duet", daemon, status
+
+
+def weights_loading_device(mode: str) -> contextlib.AbstractContextManager:
+    """Where the engine loads its weights. Duet mode on a GPU: the host, because the weights
+    then go into buffers the workers share, and a copy loaded on the GPU first would leave its
+    memory in the engine process's XLA allocator (which keeps what it once held) where no worker
+    and no KV page can use it. Elsewhere: JAX's default device."""
+    if mode == "duet" and _jax_uses_gpu():
+        return jax.default_device(jax.devices("cpu")[0])
+    return contextlib.nullcontext()
 
 
 def _jax_uses_gpu() -> bool:

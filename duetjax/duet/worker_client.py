@@ -99,7 +99,12 @@ class WorkerClient:
         except (EOFError, OSError) as e:
             raise WorkerDied(f"worker {self.name} exited during start-up") from e
         if "error" in message:
-            raise WorkerDied(f"worker {self.name} failed to start:\n{message['error']}")
+            hint = ""
+            if "RESOURCE_EXHAUSTED" in message["error"] or "out of memory" in message["error"].lower():
+                hint = ("\nthe worker ran out of GPU memory: raise duet_worker_reserve_gib (the "
+                        "memory kept free for each worker), or lower kv_cache_tokens or "
+                        "kv_cache_memory_fraction, or start fewer worker pairs (duet_pairs)")
+            raise WorkerDied(f"worker {self.name} failed to start:\n{message['error']}{hint}")
         self.info = message
         self.ready = True
         log.info("worker %s ready (pid %d, compiled in %.1fs)", self.name, message["pid"],

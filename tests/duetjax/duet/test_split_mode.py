@@ -373,7 +373,7 @@ def test_duet_memory_plan_sets_the_weights_copy_and_workers_aside():
     from duetjax.core.device_state import duet_kv_bytes
 
     gib = 2**30
-    # 80 GB card, 8B weights loaded (16 GiB): 62 GiB free; a copy of the weights and 4 workers
+    # 62 GiB free, 8B weights (16 GiB) to copy into the shared buffers, and 4 workers
     left = duet_kv_bytes(62 * gib, 16 * gib, workers=4, worker_reserve_gib=3.0, kv_tokens=None,
                          kv_bytes_per_token=131072)
     assert left == (62 - 16 - 12) * gib
