@@ -58,6 +58,7 @@ class Engine:
                  load_format: str = "auto", show_progress: bool = True, **config: Any):
         self.config = EngineConfig(**config)
         setup = prepare(self.config)  # before JAX meets the GPU, and before the slow part
+        log.info("mode %s (%s)", setup.mode, setup.why)
         loaded = load_model(model, dtype=dtype, load_format=load_format)
         self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, loaded)
         """The SamplingParams fields the model's generation config sets."""

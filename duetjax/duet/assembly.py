@@ -9,7 +9,6 @@ API that sees both modes.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import jax
 
@@ -31,8 +30,6 @@ from ..perf.token_budget import TokenBudget
 from .mps import MPSDaemon
 from .split_executor import SplitExecutor
 from .split_mode import Duet, build_roofline, device_profile, prepare_process
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +87,6 @@ def assemble(model: LoadedModel, config: EngineConfig, setup: ProcessSetup,
     # Duet mode: weights, KV pool and counts in buffers the workers attach to.
     runner = ModelRunner(model, config, max_model_len, shared=setup.mode == "duet")
     model = runner.model
-    log.info("mode %s (%s)", setup.mode, setup.why)
     if config.compile_on_start:
         runner.compile_all(show_progress=show_progress)
     duet = None
