@@ -231,7 +231,7 @@ class Engine:
             self._budgets[budget] += 1
         batch = self.scheduler.schedule(self.config.decode_steps, budget=budget)
         scheduled = prepared = time.perf_counter()
-        launched = executor.launch(batch) if batch.scheduled else None
+        launched = executor.launch(batch)  # (None: nothing launched)
         launch_seconds = 0.0
         if launched is not None:
             launch_seconds = self.runner.last_launch_seconds
