@@ -84,25 +84,26 @@ class InputBatch:
 
     def add(self, request: Request) -> None:
         """Gives an admitted request a row: its block table and settings. A setting that does
-        not fit its array raises before anything is written."""
-        params, penalized = request.params, request.penalty_slot is not None
-        values = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
-                  "min_p": params.min_p, "seeds": request.seed,
-                  "want_logprobs": params.logprobs is not None}
-        if penalized:
-            values |= {"penalty_slots": request.penalty_slot, "presence": params.presence_penalty,
-                       "frequency": params.frequency_penalty,
-                       "repetition": params.repetition_penalty,
-                       "biased": params.logit_bias is not None}
-        settings = {name: dtype(values.get(name, pad)) for name, (dtype, pad) in SETTINGS.items()}
+        not fit its array raises before the row is taken."""
         if not self._free:
             raise RuntimeError(f"no free row for {request}: more running requests than "
                                f"{self.pad_row} (max_num_seqs)")
-        row = self._free.pop()
+        row = self._free[-1]  # (taken once everything is written)
+        params, slot = request.params, request.penalty_slot
+        s = self.settings
+        s["temperature"][row], s["top_k"][row] = params.temperature, params.top_k
+        s["top_p"][row], s["min_p"][row] = params.top_p, params.min_p
+        s["seeds"][row], s["want_logprobs"][row] = request.seed, params.logprobs is not None
+        if slot is None:  # (no penalties: as a padding row)
+            for name in ("penalty_slots", "presence", "frequency", "repetition", "biased"):
+                s[name][row] = SETTINGS[name][1]
+        else:
+            s["penalty_slots"][row], s["biased"][row] = slot, params.logit_bias is not None
+            s["presence"][row], s["frequency"][row] = params.presence_penalty, params.frequency_penalty
+            s["repetition"][row] = params.repetition_penalty
+        self.penalized[row] = slot is not None
+        self._free.pop()
         self._row_of[request.request_id] = row
-        for name, value in settings.items():
-            self.settings[name][row] = value
-        self.penalized[row] = penalized
         self.block_tables[row] = 0
         self.num_pages[row] = 0
         self.write_pages(request)
@@ -111,9 +112,13 @@ class InputBatch:
     def write_pages(self, request: Request) -> None:
         """Writes the page ids its block table gained since its row last saw it."""
         row = self._row_of[request.request_id]
-        start, table = int(self.num_pages[row]), request.block_table
-        self.block_tables[row, start:len(table)] = table[start:]
-        self.num_pages[row] = len(table)
+        start, table = self.num_pages.item(row), request.block_table
+        end = len(table)
+        if end == start + 1:  # (a page at a time, as decodes grow: the cheapest write)
+            self.block_tables[row, start] = table[start]
+        else:
+            self.block_tables[row, start:end] = table[start:]
+        self.num_pages[row] = end
 
     def remove(self, request: Request) -> None:
         """Frees the row of a request that ended or was preempted (none: nothing to do)."""
