@@ -3,44 +3,37 @@
 Each ``step`` schedules a batch (``scheduler.py``), launches it on an executor
 (``executor.py``; in duet mode a split iteration runs on worker processes instead,
 ``split_executor.py``) and turns the results of the step launched before into outputs
-(``output_processor.py``). Admitting requests is ``admission.py``'s.
+(``output_processor.py``). Admitting requests is ``admission.py``'s; building the parts at
+start-up, ``duet/assembly.py``'s.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
 import time
 from types import MappingProxyType
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from models import LoadedModel, ModelConfig, load_model
+from models import ModelConfig, load_model
 
-from .compilation_cache import enable_compilation_cache
 from .config import EngineConfig
-from .core.admission import Admission, Prompt
-from .core.block_manager import BlockManager
-from .core.executor import LocalExecutor
-from .core.model_runner import ModelRunner
-from .core.output_processor import OutputProcessor
-from .core.scheduler import Scheduler
-from .core.step_inputs import MIN_MIXED_TOKENS, Bucket
-from .duet.split_executor import SplitExecutor
-from .duet.split_mode import (Duet, DuetStats, build_roofline, device_profile, prepare_process,
-                               weights_loading_device)
+from .core.admission import Prompt
+from .duet.assembly import assemble, prepare
+from .duet.split_mode import DuetStats, weights_loading_device
 from .engine_stats import EngineStats
 from .loop_stats import LoopStats
 from .outputs import RequestOutput
-from .perf.correction import Correction
-from .perf.roofline import DeviceProfile
-from .perf.token_budget import TokenBudget
 from .sampling_defaults import SamplingDefaults
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .core.step_inputs import Bucket
 
 log = logging.getLogger(__name__)
 
@@ -64,90 +57,26 @@ class Engine:
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto",
                  load_format: str = "auto", show_progress: bool = True, **config: Any):
         self.config = EngineConfig(**config)
-        self.mode, daemon, why = prepare_process(self.config.mode)  # before JAX meets the GPU
-        # What the mode needs is checked before the slow part (loading, compiling) starts.
-        profile = None
-        if self.mode == "duet" or self.config.tbt_slo_ms is not None:  # (the roofline's)
-            profile = device_profile(self.config, "duet mode" if self.mode == "duet"
-                                     else "tbt_slo_ms in aggregated mode")
-        with weights_loading_device(self.mode):
-            self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
-        self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, self.model)
+        setup = prepare(self.config)  # before JAX meets the GPU, and before the slow part
+        log.info("mode %s (%s)", setup.mode, setup.why)
+        with weights_loading_device(setup.mode):
+            loaded = load_model(model, dtype=dtype, load_format=load_format)
+        self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, loaded)
         """The SamplingParams fields the model's generation config sets."""
-        if self.sampling_defaults.fields:
-            log.info("default sampling, from the model's generation config: %s (requests override "
-                     "it; generation config 'vllm' leaves it out)", ", ".join(
-                         f"{k}={v}" for k, v in self.sampling_defaults.fields.items()))
-        self.tokenizer = self.model.tokenizer
-        cfg = self.model.config
-        limit = cfg.max_position_embeddings
-        if self.config.max_model_len is not None:
-            limit = self.config.max_model_len
-        elif jax.default_backend() != "gpu":
-            limit = min(limit, self.config.cpu_max_model_len)
-        self.max_model_len = limit
-        enable_compilation_cache(self.config.compilation_cache_dir)
-        self.duet: Duet | None = None
-        # Duet mode: weights, KV pool and counts in buffers the workers attach to.
-        self.runner = ModelRunner(self.model, self.config, self.max_model_len,
-                                  shared=self.mode == "duet")
-        self.model = self.runner.model  # (shared: without weights of its own, the runner's alone)
-        log.info("mode %s (%s)", self.mode, why)
-        if self.config.compile_on_start:
-            self.runner.compile_all(show_progress=show_progress)
-        if self.mode == "duet":  # after compiling: prefill workers load the same executables
-            try:
-                self.duet = Duet(self.model, self.config, self.max_model_len,
-                                 self.runner.num_pages, self.runner.state.shared, daemon, profile)
-            except BaseException:
-                self.runner.state.close()
-                raise
-        self.token_budget = self._slo_token_budget(profile)
-        """Aggregated mode with a TBT SLO: each iteration's token budget (None: the fixed one)."""
-        self._build_loop()
-        log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs", self.model.path,
-                 cfg.architecture, np.dtype(self.model.dtype).name, self.max_model_len,
-                 self.model.load_seconds)
-
-    def _build_loop(self) -> None:
-        """The scheduler, the executors and the output processor, around the loaded runner."""
-        config, cfg = self.config, self.model.config
-        blocks = BlockManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, blocks, self.max_model_len)
-        self.output_processor = OutputProcessor(self.scheduler)
-        self.executor = LocalExecutor(self.runner, self.output_processor, config, cfg.vocab_size,
-                                      learner=self.duet if self.duet is not None else self.token_budget)
-        self._budgets: dict[int, int] = {}
+        parts = assemble(loaded, self.config, setup, show_progress)
+        self.mode, self.model, self.tokenizer = setup.mode, parts.model, loaded.tokenizer
+        self.max_model_len = parts.max_model_len
+        self.runner, self.duet, self.token_budget = parts.runner, parts.duet, parts.token_budget
+        self.scheduler, self.output_processor = parts.scheduler, parts.output_processor
+        self.executor, self.split_executor = parts.executor, parts.split_executor
+        self.admission, self.loop_stats = parts.admission, parts.loop_stats
+        self._budgets: collections.Counter[int] = collections.Counter()
         """How often each SLO-aware budget ran (aggregated iterations with prefill work)."""
         self._last_budget: int | None = None
-        self.loop_stats = LoopStats()
-        """Where the host loop's time goes (read it through ``stats()``)."""
         self._num_steps = 0
-        self.split_executor = (SplitExecutor(self.duet, self.output_processor, self.executor,
-                                             config, self.loop_stats) if self.duet is not None else None)
-        """Duet mode's split iterations (None: aggregated mode)."""
-        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer
-                                       else cfg.eos_token_ids)
-        self.admission = Admission(self.tokenizer, self.model.path, cfg.vocab_size,
-                                   self.max_model_len, self.eos_token_ids, config.seed,
-                                   in_use=self.output_processor.requests)
-
-    def _slo_token_budget(self, profile: DeviceProfile | None) -> TokenBudget | None:
-        """The SLO-aware budget of aggregated iterations, when a TBT SLO is set."""
-        config = self.config
-        if self.mode != "aggregated" or config.tbt_slo_ms is None:
-            return None
-        roofline = build_roofline(self.model.config, self.model.dtype, config, self.max_model_len,
-                                  profile, Correction() if config.duet_online_correction else None)
-        return TokenBudget(roofline, config.tbt_slo_ms / 1e3, config.max_num_batched_tokens,
-                           min_tokens=MIN_MIXED_TOKENS,
-                           min_prefill_tokens=config.slo_min_prefill_tokens)
-
-    @property
-    def sm_share(self) -> tuple[float, float]:
-        """(prefill, decode) SM shares of the last iteration: (1, 1) when aggregated."""
-        decision = self.duet.stats.last_decision if self.duet is not None else None
-        return (decision.s_p, decision.s_d) if decision is not None else (1.0, 1.0)
+        log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs", self.model.path,
+                 self.model.config.architecture, self.dtype.name, self.max_model_len,
+                 self.model.load_seconds)
 
     # ---- what the engine is and does ------------------------------------------------------
 
@@ -170,6 +99,12 @@ class Engine:
     def vocab_size(self) -> int:
         """Token ids are in [0, vocab_size)."""
         return self.model.config.vocab_size
+
+    @property
+    def sm_share(self) -> tuple[float, float]:
+        """(prefill, decode) SM shares of the last iteration: (1, 1) when aggregated."""
+        decision = self.duet.stats.last_decision if self.duet is not None else None
+        return (decision.s_p, decision.s_d) if decision is not None else (1.0, 1.0)
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's state and counters (nothing in it changes later)."""
@@ -294,10 +229,10 @@ class Engine:
             predicted = self.token_budget.last_predicted_s or None
         if budget is not None:  # (an SLO-aware budget, in either mode)
             self._last_budget = budget
-            self._budgets[budget] = self._budgets.get(budget, 0) + 1
+            self._budgets[budget] += 1
         batch = self.scheduler.schedule(self.config.decode_steps, budget=budget)
         scheduled = prepared = time.perf_counter()
-        launched = executor.launch(batch) if batch.scheduled else None
+        launched = executor.launch(batch)  # (None: nothing launched)
         launch_seconds = 0.0
         if launched is not None:
             launch_seconds = self.runner.last_launch_seconds
@@ -343,16 +278,9 @@ class Engine:
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Renders each conversation with the model's chat template, then generates."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.model.path} ships no tokenizer, so it has no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = []
-        for conversation in conversations:
-            text = self.tokenizer.apply_chat_template(
-                list(conversation), add_generation_prompt=add_generation_prompt,
-                **(chat_template_kwargs or {}))
-            prompts.append({"prompt": text,
-                            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        prompts = [self.admission.chat_prompt(conversation, add_generation_prompt,
+                                              chat_template_kwargs) for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, request_ids: Iterable[str], use_tqdm: bool) -> list[RequestOutput]:

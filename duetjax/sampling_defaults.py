@@ -13,6 +13,7 @@ directory: the generation_config.json in it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +22,8 @@ from models.hf_loader import GENERATION_CONFIG_FILE, read_generation_config
 
 from .config import ConfigError
 from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                             "min_p": "min_p", "repetition_penalty": "repetition_penalty",
@@ -57,6 +60,10 @@ class SamplingDefaults:
             raise ConfigError("generation_config", f"{generation_config!r}: {source} sets a "
                               f"sampling value out of range ({error}); fix it, or pass 'vllm' to "
                               "leave the model's settings out") from None
+        if defaults.fields:
+            log.info("default sampling, from the model's generation config: %s (requests override "
+                     "it; generation config 'vllm' leaves it out)",
+                     ", ".join(f"{k}={v}" for k, v in defaults.fields.items()))
         return defaults
 
     def params(self, **overrides: Any) -> SamplingParams:

@@ -53,7 +53,7 @@ SUBPACKAGE_LAYERS = ("perf", "core", "duet")
 """The sub-packages of ``duetjax``, lowest first, between the base modules and the top level
 (the public API, the entry points and ``server/``)."""
 
-JAX_FREE = ("duetjax.core.scheduler", "duetjax.core.persistent_batch",
+JAX_FREE = ("duetjax.core.scheduler", "duetjax.core.input_batch",
             "duetjax.core.block_manager", "duetjax.core.request",
             *(module_name(path) for path in source_files("duetjax/perf")))
 """Modules that plan on the host every iteration and are tested without a device: importing

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import numbers
 from pathlib import Path
-from typing import Container, Union
+from typing import Container, Sequence, Union
 
 import numpy as np
 
@@ -74,6 +74,16 @@ class Admission:
         request.plain = request.detokenizer is None and params.logprobs is None
         request.matcher = matcher
         return request
+
+    def chat_prompt(self, conversation: Sequence[dict], add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> dict:
+        """The prompt of one chat conversation, rendered with the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} ships no tokenizer, so it has no chat template")
+        text = self.tokenizer.apply_chat_template(
+            list(conversation), add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}))
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     def prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(the prompt's text if it has one, its token ids)."""

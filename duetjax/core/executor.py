@@ -46,13 +46,13 @@ class LocalExecutor:
 
     def launch(self, batch: SchedulerOutput) -> InFlight | None:
         """Launches ``batch`` behind the step in flight (whose tokens it reads on the device).
-        None: not launched, because some of its requests' inputs cannot be built; those fail
+        None: not launched, because nothing is left to run once the requests that failed
+        alone are out, or because some of its requests' inputs cannot be built; those fail
         alone, and the others are scheduled again next step."""
-        if batch.slots_to_fill:
-            self.fill_slots(batch)
-            if not batch.scheduled:
-                return None
+        self.admit(batch)
         token_mask = self._token_mask(batch)
+        if not batch.scheduled:
+            return None
         prompt_chunks = (chunks_of(batch) if self.scheduler.num_prompt_logprobs
                          and batch.continues is None else None)
         try:
@@ -90,10 +90,14 @@ class LocalExecutor:
         return self.in_flight is not None and any(
             not item.request.is_finished for item in self.in_flight.batch.scheduled)
 
-    def fill_slots(self, batch: SchedulerOutput) -> None:
-        """Writes the slot tables of the requests ``batch`` admitted with a fresh penalty slot
-        (``slots_to_fill``), before any step of theirs is launched. A request whose tables
-        cannot be written fails alone and leaves the batch."""
+    def admit(self, batch: SchedulerOutput) -> None:
+        """Before any step of the requests ``batch`` admitted: fails those whose input batch
+        row could not be written (``unadmitted``) and writes the slot tables of those with a
+        fresh penalty slot (``slots_to_fill``). A request whose tables cannot be written fails
+        alone and leaves the batch."""
+        for request, error in batch.unadmitted:
+            self.outputs.fail(request, error)
+        batch.unadmitted = []
         failed = False
         for request in batch.slots_to_fill:
             try:
@@ -102,14 +106,15 @@ class LocalExecutor:
                 self.outputs.fail(request, error)
                 failed = True
         if failed:
-            batch.scheduled = [item for item in batch.scheduled if not item.request.is_finished]
+            _drop_finished(batch)
 
     def _token_mask(self, batch: SchedulerOutput) -> np.ndarray | None:
         """The allowed tokens of the batch's rows that sample a constrained token (None when
-        there are none): each from its request's grammar state."""
+        there are none): each from its request's grammar state. A request whose grammar
+        raises fails alone and leaves the batch."""
         if not self.scheduler.num_constrained:
             return None
-        mask = None
+        mask, failed = None, False
         for row, item in enumerate(batch.scheduled):
             request = item.request
             if request.matcher is not None and item.completes_sequence:
@@ -117,8 +122,12 @@ class LocalExecutor:
                     mask = all_tokens_mask(len(batch.scheduled), self.vocab_size)
                 try:
                     fill_token_mask(request.matcher, mask, row)
-                except Exception as error:  # its row samples unmasked; the token is dropped
+                except Exception as error:
                     self.outputs.fail(request, error)
+                    failed = True
+        if failed:  # (the rows after it move up: the masks again, without it)
+            _drop_finished(batch)
+            return self._token_mask(batch)
         return mask
 
     def _fail_requests_without_inputs(self, batch: SchedulerOutput) -> bool:
@@ -135,3 +144,8 @@ class LocalExecutor:
                 self.outputs.fail(item.request, error)
                 failed = True
         return failed
+
+
+def _drop_finished(batch: SchedulerOutput) -> None:
+    """Takes the requests that ended since ``batch`` was scheduled (they failed) out of it."""
+    batch.scheduled = [item for item in batch.scheduled if not item.request.is_finished]

@@ -39,8 +39,9 @@ from .sampler import (SampledTokens, SlotTables, apply_token_mask, fill_slot, ne
 from .scheduler import SchedulerOutput
 from .shared_buffers import transport_dtype
 from .shared_state import SharedLayout
-from .step_inputs import (Bucket, Reuse, StepInputs, advanced, bucket, bucket_for, build_inputs,
-                          continue_packed, layout_of, pack, plan_buckets, unpack, unpack_on_device)
+from .step_inputs import (Bucket, LastDispatch, StepInputs, advanced, bucket, bucket_for,
+                          build_inputs, continue_packed, layout_of, pack, plan_buckets, unpack,
+                          unpack_on_device)
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,8 @@ class ModelRunner:
         self.last_launch_seconds = 0.0
         """Host time of the last executable call (it blocks while the device queue is full)."""
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
-        self._reuse = Reuse()
-        """What consecutive dispatches' inputs share (``build_inputs``)."""
+        self._last_dispatch = LastDispatch()
+        """The last dispatch's packed inputs, which a steady decode's next one continues."""
         self._samplers: dict[int, Samplers] = {}
         """Sequence bucket -> its compiled ``Samplers``."""
         self._prompt_logprobs: dict[int, jax.stages.Compiled] = {}
@@ -415,36 +416,36 @@ class ModelRunner:
         ``prompt_chunks``: the batch's positions that need prompt logprobs
         (``prompt_logprobs.chunks_of``; None or empty: none)."""
         b = bucket_for(batch, self.config)
-        reuse = self._reuse
+        last = self._last_dispatch
         previous_tokens = previous.last_tokens if previous is not None else None
-        if batch.continues is not None and previous is not None and reuse.packed is not None:
+        if batch.continues is not None and previous is not None and last.packed is not None:
             # (a continuation follows the dispatch of its rows launched last, still in flight
-            # here, whose inputs ``reuse`` holds: the same settings, the same sampler flags)
-            packed = continue_packed(batch, self.page_size, reuse)
-            sampled, last, _ = self.execute(b, None, previous_tokens, batch.num_steps,
-                                            reuse.sampler_flags, reuse, packed)
-            return InFlight(batch, sampled, last, wants_logprobs=reuse.sampler_flags[1])
-        inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq, reuse,
+            # here: the same settings, the same sampler flags)
+            packed = continue_packed(batch, last)
+            sampled, last_tokens, _ = self.execute(b, None, previous_tokens, batch.num_steps,
+                                                   last.sampler_flags, packed)
+            return InFlight(batch, sampled, last_tokens, wants_logprobs=last.sampler_flags[1])
+        inputs = build_inputs(b, batch, self.page_size, self.max_pages_per_seq,
                               previous.batch.scheduled if previous is not None else None)
         targets = prompt_logprobs.targets_of(prompt_chunks, b.num_tokens) if prompt_chunks else None
-        sampled, last, prompt_results = self.execute(
-            b, inputs, previous_tokens, batch.num_steps, reuse=reuse, token_mask=token_mask,
+        sampled, last_tokens, prompt_results = self.execute(
+            b, inputs, previous_tokens, batch.num_steps, token_mask=token_mask,
             prompt_targets=targets)
-        launched = InFlight(batch, sampled, last, wants_logprobs=reuse.sampler_flags[1])
+        launched = InFlight(batch, sampled, last_tokens, wants_logprobs=last.sampler_flags[1])
         if prompt_results is not None:
             launched.prompt_logprobs = PromptLogprobsInFlight(prompt_chunks, prompt_results)
         return launched
 
     def execute(self, b: Bucket, inputs: StepInputs | None, previous_tokens: jax.Array | None,
                 num_steps: int = 1, sampler_flags: tuple[bool, bool] | None = None,
-                reuse: Reuse | None = None, packed: np.ndarray | None = None,
+                packed: np.ndarray | None = None,
                 token_mask: np.ndarray | None = None, prompt_targets: np.ndarray | None = None
                 ) -> tuple[SampledTokens, jax.Array, SampledTokens | None]:
         """Runs prepared inputs; returns (sampled, last tokens, prompt logprobs) as device
-        arrays. ``sampler_flags``: (needs the full sampler, wants logprobs) when already known.
-        ``reuse`` keeps the flags and the packed inputs for a continuation; ``packed``: the
-        inputs already packed (``continue_packed``: ``inputs`` is None then, and is unpacked
-        from ``packed`` where it is needed, with ``reuse.inputs`` as the template).
+        arrays, and records them as the last dispatch. ``sampler_flags``: (needs the full
+        sampler, wants logprobs) when already known. ``packed``: the inputs already packed
+        (``continue_packed``: ``inputs`` is None then, and is unpacked from ``packed`` where it
+        is needed, with the last dispatch's inputs as the template).
         ``token_mask``: see ``dispatch`` (its rows run the full sampler).
         ``prompt_targets``: int32[num_tokens], the token each of the step's tokens predicts
         (``prompt_logprobs.targets_of``): the step then returns ``with_logprobs`` of them at
@@ -463,11 +464,11 @@ class ModelRunner:
                              wants_logprobs(inputs.sampling))
         full, logprobs = sampler_flags
         masked = token_mask is not None
-        if reuse is not None:
-            reuse.sampler_flags, reuse.packed = sampler_flags, packed
+        last = self._last_dispatch
+        last.keep(inputs, packed, sampler_flags)
         state = self.state
         if inputs is None and (full or masked or state.shared is not None):  # (the host needs them)
-            inputs = advanced(unpack(reuse.inputs, packed), self.page_size)
+            inputs = advanced(unpack(last.inputs, packed), self.page_size)
         if (full or logprobs or masked or prompt_targets is not None) and b.multi_step:
             raise RuntimeError(f"a {b.steps}-step decode holds a request that needs the full "
                                "sampler, logprobs, a token mask or prompt logprobs: a scheduler "

@@ -133,7 +133,7 @@ class OutputProcessor:
         """``process`` for a batch that ``continues`` a steady decode: every row sampled
         k tokens from its ``output_index`` on. Which rows need more than storing their tokens
         (a stop id, the token limit, text or logprobs, a page to name) is known from a few
-        array operations and the ``PersistentBatch``; those rows take ``_apply_tokens``."""
+        array operations and the ``SteadyDecode``; those rows take ``_apply_tokens``."""
         rows = step.batch.continues
         requests, k = rows.requests, step.batch.num_steps
         tokens = sampled.token_ids  # [k, n]

@@ -4,7 +4,8 @@ Each step: running requests first (a decode token each, or the next chunk of an 
 prefill), then waiting requests in arrival order (FCFS) while budget, sequence slots and pages
 last. A request whose pages cannot grow preempts the most recently admitted running request,
 which frees its pages and goes back to the front of the queue to be recomputed later: running
-out of pages never loses a request.
+out of pages never loses a request. Every running request has a row of the ``InputBatch``,
+which the scheduler writes as requests join, grow and leave.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..config import EngineConfig
 from .block_manager import BlockManager
-from .persistent_batch import PersistentBatch
+from .input_batch import InputBatch, SteadyDecode
 from .request import PENDING, Request, RequestStatus
 
 
@@ -46,16 +47,27 @@ class SchedulerOutput:
     preempted: list[Request]
     num_steps: int = 1
     """Decode steps run by this dispatch (k > 1: a k-step decode of every scheduled request)."""
-    continues: PersistentBatch | None = None
+    continues: SteadyDecode | None = None
     """Set when this is the previous dispatch again, one decode dispatch later: the same
     ``scheduled`` list (the same requests in the same rows, every one decoding ``num_steps``
     tokens), nothing else changed in between. Its inputs follow from the previous dispatch's
-    by arithmetic, and its rows' fixed facts are kept in the persistent batch."""
+    by arithmetic, and its rows' fixed facts are kept in the steady decode."""
     rows_at_limit: list[int] = dataclasses.field(default_factory=list)
     """Of a continuing dispatch: the rows whose token limit its tokens reach."""
+    grown_rows: list[int] = dataclasses.field(default_factory=list)
+    """Of a continuing dispatch: the rows whose block tables grew since the previous one."""
+    grown_tables: np.ndarray | None = None
+    """Of a continuing dispatch: the block tables of ``grown_rows`` now (their input batch
+    rows)."""
     slots_to_fill: list[Request] = dataclasses.field(default_factory=list)
     """Requests admitted with a fresh penalty slot whose slot tables (prompt tokens, logit
     biases) must be written before any step of theirs is launched (``LocalExecutor.launch``)."""
+    rows: InputBatch | None = None
+    """The input batch holding its requests' rows, which its step inputs are gathered from
+    (None: they are built from the requests alone)."""
+    unadmitted: list[tuple[Request, Exception]] = dataclasses.field(default_factory=list)
+    """Requests taken from the queue whose input batch row could not be written, with why:
+    they are not scheduled, and the executor fails them alone (``LocalExecutor.admit``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -75,8 +87,9 @@ def split_batch(batch: SchedulerOutput) -> tuple[SchedulerOutput, SchedulerOutpu
     """(prefill chunks, k-step decodes) of a batch scheduled with ``split=True``."""
     decode = [s for s in batch.scheduled if _decoding(s.request) and s.num_new_tokens == 1]
     prefill = [s for s in batch.scheduled if not (_decoding(s.request) and s.num_new_tokens == 1)]
-    return (SchedulerOutput(prefill, batch.preempted, slots_to_fill=batch.slots_to_fill),
-            SchedulerOutput(decode, [], batch.num_steps if decode else 1))
+    return (SchedulerOutput(prefill, batch.preempted, slots_to_fill=batch.slots_to_fill,
+                            rows=batch.rows, unadmitted=batch.unadmitted),
+            SchedulerOutput(decode, [], batch.num_steps if decode else 1, rows=batch.rows))
 
 
 class Scheduler:
@@ -101,8 +114,8 @@ class Scheduler:
         """Unfinished requests with prompt logprobs whose prompt is not all computed (launched)
         yet: while there are any, the engine looks for their positions in each batch, and duet
         mode stays aggregated (workers compute no prompt logprobs)."""
-        self._steady: PersistentBatch | None = None
-        """The steady decode the next ``schedule`` may continue."""
+        self.input_batch = InputBatch(config.max_num_seqs, -(-max_model_len // config.page_size))
+        """A row per running request: what its steps' inputs are gathered from."""
 
     def add(self, request: Request) -> None:
         needed = self.blocks.pages_needed(len(request.prompt_token_ids) + 1)
@@ -125,7 +138,7 @@ class Scheduler:
         where every running request decodes, answers without a pass over them)."""
         if self.waiting:
             return True
-        if self._steady is not None:
+        if self.input_batch.steady is not None:
             return False
         return any(not _decoding(r) for r in self.running)
 
@@ -141,7 +154,7 @@ class Scheduler:
         left to the decode stream, and nothing is preempted (a victim's pages could be in that
         dispatch); a chunk whose pages cannot grow waits. ``budget``: this step's token budget
         (None: ``max_num_batched_tokens``; the SLO-aware budget passes a smaller one)."""
-        steady, self._steady = self._steady, None
+        steady, self.input_batch.steady = self.input_batch.steady, None
         if (steady is not None and steady.launched and not split and not self.waiting
                 and steady.decode_steps == decode_steps):
             output = self._continue(steady)
@@ -193,13 +206,14 @@ class Scheduler:
                         break
                 if request.status is not RequestStatus.RUNNING:
                     break
-                self.blocks.grow(request, target)
+                self._grow(request, target)
             scheduled.append(ScheduledRequest(request, num_new, steps))
             budget -= num_new
             index += 1
 
         num_running = len(scheduled)
         slots_to_fill: list[Request] = []
+        unadmitted: list[tuple[Request, Exception]] = []
         while (self.waiting and budget > 0 and not preempted and not stalled
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
@@ -217,10 +231,16 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            self.blocks.grow(request, target)
+            try:
+                self.input_batch.add(request)
+            except Exception as error:  # (its settings do not fit the step's arrays)
+                self.blocks.free(request)
+                unadmitted.append((request, error))
+                continue
+            self.blocks.record_lookup(request)
             if request.penalty_slot_fresh and request.params.fills_slot:  # (no step of it ran yet)
                 slots_to_fill.append(request)
-            self.blocks.record_lookup(request)
-            self.blocks.grow(request, target)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new))
@@ -232,18 +252,19 @@ class Scheduler:
             for item in scheduled:
                 item.num_steps = 1
         output = SchedulerOutput(scheduled, preempted, k if scheduled else 1,
-                                 slots_to_fill=slots_to_fill)
+                                 slots_to_fill=slots_to_fill, rows=self.input_batch,
+                                 unadmitted=unadmitted)
         if (scheduled and not split and not preempted and not self.waiting
                 and len(scheduled) == len(self.running)):
-            self._steady = self._steady_after(output, decode_steps)
+            self.input_batch.steady = self._steady_after(output, decode_steps)
         return output
 
-    def _steady_after(self, output: SchedulerOutput, decode_steps: int) -> PersistentBatch | None:
-        """The steady state that continues ``output``: when every running request decodes
+    def _steady_after(self, output: SchedulerOutput, decode_steps: int) -> SteadyDecode | None:
+        """The steady decode that continues ``output``: when every running request decodes
         ``num_steps`` tokens in it."""
         k, n = output.num_steps, len(output.scheduled)
         if k > self.blocks.page_size or self.num_constrained:
-            # (``PersistentBatch`` tracks pages filled by at most one page of tokens; a constrained
+            # (``SteadyDecode`` tracks pages filled by at most one page of tokens; a constrained
             # request sits out every other step)
             return None
         for item in output.scheduled:
@@ -255,33 +276,35 @@ class Scheduler:
         headroom = np.fromiter((r.max_output_tokens - len(r.output_token_ids) - k for r in requests),
                                np.int64, n)
         target = np.fromiter((r.num_computed_tokens for r in requests), np.int64, n) + 2 * k
-        capacity = np.fromiter((len(r.block_table) for r in requests), np.int64, n) * self.blocks.page_size
-        return PersistentBatch(output, decode_steps, headroom, target, capacity)
+        return SteadyDecode(output, decode_steps, self.input_batch.rows(requests), headroom, target)
 
-    def _continue(self, steady: PersistentBatch) -> SchedulerOutput | None:
-        """The steady batch's next dispatch, or None where a row reaches its token limit or
+    def _continue(self, steady: SteadyDecode) -> SchedulerOutput | None:
+        """The steady decode's next dispatch, or None where a row reaches its token limit or
         needs pages that are not free (the full ``schedule`` then handles it). Only rows whose
         next tokens cross into a new page are visited."""
         k = steady.output.num_steps
         scheduled = steady.output.scheduled
         least = int(steady.headroom.min())
-        if len(scheduled) != len(self.running) or least < k:
+        if least < k:
             return None
         page_size = self.blocks.page_size
-        for row in np.flatnonzero(steady.target > steady.capacity).tolist():
+        rows = self.input_batch
+        grown = np.flatnonzero(steady.target > rows.num_pages[steady.rows] * page_size).tolist()
+        for row in grown:
             request, target = scheduled[row].request, int(steady.target[row])
             if not self.blocks.can_hold(request, target):
                 return None
-            self.blocks.grow(request, target)
-            steady.capacity[row] = len(request.block_table) * page_size
+            self._grow(request, target)
         at_limit = np.flatnonzero(steady.headroom == k).tolist() if least == k else []
         steady.headroom -= k
         steady.target += k
         if not steady.gathered:
             steady.gather(page_size)
-        steady.output = SchedulerOutput(scheduled, [], k, continues=steady, rows_at_limit=at_limit)
+        steady.output = SchedulerOutput(
+            scheduled, [], k, continues=steady, rows=rows, rows_at_limit=at_limit,
+            grown_rows=grown, grown_tables=rows.block_tables[steady.rows[grown]] if grown else None)
         steady.launched = False
-        self._steady = steady
+        rows.steady = steady
         return steady.output
 
     def schedule_decodes(self, k: int, exclude: set[str]) -> SchedulerOutput:
@@ -300,9 +323,14 @@ class Scheduler:
             target = request.num_computed_tokens + steps
             if not self.blocks.can_hold(request, target):
                 continue
-            self.blocks.grow(request, target)
+            self._grow(request, target)
             scheduled.append(ScheduledRequest(request, 1, steps))
-        return SchedulerOutput(scheduled, [], k if scheduled else 1)
+        return SchedulerOutput(scheduled, [], k if scheduled else 1, rows=self.input_batch)
+
+    def _grow(self, request: Request, num_tokens: int) -> None:
+        """Gives a running request pages for ``num_tokens`` tokens, and its row their ids."""
+        self.blocks.grow(request, num_tokens)
+        self.input_batch.write_pages(request)
 
     def _steps_allowed(self, request: Request, k: int) -> int:
         """Steps of a k-step decode before ``request`` reaches max_tokens or max_model_len."""
@@ -315,12 +343,12 @@ class Scheduler:
 
     def commit(self, batch: SchedulerOutput) -> None:
         """Records that a step was launched: its tokens count as computed from now on."""
-        steady = self._steady
+        steady = self.input_batch.steady
         if steady is not None:
             if batch is steady.output:
                 steady.launched = True
-            else:
-                self._steady = None
+            else:  # (another dispatch ran meanwhile: the next one is scheduled in full)
+                self.input_batch.steady = None
         if batch.continues is not None:
             k = batch.num_steps
             for request in batch.continues.requests:
@@ -363,9 +391,9 @@ class Scheduler:
 
     def requeue(self, request: Request) -> None:
         """Back to the front of the queue, to be recomputed (its step was lost)."""
-        self._steady = None
         if request in self.running:
             self.running.remove(request)
+        self.input_batch.remove(request)
         if request.prompt_logprobs is not None and not self._prefilling_prompt_logprobs(request):
             self.num_prompt_logprobs += 1  # (its prompt is computed again)
         self.blocks.free(request)
@@ -386,8 +414,8 @@ class Scheduler:
 
     def finish(self, request: Request, reason: str) -> None:
         """Ends a request (stopped, length, or aborted) and frees its pages."""
-        self._steady = None
         self.num_finished += 1
+        self.input_batch.remove(request)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING and request in self.waiting:

@@ -14,8 +14,6 @@ cost follows the real context lengths, not the table width.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import operator
 
 import flax.struct
 import jax
@@ -25,7 +23,8 @@ from models.attention import AttentionMetadata
 
 from ..config import EngineConfig
 from ..perf.roofline import StepPadding, power_of_two
-from .request import PENDING, Request
+from .input_batch import InputBatch
+from .request import PENDING
 from .sampler import PenaltyArrays, SamplingArrays
 from .scheduler import SchedulerOutput
 
@@ -131,99 +130,37 @@ def advanced(x: StepInputs, page_size: int, xp=np) -> StepInputs:
                                                       x.sampling.counters)))
 
 
-class Reuse:
-    """What a ``build_inputs`` call leaves for the next (``ModelRunner`` keeps one). When the
-    next step runs the same requests in the same order, as consecutive decode steps do, it
-    shares their sampling settings and, unless a table grew, their block tables (read-only
-    arrays) instead of gathering them again. A table only grows while its request keeps its
-    pages, and losing them gives the request a new list: the identities of the lists name the
-    batch. A batch that ``continues`` the previous one (``SchedulerOutput.continues``) derives
-    its whole packed inputs from the previous step's (``continue_packed``)."""
+class LastDispatch:
+    """The inputs of the runner's last dispatch, as packed: a continuation of the steady decode
+    (``SchedulerOutput.continues``) derives its own from them (``continue_packed``)."""
 
     def __init__(self) -> None:
-        self.tables: list[list[int]] = []
-        self.widths = np.zeros(0, np.int32)
-        self.block_tables = np.zeros((0, 0), np.int32)
-        self.settings: tuple[np.ndarray, ...] = ()
-        self.penalized: list[int] = []
         self.inputs: StepInputs | None = None
-        """The last inputs built (``build_inputs``)."""
+        """The last inputs built (``build_inputs``): the template of the packed layout."""
         self.packed: np.ndarray | None = None
-        """uint8[n]: the last step's packed inputs (``pack``), set by the executor."""
+        """uint8[n]: the last dispatch's packed inputs (``pack``)."""
+        self.sampler_flags: tuple[bool, bool] | None = None
+        """(needs the full sampler, wants logprobs) of the last inputs built."""
         self.spans: StepInputs | None = None
         """Where each of ``inputs``' arrays sits in ``packed`` (``continue_packed``)."""
         self.spans_fresh = False
         """``packed`` holds ``build_inputs``' arrays, not yet a continuation's."""
-        self.sampler_flags: tuple[bool, bool] | None = None
-        """(needs the full sampler, wants logprobs) of the last inputs built."""
 
-    def same_tables(self, tables: list[list[int]], num_seqs: int, width: int) -> bool:
-        return (self.block_tables.shape == (num_seqs, width) and len(tables) == len(self.tables)
-                and all(map(operator.is_, tables, self.tables)))
-
-    def grown_rows(self, widths: np.ndarray) -> list[int]:
-        """Rows whose tables grew since the last step (``widths``: their lengths now)."""
-        return np.flatnonzero(widths != self.widths).tolist()
-
-    def grown_block_tables(self, tables: list[list[int]], widths: np.ndarray) -> np.ndarray:
-        """The shared block tables, with the rows of the tables that grew since updated."""
-        block_tables = self.block_tables
-        grew = self.grown_rows(widths)
-        if grew:
-            block_tables = block_tables.copy()
-            for s in grew:
-                block_tables[s, :widths[s]] = tables[s]
-        return block_tables
-
-    def keep(self, tables: list[list[int]], widths: np.ndarray, block_tables: np.ndarray,
-             settings: tuple[np.ndarray, ...], penalized: list[int], inputs: StepInputs) -> None:
-        for array in (block_tables, *settings):
-            array.flags.writeable = False  # shared with the next step's inputs
-        self.tables, self.widths, self.block_tables = tables, widths, block_tables
-        self.settings, self.penalized = settings, penalized
-        self.inputs = inputs
-        self.packed = self.spans = None
-
-
-def _settings(requests: list[Request], num_seqs: int) -> tuple[tuple[np.ndarray, ...], list[int]]:
-    """What stays the same for a request while it runs, over ``num_seqs`` rows (padding rows
-    sample greedily, without penalties): (temperature, top-k, top-p, min-p, seed, logprobs
-    wanted, penalty slot, presence, frequency and repetition penalties, logit biases used), and
-    the rows with a penalty slot."""
-    n = len(requests)
-    params = [r.params for r in requests]
-    temperature = np.zeros(num_seqs, np.float32)
-    top_k = np.zeros(num_seqs, np.int32)
-    top_p = np.ones(num_seqs, np.float32)
-    min_p = np.zeros(num_seqs, np.float32)
-    seeds = np.zeros(num_seqs, np.uint32)
-    want_logprobs = np.zeros(num_seqs, bool)
-    penalty_slots = np.zeros(num_seqs, np.int32)
-    presence = np.zeros(num_seqs, np.float32)
-    frequency = np.zeros(num_seqs, np.float32)
-    repetition = np.ones(num_seqs, np.float32)
-    biased = np.zeros(num_seqs, bool)
-    temperature[:n] = [p.temperature for p in params]
-    top_k[:n] = [p.top_k for p in params]
-    top_p[:n] = [p.top_p for p in params]
-    min_p[:n] = [p.min_p for p in params]
-    seeds[:n] = [r.seed for r in requests]
-    want_logprobs[:n] = [p.logprobs is not None for p in params]
-    penalized = [s for s, r in enumerate(requests) if r.penalty_slot is not None]
-    for s in penalized:
-        penalty_slots[s] = requests[s].penalty_slot
-        presence[s], frequency[s] = params[s].presence_penalty, params[s].frequency_penalty
-        repetition[s], biased[s] = params[s].repetition_penalty, params[s].logit_bias is not None
-    return (temperature, top_k, top_p, min_p, seeds, want_logprobs, penalty_slots, presence,
-            frequency, repetition, biased), penalized
+    def keep(self, inputs: StepInputs | None, packed: np.ndarray,
+             sampler_flags: tuple[bool, bool]) -> None:
+        """Records a dispatch: built from ``inputs``, or (None) continued from the last."""
+        if inputs is not None:
+            self.inputs, self.spans = inputs, None
+        self.packed, self.sampler_flags = packed, sampler_flags
 
 
 def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
-                 max_pages_per_seq: int, reuse: Reuse | None = None,
-                 in_flight: list | None = None) -> StepInputs:
-    """Host arrays of one step in bucket ``b`` (all padding when ``batch`` is None); ``reuse``
-    carries what consecutive calls share. ``in_flight``: the ``scheduled`` list of the dispatch
-    still running, whose output rows hold the newest tokens still PENDING on the host."""
+                 max_pages_per_seq: int, in_flight: list | None = None) -> StepInputs:
+    """Host arrays of one step in bucket ``b`` (all padding when ``batch`` is None). Block
+    tables and sampling settings are gathered from the input batch holding the batch's
+    requests (``SchedulerOutput.rows``; None: a batch of these requests alone). ``in_flight``:
+    the ``scheduled`` list of the dispatch still running, whose output rows hold the newest
+    tokens still PENDING on the host."""
     num_seqs, num_tokens = b.num_seqs, b.num_tokens
     tokens = np.zeros(num_tokens, np.int32)
     from_previous = np.full(num_tokens, -1, np.int32)
@@ -240,22 +177,14 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
     scheduled = batch.scheduled if batch is not None else []
     requests = [item.request for item in scheduled]
     num_real = len(requests)
-    tables = [r.block_table for r in requests]
-    widths = np.fromiter(map(len, tables), np.int32, num_real)
-    if reuse is not None and reuse.same_tables(tables, num_seqs, max_pages_per_seq):
-        settings, penalized = reuse.settings, reuse.penalized
-        block_tables = reuse.grown_block_tables(tables, widths)
-    else:
-        block_tables = np.zeros((num_seqs, max_pages_per_seq), np.int32)
-        # All rows in one masked copy (a row at a time cost about 2 us per request).
-        block_tables[:num_real][np.arange(max_pages_per_seq) < widths[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(tables), np.int32, int(widths.sum()))
-        settings, penalized = _settings(requests, num_seqs)
-    (temperature, top_k, top_p, min_p, seeds, want_logprobs, penalty_slots, presence,
-     frequency, repetition, biased) = settings
+    rows = batch.rows if batch is not None else None
+    if rows is None:
+        rows = InputBatch.of(requests, max_pages_per_seq)
+    gathered = rows.gather(rows.rows(requests), num_seqs)
+    block_tables, settings = gathered.block_tables, gathered.settings
 
     if num_real:
-        # Per request only what needs its Python objects (tokens, tables, params); the
+        # Per request only what needs its Python objects (tokens, counts); the
         # per-token arithmetic runs once over the whole step (host time is on every step).
         starts = np.fromiter((r.num_computed_tokens for r in requests), np.int32, num_real)
         counts = np.fromiter((item.num_new_tokens for item in scheduled), np.int32, num_real)
@@ -284,7 +213,7 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
             except KeyError:
                 raise RuntimeError("a request's newest token is in flight in no dispatch that "
                                    "this step follows: an engine bug") from None
-        for s in penalized:
+        for s in gathered.penalized:
             reset[s], count[s] = requests[s].penalty_slot_fresh, scheduled[s].completes_sequence
         query_start_loc[1:num_real + 1] = ends
         query_start_loc[num_real + 1:] = at
@@ -300,31 +229,32 @@ def build_inputs(b: Bucket, batch: SchedulerOutput | None, page_size: int,
     meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
                              context_lens=context_lens, query_start_loc=query_start_loc,
                              decode_only=b.decode)
-    sampling = SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              seeds=seeds, counters=counters, want_logprobs=want_logprobs)
-    penalties = PenaltyArrays(slots=penalty_slots, presence=presence, frequency=frequency,
-                              repetition=repetition, biased=biased, reset=reset, count=count)
-    inputs = StepInputs(tokens=tokens, from_previous=from_previous, meta=meta,
-                        logits_indices=logits_indices, sampling=sampling, penalties=penalties,
-                        valid_steps=valid_steps, advance=np.zeros(1, np.int32))
-    if reuse is not None:
-        reuse.keep(tables, widths, block_tables, settings, penalized, inputs)
-    return inputs
+    sampling = SamplingArrays(temperature=settings["temperature"], top_k=settings["top_k"],
+                              top_p=settings["top_p"], min_p=settings["min_p"],
+                              seeds=settings["seeds"], counters=counters,
+                              want_logprobs=settings["want_logprobs"])
+    penalties = PenaltyArrays(slots=settings["penalty_slots"], presence=settings["presence"],
+                              frequency=settings["frequency"], repetition=settings["repetition"],
+                              biased=settings["biased"], reset=reset, count=count)
+    return StepInputs(tokens=tokens, from_previous=from_previous, meta=meta,
+                      logits_indices=logits_indices, sampling=sampling, penalties=penalties,
+                      valid_steps=valid_steps, advance=np.zeros(1, np.int32))
 
 
-def continue_packed(batch: SchedulerOutput, page_size: int, reuse: Reuse) -> np.ndarray:
+def continue_packed(batch: SchedulerOutput, last: LastDispatch) -> np.ndarray:
     """``pack`` of inputs equivalent to ``build_inputs``' for a batch that ``continues`` the
-    one ``reuse`` last packed, while that one is in flight: a copy of the last packed buffer
-    whose ``advance`` counts ``num_steps`` more (every row is that many tokens further along;
-    the executable moves positions, context lengths, slots and counters on itself), whose
-    rows read their newest token from the same row of the in-flight output, and whose rows
-    that grew get their new pages. A few array operations whatever the batch size: this is
-    every decode step's host work while the batch stays the same."""
-    if reuse.packed is None:
+    runner's last dispatch, while that one is in flight: a copy of its packed buffer whose
+    ``advance`` counts ``num_steps`` more (every row is that many tokens further along; the
+    executable moves positions, context lengths, slots and counters on itself), whose rows
+    read their newest token from the same row of the in-flight output, and whose rows that
+    grew get their block tables anew (``SchedulerOutput.grown_rows``). A few array operations
+    whatever the batch size: this is every decode step's host work while the decode is
+    steady."""
+    if last.packed is None:
         raise ValueError("continue_packed needs the packed inputs of the batch it continues")
-    if reuse.spans is None:
-        reuse.spans, reuse.spans_fresh = _spans(reuse.inputs), True
-    spans, buf = reuse.spans, reuse.packed.copy()
+    if last.spans is None:
+        last.spans, last.spans_fresh = _spans(last.inputs), True
+    spans, buf = last.spans, last.packed.copy()
     n = len(batch.scheduled)
 
     def view(span: tuple[int, int, tuple[int, ...], np.dtype]) -> np.ndarray:
@@ -332,21 +262,13 @@ def continue_packed(batch: SchedulerOutput, page_size: int, reuse: Reuse) -> np.
         return buf[start:end].view(dtype).reshape(shape)
 
     view(spans.advance)[0] += batch.num_steps
-    tables = reuse.tables
-    widths = np.fromiter(map(len, tables), np.int32, n)
-    grew = reuse.grown_rows(widths)
-    if grew:
-        block_tables = view(spans.meta.block_tables)
-        for s in grew:
-            block_tables[s, reuse.widths[s]:widths[s]] = tables[s][reuse.widths[s]:]
-        block_tables.flags.writeable = False  # (the next full build may share it)
-        reuse.widths, reuse.block_tables = widths, block_tables
-    if reuse.spans_fresh:  # (the first continuation; later ones copy these already)
+    if batch.grown_rows:
+        view(spans.meta.block_tables)[batch.grown_rows] = batch.grown_tables
+    if last.spans_fresh:  # (the first continuation; later ones copy these already)
         view(spans.tokens)[:n] = PENDING
         view(spans.from_previous)[:n] = np.arange(n, dtype=np.int32)
         view(spans.penalties.reset)[:] = False
-        reuse.spans_fresh = False
-    reuse.packed = buf
+        last.spans_fresh = False
     return buf
 
 

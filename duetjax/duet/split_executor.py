@@ -120,8 +120,7 @@ class SplitExecutor:
         # With a decode dispatch still running, only the chunks are scheduled now (and nothing
         # is preempted: a victim's pages could still be written); the decodes follow it.
         batch = self.scheduler.schedule(stream_k, split=True, chunks_only=carried is not None)
-        if batch.slots_to_fill:  # (before a worker's step reads them)
-            self.local.fill_slots(batch)
+        self.local.admit(batch)  # (slot tables before a worker's step reads them)
         prefill_part, decode_part = split_batch(batch)
         split = SplitIteration(
             decision, pair, launched_at=time.perf_counter(), stream_k=stream_k,

@@ -2,6 +2,8 @@
 continued with array arithmetic. Its packed inputs, once advanced (``advanced``: what the
 executable does first), must equal a fresh build's exactly, and the engine's outputs must
 equal those of an engine that never takes the path."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -29,13 +31,16 @@ def checked_continuations(monkeypatch):
     checked = []
     original = model_runner.continue_packed
 
-    def continue_and_compare(batch, page_size, reuse):
-        runner_config, width = reuse.checked_against  # set below, per runner
-        # (the dispatch it continues is in flight, with the same rows)
-        fresh = build_inputs(bucket_for(batch, runner_config), batch, page_size, width,
+    def continue_and_compare(batch, last):
+        runner_config, width = last.checked_against  # set below, per runner
+        page_size = runner_config.page_size
+        # (the dispatch it continues is in flight, with the same rows; built from the
+        # requests alone, not from the input batch)
+        alone = dataclasses.replace(batch, rows=None)
+        fresh = build_inputs(bucket_for(alone, runner_config), alone, page_size, width,
                              in_flight=batch.scheduled)
-        packed = original(batch, page_size, reuse)
-        got = advanced(unpack(reuse.inputs, packed), page_size)
+        packed = original(batch, last)
+        got = advanced(unpack(last.inputs, packed), page_size)
         assert got.advance[0] > 0 and fresh.advance[0] == 0
         for name, want, have in zip(leaf_names(fresh), jax.tree_util.tree_leaves(fresh),
                                     jax.tree_util.tree_leaves(got)):
@@ -87,7 +92,7 @@ def test_continuations_equal_fresh_builds_and_change_no_output(tiny_llama_dir, m
         expected = plain.generate(batch, params, use_tqdm=False)
         plain.generate(follow_ups(expected), short, use_tqdm=False)
     engine = make(tiny_llama_dir, decode_steps=decode_steps)
-    engine.runner._reuse.checked_against = (engine.config, engine.runner.max_pages_per_seq)
+    engine.runner._last_dispatch.checked_against = (engine.config, engine.runner.max_pages_per_seq)
     got = engine.generate(batch, params, use_tqdm=False)
     engine.generate(follow_ups(got), short, use_tqdm=False)
     # Pages filled by generated tokens were named for the prefix cache as without the path.
@@ -111,7 +116,7 @@ def test_arrivals_aborts_and_preemption_leave_the_steady_path_cleanly(tiny_llama
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 
     def run(engine):
-        engine.runner._reuse.checked_against = (engine.config, engine.runner.max_pages_per_seq)
+        engine.runner._last_dispatch.checked_against = (engine.config, engine.runner.max_pages_per_seq)
         ids = [engine.add_request(p, params) for p in batch[:3]]
         final, step = {}, 0
         while engine.has_unfinished_requests() or step < 12:
