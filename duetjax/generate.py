@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from .cli import add_generation_config_flag, start_error
+from .cli import LOAD_FORMAT_HELP, add_generation_config_flag, start_error
 from .engine import Engine
 from .sampling_params import SamplingParams
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     add_generation_config_flag(p)
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16")
-    p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
+    p.add_argument("--load-format", default="auto", help=LOAD_FORMAT_HELP)
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log engine start-up")
     return p.parse_args(argv)
