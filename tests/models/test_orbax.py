@@ -309,3 +309,15 @@ def test_config_in_the_parent_of_a_maxtext_items_folder(oracle_cases, expected_o
     shutil.copy(oracle_cases["llama2"] / "config.json", step / "config.json")
     assert_logits_match(step, expected_of("llama2"), load_format="auto")
     assert_logits_match(step / "items", expected_of("llama2"))
+
+
+def test_gemma_flax_tokenizer_model_beside(oracle_cases, tmp_path):
+    """Gemma's Flax releases ship SentencePiece's tokenizer.model beside the checkpoint folder."""
+    from tests.models.test_gguf_tokenizer import GEMMA, _train
+
+    sp = _train(GEMMA)
+    ckpt = write_tree(tmp_path, gemma_flax_tree(oracle_cases["gemma"], "gemma"), None)
+    shutil.copy(oracle_cases["gemma"] / "config.json", tmp_path / "config.json")
+    (tmp_path / "tokenizer.model").write_bytes(sp.serialized_model_proto())
+    loaded = load_model(ckpt, dtype="float32")
+    assert loaded.tokenizer.encode("Hello world") == [GEMMA.ids["bos"]] + sp.encode("Hello world")
