@@ -33,7 +33,10 @@ def is_orbax_tree(path: Path) -> bool:
 def _checkpointer():
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB))
+    # Written uncompressed: trained weights barely compress, and restores skip the decoding.
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB,
+                                          use_compression=False)
+    return ocp.Checkpointer(handler)
 
 
 def save_tree(path: Path, tree: Any) -> None:
