@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", help="the prompt (a user message in chat mode)")
     p.add_argument("--model", default=None,
-                   help="Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+                   help="Hugging Face directory, .gguf file or Orbax checkpoint directory "
+                        "(default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: when it has one)")
     p.add_argument("--system", default=None, help="system message in chat mode")

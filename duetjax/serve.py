@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m duetjax.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+                   help="Hugging Face directory, .gguf file or Orbax checkpoint directory "
+                        "(default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients put in 'model' (default: the model's directory or file name)")
     p.add_argument("--host", default="127.0.0.1",
