@@ -321,3 +321,23 @@ def test_gemma_flax_tokenizer_model_beside(oracle_cases, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(sp.serialized_model_proto())
     loaded = load_model(ckpt, dtype="float32")
     assert loaded.tokenizer.encode("Hello world") == [GEMMA.ids["bos"]] + sp.encode("Hello world")
+
+
+def test_gemma_flax_qkv_einsum_when_heads_equal_kv_heads(oracle_cases, tmp_path):
+    """Gemma 7B-style attention (as many kv heads as heads) stores q, k and v in one
+    ``qkv_einsum``: the same weights load as from HF's own tensors."""
+    from tests.helpers import write_random_checkpoint
+
+    config = json.loads((oracle_cases["gemma"] / "config.json").read_text())
+    hf_dir = write_random_checkpoint(tmp_path / "hf", config | {"num_key_value_heads": 4},
+                                     fused=False)
+    tree = gemma_flax_tree(hf_dir, "gemma")
+    for name in [n for n in tree if n.endswith("attn/q_einsum")]:
+        layer = name[: -len("q_einsum")]
+        k, v = tree.pop(layer + "kv_einsum")["w"]
+        tree[layer + "qkv_einsum"] = {"w": np.stack([tree.pop(name)["w"], k, v])}
+    ckpt = write_tree(tmp_path / "flax", tree, hf_dir)
+    prompts = [[5, 6, 7, 8, 9]]
+    want = compute_logits(load_model(hf_dir, dtype="float32"), prompts)[0]
+    got = compute_logits(load_model(ckpt, dtype="float32"), prompts)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
