@@ -10,9 +10,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from .checkpoint import FUSED, _path_names, hf_names, member_features
+from .checkpoint import FUSED, hf_names, member_features
 from .config import ModelConfig
-from .gguf_loader import _numpy_dtype, write_safetensors_streaming
+from .gguf_loader import write_safetensors_streaming
 from .hf_loader import INDEX_FILE
 
 HF_SHARD_BYTES = 5 * 1024**3
@@ -23,7 +23,7 @@ def hf_tensor_readers(params: Any, config: ModelConfig) -> dict[str, tuple[tuple
     """HF name -> (shape, read the tensor to host), in the tree's order, nothing read yet."""
     tensors: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = _path_names(path)
+        keys = [k.key for k in path]
         names = hf_names(keys, config.num_layers)
         stacked = names[0].startswith("model.layers.")
         for layer, name in enumerate(names):
@@ -50,7 +50,7 @@ def save_hf_safetensors(params: Any, config: ModelConfig, hf_config: dict, out_d
     ``max_shard_bytes``, one tensor read at a time) and the index into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    itemsize = _numpy_dtype(dtype)[1].itemsize
+    itemsize = jax.numpy.dtype(dtype).itemsize
     tensors = hf_tensor_readers(params, config)
     shards: list[list[str]] = [[]]
     size = 0
