@@ -1,5 +1,6 @@
-"""What the command lines (``duetjax.generate``, ``duetjax.serve``) share: the
-``--generation-config`` flag and one-line start-up errors that name flags."""
+"""What the command lines (``duetjax.generate``, ``duetjax.serve``, ``duetjax.convert``)
+share: the ``--generation-config`` flag, the ``--load-format`` help and one-line start-up
+errors that name flags."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,10 @@ GENERATION_CONFIG_HELP = (
     + ", ".join(f"{k} {v}" for k, v in EMBEDDED_SAMPLING.items())
     + "); 'vllm' none (temperature 1, no top-p/top-k/min-p, no penalty); or a directory "
     "holding a generation_config.json. What a request or flag sets overrides it")
+
+
+LOAD_FORMAT_HELP = ("auto (by what the path holds), safetensors, gguf, orbax (duetjax's own, "
+                    "MaxText's or Gemma's Flax checkpoints), dummy (random weights)")
 
 
 def add_generation_config_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

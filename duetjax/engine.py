@@ -47,7 +47,8 @@ class Engine:
     """Loads a model and serves prompts with continuous batching.
 
     ``Engine()`` serves the embedded SmolLM2-135M-Instruct; ``Engine(model=PATH)`` a Hugging
-    Face directory or a GGUF file; ``load_format="dummy"`` random weights of the real shapes.
+    Face directory, a GGUF file or an Orbax checkpoint directory; ``load_format="dummy"``
+    random weights of the real shapes.
     Extra keyword arguments are ``EngineConfig`` fields; ``mode="duet"`` turns on DuetServe's
     split mode (create the Engine before any other JAX call then: see ``duet.prepare_process``).
     Requests without SamplingParams get ``get_default_sampling_params()``: the model's

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from .cli import add_generation_config_flag, start_error
+from .cli import LOAD_FORMAT_HELP, add_generation_config_flag, start_error
 from .engine import Engine
 from .sampling_params import SamplingParams
 
@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", help="the prompt (a user message in chat mode)")
     p.add_argument("--model", default=None,
-                   help="Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+                   help="Hugging Face directory, .gguf file or Orbax checkpoint directory "
+                        "(default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: when it has one)")
     p.add_argument("--system", default=None, help="system message in chat mode")
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     add_generation_config_flag(p)
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16")
-    p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
+    p.add_argument("--load-format", default="auto", help=LOAD_FORMAT_HELP)
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log engine start-up")
     return p.parse_args(argv)

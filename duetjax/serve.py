@@ -26,7 +26,7 @@ from typing import Any
 import uvicorn
 
 from .async_engine import AsyncEngine
-from .cli import add_generation_config_flag, start_error
+from .cli import LOAD_FORMAT_HELP, add_generation_config_flag, start_error
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m duetjax.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+                   help="Hugging Face directory, .gguf file or Orbax checkpoint directory "
+                        "(default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients put in 'model' (default: the model's directory or file name)")
     p.add_argument("--host", default="127.0.0.1",
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "make one with tools/calibrate.py)")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    e.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
+    e.add_argument("--load-format", default="auto", help=LOAD_FORMAT_HELP)
     e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
     e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
     e.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")

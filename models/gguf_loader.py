@@ -149,7 +149,39 @@ def _sentencepiece_merges(tokens: list[str], scores: list[float], types: list[in
     return merges
 
 
-def _bos_eos_post_processor(add_bos: bool, add_eos: bool, bos: str | None, eos: str | None,
+def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int],
+                      unk_token: str | None, add_space_prefix: bool) -> BackendTokenizer:
+    """A SentencePiece BPE vocabulary (pieces, scores and ``gguf.TokenType`` types, which number
+    kinds as SentencePiece does) as a ``tokenizers`` BPE model.
+
+    Spaces become '▁' and, with ``add_space_prefix``, a '▁' is put before the text and again
+    after every special or user-defined token (llama.cpp's rule, also Hugging Face's legacy
+    Llama tokenizer's). Characters missing from the vocabulary fall back to their UTF-8 bytes
+    (the ``<0xXX>`` pieces). Decoding undoes both and drops the one prefix space.
+    """
+    backend = BackendTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                   merges=_sentencepiece_merges(tokens, scores, types),
+                                   unk_token=unk_token, fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend(_SPACE)] if add_space_prefix else []) + [normalizers.Replace(" ", _SPACE)])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=" ", left=1, right=0)] if add_space_prefix else []))
+    return backend
+
+
+def add_vocabulary_tokens(backend: BackendTokenizer, tokens: list[str], types: list[int],
+                          special_types: set[int]) -> None:
+    """Control (``special_types``) tokens become special (skipped when decoding), user-defined
+    ones plain added tokens; both are matched in the raw text before the model runs, as
+    llama.cpp does."""
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                for i, t in enumerate(types) if t in special_types])
+    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                        for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED])
+
+
+def bos_eos_post_processor(add_bos: bool, add_eos: bool, bos: str | None, eos: str | None,
                             token_id: Callable[[str], int | None]) -> processors.PostProcessor | None:
     """The post-processor that adds bos/eos around the encoded text (None: adds nothing)."""
     if not (add_bos or add_eos):
@@ -431,13 +463,8 @@ class GGUFSource:
         else:
             backend = self._sentencepiece_bpe(tokens, types)
             special_types = {gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN}
-        # Control tokens are special (skipped when decoding); user-defined ones are plain added
-        # tokens. Both are matched in the raw text before the model runs, as llama.cpp does.
-        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                    for i, t in enumerate(types) if t in special_types])
-        backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                            for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED])
-        post_processor = _bos_eos_post_processor(*self._add_flags(), self._token("bos"),
+        add_vocabulary_tokens(backend, tokens, types, special_types)
+        post_processor = bos_eos_post_processor(*self._add_flags(), self._token("bos"),
                                                  self._token("eos"), backend.token_to_id)
         if post_processor is not None:
             backend.post_processor = post_processor
@@ -455,29 +482,14 @@ class GGUFSource:
         return backend
 
     def _sentencepiece_bpe(self, tokens: list[str], types: list[int]) -> BackendTokenizer:
-        """'llama' vocabularies: SentencePiece BPE as llama.cpp runs it.
-
-        Spaces become '▁' and, with ``add_space_prefix`` (llama.cpp's default; Gemma stores
-        false), a '▁' is put before the text and again after every special or user-defined
-        token (llama.cpp's rule, also Hugging Face's legacy Llama tokenizer's). Characters
-        missing from the vocabulary fall back to their UTF-8 bytes (the ``<0xXX>`` pieces).
-        Decoding undoes both and drops the one prefix space.
-        """
+        """'llama' vocabularies: SentencePiece BPE as llama.cpp runs it (``sentencepiece_bpe``;
+        llama.cpp's default ``add_space_prefix`` is true, Gemma stores false)."""
         scores = self._meta("tokenizer.ggml.scores")
         if scores is None or len(scores) != len(tokens):
             raise CheckpointError(f"{self.path.name}: a SentencePiece vocabulary needs one "
                                   "tokenizer.ggml.scores entry per token (they rank its merges)")
-        backend = BackendTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                       merges=_sentencepiece_merges(tokens, scores, types),
-                                       unk_token=self._token("unknown"), fuse_unk=True,
-                                       byte_fallback=True))
-        add_prefix = bool(self._meta("tokenizer.ggml.add_space_prefix", True))
-        backend.normalizer = normalizers.Sequence(
-            ([normalizers.Prepend(_SPACE)] if add_prefix else []) + [normalizers.Replace(" ", _SPACE)])
-        backend.decoder = decoders.Sequence(
-            [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-            + ([decoders.Strip(content=" ", left=1, right=0)] if add_prefix else []))
-        return backend
+        return sentencepiece_bpe(tokens, scores, types, self._token("unknown"),
+                                 bool(self._meta("tokenizer.ggml.add_space_prefix", True)))
 
     def _chat_templates(self) -> dict[str, str]:
         templates = {}

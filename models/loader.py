@@ -15,10 +15,13 @@ from .checkpoint import load_params, random_params
 from .config import ModelConfig
 from .errors import CheckpointError
 from .hf_loader import SafetensorsSource, read_generation_config, read_hf_config
+from .orbax_loader import load_orbax, tree_dir
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
+SENTENCEPIECE_MODEL = "tokenizer.model"
+"""SentencePiece's model file: the tokenizer of Gemma's Flax releases."""
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 """Config-only directories of real model shapes, for ``load_format="dummy"`` benchmarks."""
 
@@ -47,6 +50,8 @@ class LoadedModel:
     generation_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What the checkpoint's generation_config.json holds (a GGUF's equivalent, from its
     metadata, for a GGUF file): end-of-sequence ids and recommended sampling settings."""
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The Hugging Face config.json ``config`` was built from (a GGUF's equivalent)."""
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -61,21 +66,26 @@ def resolve_dtype(dtype: str | Any) -> Any:
 
 
 def _tokenizer_for(model_dir: Path):
-    if not (model_dir / "tokenizer.json").is_file():
-        return None
     from .tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(model_dir)
+    if (model_dir / SENTENCEPIECE_MODEL).is_file():
+        from .sentencepiece_model import sentencepiece_tokenizer
+
+        return sentencepiece_tokenizer(model_dir / SENTENCEPIECE_MODEL)
+    return None
 
 
 def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
                load_format: str = "auto") -> LoadedModel:
     """Loads a checkpoint.
 
-    model: a Hugging Face directory (config.json + safetensors), a ``.gguf`` file, or None for
-    the embedded SmolLM2-135M-Instruct. load_format: 'auto', 'safetensors', 'gguf', or 'dummy'
-    (random weights of the real shapes from a directory holding only config.json, or the name
-    of a shipped config such as 'llama-3-8b').
+    model: a Hugging Face directory (config.json + safetensors), a ``.gguf`` file, an Orbax
+    checkpoint directory (``orbax_loader``: duetjax's own, MaxText's or Gemma's Flax), or None
+    for the embedded SmolLM2-135M-Instruct. load_format: 'auto' (by what the path holds),
+    'safetensors', 'gguf', 'orbax', or 'dummy' (random weights of the real shapes from a
+    directory holding only config.json, or the name of a shipped config such as 'llama-3-8b').
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
@@ -99,15 +109,22 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
 
         source = GGUFSource(path)
         generation_config = source.generation_config()
-        config = ModelConfig.from_hf(source.hf_config)
+        hf_config = source.hf_config
+        config = ModelConfig.from_hf(hf_config)
         params = load_params(config, source, dtype)
         try:
             tokenizer = source.tokenizer()
         except CheckpointError as err:  # e.g. a vocabulary type other than BPE or SentencePiece
             log.warning("%s: no tokenizer (%s); pass prompts as token ids", path, err)
             tokenizer = None
+    elif load_format == "orbax" or (load_format == "auto" and tree_dir(path) is not None):
+        checkpoint = load_orbax(path, dtype)
+        config, hf_config, params = checkpoint.config, checkpoint.hf_config, checkpoint.params
+        generation_config = read_generation_config(checkpoint.files_dir)
+        tokenizer = _tokenizer_for(checkpoint.files_dir)
     else:
-        config = ModelConfig.from_hf(read_hf_config(path))
+        hf_config = read_hf_config(path)
+        config = ModelConfig.from_hf(hf_config)
         generation_config = read_generation_config(path)
         if load_format == "dummy":
             params = random_params(config, dtype)
@@ -117,4 +134,4 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
     jax.block_until_ready(params)
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, dtype=dtype, path=path,
                        load_seconds=time.perf_counter() - start,
-                       generation_config=generation_config)
+                       generation_config=generation_config, hf_config=hf_config)

@@ -1,0 +1,137 @@
+"""Orbax checkpoints: duetjax's own, MaxText's and Gemma's Flax releases.
+
+- duetjax's own (``python -m duetjax.convert``): ``DIR/params/`` is the decoder's parameter
+  tree exactly as the model holds it (stacked layers, fused q/k/v and gate/up), restored
+  straight onto the device, each leaf into its own sharding and the requested dtype, so a
+  sharded restore reads only the shards its devices hold. ``DIR/config.json`` (Hugging Face's)
+  and the tokenizer files sit beside it.
+- MaxText and Gemma's Flax releases: read one array at a time through the tables of
+  ``orbax_layouts`` and loaded like any other ``TensorSource``. Neither carries a Hugging Face
+  config: ``config.json`` must sit in the checkpoint directory or its parent; the tokenizer
+  (``tokenizer.json``, or SentencePiece's ``tokenizer.model``) is looked for there too.
+
+A MaxText step directory (``.../checkpoints/0``) may be given for its ``items`` folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from .checkpoint import abstract_params, load_params
+from .config import ModelConfig
+from .errors import CheckpointError
+from .hf_loader import read_hf_config
+from .orbax_layouts import GEMMA_EMBEDDING, MAXTEXT_EMBEDDING, LayoutSource, gemma_flax_tensors, maxtext_tensors
+from .orbax_tree import OrbaxTree, is_orbax_tree
+
+PARAMS_DIR = "params"
+"""duetjax's own layout: the folder holding the parameter tree."""
+STEP_ITEMS = ("items", "default")
+"""Item folders of an Orbax CheckpointManager step (MaxText writes 'items')."""
+LAYOUTS = {"duetjax": "duetjax's own", "maxtext": "MaxText", "gemma": "Gemma Flax"}
+
+
+def tree_dir(path: Path) -> Path | None:
+    """The folder holding the Orbax tree of a checkpoint path (None: not an Orbax checkpoint)."""
+    path = Path(path)
+    for candidate in (path / PARAMS_DIR, path, *(path / item for item in STEP_ITEMS)):
+        if is_orbax_tree(candidate):
+            return candidate
+    return None
+
+
+def detect_layout(tree: OrbaxTree) -> str:
+    """'duetjax', 'maxtext' or 'gemma', from the tree's paths."""
+    if "embed_tokens/weight" in tree.shapes:
+        return "duetjax"
+    if any(name.endswith(MAXTEXT_EMBEDDING) for name in tree.shapes):
+        return "maxtext"
+    if any(name.endswith(GEMMA_EMBEDDING) for name in tree.shapes):
+        return "gemma"
+    sample = ", ".join(sorted(tree.shapes)[:6])
+    raise CheckpointError(
+        f"{tree.path} is an Orbax checkpoint of an unknown tree (first paths: {sample}); duetjax "
+        f"reads duetjax's own ('embed_tokens/weight', ...), MaxText's ('.../{MAXTEXT_EMBEDDING}', "
+        f"'.../decoder/...') and Gemma's Flax releases ('{GEMMA_EMBEDDING}', ...)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OrbaxCheckpoint:
+    """An Orbax checkpoint restored onto the device."""
+
+    hf_config: dict[str, Any]
+    """The Hugging Face config.json it was read with."""
+    config: ModelConfig
+    """Architecture."""
+    params: Any
+    """Parameter tree on the device."""
+    layout: str
+    """One of ``LAYOUTS``."""
+    files_dir: Path
+    """Where config.json (and the tokenizer files, if any) were found."""
+
+
+def companion_dir(path: Path, tree: Path, filename: str) -> Path | None:
+    """The first of the checkpoint directory, its tree folder and its parent holding
+    ``filename``."""
+    for directory in dict.fromkeys((Path(path), Path(tree), Path(path).parent)):
+        if (directory / filename).is_file():
+            return directory
+    return None
+
+
+def load_orbax(path: Path, dtype: Any,
+               sharding_of: Callable[[str], jax.sharding.Sharding] | None = None) -> OrbaxCheckpoint:
+    """Restores an Orbax checkpoint of any of the three layouts.
+
+    sharding_of: '/'-joined parameter path -> its sharding (duetjax's own layout); default,
+    every leaf on the first device.
+    """
+    path = Path(path)
+    folder = tree_dir(path)
+    if folder is None:
+        raise CheckpointError(f"{path} is not an Orbax checkpoint (no Orbax metadata in it, in "
+                              f"{path / PARAMS_DIR} or in {path / STEP_ITEMS[0]})")
+    tree = OrbaxTree(folder)
+    layout = detect_layout(tree)
+    files_dir = companion_dir(path, folder, "config.json")
+    if files_dir is None:
+        raise CheckpointError(
+            f"the {LAYOUTS[layout]} checkpoint {path} has no config.json: a Hugging Face "
+            f"config.json of the model (its architecture, sizes, rope) must sit in {path} or "
+            f"{path.parent}; e.g. the original model's from its hub page")
+    hf_config = read_hf_config(files_dir)
+    config = ModelConfig.from_hf(hf_config)
+    if layout == "duetjax":
+        params = restore_params(tree, config, dtype, sharding_of)
+    else:
+        tables = {"maxtext": maxtext_tensors, "gemma": gemma_flax_tensors}
+        source = LayoutSource(tree, LAYOUTS[layout], tables[layout](config, tree))
+        params = load_params(config, source, dtype)
+    return OrbaxCheckpoint(hf_config=hf_config, config=config, params=params, layout=layout,
+                           files_dir=files_dir)
+
+
+def restore_params(tree: OrbaxTree, config: ModelConfig, dtype: Any,
+                   sharding_of: Callable[[str], jax.sharding.Sharding] | None = None) -> Any:
+    """duetjax's own layout: every leaf restored onto the device as ``dtype``, in one Orbax
+    restore, after checking the tree against the shapes the config implies."""
+    abstract = abstract_params(config, dtype)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = {}
+    for key_path, leaf in leaves:
+        name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+        if name not in tree.shapes:
+            raise CheckpointError(f"Orbax checkpoint {tree.path} lacks {name!r} (a "
+                                  f"{config.architecture} with this config.json needs it)")
+        if tree.shapes[name] != tuple(leaf.shape):
+            raise CheckpointError(f"Orbax checkpoint {tree.path}: {name!r} has shape "
+                                  f"{tree.shapes[name]}, but config.json implies {tuple(leaf.shape)}")
+        sharding = sharding_of(name) if sharding_of is not None else device
+        targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    restored = tree.restore(targets)
+    return jax.tree_util.tree_unflatten(treedef, [restored[name] for name in targets])
