@@ -69,7 +69,9 @@ class Engine:
         if self.mode == "duet" or self.config.tbt_slo_ms is not None:  # (the roofline's)
             profile = device_profile(self.config, "duet mode" if self.mode == "duet"
                                      else "tbt_slo_ms in aggregated mode")
-        self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format)
+        self.model: LoadedModel = load_model(model, dtype=dtype, load_format=load_format,
+                                             quantization=self.config.quantization,
+                                             fp8_activation=self.config.fp8_activation)
         self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, self.model)
         """The SamplingParams fields the model's generation config sets."""
         if self.sampling_defaults.fields:
@@ -136,7 +138,8 @@ class Engine:
         if self.mode != "aggregated" or config.tbt_slo_ms is None:
             return None
         roofline = build_roofline(self.model.config, self.model.dtype, config, self.max_model_len,
-                                  profile, Correction() if config.duet_online_correction else None)
+                                  profile, Correction() if config.duet_online_correction else None,
+                                  self.model.quantization)
         return TokenBudget(roofline, config.tbt_slo_ms / 1e3, config.max_num_batched_tokens,
                            min_tokens=MIN_MIXED_TOKENS,
                            min_prefill_tokens=config.slo_min_prefill_tokens)
@@ -163,6 +166,12 @@ class Engine:
     def dtype(self) -> np.dtype:
         """The dtype the weights (and the KV cache) are stored and computed in."""
         return np.dtype(self.model.dtype)
+
+    @property
+    def quantization(self) -> str | None:
+        """'fp8' when the decoder's linear layers hold FP8 weights (an FP8 checkpoint, or
+        ``quantization='fp8'``); None when every weight is in ``dtype``."""
+        return "fp8" if self.model.quantization is not None else None
 
     @property
     def vocab_size(self) -> int:
