@@ -1,5 +1,5 @@
-"""tools/bench_engine.py: the decode section's k-step timing and the FP8 variants on CPU (the plumbing, not the
-figures)."""
+"""tools/bench_engine.py: the decode section's k-step timing and the FP8 variants on CPU (the
+plumbing, not the figures)."""
 import sys
 from pathlib import Path
 
