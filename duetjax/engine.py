@@ -164,7 +164,8 @@ class Engine:
 
     @property
     def dtype(self) -> np.dtype:
-        """The dtype the weights (and the KV cache) are stored and computed in."""
+        """The dtype the weights (and the KV cache) are stored and computed in; FP8 linear layers
+        (``quantization``) hold e4m3 weights and compute in it."""
         return np.dtype(self.model.dtype)
 
     @property
