@@ -28,6 +28,22 @@ def add_generation_config_flag(parser: argparse.ArgumentParser | argparse._Argum
                         help=GENERATION_CONFIG_HELP)
 
 
+def add_quantization_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--quantization", choices=("fp8",), default=None,
+                        help="fp8: quantize the linear layers' weights to FP8 (e4m3, a scale per "
+                             "output channel) as the model loads; FP8 checkpoints "
+                             "(compressed-tensors, block-wise fp8) run in FP8 without it")
+    parser.add_argument("--fp8-activation", choices=("dynamic", "none"), default=None,
+                        help="with FP8 weights: dynamic (default) quantizes activations per token "
+                             "and runs FP8 GEMMs; none upcasts the weights (weight-only)")
+
+
+def quantization_options(args: argparse.Namespace) -> dict[str, str]:
+    """The EngineConfig fields ``add_quantization_flags``' flags set (those given)."""
+    return {name: getattr(args, name) for name in ("quantization", "fp8_activation")
+            if getattr(args, name) is not None}
+
+
 def start_error(error: Exception) -> str:
     """The line to print when the engine cannot start: an option's problem names its flag."""
     if isinstance(error, ConfigError):

@@ -108,6 +108,14 @@ class EngineConfig:
     (autotuning allocates operands as large as the LM head's weight)."""
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
+    quantization: str | None = None
+    """'fp8': the decoder's linear layers hold FP8 (e4m3) weights with a float32 scale per
+    output channel, quantized on the device as a high-precision checkpoint loads (an FP8
+    checkpoint runs in FP8 whatever this says). Embeddings, norms and the LM head stay in
+    ``dtype``. None: the checkpoint's own precision."""
+    fp8_activation: str = "dynamic"
+    """With FP8 weights: 'dynamic' quantizes each token's activations to e4m3 and runs the
+    GEMMs in FP8 (W8A8); 'none' upcasts the weights inside the GEMMs (weight-only)."""
     generation_config: str = "auto"
     """Where requests' default sampling comes from (vLLM's option): 'auto', the model's
     generation config (``sampling_defaults.py``); 'vllm', ``SamplingParams``' own defaults; or a
@@ -148,6 +156,11 @@ class EngineConfig:
                 raise ValueError(f"duet_pairs holds SM percentages in 1..100, got {(p, d)}")
         if self.duet_policy not in ("adaptive", "static"):
             raise ValueError(f"duet_policy must be 'adaptive' or 'static', got {self.duet_policy!r}")
+        if self.quantization not in (None, "fp8"):
+            raise ConfigError("quantization", f"must be 'fp8' or unset, got {self.quantization!r}")
+        if self.fp8_activation not in ("dynamic", "none"):
+            raise ConfigError("fp8_activation",
+                              f"must be 'dynamic' or 'none', got {self.fp8_activation!r}")
         if self.gemm_backend not in ("cublas", "triton"):
             raise ValueError(f"gemm_backend must be 'cublas' or 'triton', got {self.gemm_backend!r}")
         if self.tbt_slo_ms is not None and not 0 < self.tbt_slo_ms < float("inf"):

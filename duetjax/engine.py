@@ -61,7 +61,9 @@ class Engine:
         setup = prepare(self.config)  # before JAX meets the GPU, and before the slow part
         log.info("mode %s (%s)", setup.mode, setup.why)
         with weights_loading_device(setup.mode):
-            loaded = load_model(model, dtype=dtype, load_format=load_format)
+            loaded = load_model(model, dtype=dtype, load_format=load_format,
+                                quantization=self.config.quantization,
+                                fp8_activation=self.config.fp8_activation)
         self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, loaded)
         """The SamplingParams fields the model's generation config sets."""
         parts = assemble(loaded, self.config, setup, show_progress)
@@ -93,8 +95,15 @@ class Engine:
 
     @property
     def dtype(self) -> np.dtype:
-        """The dtype the weights (and the KV cache) are stored and computed in."""
+        """The dtype the weights (and the KV cache) are stored and computed in; FP8 linear layers
+        (``quantization``) hold e4m3 weights and compute in it."""
         return np.dtype(self.model.dtype)
+
+    @property
+    def quantization(self) -> str | None:
+        """'fp8' when the decoder's linear layers hold FP8 weights (an FP8 checkpoint, or
+        ``quantization='fp8'``); None when every weight is in ``dtype``."""
+        return "fp8" if self.model.quantization is not None else None
 
     @property
     def vocab_size(self) -> int:

@@ -26,7 +26,8 @@ from typing import Any
 import uvicorn
 
 from .async_engine import AsyncEngine
-from .cli import LOAD_FORMAT_HELP, add_generation_config_flag, start_error
+from .cli import (LOAD_FORMAT_HELP, add_generation_config_flag, add_quantization_flags,
+                  quantization_options, start_error)
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     e.add_argument("--load-format", default="auto", help=LOAD_FORMAT_HELP)
+    add_quantization_flags(e)
     e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
     e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
     e.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
@@ -119,6 +121,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     options["mode"] = args.mode
     options["generation_config"] = args.generation_config
+    options.update(quantization_options(args))
     for name in ("tbt_slo_ms", "duet_policy", "device_profile"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)

@@ -12,7 +12,7 @@ at once.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from .attention import AttentionMetadata
 from .config import ModelConfig
 from .decoder import Decoder
 from .errors import CheckpointError
+from .quantization import FP8_DTYPE, Fp8Config, quantize_weight
 
 
 class TensorSource(Protocol):
@@ -74,33 +75,37 @@ def _tiny_inputs(config: ModelConfig):
     return jnp.zeros((1,), jnp.int32), pool, meta, jnp.zeros((1,), jnp.int32)
 
 
-def abstract_params(config: ModelConfig, dtype: Any) -> Any:
+def abstract_params(config: ModelConfig, dtype: Any, quantization: Fp8Config | None = None) -> Any:
     """Shapes and dtypes of the parameter tree, without allocating it."""
-    model = Decoder(config, impl="reference", dtype=dtype)
+    model = Decoder(config, impl="reference", dtype=dtype, quantization=quantization)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *_tiny_inputs(config)))["params"]
 
 
-def random_params(config: ModelConfig, dtype: Any, seed: int = 0) -> Any:
+def random_params(config: ModelConfig, dtype: Any, seed: int = 0,
+                  quantization: Fp8Config | None = None) -> Any:
     """Random weights of the real shapes, created on the device (no host copy): vLLM's
-    ``load_format="dummy"``."""
-    model = Decoder(config, impl="reference", dtype=dtype)
+    ``load_format="dummy"``. With ``quantization`` the linear layers' weights are made in FP8
+    directly."""
+    model = Decoder(config, impl="reference", dtype=dtype, quantization=quantization)
     init = jax.jit(lambda key: model.init(key, *_tiny_inputs(config))["params"])
     return init(jax.random.key(seed))
 
 
-def _path_names(path) -> list[str]:
-    return [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-
-
 def load_params(config: ModelConfig, source: TensorSource, dtype: Any,
-                progress: Callable[[str], None] | None = None) -> Any:
+                progress: Callable[[str], None] | None = None,
+                quantization: Fp8Config | None = None) -> Any:
     """Reads every parameter from ``source``, checks its shape, casts and places it on device.
 
     A fused param (``FUSED``) is built per layer from its HF members, concatenated on the host;
     a source that already holds the fused tensor (e.g. written from this tree) is read as is.
+
+    With ``quantization``, each decoder linear layer's weight is FP8 (``models.quantization``):
+    read as is where the source holds its per-channel ``weight_scale`` (an FP8 checkpoint, seen
+    through ``fp8_checkpoint``), else quantized per output channel on the device, one layer at
+    a time, so the high-precision weights are never all in memory.
     """
     available = source.names()
-    shapes = abstract_params(config, dtype)
+    shapes = abstract_params(config, dtype, quantization)
 
     def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in available:
@@ -112,30 +117,72 @@ def load_params(config: ModelConfig, source: TensorSource, dtype: Any,
                                   f"implies {shape}")
         return np.asarray(source.get(name))
 
-    def fused(name: str, fused_name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """One layer's fused piece: its HF members concatenated on axis 0."""
-        host = np.concatenate([
-            read(name.replace(f".{fused_name}.", f".{member}."),
-                 (member_features(config, member),) + shape[1:])
-            for member in FUSED[fused_name]])
+    def members(name: str, fused_name: str | None) -> list[tuple[str, str]]:
+        """(member, its tensor name) of a fused param's layer piece; [] when not fused."""
+        if fused_name is None:
+            return []
+        return [(m, name.replace(f".{fused_name}.", f".{m}.")) for m in FUSED[fused_name]]
+
+    def present(name: str, fused_name: str | None) -> bool:
+        """The source holds ``name``, or every fused member of it."""
+        parts = members(name, fused_name)
+        return name in available or bool(parts) and all(n in available for _, n in parts)
+
+    def tensor(name: str, fused_name: str | None, shape: tuple[int, ...]) -> np.ndarray:
+        """One layer's tensor; a fused one from its HF members concatenated on axis 0."""
+        if fused_name is None or name in available:
+            return read(name, shape)
+        host = np.concatenate([read(n, (member_features(config, m),) + shape[1:])
+                               for m, n in members(name, fused_name)])
         assert host.shape == shape, (name, host.shape, shape)
         return host
 
-    def load(path, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        keys = _path_names(path)
+    def stacked_names(keys: list[str]) -> tuple[list[str], bool]:
         names = hf_names(keys, config.num_layers)
-        stacked = names[0].startswith("model.layers.")
-        per_tensor = tuple(leaf.shape[1:] if stacked else leaf.shape)
-        fused_name = keys[-2] if len(keys) >= 2 and keys[-2] in FUSED else None
-        pieces = []
-        for name in names:
-            if fused_name is not None and name not in available:
-                host = fused(name, fused_name, per_tensor)
-            else:
-                host = read(name, per_tensor)
-            pieces.append(jax.device_put(host.astype(leaf.dtype)))
+        return names, names[0].startswith("model.layers.")
+
+    def fused_of(keys: list[str]) -> str | None:
+        return keys[-2] if len(keys) >= 2 and keys[-2] in FUSED else None
+
+    def gather(pieces: list[jax.Array], stacked: bool, names: list[str]) -> jax.Array:
         if progress is not None:
             progress(names[0])
         return jnp.stack(pieces) if stacked else pieces[0]
 
-    return jax.tree_util.tree_map_with_path(load, shapes)
+    def load(keys: list[str], leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        names, stacked = stacked_names(keys)
+        per_tensor = tuple(leaf.shape[1:] if stacked else leaf.shape)
+        fused_name = fused_of(keys)
+        pieces = [jax.device_put(tensor(n, fused_name, per_tensor).astype(leaf.dtype))
+                  for n in names]
+        return gather(pieces, stacked, names)
+
+    def load_fp8(keys: list[str], weight: jax.ShapeDtypeStruct) -> tuple[jax.Array, jax.Array]:
+        """(weight, weight_scale) of one FP8 linear layer, stacked over the layers."""
+        names, stacked = stacked_names(keys + ["weight"])
+        per_tensor = tuple(weight.shape[1:] if stacked else weight.shape)
+        fused_name = fused_of(keys + ["weight"])
+        weights, scales = [], []
+        for name in names:
+            scale_name = name[: -len("weight")] + "weight_scale"
+            if present(scale_name, fused_name):
+                w = jax.device_put(tensor(name, fused_name, per_tensor).astype(FP8_DTYPE))
+                s = jax.device_put(tensor(scale_name, fused_name, per_tensor[:1]).astype(np.float32))
+            else:
+                w, s = quantize_weight(jax.device_put(tensor(name, fused_name, per_tensor)
+                                                      .astype(dtype)))
+            weights.append(w)
+            scales.append(s)
+        return gather(weights, stacked, names), jnp.stack(scales) if stacked else scales[0]
+
+    def walk(keys: list[str], node: Any) -> Any:
+        if not isinstance(node, Mapping):
+            return load(keys, node)
+        if "weight_scale" in node:  # an FP8 linear layer: its weight and scale read together
+            out = {k: load(keys + [k], v) for k, v in node.items()
+                   if k not in ("weight", "weight_scale")}
+            out["weight"], out["weight_scale"] = load_fp8(keys, node["weight"])
+            return out
+        return {k: walk(keys + [k], v) for k, v in node.items()}
+
+    return walk([], shapes)

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 from .attention import AttentionMetadata, attend
 from .config import ModelConfig
 from .layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope
+from .quantization import Fp8Config
 
 
 class Attention(nn.Module):
     config: ModelConfig
     impl: str
     dtype: jnp.dtype
+    quantization: Fp8Config | None
 
     @nn.compact
     def __call__(self, x, kv_pool, layer, window, local_rope, meta: AttentionMetadata):
@@ -27,7 +29,8 @@ class Attention(nn.Module):
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         # One fused GEMM for q, k and v (HF's q_proj, k_proj, v_proj rows concatenated at load
         # time): three skinny GEMMs, or XLA concatenating the weights every step, cost more.
-        qkv = Linear(q_size + 2 * kv_size, cfg.qkv_bias, self.dtype, name="qkv_proj")(x)
+        qkv = Linear(q_size + 2 * kv_size, cfg.qkv_bias, self.dtype, self.quantization,
+                     name="qkv_proj")(x)
         q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -44,7 +47,8 @@ class Attention(nn.Module):
         out, kv_pool = attend(q, k, v, kv_pool, layer, meta, scale=cfg.attn_scale,
                               soft_cap=cfg.attn_logit_softcap, sliding_window=window, impl=self.impl)
         out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)
-        return Linear(cfg.hidden_size, cfg.o_bias, self.dtype, name="o_proj")(out), kv_pool
+        o_proj = Linear(cfg.hidden_size, cfg.o_bias, self.dtype, self.quantization, name="o_proj")
+        return o_proj(out), kv_pool
 
 
 class DecoderLayer(nn.Module):
@@ -55,6 +59,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     impl: str
     dtype: jnp.dtype
+    quantization: Fp8Config | None
 
     @nn.compact
     def __call__(self, carry, per_layer, meta: AttentionMetadata):
@@ -65,10 +70,10 @@ class DecoderLayer(nn.Module):
         def norm(name):
             return RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name=name)
 
-        h, kv_pool = Attention(cfg, self.impl, self.dtype, name="self_attn")(
+        h, kv_pool = Attention(cfg, self.impl, self.dtype, self.quantization, name="self_attn")(
             norm("input_layernorm")(x), kv_pool, layer, window, local_rope, meta)
         mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.mlp_bias,
-                       self.dtype, name="mlp")
+                       self.dtype, self.quantization, name="mlp")
         if cfg.sandwich_norm:
             x = x + norm("post_attention_layernorm")(h)
             x = x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
@@ -88,6 +93,9 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_unroll: int = 1
     """Layers per iteration of the layer loop (``num_layers`` unrolls it fully)."""
+    quantization: Fp8Config | None = None
+    """FP8 weights in the decoder layers' linear layers (``models.quantization``); None:
+    every weight in ``dtype``."""
 
     def setup(self) -> None:
         cfg = self.config
@@ -95,7 +103,7 @@ class Decoder(nn.Module):
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=cfg.num_layers,
                          unroll=self.scan_unroll)
-        self.layers = layers(cfg, self.impl, self.dtype)
+        self.layers = layers(cfg, self.impl, self.dtype, self.quantization)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, False, self.dtype)

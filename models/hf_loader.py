@@ -6,9 +6,11 @@ read one at a time.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -17,6 +19,9 @@ from .errors import CheckpointError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
+ML_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+"""safetensors dtypes that its numpy reader cannot return (numpy has no float8): read through
+the file's header instead."""
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -93,7 +98,22 @@ class SafetensorsSource:
     def get(self, name: str) -> np.ndarray:
         file = self._file_of[name]
         try:
+            if self._open(file).get_slice(name).get_dtype() in ML_DTYPES:
+                return self._read_raw(file, name)
             return self._open(file).get_tensor(name)
-        except (SafetensorError, OSError) as err:
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
             raise CheckpointError(f"cannot read tensor {name!r} from {file} ({err}); the file "
                                   "looks truncated: re-download or re-save it") from None
+
+    @staticmethod
+    def _read_raw(file: Path, name: str) -> np.ndarray:
+        """One tensor of an ``ML_DTYPES`` dtype, read by the file's header (an 8-byte length,
+        that many bytes of JSON, then the data at each tensor's offsets)."""
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(length))[name]
+            start, end = entry["data_offsets"]
+            f.seek(8 + length + start)
+            data = f.read(end - start)
+        dtype = np.dtype(ML_DTYPES[entry["dtype"]])
+        return np.frombuffer(data, dtype).reshape(entry["shape"]).copy()

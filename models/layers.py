@@ -8,20 +8,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .quantization import FP8_DTYPE, Fp8Config, fp8_linear, placeholder_scale, random_fp8_weight
+
 WEIGHT_INIT = nn.initializers.normal(stddev=0.02)
 
 
 class Linear(nn.Module):
-    """y = x @ W^T (+ b), W stored as [features, in_features] like torch.nn.Linear."""
+    """y = x @ W^T (+ b), W stored as [features, in_features] like torch.nn.Linear. With
+    ``quantization``, W is FP8: ``weight`` in e4m3 and ``weight_scale`` per output feature
+    (``models.quantization``)."""
 
     features: int
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    quantization: Fp8Config | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", WEIGHT_INIT, (self.features, x.shape[-1]), self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, weight)
+        shape = (self.features, x.shape[-1])
+        if self.quantization is not None:
+            weight = self.param("weight", random_fp8_weight, shape, FP8_DTYPE)
+            scale = self.param("weight_scale", placeholder_scale, (self.features,), jnp.float32)
+            y = fp8_linear(x, weight, scale, self.quantization.activation)
+        else:
+            weight = self.param("weight", WEIGHT_INIT, shape, self.dtype)
+            y = jnp.einsum("...i,oi->...o", x, weight)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         return y
@@ -72,14 +83,17 @@ class GatedMLP(nn.Module):
     activation: str
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    quantization: Fp8Config | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # gate_proj and up_proj fused into one GEMM (HF's rows concatenated at load time).
-        gate_up = Linear(2 * self.intermediate_size, self.use_bias, self.dtype, name="gate_up_proj")(x)
+        gate_up = Linear(2 * self.intermediate_size, self.use_bias, self.dtype, self.quantization,
+                         name="gate_up_proj")(x)
         gate, up = jnp.split(gate_up, 2, axis=-1)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return Linear(self.hidden_size, self.use_bias, self.dtype, name="down_proj")(act * up)
+        return Linear(self.hidden_size, self.use_bias, self.dtype, self.quantization,
+                      name="down_proj")(act * up)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from .checkpoint import load_params, random_params
 from .config import ModelConfig
 from .errors import CheckpointError
+from .fp8_checkpoint import Fp8CheckpointSource, fp8_checkpoint_format
 from .hf_loader import SafetensorsSource, read_generation_config, read_hf_config
 from .orbax_loader import load_orbax, tree_dir
+from .quantization import QUANTIZATION_METHODS, Fp8Config
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -52,6 +54,9 @@ class LoadedModel:
     metadata, for a GGUF file): end-of-sequence ids and recommended sampling settings."""
     hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The Hugging Face config.json ``config`` was built from (a GGUF's equivalent)."""
+    quantization: Fp8Config | None = None
+    """FP8 weights in the decoder's linear layers (``models.quantization``); None: every
+    weight in ``dtype``."""
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -78,7 +83,8 @@ def _tokenizer_for(model_dir: Path):
 
 
 def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
-               load_format: str = "auto") -> LoadedModel:
+               load_format: str = "auto", quantization: str | None = None,
+               fp8_activation: str = "dynamic") -> LoadedModel:
     """Loads a checkpoint.
 
     model: a Hugging Face directory (config.json + safetensors), a ``.gguf`` file, an Orbax
@@ -86,9 +92,17 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
     for the embedded SmolLM2-135M-Instruct. load_format: 'auto' (by what the path holds),
     'safetensors', 'gguf', 'orbax', or 'dummy' (random weights of the real shapes from a
     directory holding only config.json, or the name of a shipped config such as 'llama-3-8b').
+    quantization: None (the checkpoint's own: FP8 for an FP8 checkpoint, else ``dtype``) or
+    'fp8' (a high-precision checkpoint's linear layers quantized on load). fp8_activation:
+    ``Fp8Config.activation`` of FP8 weights.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
+    if quantization not in (None, *QUANTIZATION_METHODS):
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of "
+                         f"{', '.join(QUANTIZATION_METHODS)} (or none)")
+    fp8 = Fp8Config(activation=fp8_activation)
+    quant = fp8 if quantization == "fp8" else None
     start = time.perf_counter()
     dtype = resolve_dtype(dtype)
     if model is None:
@@ -111,13 +125,16 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         generation_config = source.generation_config()
         hf_config = source.hf_config
         config = ModelConfig.from_hf(hf_config)
-        params = load_params(config, source, dtype)
+        params = load_params(config, source, dtype, quantization=quant)
         try:
             tokenizer = source.tokenizer()
         except CheckpointError as err:  # e.g. a vocabulary type other than BPE or SentencePiece
             log.warning("%s: no tokenizer (%s); pass prompts as token ids", path, err)
             tokenizer = None
     elif load_format == "orbax" or (load_format == "auto" and tree_dir(path) is not None):
+        if quant is not None:
+            raise CheckpointError("quantization='fp8' does not apply to Orbax checkpoints yet: "
+                                  "load the Hugging Face or GGUF checkpoint with it instead")
         checkpoint = load_orbax(path, dtype)
         config, hf_config, params = checkpoint.config, checkpoint.hf_config, checkpoint.params
         generation_config = read_generation_config(checkpoint.files_dir)
@@ -126,12 +143,19 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         hf_config = read_hf_config(path)
         config = ModelConfig.from_hf(hf_config)
         generation_config = read_generation_config(path)
+        fp8_format = fp8_checkpoint_format(hf_config)
+        if fp8_format is not None:
+            quant = fp8  # an FP8 checkpoint runs in FP8, as it was published
         if load_format == "dummy":
-            params = random_params(config, dtype)
+            params = random_params(config, dtype, quantization=quant)
         else:
-            params = load_params(config, SafetensorsSource(path), dtype)
+            source = SafetensorsSource(path)
+            if fp8_format is not None:
+                source = Fp8CheckpointSource(source, fp8_format)
+            params = load_params(config, source, dtype, quantization=quant)
         tokenizer = _tokenizer_for(path)
     jax.block_until_ready(params)
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, dtype=dtype, path=path,
                        load_seconds=time.perf_counter() - start,
-                       generation_config=generation_config, hf_config=hf_config)
+                       generation_config=generation_config, hf_config=hf_config,
+                       quantization=quant)

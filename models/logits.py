@@ -17,9 +17,10 @@ from .loader import LoadedModel
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(config, dtype: Any, impl: str):
-    """One jitted forward per (config, dtype, impl): repeated calls reuse its compilations."""
-    model = Decoder(config, impl=impl, dtype=dtype)
+def _forward(config, dtype: Any, impl: str, quantization):
+    """One jitted forward per (config, dtype, impl, quantization): repeated calls reuse its
+    compilations."""
+    model = Decoder(config, impl=impl, dtype=dtype, quantization=quantization)
     return jax.jit(lambda params, t, kv, m, idx: model.apply({"params": params}, t, kv, m, idx))
 
 
@@ -47,7 +48,7 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         context_lens=jnp.asarray(lengths, jnp.int32),
         query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32))
     tokens = jnp.asarray(np.concatenate([np.asarray(p) for p in prompts]), jnp.int32)
-    logits, _ = _forward(cfg, loaded.dtype, impl)(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
+    logits, _ = _forward(cfg, loaded.dtype, impl, loaded.quantization)(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
     logits = np.asarray(logits)
     bounds = np.cumsum(lengths)[:-1]
     return list(np.split(logits, bounds))

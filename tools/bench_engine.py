@@ -13,6 +13,18 @@ Sections (``--sections``, default all):
 - ``paris``: the embedded SmolLM2 in bf16 on the GPU kernels answers the capital question.
 - ``startup``: process start to a ready engine (all buckets compiled), cold and warm cache.
 
+Weights (``--quantization``, a comma list): ``none`` (bf16) and/or ``fp8`` (the linear layers
+quantized to FP8 on load, one variant per ``--fp8-activation``: ``dynamic`` W8A8, ``none``
+weight-only). The decode and prefill sections run for every variant, one engine after the
+other, each decode step against the HBM roofline of its own weights' bytes; the table then
+compares each variant's step with the first's. The other sections run on the first variant.
+``--dump-hlo DIR`` writes each variant's decode step HLO (batch 1 and the largest batch) and
+prints whether it multiplies FP8 weights in FP8 (``fp8_gemm_check.py``).
+
+    python tools/bench_engine.py --model llama-3-8b --sections decode,prefill --batches 1,64 \
+        --prefill 8192 --quantization none,fp8 --fp8-activation dynamic,none --dump-hlo hlo/ \
+        --out fp8.json --table fp8.md
+
 The decode and prefill sections time the model runner's dispatches below the scheduler, so
 they build batches on the engine's own runner and block manager (``synthetic_batch``,
 ``time_steps``); the other sections use the public ``Engine`` API only.
@@ -23,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -38,6 +51,7 @@ from duetjax import Engine, SamplingParams  # noqa: E402
 from duetjax.core.request import Request  # noqa: E402
 from duetjax.core.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
 from duetjax.gc_pauses import freeze_startup_heap, gc_pauses  # noqa: E402
+from fp8_gemm_check import decode_census  # noqa: E402
 from gpu_ceilings import ceilings  # noqa: E402
 from pallas_kernels import kv_bytes_per_token  # noqa: E402
 
@@ -88,28 +102,36 @@ def time_steps(engine: Engine, batch: SchedulerOutput, steps: int, rounds: int =
     return float(np.median(times))
 
 
+def weight_bytes(engine: Engine) -> int:
+    """Bytes of the engine's weights as they sit on the device (FP8 values and their scales
+    for quantized linear layers)."""
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(engine.runner.params))
+
+
 def decode_section(engine: Engine, ceil: dict, batches: list[int], context: int,
-                   steps: int = 1) -> list[dict]:
+                   steps: int = 1, weights: str = "bf16") -> list[dict]:
     """Per decode step; ``steps`` > 1 times k-step dispatches (the KV read grows by one token
-    per step, which the roofline's mean context counts)."""
+    per step, which the roofline's mean context counts). ``weights``: the variant's label."""
     cfg = engine.model_config
-    weight_bytes = cfg.num_params * 2
-    per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2)
+    weights_moved = weight_bytes(engine)
+    per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                   engine.dtype.itemsize)
     rows = []
     for b in batches:
         batch = synthetic_batch(engine, [context - 1] * b, [1] * b, steps)
         t = time_steps(engine, batch, steps=max(2, 20 // steps)) / steps
-        moved = weight_bytes + b * (context + (steps - 1) / 2) * per_token
+        moved = weights_moved + b * (context + (steps - 1) / 2) * per_token
         floor = moved / (ceil["copy_tb_s"] * 1e12)
-        rows.append({"batch": b, "context": context, "steps_per_dispatch": steps,
+        rows.append({"weights": weights, "batch": b, "context": context, "steps_per_dispatch": steps,
                      "step_ms": 1e3 * t, "roofline_ms": 1e3 * floor, "of_roofline": floor / t,
                      "tokens_per_s": b / t})
-        log(f"decode B={b:4d} ctx={context}: {1e3 * t:7.2f} ms/step, roofline {1e3 * floor:6.2f} ms "
+        log(f"{weights} decode B={b:4d} ctx={context}: {1e3 * t:7.2f} ms/step, roofline {1e3 * floor:6.2f} ms "
             f"({100 * floor / t:5.1f} %), {b / t:9.0f} tok/s")
     return rows
 
 
-def prefill_section(engine: Engine, ceil: dict, lengths: list[int]) -> list[dict]:
+def prefill_section(engine: Engine, ceil: dict, lengths: list[int],
+                    weights: str = "bf16") -> list[dict]:
     cfg = engine.model_config
     linear = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     rows = []
@@ -118,8 +140,9 @@ def prefill_section(engine: Engine, ceil: dict, lengths: list[int]) -> list[dict
         attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * (n + 1) / 2
         flops = 2 * linear * n + attention + 2 * cfg.vocab_size * cfg.hidden_size
         mfu = flops / t / (ceil["matmul_tflop_s"] * 1e12)
-        rows.append({"tokens": n, "seconds": t, "tflop_s": flops / t / 1e12, "mfu": mfu})
-        log(f"prefill {n:5d} tokens: {1e3 * t:8.1f} ms, {flops / t / 1e12:6.1f} TFLOP/s, MFU {100 * mfu:5.1f} %")
+        rows.append({"weights": weights, "tokens": n, "seconds": t, "tflop_s": flops / t / 1e12,
+                     "mfu": mfu})
+        log(f"{weights} prefill {n:5d} tokens: {1e3 * t:8.1f} ms, {flops / t / 1e12:6.1f} TFLOP/s, MFU {100 * mfu:5.1f} %")
     return rows
 
 
@@ -255,17 +278,24 @@ def markdown(report: dict) -> str:
              f"Ceilings: copy {report['ceilings']['copy_tb_s']:.2f} TB/s, bf16 matmul "
              f"{report['ceilings']['matmul_tflop_s']:.0f} TFLOP/s", ""]
     if report.get("decode"):
-        lines += ["| decode batch | context | steps per dispatch | ms/step | roofline ms | of roofline | tok/s |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['batch']} | {r['context']} | {r.get('steps_per_dispatch', 1)} | "
+        lines += ["| weights | decode batch | context | steps per dispatch | ms/step | roofline ms | of roofline | tok/s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r.get('weights', 'bf16')} | {r['batch']} | {r['context']} | {r.get('steps_per_dispatch', 1)} | "
                   f"{r['step_ms']:.2f} | {r['roofline_ms']:.2f} | "
                   f"{100 * r['of_roofline']:.1f} % | {r['tokens_per_s']:.0f} |" for r in report["decode"]]
         lines.append("")
     if report.get("prefill"):
-        lines += ["| prefill tokens | ms | TFLOP/s | MFU |", "| ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['tokens']} | {1e3 * r['seconds']:.1f} | {r['tflop_s']:.0f} | {100 * r['mfu']:.1f} % |"
-                  for r in report["prefill"]]
+        lines += ["| weights | prefill tokens | ms | TFLOP/s | of the bf16 matmul rate |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r.get('weights', 'bf16')} | {r['tokens']} | {1e3 * r['seconds']:.1f} | "
+                  f"{r['tflop_s']:.0f} | {100 * r['mfu']:.1f} % |" for r in report["prefill"]]
         lines.append("")
+    lines += speedup_lines(report)
+    for label, census in report.get("hlo", {}).items():
+        lines += [f"HLO of {label}'s decode steps: " + "; ".join(
+            f"batch {c['batch']}: {c['cublaslt_f8_calls']} cuBLASLt FP8 GEMMs, {c['f8_dots']} f8 "
+            f"dots, {c['weight_upcasts']} weight upcasts ({'FP8 GEMMs' if c['fp8_gemm'] else 'no FP8 GEMM'})"
+            for c in census), ""]
     if report.get("host"):
         h = report["host"]
         lines += [f"Host loop at batch {h['batch']}, {report.get('decode_steps', 1)} decode step(s) per "
@@ -290,6 +320,36 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def speedup_lines(report: dict) -> list[str]:
+    """Each later weights variant's decode steps and prefills against the first variant's."""
+    labels = list(dict.fromkeys(r.get("weights", "bf16") for r in report.get("decode", [])
+                                + report.get("prefill", [])))
+    if len(labels) < 2:
+        return []
+    base, lines = labels[0], []
+    for label in labels[1:]:
+        parts = []
+        for section, key, time_key in (("decode", "batch", "step_ms"), ("prefill", "tokens", "seconds")):
+            times = {(r.get("weights", "bf16"), r[key]): r[time_key] for r in report.get(section, [])}
+            parts += [f"{section} {key} {size}: {times[(base, size)] / times[(label, size)]:.2f}x"
+                      for lab, size in times if lab == label and (base, size) in times]
+        lines += [f"{label} against {base}: " + ", ".join(parts), ""]
+    return lines
+
+
+def weight_variants(quantizations: str, activations: str) -> list[tuple[str, str | None, str]]:
+    """(label, quantization, fp8_activation) of each weights variant the flags ask for."""
+    variants = []
+    for q in quantizations.split(","):
+        if q == "none":
+            variants.append(("bf16", None, "dynamic"))
+        elif q == "fp8":
+            variants += [(f"fp8-{a}", "fp8", a) for a in activations.split(",")]
+        else:
+            raise SystemExit(f"--quantization takes none and fp8, got {q!r}")
+    return variants
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b")
@@ -311,6 +371,12 @@ def main() -> None:
     p.add_argument("--profile-host", type=int, default=0,
                    help="host section: print this many top functions of a cProfile'd run")
     p.add_argument("--ceiling-gib", type=float, default=2.0, help="size of the copy-bandwidth test")
+    p.add_argument("--quantization", default="none",
+                   help="weights variants to time, comma-separated: none (bf16), fp8")
+    p.add_argument("--fp8-activation", default="dynamic",
+                   help="fp8 variants, comma-separated: dynamic (W8A8), none (weight-only)")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="write each variant's decode step HLO here and report its FP8 GEMMs")
     p.add_argument("--out", required=True)
     p.add_argument("--table", required=True)
     args = p.parse_args()
@@ -326,27 +392,45 @@ def main() -> None:
     save(report, args)
     batches = [int(b) for b in args.batches.split(",")]
     lengths = [int(n) for n in args.prefill.split(",")]
-    engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
-                    max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
-                    max_model_len=max(max(lengths) + 16, 4096 + 1024),
-                    scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,
-                    gemm_backend=args.gemm_backend, decode_steps=args.decode_steps,
-                    max_decode_steps=max(8, args.decode_steps),
-                    compile_on_start=False, show_progress=False)
     report["scan_unroll"] = args.scan_unroll
     report["decode_steps"] = args.decode_steps
     report["gemm_backend"] = args.gemm_backend
-    report["kv_pool_gib"] = engine.runner.kv_pool.nbytes / 2**30
-    runs = {"decode": lambda: decode_section(engine, report["ceilings"], batches, args.context,
-                                                    args.decode_steps),
-            "prefill": lambda: prefill_section(engine, report["ceilings"], lengths),
-            "host": lambda: host_section(engine, 64, 128, 256, args.profile_host),
-            "offline": lambda: offline_section(engine, args.num_prompts)}
-    for name, run in runs.items():
-        if name in sections:
-            report[name] = run()
-            save(report, args)  # a run cut short keeps what it measured
+    variants = weight_variants(args.quantization, args.fp8_activation)
+    for i, (label, quantization, activation) in enumerate(variants):
+        engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
+                        max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
+                        max_model_len=max(max(lengths) + 16, 4096 + 1024),
+                        scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,
+                        gemm_backend=args.gemm_backend, decode_steps=args.decode_steps,
+                        max_decode_steps=max(8, args.decode_steps),
+                        quantization=quantization, fp8_activation=activation,
+                        compile_on_start=False, show_progress=False)
+        report.setdefault("kv_pool_gib", engine.runner.kv_pool.nbytes / 2**30)
+        report.setdefault("weight_gib", {})[label] = weight_bytes(engine) / 2**30
+        if args.dump_hlo:
+            report.setdefault("hlo", {})[label] = [
+                decode_census(engine, b, args.dump_hlo, label) for b in sorted({batches[0], max(batches)})]
+            log(f"{label} decode HLO: {report['hlo'][label]}")
+        runs = {"decode": lambda: decode_section(engine, report["ceilings"], batches, args.context,
+                                                 args.decode_steps, label),
+                "prefill": lambda: prefill_section(engine, report["ceilings"], lengths, label),
+                "host": lambda: host_section(engine, 64, 128, 256, args.profile_host),
+                "offline": lambda: offline_section(engine, args.num_prompts)}
+        for name, run in runs.items():
+            if name in sections and (i == 0 or name in ("decode", "prefill")):
+                rows = run()
+                report[name] = report.get(name, []) + rows if isinstance(rows, list) else rows
+                save(report, args)  # a run cut short keeps what it measured
+        release(engine)
+        del engine, runs
     print(markdown(report))
+
+
+def release(engine: Engine) -> None:
+    """Frees the engine's weights and KV pool now, so the next variant's engine fits."""
+    for array in jax.tree_util.tree_leaves((engine.runner.params, engine.runner.kv_pool)):
+        array.delete()
+    gc.collect()
 
 
 def save(report: dict, args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 import pallas_kernels
 from models import LoadedModel
 from models.decoder import Decoder
+from models.quantization import FP8_DTYPE
 
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
@@ -137,7 +138,7 @@ class ModelRunner:
         if unroll is None:
             unroll = cfg.num_layers if jax.default_backend() == "gpu" else 1
         self._decoder = Decoder(cfg, impl=config.attention_impl, dtype=model.dtype,
-                                scan_unroll=unroll)
+                                scan_unroll=unroll, quantization=model.quantization)
         self.decode_steps = (config.decode_steps,) if decode_steps is None else decode_steps
         """The k values of its k-step decode executables (1: none)."""
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
@@ -348,11 +349,18 @@ class ModelRunner:
         return jnp.zeros(self.max_seqs, jnp.int32).at[:tokens.shape[0]].set(tokens)
 
     def _compute_dtype(self, tree):
-        """Shared buffers hold bfloat16 as uint16 (DLPack has no bfloat16): a free bitcast."""
+        """Shared buffers hold bfloat16 as uint16 and FP8 weights as uint8 (DLPack has
+        neither): a free bitcast back."""
         dtype = self.model.dtype
-        return jax.tree_util.tree_map(
-            lambda a: jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype
-            and a.dtype == transport_dtype(dtype) else a, tree)
+
+        def logical(a):
+            if a.dtype != dtype and a.dtype == transport_dtype(dtype):
+                return jax.lax.bitcast_convert_type(a, dtype)
+            if a.dtype == transport_dtype(FP8_DTYPE):
+                return jax.lax.bitcast_convert_type(a, FP8_DTYPE)
+            return a
+
+        return jax.tree_util.tree_map(logical, tree)
 
     def _step_fn(self, params, kv_pool, previous, packed, layout):
         """(sampled, last tokens, KV pool, logits, hidden states): the logits feed the full

@@ -100,7 +100,8 @@ def assemble(model: LoadedModel, config: EngineConfig, setup: ProcessSetup,
     token_budget = None
     if setup.mode == "aggregated" and config.tbt_slo_ms is not None:
         roofline = build_roofline(model.config, model.dtype, config, max_model_len, setup.profile,
-                                  Correction() if config.duet_online_correction else None)
+                                  Correction() if config.duet_online_correction else None,
+                                  model.quantization)
         token_budget = TokenBudget(roofline, config.tbt_slo_ms / 1e3, config.max_num_batched_tokens,
                                    min_tokens=MIN_MIXED_TOKENS,
                                    min_prefill_tokens=config.slo_min_prefill_tokens)

@@ -187,10 +187,12 @@ def _jax_uses_gpu() -> bool:
 
 
 def build_roofline(model_config: Any, dtype: Any, engine_config: Any, max_model_len: int,
-                   profile: DeviceProfile, correction: Correction | None) -> Roofline | CorrectedRoofline:
-    """The roofline of this model as the engine pads its steps, scaled by ``correction``
-    when given."""
-    shape = ModelShape.from_config(model_config, dtype_bytes=jax.numpy.dtype(dtype).itemsize)
+                   profile: DeviceProfile, correction: Correction | None,
+                   quantization: Any = None) -> Roofline | CorrectedRoofline:
+    """The roofline of this model as the engine pads its steps (with its weights' FP8
+    ``quantization``, if any), scaled by ``correction`` when given."""
+    shape = ModelShape.from_config(model_config, dtype_bytes=jax.numpy.dtype(dtype).itemsize,
+                                   quantization=quantization)
     roofline = Roofline(shape, profile, step_padding(engine_config, max_model_len))
     return CorrectedRoofline(roofline, correction) if correction is not None else roofline
 
@@ -272,7 +274,8 @@ class Duet:
         self.correction = Correction()
         self.step_overhead = StepOverhead()
         roofline = build_roofline(model.config, model.dtype, engine_config, max_model_len, profile,
-                                  self.correction if engine_config.duet_online_correction else None)
+                                  self.correction if engine_config.duet_online_correction else None,
+                                  model.quantization)
         self.corrected = roofline if isinstance(roofline, CorrectedRoofline) else None
         self._split_raw: tuple[float, float] | None = None
         """(t_p, t_d) of the last split decision before correction (None: uncorrected)."""
@@ -291,6 +294,7 @@ class Duet:
         for role, share in sorted({(PREFILL, p) for p, _ in used} | {(DECODE, d) for _, d in used}):
             setup = WorkerSetup(role=role, sm_percentage=share, model_config=model.config,
                                 dtype=jax.numpy.dtype(model.dtype).name,
+                                quantization=model.quantization,
                                 engine_config=engine_config, max_model_len=max_model_len,
                                 num_pages=num_pages, layout=layout,
                                 compilation_cache_dir=engine_config.compilation_cache_dir)

@@ -53,6 +53,8 @@ class WorkerSetup:
     """``models.config.ModelConfig``."""
     dtype: str
     """Compute dtype name, e.g. 'bfloat16'."""
+    quantization: Any
+    """``models.quantization.Fp8Config`` of FP8 weights, or None."""
     engine_config: Any
     """``duetjax.config.EngineConfig``."""
     max_model_len: int
@@ -107,7 +109,7 @@ def _serve(conn: Connection) -> None:
     enable_compilation_cache(setup.compilation_cache_dir)
     model = LoadedModel(config=setup.model_config, params=None, tokenizer=None,
                         dtype=jnp.dtype(setup.dtype).type, path=f"<shared:{setup.role}>",
-                        load_seconds=0.0)
+                        load_seconds=0.0, quantization=setup.quantization)
     runner = ModelRunner(model, setup.engine_config, setup.max_model_len,
                          num_pages=setup.num_pages, attach=setup.layout,
                          decode_steps=decode_step_choices(setup.engine_config)

@@ -155,6 +155,11 @@ class DeviceProfile:
     streams keys at about a quarter of a decode program's rate). 0: not modelled."""
     interference: tuple[InterferencePoint, ...] = ()
     """Measured co-running pairs; empty: clients do not slow each other down."""
+    fp8_flops_ratio: float = 2.0
+    """FP8 (e4m3) matmul rate over the bf16 one of ``levels``, at every share: the rate of the
+    W8A8 GEMMs of FP8 weights. 2.0 is the Hopper datasheet's ratio (dense FP8 against dense
+    bf16), an assumption until a calibration measures it (``tools/calibrate.py`` measures bf16
+    only)."""
     source: str = ""
     """Where the numbers come from (measurement, date, tool)."""
     notes: tuple[str, ...] = ()
@@ -261,6 +266,7 @@ class DeviceProfile:
             program_slots=float(data.get("program_slots", 0.0)),
             prefill_program_slots=float(data.get("prefill_program_slots", 0.0)),
             interference=tuple(InterferencePoint(**p) for p in data.get("interference", ())),
+            fp8_flops_ratio=float(data.get("fp8_flops_ratio", 2.0)),
             source=data.get("source", ""),
             notes=tuple(data.get("notes", ())),
         )
@@ -313,6 +319,14 @@ class ModelShape:
     """Rows of the LM head."""
     dtype_bytes: int = 2
     """Bytes per element of weights, activations and KV (s): 2 for bf16."""
+    linear_weight_bytes: float | None = None
+    """Bytes per weight of the decoder layers' linear layers (q/k/v, o, gate/up, down), their
+    scales included: 1 + 4 / in_features for FP8 with a float32 scale per output channel,
+    rounded here to 1 (the scales are 0.1 % of an 8B model's weights). None: ``dtype_bytes``.
+    The embedding and the LM head stay at ``dtype_bytes``."""
+    fp8_matmul: bool = False
+    """The decoder layers' linear layers multiply in FP8 (W8A8): their FLOPs run at the
+    profile's FP8 rate (``DeviceProfile.fp8_flops_ratio``); the LM head's stay bf16."""
     tie_word_embeddings: bool = False
     """LM head shares the embedding table. Costs the same (the head reads vocab × d either
     way); kept so a shape describes its checkpoint fully."""
@@ -329,16 +343,22 @@ class ModelShape:
                              f"{self.num_layers} layers")
 
     @classmethod
-    def from_config(cls, cfg: "ModelConfig", dtype_bytes: int = 2) -> "ModelShape":
-        """The shape of a ``models.config.ModelConfig`` (read by attribute: no import needed)."""
+    def from_config(cls, cfg: "ModelConfig", dtype_bytes: int = 2,
+                    quantization: Any = None) -> "ModelShape":
+        """The shape of a ``models.config.ModelConfig`` (read by attribute: no import needed),
+        with FP8 linear layers when ``quantization`` (a ``models.quantization.Fp8Config``)
+        is given."""
         windows = tuple(cfg.layer_windows)
+        fp8 = quantization is not None
         return cls(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                    intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads,
                    num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                    vocab_size=cfg.vocab_size, dtype_bytes=dtype_bytes,
                    tie_word_embeddings=cfg.tie_word_embeddings, qk_norm=cfg.qk_norm,
                    sandwich_norm=cfg.sandwich_norm,
-                   layer_windows=() if not any(windows) else windows)
+                   layer_windows=() if not any(windows) else windows,
+                   linear_weight_bytes=1 if fp8 else None,
+                   fp8_matmul=fp8 and quantization.activation == "dynamic")
 
     def window_counts(self) -> dict[int, int]:
         """Layers per attention window (0: full attention)."""
@@ -559,15 +579,26 @@ class Roofline:
             m = seqs
         d, d_q, d_kv = sh.hidden_size, sh.num_heads * sh.head_dim, sh.num_kv_heads * sh.head_dim
 
-        def cost(name: str, op_class: str, f: float, b: float, count: int) -> _OpRow:
+        def cost(name: str, op_class: str, f: float, b: float, count: int,
+                 rate: float = 1.0) -> _OpRow:
+            """``rate``: the op's FLOP rate over the profile's bf16 one."""
             e = eff.of(op_class)
             f, b = f * count, b * count
-            compute_s, memory_s = f / (flops * e), b / (bandwidth * e)
+            compute_s, memory_s = f / (flops * rate * e), b / (bandwidth * e)
             return name, op_class, f, b, compute_s, memory_s, max(compute_s, memory_s)
 
+        w = s if sh.linear_weight_bytes is None else sh.linear_weight_bytes
+        fp8_rate = self.profile.fp8_flops_ratio if sh.fp8_matmul else 1.0
+
         def linear(name: str, rows: int, d_in: int, d_out: int, count: int = layers) -> _OpRow:
+            """A decoder layer's linear layer: its weight's bytes and FLOP rate are the
+            quantization's."""
             return cost(name, "gemm", 2 * rows * d_in * d_out,
-                        (rows * d_in + d_in * d_out + rows * d_out) * s, count)
+                        (rows * d_in + rows * d_out) * s + d_in * d_out * w, count, fp8_rate)
+
+        def lm_head(rows: int) -> _OpRow:
+            return cost("lm_head", "gemm", 2 * rows * sh.hidden_size * sh.vocab_size,
+                        (rows * d + d * sh.vocab_size + rows * sh.vocab_size) * s, 1)
 
         def norm(name: str, elements: int, weight: int, count: int = layers) -> _OpRow:
             return cost(name, "elementwise", NORM_FLOPS_PER_ELEMENT * elements,
@@ -595,7 +626,7 @@ class Roofline:
                 ops.append(norm("post_mlp_norm", n * d, d))
         if m:
             ops.append(norm("final_norm", m * d, d, count=1))
-            ops.append(linear("lm_head", m, d, sh.vocab_size, count=1))
+            ops.append(lm_head(m))
         return ops
 
     def _attention(self, decode_ctx: list[int], prefill: list[tuple[int, int]], flops: float,

@@ -1,5 +1,5 @@
-"""tools/bench_engine.py: the decode section's k-step timing on CPU (the plumbing, not the
-figures)."""
+"""tools/bench_engine.py: the decode section's k-step timing and the FP8 variants on CPU (the
+plumbing, not the figures)."""
 import sys
 from pathlib import Path
 
@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import bench_engine as be  # noqa: E402
+from fp8_gemm_check import decode_census  # noqa: E402
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -40,3 +41,58 @@ def test_host_section_reports_the_median_run_and_its_parts(tiny_llama_dir):
     assert all(ms >= 0 for ms in parts.values())
     assert sum(parts.values()) <= row["host_ms_per_step"] * (1 + 1e-9)
     assert row["steps"] >= 6 and row["gc_full_collections"] >= 0
+
+
+def test_fp8_variants_time_decode_and_prefill_and_census_the_hlo(tiny_llama_dir, tmp_path):
+    """--quantization none,fp8: each variant's steps against its own weight bytes, the
+    comparison table, and the decode HLO census (on a CPU, XLA upcasts the FP8 weights)."""
+    from duetjax import Engine
+
+    assert be.weight_variants("none,fp8", "dynamic,none") == [
+        ("bf16", None, "dynamic"), ("fp8-dynamic", "fp8", "dynamic"), ("fp8-none", "fp8", "none")]
+    report = {"model": "tiny", "device": "cpu", "jax": "x", "date": "today", "command": "c",
+              "ceilings": {"copy_tb_s": 1.0, "matmul_tflop_s": 1.0}, "decode": [], "prefill": []}
+    bytes_of = {}
+    for label, quantization in (("bf16", None), ("fp8-dynamic", "fp8")):
+        engine = Engine(str(tiny_llama_dir), dtype="float32", max_num_seqs=2,
+                        max_num_batched_tokens=32, max_model_len=64, quantization=quantization,
+                        compile_on_start=False, show_progress=False)
+        bytes_of[label] = be.weight_bytes(engine)
+        report["decode"] += be.decode_section(engine, report["ceilings"], [1, 2], context=20,
+                                              weights=label)
+        report["prefill"] += be.prefill_section(engine, report["ceilings"], [32], weights=label)
+        census = decode_census(engine, 1, str(tmp_path), label)
+        assert census["cublaslt_f8_calls"] == 0 and census["f8_dots"] == 0
+        assert (census["weight_upcasts"] > 0) == (quantization == "fp8")
+        assert not census["fp8_gemm"]
+        be.release(engine)
+    assert bytes_of["fp8-dynamic"] < 0.6 * bytes_of["bf16"]
+    roofline = {r["weights"]: r["roofline_ms"] for r in report["decode"] if r["batch"] == 1}
+    assert roofline["fp8-dynamic"] < roofline["bf16"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode_b1_bf16.hlo", "decode_b1_fp8-dynamic.hlo"]
+    table = be.markdown(report)
+    assert "| fp8-dynamic | 2 | 20 |" in table
+    assert "fp8-dynamic against bf16: decode batch 1: " in table and "prefill tokens 32: " in table
+
+
+def test_fp8_gemm_census_reads_gpu_hlo():
+    """What XLA:GPU's optimized HLO looks like with and without the FP8 GEMM rewrite."""
+    from fp8_gemm_check import fp8_gemm_census
+
+    rewritten = """
+  %p0 = f8e4m3fn[64,4096]{1,0} parameter(0)
+  %p1 = f8e4m3fn[6144,4096]{1,0} parameter(1)
+  %cublas-lt-matmul.1 = (bf16[64,6144]{1,0}, s8[33554432]{0}) custom-call(%p0, %p1, %c1, %c1), custom_call_target="__cublas$lt$matmul$f8"
+"""
+    upcast = """
+  %p1 = f8e4m3fn[6144,4096]{1,0} parameter(1)
+  %convert.7 = bf16[6144,4096]{1,0} convert(%p1), metadata={op_name="x"}
+  %x = bf16[64,4096]{1,0} parameter(0)
+  %dot.2 = bf16[64,6144]{1,0} dot(%x, %convert.7), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+"""
+    shapes = [(6144, 4096), (32, 6144, 4096)]
+    assert fp8_gemm_census(rewritten, shapes) == {"cublaslt_f8_calls": 1, "f8_dots": 0,
+                                                  "mixed_f8_dots": 0, "weight_upcasts": 0,
+                                                  "fp8_gemm": True}
+    assert fp8_gemm_census(upcast, shapes)["weight_upcasts"] == 1
+    assert not fp8_gemm_census(upcast, shapes)["fp8_gemm"]

@@ -396,3 +396,47 @@ def test_kernel_grid_tables_match_the_kernel_tuning():
     assert DECODE_SPLITS == tuple(tuning._DECODE_SPLITS["hopper"])
     for head_dim in (64, 128, 256):
         assert PREFILL_BLOCK_ROWS[head_dim] == tuning.prefill_config(head_dim, family="hopper").block_m
+
+
+def test_fp8_weights_by_hand():
+    """FP8 linear layers: a byte per weight (the LM head stays bf16) and, W8A8, the profile's
+    FP8 matmul rate; weight-only they multiply at the bf16 rate."""
+    from models.quantization import Fp8Config
+
+    profile = flat_profile(1000.0, 100.0, fp8_flops_ratio=4.0)
+    bf16 = Roofline(TINY, profile).breakdown([(3, 5)])
+    fp8 = dataclasses.replace(TINY, linear_weight_bytes=1, fp8_matmul=True)
+    br = Roofline(fp8, profile).breakdown([(3, 5)])
+    assert br.op("qkv_proj").bytes == (3 * 8 + 3 * 16) * 2 + 8 * 16  # activations bf16, weight 1 B
+    assert br.op("down_proj").bytes == (3 * 16 + 3 * 8) * 2 + 16 * 8
+    assert br.op("lm_head").bytes == bf16.op("lm_head").bytes
+    assert br.op("qkv_proj").flops == bf16.op("qkv_proj").flops  # same work, at 4x the rate
+    assert br.op("qkv_proj").compute_s == pytest.approx(bf16.op("qkv_proj").compute_s / 4)
+    assert br.op("lm_head").compute_s == bf16.op("lm_head").compute_s
+    from models.config import ModelConfig
+    cfg = ModelConfig.from_hf(json.loads((REPO / "models/configs/llama-3-8b/config.json").read_text()))
+    w8a8 = ModelShape.from_config(cfg, quantization=Fp8Config("dynamic"))
+    weight_only = ModelShape.from_config(cfg, quantization=Fp8Config("none"))
+    assert (w8a8.linear_weight_bytes, w8a8.fp8_matmul) == (1, True)
+    assert (weight_only.linear_weight_bytes, weight_only.fp8_matmul) == (1, False)
+    assert ModelShape.from_config(cfg).linear_weight_bytes is None
+
+
+def test_fp8_decode_reads_a_byte_less_per_linear_weight(h200, llama8b):
+    fp8_shape = dataclasses.replace(llama8b, linear_weight_bytes=1, fp8_matmul=True)
+    bf16, fp8 = (Roofline(shape, h200).breakdown([(1, 1024)]) for shape in (llama8b, fp8_shape))
+    linear = 32 * (4096 * 128 * (32 + 8 + 8 + 32) + 3 * 4096 * 14336)  # 6.98e9 of 8.03e9 weights
+    total = lambda br: sum(op.bytes for op in br.ops)
+    assert total(bf16) - total(fp8) == linear
+    assert fp8.total_s < 0.62 * bf16.total_s  # the KV read and the fixed overhead stay
+
+
+def test_fp8_rate_defaults_to_twice_bf16_and_round_trips(tmp_path):
+    p = flat_profile(1.0, 1.0)
+    assert p.fp8_flops_ratio == 2.0
+    older = p.to_dict()
+    del older["fp8_flops_ratio"]  # profiles calibrated before FP8
+    assert DeviceProfile.from_dict(older).fp8_flops_ratio == 2.0
+    measured = dataclasses.replace(p, fp8_flops_ratio=1.7)
+    measured.save(tmp_path / "test-gpu.json")
+    assert DeviceProfile.from_json(tmp_path / "test-gpu.json").fp8_flops_ratio == 1.7

@@ -1,0 +1,223 @@
+"""FP8 checkpoints in their published formats, seen in duetjax's runtime layout.
+
+Two layouts are read, from a Hugging Face ``config.json``'s ``quantization_config``:
+
+- compressed-tensors ``float-quantized`` (llm-compressor's FP8 checkpoints,
+  ``quant_method: "compressed-tensors"``): ``X.weight`` in ``float8_e4m3fn`` with
+  ``X.weight_scale`` per tensor (``[]`` or ``[1]``) or per output channel (``[out, 1]``), or per
+  128 x 128 block (strategy ``block``); activations dynamic (per token) or none.
+- block-wise ``fp8`` (Qwen3-FP8, DeepSeek-V3; ``quant_method: "fp8"``): ``X.weight`` in
+  ``float8_e4m3fn`` and ``X.weight_scale_inv`` of shape ``[ceil(out/128), ceil(in/128)]``, one
+  multiplier per 128 x 128 block (despite its name, weight = value * scale_inv);
+  ``activation_scheme: "dynamic"``.
+
+``Fp8CheckpointSource`` presents either as duetjax's runtime layout (``models.quantization``:
+e4m3 values and one float32 scale per output channel) under the same HF names, so
+``checkpoint.load_params`` needs no format of its own:
+
+- Per-tensor scales are expanded to per-channel vectors: exact, and it lets q, k and v (and
+  gate and up), whose per-tensor scales differ, be fused by concatenating their rows and
+  scales, without requantizing any of them.
+- Block scales are not: XLA's FP8 GEMM on Hopper takes scalar scales only, and one GEMM per
+  128-wide slice of the inputs would write the output once per slice. A block-wise weight is
+  handed over dequantized, and ``load_params`` requantizes it per output channel on the
+  device. That adds one e4m3 rounding (at most half a unit in the last place, 1/16 relative)
+  to elements whose block scale is below their row's largest.
+
+Anything else (other bit widths or types, integer formats, other block sizes, static
+activation scales, a KV-cache scheme, layers left unquantized besides the LM head) is a
+``CheckpointError`` naming the config field and value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from .errors import CheckpointError
+
+BLOCK = 128
+"""Side of the square blocks of block-wise FP8 weights (the only size published so far)."""
+WEIGHT_SCALE = ".weight_scale"
+BLOCK_SCALE = ".weight_scale_inv"
+LM_HEAD_NAMES = ("lm_head", "re:.*lm_head", "re:lm_head", "re:.*lm_head$", "re:^lm_head$")
+"""``ignore`` / ``modules_to_not_convert`` entries that name the LM head alone (it stays in
+high precision here whatever they say)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8CheckpointFormat:
+    """How an FP8 checkpoint stores its linear layers' weights."""
+
+    method: str
+    """``quantization_config.quant_method``: 'compressed-tensors' or 'fp8'."""
+    strategy: str
+    """Weight scale granularity: 'tensor', 'channel' or 'block'."""
+
+
+def _field(path: str, value: Any, problem: str) -> CheckpointError:
+    return CheckpointError(f"config.json quantization_config{path} = {value!r}: {problem}")
+
+
+def _check_unquantized_modules(path: str, names: Any) -> None:
+    """Only the LM head may stay unquantized: the decoder's layers are stacked, one dtype each."""
+    for name in names or ():
+        if name not in LM_HEAD_NAMES and not (isinstance(name, str)
+                                              and re.fullmatch(r"(re:)?(model\.)?lm_head", name)):
+            raise _field(path, names, f"{name!r} would stay in high precision; only the LM head "
+                         "can (every decoder layer holds the same FP8 linear layers)")
+
+
+def _compressed_tensors(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
+    fmt = qc.get("format")
+    if fmt != "float-quantized":
+        raise _field(".format", fmt, "only 'float-quantized' (FP8) compressed-tensors "
+                     "checkpoints are supported")
+    if qc.get("kv_cache_scheme") is not None:
+        raise _field(".kv_cache_scheme", qc["kv_cache_scheme"], "an FP8 KV cache is not "
+                     "supported yet; remove the scheme to run with a bf16 cache")
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise _field(".config_groups", sorted(groups), "exactly one quantization group is "
+                     "supported (one scheme for every linear layer)")
+    (group_name, group), = groups.items()
+    at = f".config_groups.{group_name}"
+    targets = group.get("targets")
+    if targets != ["Linear"]:
+        raise _field(f"{at}.targets", targets, "only ['Linear'] is supported")
+    weights = group.get("weights") or {}
+    for key, wanted in (("num_bits", 8), ("type", "float")):
+        if weights.get(key) != wanted:
+            raise _field(f"{at}.weights.{key}", weights.get(key), f"only {wanted!r} (FP8 e4m3) "
+                         "is supported")
+    if weights.get("dynamic"):
+        raise _field(f"{at}.weights.dynamic", True, "weights must be stored with their scales")
+    strategy = weights.get("strategy")
+    if strategy not in ("tensor", "channel", "block"):
+        raise _field(f"{at}.weights.strategy", strategy, "supported: 'tensor', 'channel', "
+                     "'block'")
+    if strategy == "block" and list(weights.get("block_structure") or ()) != [BLOCK, BLOCK]:
+        raise _field(f"{at}.weights.block_structure", weights.get("block_structure"),
+                     f"only [{BLOCK}, {BLOCK}] blocks are supported")
+    activations = group.get("input_activations")
+    if activations is not None:
+        for key, wanted in (("num_bits", 8), ("type", "float")):
+            if activations.get(key) != wanted:
+                raise _field(f"{at}.input_activations.{key}", activations.get(key),
+                             f"only {wanted!r} is supported")
+        if not activations.get("dynamic"):
+            raise _field(f"{at}.input_activations.dynamic", activations.get("dynamic"),
+                         "static activation scales (input_scale) are not supported; duetjax "
+                         "quantizes activations per token at run time")
+    _check_unquantized_modules(".ignore", qc.get("ignore"))
+    return Fp8CheckpointFormat("compressed-tensors", strategy)
+
+
+def _block_fp8(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise _field(".activation_scheme", scheme, "only 'dynamic' is supported (static "
+                     "activation scales are not)")
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise _field(".fmt", fmt, "only 'e4m3' is supported")
+    block = qc.get("weight_block_size")
+    if list(block or ()) != [BLOCK, BLOCK]:
+        raise _field(".weight_block_size", block, f"only [{BLOCK}, {BLOCK}] is supported")
+    for key in ("modules_to_not_convert", "ignored_layers"):
+        _check_unquantized_modules(f".{key}", qc.get(key))
+    return Fp8CheckpointFormat("fp8", "block")
+
+
+def fp8_checkpoint_format(hf_config: Mapping[str, Any]) -> Fp8CheckpointFormat | None:
+    """The FP8 layout ``config.json`` declares; None when it declares no quantization. Any
+    quantization this module does not read is a ``CheckpointError`` naming the field."""
+    qc = hf_config.get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method")
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
+    if method == "fp8":
+        return _block_fp8(qc)
+    raise _field(".quant_method", method, "supported: 'compressed-tensors' (float-quantized) "
+                 "and 'fp8' (block-wise)")
+
+
+def dequantize_blocks(weight: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
+    """float32 ``weight * scale`` with one scale per ``BLOCK`` x ``BLOCK`` block (the last
+    blocks of a row or column may be partial)."""
+    rows, cols = weight.shape
+    full = np.repeat(np.repeat(scale_inv.astype(np.float32), BLOCK, axis=0), BLOCK, axis=1)
+    return weight.astype(np.float32) * full[:rows, :cols]
+
+
+class Fp8CheckpointSource:
+    """A ``TensorSource`` over an FP8 checkpoint's source that shows it in the runtime layout:
+    per-channel ``X.weight_scale`` (float32 ``[out]``) beside e4m3 ``X.weight``, or, for
+    block-wise weights, ``X.weight`` dequantized to float32 and no scale (``load_params``
+    quantizes it per channel). Other tensors pass through."""
+
+    def __init__(self, source: Any, fmt: Fp8CheckpointFormat):
+        self.source, self.format = source, fmt
+        inner = source.names()
+        self._block = {n[: -len(BLOCK_SCALE)] for n in inner if n.endswith(BLOCK_SCALE)}
+        if fmt.strategy == "block" and fmt.method == "compressed-tensors":
+            self._block = {n[: -len(WEIGHT_SCALE)] for n in inner if n.endswith(WEIGHT_SCALE)}
+        scaled = {n[: -len(WEIGHT_SCALE)] for n in inner if n.endswith(WEIGHT_SCALE)}
+        self._names = {n for n in inner if not n.endswith((BLOCK_SCALE, ".input_scale"))}
+        self._names -= {m + WEIGHT_SCALE for m in self._block}
+        for module in scaled | self._block:
+            if module + ".weight" not in inner:
+                raise CheckpointError(f"tensor {module + '.weight'!r} is missing from the "
+                                      "checkpoint, though its scale is there")
+
+    def names(self) -> set[str]:
+        return set(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name.endswith(WEIGHT_SCALE):
+            return tuple(self.source.shape(name[: -len(WEIGHT_SCALE)] + ".weight")[:1])
+        return tuple(self.source.shape(name))
+
+    def get(self, name: str) -> np.ndarray:
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module in self._block:
+            scale_name = module + (BLOCK_SCALE if self.format.method == "fp8" else WEIGHT_SCALE)
+            weight, scale = self._fp8(name), np.asarray(self.source.get(scale_name))
+            rows, cols = weight.shape
+            want = (-(-rows // BLOCK), -(-cols // BLOCK))
+            if scale.shape != want:
+                raise CheckpointError(f"tensor {scale_name!r} has shape {scale.shape}, but a "
+                                      f"{weight.shape} weight in {BLOCK} x {BLOCK} blocks "
+                                      f"needs {want}")
+            return dequantize_blocks(weight, scale)
+        if module is not None and module + WEIGHT_SCALE in self._names:
+            return self._fp8(name)
+        if name.endswith(WEIGHT_SCALE):
+            return self._channel_scale(name)
+        tensor = self.source.get(name)
+        if tensor.dtype == ml_dtypes.float8_e4m3fn:
+            raise CheckpointError(f"tensor {name!r} is float8_e4m3fn but has no scale")
+        return tensor
+
+    def _fp8(self, name: str) -> np.ndarray:
+        weight = np.asarray(self.source.get(name))
+        if weight.dtype != ml_dtypes.float8_e4m3fn:
+            raise CheckpointError(f"tensor {name!r} is {weight.dtype}, but the checkpoint's "
+                                  "quantization_config says float8_e4m3fn")
+        return weight
+
+    def _channel_scale(self, name: str) -> np.ndarray:
+        """A per-tensor or per-channel ``weight_scale`` as a float32 ``[out]`` vector."""
+        out = self.shape(name)[0]
+        scale = np.asarray(self.source.get(name), np.float32)
+        if scale.size == 1:
+            return np.full(out, scale.reshape(()), np.float32)
+        if scale.shape in ((out,), (out, 1)):
+            return scale.reshape(out)
+        raise CheckpointError(f"tensor {name!r} has shape {scale.shape}; a per-tensor scale is "
+                              f"[] or [1], a per-channel one [{out}, 1]")
