@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from models import ModelConfig, load_model
+from models import ModelConfig
 
 from .config import EngineConfig
 from .core.admission import Prompt
-from .duet.assembly import assemble, prepare
-from .duet.split_mode import DuetStats, weights_loading_device
+from .duet.assembly import assemble, load, prepare
+from .duet.split_mode import DuetStats
 from .engine_stats import EngineStats
 from .loop_stats import LoopStats
 from .outputs import RequestOutput
@@ -39,8 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineStats", "LoopStats", "Prompt"]
 
-Message = dict
-Conversation = Sequence[Message]
+Conversation = Sequence[dict]  # OpenAI-style messages
 
 
 class Engine:
@@ -60,10 +59,7 @@ class Engine:
         self.config = EngineConfig(**config)
         setup = prepare(self.config)  # before JAX meets the GPU, and before the slow part
         log.info("mode %s (%s)", setup.mode, setup.why)
-        with weights_loading_device(setup.mode):
-            loaded = load_model(model, dtype=dtype, load_format=load_format,
-                                quantization=self.config.quantization,
-                                fp8_activation=self.config.fp8_activation)
+        loaded = load(model, dtype, load_format, self.config, setup)
         self.sampling_defaults = SamplingDefaults.resolve(self.config.generation_config, loaded)
         """The SamplingParams fields the model's generation config sets."""
         parts = assemble(loaded, self.config, setup, show_progress)
@@ -77,9 +73,6 @@ class Engine:
         """How often each SLO-aware budget ran (aggregated iterations with prefill work)."""
         self._last_budget: int | None = None
         self._num_steps = 0
-        log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs", self.model.path,
-                 self.model.config.architecture, self.dtype.name, self.max_model_len,
-                 self.model.load_seconds)
 
     # ---- what the engine is and does ------------------------------------------------------
 
@@ -95,14 +88,12 @@ class Engine:
 
     @property
     def dtype(self) -> np.dtype:
-        """The dtype the weights (and the KV cache) are stored and computed in; FP8 linear layers
-        (``quantization``) hold e4m3 weights and compute in it."""
+        """The dtype of the KV cache and of every weight outside FP8 linear layers."""
         return np.dtype(self.model.dtype)
 
     @property
     def quantization(self) -> str | None:
-        """'fp8' when the decoder's linear layers hold FP8 weights (an FP8 checkpoint, or
-        ``quantization='fp8'``); None when every weight is in ``dtype``."""
+        """'fp8' when the linear layers hold FP8 weights; None when every weight is in ``dtype``."""
         return "fp8" if self.model.quantization is not None else None
 
     @property

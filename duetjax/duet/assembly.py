@@ -9,10 +9,13 @@ API that sees both modes.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Any
 
 import jax
+import numpy as np
 
-from models import LoadedModel, ModelConfig
+from models import LoadedModel, ModelConfig, load_model
 
 from ..compilation_cache import enable_compilation_cache
 from ..config import EngineConfig
@@ -29,7 +32,10 @@ from ..perf.roofline import DeviceProfile
 from ..perf.token_budget import TokenBudget
 from .mps import MPSDaemon
 from .split_executor import SplitExecutor
-from .split_mode import Duet, build_roofline, device_profile, prepare_process
+from .split_mode import (Duet, build_roofline, device_profile, prepare_process,
+                         weights_loading_device)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,15 @@ class EngineParts:
     """Where the host loop's time goes."""
 
 
+def load(model: Any, dtype: Any, load_format: str, config: EngineConfig,
+         setup: ProcessSetup) -> LoadedModel:
+    """The checkpoint, its weights loaded where ``setup.mode`` wants them
+    (``weights_loading_device``) and quantized as ``config`` asks."""
+    with weights_loading_device(setup.mode):
+        return load_model(model, dtype=dtype, load_format=load_format,
+                          quantization=config.quantization, fp8_activation=config.fp8_activation)
+
+
 def assemble(model: LoadedModel, config: EngineConfig, setup: ProcessSetup,
              show_progress: bool = True) -> EngineParts:
     """The parts of an engine serving ``model`` in ``setup.mode``."""
@@ -117,6 +132,9 @@ def assemble(model: LoadedModel, config: EngineConfig, setup: ProcessSetup,
                               else model.config.eos_token_ids)
     admission = Admission(model.tokenizer, model.path, model.config.vocab_size, max_model_len,
                           eos_token_ids, config.seed, in_use=outputs.requests)
+    log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs", model.path,
+             model.config.architecture, np.dtype(model.dtype).name, max_model_len,
+             model.load_seconds)
     return EngineParts(model, max_model_len, runner, duet, token_budget, scheduler, outputs,
                        executor, split_executor, admission, loop_stats)
 
