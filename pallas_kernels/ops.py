@@ -3,8 +3,15 @@
 ``impl``: "auto" (Pallas on GPU, plain XLA elsewhere), "pallas", "interpret" (Pallas in
 interpret mode, for CPU tests), "xla" (page loop in plain XLA ops: the CPU path) or
 "reference" (the oracle: simple, but its cost grows with the block table's width).
+
+Prefill on the GPU: ``DUETJAX_PREFILL_KERNEL`` picks the kernel once per process. "triton"
+(the default) is the Triton-lowered kernel; "mgpu" is the Mosaic GPU kernel on Hopper
+(compute capability 9.x) for the shapes it supports, Triton for the rest and on other GPUs.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +20,30 @@ from . import reference, tuning
 from .decode_attention import paged_decode_attention
 from .kv_write import write_kv_pallas
 from .prefill_attention import paged_prefill_attention
+from .prefill_attention_mgpu import paged_prefill_attention_mgpu
 from .xla_attention import paged_attention_xla
 
 IMPLS = ("auto", "pallas", "interpret", "xla", "reference")
+PREFILL_KERNELS = ("triton", "mgpu")
+
+
+def prefill_kernel_choice(setting: str | None = None, compute_capability: str | None = None) -> str:
+    """"triton" or "mgpu" from ``DUETJAX_PREFILL_KERNEL`` (or ``setting``) and the GPU.
+
+    Mosaic GPU's kernel needs Hopper's TMA and wgmma: elsewhere "mgpu" falls back to Triton.
+    """
+    setting = setting or os.environ.get("DUETJAX_PREFILL_KERNEL") or "triton"
+    if setting not in PREFILL_KERNELS:
+        raise ValueError(f"DUETJAX_PREFILL_KERNEL={setting!r}; choose one of {PREFILL_KERNELS}")
+    if compute_capability is None:
+        compute_capability = getattr(jax.devices()[0], "compute_capability", "")
+    return setting if str(compute_capability).startswith("9.") else "triton"
+
+
+@functools.cache
+def prefill_kernel() -> str:
+    """The prefill kernel of this process (decided on first use)."""
+    return prefill_kernel_choice()
 
 
 def kernel_supports(head_dim: int) -> bool:
@@ -71,12 +99,8 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
     # decode kernel, the rest through the prefill kernel. In the prefill kernel each decode
     # would fill a whole block_m-row tile for `group` useful rows: an 8B step with 64 decodes
     # at 2k context spent milliseconds there.
-    cfg = tuning.prefill_config(q.shape[2], kv_pool.dtype.itemsize)
-    out = paged_prefill_attention(
-        q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, block_m=cfg.block_m,
-        block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        interpret=interpret, skip_single_token=True)
+    out = _prefill(q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
+                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
     single = query_start_loc[1:] - query_start_loc[:-1] == 1
     token = jnp.maximum(query_start_loc[1:] - 1, 0)
     decoded = _decode(q[token], kv_pool, layer, block_tables,
@@ -84,6 +108,24 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
                       sliding_window=sliding_window, interpret=interpret)
     rows = jnp.where(single, token, q.shape[0])  # out of range: dropped
     return out.at[rows].set(decoded, mode="drop")
+
+
+def _prefill(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
+             context_lens: jax.Array, query_start_loc: jax.Array, *, scale: float,
+             soft_cap: float | None, sliding_window, interpret: bool) -> jax.Array:
+    """The chosen prefill kernel, one-token sequences skipped (they go to the decode kernel)."""
+    if (not interpret and prefill_kernel() == "mgpu"
+            and tuning.prefill_mgpu_supports(q.shape, q.dtype, kv_pool.shape, kv_pool.dtype)):
+        return paged_prefill_attention_mgpu(
+            q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
+            soft_cap=soft_cap, sliding_window=sliding_window,
+            config=tuning.prefill_mgpu_config(q.shape[2]), skip_single_token=True)
+    cfg = tuning.prefill_config(q.shape[2], kv_pool.dtype.itemsize)
+    return paged_prefill_attention(
+        q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
+        soft_cap=soft_cap, sliding_window=sliding_window, block_m=cfg.block_m,
+        block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        interpret=interpret, skip_single_token=True)
 
 
 def _decode(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,

@@ -14,6 +14,8 @@ import dataclasses
 
 import jax
 
+from .prefill_attention_mgpu import MgpuPrefillConfig, unsupported_reason
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
@@ -79,6 +81,16 @@ _PREFILL: dict[str, dict[int, PrefillConfig]] = {
 }
 
 
+# Mosaic GPU prefill (Hopper): 128-key tiles in a 2-deep ring for d64/d128 (2 x 64 KiB of K/V at
+# d128 next to 64 KiB of Q and O tiles); d256 halves to 32 keys to fit 227 KiB. Not yet measured:
+# the schedule barrier stays off until the GPU tests and the bench have run it.
+_PREFILL_MGPU: dict[str, dict[int, MgpuPrefillConfig]] = {
+    "hopper": {64: MgpuPrefillConfig(block_kv=128, num_stages=3, schedule_barrier=False),
+               128: MgpuPrefillConfig(block_kv=128, num_stages=2, schedule_barrier=False),
+               256: MgpuPrefillConfig(block_kv=32, num_stages=2, schedule_barrier=False)},
+}
+
+
 # Triton keeps about (num_stages - 1) bf16 K and V tiles in shared memory (bf16 d256 decode with
 # 64 keys and 4 stages fits); float32 tiles take more (float32 prefill at 128 x 128 tiles asked
 # for 262,144 bytes at 2 stages and 262,656 at 3, on the H200). Hopper gives a program 227 KB.
@@ -125,3 +137,15 @@ def prefill_config(head_dim: int, itemsize: int = 2, family: str | None = None) 
     cfg = table.get(head_dim, table[128])
     block_n, num_stages = _fit(cfg.block_n, cfg.num_stages, head_dim, itemsize)
     return dataclasses.replace(cfg, block_n=block_n, num_stages=num_stages)
+
+
+def prefill_mgpu_config(head_dim: int, family: str | None = None) -> MgpuPrefillConfig:
+    """Tiles for the Mosaic GPU prefill kernel on this GPU."""
+    table = _table(_PREFILL_MGPU, family or gpu_family())
+    return table.get(head_dim, table[128])
+
+
+def prefill_mgpu_supports(q_shape, q_dtype, kv_pool_shape, kv_dtype) -> bool:
+    """Whether the Mosaic GPU prefill kernel runs this shape with its table tiles."""
+    return unsupported_reason(q_shape, q_dtype, kv_pool_shape, kv_dtype,
+                              prefill_mgpu_config(q_shape[2])) is None

@@ -14,6 +14,10 @@ L2), repeated; the median over repetitions divided by ``NL`` is the time per cal
     python tools/kernel_bench.py --mps --out results.json --table results.md
         (adds decode under 20/30/50 % of the SMs, through a running MPS daemon or a private
         one it starts and stops)
+    python tools/kernel_bench.py --sections prefill-mgpu [--tune] --out X.json --table X.md
+        (the Mosaic GPU prefill kernel beside the Triton one and cuDNN: correctness first,
+        then 8k causal and a 1k chunk after a 6k cached prefix; --tune races tile configs;
+        a config that fails the check or does not compile is reported and left out)
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ from pallas_kernels import ops, reference, tuning  # noqa: E402
 from pallas_kernels.decode_attention import paged_decode_attention  # noqa: E402
 from pallas_kernels.kv_write import write_kv_pallas  # noqa: E402
 from pallas_kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from pallas_kernels.prefill_attention_mgpu import (MgpuPrefillConfig,  # noqa: E402
+                                                   paged_prefill_attention_mgpu)
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -423,6 +429,109 @@ def prefill_sweep(quick: bool, ceil: dict) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- prefill, Mosaic GPU
+MGPU_TUNE = [MgpuPrefillConfig(block_kv=bk, num_stages=st, p_in_registers=reg,
+                               schedule_barrier=sb)
+             for bk, st in ((128, 2), (64, 3), (64, 4)) for reg in (True, False)
+             for sb in (True, False)]
+
+
+def mgpu_entry(inputs, cfg: MgpuPrefillConfig):
+    num_layers = inputs[1].shape[0]
+
+    @jax.jit
+    def fn(qs, pool, tables, ctx, qsl):
+        return [paged_prefill_attention_mgpu(qs[layer], pool, layer, tables, ctx, qsl,
+                                             scale=D ** -0.5, config=cfg)
+                for layer in range(num_layers)]
+    return fn, inputs, num_layers
+
+
+def mgpu_correctness(configs) -> list[dict]:
+    """Each config against the float32 reference on ragged, cached, GQA, window, cap cases."""
+    rng = np.random.default_rng(0)
+    cases = [  # (name, q_lens, ctx_lens, page, hkv, group, d, window, cap)
+        ("ragged d128 g4", [1, 37, 1, 128, 64, 300], [300, 37, 1, 1000, 64, 300], 16, 2, 4,
+         128, 0, None),
+        ("chunk after prefix d128 g8", [200, 77], [2248, 1077], 16, 2, 8, 128, 0, None),
+        ("window + cap d64 g1", [70, 3, 150], [500, 3, 150], 16, 4, 1, 64, 33, 30.0),
+        ("d256 g8 cap", [5, 130], [900, 130], 16, 2, 8, 256, 0, 50.0),
+    ]
+    rows = []
+    for cfg in configs:
+        for name, q_lens, ctx_lens, page, hkv, group, d, window, cap in cases:
+            row = {"kernel": "mgpu prefill", "case": name, "config": dataclasses.asdict(cfg)}
+            try:
+                pool, tables, ctx = paged_inputs(rng, ctx_lens, page, 2, hkv, d, jnp.bfloat16,
+                                                 extra_pages=7)
+                qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+                q = jax.random.normal(jax.random.key(len(rows)),
+                                      (sum(q_lens) + 5, hkv * group, d)).astype(jnp.bfloat16)
+                kw = dict(scale=d ** -0.5, soft_cap=cap, sliding_window=jnp.int32(window))
+                run_cfg = cfg if d != 256 else tuning.prefill_mgpu_config(256)
+                got = paged_prefill_attention_mgpu(q, pool, jnp.int32(1), tables, ctx, qsl,
+                                                   config=run_cfg, **kw)
+                want = reference.paged_attention_reference(
+                    q.astype(jnp.float32), pool.astype(jnp.float32), 1, tables, ctx, qsl, **kw)
+                real = sum(q_lens)
+                err = rel_err(got[:real], want[:real])
+                row.update(rel_err=err, ok=err < 1e-2 and bool(jnp.all(got[real:] == 0)))
+            except Exception as e:  # report the failure, go on with the others
+                row.update(rel_err=float("nan"), ok=False,
+                           error=f"{type(e).__name__}: {e}"[:1500])
+            rows.append(row)
+            log(f"  mgpu {name} {cfg}: " + (f"rel err {row['rel_err']:.2e} "
+                                            f"{'ok' if row['ok'] else 'FAIL'}"
+                                            if "error" not in row else row["error"][:300]))
+    return rows
+
+
+def prefill_mgpu_bench(tune: bool, ceil: dict) -> dict:
+    """Mosaic GPU prefill vs Triton prefill vs cuDNN dense causal (d128, 32 q / 8 kv heads)."""
+    table_cfg = tuning.prefill_mgpu_config(D)
+    configs = [table_cfg] + ([c for c in MGPU_TUNE if c != table_cfg] if tune else [])
+    report = {"correctness": mgpu_correctness(configs), "timing": []}
+    failed = {json.dumps(r["config"]) for r in report["correctness"] if not r["ok"]}
+    for name, q_lens, ctx_lens in [("causal 8192", [8192], [8192]),
+                                   ("1024-token chunk after 6144 cached", [1024], [7168])]:
+        inputs = prefill_setup(q_lens, ctx_lens, 4)
+        entries = {("mgpu", cfg): mgpu_entry(inputs, cfg) for cfg in configs
+                   if json.dumps(dataclasses.asdict(cfg)) not in failed}
+        entries[("triton", tuning.prefill_config(D))] = prefill_entry(
+            inputs, tuning.prefill_config(D))
+        if len(q_lens) == 1 and q_lens == ctx_lens:
+            shape = (4, 1, q_lens[0])
+            q = jax.random.normal(jax.random.key(10), (*shape, HQ, D), jnp.bfloat16)
+            k = jax.random.normal(jax.random.key(11), (*shape, HKV, D), jnp.bfloat16)
+            v = jax.random.normal(jax.random.key(12), (*shape, HKV, D), jnp.bfloat16)
+
+            def dense(q, k, v):
+                return [jax.nn.dot_product_attention(q[i], k[i], v[i], is_causal=True,
+                                                     implementation="cudnn") for i in range(4)]
+            entries[("cudnn", "dense causal")] = (jax.jit(dense), (q, k, v), 4)
+        flops = sum(causal_flops(n, c) for n, c in zip(q_lens, ctx_lens))
+        times = race(entries)
+        cudnn = times.get(("cudnn", "dense causal"))
+        for (who, cfg), t in times.items():
+            rate = flops / t / 1e12
+            row = {"case": name, "kernel": who,
+                   "config": cfg if isinstance(cfg, str) else dataclasses.asdict(cfg),
+                   "table_choice": cfg in (table_cfg, tuning.prefill_config(D)),
+                   "us": t * 1e6, "tflop_s": rate, "of_matmul": rate / ceil["matmul_tflop_s"]}
+            if cudnn:
+                row["vs_cudnn"] = cudnn / t
+            report["timing"].append(row)
+            log(f"  {name} {who} {cfg}: {t*1e6:.0f} us {rate:.0f} TFLOP/s "
+                f"{100 * row['of_matmul']:.0f} % matmul"
+                + (f" {row['vs_cudnn']:.2f}x cuDNN" if cudnn else ""))
+        missing = [k for k in entries if k not in times]
+        for who, cfg in missing:
+            report["timing"].append({"case": name, "kernel": who, "config": str(cfg),
+                                     "error": "failed to compile or run (see the log)"})
+        del inputs, entries
+    return report
+
+
 def write_kv_bench(ceil: dict) -> list[dict]:
     tokens, layers = 8192, 4
     rng = np.random.default_rng(1)
@@ -567,6 +676,23 @@ def markdown(report: dict) -> str:
             note = f"KV read {r['kv_tb_s']:.2f} TB/s"
         lines.append(f"| {r['kernel']} | {case} | {r['tflop_s']:.0f} | "
                      f"{100*r['of_matmul']:.0f} % | {note} |")
+    mgpu = report.get("prefill_mgpu") or {}
+    if mgpu or report.get("prefill_mgpu_error"):
+        lines += ["", "## Prefill, Mosaic GPU kernel (32 q / 8 kv heads, d 128, bf16)", ""]
+        if report.get("prefill_mgpu_error"):
+            lines += [f"Failed: `{report['prefill_mgpu_error'][:500]}`", ""]
+        lines += ["| case | config | rel err | ok |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['case']} | {r['config']} | {r['rel_err']:.2e} | "
+                  f"{'yes' if r['ok'] else 'NO: ' + r.get('error', '')[:200]} |"
+                  for r in mgpu.get("correctness", [])]
+        lines += ["", "| case | kernel | config | TFLOP/s | % matmul | x cuDNN |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(mgpu.get("timing", []), key=lambda r: (r["case"], r.get("us", 1e30))):
+            if "error" in r:
+                lines.append(f"| {r['case']} | {r['kernel']} | {r['config']} | failed | | |")
+                continue
+            lines.append(f"| {r['case']} | {r['kernel']} | {r['config']} | {r['tflop_s']:.0f} | "
+                         f"{100 * r['of_matmul']:.0f} % | {r.get('vs_cudnn', float('nan')):.2f} |")
     for w in report.get("write_kv", []):
         lines += ["", f"write_kv, {w['tokens']} tokens, block_t {w['block_t']}: {w['us']:.1f} us, "
                   f"{w['tb_s']:.2f} TB/s ({100*w['of_copy']:.0f} % of copy)."]
@@ -588,7 +714,10 @@ def main() -> None:
     parser.add_argument("--table", default="kernel_bench.md")
     parser.add_argument("--quick", action="store_true", help="fewer tiles in each sweep")
     parser.add_argument("--skip", default="", help="comma list of: correctness,decode,"
-                        "variants,locality,prefill,write")
+                        "variants,locality,prefill,write,prefill-mgpu")
+    parser.add_argument("--sections", default="", help="run only these (same names as --skip)")
+    parser.add_argument("--tune", action="store_true",
+                        help="prefill-mgpu: race several tile/stage configurations")
     parser.add_argument("--mps", action="store_true",
                         help="only the MPS runs; adds them to --out")
     parser.add_argument("--mps-child", type=int, default=None)
@@ -627,10 +756,13 @@ def main() -> None:
               ("prefill", lambda: prefill_sweep(args.quick, report["ceilings"])),
               ("decode_variants", lambda: decode_variants(report["ceilings"])),
               ("decode_locality", lambda: decode_locality(report["ceilings"])),
-              ("write_kv", lambda: write_kv_bench(report["ceilings"]))]
-    names = {"decode_variants": "variants", "decode_locality": "locality", "write_kv": "write"}
+              ("write_kv", lambda: write_kv_bench(report["ceilings"])),
+              ("prefill_mgpu", lambda: prefill_mgpu_bench(args.tune, report["ceilings"]))]
+    names = {"decode_variants": "variants", "decode_locality": "locality", "write_kv": "write",
+             "prefill_mgpu": "prefill-mgpu"}
+    sections = set(filter(None, args.sections.split(",")))
     for key, stage in stages:
-        if names.get(key, key) in skip:
+        if names.get(key, key) in skip or (sections and names.get(key, key) not in sections):
             continue
         log(f"== {key} ({time.time() - t0:.0f} s)")
         try:
