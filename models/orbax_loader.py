@@ -121,7 +121,7 @@ def restore_params(tree: OrbaxTree, config: ModelConfig, dtype: Any,
     restore, after checking the tree against the shapes the config implies."""
     abstract = abstract_params(config, dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(_default_device())
     targets = {}
     for key_path, leaf in leaves:
         name = "/".join(str(getattr(k, "key", k)) for k in key_path)
@@ -135,3 +135,12 @@ def restore_params(tree: OrbaxTree, config: ModelConfig, dtype: Any,
         targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
     restored = tree.restore(targets)
     return jax.tree_util.tree_unflatten(treedef, [restored[name] for name in targets])
+
+
+def _default_device() -> jax.Device:
+    """The device arrays go to when no sharding says otherwise: the one a
+    ``jax.default_device`` context names (duet mode loads on the host), else the first."""
+    default = jax.config.jax_default_device
+    if isinstance(default, str):
+        return jax.devices(default)[0]
+    return default if default is not None else jax.devices()[0]

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 
+import jax
 import numpy as np
 import pytest
 
@@ -439,3 +440,16 @@ def test_prompt_logprobs_keep_iterations_aggregated_while_their_prompt_prefills(
             assert x == y or x.keys() == y.keys() and np.allclose(list(x.values()),
                                                                    [y[t] for t in x], atol=1e-5)
     assert len(got[1].prompt_logprobs) == len(PROMPTS[1]["prompt_token_ids"])
+
+
+def test_duet_mode_on_a_gpu_loads_the_weights_on_the_host(monkeypatch):
+    """The weights go into shared buffers: loaded on the GPU first, their memory would stay in
+    the engine's XLA allocator, out of reach of the workers and the KV pool."""
+    monkeypatch.setattr(split_mode, "_jax_uses_gpu", lambda: True)
+    with split_mode.weights_loading_device("duet"):
+        assert jax.config.jax_default_device == jax.devices("cpu")[0]
+    with split_mode.weights_loading_device("aggregated"):
+        assert jax.config.jax_default_device is None
+    monkeypatch.setattr(split_mode, "_jax_uses_gpu", lambda: False)
+    with split_mode.weights_loading_device("duet"):
+        assert jax.config.jax_default_device is None
