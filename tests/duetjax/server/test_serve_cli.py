@@ -35,7 +35,7 @@ def test_bad_duet_pairs_say_what_to_write(pairs, capsys):
 ])
 def test_duet_mode_without_a_profile_fails_before_loading_anything(tiny_llama_dir, monkeypatch,
                                                                      capsys, argv, message):
-    monkeypatch.setattr("duetjax.engine.load_model",
+    monkeypatch.setattr("duetjax.duet.assembly.load_model",
                         lambda *a, **k: pytest.fail("the model loaded before the mode was checked"))
     assert main(["--model", str(tiny_llama_dir), "--mode", "duet", *argv]) == 2
     err = capsys.readouterr().err
