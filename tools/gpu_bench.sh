@@ -13,7 +13,8 @@
 #   PYTHON             the interpreter (default python3)
 #   Per section: FIT_ITERATIONS, FIT_REPS (fit); DUET_QPS, DUET_REQUESTS, DUET_MODES,
 #   DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1 (duet); PROFILE_TOP
-#   (host-profile); CMDBUF_BATCHES (cmdbuf).
+#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, load and prefill-mgpu measure FP8
+#   weights, checkpoint load times and the Mosaic GPU prefill kernel.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
@@ -130,6 +131,20 @@ for section in "$@"; do
             --worker-timeout-s 300 --save-requests ${DUET_PROFILE:+--device-profile $DUET_PROFILE} \
             ${DUET_CARRY:+--carry-stream} \
             --out "$results_dir/duet8b" ;;
+    fp8)  # FP8 weights against bf16: decode steps (batch 1, 64; 1k contexts) and 8k prefill,
+        # each against its own HBM roofline; then whether the step's HLO calls an FP8 GEMM
+        $python tools/bench_engine.py --model $model --sections decode,prefill --batches 1,64 \
+            --context 1024 --prefill 8192 --quantization none,fp8 --fp8-activation dynamic,none \
+            --dump-hlo "$scratch/hlo" --out "$results_dir/fp8.json" --table "$results_dir/fp8.md"
+        $python tools/fp8_gemm_check.py --model $model --batch 1 ;;
+    load)  # safetensors against Orbax: restore to the device, peak host memory
+        $python tools/bench_load.py --model $model --scratch "$scratch/load" --repeats 3 \
+            --out "$results_dir/load.json" --table "$results_dir/load.md" ;;
+    prefill-mgpu)  # the Mosaic GPU prefill kernel: GPU tests, then against Triton and cuDNN
+        timeout 600 $python -m pytest tests/pallas_kernels/test_prefill_mgpu.py -q -m gpu \
+            -k "not schedule_barrier=True" -p no:cacheprovider 2>&1 | tail -15
+        $python tools/kernel_bench.py --sections prefill-mgpu \
+            --out "$results_dir/prefill-mgpu.json" --table "$results_dir/prefill-mgpu.md" ;;
     *)
         echo "unknown section $section" ;;
     esac
