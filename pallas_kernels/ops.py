@@ -4,9 +4,10 @@
 interpret mode, for CPU tests), "xla" (page loop in plain XLA ops: the CPU path) or
 "reference" (the oracle: simple, but its cost grows with the block table's width).
 
-Prefill on the GPU: ``DUETJAX_PREFILL_KERNEL`` picks the kernel once per process. "triton"
-(the default) is the Triton-lowered kernel; "mgpu" is the Mosaic GPU kernel on Hopper
-(compute capability 9.x) for the shapes it supports, Triton for the rest and on other GPUs.
+Kernels on the GPU: ``DUETJAX_PREFILL_KERNEL`` and ``DUETJAX_DECODE_KERNEL`` pick each once per
+process. "triton" (the default) is the Triton-lowered kernel; "mgpu" is the Mosaic GPU kernel
+on Hopper (compute capability 9.x) for the shapes it supports, Triton for the rest and on
+other GPUs.
 """
 from __future__ import annotations
 
@@ -18,32 +19,48 @@ import jax.numpy as jnp
 
 from . import reference, tuning
 from .decode_attention import paged_decode_attention
+from .decode_attention_mgpu import paged_decode_attention_mgpu
 from .kv_write import write_kv_pallas
 from .prefill_attention import paged_prefill_attention
 from .prefill_attention_mgpu import paged_prefill_attention_mgpu
 from .xla_attention import paged_attention_xla
 
 IMPLS = ("auto", "pallas", "interpret", "xla", "reference")
-PREFILL_KERNELS = ("triton", "mgpu")
+KERNELS = ("triton", "mgpu")
+PREFILL_KERNELS = KERNELS
 
 
-def prefill_kernel_choice(setting: str | None = None, compute_capability: str | None = None) -> str:
-    """"triton" or "mgpu" from ``DUETJAX_PREFILL_KERNEL`` (or ``setting``) and the GPU.
+def _kernel_choice(variable: str, setting: str | None, compute_capability: str | None) -> str:
+    """"triton" or "mgpu" from the environment ``variable`` (or ``setting``) and the GPU.
 
-    Mosaic GPU's kernel needs Hopper's TMA and wgmma: elsewhere "mgpu" falls back to Triton.
+    Mosaic GPU's kernels need Hopper's TMA and wgmma: elsewhere "mgpu" falls back to Triton.
     """
-    setting = setting or os.environ.get("DUETJAX_PREFILL_KERNEL") or "triton"
-    if setting not in PREFILL_KERNELS:
-        raise ValueError(f"DUETJAX_PREFILL_KERNEL={setting!r}; choose one of {PREFILL_KERNELS}")
+    setting = setting or os.environ.get(variable) or "triton"
+    if setting not in KERNELS:
+        raise ValueError(f"{variable}={setting!r}; choose one of {KERNELS}")
     if compute_capability is None:
         compute_capability = getattr(jax.devices()[0], "compute_capability", "")
     return setting if str(compute_capability).startswith("9.") else "triton"
+
+
+def prefill_kernel_choice(setting: str | None = None, compute_capability: str | None = None) -> str:
+    return _kernel_choice("DUETJAX_PREFILL_KERNEL", setting, compute_capability)
+
+
+def decode_kernel_choice(setting: str | None = None, compute_capability: str | None = None) -> str:
+    return _kernel_choice("DUETJAX_DECODE_KERNEL", setting, compute_capability)
 
 
 @functools.cache
 def prefill_kernel() -> str:
     """The prefill kernel of this process (decided on first use)."""
     return prefill_kernel_choice()
+
+
+@functools.cache
+def decode_kernel() -> str:
+    """The decode kernel of this process (decided on first use)."""
+    return decode_kernel_choice()
 
 
 def kernel_supports(head_dim: int) -> bool:
@@ -131,7 +148,12 @@ def _prefill(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
 def _decode(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
             context_lens: jax.Array, *, scale: float, soft_cap: float | None, sliding_window,
             interpret: bool) -> jax.Array:
-    """The decode kernel with the tuning table's tiles for this shape."""
+    """The chosen decode kernel with the tuning table's tiles for this shape."""
+    if (not interpret and decode_kernel() == "mgpu"
+            and tuning.decode_mgpu_supports(q.shape, q.dtype, kv_pool.shape, kv_pool.dtype)):
+        return paged_decode_attention_mgpu(
+            q, kv_pool, layer, block_tables, context_lens, scale=scale, soft_cap=soft_cap,
+            sliding_window=sliding_window, config=tuning.decode_mgpu_config(q.shape[2]))
     cfg = tuning.decode_config(q.shape[2], q.shape[0], kv_pool.shape[2],
                                block_tables.shape[1] * kv_pool.shape[4], kv_pool.dtype.itemsize)
     return paged_decode_attention(

@@ -14,6 +14,8 @@ import dataclasses
 
 import jax
 
+from . import decode_attention_mgpu
+from .decode_attention_mgpu import MgpuDecodeConfig
 from .prefill_attention_mgpu import MgpuPrefillConfig, unsupported_reason
 
 
@@ -91,6 +93,17 @@ _PREFILL_MGPU: dict[str, dict[int, MgpuPrefillConfig]] = {
 }
 
 
+# Mosaic GPU decode (Hopper): 16 KiB of K+V per ring slot, 8 slots (6 in flight while the two
+# consumers compute on 2): about 96 KiB in flight per SM, what ~60 GB/s per SM (a 30 % share
+# of HBM3) needs at ~1.5 us of loaded latency. d256: 16-key slots keep 16 KiB, 4 fit.
+# Not yet measured.
+_DECODE_MGPU: dict[str, dict[int, MgpuDecodeConfig]] = {
+    "hopper": {64: MgpuDecodeConfig(block_kv=64, num_stages=8),
+               128: MgpuDecodeConfig(block_kv=32, num_stages=8),
+               256: MgpuDecodeConfig(block_kv=16, num_stages=4)},
+}
+
+
 # Triton keeps about (num_stages - 1) bf16 K and V tiles in shared memory (bf16 d256 decode with
 # 64 keys and 4 stages fits); float32 tiles take more (float32 prefill at 128 x 128 tiles asked
 # for 262,144 bytes at 2 stages and 262,656 at 3, on the H200). Hopper gives a program 227 KB.
@@ -149,3 +162,15 @@ def prefill_mgpu_supports(q_shape, q_dtype, kv_pool_shape, kv_dtype) -> bool:
     """Whether the Mosaic GPU prefill kernel runs this shape with its table tiles."""
     return unsupported_reason(q_shape, q_dtype, kv_pool_shape, kv_dtype,
                               prefill_mgpu_config(q_shape[2])) is None
+
+
+def decode_mgpu_config(head_dim: int, family: str | None = None) -> MgpuDecodeConfig:
+    """Ring geometry for the Mosaic GPU decode kernel on this GPU."""
+    table = _table(_DECODE_MGPU, family or gpu_family())
+    return table.get(head_dim, table[128])
+
+
+def decode_mgpu_supports(q_shape, q_dtype, kv_pool_shape, kv_dtype) -> bool:
+    """Whether the Mosaic GPU decode kernel runs this shape with its table's ring."""
+    return decode_attention_mgpu.unsupported_reason(
+        q_shape, q_dtype, kv_pool_shape, kv_dtype, decode_mgpu_config(q_shape[2])) is None

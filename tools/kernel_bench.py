@@ -14,6 +14,11 @@ L2), repeated; the median over repetitions divided by ``NL`` is the time per cal
     python tools/kernel_bench.py --mps --out results.json --table results.md
         (adds decode under 20/30/50 % of the SMs, through a running MPS daemon or a private
         one it starts and stops)
+    python tools/kernel_bench.py --sections decode-mgpu [--mps 30,50] --out X.json --table X.md
+        (the Mosaic GPU decode kernel beside the Triton one and a copy at 64 x 2k, 128 x 4k and
+        1 x 32k, on the whole GPU and, with --mps, on those percentages of the SMs; each share
+        runs in its own child process, a GPU correctness check first; a kernel that fails the
+        check or does not compile is reported and left out of the timing)
     python tools/kernel_bench.py --sections prefill-mgpu [--tune] --out X.json --table X.md
         (the Mosaic GPU prefill kernel beside the Triton one and cuDNN: correctness first,
         then 8k causal and a 1k chunk after a 6k cached prefix; --tune races tile configs;
@@ -43,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_ceilings import ceilings, copy_bandwidth, race, torch_ceilings  # noqa: E402
 from pallas_kernels import ops, reference, tuning  # noqa: E402
 from pallas_kernels.decode_attention import paged_decode_attention  # noqa: E402
+from pallas_kernels.decode_attention_mgpu import paged_decode_attention_mgpu  # noqa: E402
 from pallas_kernels.kv_write import write_kv_pallas  # noqa: E402
 from pallas_kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 from pallas_kernels.prefill_attention_mgpu import (MgpuPrefillConfig,  # noqa: E402
@@ -616,6 +622,153 @@ def mps_child_run(daemon, pct: int) -> dict | None:
     return res
 
 
+# ---------------------------------------------------------------- decode, Mosaic GPU
+DECODE_MGPU_SHAPES = [(64, 2048), (128, 4096), (1, 32768)]
+
+
+def decode_mgpu_fn(num_layers: int, d: int = D):
+    """One executable: the Mosaic GPU decode kernel once per layer (table ring, default grid)."""
+    cfg = tuning.decode_mgpu_config(d)
+
+    @jax.jit
+    def fn(q, pool, tables, ctx_lens):
+        return [paged_decode_attention_mgpu(q, pool, layer, tables, ctx_lens, scale=d ** -0.5,
+                                            config=cfg) for layer in range(num_layers)]
+    return fn
+
+
+def decode_mgpu_correctness() -> list[dict]:
+    """Both decode kernels against the float32 reference: ragged, GQA, window, soft-cap."""
+    rng = np.random.default_rng(0)
+    cases = [  # (name, ctx_lens, page, hkv, group, d, window, cap)
+        ("ragged d128 g4", [1, 300, 17, 2048, 64, 0], 16, 8, 4, 128, 0, None),
+        ("d64 g8 window", [500, 3, 1000], 16, 2, 8, 64, 33, None),
+        ("d256 g1 soft cap", [900, 130, 16], 16, 4, 1, 256, 0, 50.0),
+        ("d128 g4 p64 window + cap", [2000, 65, 1], 64, 2, 4, 128, 100, 30.0),
+    ]
+    rows = []
+    for name, ctx_lens, page, hkv, group, d, window, cap in cases:
+        pool, tables, ctx = paged_inputs(rng, ctx_lens, page, 2, hkv, d, jnp.bfloat16,
+                                         extra_pages=7)
+        q = jax.random.normal(jax.random.key(len(rows)), (len(ctx_lens), hkv * group, d),
+                              jnp.bfloat16)
+        kw = dict(scale=d ** -0.5, soft_cap=cap, sliding_window=jnp.int32(window))
+        qsl = jnp.arange(len(ctx_lens) + 1, dtype=jnp.int32)
+        want = reference.paged_attention_reference(q.astype(jnp.float32),
+                                                   pool.astype(jnp.float32), 1, tables, ctx,
+                                                   qsl, **kw)
+        for kernel in ("triton", "mgpu"):
+            row = {"kernel": kernel, "case": name}
+            try:
+                if kernel == "mgpu":
+                    got = paged_decode_attention_mgpu(q, pool, jnp.int32(1), tables, ctx,
+                                                      config=tuning.decode_mgpu_config(d), **kw)
+                else:
+                    cfg = tuning.decode_config(d, len(ctx_lens), hkv, tables.shape[1] * page)
+                    got = paged_decode_attention(q, pool, jnp.int32(1), tables, ctx,
+                                                 block_k=cfg.block_k, num_splits=cfg.num_splits,
+                                                 num_warps=cfg.num_warps,
+                                                 num_stages=cfg.num_stages, **kw)
+                err = rel_err(got, want)
+                row.update(rel_err=err, ok=err < 1e-2)
+            except Exception as e:  # report the failure, go on with the others
+                row.update(rel_err=float("nan"), ok=False, error=f"{type(e).__name__}: {e}"[:1500])
+            rows.append(row)
+            log(f"  {kernel} {name}: " + (f"rel err {row['rel_err']:.2e} "
+                                          f"{'ok' if row['ok'] else 'FAIL'}"
+                                          if "error" not in row else row["error"][:600]))
+    return rows
+
+
+def decode_mgpu_child(percent: int) -> None:
+    """Copy ceiling, correctness, then both decode kernels at this process's SM share."""
+    from pallas_kernels.persistent_grid import sm_share
+    copies = copy_bandwidth(1)
+    copies.update({k: v for k, v in torch_ceilings(1).items() if "copy" in k})
+    copy = max(copies.values())
+    out = {"percent": percent, "gpu": jax.devices()[0].device_kind, "programs": sm_share(),
+           "copy_tb_s": copy, "copy_forms_tb_s": copies,
+           "correctness": decode_mgpu_correctness(), "timing": []}
+    mgpu_ok = all(r["ok"] for r in out["correctness"] if r["kernel"] == "mgpu")
+    for batch, ctx in DECODE_MGPU_SHAPES:
+        kv_bytes = batch * ctx * HKV * 2 * D * 2
+        inputs = decode_setup(batch, ctx, layers_for(kv_bytes))
+        layers = inputs[1].shape[0]
+        entries = {"triton": (decode_fn(layers, tuning.decode_config(
+            D, batch, HKV, inputs[2].shape[1] * PAGE)), inputs, layers)}
+        if mgpu_ok:
+            entries["mgpu"] = (decode_mgpu_fn(layers), inputs, layers)
+        times = race(entries, rounds=2)
+        for kernel in ("triton", "mgpu"):
+            row = {"kernel": kernel, "batch": batch, "ctx": ctx}
+            if kernel in times:
+                bw = kv_bytes / times[kernel] / 1e12
+                row.update(us=times[kernel] * 1e6, kv_tb_s=bw, of_copy=bw / copy)
+                log(f"  {percent} % B={batch} ctx={ctx} {kernel}: {row['us']:.1f} us "
+                    f"{bw:.2f} TB/s ({100 * bw / copy:.0f} % of copy)")
+            else:
+                row["error"] = ("failed the correctness check" if kernel == "mgpu" and not mgpu_ok
+                                else "failed to compile or run (see the log)")
+            out["timing"].append(row)
+        del inputs, entries
+    print("DECODE_MGPU_RESULT " + json.dumps(out), flush=True)
+
+
+def decode_mgpu_runs(percents: list[int]) -> list[dict]:
+    """The whole GPU first, then each MPS share, each in a child process; this process never
+    touches the GPU (an MPS daemon and a non-MPS context in one process do not mix)."""
+    results = [decode_mgpu_child_run({}, 100)]
+    if percents:
+        from duetjax.duet import mps
+        daemon = mps.find_running_daemon() or mps.start_private_daemon()
+        with daemon:
+            results += [decode_mgpu_child_run(daemon.client_env(pct), pct) for pct in percents]
+    return [r for r in results if r is not None]
+
+
+def decode_mgpu_child_run(extra_env: dict, pct: int) -> dict | None:
+    env = dict(os.environ, **extra_env)
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__),
+                               "--decode-mgpu-child", str(pct)],
+                              env=env, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired as e:
+        log(f"  decode-mgpu {pct} %: timed out; last output: {str(e.stdout)[-1500:]}")
+        return None
+    log(proc.stdout[-6000:])
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("DECODE_MGPU_RESULT ")]
+    if not lines:
+        log(f"  decode-mgpu {pct} % failed: rc={proc.returncode} {proc.stderr[-3000:]}")
+        return None
+    return json.loads(lines[-1][len("DECODE_MGPU_RESULT "):])
+
+
+def decode_mgpu_markdown(runs: list[dict]) -> list[str]:
+    lines = ["", "## Decode, Mosaic GPU vs Triton (32 q / 8 kv heads, d 128, page 16, bf16)", ""]
+    if not runs:
+        return lines + ["No run finished (see the log).", ""]
+    lines += ["| SMs | programs | case | kernel | rel err | ok |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        for r in run["correctness"]:
+            lines.append(f"| {run['percent']} % | {run['programs']} | {r['case']} | {r['kernel']}"
+                         f" | {r['rel_err']:.2e} | "
+                         f"{'yes' if r['ok'] else 'NO: ' + r.get('error', '')[:200]} |")
+    lines += ["", "| SMs | copy TB/s | B x ctx | Triton TB/s (% copy) | Mosaic GPU TB/s (% copy) |",
+              "| --- | --- | --- | --- | --- |"]
+    for run in runs:
+        for batch, ctx in DECODE_MGPU_SHAPES:
+            cells = []
+            for kernel in ("triton", "mgpu"):
+                r = [r for r in run["timing"] if r["kernel"] == kernel and r["batch"] == batch
+                     and r["ctx"] == ctx]
+                cells.append(f"{r[0]['kv_tb_s']:.2f} ({100 * r[0]['of_copy']:.0f} %)"
+                             if r and "kv_tb_s" in r[0] else (r[0]["error"] if r else "-"))
+            lines.append(f"| {run['percent']} % | {run['copy_tb_s']:.2f} | {batch} x {ctx} | "
+                         + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 # ---------------------------------------------------------------- report
 def markdown(report: dict) -> str:
     env, ceil = report["env"], report["ceilings"]
@@ -714,21 +867,46 @@ def main() -> None:
     parser.add_argument("--table", default="kernel_bench.md")
     parser.add_argument("--quick", action="store_true", help="fewer tiles in each sweep")
     parser.add_argument("--skip", default="", help="comma list of: correctness,decode,"
-                        "variants,locality,prefill,write,prefill-mgpu")
+                        "variants,locality,prefill,write,prefill-mgpu; decode-mgpu runs alone "
+                        "(--sections decode-mgpu)")
     parser.add_argument("--sections", default="", help="run only these (same names as --skip)")
     parser.add_argument("--tune", action="store_true",
                         help="prefill-mgpu: race several tile/stage configurations")
-    parser.add_argument("--mps", action="store_true",
-                        help="only the MPS runs; adds them to --out")
+    parser.add_argument("--mps", nargs="?", const="20,30,50", default=None,
+                        help="SM percentages (default 20,30,50). Alone: only the MPS runs of the "
+                        "Triton decode, added to --out. With --sections decode-mgpu: that "
+                        "section at these shares too")
     parser.add_argument("--mps-child", type=int, default=None)
+    parser.add_argument("--decode-mgpu-child", type=int, default=None)
     args = parser.parse_args()
     if args.mps_child is not None:
         mps_child(args.mps_child)
         return
+    if args.decode_mgpu_child is not None:
+        decode_mgpu_child(args.decode_mgpu_child)
+        return
+    percents = [int(p) for p in args.mps.split(",")] if args.mps else []
+    if set(filter(None, args.sections.split(","))) == {"decode-mgpu"}:
+        runs = decode_mgpu_runs(percents)
+        report = {"env": {"gpu": runs[0]["gpu"] if runs else "?", "jax": jax.__version__,
+                          "date": datetime.date.today().isoformat(),
+                          "command": "python " + " ".join(sys.argv)},
+                  "decode_mgpu": runs}
+        table = "\n".join([f"# Decode kernels on Mosaic GPU: {report['env']['gpu']}, "
+                           f"{report['env']['date']}", "",
+                           f"jax {jax.__version__}, command `{report['env']['command']}`"]
+                          + decode_mgpu_markdown(runs))
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        with open(args.table, "w") as f:
+            f.write(table)
+        log(table)
+        failed = [r for run in runs for r in run["correctness"] if not r["ok"]]
+        sys.exit(1 if not runs or failed else 0)
     if args.mps:
         with open(args.out) as f:
             report = json.load(f)
-        report["mps"] = mps_runs()
+        report["mps"] = mps_runs(percents)
         report["env"]["command"] += " && python " + " ".join(sys.argv)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
