@@ -13,8 +13,8 @@
 #   PYTHON             the interpreter (default python3)
 #   Per section: FIT_ITERATIONS, FIT_REPS (fit); DUET_QPS, DUET_REQUESTS, DUET_MODES,
 #   DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1 (duet); PROFILE_TOP
-#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, load and prefill-mgpu measure FP8
-#   weights, checkpoint load times and the Mosaic GPU prefill kernel.
+#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, load, prefill-mgpu and decode-mgpu
+#   measure FP8 weights, checkpoint load times and the Mosaic GPU attention kernels.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
@@ -145,6 +145,12 @@ for section in "$@"; do
             -k "not schedule_barrier=True" -p no:cacheprovider 2>&1 | tail -15
         $python tools/kernel_bench.py --sections prefill-mgpu \
             --out "$results_dir/prefill-mgpu.json" --table "$results_dir/prefill-mgpu.md" ;;
+    decode-mgpu)  # the Mosaic GPU decode kernel: GPU tests, then against Triton and a copy at
+        # 100 %, 30 % and 50 % of the SMs
+        timeout 600 $python -m pytest tests/pallas_kernels/test_decode_mgpu.py -q -m gpu -x \
+            -p no:cacheprovider 2>&1 | tail -15
+        $python tools/kernel_bench.py --sections decode-mgpu --mps 30,50 \
+            --out "$results_dir/decode-mgpu.json" --table "$results_dir/decode-mgpu.md" ;;
     *)
         echo "unknown section $section" ;;
     esac
