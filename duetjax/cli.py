@@ -7,7 +7,7 @@ import argparse
 
 from models.default_model import EMBEDDED_SAMPLING
 
-from .config import ConfigError
+from .config import KV_CACHE_DTYPES, ConfigError
 
 GENERATION_CONFIG_HELP = (
     "where the default sampling (temperature, top_p, top_k, min_p, repetition_penalty, "
@@ -36,11 +36,16 @@ def add_quantization_flags(parser: argparse.ArgumentParser | argparse._ArgumentG
     parser.add_argument("--fp8-activation", choices=("dynamic", "none"), default=None,
                         help="with FP8 weights: dynamic (default) quantizes activations per token "
                              "and runs FP8 GEMMs; none upcasts the weights (weight-only)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                        help="auto (default) the model's dtype; fp8 an e4m3 KV cache (twice the "
+                             "tokens per byte, half the KV reads per decode step) with the "
+                             "checkpoint's k_scale/v_scale, else scales of 1.0")
 
 
 def quantization_options(args: argparse.Namespace) -> dict[str, str]:
     """The EngineConfig fields ``add_quantization_flags``' flags set (those given)."""
-    return {name: getattr(args, name) for name in ("quantization", "fp8_activation")
+    return {name: getattr(args, name) for name in ("quantization", "fp8_activation",
+                                                   "kv_cache_dtype")
             if getattr(args, name) is not None}
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from models import ModelConfig
 
 from .config import EngineConfig
+from .core.device_state import kv_dtype
 from .core.admission import Prompt
 from .duet.assembly import assemble, load, prepare
 from .duet.split_mode import DuetStats
@@ -88,8 +89,13 @@ class Engine:
 
     @property
     def dtype(self) -> np.dtype:
-        """The dtype of the KV cache and of every weight outside FP8 linear layers."""
+        """The compute dtype, and that of every weight outside FP8 linear layers."""
         return np.dtype(self.model.dtype)
+
+    @property
+    def kv_cache_dtype(self) -> np.dtype:
+        """The KV cache's element type: e4m3 with ``kv_cache_dtype='fp8'``, else ``dtype``."""
+        return np.dtype(kv_dtype(self.model, self.config))
 
     @property
     def quantization(self) -> str | None:

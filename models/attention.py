@@ -32,14 +32,17 @@ class AttentionMetadata:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_pool: jax.Array, layer: jax.Array,
            meta: AttentionMetadata, *, scale: float, soft_cap: float | None,
-           sliding_window: jax.Array, impl: str) -> tuple[jax.Array, jax.Array]:
+           sliding_window: jax.Array, impl: str,
+           kv_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Writes this step's K/V into the pool, then attends over each sequence's pages.
 
-    q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns (output [T, Hq, D], updated pool).
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; ``kv_scale``: this layer's K and V scales of an FP8
+    pool (None: 1.0). Returns (output [T, Hq, D], updated pool).
     """
-    kv_pool = pallas_kernels.write_kv(kv_pool, layer, k, v, meta.slot_mapping, impl=impl)
+    kv_pool = pallas_kernels.write_kv(kv_pool, layer, k, v, meta.slot_mapping,
+                                      kv_scale=kv_scale, impl=impl)
     out = pallas_kernels.paged_attention(
         q, kv_pool, layer, meta.block_tables, meta.context_lens, meta.query_start_loc,
         scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        decode_only=meta.decode_only, impl=impl)
+        decode_only=meta.decode_only, kv_scale=kv_scale, impl=impl)
     return out, kv_pool

@@ -2,7 +2,8 @@
 
 Layer weights are stacked on axis 0 and the layer loop is ``nn.scan``; the paged KV pool rides
 in the scan carry, so XLA updates it in place (a scan *output* would rewrite it every step).
-Per-layer differences (sliding window, Gemma 3's local rope) enter the scan as data.
+Per-layer differences (sliding window, Gemma 3's local rope, an FP8 pool's KV scales) enter the
+scan as data.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class Attention(nn.Module):
     quantization: Fp8Config | None
 
     @nn.compact
-    def __call__(self, x, kv_pool, layer, window, local_rope, meta: AttentionMetadata):
+    def __call__(self, x, kv_pool, layer, window, local_rope, kv_scale, meta: AttentionMetadata):
         cfg = self.config
         num_tokens = x.shape[0]
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -45,7 +46,8 @@ class Attention(nn.Module):
         q = apply_rope(q, meta.positions, inv_freq)
         k = apply_rope(k, meta.positions, inv_freq)
         out, kv_pool = attend(q, k, v, kv_pool, layer, meta, scale=cfg.attn_scale,
-                              soft_cap=cfg.attn_logit_softcap, sliding_window=window, impl=self.impl)
+                              soft_cap=cfg.attn_logit_softcap, sliding_window=window,
+                              kv_scale=kv_scale, impl=self.impl)
         out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)
         o_proj = Linear(cfg.hidden_size, cfg.o_bias, self.dtype, self.quantization, name="o_proj")
         return o_proj(out), kv_pool
@@ -65,13 +67,13 @@ class DecoderLayer(nn.Module):
     def __call__(self, carry, per_layer, meta: AttentionMetadata):
         cfg = self.config
         x, kv_pool = carry
-        layer, window, local_rope = per_layer
+        layer, window, local_rope, kv_scale = per_layer
 
         def norm(name):
             return RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name=name)
 
         h, kv_pool = Attention(cfg, self.impl, self.dtype, self.quantization, name="self_attn")(
-            norm("input_layernorm")(x), kv_pool, layer, window, local_rope, meta)
+            norm("input_layernorm")(x), kv_pool, layer, window, local_rope, kv_scale, meta)
         mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.mlp_bias,
                        self.dtype, self.quantization, name="mlp")
         if cfg.sandwich_norm:
@@ -96,6 +98,9 @@ class Decoder(nn.Module):
     quantization: Fp8Config | None = None
     """FP8 weights in the decoder layers' linear layers (``models.quantization``); None:
     every weight in ``dtype``."""
+    kv_scales: tuple[tuple[float, float], ...] | None = None
+    """(K scale, V scale) per layer of an FP8 KV pool (``LoadedModel.kv_scales``), compiled in
+    as constants; None: an FP8 pool scales by 1.0, and any other pool takes none."""
 
     def setup(self) -> None:
         cfg = self.config
@@ -122,7 +127,8 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the dtype, as HF does
         per_layer = (jnp.arange(cfg.num_layers, dtype=jnp.int32),
                      jnp.asarray(cfg.layer_windows, jnp.int32),
-                     jnp.asarray(cfg.uses_local_rope, bool))
+                     jnp.asarray(cfg.uses_local_rope, bool),
+                     None if self.kv_scales is None else jnp.asarray(self.kv_scales, jnp.float32))
         (x, kv_pool), _ = self.layers((x, kv_pool), per_layer, meta)
         return x, kv_pool
 

@@ -24,9 +24,14 @@ e4m3 values and one float32 scale per output channel) under the same HF names, s
   device. That adds one e4m3 rounding (at most half a unit in the last place, 1/16 relative)
   to elements whose block scale is below their row's largest.
 
+A compressed-tensors ``kv_cache_scheme`` (8-bit float, one static scale per tensor) is
+accepted: its per-layer ``self_attn.k_scale`` / ``self_attn.v_scale`` (or the older single
+``self_attn.kv_scale``, for both) are read by ``read_kv_scales`` for an FP8 KV cache
+(``kv_cache_dtype='fp8'``) and are not weights of the model.
+
 Anything else (other bit widths or types, integer formats, other block sizes, static
-activation scales, a KV-cache scheme, layers left unquantized besides the LM head) is a
-``CheckpointError`` naming the config field and value.
+activation scales, per-head or dynamic KV-cache scales, layers left unquantized besides the LM
+head) is a ``CheckpointError`` naming the config field and value.
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ BLOCK = 128
 """Side of the square blocks of block-wise FP8 weights (the only size published so far)."""
 WEIGHT_SCALE = ".weight_scale"
 BLOCK_SCALE = ".weight_scale_inv"
+KV_SCALE_SUFFIXES = (".self_attn.k_scale", ".self_attn.v_scale", ".self_attn.kv_scale")
+"""Per-layer KV-cache scales (compressed-tensors; the last is the older one for K and V)."""
 LM_HEAD_NAMES = ("lm_head", "re:.*lm_head", "re:lm_head", "re:.*lm_head$", "re:^lm_head$")
 """``ignore`` / ``modules_to_not_convert`` entries that name the LM head alone (it stays in
 high precision here whatever they say)."""
@@ -77,8 +84,7 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
         raise _field(".format", fmt, "only 'float-quantized' (FP8) compressed-tensors "
                      "checkpoints are supported")
     if qc.get("kv_cache_scheme") is not None:
-        raise _field(".kv_cache_scheme", qc["kv_cache_scheme"], "an FP8 KV cache is not "
-                     "supported yet; remove the scheme to run with a bf16 cache")
+        _check_kv_cache_scheme(qc["kv_cache_scheme"])
     groups = qc.get("config_groups") or {}
     if len(groups) != 1:
         raise _field(".config_groups", sorted(groups), "exactly one quantization group is "
@@ -114,6 +120,50 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
                          "quantizes activations per token at run time")
     _check_unquantized_modules(".ignore", qc.get("ignore"))
     return Fp8CheckpointFormat("compressed-tensors", strategy)
+
+
+def _check_kv_cache_scheme(scheme: Mapping[str, Any]) -> None:
+    """An FP8 KV cache with one static scale per layer for K and one for V is what the pool
+    holds; other schemes are refused by field."""
+    for key, wanted in (("num_bits", 8), ("type", "float")):
+        if scheme.get(key) != wanted:
+            raise _field(f".kv_cache_scheme.{key}", scheme.get(key),
+                         f"only {wanted!r} (an FP8 e4m3 KV cache) is supported")
+    if scheme.get("strategy", "tensor") != "tensor":
+        raise _field(".kv_cache_scheme.strategy", scheme.get("strategy"), "only 'tensor' (one "
+                     "K and one V scale per layer) is supported")
+    if scheme.get("dynamic"):
+        raise _field(".kv_cache_scheme.dynamic", True, "only static scales (k_scale / v_scale "
+                     "tensors) are supported")
+
+
+def read_kv_scales(source: Any, num_layers: int) -> tuple[tuple[float, float], ...] | None:
+    """(K scale, V scale) of every layer from ``model.layers.{i}.self_attn.k_scale`` and
+    ``v_scale``, or the older ``kv_scale`` for both; None when the checkpoint holds neither.
+    A layer without them, or a scale that is not a finite positive number, is a
+    ``CheckpointError``."""
+    names = source.names()
+    prefix = "model.layers.{}.self_attn."
+    if not any(n.endswith(KV_SCALE_SUFFIXES) for n in names):
+        return None
+    scales = []
+    for i in range(num_layers):
+        at = prefix.format(i)
+        keys = ((at + "k_scale", at + "v_scale") if at + "k_scale" in names
+                else (at + "kv_scale",) * 2)
+        missing = [k for k in keys if k not in names]
+        if missing:
+            raise CheckpointError(f"tensor {missing[0]!r} is missing: the checkpoint holds KV "
+                                  "cache scales for other layers")
+        pair = []
+        for key in keys:
+            value = np.asarray(source.get(key), np.float32)
+            if value.size != 1 or not np.isfinite(value).all() or float(value.reshape(())) <= 0:
+                raise CheckpointError(f"tensor {key!r} = {value.tolist()}: a KV cache scale is "
+                                      "one finite positive number")
+            pair.append(float(value.reshape(())))
+        scales.append(tuple(pair))
+    return tuple(scales)
 
 
 def _block_fp8(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
@@ -168,7 +218,8 @@ class Fp8CheckpointSource:
         if fmt.strategy == "block" and fmt.method == "compressed-tensors":
             self._block = {n[: -len(WEIGHT_SCALE)] for n in inner if n.endswith(WEIGHT_SCALE)}
         scaled = {n[: -len(WEIGHT_SCALE)] for n in inner if n.endswith(WEIGHT_SCALE)}
-        self._names = {n for n in inner if not n.endswith((BLOCK_SCALE, ".input_scale"))}
+        self._names = {n for n in inner
+                       if not n.endswith((BLOCK_SCALE, ".input_scale", *KV_SCALE_SUFFIXES))}
         self._names -= {m + WEIGHT_SCALE for m in self._block}
         for module in scaled | self._block:
             if module + ".weight" not in inner:

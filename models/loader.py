@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from .checkpoint import load_params, random_params
 from .config import ModelConfig
 from .errors import CheckpointError
-from .fp8_checkpoint import Fp8CheckpointSource, fp8_checkpoint_format
+from .fp8_checkpoint import Fp8CheckpointSource, fp8_checkpoint_format, read_kv_scales
 from .hf_loader import SafetensorsSource, read_generation_config, read_hf_config
 from .orbax_loader import load_orbax, tree_dir
 from .quantization import QUANTIZATION_METHODS, Fp8Config
@@ -57,6 +57,10 @@ class LoadedModel:
     quantization: Fp8Config | None = None
     """FP8 weights in the decoder's linear layers (``models.quantization``); None: every
     weight in ``dtype``."""
+    kv_scales: tuple[tuple[float, float], ...] | None = None
+    """(K scale, V scale) per layer for an FP8 KV cache, from the checkpoint
+    (compressed-tensors ``k_scale`` / ``v_scale``); None: it holds none (an FP8 cache then
+    scales by 1.0). Unused by a high-precision cache."""
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -104,6 +108,7 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
     fp8 = Fp8Config(activation=fp8_activation)
     quant = fp8 if quantization == "fp8" else None
     start = time.perf_counter()
+    kv_scales = None
     dtype = resolve_dtype(dtype)
     if model is None:
         from .default_model import default_model_dir
@@ -150,6 +155,7 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
             params = random_params(config, dtype, quantization=quant)
         else:
             source = SafetensorsSource(path)
+            kv_scales = read_kv_scales(source, config.num_layers)
             if fp8_format is not None:
                 source = Fp8CheckpointSource(source, fp8_format)
             params = load_params(config, source, dtype, quantization=quant)
@@ -158,4 +164,4 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, dtype=dtype, path=path,
                        load_seconds=time.perf_counter() - start,
                        generation_config=generation_config, hf_config=hf_config,
-                       quantization=quant)
+                       quantization=quant, kv_scales=kv_scales)

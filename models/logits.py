@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from pallas_kernels.kv_layout import FP8_KV_DTYPE
 
 from .attention import AttentionMetadata
 from .decoder import Decoder
@@ -17,17 +18,21 @@ from .loader import LoadedModel
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(config, dtype: Any, impl: str, quantization):
-    """One jitted forward per (config, dtype, impl, quantization): repeated calls reuse its
-    compilations."""
-    model = Decoder(config, impl=impl, dtype=dtype, quantization=quantization)
+def _forward(config, dtype: Any, impl: str, quantization, kv_scales):
+    """One jitted forward per (config, dtype, impl, quantization, KV scales): repeated calls
+    reuse its compilations."""
+    model = Decoder(config, impl=impl, dtype=dtype, quantization=quantization, kv_scales=kv_scales)
     return jax.jit(lambda params, t, kv, m, idx: model.apply({"params": params}, t, kv, m, idx))
 
 
 def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, page_size: int = 16,
-                   impl: str = "auto") -> list[np.ndarray]:
-    """float32 logits ``[len(prompt), vocab]`` for every position of every prompt."""
+                   impl: str = "auto", kv_cache_dtype: str = "auto") -> list[np.ndarray]:
+    """float32 logits ``[len(prompt), vocab]`` for every position of every prompt;
+    ``kv_cache_dtype`` as ``EngineConfig``'s ('fp8': attention reads an e4m3 pool)."""
     cfg = loaded.config
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
+    fp8_kv = kv_cache_dtype == "fp8"
     lengths = [len(p) for p in prompts]
     if min(lengths, default=0) < 1:
         raise ValueError("every prompt needs at least one token")
@@ -40,7 +45,8 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         slots.extend(first_page * page_size + i for i in range(n))
         first_page += p
     pool = jnp.zeros(pallas_kernels.kv_pool_shape(cfg.num_layers, first_page, cfg.num_kv_heads,
-                                                  page_size, cfg.head_dim), loaded.dtype)
+                                                  page_size, cfg.head_dim),
+                     FP8_KV_DTYPE if fp8_kv else loaded.dtype)
     meta = AttentionMetadata(
         positions=jnp.asarray(np.concatenate([np.arange(n) for n in lengths]), jnp.int32),
         slot_mapping=jnp.asarray(slots, jnp.int32),
@@ -48,7 +54,9 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         context_lens=jnp.asarray(lengths, jnp.int32),
         query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32))
     tokens = jnp.asarray(np.concatenate([np.asarray(p) for p in prompts]), jnp.int32)
-    logits, _ = _forward(cfg, loaded.dtype, impl, loaded.quantization)(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
+    forward = _forward(cfg, loaded.dtype, impl, loaded.quantization,
+                       loaded.kv_scales if fp8_kv else None)
+    logits, _ = forward(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
     logits = np.asarray(logits)
     bounds = np.cumsum(lengths)[:-1]
     return list(np.split(logits, bounds))

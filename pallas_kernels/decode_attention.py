@@ -14,6 +14,10 @@ SM count) and Triton's software pipelining (``num_stages``) of the gathered load
 With one split the kernel writes the normalized output directly. With several it writes each
 split's normalized partial output and its log2-sum-exp, and a small XLA combine (a few MB at
 most) merges them on the GPU.
+
+An FP8 pool (``kv_layout``) is dequantized in registers: e4m3 rows are loaded (half the bytes)
+and upcast to q's dtype, the K scale is folded into the softmax scale and the V scale into
+the normalized output, both exact (scores and the output are linear in them).
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .kv_layout import is_fp8, scales_for
 from .paged_tiles import LOG2E, NEG, load_kv_rows, soft_cap_scores
 
 
-def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref, *out_refs,
+def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref, scale_ref,
+                   *out_refs,
                    num_q_heads: int, group: int, block_h: int, block_k: int, num_splits: int, page_size: int,
                    head_dim: int, scale: float, soft_cap: float | None, precision):
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -52,13 +58,16 @@ def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref
     q = plgpu.load(q_ref.at[seq, q_heads, dims], mask=row_valid[:, None], other=0)
     offsets = jnp.arange(block_k, dtype=jnp.int32)
     score_scale = scale if soft_cap else scale * LOG2E
+    fp8 = is_fp8(pool_ref.dtype)
+    if fp8:
+        score_scale = score_scale * scale_ref[0]
 
     def body(i, carry):
         acc, row_max, row_sum = carry
         key_pos = start + i * block_k + offsets
         key_valid = key_pos < end
         k = load_kv_rows(pool_ref, layer, block_table_ref, seq, head, 0, key_pos, key_valid,
-                         page_size, head_dim)
+                         page_size, head_dim).astype(q.dtype)
         scores = plgpu.dot(q, k, trans_b=True, precision=precision) * score_scale
         if soft_cap:
             scores = soft_cap_scores(scores, soft_cap) * LOG2E
@@ -67,7 +76,7 @@ def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref
         alpha = jnp.exp2(row_max - new_max)
         p = jnp.where(key_valid[None, :], jnp.exp2(scores - new_max[:, None]), 0.0)
         v = load_kv_rows(pool_ref, layer, block_table_ref, seq, head, 1, key_pos, key_valid,
-                         page_size, head_dim)
+                         page_size, head_dim).astype(q.dtype)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, new_max, row_sum * alpha + jnp.sum(p, axis=1)
 
@@ -75,6 +84,8 @@ def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref
             jnp.zeros((block_h,), jnp.float32))
     acc, row_max, row_sum = lax.fori_loop(0, num_blocks, body, init)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]
+    if fp8:
+        out = out * scale_ref[1]
     if num_splits == 1:
         (o_ref,) = out_refs
         plgpu.store(o_ref.at[seq, q_heads, dims], out.astype(o_ref.dtype),
@@ -100,10 +111,11 @@ def paged_decode_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | 
                            soft_cap: float | None = None,
                            sliding_window: jax.Array | int = 0, block_k: int = 64,
                            num_splits: int = 1, num_warps: int = 4, num_stages: int = 2,
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False, kv_scale: jax.Array | None = None) -> jax.Array:
     """Attention of ``q [B, Hq, D]`` (one token per sequence) over its paged context.
 
     ``context_lens [B]`` counts the keys of each sequence, this token's included; 0 gives zeros.
+    ``kv_scale``: float32 ``[2]``, the layer's K and V scales of an FP8 pool (None: 1.0).
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pool.shape[2], kv_pool.shape[4]
@@ -126,7 +138,8 @@ def paged_decode_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="duetjax_paged_decode",
-    )(q, kv_pool, block_tables.astype(jnp.int32), context_lens.astype(jnp.int32), params)
+    )(q, kv_pool, block_tables.astype(jnp.int32), context_lens.astype(jnp.int32), params,
+      scales_for(kv_pool, kv_scale))
     if num_splits == 1:
         return outs[0]
     return combine_splits(*outs).astype(q.dtype)

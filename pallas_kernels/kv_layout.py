@@ -11,10 +11,43 @@ Why this order:
   is one contiguous run of ``2 * page_size * head_dim`` elements (8 KiB for page 16, d 128,
   bf16), so a decode program streams K and V of its head with long contiguous reads.
 - A slot is ``page * page_size + offset``; slot ``-1`` marks a padding token (never written).
+
+An FP8 pool (``FP8_KV_DTYPE``) holds ``round(x / scale)`` in e4m3 with one float32 scale per
+layer for K and one for V (``kv_scale [2]``, vLLM's ``k_scale`` / ``v_scale``): the real value
+is ``stored * scale``. The write quantizes, every attention path dequantizes as it reads.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 LAYER_AXIS, PAGE_AXIS, HEAD_AXIS, KV_AXIS, TOKEN_AXIS, DIM_AXIS = range(6)
+
+FP8_KV_DTYPE = jnp.float8_e4m3fn
+"""The FP8 pool's dtype: e4m3, finite only (a value past ``FP8_KV_MAX`` would become NaN)."""
+FP8_KV_MAX = 448.0
+"""Largest finite e4m3 value: quantized K/V are clamped to +-it."""
+
+
+def is_fp8(dtype) -> bool:
+    """The pool holds scaled e4m3 values (else values in the compute dtype, unscaled)."""
+    return jnp.dtype(dtype) == jnp.dtype(FP8_KV_DTYPE)
+
+
+def scales_for(kv_pool: jax.Array, kv_scale: jax.Array | None) -> jax.Array:
+    """float32 ``[2]`` (K scale, V scale) of one layer; 1.0 where none is given. Only an FP8
+    pool is scaled: a scale for any other pool is a ValueError."""
+    if kv_scale is None:
+        return jnp.ones((2,), jnp.float32)
+    if not is_fp8(kv_pool.dtype):
+        raise ValueError(f"kv_scale applies to an FP8 KV pool only; this pool is "
+                         f"{jnp.dtype(kv_pool.dtype).name}")
+    return jnp.asarray(kv_scale, jnp.float32).reshape(2)
+
+
+def quantize_kv(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x / scale`` clamped to e4m3's range and rounded to e4m3."""
+    return jnp.clip(x.astype(jnp.float32) / scale, -FP8_KV_MAX, FP8_KV_MAX).astype(FP8_KV_DTYPE)
 
 
 def kv_pool_shape(num_layers: int, num_pages: int, num_kv_heads: int, page_size: int,

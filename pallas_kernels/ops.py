@@ -7,7 +7,10 @@ interpret mode, for CPU tests), "xla" (page loop in plain XLA ops: the CPU path)
 Kernels on the GPU: ``DUETJAX_PREFILL_KERNEL`` and ``DUETJAX_DECODE_KERNEL`` pick each once per
 process. "triton" (the default) is the Triton-lowered kernel; "mgpu" is the Mosaic GPU kernel
 on Hopper (compute capability 9.x) for the shapes it supports, Triton for the rest and on
-other GPUs.
+other GPUs (FP8 pools among them).
+
+``kv_scale``: float32 ``[2]``, one layer's K and V scales of an FP8 pool (``kv_layout``);
+None: 1.0. Checked here, once, for every path.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 from . import reference, tuning
 from .decode_attention import paged_decode_attention
 from .decode_attention_mgpu import paged_decode_attention_mgpu
+from .kv_layout import scales_for
 from .kv_write import write_kv_pallas
 from .prefill_attention import paged_prefill_attention
 from .prefill_attention_mgpu import paged_prefill_attention_mgpu
@@ -80,19 +84,27 @@ def resolve_impl(impl: str, head_dim: int | None = None) -> str:
     return impl
 
 
+def _checked_scale(kv_pool: jax.Array, kv_scale: jax.Array | None) -> jax.Array | None:
+    """``kv_scale`` as float32 ``[2]``; a scale for a pool that is not FP8 is a ValueError."""
+    return None if kv_scale is None else scales_for(kv_pool, kv_scale)
+
+
 def write_kv(kv_pool: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *,
-             impl: str = "auto") -> jax.Array:
-    """Writes new K/V ``[T, Hkv, D]`` into the pool at ``slot_mapping [T]`` (in place under donation)."""
+             kv_scale: jax.Array | None = None, impl: str = "auto") -> jax.Array:
+    """Writes new K/V ``[T, Hkv, D]`` into the pool at ``slot_mapping [T]`` (in place under
+    donation); an FP8 pool stores them quantized with ``kv_scale``."""
     impl = resolve_impl(impl, k.shape[-1])
+    kv_scale = _checked_scale(kv_pool, kv_scale)
     if impl in ("reference", "xla"):
-        return reference.write_kv_reference(kv_pool, layer, k, v, slot_mapping)
-    return write_kv_pallas(kv_pool, layer, k, v, slot_mapping, interpret=impl == "interpret")
+        return reference.write_kv_reference(kv_pool, layer, k, v, slot_mapping, kv_scale)
+    return write_kv_pallas(kv_pool, layer, k, v, slot_mapping, kv_scale,
+                           interpret=impl == "interpret")
 
 
 def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
                     context_lens: jax.Array, query_start_loc: jax.Array, *, scale: float,
                     soft_cap: float | None = None, sliding_window=0, decode_only: bool = False,
-                    impl: str = "auto") -> jax.Array:
+                    kv_scale: jax.Array | None = None, impl: str = "auto") -> jax.Array:
     """Ragged paged attention over the pool; see ``reference`` for the batch convention.
 
     ``decode_only`` (static) promises one new token per sequence (T == S): the decode kernel
@@ -100,36 +112,40 @@ def paged_attention(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.A
     decode kernel those with one. The Pallas kernels take their tiles from ``tuning``.
     """
     impl = resolve_impl(impl, q.shape[-1])
+    kv_scale = _checked_scale(kv_pool, kv_scale)
     if impl == "reference":
         return reference.paged_attention_reference(
             q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
-            soft_cap=soft_cap, sliding_window=sliding_window)
+            soft_cap=soft_cap, sliding_window=sliding_window, kv_scale=kv_scale)
     if impl == "xla":
         return paged_attention_xla(
             q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
-            soft_cap=soft_cap, sliding_window=sliding_window)
+            soft_cap=soft_cap, sliding_window=sliding_window, kv_scale=kv_scale)
     interpret = impl == "interpret"
     if decode_only:
         return _decode(q, kv_pool, layer, block_tables, context_lens, scale=scale,
-                       soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
+                       soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,
+                       kv_scale=kv_scale)
     # A mixed batch: sequences with one new token (the decodes riding along) go through the
     # decode kernel, the rest through the prefill kernel. In the prefill kernel each decode
     # would fill a whole block_m-row tile for `group` useful rows: an 8B step with 64 decodes
     # at 2k context spent milliseconds there.
     out = _prefill(q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
-                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
+                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,
+                   kv_scale=kv_scale)
     single = query_start_loc[1:] - query_start_loc[:-1] == 1
     token = jnp.maximum(query_start_loc[1:] - 1, 0)
     decoded = _decode(q[token], kv_pool, layer, block_tables,
                       jnp.where(single, context_lens, 0), scale=scale, soft_cap=soft_cap,
-                      sliding_window=sliding_window, interpret=interpret)
+                      sliding_window=sliding_window, interpret=interpret, kv_scale=kv_scale)
     rows = jnp.where(single, token, q.shape[0])  # out of range: dropped
     return out.at[rows].set(decoded, mode="drop")
 
 
 def _prefill(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
              context_lens: jax.Array, query_start_loc: jax.Array, *, scale: float,
-             soft_cap: float | None, sliding_window, interpret: bool) -> jax.Array:
+             soft_cap: float | None, sliding_window, interpret: bool,
+             kv_scale: jax.Array) -> jax.Array:
     """The chosen prefill kernel, one-token sequences skipped (they go to the decode kernel)."""
     if (not interpret and prefill_kernel() == "mgpu"
             and tuning.prefill_mgpu_supports(q.shape, q.dtype, kv_pool.shape, kv_pool.dtype)):
@@ -142,12 +158,12 @@ def _prefill(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
         q, kv_pool, layer, block_tables, context_lens, query_start_loc, scale=scale,
         soft_cap=soft_cap, sliding_window=sliding_window, block_m=cfg.block_m,
         block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        interpret=interpret, skip_single_token=True)
+        interpret=interpret, skip_single_token=True, kv_scale=kv_scale)
 
 
 def _decode(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
             context_lens: jax.Array, *, scale: float, soft_cap: float | None, sliding_window,
-            interpret: bool) -> jax.Array:
+            interpret: bool, kv_scale: jax.Array) -> jax.Array:
     """The chosen decode kernel with the tuning table's tiles for this shape."""
     if (not interpret and decode_kernel() == "mgpu"
             and tuning.decode_mgpu_supports(q.shape, q.dtype, kv_pool.shape, kv_pool.dtype)):
@@ -159,4 +175,5 @@ def _decode(q: jax.Array, kv_pool: jax.Array, layer, block_tables: jax.Array,
     return paged_decode_attention(
         q, kv_pool, layer, block_tables, context_lens, scale=scale, soft_cap=soft_cap,
         sliding_window=sliding_window, block_k=cfg.block_k, num_splits=cfg.num_splits,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret,
+        kv_scale=kv_scale)

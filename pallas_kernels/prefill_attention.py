@@ -15,6 +15,9 @@ pair) map is a few tiny XLA ops; its length is a static upper bound (``cdiv(T*gr
 Masks cost arithmetic, so each program walks its keys in three ranges: leading blocks cut by
 the sliding window (masked), blocks every row sees entirely (no mask), and the causal diagonal
 (masked).
+
+An FP8 pool is dequantized in registers as in ``decode_attention``: e4m3 tiles upcast to q's
+dtype, the K scale folded into the softmax scale, the V scale into the output.
 """
 from __future__ import annotations
 
@@ -26,11 +29,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .kv_layout import is_fp8, scales_for
 from .paged_tiles import LOG2E, NEG, load_kv_rows, soft_cap_scores
 
 
 def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc_ref,
-                    block_seq_ref, block_pair_ref, params_ref, o_ref, *, num_tokens: int,
+                    block_seq_ref, block_pair_ref, params_ref, scale_ref, o_ref, *, num_tokens: int,
                     num_seqs: int, group: int, block_m: int, block_n: int, page_size: int,
                     head_dim: int, scale: float, soft_cap: float | None, precision):
     block, head = pl.program_id(0), pl.program_id(1)
@@ -65,13 +69,16 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
         jnp.maximum(min_pos - low + 1, 0) // block_n, num_blocks))
     offsets = jnp.arange(block_n, dtype=jnp.int32)
     score_scale = scale if soft_cap else scale * LOG2E
+    fp8 = is_fp8(pool_ref.dtype)
+    if fp8:
+        score_scale = score_scale * scale_ref[0]
 
     def body(j, carry, masked: bool):
         acc, row_max, row_sum = carry
         key_pos = low + j * block_n + offsets
         key_valid = key_pos < high
         k = load_kv_rows(pool_ref, layer, block_table_ref, table_seq, head, 0, key_pos,
-                         key_valid, page_size, head_dim)
+                         key_valid, page_size, head_dim).astype(q.dtype)
         scores = plgpu.dot(q, k, trans_b=True, precision=precision) * score_scale
         if soft_cap:
             scores = soft_cap_scores(scores, soft_cap) * LOG2E
@@ -85,7 +92,7 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
         if masked:
             p = jnp.where(visible, p, 0.0)
         v = load_kv_rows(pool_ref, layer, block_table_ref, table_seq, head, 1, key_pos,
-                         key_valid, page_size, head_dim)
+                         key_valid, page_size, head_dim).astype(q.dtype)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, new_max, row_sum * alpha + jnp.sum(p, axis=1)
 
@@ -96,6 +103,8 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
     acc, _, row_sum = lax.fori_loop(causal_end, num_blocks, functools.partial(body, masked=True),
                                     carry)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]
+    if fp8:
+        out = out * scale_ref[1]
     plgpu.store(o_ref.at[q_token, q_head, dims], out.astype(o_ref.dtype), mask=row_valid[:, None])
 
 
@@ -133,8 +142,10 @@ def paged_prefill_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array |
                             soft_cap: float | None = None,
                             sliding_window: jax.Array | int = 0, block_m: int = 64,
                             block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                            interpret: bool = False, skip_single_token: bool = False) -> jax.Array:
-    """Ragged paged attention of ``q [T, Hq, D]``; batch convention of ``reference``.
+                            interpret: bool = False, skip_single_token: bool = False,
+                            kv_scale: jax.Array | None = None) -> jax.Array:
+    """Ragged paged attention of ``q [T, Hq, D]``; batch convention of ``reference``;
+    ``kv_scale``: the layer's K and V scales of an FP8 pool (None: 1.0).
 
     ``skip_single_token``: leave the rows of sequences with one new token unwritten (the
     caller runs those through the decode kernel: here each would fill a ``block_m``-row tile
@@ -159,4 +170,4 @@ def paged_prefill_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array |
         interpret=interpret,
         name="duetjax_paged_prefill",
     )(q, kv_pool, block_tables.astype(jnp.int32), context_lens, start_loc, block_seq,
-      block_pair, params)
+      block_pair, params, scales_for(kv_pool, kv_scale))

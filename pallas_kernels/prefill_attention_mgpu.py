@@ -43,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .kv_layout import is_fp8
 from .paged_tiles import LOG2E, NEG
 from .prefill_attention import q_block_map
 
@@ -82,6 +83,9 @@ def unsupported_reason(q_shape, q_dtype, kv_pool_shape, kv_dtype,
     num_kv_heads, page_size = kv_pool_shape[2], kv_pool_shape[4]
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} not in {HEAD_DIMS}"
+    if is_fp8(kv_dtype):
+        return ("an FP8 KV pool: TMA lands K/V tiles in shared memory as wgmma reads them, so "
+                "dequantizing would need a second pass through shared memory (Triton runs it)")
     if jnp.dtype(q_dtype) not in map(jnp.dtype, DTYPES) or jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
         return f"q/kv dtypes {q_dtype}/{kv_dtype}: need both bf16 or both f16"
     if num_q_heads % num_kv_heads:

@@ -15,21 +15,29 @@ Ragged batch convention (shared by every kernel):
   positions ``j <= pos`` (causal) with ``pos - j < sliding_window`` when ``sliding_window > 0``.
 - ``layer`` and ``sliding_window`` may be traced int32 scalars (they vary inside the layer scan).
 - Rows that see no key (padding) come out as zeros.
+
+FP8 pools (``kv_layout.is_fp8``): ``kv_scale [2]`` holds the layer's K and V scales (None:
+1.0); the write stores ``quantize_kv(x, scale)`` and attention reads ``stored * scale``.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from .kv_layout import is_fp8, quantize_kv, scales_for
+
 
 def write_kv_reference(kv_pool: jax.Array, layer: jax.Array | int, k: jax.Array, v: jax.Array,
-                       slot_mapping: jax.Array) -> jax.Array:
+                       slot_mapping: jax.Array, kv_scale: jax.Array | None = None) -> jax.Array:
     """Writes ``k, v [T, num_kv_heads, head_dim]`` into their slots; slot -1 is skipped."""
     num_pages, page_size = kv_pool.shape[1], kv_pool.shape[4]
     valid = slot_mapping >= 0
     page = jnp.where(valid, slot_mapping // page_size, num_pages)  # out of range -> dropped
     offset = jnp.where(valid, slot_mapping % page_size, 0)
-    kv = jnp.stack([k, v], axis=2).astype(kv_pool.dtype)  # [T, H, 2, D]
+    kv = jnp.stack([k, v], axis=2)  # [T, H, 2, D]
+    if is_fp8(kv_pool.dtype):
+        kv = quantize_kv(kv, scales_for(kv_pool, kv_scale)[:, None])
+    kv = kv.astype(kv_pool.dtype)
     return kv_pool.at[layer, page, :, :, offset, :].set(kv, mode="drop")
 
 
@@ -49,7 +57,8 @@ def paged_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: jax.Array
                               block_tables: jax.Array, context_lens: jax.Array,
                               query_start_loc: jax.Array, *, scale: float,
                               soft_cap: float | None = None,
-                              sliding_window: jax.Array | int = 0) -> jax.Array:
+                              sliding_window: jax.Array | int = 0,
+                              kv_scale: jax.Array | None = None) -> jax.Array:
     """Ragged paged attention (prefill, chunked prefill, decode, mixed), float32 inside."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pool.shape[2], kv_pool.shape[4]
@@ -61,6 +70,9 @@ def paged_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: jax.Array
     pages = jnp.moveaxis(pages, 3, 0).astype(jnp.float32)  # [2, T, max_pages, Hkv, page, D]
     pages = jnp.swapaxes(pages, 3, 4).reshape(2, num_tokens, max_pages * page_size, num_kv_heads, head_dim)
     keys, values = pages[0], pages[1]  # [T, C, Hkv, D]
+    if is_fp8(kv_pool.dtype):
+        k_scale, v_scale = scales_for(kv_pool, kv_scale)
+        keys, values = keys * k_scale, values * v_scale
 
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
     scores = jnp.einsum("thgd,tchd->thgc", qg, keys) * scale

@@ -4,12 +4,16 @@ Same contract as ``reference.paged_attention_reference``, but it walks the pages
 softmax and stops at the longest context in the batch, so its cost follows the real context
 lengths, not the width of the block table: the engine can pass full-width block tables (one
 executable per batch bucket) without paying for them.
+
+An FP8 pool's pages are upcast as they are read; the K scale multiplies the (float32) queries
+with the softmax scale, and the V scale the output.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from .kv_layout import is_fp8, scales_for
 from .reference import token_positions
 
 
@@ -17,7 +21,8 @@ def paged_attention_xla(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int
                         block_tables: jax.Array, context_lens: jax.Array,
                         query_start_loc: jax.Array, *, scale: float,
                         soft_cap: float | None = None,
-                        sliding_window: jax.Array | int = 0) -> jax.Array:
+                        sliding_window: jax.Array | int = 0,
+                        kv_scale: jax.Array | None = None) -> jax.Array:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pool.shape[2], kv_pool.shape[4]
     group = num_q_heads // num_kv_heads
@@ -28,7 +33,8 @@ def paged_attention_xla(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int
     lowest = jnp.where(window > 0, position - window + 1, 0)  # first visible key position
     first_page = jnp.min(jnp.where(is_real, jnp.maximum(lowest, 0) // page_size, block_tables.shape[1]))
     last_page = (jnp.max(ctx) + page_size - 1) // page_size
-    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * scale
+    k_scale, v_scale = scales_for(kv_pool, kv_scale) if is_fp8(kv_pool.dtype) else (1.0, 1.0)
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * (scale * k_scale)
     offsets = jnp.arange(page_size, dtype=jnp.int32)
 
     def body(j, carry):
@@ -52,5 +58,5 @@ def paged_attention_xla(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int
             jnp.full((num_tokens, num_kv_heads, group), -jnp.inf, jnp.float32),
             jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32))
     acc, _, denom = jax.lax.fori_loop(first_page, last_page, body, init)
-    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None] * v_scale
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -21,6 +21,14 @@ compares each variant's step with the first's. The other sections run on the fir
 ``--dump-hlo DIR`` writes each variant's decode step HLO (batch 1 and the largest batch) and
 prints whether it multiplies FP8 weights in FP8 (``fp8_gemm_check.py``).
 
+KV cache (``--kv-cache-dtype``, a comma list): ``auto`` (the model's dtype) and/or ``fp8``
+(e4m3); every weights variant runs with each (label suffix ``+fp8kv``), and each decode
+step's roofline counts the KV bytes of its own cache. The FP8 target, both FP8 against bf16:
+
+    python tools/bench_engine.py --model llama-3-8b --sections decode --batches 64 \
+        --context 1024 --quantization none,fp8 --kv-cache-dtype auto,fp8 \
+        --out fp8kv.json --table fp8kv.md
+
     python tools/bench_engine.py --model llama-3-8b --sections decode,prefill --batches 1,64 \
         --prefill 8192 --quantization none,fp8 --fp8-activation dynamic,none --dump-hlo hlo/ \
         --out fp8.json --table fp8.md
@@ -115,7 +123,7 @@ def decode_section(engine: Engine, ceil: dict, batches: list[int], context: int,
     cfg = engine.model_config
     weights_moved = weight_bytes(engine)
     per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                   engine.dtype.itemsize)
+                                   engine.kv_cache_dtype.itemsize)
     rows = []
     for b in batches:
         batch = synthetic_batch(engine, [context - 1] * b, [1] * b, steps)
@@ -350,6 +358,18 @@ def weight_variants(quantizations: str, activations: str) -> list[tuple[str, str
     return variants
 
 
+def engine_variants(weights: list[tuple[str, str | None, str]],
+                    kv_cache_dtypes: str) -> list[tuple[str, str | None, str, str]]:
+    """(label, quantization, fp8_activation, kv_cache_dtype): each weights variant with each
+    KV cache dtype the flag asks for (an FP8 cache adds ``+fp8kv`` to the label)."""
+    kinds = kv_cache_dtypes.split(",")
+    for kind in kinds:
+        if kind not in ("auto", "fp8"):
+            raise SystemExit(f"--kv-cache-dtype takes auto and fp8, got {kind!r}")
+    return [(label + ("+fp8kv" if kind == "fp8" else ""), quantization, activation, kind)
+            for label, quantization, activation in weights for kind in kinds]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b")
@@ -375,6 +395,8 @@ def main() -> None:
                    help="weights variants to time, comma-separated: none (bf16), fp8")
     p.add_argument("--fp8-activation", default="dynamic",
                    help="fp8 variants, comma-separated: dynamic (W8A8), none (weight-only)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="KV cache variants, comma-separated: auto (the model's dtype), fp8")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write each variant's decode step HLO here and report its FP8 GEMMs")
     p.add_argument("--out", required=True)
@@ -395,8 +417,9 @@ def main() -> None:
     report["scan_unroll"] = args.scan_unroll
     report["decode_steps"] = args.decode_steps
     report["gemm_backend"] = args.gemm_backend
-    variants = weight_variants(args.quantization, args.fp8_activation)
-    for i, (label, quantization, activation) in enumerate(variants):
+    variants = engine_variants(weight_variants(args.quantization, args.fp8_activation),
+                               args.kv_cache_dtype)
+    for i, (label, quantization, activation, kv_cache_dtype) in enumerate(variants):
         engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
                         max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
                         max_model_len=max(max(lengths) + 16, 4096 + 1024),
@@ -404,8 +427,11 @@ def main() -> None:
                         gemm_backend=args.gemm_backend, decode_steps=args.decode_steps,
                         max_decode_steps=max(8, args.decode_steps),
                         quantization=quantization, fp8_activation=activation,
-                        compile_on_start=False, show_progress=False)
+                        kv_cache_dtype=kv_cache_dtype, compile_on_start=False,
+                        show_progress=False)
         report.setdefault("kv_pool_gib", engine.runner.kv_pool.nbytes / 2**30)
+        report.setdefault("kv_pool_tokens", {})[label] = (engine.runner.num_pages
+                                                          * engine.config.page_size)
         report.setdefault("weight_gib", {})[label] = weight_bytes(engine) / 2**30
         if args.dump_hlo:
             report.setdefault("hlo", {})[label] = [

@@ -19,6 +19,9 @@ L2), repeated; the median over repetitions divided by ``NL`` is the time per cal
         1 x 32k, on the whole GPU and, with --mps, on those percentages of the SMs; each share
         runs in its own child process, a GPU correctness check first; a kernel that fails the
         check or does not compile is reported and left out of the timing)
+    python tools/kernel_bench.py --sections correctness,decode-fp8 --out X.json --table X.md
+        (the FP8 KV pool: the kernels on e4m3 pages against the reference, then the decode
+        kernel over a bf16 and an e4m3 pool of the same shapes, each against the copy)
     python tools/kernel_bench.py --sections prefill-mgpu [--tune] --out X.json --table X.md
         (the Mosaic GPU prefill kernel beside the Triton one and cuDNN: correctness first,
         then 8k causal and a 1k chunk after a 6k cached prefix; --tune races tile configs;
@@ -49,6 +52,7 @@ from gpu_ceilings import ceilings, copy_bandwidth, race, torch_ceilings  # noqa:
 from pallas_kernels import ops, reference, tuning  # noqa: E402
 from pallas_kernels.decode_attention import paged_decode_attention  # noqa: E402
 from pallas_kernels.decode_attention_mgpu import paged_decode_attention_mgpu  # noqa: E402
+from pallas_kernels.kv_layout import FP8_KV_DTYPE, quantize_kv  # noqa: E402
 from pallas_kernels.kv_write import write_kv_pallas  # noqa: E402
 from pallas_kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 from pallas_kernels.prefill_attention_mgpu import (MgpuPrefillConfig,  # noqa: E402
@@ -146,6 +150,54 @@ def correctness() -> list[dict]:
                     "in_place": got.unsafe_buffer_pointer() == before})
     # The model's pattern: a scan over layers with a traced layer and per-layer window.
     results.append(scan_check(rng))
+    results += fp8_correctness(rng, cases)
+    return results
+
+
+FP8_SCALE = jnp.asarray([0.5, 0.125], jnp.float32)
+"""K and V scales of the FP8 checks (not 1: a scale applied twice or not at all shows)."""
+
+
+def fp8_correctness(rng, cases) -> list[dict]:
+    """The kernels over an e4m3 pool against the reference over the same pool (the Triton
+    casts of float8 are exercised on the GPU only), and the quantizing write bit for bit."""
+    results = []
+    for name, q_lens, ctx_lens, page, hkv, group, d, window, cap in cases:
+        pool, tables, ctx = paged_inputs(rng, ctx_lens, page, 2, hkv, d, jnp.float32,
+                                         extra_pages=7)
+        pool = quantize_kv(pool * 4.0, FP8_SCALE[:, None, None])
+        qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+        q = jax.random.normal(jax.random.key(len(results)), (sum(q_lens), hkv * group, d),
+                              jnp.bfloat16)
+        kw = dict(scale=d ** -0.5, soft_cap=cap, sliding_window=jnp.int32(window),
+                  kv_scale=FP8_SCALE)
+        want = reference.paged_attention_reference(q.astype(jnp.float32), pool, 1, tables, ctx,
+                                                   qsl, **kw)
+        got = ops.paged_attention(q, pool, jnp.int32(1), tables, ctx, qsl, impl="pallas", **kw)
+        err = rel_err(got, want)
+        results.append({"kernel": "prefill (fp8 pool)", "case": name, "dtype": "bfloat16",
+                        "rel_err": err, "ok": err < 1e-2})
+        dq = q[jnp.asarray(np.cumsum(q_lens) - 1)]
+        dqsl = jnp.arange(len(q_lens) + 1, dtype=jnp.int32)
+        want = reference.paged_attention_reference(dq.astype(jnp.float32), pool, 1, tables, ctx,
+                                                   dqsl, **kw)
+        for splits in (1, 4):
+            got = paged_decode_attention(dq, pool, jnp.int32(1), tables, ctx, block_k=32,
+                                         num_splits=splits, **kw)
+            err = rel_err(got, want)
+            results.append({"kernel": f"decode splits={splits} (fp8 pool)", "case": name,
+                            "dtype": "bfloat16", "rel_err": err, "ok": err < 1e-2})
+    pool = jnp.zeros((3, 12, 8, 2, 16, 128), FP8_KV_DTYPE)
+    k = jax.random.normal(jax.random.key(5), (50, 8, 128), jnp.bfloat16) * 60  # some clamp
+    v = jax.random.normal(jax.random.key(6), (50, 8, 128), jnp.bfloat16)
+    slots = rng.permutation(12 * 16)[:50].astype(np.int32)
+    slots[[0, 9, 49]] = -1
+    want = reference.write_kv_reference(pool, 2, k, v, jnp.asarray(slots), FP8_SCALE)
+    got = ops.write_kv(pool, jnp.int32(2), k, v, jnp.asarray(slots), kv_scale=FP8_SCALE,
+                       impl="pallas")
+    same = bool(np.array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8)))
+    results.append({"kernel": "write_kv (fp8 pool)", "case": "50 tokens, 3 skipped, clamped",
+                    "dtype": "bfloat16", "rel_err": 0.0 if same else float("inf"), "ok": same})
     return results
 
 
@@ -195,13 +247,14 @@ def layers_for(kv_bytes_per_layer: int) -> int:
     return int(min(16, max(2, -(-(1 << 30) // kv_bytes_per_layer))))
 
 
-def decode_fn(num_layers: int, cfg: tuning.DecodeConfig, d: int = D):
+def decode_fn(num_layers: int, cfg: tuning.DecodeConfig, d: int = D, interpret: bool = False):
     """One executable: the decode kernel once per layer, back to back."""
     @jax.jit
     def fn(q, pool, tables, ctx_lens):
         return [paged_decode_attention(q, pool, layer, tables, ctx_lens, scale=d ** -0.5,
                                        block_k=cfg.block_k, num_splits=cfg.num_splits,
-                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                       interpret=interpret)
                 for layer in range(num_layers)]
     return fn
 
@@ -273,6 +326,41 @@ def decode_sweep(quick: bool, ceil: dict) -> list[dict]:
                                                     best["duetjax decode"]["us"])
         rows += shape_rows
         del q, pool, tables, ctx_lens, entries
+    return rows
+
+
+FP8_DECODE_SHAPES = [(64, 1024), (64, 2048), (128, 4096)]
+
+
+def decode_fp8(ceil: dict, shapes=FP8_DECODE_SHAPES, hq: int = HQ, hkv: int = HKV, d: int = D,
+               page: int = PAGE, interpret: bool = False,
+               num_layers: int | None = None) -> list[dict]:
+    """The decode kernel over a bf16 pool and over the same values in e4m3, each with the
+    table's tiles for its element size: time, KV bytes read per second against the copy, and
+    the e4m3 pool's speed-up (the ideal is 2x: half the bytes). ``num_layers``: pool layers
+    (calls per timed executable); None: ``layers_for`` the bf16 pool."""
+    rows = []
+    for batch, ctx in shapes:
+        bf16_bytes = batch * ctx * hkv * 2 * d * 2
+        q, pool, tables, ctx_lens = decode_setup(batch, ctx, num_layers or layers_for(bf16_bytes),
+                                                 hkv, hq, d, page)
+        pools = {"bfloat16": pool, "float8_e4m3fn": quantize_kv(pool, jnp.ones((), jnp.float32))}
+        entries = {}
+        for name, p in pools.items():
+            cfg = tuning.decode_config(d, batch, hkv, tables.shape[1] * page, p.dtype.itemsize)
+            entries[name] = (decode_fn(p.shape[0], cfg, d, interpret), (q, p, tables, ctx_lens),
+                             p.shape[0])
+        times = race(entries, rounds=1 if interpret else 3)
+        for name, t in times.items():
+            moved = bf16_bytes * pools[name].dtype.itemsize // 2
+            bw = moved / t / 1e12
+            rows.append({"kernel": "duetjax decode", "kv_dtype": name, "batch": batch,
+                         "ctx": ctx, "us": t * 1e6, "kv_tb_s": bw,
+                         "of_copy": bw / ceil["copy_tb_s"],
+                         "speedup": times["bfloat16"] / t if "bfloat16" in times else None})
+            log(f"  decode {name} B={batch} ctx={ctx}: {t*1e6:.1f} us {bw:.2f} TB/s "
+                f"({100 * bw / ceil['copy_tb_s']:.0f} % of copy)")
+        del q, pool, pools, entries
     return rows
 
 
@@ -858,6 +946,14 @@ def markdown(report: dict) -> str:
             lines.append(f"| {m['percent']} % | {m['copy_tb_s']:.2f} | " +
                          " | ".join(f"{r['kv_tb_s']:.2f} / {r['table_kv_tb_s']:.2f}"
                                     for r in m["decode"]) + " |")
+    if report.get("decode_fp8"):
+        lines += ["", "## Decode over a bf16 and an e4m3 (FP8) pool, table tiles", "",
+                  "| B | ctx | KV dtype | us | KV TB/s | % copy | speed-up over bf16 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['batch']} | {r['ctx']} | {r['kv_dtype']} | {r['us']:.1f} | "
+                  f"{r['kv_tb_s']:.2f} | {100 * r['of_copy']:.0f} % | "
+                  + (f"{r['speedup']:.2f}x |" if r["speedup"] else "- |")
+                  for r in report["decode_fp8"]]
     return "\n".join(lines) + "\n"
 
 
@@ -867,8 +963,8 @@ def main() -> None:
     parser.add_argument("--table", default="kernel_bench.md")
     parser.add_argument("--quick", action="store_true", help="fewer tiles in each sweep")
     parser.add_argument("--skip", default="", help="comma list of: correctness,decode,"
-                        "variants,locality,prefill,write,prefill-mgpu; decode-mgpu runs alone "
-                        "(--sections decode-mgpu)")
+                        "variants,locality,prefill,write,prefill-mgpu,decode-fp8; decode-mgpu runs "
+                        "alone (--sections decode-mgpu)")
     parser.add_argument("--sections", default="", help="run only these (same names as --skip)")
     parser.add_argument("--tune", action="store_true",
                         help="prefill-mgpu: race several tile/stage configurations")
@@ -935,9 +1031,10 @@ def main() -> None:
               ("decode_variants", lambda: decode_variants(report["ceilings"])),
               ("decode_locality", lambda: decode_locality(report["ceilings"])),
               ("write_kv", lambda: write_kv_bench(report["ceilings"])),
+              ("decode_fp8", lambda: decode_fp8(report["ceilings"])),
               ("prefill_mgpu", lambda: prefill_mgpu_bench(args.tune, report["ceilings"]))]
     names = {"decode_variants": "variants", "decode_locality": "locality", "write_kv": "write",
-             "prefill_mgpu": "prefill-mgpu"}
+             "prefill_mgpu": "prefill-mgpu", "decode_fp8": "decode-fp8"}
     sections = set(filter(None, args.sections.split(",")))
     for key, stage in stages:
         if names.get(key, key) in skip or (sections and names.get(key, key) not in sections):

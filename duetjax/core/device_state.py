@@ -21,6 +21,7 @@ import numpy as np
 
 import pallas_kernels
 from models import LoadedModel
+from pallas_kernels.kv_layout import FP8_KV_DTYPE
 
 from ..config import EngineConfig
 from .sampler import SlotTables
@@ -88,12 +89,27 @@ class DeviceState:
             self.shared.close()
 
 
+def kv_dtype(model: LoadedModel, config: EngineConfig) -> Any:
+    """The KV pool's element type: e4m3 for ``kv_cache_dtype='fp8'``, else the model's dtype."""
+    return FP8_KV_DTYPE if config.kv_cache_dtype == "fp8" else model.dtype
+
+
+def kv_scales(model: LoadedModel, config: EngineConfig) -> tuple[tuple[float, float], ...] | None:
+    """The per-layer (K, V) scales the decoder applies: the checkpoint's for an FP8 pool
+    (None there: 1.0); none for any other pool."""
+    return model.kv_scales if config.kv_cache_dtype == "fp8" else None
+
+
+def _kv_bytes_per_token(model: LoadedModel, config: EngineConfig) -> int:
+    cfg = model.config
+    return pallas_kernels.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                             np.dtype(kv_dtype(model, config)).itemsize)
+
+
 def plan_num_pages(model: LoadedModel, config: EngineConfig, free_bytes: int | None = None) -> int:
     """KV pool pages: ``kv_cache_tokens``, else a share of the free GPU memory (``free_bytes``,
     default what XLA reports), else the CPU default."""
-    cfg = model.config
-    per_token = pallas_kernels.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                                  jnp.dtype(model.dtype).itemsize)
+    per_token = _kv_bytes_per_token(model, config)
     tokens = config.kv_cache_tokens
     if tokens is None and jax.default_backend() == "gpu":
         if free_bytes is None:
@@ -114,16 +130,13 @@ def shared_kv_bytes(model: LoadedModel, config: EngineConfig) -> int | None:
         return None
     import cupy
 
-    cfg = model.config
     pairs = config.active_duet_pairs
     return duet_kv_bytes(
         free_bytes=cupy.cuda.runtime.memGetInfo()[0],
         weight_bytes=sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(model.params)),
         workers=len({p for p, _ in pairs}) + len({d for _, d in pairs}),
         worker_reserve_gib=config.duet_worker_reserve_gib,
-        kv_tokens=config.kv_cache_tokens,
-        kv_bytes_per_token=pallas_kernels.kv_bytes_per_token(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, np.dtype(model.dtype).itemsize))
+        kv_tokens=config.kv_cache_tokens, kv_bytes_per_token=_kv_bytes_per_token(model, config))
 
 
 def duet_kv_bytes(free_bytes: int, weight_bytes: int, workers: int, worker_reserve_gib: float,

@@ -32,7 +32,7 @@ from ..config import EngineConfig
 from ..sampling_params import SamplingParams
 from ..structured_outputs import all_tokens_mask, token_mask_width
 from . import prompt_logprobs
-from .device_state import DeviceState, plan_num_pages, shared_kv_bytes
+from .device_state import DeviceState, kv_dtype, kv_scales, plan_num_pages, shared_kv_bytes
 from .prompt_logprobs import PromptChunk, PromptLogprobsInFlight
 from .request import Request
 from .sampler import (SampledTokens, SlotTables, apply_token_mask, fill_slot, needs_full_sampler,
@@ -125,7 +125,7 @@ class ModelRunner:
         if attach is not None:
             self.state = DeviceState.attach(attach)
         else:
-            self.state = DeviceState.allocate(model.params, kv_pool_shape, model.dtype,
+            self.state = DeviceState.allocate(model.params, kv_pool_shape, kv_dtype(model, config),
                                               token_counts_shape, shared)
         self.model = dataclasses.replace(model, params=None) if self.state.shared else model
         """The model; in shared buffers its weights are the state's alone (one copy)."""
@@ -138,7 +138,8 @@ class ModelRunner:
         if unroll is None:
             unroll = cfg.num_layers if jax.default_backend() == "gpu" else 1
         self._decoder = Decoder(cfg, impl=config.attention_impl, dtype=model.dtype,
-                                scan_unroll=unroll, quantization=model.quantization)
+                                scan_unroll=unroll, quantization=model.quantization,
+                                kv_scales=kv_scales(model, config))
         self.decode_steps = (config.decode_steps,) if decode_steps is None else decode_steps
         """The k values of its k-step decode executables (1: none)."""
         self._executables: dict[Bucket, jax.stages.Compiled] = {}

@@ -190,9 +190,11 @@ def build_roofline(model_config: Any, dtype: Any, engine_config: Any, max_model_
                    profile: DeviceProfile, correction: Correction | None,
                    quantization: Any = None) -> Roofline | CorrectedRoofline:
     """The roofline of this model as the engine pads its steps (with its weights' FP8
-    ``quantization``, if any), scaled by ``correction`` when given."""
+    ``quantization``, if any, and ``engine_config.kv_cache_dtype``), scaled by ``correction``
+    when given."""
     shape = ModelShape.from_config(model_config, dtype_bytes=jax.numpy.dtype(dtype).itemsize,
-                                   quantization=quantization)
+                                   quantization=quantization,
+                                   kv_dtype_bytes=1 if engine_config.kv_cache_dtype == "fp8" else None)
     roofline = Roofline(shape, profile, step_padding(engine_config, max_model_len))
     return CorrectedRoofline(roofline, correction) if correction is not None else roofline
 
@@ -294,7 +296,7 @@ class Duet:
         for role, share in sorted({(PREFILL, p) for p, _ in used} | {(DECODE, d) for _, d in used}):
             setup = WorkerSetup(role=role, sm_percentage=share, model_config=model.config,
                                 dtype=jax.numpy.dtype(model.dtype).name,
-                                quantization=model.quantization,
+                                quantization=model.quantization, kv_scales=model.kv_scales,
                                 engine_config=engine_config, max_model_len=max_model_len,
                                 num_pages=num_pages, layout=layout,
                                 compilation_cache_dir=engine_config.compilation_cache_dir)

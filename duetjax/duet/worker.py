@@ -55,6 +55,8 @@ class WorkerSetup:
     """Compute dtype name, e.g. 'bfloat16'."""
     quantization: Any
     """``models.quantization.Fp8Config`` of FP8 weights, or None."""
+    kv_scales: Any
+    """``LoadedModel.kv_scales``: the checkpoint's KV cache scales per layer, or None."""
     engine_config: Any
     """``duetjax.config.EngineConfig``."""
     max_model_len: int
@@ -109,7 +111,8 @@ def _serve(conn: Connection) -> None:
     enable_compilation_cache(setup.compilation_cache_dir)
     model = LoadedModel(config=setup.model_config, params=None, tokenizer=None,
                         dtype=jnp.dtype(setup.dtype).type, path=f"<shared:{setup.role}>",
-                        load_seconds=0.0, quantization=setup.quantization)
+                        load_seconds=0.0, quantization=setup.quantization,
+                        kv_scales=setup.kv_scales)
     runner = ModelRunner(model, setup.engine_config, setup.max_model_len,
                          num_pages=setup.num_pages, attach=setup.layout,
                          decode_steps=decode_step_choices(setup.engine_config)

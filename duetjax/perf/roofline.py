@@ -324,6 +324,10 @@ class ModelShape:
     scales included: 1 + 4 / in_features for FP8 with a float32 scale per output channel,
     rounded here to 1 (the scales are 0.1 % of an 8B model's weights). None: ``dtype_bytes``.
     The embedding and the LM head stay at ``dtype_bytes``."""
+    kv_dtype_bytes: int | None = None
+    """Bytes per element of the KV cache: 1 for an FP8 (e4m3) pool, whose per-layer scales are
+    negligible. None: ``dtype_bytes``. Decode attention reads every cached key and value once,
+    so this halves its bytes."""
     fp8_matmul: bool = False
     """The decoder layers' linear layers multiply in FP8 (W8A8): their FLOPs run at the
     profile's FP8 rate (``DeviceProfile.fp8_flops_ratio``); the LM head's stay bf16."""
@@ -342,12 +346,17 @@ class ModelShape:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for "
                              f"{self.num_layers} layers")
 
+    @property
+    def kv_element_bytes(self) -> int:
+        """Bytes of one cached K or V element."""
+        return self.dtype_bytes if self.kv_dtype_bytes is None else self.kv_dtype_bytes
+
     @classmethod
     def from_config(cls, cfg: "ModelConfig", dtype_bytes: int = 2,
-                    quantization: Any = None) -> "ModelShape":
+                    quantization: Any = None, kv_dtype_bytes: int | None = None) -> "ModelShape":
         """The shape of a ``models.config.ModelConfig`` (read by attribute: no import needed),
         with FP8 linear layers when ``quantization`` (a ``models.quantization.Fp8Config``)
-        is given."""
+        is given and ``kv_dtype_bytes`` per cached element (None: ``dtype_bytes``)."""
         windows = tuple(cfg.layer_windows)
         fp8 = quantization is not None
         return cls(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
@@ -357,7 +366,7 @@ class ModelShape:
                    tie_word_embeddings=cfg.tie_word_embeddings, qk_norm=cfg.qk_norm,
                    sandwich_norm=cfg.sandwich_norm,
                    layer_windows=() if not any(windows) else windows,
-                   linear_weight_bytes=1 if fp8 else None,
+                   linear_weight_bytes=1 if fp8 else None, kv_dtype_bytes=kv_dtype_bytes,
                    fp8_matmul=fp8 and quantization.activation == "dynamic")
 
     def window_counts(self) -> dict[int, int]:
@@ -637,7 +646,7 @@ class Roofline:
         inv_f, inv_b = 1.0 / (flops * e), 1.0 / (bandwidth * e)
         flops_per_key = 4 * sh.num_heads * sh.head_dim                  # QKᵀ and PV, per q head
         q_bytes = 2 * sh.num_heads * sh.head_dim * sh.dtype_bytes      # read Q, write O
-        kv_bytes = 2 * sh.num_kv_heads * sh.head_dim * sh.dtype_bytes  # read K and V
+        kv_bytes = 2 * sh.num_kv_heads * sh.head_dim * sh.kv_element_bytes  # read K and V
         total_f = total_b = 0
         time_s = 0.0
         for window, layers in self._window_counts:
@@ -668,7 +677,7 @@ class Roofline:
         bucket's: split-K is chosen from the compiled shape)."""
         sh, s = self.shape, self.shape.dtype_bytes
         group = sh.num_heads // sh.num_kv_heads
-        kv_bytes = 2 * sh.head_dim * s  # K and V of one KV head, per key
+        kv_bytes = 2 * sh.head_dim * sh.kv_element_bytes  # K and V of one KV head, per key
         max_context = self.padding.max_context if self.padding is not None else 0
         if not max_context:
             max_context = max([c + 1 for c in decode_ctx] + [q + c for q, c in prefill])

@@ -157,13 +157,15 @@ def test_prefix_cache_hits_compute_fewer_tokens_and_change_nothing(tiny_llama_di
     assert warm.stats().prefix_cache_hit_tokens == 32  # two full 16-token pages of the shared prefix
 
 
-@pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_nothing_compiles_while_serving(tiny_llama_dir, quantization):
+@pytest.mark.parametrize("quantization, kv_cache_dtype", [(None, "auto"), ("fp8", "auto"),
+                                                          (None, "fp8")])
+def test_nothing_compiles_while_serving(tiny_llama_dir, quantization, kv_cache_dtype):
     import jax
 
     engine = Engine(tiny_llama_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
-                    quantization=quantization, show_progress=False)
+                    quantization=quantization, kv_cache_dtype=kv_cache_dtype, show_progress=False)
     assert engine.quantization == quantization
+    assert (engine.kv_cache_dtype.name == "float8_e4m3fn") == (kv_cache_dtype == "fp8")
     compiles = []
     listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
     jax.monitoring.register_event_duration_secs_listener(listener)

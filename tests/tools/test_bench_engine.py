@@ -96,3 +96,48 @@ def test_fp8_gemm_census_reads_gpu_hlo():
                                                   "fp8_gemm": True}
     assert fp8_gemm_census(upcast, shapes)["weight_upcasts"] == 1
     assert not fp8_gemm_census(upcast, shapes)["fp8_gemm"]
+
+
+def test_fp8_kv_cache_variants_read_half_the_kv(tiny_llama_dir):
+    """--kv-cache-dtype auto,fp8: every weights variant with both caches, and an FP8 cache's
+    decode roofline counts a byte per cached element."""
+    from duetjax import Engine
+
+    weights = be.weight_variants("none,fp8", "dynamic")
+    assert be.engine_variants(weights, "auto,fp8") == [
+        ("bf16", None, "dynamic", "auto"), ("bf16+fp8kv", None, "dynamic", "fp8"),
+        ("fp8-dynamic", "fp8", "dynamic", "auto"), ("fp8-dynamic+fp8kv", "fp8", "dynamic", "fp8")]
+    with pytest.raises(SystemExit, match="--kv-cache-dtype"):
+        be.engine_variants(weights, "int8")
+    report = {"model": "tiny", "device": "cpu", "jax": "x", "date": "today", "command": "c",
+              "ceilings": {"copy_tb_s": 1.0, "matmul_tflop_s": 1.0}, "decode": []}
+    for label, quantization, activation, kv_cache_dtype in be.engine_variants(
+            weights[:1], "auto,fp8"):
+        engine = Engine(str(tiny_llama_dir), dtype="float32", max_num_seqs=2,
+                        max_num_batched_tokens=32, max_model_len=64, quantization=quantization,
+                        kv_cache_dtype=kv_cache_dtype, compile_on_start=False,
+                        show_progress=False)
+        report["decode"] += be.decode_section(engine, report["ceilings"], [2], context=20,
+                                              weights=label)
+        be.release(engine)
+    base, fp8 = (r["roofline_ms"] for r in report["decode"])
+    assert fp8 < base
+    assert "bf16+fp8kv against bf16: decode batch 2: " in be.markdown(report)
+
+
+def test_kernel_bench_decode_fp8_runs_in_interpret_mode():
+    """tools/kernel_bench.py's decode-fp8 section on a CPU (interpret mode, tiny shapes): both
+    pools timed, the e4m3 one counted at a byte per element."""
+    import kernel_bench as kb
+
+    rows = kb.decode_fp8({"copy_tb_s": 1.0}, shapes=[(2, 48)], hq=4, hkv=2, d=32, page=16,
+                         interpret=True, num_layers=2)
+    by_dtype = {r["kv_dtype"]: r for r in rows}
+    assert set(by_dtype) == {"bfloat16", "float8_e4m3fn"}
+    bf16, fp8 = by_dtype["bfloat16"], by_dtype["float8_e4m3fn"]
+    assert bf16["speedup"] == 1.0 and fp8["speedup"] > 0
+    assert fp8["kv_tb_s"] * fp8["us"] == pytest.approx(bf16["kv_tb_s"] * bf16["us"] / 2)
+    table = kb.markdown({"env": {"gpu": "cpu", "jax": "x", "date": "d", "command": "c"},
+                         "ceilings": {"copy_tb_s": 1.0, "matmul_tflop_s": 1.0},
+                         "decode_fp8": rows})
+    assert "| 2 | 48 | float8_e4m3fn |" in table

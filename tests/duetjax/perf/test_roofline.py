@@ -440,3 +440,21 @@ def test_fp8_rate_defaults_to_twice_bf16_and_round_trips(tmp_path):
     measured = dataclasses.replace(p, fp8_flops_ratio=1.7)
     measured.save(tmp_path / "test-gpu.json")
     assert DeviceProfile.from_json(tmp_path / "test-gpu.json").fp8_flops_ratio == 1.7
+
+
+def test_fp8_kv_cache_halves_the_attention_reads(h200, llama8b):
+    """An e4m3 pool: a byte per cached element, so decode attention reads half the KV bytes and
+    the batch-64, 1k-context decode step of Llama-3-8B with FP8 weights and FP8 KV is predicted
+    well under the bf16 one (what ``tools/bench_engine.py --kv-cache-dtype auto,fp8`` times)."""
+    fp8_kv = dataclasses.replace(llama8b, kv_dtype_bytes=1)
+    batch = [(1, 1024)] * 64
+    bf16, half = (Roofline(shape, h200).breakdown(batch) for shape in (llama8b, fp8_kv))
+    kv_read = 32 * 64 * 1025 * 8 * 2 * 128  # layers x keys x KV heads x (K, V) x d, a byte each
+    assert bf16.op("attention").bytes - half.op("attention").bytes == kv_read
+    assert half.op("qkv_proj").bytes == bf16.op("qkv_proj").bytes  # activations stay bf16
+    both = dataclasses.replace(fp8_kv, linear_weight_bytes=1, fp8_matmul=True)
+    assert Roofline(both, h200).breakdown(batch).total_s < bf16.total_s / 1.6
+    from models.config import ModelConfig
+    cfg = ModelConfig.from_hf(json.loads((REPO / "models/configs/llama-3-8b/config.json").read_text()))
+    assert ModelShape.from_config(cfg, kv_dtype_bytes=1).kv_element_bytes == 1
+    assert ModelShape.from_config(cfg).kv_element_bytes == 2
