@@ -16,6 +16,7 @@ from pallas_kernels.decode_attention_mgpu import (MgpuDecodeConfig, item_keys,
                                                   paged_decode_attention_mgpu,
                                                   unsupported_reason, work_order)
 from pallas_kernels.persistent_grid import balanced_splits, sm_share
+from tests.pallas_kernels.fresh_process import STALL_SECONDS, in_fresh_process
 from tests.pallas_kernels.test_kernels import make_batch, rel_err
 
 TOL = 1e-2  # bf16 inputs and P; the reference is float32
@@ -58,13 +59,15 @@ def check(out, want, batch):
     assert np.all(out[batch:] == 0)  # the padding sequence (context 0): zeros
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(2 * STALL_SECONDS + 30)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@in_fresh_process
 def test_interpret_matches_reference(case):
     check(*run_case(case, interpret_config(case), interpret=True))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(2 * STALL_SECONDS + 30)
+@in_fresh_process
 def test_interpret_deep_ring_wraps_across_items():
     case = ("deep ring", [130, 47, 1, 96], 16, 2, 4, 64, 0, None, 16, 2, 3)
     check(*run_case(case, interpret_config(case, num_stages=4), interpret=True))

@@ -3,9 +3,9 @@
 On CPU it runs in Mosaic GPU interpret mode, which supports neither wgmma with a register
 operand nor ``pl.run_state``: those tests take P through shared memory
 (``p_in_registers=False``). Interpret mode runs each warpgroup as a host thread blocking on
-simulated barriers; on a machine with few cores it has been seen to stall (more often with
-several different kernels in one process), so each interpreted test has a time limit. The GPU-marked tests run the kernel as compiled for Hopper, with
-the configurations the engine and the benchmark use.
+simulated barriers; it has been seen to stall on a loaded machine with few cores, so each
+interpreted test runs in a fresh process (``fresh_process.py``). The GPU-marked tests run the
+kernel as compiled for Hopper, with the configurations the engine and the benchmark use.
 """
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from pallas_kernels import ops, reference, tuning
 from pallas_kernels.prefill_attention_mgpu import (MgpuPrefillConfig,
                                                    paged_prefill_attention_mgpu,
                                                    unsupported_reason)
+from tests.pallas_kernels.fresh_process import STALL_SECONDS, in_fresh_process
 from tests.pallas_kernels.test_kernels import make_batch, rel_err
 
 TOL = 1e-2  # bf16 inputs and P; the reference is float32
@@ -59,20 +60,23 @@ def interpret_config(case) -> MgpuPrefillConfig:
     return MgpuPrefillConfig(block_kv=case[-1], p_in_registers=False, schedule_barrier=False)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(2 * STALL_SECONDS + 30)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@in_fresh_process
 def test_interpret_matches_reference(case):
     check(*run_case(case, interpret_config(case), interpret=True))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(2 * STALL_SECONDS + 30)
 @pytest.mark.parametrize("case", SLOW_CASES, ids=[c[0] for c in SLOW_CASES])
+@in_fresh_process
 def test_interpret_matches_reference_slow(case):
     check(*run_case(case, interpret_config(case), interpret=True))
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(2 * STALL_SECONDS + 30)
+@in_fresh_process
 def test_skip_single_token_leaves_those_rows_unwritten():
     case = CASES[0]
     out, want, q_lens = run_case(case, interpret_config(case), interpret=True,
