@@ -14,20 +14,21 @@ import pallas_kernels
 from .attention import AttentionMetadata
 from .decoder import Decoder
 from .loader import LoadedModel
+from .tensor_parallel import group_size, held_config, kv_pool_spec
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(config, dtype: Any, impl: str, quantization):
-    """One jitted forward per (config, dtype, impl, quantization): repeated calls reuse its
-    compilations."""
-    model = Decoder(config, impl=impl, dtype=dtype, quantization=quantization)
+def _forward(config, dtype: Any, impl: str, quantization, mesh):
+    """One jitted forward per (config, dtype, impl, quantization, mesh): repeated calls reuse
+    its compilations."""
+    model = Decoder(config, impl=impl, dtype=dtype, quantization=quantization, mesh=mesh)
     return jax.jit(lambda params, t, kv, m, idx: model.apply({"params": params}, t, kv, m, idx))
 
 
 def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, page_size: int = 16,
                    impl: str = "auto") -> list[np.ndarray]:
     """float32 logits ``[len(prompt), vocab]`` for every position of every prompt."""
-    cfg = loaded.config
+    cfg = held_config(loaded.config, group_size(loaded.mesh))
     lengths = [len(p) for p in prompts]
     if min(lengths, default=0) < 1:
         raise ValueError("every prompt needs at least one token")
@@ -41,6 +42,8 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         first_page += p
     pool = jnp.zeros(pallas_kernels.kv_pool_shape(cfg.num_layers, first_page, cfg.num_kv_heads,
                                                   page_size, cfg.head_dim), loaded.dtype)
+    if loaded.mesh is not None:
+        pool = jax.device_put(pool, jax.sharding.NamedSharding(loaded.mesh, kv_pool_spec()))
     meta = AttentionMetadata(
         positions=jnp.asarray(np.concatenate([np.arange(n) for n in lengths]), jnp.int32),
         slot_mapping=jnp.asarray(slots, jnp.int32),
@@ -48,7 +51,7 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         context_lens=jnp.asarray(lengths, jnp.int32),
         query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32))
     tokens = jnp.asarray(np.concatenate([np.asarray(p) for p in prompts]), jnp.int32)
-    logits, _ = _forward(cfg, loaded.dtype, impl, loaded.quantization)(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
+    logits, _ = _forward(cfg, loaded.dtype, impl, loaded.quantization, loaded.mesh)(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
     logits = np.asarray(logits)
     bounds = np.cumsum(lengths)[:-1]
     return list(np.split(logits, bounds))
