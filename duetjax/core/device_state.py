@@ -18,9 +18,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 import pallas_kernels
 from models import LoadedModel
+from models.tensor_parallel import group_size, held_config, kv_pool_spec, replicated
 
 from ..config import EngineConfig
 from .sampler import SlotTables
@@ -45,13 +47,24 @@ class DeviceState:
 
     @classmethod
     def allocate(cls, params: Any, kv_pool_shape: tuple[int, ...], kv_dtype: Any,
-                 token_counts_shape: tuple[int, int], shared: bool = False) -> "DeviceState":
+                 token_counts_shape: tuple[int, int], shared: bool = False,
+                 mesh: Mesh | None = None) -> "DeviceState":
         """A zeroed KV pool, counts and slot tables beside ``params``; ``shared``: all of them
-        in shared buffers, ``params`` copied in (the caller drops its copy)."""
+        in shared buffers, ``params`` copied in (the caller drops its copy). ``mesh``: a
+        tensor-parallel group: the pool split by KV heads over it (each device makes its own
+        share), the counts and tables on every device."""
         if shared:
             return cls._over(SharedState.create(params, kv_pool_shape, kv_dtype, token_counts_shape))
-        return cls(params, jnp.zeros(kv_pool_shape, kv_dtype),
-                   jnp.zeros(token_counts_shape, jnp.int32), SlotTables.zeros(*token_counts_shape))
+        if mesh is None:
+            return cls(params, jnp.zeros(kv_pool_shape, kv_dtype),
+                       jnp.zeros(token_counts_shape, jnp.int32),
+                       SlotTables.zeros(*token_counts_shape))
+        pool = jax.jit(lambda: jnp.zeros(kv_pool_shape, kv_dtype),
+                       out_shardings=NamedSharding(mesh, kv_pool_spec()))()
+        everywhere = replicated(mesh)
+        return cls(params, pool,
+                   jax.device_put(jnp.zeros(token_counts_shape, jnp.int32), everywhere),
+                   jax.device_put(SlotTables.zeros(*token_counts_shape), everywhere))
 
     @classmethod
     def attach(cls, layout: SharedLayout) -> "DeviceState":
@@ -91,9 +104,11 @@ class DeviceState:
 def plan_num_pages(model: LoadedModel, config: EngineConfig, free_bytes: int | None = None) -> int:
     """KV pool pages: ``kv_cache_tokens``, else a share of the free GPU memory (``free_bytes``,
     default what XLA reports), else the CPU default."""
-    cfg = model.config
-    per_token = pallas_kernels.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                                  jnp.dtype(model.dtype).itemsize)
+    devices = group_size(model.mesh)
+    cfg = held_config(model.config, devices)
+    # per device: a tensor-parallel group splits every token's KV heads over its devices
+    per_token = pallas_kernels.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads // devices,
+                                                  cfg.head_dim, jnp.dtype(model.dtype).itemsize)
     tokens = config.kv_cache_tokens
     if tokens is None and jax.default_backend() == "gpu":
         if free_bytes is None:
@@ -103,8 +118,8 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, free_bytes: int | N
     if tokens is None:
         tokens = config.cpu_kv_cache_tokens
     pages = tokens // config.page_size
-    log.info("KV pool: %d pages of %d tokens (%.2f GiB)", pages, config.page_size,
-             pages * config.page_size * per_token / 2**30)
+    log.info("KV pool: %d pages of %d tokens (%.2f GiB%s)", pages, config.page_size,
+             pages * config.page_size * per_token / 2**30, " per device" if devices > 1 else "")
     return pages
 
 
