@@ -1,6 +1,6 @@
 """What the command lines (``duetjax.generate``, ``duetjax.serve``, ``duetjax.convert``)
-share: the ``--generation-config`` flag, the ``--load-format`` help and one-line start-up
-errors that name flags."""
+share: the ``--generation-config``, quantization and ``--tensor-parallel-size`` flags, the
+``--load-format`` help and one-line start-up errors that name flags."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,18 @@ def quantization_options(args: argparse.Namespace) -> dict[str, str]:
     return {name: getattr(args, name) for name in ("quantization", "fp8_activation",
                                                    "kv_cache_dtype")
             if getattr(args, name) is not None}
+
+
+def add_tensor_parallel_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                        help="split the model over N GPUs of this host (Megatron-style tensor "
+                             "parallelism; default 1)")
+
+
+def tensor_parallel_options(args: argparse.Namespace) -> dict[str, int]:
+    """The EngineConfig field ``add_tensor_parallel_flag``'s flag sets (when given)."""
+    size = args.tensor_parallel_size
+    return {} if size is None else {"tensor_parallel_size": size}
 
 
 def start_error(error: Exception) -> str:

@@ -129,6 +129,11 @@ class EngineConfig:
     value activations (a unit scale only clamps outliers beyond 448 and coarsens values below
     2^-6, which weigh little in dot products); a scale calibrated at start-up from random
     tokens would tune it to activations that real prompts do not produce."""
+    tensor_parallel_size: int = 1
+    """GPUs of this host the model is split over, Megatron-style (``models.tensor_parallel``:
+    heads, MLP features and vocabulary split, the KV pool by KV heads; one all-reduce after
+    attention and one after the MLP per layer). 1: one device, no mesh. Aggregated mode only
+    for now."""
     generation_config: str = "auto"
     """Where requests' default sampling comes from (vLLM's option): 'auto', the model's
     generation config (``sampling_defaults.py``); 'vllm', ``SamplingParams``' own defaults; or a
@@ -181,5 +186,16 @@ class EngineConfig:
             raise ValueError(f"gemm_backend must be 'cublas' or 'triton', got {self.gemm_backend!r}")
         if self.tbt_slo_ms is not None and not 0 < self.tbt_slo_ms < float("inf"):
             raise ConfigError("tbt_slo_ms", f"must be a number > 0 (or unset), got {self.tbt_slo_ms}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size",
+                              f"must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.mode == "duet":
+            raise ConfigError("tensor_parallel_size",
+                              "> 1 does not run in duet mode yet (its worker processes hold one "
+                              "GPU each): use mode='aggregated'")
+        if self.tensor_parallel_size > 1 and self.tbt_slo_ms is not None:
+            raise ConfigError("tensor_parallel_size",
+                              "> 1 does not take tbt_slo_ms yet (the roofline models one GPU, "
+                              "without the all-reduces)")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")

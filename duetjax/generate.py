@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from .cli import (LOAD_FORMAT_HELP, add_generation_config_flag, add_quantization_flags,
-                  quantization_options, start_error)
+                  add_tensor_parallel_flag, quantization_options, start_error,
+                  tensor_parallel_options)
 from .engine import Engine
 from .sampling_params import SamplingParams
 
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16")
     p.add_argument("--load-format", default="auto", help=LOAD_FORMAT_HELP)
     add_quantization_flags(p)
+    add_tensor_parallel_flag(p)
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log engine start-up")
     return p.parse_args(argv)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format,
                         max_num_seqs=1, compile_on_start=False,
                         generation_config=args.generation_config,
-                        **quantization_options(args))
+                        **quantization_options(args), **tensor_parallel_options(args))
         params = sampling_params(engine, args)
     except (ValueError, TypeError, OSError) as error:
         print(start_error(error), file=sys.stderr)

@@ -27,7 +27,8 @@ import uvicorn
 
 from .async_engine import AsyncEngine
 from .cli import (LOAD_FORMAT_HELP, add_generation_config_flag, add_quantization_flags,
-                  quantization_options, start_error)
+                  add_tensor_parallel_flag, quantization_options, start_error,
+                  tensor_parallel_options)
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
@@ -76,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     e.add_argument("--load-format", default="auto", help=LOAD_FORMAT_HELP)
     add_quantization_flags(e)
+    add_tensor_parallel_flag(e)
     e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
     e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
     e.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
@@ -122,6 +124,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options["mode"] = args.mode
     options["generation_config"] = args.generation_config
     options.update(quantization_options(args))
+    options.update(tensor_parallel_options(args))
     for name in ("tbt_slo_ms", "duet_policy", "device_profile"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)

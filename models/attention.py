@@ -6,10 +6,15 @@ pages are; ``pallas_kernels`` does the work (Pallas kernels on GPU, a plain-jnp 
 """
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
+from jax.sharding import Mesh, PartitionSpec as P
 
 import pallas_kernels
+
+from .tensor_parallel import AXIS, kv_pool_spec
 
 
 @flax.struct.dataclass
@@ -33,12 +38,26 @@ class AttentionMetadata:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_pool: jax.Array, layer: jax.Array,
            meta: AttentionMetadata, *, scale: float, soft_cap: float | None,
            sliding_window: jax.Array, impl: str,
-           kv_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           kv_scale: jax.Array | None = None,
+           mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
     """Writes this step's K/V into the pool, then attends over each sequence's pages.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; ``kv_scale``: this layer's K and V scales of an FP8
-    pool (None: 1.0). Returns (output [T, Hq, D], updated pool).
+    pool (None: 1.0). Returns (output [T, Hq, D], updated pool). ``mesh``: a tensor-parallel
+    group (``tensor_parallel``): heads and the pool split by heads over it, each device runs
+    the kernels on its own heads (the metadata and the scales are the same everywhere).
     """
+    run = functools.partial(_attend, scale=scale, soft_cap=soft_cap, impl=impl)
+    if mesh is None:
+        return run(q, k, v, kv_pool, layer, meta, sliding_window, kv_scale)
+    heads, pool = P(None, AXIS), kv_pool_spec()
+    run = jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, pool, P(), P(), P(), P()),
+                        out_specs=(heads, pool), check_vma=False)
+    return run(q, k, v, kv_pool, layer, meta, sliding_window, kv_scale)
+
+
+def _attend(q, k, v, kv_pool, layer, meta: AttentionMetadata, sliding_window, kv_scale, *,
+            scale: float, soft_cap: float | None, impl: str) -> tuple[jax.Array, jax.Array]:
     kv_pool = pallas_kernels.write_kv(kv_pool, layer, k, v, meta.slot_mapping,
                                       kv_scale=kv_scale, impl=impl)
     out = pallas_kernels.paged_attention(

@@ -9,6 +9,10 @@ up_proj, weights and biases alike; each layer's piece is concatenated on the hos
 members (each checked against the shape the config implies for it). Tensors go to the device
 one layer at a time; only one layer group (e.g. all ``gate_up_proj`` weights) is ever stacked
 at once.
+
+With a tensor-parallel mesh (``models.tensor_parallel``) each layer's tensor goes straight
+into its sharding, each device receiving only its slice; fused params are laid out
+shard-major first (``tensor_parallel.fused_rows``).
 """
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from .attention import AttentionMetadata
 from .config import ModelConfig
 from .decoder import Decoder
 from .errors import CheckpointError
 from .quantization import FP8_DTYPE, Fp8Config, quantize_weight
+from . import tensor_parallel
 
 
 class TensorSource(Protocol):
@@ -82,18 +88,25 @@ def abstract_params(config: ModelConfig, dtype: Any, quantization: Fp8Config | N
 
 
 def random_params(config: ModelConfig, dtype: Any, seed: int = 0,
-                  quantization: Fp8Config | None = None) -> Any:
+                  quantization: Fp8Config | None = None, mesh: Mesh | None = None) -> Any:
     """Random weights of the real shapes, created on the device (no host copy): vLLM's
     ``load_format="dummy"``. With ``quantization`` the linear layers' weights are made in FP8
-    directly."""
-    model = Decoder(config, impl="reference", dtype=dtype, quantization=quantization)
-    init = jax.jit(lambda key: model.init(key, *_tiny_inputs(config))["params"])
+    directly; with ``mesh``, each device makes its own slices (of ``held_config``'s shapes)."""
+    if mesh is None:
+        model = Decoder(config, impl="reference", dtype=dtype, quantization=quantization)
+        init = jax.jit(lambda key: model.init(key, *_tiny_inputs(config))["params"])
+        return init(jax.random.key(seed))
+    held = tensor_parallel.held_config(config, tensor_parallel.group_size(mesh))
+    model = Decoder(held, impl="reference", dtype=dtype, quantization=quantization)
+    shardings = tensor_parallel.param_shardings(abstract_params(held, dtype, quantization), mesh)
+    init = jax.jit(lambda key: model.init(key, *_tiny_inputs(held))["params"],
+                   out_shardings=shardings)
     return init(jax.random.key(seed))
 
 
 def load_params(config: ModelConfig, source: TensorSource, dtype: Any,
                 progress: Callable[[str], None] | None = None,
-                quantization: Fp8Config | None = None) -> Any:
+                quantization: Fp8Config | None = None, mesh: Mesh | None = None) -> Any:
     """Reads every parameter from ``source``, checks its shape, casts and places it on device.
 
     A fused param (``FUSED``) is built per layer from its HF members, concatenated on the host;
@@ -103,9 +116,26 @@ def load_params(config: ModelConfig, source: TensorSource, dtype: Any,
     read as is where the source holds its per-channel ``weight_scale`` (an FP8 checkpoint, seen
     through ``fp8_checkpoint``), else quantized per output channel on the device, one layer at
     a time, so the high-precision weights are never all in memory.
+
+    With ``mesh`` (a tensor-parallel group), every tensor is placed into its sharding as it
+    is read: each device receives only its slice, never the whole tensor.
     """
     available = source.names()
-    shapes = abstract_params(config, dtype, quantization)
+    shapes = abstract_params(config, dtype, quantization)  # the checkpoint's own geometry
+    size = tensor_parallel.group_size(mesh)
+
+    def place(host: np.ndarray, keys: list[str]) -> jax.Array:
+        """One tensor (a layer's piece of a stacked param) onto the device(s)."""
+        if mesh is None:
+            return jax.device_put(host)
+        spec = tensor_parallel.param_spec(keys, stacked=False)
+        return jax.device_put(host, NamedSharding(mesh, spec))
+
+    def stack(pieces: list[jax.Array], keys: list[str]) -> jax.Array:
+        if mesh is None:
+            return jnp.stack(pieces)
+        sharding = NamedSharding(mesh, tensor_parallel.param_spec(keys, stacked=True))
+        return jax.jit(lambda *p: jnp.stack(p), out_shardings=sharding)(*pieces)
 
     def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in available:
@@ -129,13 +159,18 @@ def load_params(config: ModelConfig, source: TensorSource, dtype: Any,
         return name in available or bool(parts) and all(n in available for _, n in parts)
 
     def tensor(name: str, fused_name: str | None, shape: tuple[int, ...]) -> np.ndarray:
-        """One layer's tensor; a fused one from its HF members concatenated on axis 0."""
-        if fused_name is None or name in available:
+        """One layer's tensor; a fused one from its HF members concatenated on axis 0 (in the
+        tensor-parallel group's row order)."""
+        if fused_name is None:
             return read(name, shape)
-        host = np.concatenate([read(n, (member_features(config, m),) + shape[1:])
-                               for m, n in members(name, fused_name)])
-        assert host.shape == shape, (name, host.shape, shape)
-        return host
+        if name in available:
+            host = read(name, shape)
+        else:
+            host = np.concatenate([read(n, (member_features(config, m),) + shape[1:])
+                                   for m, n in members(name, fused_name)])
+            assert host.shape == shape, (name, host.shape, shape)
+        parts = [(m, member_features(config, m)) for m in FUSED[fused_name]]
+        return tensor_parallel.fused_rows(host, parts, config, size)
 
     def stacked_names(keys: list[str]) -> tuple[list[str], bool]:
         names = hf_names(keys, config.num_layers)
@@ -144,18 +179,18 @@ def load_params(config: ModelConfig, source: TensorSource, dtype: Any,
     def fused_of(keys: list[str]) -> str | None:
         return keys[-2] if len(keys) >= 2 and keys[-2] in FUSED else None
 
-    def gather(pieces: list[jax.Array], stacked: bool, names: list[str]) -> jax.Array:
+    def gather(pieces: list[jax.Array], stacked: bool, names: list[str],
+               keys: list[str]) -> jax.Array:
         if progress is not None:
             progress(names[0])
-        return jnp.stack(pieces) if stacked else pieces[0]
+        return stack(pieces, keys) if stacked else pieces[0]
 
     def load(keys: list[str], leaf: jax.ShapeDtypeStruct) -> jax.Array:
         names, stacked = stacked_names(keys)
         per_tensor = tuple(leaf.shape[1:] if stacked else leaf.shape)
         fused_name = fused_of(keys)
-        pieces = [jax.device_put(tensor(n, fused_name, per_tensor).astype(leaf.dtype))
-                  for n in names]
-        return gather(pieces, stacked, names)
+        pieces = [place(tensor(n, fused_name, per_tensor).astype(leaf.dtype), keys) for n in names]
+        return gather(pieces, stacked, names, keys)
 
     def load_fp8(keys: list[str], weight: jax.ShapeDtypeStruct) -> tuple[jax.Array, jax.Array]:
         """(weight, weight_scale) of one FP8 linear layer, stacked over the layers."""
@@ -166,14 +201,17 @@ def load_params(config: ModelConfig, source: TensorSource, dtype: Any,
         for name in names:
             scale_name = name[: -len("weight")] + "weight_scale"
             if present(scale_name, fused_name):
-                w = jax.device_put(tensor(name, fused_name, per_tensor).astype(FP8_DTYPE))
-                s = jax.device_put(tensor(scale_name, fused_name, per_tensor[:1]).astype(np.float32))
+                w = place(tensor(name, fused_name, per_tensor).astype(FP8_DTYPE),
+                          keys + ["weight"])
+                s = place(tensor(scale_name, fused_name, per_tensor[:1]).astype(np.float32),
+                          keys + ["weight_scale"])
             else:
-                w, s = quantize_weight(jax.device_put(tensor(name, fused_name, per_tensor)
-                                                      .astype(dtype)))
+                w, s = quantize_weight(place(tensor(name, fused_name, per_tensor).astype(dtype),
+                                             keys + ["weight"]))
             weights.append(w)
             scales.append(s)
-        return gather(weights, stacked, names), jnp.stack(scales) if stacked else scales[0]
+        return (gather(weights, stacked, names, keys + ["weight"]),
+                stack(scales, keys + ["weight_scale"]) if stacked else scales[0])
 
     def walk(keys: list[str], node: Any) -> Any:
         if not isinstance(node, Mapping):

@@ -10,11 +10,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from .attention import AttentionMetadata, attend
 from .config import ModelConfig
 from .layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope
 from .quantization import Fp8Config
+from .tensor_parallel import group_size, replicated, split_fused, vocab_split
 
 
 class Attention(nn.Module):
@@ -22,6 +24,7 @@ class Attention(nn.Module):
     impl: str
     dtype: jnp.dtype
     quantization: Fp8Config | None
+    mesh: Mesh | None
 
     @nn.compact
     def __call__(self, x, kv_pool, layer, window, local_rope, kv_scale, meta: AttentionMetadata):
@@ -32,7 +35,7 @@ class Attention(nn.Module):
         # time): three skinny GEMMs, or XLA concatenating the weights every step, cost more.
         qkv = Linear(q_size + 2 * kv_size, cfg.qkv_bias, self.dtype, self.quantization,
                      name="qkv_proj")(x)
-        q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
+        q, k, v = split_fused(qkv, (q_size, kv_size, kv_size), group_size(self.mesh))
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -47,7 +50,7 @@ class Attention(nn.Module):
         k = apply_rope(k, meta.positions, inv_freq)
         out, kv_pool = attend(q, k, v, kv_pool, layer, meta, scale=cfg.attn_scale,
                               soft_cap=cfg.attn_logit_softcap, sliding_window=window,
-                              kv_scale=kv_scale, impl=self.impl)
+                              kv_scale=kv_scale, impl=self.impl, mesh=self.mesh)
         out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)
         o_proj = Linear(cfg.hidden_size, cfg.o_bias, self.dtype, self.quantization, name="o_proj")
         return o_proj(out), kv_pool
@@ -62,6 +65,7 @@ class DecoderLayer(nn.Module):
     impl: str
     dtype: jnp.dtype
     quantization: Fp8Config | None
+    mesh: Mesh | None
 
     @nn.compact
     def __call__(self, carry, per_layer, meta: AttentionMetadata):
@@ -72,10 +76,11 @@ class DecoderLayer(nn.Module):
         def norm(name):
             return RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, name=name)
 
-        h, kv_pool = Attention(cfg, self.impl, self.dtype, self.quantization, name="self_attn")(
+        h, kv_pool = Attention(cfg, self.impl, self.dtype, self.quantization, self.mesh,
+                               name="self_attn")(
             norm("input_layernorm")(x), kv_pool, layer, window, local_rope, kv_scale, meta)
         mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.mlp_bias,
-                       self.dtype, self.quantization, name="mlp")
+                       self.dtype, self.quantization, group_size(self.mesh), name="mlp")
         if cfg.sandwich_norm:
             x = x + norm("post_attention_layernorm")(h)
             x = x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
@@ -101,6 +106,9 @@ class Decoder(nn.Module):
     kv_scales: tuple[tuple[float, float], ...] | None = None
     """(K scale, V scale) per layer of an FP8 KV pool (``LoadedModel.kv_scales``), compiled in
     as constants; None: an FP8 pool scales by 1.0, and any other pool takes none."""
+    mesh: Mesh | None = None
+    """The tensor-parallel group the weights and the KV pool are split over
+    (``models.tensor_parallel``; ``config`` is then its ``held_config``); None: one device."""
 
     def setup(self) -> None:
         cfg = self.config
@@ -108,7 +116,7 @@ class Decoder(nn.Module):
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=cfg.num_layers,
                          unroll=self.scan_unroll)
-        self.layers = layers(cfg, self.impl, self.dtype, self.quantization)
+        self.layers = layers(cfg, self.impl, self.dtype, self.quantization, self.mesh)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, False, self.dtype)
@@ -140,6 +148,10 @@ class Decoder(nn.Module):
             logits = self.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x).astype(jnp.float32)
+        if self.mesh is not None:  # each device its vocabulary share (not the whole head)
+            logits = jax.lax.with_sharding_constraint(logits, vocab_split(self.mesh))
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        if self.mesh is not None:  # gathered whole for the sampler
+            logits = jax.lax.with_sharding_constraint(logits, replicated(self.mesh))
         return logits

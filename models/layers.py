@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .quantization import FP8_DTYPE, Fp8Config, fp8_linear, placeholder_scale, random_fp8_weight
+from .tensor_parallel import split_fused
 
 WEIGHT_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -84,13 +85,16 @@ class GatedMLP(nn.Module):
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     quantization: Fp8Config | None = None
+    shards: int = 1
+    """Devices the intermediate features are split over (``gate_up_proj``'s rows are stored
+    shard-major then: ``tensor_parallel.fused_rows``)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # gate_proj and up_proj fused into one GEMM (HF's rows concatenated at load time).
         gate_up = Linear(2 * self.intermediate_size, self.use_bias, self.dtype, self.quantization,
                          name="gate_up_proj")(x)
-        gate, up = jnp.split(gate_up, 2, axis=-1)
+        gate, up = split_fused(gate_up, (self.intermediate_size,) * 2, self.shards)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         return Linear(self.hidden_size, self.use_bias, self.dtype, self.quantization,
                       name="down_proj")(act * up)

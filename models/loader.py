@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from .checkpoint import load_params, random_params
 from .config import ModelConfig
@@ -18,6 +19,7 @@ from .fp8_checkpoint import Fp8CheckpointSource, fp8_checkpoint_format, read_kv_
 from .hf_loader import SafetensorsSource, read_generation_config, read_hf_config
 from .orbax_loader import load_orbax, tree_dir
 from .quantization import QUANTIZATION_METHODS, Fp8Config
+from .tensor_parallel import check, group_size
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -61,6 +63,9 @@ class LoadedModel:
     """(K scale, V scale) per layer for an FP8 KV cache, from the checkpoint
     (compressed-tensors ``k_scale`` / ``v_scale``); None: it holds none (an FP8 cache then
     scales by 1.0). Unused by a high-precision cache."""
+    mesh: Mesh | None = None
+    """The tensor-parallel group the weights are split over (``models.tensor_parallel``:
+    ``params`` then has ``held_config``'s shapes); None: one device."""
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -88,7 +93,7 @@ def _tokenizer_for(model_dir: Path):
 
 def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
                load_format: str = "auto", quantization: str | None = None,
-               fp8_activation: str = "dynamic") -> LoadedModel:
+               fp8_activation: str = "dynamic", mesh: Mesh | None = None) -> LoadedModel:
     """Loads a checkpoint.
 
     model: a Hugging Face directory (config.json + safetensors), a ``.gguf`` file, an Orbax
@@ -98,7 +103,9 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
     directory holding only config.json, or the name of a shipped config such as 'llama-3-8b').
     quantization: None (the checkpoint's own: FP8 for an FP8 checkpoint, else ``dtype``) or
     'fp8' (a high-precision checkpoint's linear layers quantized on load). fp8_activation:
-    ``Fp8Config.activation`` of FP8 weights.
+    ``Fp8Config.activation`` of FP8 weights. mesh: a tensor-parallel group to split the
+    weights over as they load (``models.tensor_parallel``; TensorParallelError when the
+    model does not split over it).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
@@ -130,7 +137,8 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         generation_config = source.generation_config()
         hf_config = source.hf_config
         config = ModelConfig.from_hf(hf_config)
-        params = load_params(config, source, dtype, quantization=quant)
+        check(config, group_size(mesh))
+        params = load_params(config, source, dtype, quantization=quant, mesh=mesh)
         try:
             tokenizer = source.tokenizer()
         except CheckpointError as err:  # e.g. a vocabulary type other than BPE or SentencePiece
@@ -140,28 +148,29 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         if quant is not None:
             raise CheckpointError("quantization='fp8' does not apply to Orbax checkpoints yet: "
                                   "load the Hugging Face or GGUF checkpoint with it instead")
-        checkpoint = load_orbax(path, dtype)
+        checkpoint = load_orbax(path, dtype, mesh=mesh)
         config, hf_config, params = checkpoint.config, checkpoint.hf_config, checkpoint.params
         generation_config = read_generation_config(checkpoint.files_dir)
         tokenizer = _tokenizer_for(checkpoint.files_dir)
     else:
         hf_config = read_hf_config(path)
         config = ModelConfig.from_hf(hf_config)
+        check(config, group_size(mesh))
         generation_config = read_generation_config(path)
         fp8_format = fp8_checkpoint_format(hf_config)
         if fp8_format is not None:
             quant = fp8  # an FP8 checkpoint runs in FP8, as it was published
         if load_format == "dummy":
-            params = random_params(config, dtype, quantization=quant)
+            params = random_params(config, dtype, quantization=quant, mesh=mesh)
         else:
             source = SafetensorsSource(path)
             kv_scales = read_kv_scales(source, config.num_layers)
             if fp8_format is not None:
                 source = Fp8CheckpointSource(source, fp8_format)
-            params = load_params(config, source, dtype, quantization=quant)
+            params = load_params(config, source, dtype, quantization=quant, mesh=mesh)
         tokenizer = _tokenizer_for(path)
     jax.block_until_ready(params)
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, dtype=dtype, path=path,
                        load_seconds=time.perf_counter() - start,
                        generation_config=generation_config, hf_config=hf_config,
-                       quantization=quant, kv_scales=kv_scales)
+                       quantization=quant, kv_scales=kv_scales, mesh=mesh)

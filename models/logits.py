@@ -15,13 +15,15 @@ from pallas_kernels.kv_layout import FP8_KV_DTYPE
 from .attention import AttentionMetadata
 from .decoder import Decoder
 from .loader import LoadedModel
+from .tensor_parallel import group_size, held_config, kv_pool_spec
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(config, dtype: Any, impl: str, quantization, kv_scales):
-    """One jitted forward per (config, dtype, impl, quantization, KV scales): repeated calls
-    reuse its compilations."""
-    model = Decoder(config, impl=impl, dtype=dtype, quantization=quantization, kv_scales=kv_scales)
+def _forward(config, dtype: Any, impl: str, quantization, kv_scales, mesh):
+    """One jitted forward per (config, dtype, impl, quantization, KV scales, mesh): repeated
+    calls reuse its compilations."""
+    model = Decoder(config, impl=impl, dtype=dtype, quantization=quantization, kv_scales=kv_scales,
+                    mesh=mesh)
     return jax.jit(lambda params, t, kv, m, idx: model.apply({"params": params}, t, kv, m, idx))
 
 
@@ -29,7 +31,7 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
                    impl: str = "auto", kv_cache_dtype: str = "auto") -> list[np.ndarray]:
     """float32 logits ``[len(prompt), vocab]`` for every position of every prompt;
     ``kv_cache_dtype`` as ``EngineConfig``'s ('fp8': attention reads an e4m3 pool)."""
-    cfg = loaded.config
+    cfg = held_config(loaded.config, group_size(loaded.mesh))
     if kv_cache_dtype not in ("auto", "fp8"):
         raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
     fp8_kv = kv_cache_dtype == "fp8"
@@ -47,6 +49,8 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
     pool = jnp.zeros(pallas_kernels.kv_pool_shape(cfg.num_layers, first_page, cfg.num_kv_heads,
                                                   page_size, cfg.head_dim),
                      FP8_KV_DTYPE if fp8_kv else loaded.dtype)
+    if loaded.mesh is not None:
+        pool = jax.device_put(pool, jax.sharding.NamedSharding(loaded.mesh, kv_pool_spec()))
     meta = AttentionMetadata(
         positions=jnp.asarray(np.concatenate([np.arange(n) for n in lengths]), jnp.int32),
         slot_mapping=jnp.asarray(slots, jnp.int32),
@@ -55,7 +59,7 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32))
     tokens = jnp.asarray(np.concatenate([np.asarray(p) for p in prompts]), jnp.int32)
     forward = _forward(cfg, loaded.dtype, impl, loaded.quantization,
-                       loaded.kv_scales if fp8_kv else None)
+                       loaded.kv_scales if fp8_kv else None, loaded.mesh)
     logits, _ = forward(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
     logits = np.asarray(logits)
     bounds = np.cumsum(lengths)[:-1]

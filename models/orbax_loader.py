@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import jax
 
+from . import tensor_parallel
 from .checkpoint import abstract_params, load_params
 from .config import ModelConfig
 from .errors import CheckpointError
@@ -84,11 +85,13 @@ def companion_dir(path: Path, tree: Path, filename: str) -> Path | None:
 
 
 def load_orbax(path: Path, dtype: Any,
-               sharding_of: Callable[[str], jax.sharding.Sharding] | None = None) -> OrbaxCheckpoint:
+               sharding_of: Callable[[str], jax.sharding.Sharding] | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> OrbaxCheckpoint:
     """Restores an Orbax checkpoint of any of the three layouts.
 
     sharding_of: '/'-joined parameter path -> its sharding (duetjax's own layout); default,
-    every leaf on the first device.
+    every leaf on the first device. mesh: a tensor-parallel group (MaxText's and Gemma's
+    layouts; duetjax's own does not split yet).
     """
     path = Path(path)
     folder = tree_dir(path)
@@ -105,12 +108,17 @@ def load_orbax(path: Path, dtype: Any,
             f"{path.parent}; e.g. the original model's from its hub page")
     hf_config = read_hf_config(files_dir)
     config = ModelConfig.from_hf(hf_config)
+    tensor_parallel.check(config, tensor_parallel.group_size(mesh))
     if layout == "duetjax":
+        if mesh is not None:
+            raise tensor_parallel.TensorParallelError(
+                "> 1 does not load duetjax's own Orbax checkpoints yet (their fused q/k/v and "
+                "gate/up rows are stored for one device): load the Hugging Face checkpoint")
         params = restore_params(tree, config, dtype, sharding_of)
     else:
         tables = {"maxtext": maxtext_tensors, "gemma": gemma_flax_tensors}
         source = LayoutSource(tree, LAYOUTS[layout], tables[layout](config, tree))
-        params = load_params(config, source, dtype)
+        params = load_params(config, source, dtype, mesh=mesh)
     return OrbaxCheckpoint(hf_config=hf_config, config=config, params=params, layout=layout,
                            files_dir=files_dir)
 

@@ -13,6 +13,14 @@ Sections (``--sections``, default all):
 - ``paris``: the embedded SmolLM2 in bf16 on the GPU kernels answers the capital question.
 - ``startup``: process start to a ready engine (all buckets compiled), cold and warm cache.
 
+Tensor parallelism (``--tensor-parallel-size``, a comma list such as ``1,2``): every weights
+variant runs at each group size, labelled ``-tpN`` beyond one device. A step's roofline is one
+GPU's: the bytes and FLOPs of its own shards (``device_bytes``), at one GPU's measured copy
+and matmul rates; the all-reduces count as overhead.
+
+    python tools/bench_engine.py --model llama-3-8b --sections decode,prefill --batches 1,64 \
+        --tensor-parallel-size 1,2 --out tp.json --table tp.md
+
 Weights (``--quantization``, a comma list): ``none`` (bf16) and/or ``fp8`` (the linear layers
 quantized to FP8 on load, one variant per ``--fp8-activation``: ``dynamic`` W8A8, ``none``
 weight-only). The decode and prefill sections run for every variant, one engine after the
@@ -61,7 +69,6 @@ from duetjax.core.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E4
 from duetjax.gc_pauses import freeze_startup_heap, gc_pauses  # noqa: E402
 from fp8_gemm_check import decode_census  # noqa: E402
 from gpu_ceilings import ceilings  # noqa: E402
-from pallas_kernels import kv_bytes_per_token  # noqa: E402
 
 
 def log(*args) -> None:
@@ -111,19 +118,31 @@ def time_steps(engine: Engine, batch: SchedulerOutput, steps: int, rounds: int =
 
 
 def weight_bytes(engine: Engine) -> int:
-    """Bytes of the engine's weights as they sit on the device (FP8 values and their scales
-    for quantized linear layers)."""
-    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(engine.runner.params))
+    """Bytes of the engine's weights as they sit on one device (FP8 values and their scales
+    for quantized linear layers; with tensor parallelism, the first device's shards)."""
+    return device_bytes(engine.runner.params)
+
+
+def device_bytes(tree) -> int:
+    """Bytes of a tree of arrays held by the first device that holds any of them."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    first = min(d.id for leaf in leaves for d in leaf.sharding.device_set)
+    return sum(s.data.nbytes for leaf in leaves for s in leaf.addressable_shards
+               if s.device.id == first)
+
+
+def kv_bytes_per_token_per_device(engine: Engine) -> float:
+    """KV bytes one token occupies on one device (its share of the pool's KV heads)."""
+    pool = engine.runner.kv_pool
+    return device_bytes(pool) / (pool.shape[1] * pool.shape[4])  # over pages x page size
 
 
 def decode_section(engine: Engine, ceil: dict, batches: list[int], context: int,
                    steps: int = 1, weights: str = "bf16") -> list[dict]:
     """Per decode step; ``steps`` > 1 times k-step dispatches (the KV read grows by one token
     per step, which the roofline's mean context counts). ``weights``: the variant's label."""
-    cfg = engine.model_config
     weights_moved = weight_bytes(engine)
-    per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                   engine.kv_cache_dtype.itemsize)
+    per_token = kv_bytes_per_token_per_device(engine)
     rows = []
     for b in batches:
         batch = synthetic_batch(engine, [context - 1] * b, [1] * b, steps)
@@ -147,7 +166,7 @@ def prefill_section(engine: Engine, ceil: dict, lengths: list[int],
         t = time_steps(engine, synthetic_batch(engine, [0], [n]), steps=3)
         attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * (n + 1) / 2
         flops = 2 * linear * n + attention + 2 * cfg.vocab_size * cfg.hidden_size
-        mfu = flops / t / (ceil["matmul_tflop_s"] * 1e12)
+        mfu = flops / t / (ceil["matmul_tflop_s"] * 1e12 * engine.config.tensor_parallel_size)
         rows.append({"weights": weights, "tokens": n, "seconds": t, "tflop_s": flops / t / 1e12,
                      "mfu": mfu})
         log(f"{weights} prefill {n:5d} tokens: {1e3 * t:8.1f} ms, {flops / t / 1e12:6.1f} TFLOP/s, MFU {100 * mfu:5.1f} %")
@@ -397,6 +416,8 @@ def main() -> None:
                    help="fp8 variants, comma-separated: dynamic (W8A8), none (weight-only)")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache variants, comma-separated: auto (the model's dtype), fp8")
+    p.add_argument("--tensor-parallel-size", default="1",
+                   help="group sizes to time, comma-separated (EngineConfig.tensor_parallel_size)")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write each variant's decode step HLO here and report its FP8 GEMMs")
     p.add_argument("--out", required=True)
@@ -417,10 +438,13 @@ def main() -> None:
     report["scan_unroll"] = args.scan_unroll
     report["decode_steps"] = args.decode_steps
     report["gemm_backend"] = args.gemm_backend
-    variants = engine_variants(weight_variants(args.quantization, args.fp8_activation),
-                               args.kv_cache_dtype)
-    for i, (label, quantization, activation, kv_cache_dtype) in enumerate(variants):
+    variants = [(label if tp == 1 else f"{label}-tp{tp}", quantization, activation, kv_cache_dtype, tp)
+                for tp in (int(n) for n in args.tensor_parallel_size.split(","))
+                for label, quantization, activation, kv_cache_dtype in engine_variants(
+                    weight_variants(args.quantization, args.fp8_activation), args.kv_cache_dtype)]
+    for i, (label, quantization, activation, kv_cache_dtype, tp) in enumerate(variants):
         engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
+                        tensor_parallel_size=tp,
                         max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
                         max_model_len=max(max(lengths) + 16, 4096 + 1024),
                         scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,

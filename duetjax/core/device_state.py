@@ -18,10 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 import pallas_kernels
 from models import LoadedModel
 from pallas_kernels.kv_layout import FP8_KV_DTYPE
+from models.tensor_parallel import group_size, held_config, kv_pool_spec, replicated
 
 from ..config import EngineConfig
 from .sampler import SlotTables
@@ -46,13 +48,24 @@ class DeviceState:
 
     @classmethod
     def allocate(cls, params: Any, kv_pool_shape: tuple[int, ...], kv_dtype: Any,
-                 token_counts_shape: tuple[int, int], shared: bool = False) -> "DeviceState":
+                 token_counts_shape: tuple[int, int], shared: bool = False,
+                 mesh: Mesh | None = None) -> "DeviceState":
         """A zeroed KV pool, counts and slot tables beside ``params``; ``shared``: all of them
-        in shared buffers, ``params`` copied in (the caller drops its copy)."""
+        in shared buffers, ``params`` copied in (the caller drops its copy). ``mesh``: a
+        tensor-parallel group: the pool split by KV heads over it (each device makes its own
+        share), the counts and tables on every device."""
         if shared:
             return cls._over(SharedState.create(params, kv_pool_shape, kv_dtype, token_counts_shape))
-        return cls(params, jnp.zeros(kv_pool_shape, kv_dtype),
-                   jnp.zeros(token_counts_shape, jnp.int32), SlotTables.zeros(*token_counts_shape))
+        if mesh is None:
+            return cls(params, jnp.zeros(kv_pool_shape, kv_dtype),
+                       jnp.zeros(token_counts_shape, jnp.int32),
+                       SlotTables.zeros(*token_counts_shape))
+        pool = jax.jit(lambda: jnp.zeros(kv_pool_shape, kv_dtype),
+                       out_shardings=NamedSharding(mesh, kv_pool_spec()))()
+        everywhere = replicated(mesh)
+        return cls(params, pool,
+                   jax.device_put(jnp.zeros(token_counts_shape, jnp.int32), everywhere),
+                   jax.device_put(SlotTables.zeros(*token_counts_shape), everywhere))
 
     @classmethod
     def attach(cls, layout: SharedLayout) -> "DeviceState":
@@ -101,9 +114,12 @@ def kv_scales(model: LoadedModel, config: EngineConfig) -> tuple[tuple[float, fl
 
 
 def _kv_bytes_per_token(model: LoadedModel, config: EngineConfig) -> int:
-    cfg = model.config
-    return pallas_kernels.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                             np.dtype(kv_dtype(model, config)).itemsize)
+    """KV bytes of one token on each device: a tensor-parallel group splits its KV heads over
+    its devices."""
+    devices = group_size(model.mesh)
+    cfg = held_config(model.config, devices)
+    return pallas_kernels.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads // devices,
+                                             cfg.head_dim, np.dtype(kv_dtype(model, config)).itemsize)
 
 
 def plan_num_pages(model: LoadedModel, config: EngineConfig, free_bytes: int | None = None) -> int:
@@ -119,8 +135,8 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, free_bytes: int | N
     if tokens is None:
         tokens = config.cpu_kv_cache_tokens
     pages = tokens // config.page_size
-    log.info("KV pool: %d pages of %d tokens (%.2f GiB)", pages, config.page_size,
-             pages * config.page_size * per_token / 2**30)
+    log.info("KV pool: %d pages of %d tokens (%.2f GiB%s)", pages, config.page_size,
+             pages * config.page_size * per_token / 2**30, " per device" if group_size(model.mesh) > 1 else "")
     return pages
 
 

@@ -27,6 +27,7 @@ import pallas_kernels
 from models import LoadedModel
 from models.decoder import Decoder
 from models.quantization import FP8_DTYPE
+from models.tensor_parallel import group_size, held_config, replicated
 
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
@@ -108,7 +109,9 @@ class ModelRunner:
                  num_pages: int | None = None, decode_steps: tuple[int, ...] | None = None,
                  shared: bool = False, attach: SharedLayout | None = None):
         self.config = config
-        cfg = model.config
+        cfg = held_config(model.config, group_size(model.mesh))  # what the devices hold
+        self.mesh = model.mesh
+        """The tensor-parallel group (None: one device)."""
         self.page_size = config.page_size
         self.max_pages_per_seq = -(-max_model_len // config.page_size)
         if num_pages is None:
@@ -126,7 +129,7 @@ class ModelRunner:
             self.state = DeviceState.attach(attach)
         else:
             self.state = DeviceState.allocate(model.params, kv_pool_shape, kv_dtype(model, config),
-                                              token_counts_shape, shared)
+                                              token_counts_shape, shared, model.mesh)
         self.model = dataclasses.replace(model, params=None) if self.state.shared else model
         """The model; in shared buffers its weights are the state's alone (one copy)."""
         self.writes_slots = self.state.owner
@@ -139,7 +142,7 @@ class ModelRunner:
             unroll = cfg.num_layers if jax.default_backend() == "gpu" else 1
         self._decoder = Decoder(cfg, impl=config.attention_impl, dtype=model.dtype,
                                 scan_unroll=unroll, quantization=model.quantization,
-                                kv_scales=kv_scales(model, config))
+                                kv_scales=kv_scales(model, config), mesh=model.mesh)
         self.decode_steps = (config.decode_steps,) if decode_steps is None else decode_steps
         """The k values of its k-step decode executables (1: none)."""
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
@@ -147,6 +150,8 @@ class ModelRunner:
         self.last_launch_seconds = 0.0
         """Host time of the last executable call (it blocks while the device queue is full)."""
         self._no_previous = jnp.zeros(self.max_seqs, jnp.int32)
+        if self.mesh is not None:  # on every device of the group, as the steps' tokens are
+            self._no_previous = jax.device_put(self._no_previous, replicated(self.mesh))
         self._last_dispatch = LastDispatch()
         """The last dispatch's packed inputs, which a steady decode's next one continues."""
         self._samplers: dict[int, Samplers] = {}
@@ -257,22 +262,29 @@ class ModelRunner:
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
 
+    def _abstract(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        """An input the executables receive from the steps or the host: on every device of a
+        tensor-parallel group (as the steps' logits, tokens and hidden states are)."""
+        if self.mesh is None:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(self.mesh))
+
     def _compile_samplers(self, num_seqs: int) -> Samplers:
         """The ``Samplers`` for ``num_seqs`` sequences."""
         start = time.perf_counter()
         x = build_inputs(Bucket(True, num_seqs, num_seqs), None, self.page_size, self.max_pages_per_seq)
         vocab = self.model.config.vocab_size
-        logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32)
+        logits = self._abstract((num_seqs, vocab), jnp.float32)
         settings = (x.sampling, x.penalties)
         options = self._compiler_options
         compiled = Samplers(
             self._jitted_full_sampler.lower(logits, self.state.token_counts, self.state.slot_tables,
                                             _packed(settings), layout=layout_of(settings)
                                             ).compile(compiler_options=options),
-            self._jitted_logprobs.lower(logits, jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
+            self._jitted_logprobs.lower(logits, self._abstract((num_seqs,), jnp.int32)
                                         ).compile(compiler_options=options),
             self._jitted_masked_sampler.lower(
-                logits, jax.ShapeDtypeStruct((num_seqs, token_mask_width(vocab)), jnp.int32),
+                logits, self._abstract((num_seqs, token_mask_width(vocab)), jnp.int32),
                 _packed(settings), layout=layout_of(settings)).compile(compiler_options=options))
         self._samplers[num_seqs] = compiled
         self.compile_seconds += time.perf_counter() - start
@@ -281,8 +293,8 @@ class ModelRunner:
     def _compile_prompt_logprobs(self, num_tokens: int) -> jax.stages.Compiled:
         """``prompt_logprobs.compute`` over the hidden states of a ``num_tokens`` step."""
         start = time.perf_counter()
-        hidden = jax.ShapeDtypeStruct((num_tokens, self.model.config.hidden_size), self.model.dtype)
-        targets = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+        hidden = self._abstract((num_tokens, self.model.config.hidden_size), self.model.dtype)
+        targets = self._abstract((num_tokens,), jnp.int32)
         compiled = self._jitted_prompt_logprobs.lower(self.state.params, hidden, targets).compile(
             compiler_options=self._compiler_options)
         self._prompt_logprobs[num_tokens] = compiled

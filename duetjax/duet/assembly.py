@@ -16,9 +16,10 @@ import jax
 import numpy as np
 
 from models import LoadedModel, ModelConfig, load_model
+from models.tensor_parallel import TensorParallelError, make_mesh
 
 from ..compilation_cache import enable_compilation_cache
-from ..config import EngineConfig
+from ..config import ConfigError, EngineConfig
 from ..core.admission import Admission
 from ..core.block_manager import BlockManager
 from ..core.executor import LocalExecutor
@@ -55,7 +56,14 @@ class ProcessSetup:
 def prepare(config: EngineConfig) -> ProcessSetup:
     """Readies this process for ``config.mode`` (call it before any other JAX call) and
     checks what the mode needs (a ConfigError naming the option), before anything is loaded."""
-    mode, daemon, why = prepare_process(config.mode)
+    if config.tensor_parallel_size > 1:  # (duet mode is refused by the config)
+        mode, daemon, why = "aggregated", None, "tensor parallel: duet mode not built for it yet"
+        local = jax.local_device_count()
+        if config.tensor_parallel_size > local:
+            raise ConfigError("tensor_parallel_size", f"{config.tensor_parallel_size} is more than "
+                              f"the {local} local devices ({jax.default_backend()})")
+    else:
+        mode, daemon, why = prepare_process(config.mode)
     profile = None
     if mode == "duet" or config.tbt_slo_ms is not None:
         profile = device_profile(config, "duet mode" if mode == "duet"
@@ -88,10 +96,16 @@ class EngineParts:
 def load(model: Any, dtype: Any, load_format: str, config: EngineConfig,
          setup: ProcessSetup) -> LoadedModel:
     """The checkpoint, its weights loaded where ``setup.mode`` wants them
-    (``weights_loading_device``) and quantized as ``config`` asks."""
-    with weights_loading_device(setup.mode):
-        return load_model(model, dtype=dtype, load_format=load_format,
-                          quantization=config.quantization, fp8_activation=config.fp8_activation)
+    (``weights_loading_device``), split over the tensor-parallel group (its mesh made here,
+    once) and quantized as ``config`` asks."""
+    mesh = make_mesh(config.tensor_parallel_size)
+    try:
+        with weights_loading_device(setup.mode):
+            return load_model(model, dtype=dtype, load_format=load_format,
+                              quantization=config.quantization,
+                              fp8_activation=config.fp8_activation, mesh=mesh)
+    except TensorParallelError as err:
+        raise ConfigError("tensor_parallel_size", err.problem) from err
 
 
 def assemble(model: LoadedModel, config: EngineConfig, setup: ProcessSetup,
@@ -132,9 +146,10 @@ def assemble(model: LoadedModel, config: EngineConfig, setup: ProcessSetup,
                               else model.config.eos_token_ids)
     admission = Admission(model.tokenizer, model.path, model.config.vocab_size, max_model_len,
                           eos_token_ids, config.seed, in_use=outputs.requests)
-    log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs", model.path,
+    log.info("engine ready: %s (%s, %s), max_model_len %d, load %.1fs%s", model.path,
              model.config.architecture, np.dtype(model.dtype).name, max_model_len,
-             model.load_seconds)
+             model.load_seconds, f", tensor parallel over {config.tensor_parallel_size} devices"
+             if config.tensor_parallel_size > 1 else "")
     return EngineParts(model, max_model_len, runner, duet, token_budget, scheduler, outputs,
                        executor, split_executor, admission, loop_stats)
 

@@ -189,6 +189,12 @@ def test_nothing_compiles_while_serving(tiny_llama_dir, quantization, kv_cache_d
     assert compiles == []
 
 
+def test_nothing_compiles_while_serving_tensor_parallel(tensor_parallel_results):
+    """The same at tensor_parallel_size=2, in a process with 8 host devices
+    (``tensor_parallel_run.compiles_while_serving``)."""
+    assert tensor_parallel_results["compiles"] == []
+
+
 def test_warm_up_runs_every_bucket_and_changes_no_state(tiny_llama_dir):
     """The GPU start-up's first run of each executable (compile_all skips it on CPU; here it
     runs explicitly), on padding: it writes no KV and changes no penalty count or slot table."""

@@ -141,3 +141,27 @@ def test_kernel_bench_decode_fp8_runs_in_interpret_mode():
                          "ceilings": {"copy_tb_s": 1.0, "matmul_tflop_s": 1.0},
                          "decode_fp8": rows})
     assert "| 2 | 48 | float8_e4m3fn |" in table
+
+
+def test_tensor_parallel_sizes_run_on_two_host_devices(tiny_llama_dir, tmp_path):
+    """--tensor-parallel-size 1,2 on a CPU with 2 host devices (its own process: JAX reads the
+    device count once): both group sizes time decode and prefill, each against one device's
+    share of the bytes."""
+    import json
+    import os
+    import subprocess
+
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    out, table = tmp_path / "tp.json", tmp_path / "tp.md"
+    subprocess.run([sys.executable, str(Path(be.__file__)), "--model", str(tiny_llama_dir),
+                    "--load-format", "auto", "--sections", "decode,prefill", "--batches", "1,2",
+                    "--context", "20", "--prefill", "32", "--ceiling-gib", "0.01",
+                    "--tensor-parallel-size", "1,2", "--out", str(out), "--table", str(table)],
+                   env={**os.environ, "XLA_FLAGS": flags}, check=True, capture_output=True,
+                   timeout=600)
+    report = json.loads(out.read_text())
+    assert {r["weights"] for r in report["decode"]} == {"bf16", "bf16-tp2"}
+    assert {r["weights"] for r in report["prefill"]} == {"bf16", "bf16-tp2"}
+    roofline = {r["weights"]: r["roofline_ms"] for r in report["decode"] if r["batch"] == 1}
+    assert roofline["bf16-tp2"] < roofline["bf16"]  # each device reads half the weights and KV
+    assert "bf16-tp2 against bf16: decode batch 1: " in table.read_text()
