@@ -80,6 +80,11 @@ class RequestStream:
         self.accepted: asyncio.Future[None] = loop.create_future()
         self.finished = False
 
+    @property
+    def failed(self) -> bool:
+        """The request failed in the engine (``RequestFailedError``): not an abort."""
+        return isinstance(self._error, RequestFailedError)
+
     # Called on the event loop (scheduled there by the engine thread).
     def _put(self, output: RequestOutput) -> None:
         self._latest = output

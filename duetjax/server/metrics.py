@@ -119,13 +119,18 @@ class ServerMetrics:
                              buckets=E2E_BUCKETS, registry=reg)
         reg.register(_EngineCollector(engine, model_name))
 
-    def observe(self, output: RequestOutput, arrival_time: float) -> None:
-        """Records a request that finished (or was aborted); ``arrival_time`` is when the
-        server received it (time.time())."""
+    def observe(self, output: RequestOutput | None, arrival_time: float,
+                failed: bool = False) -> None:
+        """Records a request that finished, failed or was aborted: ``output`` is the last one it
+        got (None: none yet), ``arrival_time`` when the server received it (time.time())."""
+        name = self.model_name
+        if output is None:
+            self.request_success.labels(name, "error" if failed else "abort").inc()
+            return
         m = output.metrics
         completion = output.outputs[0]
-        name = self.model_name
-        self.request_success.labels(name, completion.finish_reason or "abort").inc()
+        reason = "error" if failed else completion.finish_reason or "abort"
+        self.request_success.labels(name, reason).inc()
         self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
         self.generation_tokens.labels(name).inc(len(completion.token_ids))
         if m.first_token_time is not None:

@@ -277,8 +277,8 @@ class Serving:
         for choice in choices:
             if not choice.stream.finished:
                 self.engine.abort(choice.stream.request_id)
-            if arrival_time is not None and choice.last is not None:
-                self.metrics.observe(choice.last, arrival_time)
+            if arrival_time is not None:
+                self.metrics.observe(choice.last, arrival_time, failed=choice.stream.failed)
 
     # ---- formatting helpers -------------------------------------------------------------------
 

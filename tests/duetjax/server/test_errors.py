@@ -311,6 +311,9 @@ def test_a_request_that_fails_in_the_engine_gets_a_500_and_nothing_else_does(tin
         assert answers[i].json()["choices"][0]["text"] == expected[i].outputs[0].text
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert 'duetjax_http_requests_total{route="/v1/completions",status="500"} 1.0' in metrics.text
+    assert ('duetjax_request_success_total{finished_reason="error",model_name="tiny-chat"} 1.0'
+            in metrics.text)
+    assert 'finished_reason="abort"' not in metrics.text
 
 
 def test_health_says_why_the_engine_failed(tiny_chat_engine, monkeypatch):

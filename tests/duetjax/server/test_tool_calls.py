@@ -172,6 +172,7 @@ class ScriptedStream:
         self.request_id = request_id
         self.outputs = outputs
         self.finished = False
+        self.failed = False
 
     def __aiter__(self):
         return self._run()
@@ -195,7 +196,7 @@ def outputs_of(texts: list[str], finish_reason: str, stop_reason=None) -> list[R
 
 def chat_completions() -> ChatCompletions:
     engine = SimpleNamespace(tokenizer=None, abort=lambda request_id: None)
-    metrics = SimpleNamespace(observe=lambda output, arrival: None)
+    metrics = SimpleNamespace(observe=lambda output, arrival, failed=False: None)
     return ChatCompletions(Serving(engine, "m", metrics), ToolCallConfig("hermes"))
 
 
