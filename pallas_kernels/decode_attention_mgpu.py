@@ -42,7 +42,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from .decode_attention import combine_splits
 from .paged_tiles import LOG2E, NEG
 from .persistent_grid import balanced_splits, sm_share
-from .prefill_attention_mgpu import SHARED_BYTES, _cdiv, _div, _smem_transforms
+from .prefill_attention_mgpu import (SHARED_BYTES, _cdiv, _div, _smem_transforms,
+                                     accumulate_pv)
 
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -249,18 +250,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
                 row_sum = row_sum * alpha + p.sum(axis=1)
                 acc = acc * rows_to_tile(alpha, head_dim)
                 p = p.astype(dtype)
-                if cfg.p_in_registers:
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                else:
-                    p_smem.at[wg][...] = p
-                    plgpu.commit_smem()
-
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
-                        return acc_ref[...]
-                    acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+                acc = accumulate_pv(acc, p, v_smem.at[slot], p_smem.at[wg], cfg.p_in_registers)
                 plgpu.barrier_arrive(kv_free.at[slot])
                 return acc, new_max, row_sum
 

@@ -115,6 +115,22 @@ def _cdiv(a, b: int):
     return _div(a + b - 1, b)
 
 
+def accumulate_pv(acc, p, v_tile, p_smem, in_registers: bool):
+    """``acc + p @ v_tile`` on the tensor cores: P straight from registers (the GPU's path), or
+    through ``p_smem`` (Mosaic GPU interpret mode takes no register operand for wgmma)."""
+    if in_registers:
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p, v_tile)
+        return pl.run_state(pv)(plgpu.ACC.init(acc))
+    p_smem[...] = p
+    plgpu.commit_smem()
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_tile)
+        return acc_ref[...]
+    return acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
+
+
 def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, block_first_ref,
             params_ref, q_ref, pool_ref, o_ref,
             q_smem, k_smem, v_smem, o_smem, p_smem,
@@ -259,18 +275,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
             plgpu.barrier_wait(v_ready.at[slot])
             if cfg.schedule_barrier:
                 plgpu.barrier_wait(schedule)  # the tensor cores are free
-            if cfg.p_in_registers:
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            else:
-                p_smem.at[wg][...] = p
-                plgpu.commit_smem()
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
-                    return acc_ref[...]
-                acc = acc + pl.run_scoped(pv, plgpu.ACC((block_q, head_dim), jnp.float32))
+            acc = accumulate_pv(acc, p, v_smem.at[slot], p_smem.at[wg], cfg.p_in_registers)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, new_max, row_sum
 
