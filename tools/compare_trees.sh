@@ -8,7 +8,8 @@
 #           (tools/bench_engine.py --sections decode,host)
 #   duet    one DuetServe point: Azure-conversation lengths at COMPARE_QPS [8] req/s,
 #           COMPARE_REQUESTS [100] requests, worker pairs 70/30 and 50/50, a 2,048-token budget,
-#           a 131,072-token KV pool (tools/bench_duet.py --modes duet)
+#           a 131,072-token KV pool (tools/bench_duet.py --modes duet), both trees with this
+#           tree's roofline profile of the GPU
 # Results: DIR/this/SECTION.* and DIR/other/SECTION.*; each tree runs with its own compilation
 # cache, so neither reuses the other's executables.
 # WHEELS_DIR: a folder of wheels to install first (for a machine without a package index).
@@ -32,6 +33,13 @@ if [ -n "${WHEELS_DIR:-}" ]; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+# Both trees plan with this tree's roofline profile of the GPU (an older tree may not ship one).
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+profile=
+for f in "$this"/duetjax/perf/profiles/*.json; do
+    python3 -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['gpu_name'] != sys.argv[2])" \
+        "$f" "$gpu" && profile=$f
+done
 for section in "$@"; do
     for tree in this other; do
         dir=$this
@@ -51,6 +59,7 @@ for section in "$@"; do
                 --duet-pairs 70/30,50/50 --max-num-seqs 64 --max-num-batched-tokens 2048 \
                 --max-model-len 4096 --kv-cache-tokens 131072 --max-decode-steps 4 \
                 --warmup-requests 4 --drain-timeout-s 40 --worker-timeout-s 300 \
+                ${profile:+--device-profile "$profile"} \
                 --out "$out/$tree/duet") ;;
         *) echo "unknown section $section"; exit 2 ;;
         esac
