@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -134,16 +134,26 @@ class LocalExecutor:
         """After a dispatch of ``batch`` failed before launching: fails the requests whose step
         inputs cannot be built on their own, and says whether there were any."""
         in_flight = self.in_flight.batch.scheduled if self.in_flight is not None else None
-        failed = False
-        for item in batch.scheduled:
-            alone = SchedulerOutput([item], [], batch.num_steps)
-            try:
-                build_inputs(bucket_for(alone, self.config), alone, self.config.page_size,
-                             self.runner.max_pages_per_seq, in_flight=in_flight)
-            except Exception as error:
-                self.outputs.fail(item.request, error)
-                failed = True
-        return failed
+        return fail_requests_without_inputs(batch, self.outputs, lambda alone: build_inputs(
+            bucket_for(alone, self.config), alone, self.config.page_size,
+            self.runner.max_pages_per_seq, in_flight=in_flight))
+
+
+def fail_requests_without_inputs(batch: SchedulerOutput, outputs: OutputProcessor,
+                                 inputs_of: Callable[[SchedulerOutput], Any]) -> bool:
+    """After a dispatch of ``batch`` failed before launching: fails the requests whose step
+    inputs (``inputs_of`` a batch of the request alone, as that dispatch builds them) cannot be
+    built, and says whether there were any. The others were not committed: the scheduler
+    schedules them again."""
+    failed = False
+    for item in batch.scheduled:
+        alone = SchedulerOutput([item], [], batch.num_steps)
+        try:
+            inputs_of(alone)
+        except Exception as error:
+            outputs.fail(item.request, error)
+            failed = True
+    return failed
 
 
 def _drop_finished(batch: SchedulerOutput) -> None:

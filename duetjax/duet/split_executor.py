@@ -9,18 +9,21 @@ pipeline's. A worker that dies loses only its step: its requests are recomputed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing.connection
 import time
 from typing import Any
 
 from ..config import EngineConfig
-from ..core.executor import LocalExecutor
+from ..core.executor import LocalExecutor, fail_requests_without_inputs
 from ..core.output_processor import OutputProcessor
 from ..core.scheduler import SchedulerOutput, split_batch
 from ..loop_stats import LoopStats
 from ..outputs import RequestOutput
 from .split_mode import Duet, final_dispatch_steps
 from .worker_client import RemoteInFlight, WorkerClient, WorkerDied
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -154,7 +157,7 @@ class SplitExecutor:
                 part = self.scheduler.schedule_decodes(steps, split.request_ids)
                 if part.scheduled:
                     outputs = self._stream_decodes(part)
-                    if self.stream is None:  # (it ran to the end already, or its worker died)
+                    if self.stream is None:  # (it ran to the end already, or was not launched)
                         return outputs
             if self.stream is not None:
                 if self._wait_for_either(split.prefill, self.stream) is self.stream:
@@ -217,13 +220,21 @@ class SplitExecutor:
 
     def _launch_on(self, worker: WorkerClient, part: SchedulerOutput) -> RemoteInFlight | None:
         """Sends ``part`` to ``worker`` and reserves its outputs; its results come back as an
-        ``InFlight``, as the local runner's do. None: the worker is gone (it restarts, and the
-        requests go back to the queue)."""
+        ``InFlight``, as the local runner's do. None: not launched, because the worker is gone
+        (it restarts, and the requests go back to the queue), or because some of its requests'
+        inputs cannot be built (those fail alone; the others, not committed, are scheduled
+        again, as in ``LocalExecutor.launch``)."""
         try:
             launched = worker.dispatch(part, use_previous=False)
         except WorkerDied as e:
             self.duet.worker_failed(worker, e)
             self._requeue(part)
+            return None
+        except Exception as error:
+            if not fail_requests_without_inputs(part, self.outputs, worker.step_inputs):
+                raise  # not one request's doing: the engine fails
+            log.warning("a step of worker %s was not launched: %r (its requests are scheduled "
+                        "again)", worker.name, error)
             return None
         self.outputs.reserve(part, launched)
         self.scheduler.commit(part)

@@ -17,7 +17,7 @@ import numpy as np
 from ..core.model_runner import InFlight
 from ..core.sampler import SampledTokens
 from ..core.scheduler import SchedulerOutput
-from ..core.step_inputs import bucket_for, build_inputs, pack
+from ..core.step_inputs import StepInputs, bucket_for, build_inputs, pack
 from .worker import ERROR, REPLY, REQUEST, STEP, STOP, USE_PREVIOUS, WorkerSetup, worker_buckets
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,11 @@ class WorkerClient:
 
     def dispatch(self, batch: SchedulerOutput, use_previous: bool) -> RemoteInFlight:
         """Sends one step (a prefill batch, or a k-step decode) without waiting for it."""
-        config = self.setup.engine_config
-        b = bucket_for(batch, config)
+        b = bucket_for(batch, self.setup.engine_config)
         index = self.buckets.get(b)
         if index is None:
             raise RuntimeError(f"worker {self.name} has no executable for {b}: a scheduler bug")
-        inputs = build_inputs(b, batch, config.page_size,
-                              -(-self.setup.max_model_len // config.page_size))
+        inputs = self.step_inputs(batch)
         self._step_ids += 1
         header = REQUEST.pack(STEP, self._step_ids, index, batch.num_steps,
                               USE_PREVIOUS if use_previous else 0)
@@ -134,6 +132,12 @@ class WorkerClient:
         except OSError as e:
             raise WorkerDied(f"worker {self.name} is gone") from e
         return RemoteInFlight(batch, self, self._step_ids, b.num_seqs)
+
+    def step_inputs(self, batch: SchedulerOutput) -> StepInputs:
+        """The host arrays of ``batch``'s step, as this worker's step reads them."""
+        config = self.setup.engine_config
+        return build_inputs(bucket_for(batch, config), batch, config.page_size,
+                            -(-self.setup.max_model_len // config.page_size))
 
     def receive(self, step_id: int, num_steps: int, rows: int) -> tuple[SampledTokens, float]:
         """Waits for a step's reply: (sampled tokens with a leading step axis, the worker's

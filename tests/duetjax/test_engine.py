@@ -470,6 +470,14 @@ def break_detokenizers(engine, monkeypatch, marker: str) -> None:
     monkeypatch.setattr(engine, "add_request", add_and_break)
 
 
+def break_next_input_token(request) -> None:
+    """The token that ``request``'s next step reads first becomes one no int32 holds: that
+    step's inputs cannot be built."""
+    index = request.num_computed_tokens - len(request.prompt_token_ids)  # (< 0: in the prompt)
+    tokens = request.prompt_token_ids if index < 0 else request.output_token_ids
+    tokens[index] = 2**40
+
+
 FAULTS = {
     # fault: (the faulty request's params, how it breaks after it was added)
     "detokenizer": (GREEDY, lambda r: setattr(r, "detokenizer", RaisingDetokenizer())),
@@ -477,6 +485,7 @@ FAULTS = {
                 lambda r: setattr(r, "matcher", "not a grammar")),
     "step inputs": (SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, top_k=5),
                     lambda r: object.__setattr__(r.params, "top_k", 2**40)),
+    "step tokens": (GREEDY, break_next_input_token),
     "slot tables": (SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                                    logit_bias={3: 1.0}),
                     lambda r: object.__setattr__(r.params, "logit_bias", {2**40: 1.0})),

@@ -242,6 +242,47 @@ def test_killed_decode_worker_loses_nothing(engine, expected, request, monkeypat
     assert duet.stats().split_iterations > splits
 
 
+@pytest.mark.parametrize("engine", ["duet", "carrying"])
+@pytest.mark.parametrize("role,first_token", [("prefill", 1), ("decode", 2)])
+def test_a_request_whose_worker_step_inputs_cannot_be_built_fails_alone(engine, role, first_token,
+                                                                        request, monkeypatch):
+    """A request whose inputs for a worker's step cannot be built (a prefill chunk, or a decode
+    stream dispatch) ends with finish reason "error"; that step is not sent, the requests batched
+    with it get the tokens they get without it, no worker restarts, and the engine goes on."""
+    from duetjax.duet.worker_client import WorkerClient
+
+    from ..test_engine import break_next_input_token
+
+    duet = request.getfixturevalue(engine)
+    # (prompts no earlier test cached: the steps are those of a fresh engine)
+    prompts = [{"prompt_token_ids": [first_token] + p["prompt_token_ids"]} for p in PROMPTS]
+    dispatch, broken = WorkerClient.dispatch, []
+
+    def break_one(self, batch, use_previous):
+        """Breaks the last request of the first step of ``role`` that holds several."""
+        if not broken and self.setup.role == role and len(batch.scheduled) > 1:
+            broken.append(batch.scheduled[-1].request.request_id)
+            break_next_input_token(batch.scheduled[-1].request)
+        return dispatch(self, batch, use_previous)
+
+    monkeypatch.setattr(WorkerClient, "dispatch", break_one)
+    failures = duet.stats().worker_failures
+    ids = [duet.add_request(p, params) for p, params in zip(prompts, PARAMS)]
+    finished = {}
+    while duet.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in duet.step() if o.finished)
+    assert broken
+    failed = finished[broken[0]]
+    assert failed.outputs[0].finish_reason == "error" and "OverflowError" in failed.error
+    assert duet.stats().worker_failures == failures
+    assert duet.stats().num_free_pages == duet.stats().num_pages
+    expected = token_ids(duet.generate(prompts, PARAMS, use_tqdm=False))  # (nothing breaks now)
+    for i, request_id in enumerate(ids):
+        if request_id != broken[0]:
+            assert finished[request_id].error is None
+            assert finished[request_id].outputs[0].token_ids == expected[i]
+
+
 def test_close_stops_workers_and_frees_shared_memory(tiny_llama_dir, profile_and_slo):
     path, slo_ms = profile_and_slo
     engine = Engine(tiny_llama_dir, mode="duet", duet_pairs=((50, 50),), device_profile=path,
