@@ -23,6 +23,11 @@ import jax.numpy as jnp
 FP8_DTYPE = jnp.float8_e4m3fn
 """The weights' and quantized activations' dtype: e4m3, finite only (no infinities)."""
 FP8_MAX = 448.0
+FP8_GEMM_ROWS = 16
+"""cuBLASLt's FP8 matmul takes only dimensions that are multiples of 16: XLA rewrites a float8
+``dot`` with fewer rows (a small decode batch) into a bf16 one over upcast weights, and hoists
+those upcasts out of the layer loop (a whole bf16 copy of the weights). Activation rows are
+padded to a multiple of this instead."""
 """Largest finite e4m3 value: a row's largest magnitude maps to it."""
 MIN_AMAX = 1e-12
 """Floor of a row's largest magnitude, so an all-zero row (padding) gets a finite scale."""
@@ -81,7 +86,13 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     dims = (((x.ndim - 1,), (1,)), ((), ()))
     if activation == "dynamic":
         xq, x_scale = quantize_rows(x)
-        y = jax.lax.dot_general(xq, weight, dims, preferred_element_type=x.dtype)
+        rows = xq.reshape(-1, xq.shape[-1])
+        padded = -rows.shape[0] % FP8_GEMM_ROWS
+        if padded:
+            rows = jnp.pad(rows, ((0, padded), (0, 0)))
+        y = jax.lax.dot_general(rows, weight, (((1,), (1,)), ((), ())),
+                                preferred_element_type=x.dtype)
+        y = y[:y.shape[0] - padded].reshape(*x.shape[:-1], weight.shape[0])
         return (y.astype(jnp.float32) * x_scale * weight_scale).astype(x.dtype)
     y = jax.lax.dot_general(x, weight.astype(x.dtype), dims, preferred_element_type=x.dtype)
     return (y.astype(jnp.float32) * weight_scale).astype(x.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
@@ -211,6 +212,23 @@ def test_fp8_linear_w8a8_matches_a_numpy_reference():
     np.testing.assert_allclose(weight_only, x @ (w.astype(np.float32) * w_scale[:, None]).T,
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, weight_only, rtol=1e-4)  # activations really were rounded
+
+
+@pytest.mark.parametrize("leading", [(1,), (2, 3), (16,)])
+def test_fp8_gemm_rows_are_a_multiple_of_16(leading):
+    """cuBLASLt's FP8 matmul takes only multiples of 16: a small decode batch's activation rows
+    are padded, so XLA keeps the float8 dot instead of upcasting every layer's weights."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(*leading, 64)), jnp.bfloat16)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(48, 64)), jnp.float8_e4m3fn)
+    scale = jnp.full((48,), 0.05, jnp.float32)
+    hlo = jax.jit(fp8_linear, static_argnums=3).lower(x, w, scale, "dynamic").as_text()
+    rows = [int(m) for m in re.findall(r"dot_general.*: \(tensor<(\d+)x64xf8E4M3FN>, tensor<48x", hlo)]
+    assert rows and all(r % 16 == 0 for r in rows), hlo
+    got = fp8_linear(x, w, scale, "dynamic")
+    assert got.shape == (*leading, 48)
+    want = fp8_linear(x.reshape(-1, 64)[None].repeat(16, 0).reshape(-1, 64), w, scale, "dynamic")
+    np.testing.assert_array_equal(np.asarray(got).reshape(-1, 48),
+                                  np.asarray(want)[:math.prod(leading)])
 
 
 def test_quantization_fp8_keeps_greedy_tokens_and_halves_the_weights(smollm2_dir):
