@@ -9,6 +9,7 @@ dtype per leaf, or one leaf at a time into host memory.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from .errors import CheckpointError
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 """Files an Orbax PyTree checkpoint directory holds (any one of them identifies it)."""
 RESTORE_CONCURRENT_GB = 4
-"""Bytes in flight while restoring, in GiB: Orbax's default (96) lets a restore hold most of a
-large model in host memory at once; a few GiB keep the disk busy with peak host memory far
-below the model's size."""
+"""Bytes in flight while restoring, in GB (10^9): Orbax's default (96) lets a restore hold most
+of a large model in host memory at once; a few GB keep the disk busy with peak host memory far
+below the model's size. A checkpoint whose largest array is bigger raises it to that array's
+size (Orbax refuses to read an array larger than the limit)."""
 
 
 def is_orbax_tree(path: Path) -> bool:
@@ -30,12 +32,12 @@ def is_orbax_tree(path: Path) -> bool:
     return path.is_dir() and any((path / marker).exists() for marker in ORBAX_MARKERS)
 
 
-def _checkpointer():
+def _checkpointer(largest_array_bytes: int = 0):
     import orbax.checkpoint as ocp
 
+    restore_gb = max(RESTORE_CONCURRENT_GB, math.ceil(largest_array_bytes / 1e9))
     # Written uncompressed: trained weights barely compress, and restores skip the decoding.
-    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB,
-                                          use_compression=False)
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=restore_gb, use_compression=False)
     return ocp.Checkpointer(handler)
 
 
@@ -74,6 +76,11 @@ class OrbaxTree:
             self._keys[name] = keys
             self.shapes[name] = tuple(getattr(leaf, "shape", ()) or ())
             self.dtypes[name] = np.dtype(getattr(leaf, "dtype", np.float32))
+        self.largest_array_bytes = max(
+            (math.prod(shape) * self.dtypes[name].itemsize for name, shape in self.shapes.items()),
+            default=0)
+        """Bytes of the biggest stored array (stacked layer weights can pass the restore's
+        usual limit)."""
         # Per instance, so the cached arrays go when the loader drops the tree.
         self.read = functools.lru_cache(maxsize=4)(self._read)  # q, k, v (gate, up) in turn
 
@@ -96,7 +103,8 @@ class OrbaxTree:
         names = list(targets)
         args = [ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape)
                 for t in targets.values()]
-        restored = _checkpointer().restore(self.path, args=ocp.args.PyTreeRestore(
+        checkpointer = _checkpointer(self.largest_array_bytes)
+        restored = checkpointer.restore(self.path, args=ocp.args.PyTreeRestore(
             item=self._nested(names, [0] * len(names)), restore_args=self._nested(names, args),
             partial_restore=True))
         return {name: functools.reduce(lambda node, key: node[key], self._keys[name], restored)
@@ -108,6 +116,7 @@ class OrbaxTree:
 
         item = self._nested([name], [0])
         args = self._nested([name], [ocp.RestoreArgs(restore_type=np.ndarray)])
-        restored = _checkpointer().restore(self.path, args=ocp.args.PyTreeRestore(
+        checkpointer = _checkpointer(self.largest_array_bytes)
+        restored = checkpointer.restore(self.path, args=ocp.args.PyTreeRestore(
             item=item, restore_args=args, partial_restore=True))
         return np.asarray(functools.reduce(lambda node, key: node[key], self._keys[name], restored))
