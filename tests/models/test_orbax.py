@@ -13,6 +13,7 @@ import math
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -228,6 +229,24 @@ def test_convert_refuses_a_non_empty_destination(tiny_llama_dir, tmp_path, capsy
     (tmp_path / "keep.txt").write_text("x")
     assert main([str(tiny_llama_dir), str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_convert_keeps_fp8_weights_and_their_scales(tiny_llama_hf_dir, tmp_path):
+    """An FP8 checkpoint converted stores its e4m3 weights and per-channel scales, and loads
+    in FP8 with the logits of the FP8 checkpoint itself."""
+    from models.orbax_writer import convert_to_orbax
+    from tests.models.test_fp8 import _compressed, write_fp8_checkpoint
+
+    write_fp8_checkpoint(tiny_llama_hf_dir, tmp_path / "fp8", "channel", _compressed("channel"))
+    original = load_model(tmp_path / "fp8", dtype="float32")
+    ckpt = convert_to_orbax(tmp_path / "fp8", tmp_path / "orbax", dtype="float32")
+    converted = load_model(ckpt, dtype="float32")
+    assert converted.quantization == original.quantization is not None
+    qkv = converted.params["layers"]["self_attn"]["qkv_proj"]
+    assert qkv["weight"].dtype == jnp.float8_e4m3fn and qkv["weight_scale"].dtype == jnp.float32
+    prompts = [[5, 6, 7, 8, 9], [3]]
+    for got, want in zip(compute_logits(converted, prompts), compute_logits(original, prompts)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.slow  # compiles the engine's step shapes per model
