@@ -146,10 +146,12 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
             tokenizer = None
     elif load_format == "orbax" or (load_format == "auto" and tree_dir(path) is not None):
         if quant is not None:
-            raise CheckpointError("quantization='fp8' does not apply to Orbax checkpoints yet: "
+            raise CheckpointError("quantization='fp8' does not apply to Orbax checkpoints yet "
+                                  "(one converted from an FP8 checkpoint loads in FP8 without it): "
                                   "load the Hugging Face or GGUF checkpoint with it instead")
-        checkpoint = load_orbax(path, dtype, mesh=mesh)
+        checkpoint = load_orbax(path, dtype, mesh=mesh, fp8=fp8)
         config, hf_config, params = checkpoint.config, checkpoint.hf_config, checkpoint.params
+        quant = checkpoint.quantization
         generation_config = read_generation_config(checkpoint.files_dir)
         tokenizer = _tokenizer_for(checkpoint.files_dir)
     else:

@@ -1,4 +1,5 @@
-"""MaxText's and Gemma's Flax parameter trees, read as Hugging Face tensors.
+"""Orbax parameter trees read as Hugging Face tensors: MaxText's, Gemma's Flax releases' and
+duetjax's own (for a tensor-parallel group; one device restores it whole, ``orbax_loader``).
 
 Each layout is a table from HF tensor name to where that tensor sits in the tree and how its
 stored array becomes HF's ``[out_features, in_features]`` weight; ``LayoutSource`` serves them
@@ -25,14 +26,22 @@ Gemma's Flax releases (the ``gemma`` library), under ``transformer/``:
 ``attn/attn_vec_einsum/w`` [heads, head_dim, D], ``mlp/gating_einsum/w`` ([2, I, D], or
 [2, D, I] in older releases), ``mlp/linear/w`` [I, D], ``attn/_query_norm`` and
 ``attn/_key_norm`` (Gemma 3) and the norms. Its rope, norms and scales are HF's own.
+
+duetjax's own (``python -m duetjax.convert``) is the model's parameter tree: each leaf is an HF
+tensor by ``checkpoint``'s rename rule, stacked over the layers on axis 0, with q/k/v (gate/up)
+fused in HF's row order and, converted from an FP8 checkpoint, e4m3 weights beside a
+``weight_scale`` each. Each layer's slice is served under the fused name, which ``load_params``
+reads as is and lays out for the group itself.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
+import jax
 import numpy as np
 
+from .checkpoint import hf_names
 from .config import ModelConfig
 from .errors import CheckpointError
 from .orbax_tree import OrbaxTree
@@ -260,4 +269,19 @@ def gemma_flax_tensors(config: ModelConfig, tree: OrbaxTree) -> dict[str, Stored
         parts |= {norm: StoredTensor(f"{layer}{module}/scale", (d,), lambda x: x)
                   for norm, module in norm_modules.items()}
         tensors |= {hf: parts[short] for short, hf in _layer_names(config, i).items()}
+    return tensors
+
+
+def duetjax_tensors(config: ModelConfig, abstract: Any) -> dict[str, StoredTensor]:
+    """duetjax's own layout (see the module docstring) of the tree ``abstract`` (the config's
+    ``checkpoint.abstract_params``, with FP8 scales when the tree holds them)."""
+    tensors = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        keys = [str(k.key) for k in key_path]
+        path, names = "/".join(keys), hf_names(keys, config.num_layers)
+        if keys[0] == "layers":
+            tensors |= {name: StoredTensor(path, leaf.shape, lambda x: x, select=(0, i))
+                        for i, name in enumerate(names)}
+        else:
+            tensors[names[0]] = StoredTensor(path, leaf.shape, lambda x: x)
     return tensors

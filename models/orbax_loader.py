@@ -1,10 +1,13 @@
 """Orbax checkpoints: duetjax's own, MaxText's and Gemma's Flax releases.
 
 - duetjax's own (``python -m duetjax.convert``): ``DIR/params/`` is the decoder's parameter
-  tree exactly as the model holds it (stacked layers, fused q/k/v and gate/up), restored
-  straight onto the device, each leaf into its own sharding and the requested dtype, so a
-  sharded restore reads only the shards its devices hold. ``DIR/config.json`` (Hugging Face's)
-  and the tokenizer files sit beside it.
+  tree exactly as the model holds it for one device (stacked layers, fused q/k/v and gate/up;
+  FP8 weights and their scales when converted from an FP8 checkpoint). One device restores
+  it straight onto the device in one Orbax restore, each leaf into its own sharding and the
+  requested dtype. A tensor-parallel group reads it one stored array at a time through the
+  table of ``orbax_layouts.duetjax_tensors`` instead, like the layouts below, since its fused
+  rows must be laid out for the group (``tensor_parallel.fused_rows``) on the way.
+  ``DIR/config.json`` (Hugging Face's) and the tokenizer files sit beside it.
 - MaxText and Gemma's Flax releases: read one array at a time through the tables of
   ``orbax_layouts`` and loaded like any other ``TensorSource``. Neither carries a Hugging Face
   config: ``config.json`` must sit in the checkpoint directory or its parent; the tokenizer
@@ -25,8 +28,10 @@ from .checkpoint import abstract_params, load_params
 from .config import ModelConfig
 from .errors import CheckpointError
 from .hf_loader import read_hf_config
-from .orbax_layouts import GEMMA_EMBEDDING, MAXTEXT_EMBEDDING, LayoutSource, gemma_flax_tensors, maxtext_tensors
+from .orbax_layouts import (GEMMA_EMBEDDING, MAXTEXT_EMBEDDING, LayoutSource, duetjax_tensors,
+                            gemma_flax_tensors, maxtext_tensors)
 from .orbax_tree import OrbaxTree, is_orbax_tree
+from .quantization import Fp8Config
 
 PARAMS_DIR = "params"
 """duetjax's own layout: the folder holding the parameter tree."""
@@ -73,6 +78,9 @@ class OrbaxCheckpoint:
     """One of ``LAYOUTS``."""
     files_dir: Path
     """Where config.json (and the tokenizer files, if any) were found."""
+    quantization: Fp8Config | None = None
+    """FP8 linear layers (duetjax's own layout converted from an FP8 checkpoint); None: every
+    weight in the requested dtype."""
 
 
 def companion_dir(path: Path, tree: Path, filename: str) -> Path | None:
@@ -86,12 +94,14 @@ def companion_dir(path: Path, tree: Path, filename: str) -> Path | None:
 
 def load_orbax(path: Path, dtype: Any,
                sharding_of: Callable[[str], jax.sharding.Sharding] | None = None,
-               mesh: jax.sharding.Mesh | None = None) -> OrbaxCheckpoint:
+               mesh: jax.sharding.Mesh | None = None,
+               fp8: Fp8Config = Fp8Config()) -> OrbaxCheckpoint:
     """Restores an Orbax checkpoint of any of the three layouts.
 
-    sharding_of: '/'-joined parameter path -> its sharding (duetjax's own layout); default,
-    every leaf on the first device. mesh: a tensor-parallel group (MaxText's and Gemma's
-    layouts; duetjax's own does not split yet).
+    sharding_of: '/'-joined parameter path -> its sharding (duetjax's own layout without a
+    mesh); default, every leaf on the first device. mesh: a tensor-parallel group to split the
+    weights over as they load. fp8: how FP8 weights multiply, for a duetjax checkpoint that
+    holds them.
     """
     path = Path(path)
     folder = tree_dir(path)
@@ -109,25 +119,33 @@ def load_orbax(path: Path, dtype: Any,
     hf_config = read_hf_config(files_dir)
     config = ModelConfig.from_hf(hf_config)
     tensor_parallel.check(config, tensor_parallel.group_size(mesh))
-    if layout == "duetjax":
-        if mesh is not None:
-            raise tensor_parallel.TensorParallelError(
-                "> 1 does not load duetjax's own Orbax checkpoints yet (their fused q/k/v and "
-                "gate/up rows are stored for one device): load the Hugging Face checkpoint")
-        params = restore_params(tree, config, dtype, sharding_of)
+    quantization = fp8 if layout == "duetjax" and holds_fp8(tree) else None
+    if layout == "duetjax" and mesh is None:  # the tree as the device holds it: one restore
+        params = restore_params(tree, config, dtype, sharding_of, quantization)
     else:
-        tables = {"maxtext": maxtext_tensors, "gemma": gemma_flax_tensors}
-        source = LayoutSource(tree, LAYOUTS[layout], tables[layout](config, tree))
-        params = load_params(config, source, dtype, mesh=mesh)
+        if layout == "duetjax":  # its fused rows are laid out for the group as they load
+            tensors = duetjax_tensors(config, abstract_params(config, dtype, quantization))
+        else:
+            table = {"maxtext": maxtext_tensors, "gemma": gemma_flax_tensors}[layout]
+            tensors = table(config, tree)
+        params = load_params(config, LayoutSource(tree, LAYOUTS[layout], tensors), dtype,
+                             quantization=quantization, mesh=mesh)
     return OrbaxCheckpoint(hf_config=hf_config, config=config, params=params, layout=layout,
-                           files_dir=files_dir)
+                           files_dir=files_dir, quantization=quantization)
+
+
+def holds_fp8(tree: OrbaxTree) -> bool:
+    """Whether a duetjax tree holds FP8 linear layers (a ``weight_scale`` beside each weight)."""
+    return any(name.endswith("/weight_scale") for name in tree.shapes)
 
 
 def restore_params(tree: OrbaxTree, config: ModelConfig, dtype: Any,
-                   sharding_of: Callable[[str], jax.sharding.Sharding] | None = None) -> Any:
-    """duetjax's own layout: every leaf restored onto the device as ``dtype``, in one Orbax
+                   sharding_of: Callable[[str], jax.sharding.Sharding] | None = None,
+                   quantization: Fp8Config | None = None) -> Any:
+    """duetjax's own layout: every leaf restored onto the device as its dtype (``dtype``, or
+    FP8 values and float32 scales in the linear layers with ``quantization``), in one Orbax
     restore, after checking the tree against the shapes the config implies."""
-    abstract = abstract_params(config, dtype)
+    abstract = abstract_params(config, dtype, quantization)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     device = jax.sharding.SingleDeviceSharding(_default_device())
     targets = {}

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.helpers import TINY_LLAMA, write_random_checkpoint
+from tests.helpers import TINY_LLAMA, run_on_host_devices, write_random_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -20,16 +20,5 @@ def tiny_llama_hf_dir(tmp_path_factory):
 def tensor_parallel_results(tmp_path_factory):
     """What ``tests/duetjax/tensor_parallel_run.py`` reports, run once per session in a process
     with 8 host devices (this one keeps its single device)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path_factory.mktemp("tensor-parallel") / "results.json"
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    result = subprocess.run([sys.executable, "-m", "tests.duetjax.tensor_parallel_run", str(out)],
-                            cwd=Path(__file__).parents[1], env={**os.environ, "XLA_FLAGS": flags},
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_on_host_devices("tests.duetjax.tensor_parallel_run", out)

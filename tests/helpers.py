@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -51,3 +54,19 @@ def _split_fused(value: np.ndarray, name: str, fused_name: str,
     ends = np.cumsum([member_features(config, m) for m in members])
     return {name.replace(fused_name, member): part
             for member, part in zip(members, np.split(value, ends[:-1], axis=0))}
+
+
+HOST_DEVICES = 8
+"""Host devices of the processes that check tensor parallelism (``run_on_host_devices``)."""
+
+
+def run_on_host_devices(module: str, out: Path) -> dict:
+    """What ``python -m module OUT.json`` writes, run in a process with ``HOST_DEVICES`` host
+    devices: JAX reads the device count once, at start-up, and the test process keeps one."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags += f" --xla_force_host_platform_device_count={HOST_DEVICES}"
+    result = subprocess.run([sys.executable, "-m", module, str(out)],
+                            cwd=Path(__file__).parents[1], env={**os.environ, "XLA_FLAGS": flags},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())

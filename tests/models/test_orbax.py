@@ -3,7 +3,8 @@
 Each test maps an oracle model's safetensors into one Orbax layout itself (as MaxText's and
 Gemma's own conversion scripts do, or through ``duetjax.convert``), writes it with orbax,
 loads it with ``load_format="orbax"`` (or ``auto``) and compares duetjax's float32 logits and
-greedy tokens with transformers' (tests/oracle.py).
+greedy tokens with transformers' (tests/oracle.py). duetjax's own layout split over several
+devices runs in a process with 8 host devices (``orbax_tensor_parallel_run.py``).
 """
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import math
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
 from models import CheckpointError, compute_logits, load_model
+from tests.duetjax.tensor_parallel_run import FAMILIES, SIZES
+from tests.helpers import run_on_host_devices
+from tests.models.orbax_tensor_parallel_run import FP8
 from tests.models.test_hf_parity import ENGINE_LIMITS, RTOL
 from tests.oracle import Expected
 
@@ -240,6 +245,46 @@ def test_convert_refuses_a_non_empty_destination(tiny_llama_dir, tmp_path, capsy
     (tmp_path / "keep.txt").write_text("x")
     assert main([str(tiny_llama_dir), str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_convert_keeps_fp8_weights_and_their_scales(tiny_llama_hf_dir, tmp_path):
+    """An FP8 checkpoint converted stores its e4m3 weights and per-channel scales, and loads
+    in FP8 with the logits of the FP8 checkpoint itself."""
+    from models.orbax_writer import convert_to_orbax
+    from tests.models.test_fp8 import _compressed, write_fp8_checkpoint
+
+    write_fp8_checkpoint(tiny_llama_hf_dir, tmp_path / "fp8", "channel", _compressed("channel"))
+    original = load_model(tmp_path / "fp8", dtype="float32")
+    ckpt = convert_to_orbax(tmp_path / "fp8", tmp_path / "orbax", dtype="float32")
+    converted = load_model(ckpt, dtype="float32")
+    assert converted.quantization == original.quantization is not None
+    qkv = converted.params["layers"]["self_attn"]["qkv_proj"]
+    assert qkv["weight"].dtype == jnp.float8_e4m3fn and qkv["weight_scale"].dtype == jnp.float32
+    prompts = [[5, 6, 7, 8, 9], [3]]
+    for got, want in zip(compute_logits(converted, prompts), compute_logits(original, prompts)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def orbax_tensor_parallel_results(tmp_path_factory):
+    """What ``orbax_tensor_parallel_run.py`` reports, run in a process with 8 host devices."""
+    out = tmp_path_factory.mktemp("orbax-tensor-parallel") / "results.json"
+    return run_on_host_devices("tests.models.orbax_tensor_parallel_run", out)
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, FP8])
+def test_own_layout_splits_over_every_group_size(orbax_tensor_parallel_results, name):
+    """Converted with ``duetjax.convert``, a checkpoint loads at 2 and 4 devices with one
+    device's float32 logits (at 4, Llama's and Qwen3's 2 KV heads and Gemma's 1 are each held
+    on several devices), each device holding its share of the fused q/k/v rows."""
+    runs = orbax_tensor_parallel_results[name]
+    assert runs["source_max_diff"] == 0.0  # one device: the checkpoint it was converted from
+    for size in SIZES:
+        run = runs[str(size)]
+        assert run["logits_max_diff"] <= 1e-5, size
+        assert run["fp8"] == (name == FP8), size
+        layers, rows, columns = run["qkv_shape"]
+        assert run["qkv_shards"] == [[layers, rows // size, columns]] * size, size
 
 
 @pytest.mark.slow  # compiles the engine's step shapes per model
