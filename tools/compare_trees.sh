@@ -10,8 +10,8 @@
 #           COMPARE_REQUESTS [100] requests, worker pairs 70/30 and 50/50, a 2,048-token budget,
 #           a 131,072-token KV pool (tools/bench_duet.py --modes duet), both trees with this
 #           tree's roofline profile of the GPU
-# Results: DIR/this/SECTION.* and DIR/other/SECTION.*; each tree runs with its own compilation
-# cache, so neither reuses the other's executables.
+# Results: DIR/this/SECTION.{json,md} and DIR/other/SECTION.{json,md}; each tree runs with its
+# own compilation cache, so neither reuses the other's executables.
 # WHEELS_DIR: a folder of wheels to install first (for a machine without a package index).
 set -u
 if [ $# -lt 3 ]; then
@@ -60,7 +60,9 @@ for section in "$@"; do
                 --max-model-len 4096 --kv-cache-tokens 131072 --max-decode-steps 4 \
                 --warmup-requests 4 --drain-timeout-s 40 --worker-timeout-s 300 \
                 ${profile:+--device-profile "$profile"} \
-                --out "$out/$tree/duet") ;;
+                --out "$scratch/duet-$tree" \
+                && cp "$scratch/duet-$tree/results.json" "$out/$tree/duet.json" \
+                && cp "$scratch/duet-$tree/results.md" "$out/$tree/duet.md") ;;
         *) echo "unknown section $section"; exit 2 ;;
         esac
     done
