@@ -131,11 +131,13 @@ for section in "$@"; do
             --worker-timeout-s 300 --save-requests ${DUET_PROFILE:+--device-profile $DUET_PROFILE} \
             ${DUET_CARRY:+--carry-stream} \
             --out "$results_dir/duet8b" ;;
-    fp8)  # FP8 weights against bf16: decode steps (batch 1, 64; 1k contexts) and 8k prefill,
-        # each against its own HBM roofline; then whether the step's HLO calls an FP8 GEMM
+    fp8)  # FP8 weights (W8A8, weight-only) and the FP8 KV cache against bf16: decode steps
+        # (batch 1, 64; 1k contexts) and 8k prefill, each against its own HBM roofline; then
+        # whether the step's HLO calls an FP8 GEMM
         $python tools/bench_engine.py --model $model --sections decode,prefill --batches 1,64 \
             --context 1024 --prefill 8192 --quantization none,fp8 --fp8-activation dynamic,none \
-            --dump-hlo "$scratch/hlo" --out "$results_dir/fp8.json" --table "$results_dir/fp8.md"
+            --kv-cache-dtype auto,fp8 --dump-hlo "$scratch/hlo" \
+            --out "$results_dir/fp8.json" --table "$results_dir/fp8.md"
         $python tools/fp8_gemm_check.py --model $model --batch 1 ;;
     load)  # safetensors against Orbax: restore to the device, peak host memory
         $python tools/bench_load.py --model $model --scratch "$scratch/load" --repeats 3 \
