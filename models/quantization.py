@@ -23,12 +23,12 @@ import jax.numpy as jnp
 FP8_DTYPE = jnp.float8_e4m3fn
 """The weights' and quantized activations' dtype: e4m3, finite only (no infinities)."""
 FP8_MAX = 448.0
+"""Largest finite e4m3 value: a row's largest magnitude maps to it."""
 FP8_GEMM_ROWS = 16
 """cuBLASLt's FP8 matmul takes only dimensions that are multiples of 16: XLA rewrites a float8
 ``dot`` with fewer rows (a small decode batch) into a bf16 one over upcast weights, and hoists
 those upcasts out of the layer loop (a whole bf16 copy of the weights). Activation rows are
 padded to a multiple of this instead."""
-"""Largest finite e4m3 value: a row's largest magnitude maps to it."""
 MIN_AMAX = 1e-12
 """Floor of a row's largest magnitude, so an all-zero row (padding) gets a finite scale."""
 ACTIVATION_MODES = ("dynamic", "none")
