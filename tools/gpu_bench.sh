@@ -13,8 +13,8 @@
 #   PYTHON             the interpreter (default python3)
 #   Per section: FIT_ITERATIONS, FIT_REPS (fit); DUET_QPS, DUET_REQUESTS, DUET_MODES,
 #   DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1 (duet); PROFILE_TOP
-#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, load, prefill-mgpu and decode-mgpu
-#   measure FP8 weights, checkpoint load times and the Mosaic GPU attention kernels.
+#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-accuracy, load, prefill-mgpu and
+#   decode-mgpu: FP8 speed and accuracy, load times and the Mosaic GPU attention kernels.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
@@ -139,6 +139,10 @@ for section in "$@"; do
             --kv-cache-dtype auto,fp8 --dump-hlo "$scratch/hlo" \
             --out "$results_dir/fp8.json" --table "$results_dir/fp8.md"
         $python tools/fp8_gemm_check.py --model $model --batch 1 ;;
+    fp8-accuracy)  # FP8 weights and KV cache against bf16: top-1 agreement, KL and perplexity
+        # over a fixed text, and the capital question (embedded SmolLM2, tiny random Llama)
+        $python tools/fp8_accuracy.py --model smollm2,tiny-llama --dtype bfloat16 \
+            --out "$results_dir/fp8-accuracy.json" --table "$results_dir/fp8-accuracy.md" ;;
     load)  # safetensors against Orbax: restore to the device, peak host memory
         $python tools/bench_load.py --model $model --scratch "$scratch/load" --repeats 3 \
             --out "$results_dir/load.json" --table "$results_dir/load.md" ;;
