@@ -220,6 +220,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
         key_offset = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
         score_scale = scale if soft_cap else scale * LOG2E
         row_layout = plgpu.Layout.WGMMA.reduce(1)
+        p_tile = None if p_smem is None else p_smem.at[wg]
 
         def rows_to_tile(x, width):
             return lax.broadcast_in_dim(x, (ROWS, width), [0])
@@ -250,7 +251,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
                 row_sum = row_sum * alpha + p.sum(axis=1)
                 acc = acc * rows_to_tile(alpha, head_dim)
                 p = p.astype(dtype)
-                acc = accumulate_pv(acc, p, v_smem.at[slot], p_smem.at[wg], cfg.p_in_registers)
+                acc = accumulate_pv(acc, p, v_smem.at[slot], p_tile)
                 plgpu.barrier_arrive(kv_free.at[slot])
                 return acc, new_max, row_sum
 

@@ -115,10 +115,11 @@ def _cdiv(a, b: int):
     return _div(a + b - 1, b)
 
 
-def accumulate_pv(acc, p, v_tile, p_smem, in_registers: bool):
+def accumulate_pv(acc, p, v_tile, p_smem=None):
     """``acc + p @ v_tile`` on the tensor cores: P straight from registers (the GPU's path), or
-    through ``p_smem`` (Mosaic GPU interpret mode takes no register operand for wgmma)."""
-    if in_registers:
+    through ``p_smem`` when given (Mosaic GPU interpret mode takes no register operand for
+    wgmma)."""
+    if p_smem is None:
         def pv(acc_ref):
             plgpu.wgmma(acc_ref, p, v_tile)
         return pl.run_state(pv)(plgpu.ACC.init(acc))
@@ -227,6 +228,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
         causal_start = jnp.maximum(window_end, jnp.minimum(_div(pos_min + 1 - low, block_kv), end))
 
         shape = (block_q, block_kv)
+        p_tile = None if p_smem is None else p_smem.at[wg]
         position = (pos_min - offset) + plgpu.broadcasted_iota(
             jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
         key_offset = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
@@ -275,7 +277,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
             plgpu.barrier_wait(v_ready.at[slot])
             if cfg.schedule_barrier:
                 plgpu.barrier_wait(schedule)  # the tensor cores are free
-            acc = accumulate_pv(acc, p, v_smem.at[slot], p_smem.at[wg], cfg.p_in_registers)
+            acc = accumulate_pv(acc, p, v_smem.at[slot], p_tile)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, new_max, row_sum
 
