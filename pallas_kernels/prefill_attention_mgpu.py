@@ -27,6 +27,8 @@ Same contract as ``prefill_attention.paged_prefill_attention`` (batch convention
 - Ragged rows: Q tiles are loaded at a start clamped to stay inside ``q`` (rows outside the
   warpgroup's tokens compute and are dropped) and outputs are stored with a ladder of
   power-of-two TMA boxes that covers exactly the valid rows, so neighbours are never written.
+  A TMA into a tiled (wgmma) tile addresses whole 8-row tiles of ``q``, so a Q tile, which
+  starts at any token, lands in an untiled tile and registers copy it into the tiled one.
 - Programs run heaviest first (the last q blocks of a sequence see the most keys).
 
 Tokens of the padding pseudo-sequence (past ``query_start_loc[S]``) come out as zeros;
@@ -134,7 +136,7 @@ def accumulate_pv(acc, p, v_tile, p_smem=None):
 
 def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, block_first_ref,
             params_ref, q_ref, pool_ref, o_ref,
-            q_smem, k_smem, v_smem, o_smem, p_smem,
+            q_smem, k_smem, v_smem, rows_smem, p_smem,
             q_ready, k_ready, v_ready, k_free, v_free, schedule,
             *, cfg: MgpuPrefillConfig, num_seqs: int, num_blocks: int, num_tokens: int,
             num_pages: int, num_kv_heads: int, group: int, page_size: int, head_dim: int,
@@ -214,7 +216,8 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
         row0 = q_start + token0  # in q
         load_at = jnp.minimum(row0, num_tokens - block_q)  # the Q box stays inside q
         offset = row0 - load_at
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(load_at, block_q), head], q_smem.at[wg],
+        # Into the untiled tile: the box starts at any token (see the module docstring).
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(load_at, block_q), head], rows_smem.at[wg],
                                 q_ready.at[wg])
 
         # Step ranges of this warpgroup (see the module docstring).
@@ -287,6 +290,10 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32),
                                    plgpu.Layout.WGMMA.reduce(1)))
         plgpu.barrier_wait(q_ready.at[wg])
+        # (Mosaic GPU has no bank-conflict-free transfer of untiled d256 rows.)
+        q_smem.at[wg][...] = plgpu.load(rows_smem.at[wg], layout=plgpu.Layout.WGMMA,
+                                        optimized=head_dim <= 128)
+        plgpu.commit_smem()
         pl.when(wg == 1)(perform_schedule_barrier)
         masked = functools.partial(attend, masked=True)
         unmasked = functools.partial(attend, masked=False)
@@ -298,7 +305,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
         pl.when(wg == 0)(perform_schedule_barrier)
 
         out = acc / lax.broadcast_in_dim(jnp.where(row_sum > 0, row_sum, 1.0), acc.shape, [0])
-        o_smem.at[wg][...] = out.astype(dtype)
+        rows_smem.at[wg][...] = out.astype(dtype)
         plgpu.commit_smem()
         # TMA boxes have static sizes: store `rows` rows as a ladder of power-of-two boxes.
         start = offset
@@ -306,7 +313,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
         while size:
             @pl.when(rows & size != 0)
             def _store(start=start, size=size):
-                plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(start, size)],
+                plgpu.copy_smem_to_gmem(rows_smem.at[wg, pl.ds(start, size)],
                                         o_ref.at[pl.ds(load_at + start, size), head])
             start = start + (rows & size)
             size //= 2
@@ -356,7 +363,7 @@ def paged_prefill_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Ar
         plgpu.SMEM((2, block_q, head_dim), q.dtype, transforms=tiled),
         plgpu.SMEM((config.num_stages, block_kv, head_dim), q.dtype, transforms=tiled),
         plgpu.SMEM((config.num_stages, block_kv, head_dim), q.dtype, transforms=tiled),
-        plgpu.SMEM((2, block_q, head_dim), q.dtype),  # untiled: any row range stores
+        plgpu.SMEM((2, block_q, head_dim), q.dtype),  # untiled: Q in and O out at any row
         (None if config.p_in_registers else
          plgpu.SMEM((2, block_q, block_kv), q.dtype,
                     transforms=_smem_transforms(block_kv, itemsize))),
