@@ -392,18 +392,20 @@ def paged_decode_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Arr
     pool = kv_pool.reshape(num_layers * num_pages * num_kv_heads * 2, page_size, head_dim)
 
     tiled = _smem_transforms(head_dim, itemsize)
+    # PV's wgmma takes its K (the keys) in groups as wide as the swizzle: P and V
+    # are swizzled to fit block_kv.
+    pv_tiled = _smem_transforms(block_kv, itemsize)
     stages = config.num_stages
     copies = 2 * max(1, block_kv // page_size)  # TMAs per ring slot: K and V pages
     scratch = [
         plgpu.SMEM((2, ROWS, head_dim), q.dtype, transforms=tiled),
         plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiled),
-        plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiled),
+        plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=pv_tiled),
         plgpu.SMEM((ROWS, head_dim), jnp.float32),  # untiled: any row range stores
         plgpu.SMEM((2, ROWS, STATS), jnp.float32),
         plgpu.SMEM((ROWS, head_dim), q.dtype) if direct else None,
         (None if config.p_in_registers else
-         plgpu.SMEM((2, ROWS, block_kv), q.dtype,
-                    transforms=_smem_transforms(block_kv, itemsize))),
+         plgpu.SMEM((2, ROWS, block_kv), q.dtype, transforms=pv_tiled)),
         plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_arrivals=2, num_barriers=2),
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),

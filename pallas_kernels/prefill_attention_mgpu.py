@@ -359,14 +359,16 @@ def paged_prefill_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Ar
 
     itemsize = q.dtype.itemsize
     tiled = _smem_transforms(head_dim, itemsize)
+    # PV's wgmma takes its K (the keys) in groups as wide as the swizzle: P and V
+    # are swizzled to fit block_kv.
+    pv_tiled = _smem_transforms(block_kv, itemsize)
     scratch = [
         plgpu.SMEM((2, block_q, head_dim), q.dtype, transforms=tiled),
         plgpu.SMEM((config.num_stages, block_kv, head_dim), q.dtype, transforms=tiled),
-        plgpu.SMEM((config.num_stages, block_kv, head_dim), q.dtype, transforms=tiled),
+        plgpu.SMEM((config.num_stages, block_kv, head_dim), q.dtype, transforms=pv_tiled),
         plgpu.SMEM((2, block_q, head_dim), q.dtype),  # untiled: Q in and O out at any row
         (None if config.p_in_registers else
-         plgpu.SMEM((2, block_q, block_kv), q.dtype,
-                    transforms=_smem_transforms(block_kv, itemsize))),
+         plgpu.SMEM((2, block_q, block_kv), q.dtype, transforms=pv_tiled)),
         plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_arrivals=max(1, block_kv // page_size), num_barriers=config.num_stages),
         plgpu.Barrier(num_arrivals=max(1, block_kv // page_size), num_barriers=config.num_stages),
