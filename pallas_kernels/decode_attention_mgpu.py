@@ -286,7 +286,9 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
             @pl.when(wg == 0)
             def _merge_and_store():
                 plgpu.barrier_wait(exch_ready)
-                other_acc = plgpu.load(exch_smem, layout=plgpu.Layout.WGMMA)
+                # (Mosaic GPU has no bank-conflict-free transfer of untiled d256 rows.)
+                other_acc = plgpu.load(exch_smem, layout=plgpu.Layout.WGMMA,
+                                       optimized=head_dim <= 128)
                 other_max = plgpu.load(stats_smem.at[0], layout=plgpu.Layout.WGMMA).max(axis=1)
                 other_sum = plgpu.load(stats_smem.at[1], layout=plgpu.Layout.WGMMA).max(axis=1)
                 top = jnp.maximum(row_max, other_max)
