@@ -24,14 +24,16 @@ few SMs (an MPS client with 20-50 % of them):
   combine needs cross-program synchronisation, which a grid sharing SMs with other MPS
   clients cannot rely on (pallas_kernels/NOTES.md, "Decode on Mosaic GPU").
 
-The query tile is 64 rows (wgmma's M): the group's rows are loaded as an 8-row-aligned box at
-a start clamped to stay inside ``q``; the other rows hold whatever was there and are never
-stored (rows of a matmul and of a row softmax do not mix).
+The query tile is 64 rows (wgmma's M): the group's rows are loaded with the rows around them
+as a box of whole 8-row tiles of ``q`` (a TMA into a tiled tile addresses whole tiles), at a
+start clamped to stay inside ``q``; the other rows hold whatever was there and are never stored
+(rows of a matmul and of a row softmax do not mix).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +72,12 @@ class MgpuDecodeConfig:
         return ring + q + exchange + out + p
 
 
+def q_box_rows(group: int) -> int:
+    """Rows of the Q box: whole 8-row tiles that hold a group wherever it starts. Groups
+    start at multiples of ``group``: at most ``8 - gcd(group, 8)`` rows into a tile."""
+    return -(-(group + 8 - math.gcd(group, 8)) // 8) * 8
+
+
 def unsupported_reason(q_shape, q_dtype, kv_pool_shape, kv_dtype,
                        config: MgpuDecodeConfig) -> str | None:
     """Why this kernel cannot run the shape (None when it can)."""
@@ -79,8 +87,9 @@ def unsupported_reason(q_shape, q_dtype, kv_pool_shape, kv_dtype,
         return f"head_dim {head_dim} not in {HEAD_DIMS}"
     if jnp.dtype(q_dtype) not in map(jnp.dtype, DTYPES) or jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
         return f"q/kv dtypes {q_dtype}/{kv_dtype}: need both bf16 or both f16"
-    if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > ROWS:
-        return f"{num_q_heads} q heads over {num_kv_heads} kv heads: need a group of at most {ROWS}"
+    if num_q_heads % num_kv_heads or q_box_rows(num_q_heads // num_kv_heads) > ROWS:
+        return (f"{num_q_heads} q heads over {num_kv_heads} kv heads: need a group whose "
+                f"8-row tiles fit {ROWS} rows")
     block_kv = config.block_kv
     if block_kv % 16 or block_kv > 256:
         return f"block_kv {block_kv}: need a multiple of 16 (wgmma's K) up to 256"
@@ -127,7 +136,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
      q_ready, q_free, kv_ready, kv_free, exch_ready, exch_free) = refs
     block_kv, stages = cfg.block_kv, cfg.num_stages
     group = num_q_heads // num_kv_heads
-    q_box = -(-group // 8) * 8
+    q_box = q_box_rows(group)
     dtype = q_smem.dtype
     program = lax.axis_index("programs")
     wg = lax.axis_index("wg")
@@ -153,9 +162,9 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
         return seq, head, split, context_len, start, end, lowest, num_blocks
 
     def q_rows(seq, head):
-        """First q row of the group, where its 8-aligned box is loaded, and its offset there."""
+        """First q row of the group, where its box is loaded, and its offset there."""
         row0 = seq * num_q_heads + head * group
-        load_at = jnp.minimum(row0, num_q_rows - q_box)
+        load_at = jnp.minimum(_div(row0, 8) * 8, num_q_rows - q_box)  # both multiples of 8
         return row0, load_at, row0 - load_at
 
     @pl.when(wg == 2)
@@ -220,6 +229,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
         key_offset = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
         score_scale = scale if soft_cap else scale * LOG2E
         row_layout = plgpu.Layout.WGMMA.reduce(1)
+        p_tile = None if p_smem is None else p_smem.at[wg]
 
         def rows_to_tile(x, width):
             return lax.broadcast_in_dim(x, (ROWS, width), [0])
@@ -250,7 +260,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
                 row_sum = row_sum * alpha + p.sum(axis=1)
                 acc = acc * rows_to_tile(alpha, head_dim)
                 p = p.astype(dtype)
-                acc = accumulate_pv(acc, p, v_smem.at[slot], p_smem.at[wg], cfg.p_in_registers)
+                acc = accumulate_pv(acc, p, v_smem.at[slot], p_tile)
                 plgpu.barrier_arrive(kv_free.at[slot])
                 return acc, new_max, row_sum
 
@@ -276,7 +286,9 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
             @pl.when(wg == 0)
             def _merge_and_store():
                 plgpu.barrier_wait(exch_ready)
-                other_acc = plgpu.load(exch_smem, layout=plgpu.Layout.WGMMA)
+                # (Mosaic GPU has no bank-conflict-free transfer of untiled d256 rows.)
+                other_acc = plgpu.load(exch_smem, layout=plgpu.Layout.WGMMA,
+                                       optimized=head_dim <= 128)
                 other_max = plgpu.load(stats_smem.at[0], layout=plgpu.Layout.WGMMA).max(axis=1)
                 other_sum = plgpu.load(stats_smem.at[1], layout=plgpu.Layout.WGMMA).max(axis=1)
                 top = jnp.maximum(row_max, other_max)
@@ -373,27 +385,29 @@ def paged_decode_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Arr
     order = work_order(context_lens, window, num_kv_heads=num_kv_heads, num_splits=num_splits,
                        block_kv=block_kv)
     params = jnp.stack([jnp.asarray(layer, jnp.int32), window])
-    # q as rows; Q boxes are 8-row aligned, so q has at least one box of rows.
+    # q as rows, whole 8-row tiles of them and at least one Q box.
     q_rows = q.reshape(batch * num_q_heads, head_dim)
-    q_box = -(-group // 8) * 8
-    if q_rows.shape[0] < q_box:
-        q_rows = jnp.pad(q_rows, ((0, q_box - q_rows.shape[0]), (0, 0)))
+    padded_rows = max(-(-q_rows.shape[0] // 8) * 8, q_box_rows(group))
+    if padded_rows > q_rows.shape[0]:
+        q_rows = jnp.pad(q_rows, ((0, padded_rows - q_rows.shape[0]), (0, 0)))
     # One row per (layer, page, kv head, K or V): a 3D view TMA can address.
     pool = kv_pool.reshape(num_layers * num_pages * num_kv_heads * 2, page_size, head_dim)
 
     tiled = _smem_transforms(head_dim, itemsize)
+    # PV's wgmma takes its K (the keys) in groups as wide as the swizzle: P and V
+    # are swizzled to fit block_kv.
+    pv_tiled = _smem_transforms(block_kv, itemsize)
     stages = config.num_stages
     copies = 2 * max(1, block_kv // page_size)  # TMAs per ring slot: K and V pages
     scratch = [
         plgpu.SMEM((2, ROWS, head_dim), q.dtype, transforms=tiled),
         plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiled),
-        plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiled),
+        plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=pv_tiled),
         plgpu.SMEM((ROWS, head_dim), jnp.float32),  # untiled: any row range stores
         plgpu.SMEM((2, ROWS, STATS), jnp.float32),
         plgpu.SMEM((ROWS, head_dim), q.dtype) if direct else None,
         (None if config.p_in_registers else
-         plgpu.SMEM((2, ROWS, block_kv), q.dtype,
-                    transforms=_smem_transforms(block_kv, itemsize))),
+         plgpu.SMEM((2, ROWS, block_kv), q.dtype, transforms=pv_tiled)),
         plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_arrivals=2, num_barriers=2),
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),

@@ -27,6 +27,8 @@ Same contract as ``prefill_attention.paged_prefill_attention`` (batch convention
 - Ragged rows: Q tiles are loaded at a start clamped to stay inside ``q`` (rows outside the
   warpgroup's tokens compute and are dropped) and outputs are stored with a ladder of
   power-of-two TMA boxes that covers exactly the valid rows, so neighbours are never written.
+  A TMA into a tiled (wgmma) tile addresses whole 8-row tiles of ``q``, so a Q tile, which
+  starts at any token, lands in an untiled tile and registers copy it into the tiled one.
 - Programs run heaviest first (the last q blocks of a sequence see the most keys).
 
 Tokens of the padding pseudo-sequence (past ``query_start_loc[S]``) come out as zeros;
@@ -115,10 +117,11 @@ def _cdiv(a, b: int):
     return _div(a + b - 1, b)
 
 
-def accumulate_pv(acc, p, v_tile, p_smem, in_registers: bool):
+def accumulate_pv(acc, p, v_tile, p_smem=None):
     """``acc + p @ v_tile`` on the tensor cores: P straight from registers (the GPU's path), or
-    through ``p_smem`` (Mosaic GPU interpret mode takes no register operand for wgmma)."""
-    if in_registers:
+    through ``p_smem`` when given (Mosaic GPU interpret mode takes no register operand for
+    wgmma)."""
+    if p_smem is None:
         def pv(acc_ref):
             plgpu.wgmma(acc_ref, p, v_tile)
         return pl.run_state(pv)(plgpu.ACC.init(acc))
@@ -133,7 +136,7 @@ def accumulate_pv(acc, p, v_tile, p_smem, in_registers: bool):
 
 def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, block_first_ref,
             params_ref, q_ref, pool_ref, o_ref,
-            q_smem, k_smem, v_smem, o_smem, p_smem,
+            q_smem, k_smem, v_smem, rows_smem, p_smem,
             q_ready, k_ready, v_ready, k_free, v_free, schedule,
             *, cfg: MgpuPrefillConfig, num_seqs: int, num_blocks: int, num_tokens: int,
             num_pages: int, num_kv_heads: int, group: int, page_size: int, head_dim: int,
@@ -213,7 +216,8 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
         row0 = q_start + token0  # in q
         load_at = jnp.minimum(row0, num_tokens - block_q)  # the Q box stays inside q
         offset = row0 - load_at
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(load_at, block_q), head], q_smem.at[wg],
+        # Into the untiled tile: the box starts at any token (see the module docstring).
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(load_at, block_q), head], rows_smem.at[wg],
                                 q_ready.at[wg])
 
         # Step ranges of this warpgroup (see the module docstring).
@@ -227,6 +231,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
         causal_start = jnp.maximum(window_end, jnp.minimum(_div(pos_min + 1 - low, block_kv), end))
 
         shape = (block_q, block_kv)
+        p_tile = None if p_smem is None else p_smem.at[wg]
         position = (pos_min - offset) + plgpu.broadcasted_iota(
             jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
         key_offset = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
@@ -275,7 +280,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
             plgpu.barrier_wait(v_ready.at[slot])
             if cfg.schedule_barrier:
                 plgpu.barrier_wait(schedule)  # the tensor cores are free
-            acc = accumulate_pv(acc, p, v_smem.at[slot], p_smem.at[wg], cfg.p_in_registers)
+            acc = accumulate_pv(acc, p, v_smem.at[slot], p_tile)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, new_max, row_sum
 
@@ -285,6 +290,10 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32),
                                    plgpu.Layout.WGMMA.reduce(1)))
         plgpu.barrier_wait(q_ready.at[wg])
+        # (Mosaic GPU has no bank-conflict-free transfer of untiled d256 rows.)
+        q_smem.at[wg][...] = plgpu.load(rows_smem.at[wg], layout=plgpu.Layout.WGMMA,
+                                        optimized=head_dim <= 128)
+        plgpu.commit_smem()
         pl.when(wg == 1)(perform_schedule_barrier)
         masked = functools.partial(attend, masked=True)
         unmasked = functools.partial(attend, masked=False)
@@ -296,7 +305,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
         pl.when(wg == 0)(perform_schedule_barrier)
 
         out = acc / lax.broadcast_in_dim(jnp.where(row_sum > 0, row_sum, 1.0), acc.shape, [0])
-        o_smem.at[wg][...] = out.astype(dtype)
+        rows_smem.at[wg][...] = out.astype(dtype)
         plgpu.commit_smem()
         # TMA boxes have static sizes: store `rows` rows as a ladder of power-of-two boxes.
         start = offset
@@ -304,7 +313,7 @@ def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, bloc
         while size:
             @pl.when(rows & size != 0)
             def _store(start=start, size=size):
-                plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(start, size)],
+                plgpu.copy_smem_to_gmem(rows_smem.at[wg, pl.ds(start, size)],
                                         o_ref.at[pl.ds(load_at + start, size), head])
             start = start + (rows & size)
             size //= 2
@@ -350,14 +359,16 @@ def paged_prefill_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Ar
 
     itemsize = q.dtype.itemsize
     tiled = _smem_transforms(head_dim, itemsize)
+    # PV's wgmma takes its K (the keys) in groups as wide as the swizzle: P and V
+    # are swizzled to fit block_kv.
+    pv_tiled = _smem_transforms(block_kv, itemsize)
     scratch = [
         plgpu.SMEM((2, block_q, head_dim), q.dtype, transforms=tiled),
         plgpu.SMEM((config.num_stages, block_kv, head_dim), q.dtype, transforms=tiled),
-        plgpu.SMEM((config.num_stages, block_kv, head_dim), q.dtype, transforms=tiled),
-        plgpu.SMEM((2, block_q, head_dim), q.dtype),  # untiled: any row range stores
+        plgpu.SMEM((config.num_stages, block_kv, head_dim), q.dtype, transforms=pv_tiled),
+        plgpu.SMEM((2, block_q, head_dim), q.dtype),  # untiled: Q in and O out at any row
         (None if config.p_in_registers else
-         plgpu.SMEM((2, block_q, block_kv), q.dtype,
-                    transforms=_smem_transforms(block_kv, itemsize))),
+         plgpu.SMEM((2, block_q, block_kv), q.dtype, transforms=pv_tiled)),
         plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_arrivals=max(1, block_kv // page_size), num_barriers=config.num_stages),
         plgpu.Barrier(num_arrivals=max(1, block_kv // page_size), num_barriers=config.num_stages),

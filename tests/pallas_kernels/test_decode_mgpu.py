@@ -13,7 +13,7 @@ import pytest
 
 from pallas_kernels import ops, reference
 from pallas_kernels.decode_attention_mgpu import (MgpuDecodeConfig, item_keys,
-                                                  paged_decode_attention_mgpu,
+                                                  paged_decode_attention_mgpu, q_box_rows,
                                                   unsupported_reason, work_order)
 from pallas_kernels.persistent_grid import balanced_splits, sm_share
 from tests.pallas_kernels.fresh_process import STALL_SECONDS, in_fresh_process
@@ -92,6 +92,15 @@ def test_work_order_puts_heaviest_items_first():
     assert sorted(order.tolist()) == list(range(16))
     assert {int(i) // 4 for i in order[:4]} == {1}  # sequence 1's 4 items (2 heads x 2 splits)
     assert {int(i) // 4 for i in order[-4:]} == {2} or int(order[-1]) // 4 == 2
+
+
+def test_q_box_holds_the_group_wherever_it_starts():
+    """Groups start at multiples of the group in q's rows; the box starts on the 8-row tile
+    of the first row and is the fewest whole tiles that reach the group's last row."""
+    for group in range(1, 65):
+        reach = max(row0 % 8 + group for row0 in range(0, 8 * group, group))
+        assert q_box_rows(group) == -(-reach // 8) * 8
+    assert [q_box_rows(g) for g in (1, 2, 3, 4, 8, 16)] == [8, 8, 16, 8, 8, 16]
 
 
 def test_sm_share_and_balanced_splits():
