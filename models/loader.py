@@ -151,7 +151,7 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
                                   "load the Hugging Face or GGUF checkpoint with it instead")
         checkpoint = load_orbax(path, dtype, mesh=mesh, fp8=fp8)
         config, hf_config, params = checkpoint.config, checkpoint.hf_config, checkpoint.params
-        quant = checkpoint.quantization
+        quant, kv_scales = checkpoint.quantization, checkpoint.kv_scales
         generation_config = read_generation_config(checkpoint.files_dir)
         tokenizer = _tokenizer_for(checkpoint.files_dir)
     else:

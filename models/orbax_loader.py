@@ -7,7 +7,8 @@
   requested dtype. A tensor-parallel group reads it one stored array at a time through the
   table of ``orbax_layouts.duetjax_tensors`` instead, like the layouts below, since its fused
   rows must be laid out for the group (``tensor_parallel.fused_rows``) on the way.
-  ``DIR/config.json`` (Hugging Face's) and the tokenizer files sit beside it.
+  ``DIR/config.json`` (Hugging Face's) and the tokenizer files sit beside it, and
+  ``DIR/kv_scales.json`` when the source checkpoint had FP8 KV cache scales.
 - MaxText and Gemma's Flax releases: read one array at a time through the tables of
   ``orbax_layouts`` and loaded like any other ``TensorSource``. Neither carries a Hugging Face
   config: ``config.json`` must sit in the checkpoint directory or its parent; the tokenizer
@@ -18,6 +19,8 @@ A MaxText step directory (``.../checkpoints/0``) may be given for its ``items`` 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +38,9 @@ from .quantization import Fp8Config
 
 PARAMS_DIR = "params"
 """duetjax's own layout: the folder holding the parameter tree."""
+KV_SCALES_FILE = "kv_scales.json"
+"""duetjax's own layout: the FP8 KV cache's per-layer scales of the checkpoint it was converted
+from, ``{"k_scale": [...], "v_scale": [...]}`` (absent when that checkpoint had none)."""
 STEP_ITEMS = ("items", "default")
 """Item folders of an Orbax CheckpointManager step (MaxText writes 'items')."""
 LAYOUTS = {"duetjax": "duetjax's own", "maxtext": "MaxText", "gemma": "Gemma Flax"}
@@ -81,6 +87,8 @@ class OrbaxCheckpoint:
     quantization: Fp8Config | None = None
     """FP8 linear layers (duetjax's own layout converted from an FP8 checkpoint); None: every
     weight in the requested dtype."""
+    kv_scales: tuple[tuple[float, float], ...] | None = None
+    """(K scale, V scale) per layer for an FP8 KV cache (``KV_SCALES_FILE``); None: none kept."""
 
 
 def companion_dir(path: Path, tree: Path, filename: str) -> Path | None:
@@ -130,8 +138,27 @@ def load_orbax(path: Path, dtype: Any,
             tensors = table(config, tree)
         params = load_params(config, LayoutSource(tree, LAYOUTS[layout], tensors), dtype,
                              quantization=quantization, mesh=mesh)
+    kv_scales = read_kv_scales_file(files_dir / KV_SCALES_FILE, config.num_layers) \
+        if layout == "duetjax" else None
     return OrbaxCheckpoint(hf_config=hf_config, config=config, params=params, layout=layout,
-                           files_dir=files_dir, quantization=quantization)
+                           files_dir=files_dir, quantization=quantization, kv_scales=kv_scales)
+
+
+def read_kv_scales_file(path: Path, num_layers: int) -> tuple[tuple[float, float], ...] | None:
+    """The per-layer (K, V) scales ``KV_SCALES_FILE`` holds, checked; None when it is absent."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        k, v = [float(x) for x in data["k_scale"]], [float(x) for x in data["v_scale"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: expected {{\"k_scale\": [...], \"v_scale\": [...]}} "
+                              f"with a number per layer ({err!r})") from None
+    if len(k) != num_layers or len(v) != num_layers:
+        raise CheckpointError(f"{path}: {len(k)} K and {len(v)} V scales for {num_layers} layers")
+    if not all(math.isfinite(x) and x > 0 for x in k + v):
+        raise CheckpointError(f"{path}: every scale must be finite positive")
+    return tuple(zip(k, v))
 
 
 def holds_fp8(tree: OrbaxTree) -> bool:

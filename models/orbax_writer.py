@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import CheckpointError
 from .hf_loader import GENERATION_CONFIG_FILE
 from .loader import LoadedModel, load_model
-from .orbax_loader import PARAMS_DIR
+from .orbax_loader import KV_SCALES_FILE, PARAMS_DIR
 from .orbax_tree import save_tree
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -27,6 +27,9 @@ def write_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tree(out_dir / PARAMS_DIR, loaded.params)
     (out_dir / "config.json").write_text(json.dumps(loaded.hf_config, indent=2) + "\n")
+    if loaded.kv_scales is not None:
+        k, v = zip(*loaded.kv_scales)
+        (out_dir / KV_SCALES_FILE).write_text(json.dumps({"k_scale": k, "v_scale": v}) + "\n")
     if loaded.path.is_file():  # a GGUF: its tokenizer is rebuilt from the metadata
         from .gguf_loader import GGUFSource
 

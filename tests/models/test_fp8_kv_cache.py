@@ -45,6 +45,26 @@ def test_checkpoint_kv_scales_are_read_per_layer(hf_llama, tmp_path):
     assert load_model(hf_llama, dtype="float32").kv_scales is None
 
 
+def test_converted_checkpoint_keeps_its_kv_scales(hf_llama, tmp_path):
+    """``duetjax.convert`` carries an FP8 checkpoint's KV cache scales: the Orbax checkpoint
+    loads them, and its logits over an e4m3 pool equal the source's."""
+    from models.orbax_writer import convert_to_orbax
+
+    source = with_kv_scales(hf_llama, tmp_path / "kv", {"k_scale": 0.05, "v_scale": 0.03})
+    converted = load_model(convert_to_orbax(source, tmp_path / "orbax", dtype="float32"),
+                           dtype="float32")
+    original = load_model(source, dtype="float32")
+    assert converted.kv_scales == original.kv_scales
+    np.testing.assert_allclose(converted.kv_scales, [(0.05, 0.03), (0.1, 0.06)], rtol=1e-6)
+    prompts = [[5, 17, 42, 99, 7, 3, 250, 11] * 2]
+    for got, want in zip(compute_logits(converted, prompts, kv_cache_dtype="fp8"),
+                         compute_logits(original, prompts, kv_cache_dtype="fp8")):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    (tmp_path / "orbax" / "kv_scales.json").write_text('{"k_scale": [1.0], "v_scale": [1.0]}')
+    with pytest.raises(CheckpointError, match="1 K and 1 V scales for 2 layers"):
+        load_model(tmp_path / "orbax", dtype="float32")
+
+
 @pytest.mark.parametrize("scales, match", [
     ({"k_scale": 0.5}, r"model\.layers\.0\.self_attn\.v_scale.*missing"),
     ({"k_scale": -1.0, "v_scale": 1.0}, "finite positive"),
