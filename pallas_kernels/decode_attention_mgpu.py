@@ -45,7 +45,7 @@ from .decode_attention import combine_splits
 from .paged_tiles import LOG2E, NEG
 from .persistent_grid import balanced_splits, sm_share
 from .prefill_attention_mgpu import (SHARED_BYTES, _cdiv, _div, _smem_transforms,
-                                     accumulate_pv)
+                                     accumulate_pv, check_call)
 
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -359,13 +359,9 @@ def paged_decode_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Arr
     ``num_splits``: key splits per (sequence, KV head) (default: enough to fill the grid).
     ``interpret``: Mosaic GPU interpret mode (CPU); needs ``p_in_registers=False``.
     """
-    reason = unsupported_reason(q.shape, q.dtype, kv_pool.shape, kv_pool.dtype, config)
-    if reason:
-        raise ValueError(f"paged_decode_attention_mgpu: {reason} (q {q.shape} {q.dtype}, "
-                         f"pool {kv_pool.shape} {kv_pool.dtype})")
-    if interpret and config.p_in_registers:
-        raise ValueError("Mosaic GPU interpret mode runs neither wgmma with a register operand "
-                         "nor pl.run_state: use p_in_registers=False")
+    check_call("paged_decode_attention_mgpu",
+               unsupported_reason(q.shape, q.dtype, kv_pool.shape, kv_pool.dtype, config),
+               q, kv_pool, config, interpret)
     batch, num_q_heads, head_dim = q.shape
     num_layers, num_pages, num_kv_heads, _, page_size, _ = kv_pool.shape
     group = num_q_heads // num_kv_heads

@@ -134,6 +134,18 @@ def accumulate_pv(acc, p, v_tile, p_smem=None):
     return acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
 
 
+def check_call(kernel: str, reason: str | None, q: jax.Array, kv_pool: jax.Array, config,
+               interpret: bool) -> None:
+    """Refuses a call ``kernel`` cannot run: ``reason`` (its ``unsupported_reason``), or P in
+    registers in interpret mode."""
+    if reason:
+        raise ValueError(f"{kernel}: {reason} (q {q.shape} {q.dtype}, "
+                         f"pool {kv_pool.shape} {kv_pool.dtype})")
+    if interpret and config.p_in_registers:
+        raise ValueError("Mosaic GPU interpret mode runs neither wgmma with a register operand "
+                         "nor pl.run_state: use p_in_registers=False")
+
+
 def _kernel(start_loc_ref, context_len_ref, block_table_ref, block_seq_ref, block_first_ref,
             params_ref, q_ref, pool_ref, o_ref,
             q_smem, k_smem, v_smem, rows_smem, p_smem,
@@ -334,13 +346,9 @@ def paged_prefill_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Ar
 
     ``interpret``: run in Mosaic GPU interpret mode (CPU); needs ``p_in_registers=False``.
     """
-    reason = unsupported_reason(q.shape, q.dtype, kv_pool.shape, kv_pool.dtype, config)
-    if reason:
-        raise ValueError(f"paged_prefill_attention_mgpu: {reason} (q {q.shape} {q.dtype}, "
-                         f"pool {kv_pool.shape} {kv_pool.dtype})")
-    if interpret and config.p_in_registers:
-        raise ValueError("Mosaic GPU interpret mode runs neither wgmma with a register operand "
-                         "nor pl.run_state: use p_in_registers=False")
+    check_call("paged_prefill_attention_mgpu",
+               unsupported_reason(q.shape, q.dtype, kv_pool.shape, kv_pool.dtype, config),
+               q, kv_pool, config, interpret)
     num_tokens, num_q_heads, head_dim = q.shape
     num_layers, num_pages, num_kv_heads, _, page_size, _ = kv_pool.shape
     num_seqs = context_lens.shape[0]
