@@ -30,6 +30,11 @@ def load_kv_rows(pool_ref, layer, block_table_ref, seq, head, kv: int, key_pos: 
     page = plgpu.load(block_table_ref.at[seq, key_pos // page_size], mask=mask, other=0)
     dims = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
     rows = pool_ref.at[layer, page[:, None], head, kv, (key_pos % page_size)[:, None], dims]
+    if jnp.dtype(pool_ref.dtype).itemsize == 1:
+        # Triton cannot splat a fill value into float8: load masked rows undefined, upcast
+        # (bf16 holds every e4m3/e5m2 value) and zero them, which also drops stray NaN bytes.
+        values = plgpu.load(rows, mask=mask[:, None]).astype(jnp.bfloat16)
+        return jnp.where(mask[:, None], values, 0)
     return plgpu.load(rows, mask=mask[:, None], other=0)
 
 

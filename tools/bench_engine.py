@@ -304,6 +304,7 @@ def markdown(report: dict) -> str:
              f"jax {report['jax']}; command: `{report['command']}`", "",
              f"Ceilings: copy {report['ceilings']['copy_tb_s']:.2f} TB/s, bf16 matmul "
              f"{report['ceilings']['matmul_tflop_s']:.0f} TFLOP/s", ""]
+    lines += [f"**{label} failed:** {error}" for label, error in report.get("failed", {}).items()]
     if report.get("decode"):
         lines += ["| weights | decode batch | context | steps per dispatch | ms/step | roofline ms | of roofline | tok/s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -443,16 +444,30 @@ def main() -> None:
                 for label, quantization, activation, kv_cache_dtype in engine_variants(
                     weight_variants(args.quantization, args.fp8_activation), args.kv_cache_dtype)]
     for i, (label, quantization, activation, kv_cache_dtype, tp) in enumerate(variants):
-        engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
-                        tensor_parallel_size=tp,
-                        max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
-                        max_model_len=max(max(lengths) + 16, 4096 + 1024),
-                        scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,
-                        gemm_backend=args.gemm_backend, decode_steps=args.decode_steps,
-                        max_decode_steps=max(8, args.decode_steps),
-                        quantization=quantization, fp8_activation=activation,
-                        kv_cache_dtype=kv_cache_dtype, compile_on_start=False,
-                        show_progress=False)
+        try:
+            run_variant(args, report, sections, batches, lengths, i, label, quantization,
+                        activation, kv_cache_dtype, tp)
+        except Exception as e:  # one variant's failure is reported; the others still run
+            log(f"{label} failed: {type(e).__name__}: {e}"[:3000])
+            report.setdefault("failed", {})[label] = f"{type(e).__name__}: {e}"[:1500]
+            save(report, args)
+    print(markdown(report))
+
+
+def run_variant(args, report, sections, batches, lengths, i, label, quantization, activation,
+                kv_cache_dtype, tp) -> None:
+    """Builds one variant's engine, runs the asked sections on it, then frees it."""
+    engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
+                    tensor_parallel_size=tp,
+                    max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
+                    max_model_len=max(max(lengths) + 16, 4096 + 1024),
+                    scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,
+                    gemm_backend=args.gemm_backend, decode_steps=args.decode_steps,
+                    max_decode_steps=max(8, args.decode_steps),
+                    quantization=quantization, fp8_activation=activation,
+                    kv_cache_dtype=kv_cache_dtype, compile_on_start=False,
+                    show_progress=False)
+    try:
         report.setdefault("kv_pool_gib", engine.runner.kv_pool.nbytes / 2**30)
         report.setdefault("kv_pool_tokens", {})[label] = (engine.runner.num_pages
                                                           * engine.config.page_size)
@@ -471,9 +486,8 @@ def main() -> None:
                 rows = run()
                 report[name] = report.get(name, []) + rows if isinstance(rows, list) else rows
                 save(report, args)  # a run cut short keeps what it measured
+    finally:
         release(engine)
-        del engine, runs
-    print(markdown(report))
 
 
 def release(engine: Engine) -> None:

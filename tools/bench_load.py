@@ -5,7 +5,7 @@ One model with random weights (a shipped config, ``load_format="dummy"``) is wri
 (``model-0000i-of-0000n.safetensors`` + index), and through ``duetjax.convert`` as Orbax. Each
 load then runs ``--repeats`` times, each in a fresh Python process: ``load_model`` from its
 call until the parameters are on the device (``block_until_ready``), and the process's peak
-host memory (``getrusage`` maxrss). The page cache holds the files (both were just written)
+host memory (``VmHWM``). The page cache holds the files (both were just written)
 unless ``--drop-caches`` empties it before every load (needs root).
 
     python tools/bench_load.py --model llama-3-8b --scratch /tmp/bench-load \\
@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -70,10 +68,20 @@ def child(fmt: str, path: str, dtype: str) -> None:
     start = time.perf_counter()
     loaded = load_model(path, dtype=dtype, load_format=fmt)
     seconds = time.perf_counter() - start  # load_model blocks until the params are on device
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = peak_rss_bytes()
     print(json.dumps({"format": fmt, "seconds": seconds, "peak_rss_bytes": peak,
                       "device": jax.devices()[0].device_kind, "param_bytes": sum(
                           x.nbytes for x in jax.tree_util.tree_leaves(loaded.params))}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM``, which starts afresh at exec. (getrusage's
+    maxrss keeps the forking parent's peak across exec, and the parent holds the written
+    model.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def drop_page_cache() -> None:

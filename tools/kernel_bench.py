@@ -663,8 +663,8 @@ MPS_SHAPES = [(64, 2048), (128, 4096)]
 
 def mps_child(percent: int) -> None:
     """Copy ceiling and decode bandwidth of this process, limited by MPS to ``percent`` SMs."""
-    copies = copy_bandwidth(1)
-    copies.update({k: v for k, v in torch_ceilings(1).items() if "copy" in k})
+    copies = {k: v for k, v in torch_ceilings(1).items() if "copy" in k}  # torch first
+    copies.update(copy_bandwidth(1))
     out = {"percent": percent, "copy_tb_s": max(copies.values()), "copy_forms_tb_s": copies,
            "decode": []}
     for batch, ctx in MPS_SHAPES:
@@ -771,8 +771,9 @@ def decode_mgpu_correctness() -> list[dict]:
 def decode_mgpu_child(percent: int) -> None:
     """Copy ceiling, correctness, then both decode kernels at this process's SM share."""
     from pallas_kernels.persistent_grid import sm_share
-    copies = copy_bandwidth(1)
-    copies.update({k: v for k, v in torch_ceilings(1).items() if "copy" in k})
+    # torch first: JAX's allocator then takes most of the card and leaves torch none
+    copies = {k: v for k, v in torch_ceilings(1).items() if "copy" in k}
+    copies.update(copy_bandwidth(1))
     copy = max(copies.values())
     out = {"percent": percent, "gpu": jax.devices()[0].device_kind, "programs": sm_share(),
            "copy_tb_s": copy, "copy_forms_tb_s": copies,
