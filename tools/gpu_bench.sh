@@ -13,8 +13,8 @@
 #   PYTHON             the interpreter (default python3)
 #   Per section: FIT_ITERATIONS, FIT_REPS (fit); DUET_QPS, DUET_REQUESTS, DUET_MODES,
 #   DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1 (duet); PROFILE_TOP
-#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-accuracy, load, prefill-mgpu and
-#   decode-mgpu: FP8 speed and accuracy, load times and the Mosaic GPU attention kernels.
+#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-accuracy, load, prefill-mgpu,
+#   prefill-e2e and decode-mgpu: FP8 speed and accuracy, load times and the Mosaic GPU kernels.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
@@ -151,6 +151,12 @@ for section in "$@"; do
             -p no:cacheprovider 2>&1 | tail -15
         $python tools/kernel_bench.py --sections prefill-mgpu \
             --out "$results_dir/prefill-mgpu.json" --table "$results_dir/prefill-mgpu.md" ;;
+    prefill-e2e)  # Llama-3-8B prefill steps with each prefill kernel (DUETJAX_PREFILL_KERNEL)
+        for kernel in triton mgpu; do
+            DUETJAX_PREFILL_KERNEL=$kernel $python tools/bench_engine.py --model $model \
+                --sections prefill --batches 1 --prefill 2048,8192 \
+                --out "$results_dir/prefill-e2e-$kernel.json" --table "$results_dir/prefill-e2e-$kernel.md"
+        done ;;
     decode-mgpu)  # the Mosaic GPU decode kernel: GPU tests, then against Triton and a copy at
         # 100 %, 30 % and 50 % of the SMs
         timeout 600 $python -m pytest tests/pallas_kernels/test_decode_mgpu.py -q -m gpu -x \
