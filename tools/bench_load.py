@@ -11,6 +11,7 @@ unless ``--drop-caches`` empties it before every load (needs root).
     python tools/bench_load.py --model llama-3-8b --scratch /tmp/bench-load \\
         --out load.json --table load.md
     python tools/bench_load.py --model tiny-llama --dtype float32 --repeats 1   # CPU check
+    python tools/bench_load.py --model default --dtype float32 --repeats 7      # warm start
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 FORMATS = ("safetensors", "orbax")
+DEFAULT = "default"
+"""``--model default``: the embedded SmolLM2's converted cache (real weights) against the same
+weights written as Orbax: what a warm start of the default model would gain from Orbax."""
 
 
 def log(*args) -> None:
@@ -41,10 +45,15 @@ def write_checkpoints(model: str, dtype: str, scratch: Path) -> dict[str, Path]:
     from models.orbax_writer import write_orbax
 
     paths = {fmt: scratch / f"{model}-{dtype}-{fmt}" for fmt in FORMATS}
-    done = {fmt: (path / ".complete").is_file() for fmt, path in paths.items()}
+    if model == DEFAULT:  # its safetensors are the converted cache a start-up reads
+        from models import default_model_dir
+        paths["safetensors"] = default_model_dir()
+    done = {fmt: (path / ".complete").is_file() or (model == DEFAULT and fmt == "safetensors")
+            for fmt, path in paths.items()}
     if all(done.values()):
         return paths
-    loaded = load_model(model, dtype=dtype, load_format="dummy")
+    loaded = load_model(str(paths["safetensors"]) if model == DEFAULT else model, dtype=dtype,
+                        load_format="safetensors" if model == DEFAULT else "dummy")
     if not done["safetensors"]:
         start = time.perf_counter()
         save_hf_safetensors(loaded.params, loaded.config, loaded.hf_config, paths["safetensors"], dtype)
@@ -141,7 +150,9 @@ def table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3-8b", help="a shipped config (default llama-3-8b)")
+    p.add_argument("--model", default="llama-3-8b",
+                   help="a shipped config (random weights; default llama-3-8b), or 'default': "
+                        "the embedded model's converted cache")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--scratch", type=Path, default=None,
                    help="where both checkpoints are written (default: a new temporary directory)")
