@@ -41,6 +41,26 @@ def _checkpointer(largest_array_bytes: int = 0):
     return ocp.Checkpointer(handler)
 
 
+def restore_group_bytes(largest_array_bytes: int) -> int:
+    """Stored bytes restored at once: ``RESTORE_CONCURRENT_GB``, or the largest array (it cannot
+    be split) where that is larger."""
+    return max(largest_array_bytes, int(RESTORE_CONCURRENT_GB * 1e9))
+
+
+def restore_groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """``sizes``' names in their order, cut into consecutive groups of at most ``budget``
+    bytes each (an array larger than the budget is a group alone)."""
+    groups: list[list[str]] = []
+    total = budget + 1
+    for name, size in sizes.items():
+        if total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return groups
+
+
 def save_tree(path: Path, tree: Any) -> None:
     """Writes a tree of arrays (device or host) as an Orbax PyTree checkpoint at ``path``,
     which must not exist yet."""
@@ -97,7 +117,22 @@ class OrbaxTree:
 
     def restore(self, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
         """Restores the named arrays onto devices: each read as its target's dtype into its
-        target's sharding, so a sharded target reads only the shards its devices hold."""
+        target's sharding, so a sharded target reads only the shards its devices hold.
+
+        One restore of the whole tree holds every array in host memory before the last one
+        reaches its device (an 8B model's restore peaked above the model's size). Arrays are
+        restored in groups of at most ``restore_group_bytes(...)`` stored bytes instead, each
+        group on its devices before the next is read, so the host holds one group at a time."""
+        restored = {}
+        for group in restore_groups({n: self.stored_bytes(n) for n in targets},
+                                    restore_group_bytes(self.largest_array_bytes)):
+            restored |= jax.block_until_ready(self._restore_group({n: targets[n] for n in group}))
+        return restored
+
+    def stored_bytes(self, name: str) -> int:
+        return math.prod(self.shapes[name]) * self.dtypes[name].itemsize
+
+    def _restore_group(self, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
         import orbax.checkpoint as ocp
 
         names = list(targets)

@@ -29,15 +29,24 @@ FLOAT8 = ("f8e4m3fn", "f8e5m2")
 WIDE = ("bf16", "f16", "f32")
 
 
-def _instructions(hlo: str) -> dict[str, tuple[str, tuple[int, ...], str, list[str]]]:
-    """name -> (dtype, dims, opcode, operand names) of every array instruction."""
-    found = {}
+COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+"""The first line of a computation: ``%fused_computation.3 (param_0: ...) -> ... {``."""
+MATERIALIZING = ("copy", "transpose", "fusion", "dynamic-slice", "slice")
+"""Opcodes that, outside a fusion, write a new array."""
+
+
+def _instructions(hlo: str) -> dict[str, tuple[str, tuple[int, ...], str, list[str], bool]]:
+    """name -> (dtype, dims, opcode, operand names, inside a fused computation) of every array
+    instruction."""
+    found, fused = {}, False
     for line in hlo.splitlines():
         m = INSTRUCTION.match(line)
         if m:
             name, dtype, dims, opcode, rest = m.groups()
             shape = tuple(int(d) for d in dims.split(",") if d)
-            found[name] = (dtype, shape, opcode, OPERAND.findall(rest.split("),")[0]))
+            found[name] = (dtype, shape, opcode, OPERAND.findall(rest.split("),")[0]), fused)
+        elif c := COMPUTATION.match(line):
+            fused = "fused" in c.group(1) or "fusion" in c.group(1)
     return found
 
 
@@ -46,12 +55,14 @@ def fp8_gemm_census(hlo: str, weight_shapes: Iterable[tuple[int, ...]]) -> dict[
     operands are both float8, ``dot``s mixing float8 with a wider type, and conversions of a
     float8 array shaped like a weight (``weight_shapes``: per layer, stacked or not) to a wider
     type. ``fp8_gemm``: the step multiplies FP8 weights in FP8 (calls or f8 dots, and no weight
-    conversion)."""
+    conversion). ``weight_copies``: float8 weight-shaped arrays the step writes outside any
+    fusion's body (a layer's slice of a stacked weight copied out for the GEMM: every weight
+    byte read and written once more a step)."""
     shapes = {tuple(s) for s in weight_shapes}
     table = _instructions(hlo)
     dtype_of = {name: entry[0] for name, entry in table.items()}
-    f8_dots = mixed_dots = upcasts = 0
-    for dtype, shape, opcode, operands in table.values():
+    f8_dots = mixed_dots = upcasts = copies = 0
+    for dtype, shape, opcode, operands, fused in table.values():
         kinds = [dtype_of.get(o, "") for o in operands[:2]]
         if opcode == "dot":
             f8 = [k in FLOAT8 for k in kinds]
@@ -59,9 +70,12 @@ def fp8_gemm_census(hlo: str, weight_shapes: Iterable[tuple[int, ...]]) -> dict[
             mixed_dots += any(f8) and not all(f8)
         elif opcode == "convert" and dtype in WIDE and kinds and kinds[0] in FLOAT8:
             upcasts += shape in shapes
+        elif opcode in MATERIALIZING and dtype in FLOAT8 and not fused:
+            copies += shape in shapes
     calls = hlo.count(CUBLASLT_F8)
     return {"cublaslt_f8_calls": calls, "f8_dots": f8_dots, "mixed_f8_dots": mixed_dots,
-            "weight_upcasts": upcasts, "fp8_gemm": (calls + f8_dots) > 0 and upcasts == 0}
+            "weight_upcasts": upcasts, "weight_copies": copies,
+            "fp8_gemm": (calls + f8_dots) > 0 and upcasts == 0}
 
 
 def fp8_weight_shapes(params: Any) -> set[tuple[int, ...]]:

@@ -13,12 +13,13 @@
 #   PYTHON             the interpreter (default python3)
 #   Per section: FIT_ITERATIONS, FIT_REPS (fit); DUET_QPS, DUET_REQUESTS, DUET_MODES,
 #   DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1 (duet); PROFILE_TOP
-#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-accuracy, load, prefill-mgpu,
-#   prefill-e2e and decode-mgpu: FP8 speed and accuracy, load times and the Mosaic GPU kernels.
+#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-trace, fp8-accuracy, load,
+#   prefill-mgpu, prefill-e2e and decode-mgpu: FP8 speed, its kernels and accuracy, load times
+#   and the Mosaic GPU kernels.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
-    sed -n '2,17p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
 fi
 mkdir -p "$1"
@@ -139,6 +140,14 @@ for section in "$@"; do
             --kv-cache-dtype auto,fp8 --dump-hlo "$scratch/hlo" \
             --out "$results_dir/fp8.json" --table "$results_dir/fp8.md"
         $python tools/fp8_gemm_check.py --model $model --batch 1 ;;
+    fp8-trace)  # where an FP8 decode step's time goes: every kernel of the W8A8 step at batch
+        # 1 and 64 and of the FP8-KV step at batch 64, beside bf16's, with each step's HLO census
+        for variant in "" "--quantization fp8" "--kv-cache-dtype fp8"; do
+            echo "== ${variant:-bf16}"
+            $python tools/profile_step.py --model $model --unroll 32 --batches 1,64 --context 1024 \
+                --trace --top-kernels 40 --out-dir "$scratch" $variant 2>&1 | grep "ms/step\|trace:\|census"
+        done
+        cp "$scratch"/trace_b*.json "$results_dir/" ;;
     fp8-accuracy)  # FP8 weights and KV cache against bf16: top-1 agreement, KL and perplexity
         # over a fixed text, and the capital question (embedded SmolLM2, tiny random Llama)
         $python tools/fp8_accuracy.py --model smollm2,tiny-llama --dtype bfloat16 \

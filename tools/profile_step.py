@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 from bench_engine import synthetic_batch, time_steps  # noqa: E402
+from fp8_gemm_check import fp8_gemm_census, fp8_weight_shapes  # noqa: E402
 from duetjax import Engine, SamplingParams  # noqa: E402
 from duetjax.core.model_runner import InFlight  # noqa: E402
 from duetjax.core.step_inputs import Bucket, bucket_for, build_inputs  # noqa: E402
@@ -203,11 +204,16 @@ def main() -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool tokens (default: enough for the batches); 0: "
                         "EngineConfig.kv_cache_memory_fraction of the free GPU memory")
+    p.add_argument("--quantization", default=None, help="EngineConfig.quantization (fp8)")
+    p.add_argument("--fp8-activation", default="dynamic", help="EngineConfig.fp8_activation")
+    p.add_argument("--kv-cache-dtype", default="auto", help="EngineConfig.kv_cache_dtype")
     p.add_argument("--out-dir", default=".")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     prefills = [int(t) for t in args.trace_prefill.split(",") if t]
-    tag = "_".join(filter(None, [args.gemm_backend, os.environ.get("XLA_FLAGS", "") and "xlaflags"]))
+    tag = "_".join(filter(None, [args.gemm_backend, os.environ.get("XLA_FLAGS", "") and "xlaflags",
+                                 args.quantization and f"{args.quantization}-{args.fp8_activation}",
+                                 args.kv_cache_dtype != "auto" and f"kv-{args.kv_cache_dtype}"]))
     for unroll in (int(u) for u in args.unroll.split(",")):
         longest = args.max_model_len or max([2048] + [t + 16 for t in prefills])
         pool = args.kv_cache_tokens
@@ -217,7 +223,8 @@ def main() -> None:
                         max_num_batched_tokens=max([256, max(batches)] + prefills),
                         max_model_len=longest, kv_cache_tokens=pool or None,
                         scan_unroll=unroll,
-                        gemm_backend=args.gemm_backend,
+                        gemm_backend=args.gemm_backend, quantization=args.quantization,
+                        fp8_activation=args.fp8_activation, kv_cache_dtype=args.kv_cache_dtype,
                         compile_on_start=False, show_progress=False)
         for b in batches:
             t = time_steps(engine, synthetic_batch(engine, [args.context - 1] * b, [1] * b), steps=20)
@@ -228,6 +235,9 @@ def main() -> None:
         hlo = engine.runner._executables[first].as_text()
         print(f"[{tag or 'plain'} unroll={unroll}] decode B={batches[0]} op census: {census(hlo)}",
               flush=True)
+        if args.quantization:
+            print(f"[{tag} unroll={unroll}] decode B={batches[0]} FP8 census: "
+                  f"{fp8_gemm_census(hlo, fp8_weight_shapes(engine.runner.params))}", flush=True)
         name = f"decode_b{batches[0]}_unroll{unroll}{'_' + tag if tag else ''}.hlo"
         with open(os.path.join(args.out_dir, name), "w") as f:
             f.write(hlo)

@@ -222,7 +222,22 @@ def test_an_array_larger_than_the_restore_limit_still_loads(oracle_cases, expect
 
     assert main([str(oracle_cases["llama2"]), str(tmp_path / "orbax"), "--dtype", "float32"]) == 0
     monkeypatch.setattr(models.orbax_tree, "RESTORE_CONCURRENT_GB", 1e-9)  # (one byte)
+    groups = []
+    restore_group = models.orbax_tree.OrbaxTree._restore_group
+    monkeypatch.setattr(models.orbax_tree.OrbaxTree, "_restore_group",
+                        lambda self, targets: groups.append(len(targets))
+                        or restore_group(self, targets))
     assert_logits_match(tmp_path / "orbax", expected_of("llama2"), load_format="auto")
+    assert len(groups) > 1 and max(groups) < sum(groups)  # read a group at a time
+
+
+def test_restore_groups_hold_at_most_the_budget():
+    from models.orbax_tree import restore_groups
+
+    sizes = {"embed": 4, "qkv": 3, "o": 2, "mlp": 9, "norm": 1, "head": 4}
+    assert restore_groups(sizes, 9) == [["embed", "qkv", "o"], ["mlp"], ["norm", "head"]]
+    assert restore_groups(sizes, 100) == [list(sizes)]
+    assert restore_groups({}, 9) == []
 
 
 def test_convert_keeps_tokenizer_and_generation_config(tiny_llama_hf_dir, tmp_path):

@@ -93,7 +93,22 @@ def test_fp8_gemm_census_reads_gpu_hlo():
     shapes = [(6144, 4096), (32, 6144, 4096)]
     assert fp8_gemm_census(rewritten, shapes) == {"cublaslt_f8_calls": 1, "f8_dots": 0,
                                                   "mixed_f8_dots": 0, "weight_upcasts": 0,
-                                                  "fp8_gemm": True}
+                                                  "weight_copies": 0, "fp8_gemm": True}
+    sliced = """
+%fused_slice (param_0: f8e4m3fn[32,6144,4096], param_1: s32[]) -> f8e4m3fn[6144,4096] {
+  %param_0 = f8e4m3fn[32,6144,4096]{2,1,0} parameter(0)
+  %ds.1 = f8e4m3fn[1,6144,4096]{2,1,0} dynamic-slice(%param_0, %param_1), dynamic_slice_sizes={1,6144,4096}
+  ROOT %bitcast.1 = f8e4m3fn[6144,4096]{1,0} bitcast(%ds.1)
+}
+
+ENTRY %main (p0: f8e4m3fn[64,4096], p1: f8e4m3fn[32,6144,4096], i: s32[]) -> bf16[64,6144] {
+  %p0 = f8e4m3fn[64,4096]{1,0} parameter(0)
+  %p1 = f8e4m3fn[32,6144,4096]{2,1,0} parameter(1)
+  %copy_fusion = f8e4m3fn[6144,4096]{1,0} fusion(%p1, %i), kind=kLoop, calls=%fused_slice
+  %cublas-lt-matmul.1 = (bf16[64,6144]{1,0}, s8[33554432]{0}) custom-call(%p0, %copy_fusion), custom_call_target="__cublas$lt$matmul$f8"
+}
+"""
+    assert fp8_gemm_census(sliced, shapes)["weight_copies"] == 1  # the fusion, not its body
     assert fp8_gemm_census(upcast, shapes)["weight_upcasts"] == 1
     assert not fp8_gemm_census(upcast, shapes)["fp8_gemm"]
 
