@@ -15,7 +15,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Info
                                    Metric)
 from prometheus_client.registry import Collector
 
-from ..async_engine import AsyncEngine
+from ..async_engine import ServingEngine
 from ..gc_pauses import gc_pauses
 from ..outputs import RequestOutput
 
@@ -27,7 +27,7 @@ PREFIX = "duetjax"
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: ServingEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
 
@@ -91,7 +91,7 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """The server's metric registry (one per app, so several apps can live in one process)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: ServingEngine, model_name: str):
         self.model_name = model_name
         self.registry = CollectorRegistry()
         labels = ["model_name"]
