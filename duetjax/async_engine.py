@@ -88,15 +88,21 @@ class RequestStream:
     # Called from the thread that serves the engine: they hand over to the stream's loop.
     def deliver(self, output: RequestOutput) -> None:
         """The request's newest output."""
-        self._loop.call_soon_threadsafe(self._put, output)
+        self._call(self._put, output)
 
     def fail(self, error: BaseException) -> None:
         """Ends the stream with ``error`` (the consumer's next step raises it)."""
-        self._loop.call_soon_threadsafe(self._fail, error)
+        self._call(self._fail, error)
 
     def resolve(self, error: BaseException | None) -> None:
         """Answers ``accepted``: the request was queued (None) or refused (``error``)."""
-        self._loop.call_soon_threadsafe(_resolve, self.accepted, error)
+        self._call(_resolve, self.accepted, error)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop has closed: nobody reads this stream any more
+            pass
 
     # Called on the event loop.
     def _put(self, output: RequestOutput) -> None:

@@ -9,8 +9,9 @@ anything imports JAX). FD is its end of a private socket pair, on which pickled 
 2. then the front sends (ADD, request id, prompt, params), (ABORT, request id) and (STOP,).
    The replica answers each ADD with (ACCEPTED, request id, None or the error that refused
    it), sends (OUTPUTS, outputs, stats or None) after each step with outputs (its stats
-   every ``STATS_INTERVAL`` seconds, and when it runs out of work), and (DEAD, why) when a
-   step raises (a device failure), after which it exits.
+   every ``STATS_INTERVAL`` seconds, with every finished request's last output, and when it
+   runs out of work), and (DEAD, why) when a step raises (a device failure), after which it
+   exits.
 
 Between steps it takes every command waiting; without work it blocks on the socket. It exits
 on STOP or when the front goes away (end of file), aborting whatever it still runs.
@@ -129,7 +130,8 @@ def serve(conn: Connection, engine: Any) -> int:
                 conn.send((DEAD, f"{type(error).__name__}: {error}"))
                 return 1
             stats = None
-            if time.monotonic() >= stats_due:
+            # (with a finished request's last output: the front's stats then count it)
+            if time.monotonic() >= stats_due or any(o.finished for o in outputs):
                 stats, stats_due = portable(engine.stats()), time.monotonic() + STATS_INTERVAL
             if outputs or stats is not None:
                 conn.send((OUTPUTS, outputs, stats))
