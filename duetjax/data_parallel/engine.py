@@ -31,6 +31,7 @@ from ..engine_stats import EngineStats
 from ..sampling_defaults import SamplingDefaults
 from ..sampling_params import SamplingParams
 from .client import ReplicaClient
+from .deltas import OutputState
 from .devices import replica_devices
 from .replica import ABORT, ACCEPTED, ADD, DEAD, OUTPUTS, ReplicaSetup
 from .router import Route, Router, RouterSnapshot
@@ -41,10 +42,11 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _Tracked:
-    """A request in flight: its stream and where it went."""
+    """A request in flight: its stream, where it went, and its output so far."""
 
     stream: RequestStream
     route: Route
+    output: OutputState
 
 
 class DataParallelEngine(ServingEngine):
@@ -196,7 +198,8 @@ class DataParallelEngine(ServingEngine):
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             route = self._router.route(ids)
-            self._requests[request_id] = _Tracked(stream, route)
+            self._requests[request_id] = _Tracked(stream, route,
+                                                  OutputState(request_id, text, ids))
             # (under the lock: an abort of this id is queued after it)
             self._replicas[route.replica].send(
                 (ADD, request_id, {"prompt": text, "prompt_token_ids": ids}, params))
@@ -265,19 +268,19 @@ class DataParallelEngine(ServingEngine):
     def _on_message(self, index: int, message: tuple) -> None:
         kind = message[0]
         if kind == OUTPUTS:
-            _, outputs, stats = message
+            _, deltas, stats = message
             ready = []
             with self._lock:
                 if stats is not None:
                     self._stats[index] = stats
-                for output in outputs:
-                    tracked = self._requests.get(output.request_id)
+                for delta in deltas:
+                    tracked = self._requests.get(delta.request_id)
                     if tracked is not None:
-                        if output.finished:
-                            self._forget(output.request_id)
-                        ready.append((tracked.stream, output))
-            for stream, output in ready:
-                deliver_output(stream, output)
+                        if delta.finished:
+                            self._forget(delta.request_id)
+                        ready.append((tracked, delta))
+            for tracked, delta in ready:  # (one reader thread per replica: one per request)
+                deliver_output(tracked.stream, tracked.output.apply(delta))
         elif kind == ACCEPTED:
             _, request_id, error = message
             with self._lock:

@@ -8,7 +8,8 @@ anything imports JAX). FD is its end of a private socket pair, on which pickled 
    (READY, ``ReplicaInfo``) or (FAILED, the error, its traceback);
 2. then the front sends (ADD, request id, prompt, params), (ABORT, request id) and (STOP,).
    The replica answers each ADD with (ACCEPTED, request id, None or the error that refused
-   it), sends (OUTPUTS, outputs, stats or None) after each step with outputs (its stats
+   it), sends (OUTPUTS, output deltas, stats or None) after each step with outputs
+   (``deltas.py``: what each request's output changed; its stats
    every ``STATS_INTERVAL`` seconds, with every finished request's last output, and when it
    runs out of work), and (DEAD, why) when a step raises (a device failure), after which it
    exits.
@@ -106,8 +107,10 @@ def info(engine: Any) -> ReplicaInfo:
 def serve(conn: Connection, engine: Any) -> int:
     """Runs commands and steps until STOP or the front's end of file (0), or a step that
     raises (1)."""
+    from .deltas import OutputEncoder
     from .stats import portable
 
+    encoder = OutputEncoder()
     stats_due = 0.0
     reported_idle = False
     try:
@@ -116,11 +119,11 @@ def serve(conn: Connection, engine: Any) -> int:
                 if not reported_idle:  # (what a finished request freed shows at once)
                     conn.send((OUTPUTS, [], portable(engine.stats())))
                     reported_idle = True
-                if not _handle(conn.recv(), conn, engine):  # no work: wait for a command
+                if not _handle(conn.recv(), conn, engine, encoder):  # no work: wait for one
                     return 0
                 continue
             while conn.poll(0):
-                if not _handle(conn.recv(), conn, engine):
+                if not _handle(conn.recv(), conn, engine, encoder):
                     return 0
             reported_idle = False
             try:
@@ -129,17 +132,18 @@ def serve(conn: Connection, engine: Any) -> int:
                 log.exception("a step failed: this replica stops")
                 conn.send((DEAD, f"{type(error).__name__}: {error}"))
                 return 1
+            deltas = [encoder.encode(output) for output in outputs]
             stats = None
             # (with a finished request's last output: the front's stats then count it)
-            if time.monotonic() >= stats_due or any(o.finished for o in outputs):
+            if time.monotonic() >= stats_due or any(d.finished for d in deltas):
                 stats, stats_due = portable(engine.stats()), time.monotonic() + STATS_INTERVAL
-            if outputs or stats is not None:
-                conn.send((OUTPUTS, outputs, stats))
+            if deltas or stats is not None:
+                conn.send((OUTPUTS, deltas, stats))
     except (EOFError, OSError):
         return 0  # the front went away
 
 
-def _handle(message: tuple, conn: Connection, engine: Any) -> bool:
+def _handle(message: tuple, conn: Connection, engine: Any, encoder: Any) -> bool:
     """Runs one command; False for STOP."""
     kind = message[0]
     if kind == ADD:
@@ -152,6 +156,7 @@ def _handle(message: tuple, conn: Connection, engine: Any) -> bool:
             conn.send((ACCEPTED, request_id, None))
     elif kind == ABORT:
         engine.abort(message[1])
+        encoder.forget(message[1])
     elif kind == STOP:
         return False
     else:
