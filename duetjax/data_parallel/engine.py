@@ -57,10 +57,12 @@ class DataParallelEngine(ServingEngine):
     every replica runs on the host's devices). ``config``: ``Engine``'s keyword arguments
     (dtype, load_format, EngineConfig fields), the same for every replica; aggregated mode
     only. max_queued_requests: requests that may wait beyond the ``max_num_seqs`` each live
-    replica runs at once. balance_threshold: ``Router``'s. replica_init: an importable
+    replica runs at once. balance_threshold: ``Router``'s. start_timeout: seconds a replica
+    may take to start (None: as long as its process lives). replica_init: an importable
     function each replica calls with its Engine before serving. The constructor returns once
     every replica has started, or raises the first one's start-up error after stopping them
-    all.
+    all. ``close()`` (or leaving a ``with`` block) stops the replicas; they also exit on their
+    own when this process ends.
     """
 
     def __init__(self, model: str | Path | None = None, *, data_parallel_size: int,
@@ -262,6 +264,12 @@ class DataParallelEngine(ServingEngine):
             self._stopping = True
         for replica in self._replicas:
             replica.stop()
+
+    def __enter__(self) -> "DataParallelEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- the replicas' messages (on their reader threads) ---------------------------------
 
