@@ -1,11 +1,11 @@
 """The front's handle on one replica process (see ``replica.py`` for what crosses the socket).
 
 A fresh interpreter per replica (not a fork of the front, whose threads and JAX state must not
-be copied), with its own environment, so its ``CUDA_VISIBLE_DEVICES`` holds before JAX loads.
-Its own session keeps a Ctrl-C meant for the server from killing it mid-drain. Two threads
-per replica: one sends the queued commands (a full socket never blocks the event loop), one
-reads the replica's messages and hands them to ``on_message``; at end of file it waits for
-the process and calls ``on_exit`` with its exit code.
+be copied), with its own environment, so its ``CUDA_VISIBLE_DEVICES`` holds before JAX loads,
+and outside the server's process group, so a Ctrl-C meant for the server does not kill it
+mid-drain. Two threads per replica: one sends the queued commands (a full socket never blocks
+the event loop), one reads the replica's messages and hands them to ``on_message``; at end of
+file it waits for the process and calls ``on_exit`` with its exit code.
 """
 from __future__ import annotations
 

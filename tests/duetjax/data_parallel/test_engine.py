@@ -20,7 +20,7 @@ from . import faults
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
-# The limits of the session's in-process Engine (``tiny_chat_engine``), whose outputs these
+# The limits of the in-process Engine (``tiny_chat_engine``), whose outputs these
 # must equal, and whose executables the replicas find in the compilation cache.
 LIMITS = dict(dtype="float32", max_num_seqs=8, max_num_batched_tokens=64, kv_cache_tokens=4096)
 
