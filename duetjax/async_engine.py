@@ -85,7 +85,26 @@ class RequestStream:
         """The request failed in the engine (``RequestFailedError``): not an abort."""
         return isinstance(self._error, RequestFailedError)
 
-    # Called on the event loop (scheduled there by the engine thread).
+    # Called from the thread that serves the engine: they hand over to the stream's loop.
+    def deliver(self, output: RequestOutput) -> None:
+        """The request's newest output."""
+        self._call(self._put, output)
+
+    def fail(self, error: BaseException) -> None:
+        """Ends the stream with ``error`` (the consumer's next step raises it)."""
+        self._call(self._fail, error)
+
+    def resolve(self, error: BaseException | None) -> None:
+        """Answers ``accepted``: the request was queued (None) or refused (``error``)."""
+        self._call(_resolve, self.accepted, error)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop has closed: nobody reads this stream any more
+            pass
+
+    # Called on the event loop.
     def _put(self, output: RequestOutput) -> None:
         self._latest = output
         self._wakeup.set()
@@ -113,7 +132,33 @@ class RequestStream:
             await self._wakeup.wait()
 
 
-class AsyncEngine:
+class ServingEngine:
+    """What the HTTP server (``server.create_app``) serves: ``AsyncEngine`` (one Engine on a
+    thread) or ``data_parallel.DataParallelEngine`` (engine replicas in processes). Both have
+    ``add_request``, ``abort``, ``begin_drain``, ``shutdown``, ``close`` and the properties
+    the server reads; ``generate`` is built on the first two."""
+
+    async def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                          request_id: str | None = None) -> RequestStream:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs (full text so far) until it finishes; aborts the
+        request (freeing its KV pages) if the caller stops iterating early."""
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+
+class AsyncEngine(ServingEngine):
     """Runs an ``Engine`` on its own thread and serves requests to asyncio code.
 
     max_queued_requests: requests allowed to wait beyond the ``max_num_seqs`` that can run at
@@ -214,18 +259,6 @@ class AsyncEngine:
             raise
         return stream
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs (full text so far) until it finishes; aborts the
-        request (freeing its KV pages) if the caller stops iterating early."""
-        stream = await self.add_request(prompt, params, request_id)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            if not stream.finished:
-                self.abort(stream.request_id)
-
     def abort(self, request_id: str) -> None:
         """Stops a request and frees its KV pages; safe from any thread, unknown ids ignored."""
         with self._cv:
@@ -307,17 +340,17 @@ class AsyncEngine:
     def _add(self, stream: RequestStream, prompt: Prompt, params: SamplingParams) -> None:
         if self._stopping or self._error is not None:
             self._release()
-            error = EngineDrainingError("the server is shutting down and takes no new requests")
-            stream._loop.call_soon_threadsafe(_resolve, stream.accepted, error)
+            stream.resolve(EngineDrainingError("the server is shutting down and takes no new "
+                                               "requests"))
             return
         try:
             self.engine.add_request(prompt, params, stream.request_id)
         except Exception as error:  # ValueError / TypeError name what to fix
             self._release()
-            stream._loop.call_soon_threadsafe(_resolve, stream.accepted, error)
+            stream.resolve(error)
             return
         self._streams[stream.request_id] = stream
-        stream._loop.call_soon_threadsafe(_resolve, stream.accepted, None)
+        stream.resolve(None)
 
     def _abort(self, request_id: str, error: BaseException | None) -> None:
         self.engine.abort(request_id)
@@ -325,7 +358,7 @@ class AsyncEngine:
         if stream is not None:
             self._release()
             if error is not None:
-                stream._loop.call_soon_threadsafe(stream._fail, error)
+                stream.fail(error)
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)
@@ -334,15 +367,20 @@ class AsyncEngine:
         if output.finished:
             del self._streams[output.request_id]
             self._release()
-        if output.error is not None:
-            error = RequestFailedError(f"the request failed in the engine: {output.error}")
-            stream._loop.call_soon_threadsafe(stream._fail, error)
-        else:
-            stream._loop.call_soon_threadsafe(stream._put, output)
+        deliver_output(stream, output)
 
     def _release(self) -> None:
         with self._cv:
             self._num_in_flight -= 1
+
+
+def deliver_output(stream: RequestStream, output: RequestOutput) -> None:
+    """Hands ``output`` to its stream from the engine's thread; one the engine failed alone
+    (finish reason "error") fails the stream with ``RequestFailedError``."""
+    if output.error is not None:
+        stream.fail(RequestFailedError(f"the request failed in the engine: {output.error}"))
+    else:
+        stream.deliver(output)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

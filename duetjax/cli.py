@@ -1,6 +1,7 @@
 """What the command lines (``duetjax.generate``, ``duetjax.serve``, ``duetjax.convert``)
-share: the ``--generation-config``, quantization and ``--tensor-parallel-size`` flags, the
-``--load-format`` help and one-line start-up errors that name flags."""
+share: the ``--generation-config``, quantization, ``--tensor-parallel-size`` and
+``--data-parallel-size`` flags, the ``--load-format`` help and one-line start-up errors that
+name flags."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,16 @@ def tensor_parallel_options(args: argparse.Namespace) -> dict[str, int]:
     """The EngineConfig field ``add_tensor_parallel_flag``'s flag sets (when given)."""
     size = args.tensor_parallel_size
     return {} if size is None else {"tensor_parallel_size": size}
+
+
+def add_data_parallel_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--data-parallel-size", type=int, default=1, metavar="M",
+                        help="serve M engine replicas, each in its own process on its own GPU "
+                             "(or --tensor-parallel-size group: replica i takes GPUs "
+                             "[i*N, (i+1)*N)), behind this one server; each request goes to the "
+                             "replica whose prefix cache holds the longest start of its prompt, "
+                             "unless that one is much busier than the least loaded (default 1: "
+                             "one engine in this process)")
 
 
 def start_error(error: Exception) -> str:

@@ -20,6 +20,9 @@ class ConfigError(ValueError):
         self.option = option
         self.problem = problem
 
+    def __reduce__(self):  # (pickled by its fields: a replica process sends it to the front)
+        return ConfigError, (self.option, self.problem)
+
     @property
     def flag(self) -> str:
         """The command-line flag of the option: ``--`` and its name with dashes."""

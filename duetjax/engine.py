@@ -122,6 +122,7 @@ class Engine:
             kv_cache_usage=blocks.usage, num_free_pages=blocks.num_free_pages,
             num_pages=blocks.num_pages, page_size=self.config.page_size,
             prefix_cache_hit_rate=blocks.prefix_hit_rate, prefix_cache_hit_tokens=blocks.prefix_hits,
+            prefix_cache_query_tokens=blocks.prefix_queries,
             mode=self.mode, sm_share=self.sm_share, num_steps=self._num_steps,
             num_preemptions=scheduler.num_preemptions, num_constrained=scheduler.num_constrained,
             num_prompt_logprobs=scheduler.num_prompt_logprobs,

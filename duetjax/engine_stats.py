@@ -29,6 +29,8 @@ class EngineStats:
     """Prompt tokens served from the prefix cache / prompt tokens looked up."""
     prefix_cache_hit_tokens: int = 0
     """Prompt tokens served from the prefix cache so far."""
+    prefix_cache_query_tokens: int = 0
+    """Prompt tokens looked up in the prefix cache so far (the hit rate's denominator)."""
     mode: str = "aggregated"
     """Execution mode: 'aggregated' (one mixed batch on the whole GPU) or 'duet'."""
     sm_share: tuple[float, float] = (1.0, 1.0)

@@ -25,10 +25,11 @@ from typing import Any
 
 import uvicorn
 
-from .async_engine import AsyncEngine
-from .cli import (LOAD_FORMAT_HELP, add_generation_config_flag, add_quantization_flags,
-                  add_tensor_parallel_flag, quantization_options, start_error,
-                  tensor_parallel_options)
+from .async_engine import AsyncEngine, ServingEngine
+from .cli import (LOAD_FORMAT_HELP, add_data_parallel_flag, add_generation_config_flag,
+                  add_quantization_flags, add_tensor_parallel_flag, quantization_options,
+                  start_error, tensor_parallel_options)
+from .data_parallel import DataParallelEngine, ReplicaStartError
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--load-format", default="auto", help=LOAD_FORMAT_HELP)
     add_quantization_flags(e)
     add_tensor_parallel_flag(e)
+    add_data_parallel_flag(e)
     e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
     e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
     e.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
@@ -138,6 +140,26 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def start_engine(args: argparse.Namespace) -> ServingEngine:
+    """The engine the command line asks for: one Engine on a thread of this process, or
+    ``--data-parallel-size`` replica processes."""
+    options = engine_options(args)
+    if args.data_parallel_size != 1:
+        return DataParallelEngine(args.model, data_parallel_size=args.data_parallel_size,
+                                  dtype=args.dtype, load_format=args.load_format,
+                                  max_queued_requests=args.max_queued_requests, **options)
+    engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, **options)
+    return AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
+
+
+def stop(engine: ServingEngine) -> None:
+    """Stops ``engine`` and what it started: replica processes, or duet workers and an MPS
+    daemon (idempotent)."""
+    engine.close()
+    if isinstance(engine, AsyncEngine):
+        engine.engine.close()
+
+
 def served_name(args: argparse.Namespace) -> str:
     if args.served_model_name:
         return args.served_model_name
@@ -151,15 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = engine_options(args)
     try:
-        engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, **options)
-    except (ValueError, TypeError, OSError) as error:
+        engine = start_engine(args)
+    except (ValueError, TypeError, OSError, ReplicaStartError) as error:
         print(start_error(error), file=sys.stderr)
         return 2
     name = served_name(args)
-    async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
-    app = create_app(async_engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+    app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      drain_timeout=1.0,  # uvicorn drains HTTP for --drain-timeout before that
                      tool_call_parser=args.tool_call_parser,
                      exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
@@ -173,12 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         sock = config.bind_socket()
     except SystemExit:
         print(f"error: cannot listen on {args.host}:{args.port}", file=sys.stderr)
-        async_engine.close()
-        engine.close()
+        stop(engine)
         return 2
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    server = _Server(config, async_engine, f"duetjax serving {name} on http://{url_host}:{port}")
+    server = _Server(config, engine, f"duetjax serving {name} on http://{url_host}:{port}")
     # uvicorn handles the signals while it serves and puts these back when it stops; from then
     # on the process is on its way out, and a late Ctrl-C would only break the event loop's
     # teardown into tracebacks.
@@ -187,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        engine.close()  # duet workers and an MPS daemon we started
+        stop(engine)
     return FORCED_EXIT_STATUS if server.force_exit else 0
 
 
@@ -197,7 +216,7 @@ class _Server(uvicorn.Server):
     signal after shutting down, which would end the process with 143), and stop the engine
     when a second Ctrl-C skips the drain (uvicorn's force exit)."""
 
-    def __init__(self, config: Any, engine: AsyncEngine, ready_message: str):
+    def __init__(self, config: Any, engine: ServingEngine, ready_message: str):
         super().__init__(config)
         self._engine = engine
         self._ready_message = ready_message

@@ -54,7 +54,7 @@ SUBPACKAGE_LAYERS = ("perf", "core", "duet")
 (the public API, the entry points and ``server/``)."""
 
 JAX_FREE = ("duetjax.core.scheduler", "duetjax.core.input_batch",
-            "duetjax.core.block_manager", "duetjax.core.request",
+            "duetjax.core.block_manager", "duetjax.core.request", "duetjax.data_parallel.router",
             *(module_name(path) for path in source_files("duetjax/perf")))
 """Modules that plan on the host every iteration and are tested without a device: importing
 them must not load JAX, directly or through our other modules (all of ``perf/``)."""

@@ -87,19 +87,27 @@ class Admission:
 
     def prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(the prompt's text if it has one, its token ids)."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if isinstance(ids, (str, bytes)) or not all(
-                        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
-                    raise TypeError("prompt_token_ids must be a list of integers")
-                return prompt.get("prompt"), [int(t) for t in ids]
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
-        if not isinstance(prompt, str):
-            raise TypeError(f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
-        if self.tokenizer is None:
-            raise ValueError(f"{self.model_path} ships no tokenizer; pass {{'prompt_token_ids': [...]}}")
-        return prompt, self.tokenizer.encode(prompt)
+        return prompt_ids(prompt, self.tokenizer, self.model_path)
+
+
+def prompt_ids(prompt: Prompt, tokenizer: Tokenizer | None,
+               model_path: str | Path) -> tuple[str | None, list[int]]:
+    """(the prompt's text if it has one, its token ids): a string is encoded with
+    ``tokenizer``; a dict brings ``prompt_token_ids`` (checked to be integers) or ``prompt``.
+    ``model_path`` names the model in the error when it ships no tokenizer."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if isinstance(ids, (str, bytes)) or not all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+                raise TypeError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), [int(t) for t in ids]
+        if "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+    if tokenizer is None:
+        raise ValueError(f"{model_path} ships no tokenizer; pass {{'prompt_token_ids': [...]}}")
+    return prompt, tokenizer.encode(prompt)

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server over ``AsyncEngine`` (FastAPI + uvicorn).
+"""OpenAI-compatible HTTP server over an ``AsyncEngine`` or a ``DataParallelEngine``
+(FastAPI + uvicorn).
 
 Run it with ``python -m duetjax.serve``; build the app yourself with ``create_app``.
 """

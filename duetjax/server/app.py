@@ -1,8 +1,8 @@
 """The FastAPI application: routes, API-key check, body limit, metrics, lifecycle.
 
-``create_app`` takes a running ``AsyncEngine`` and serves it; it never touches the ``Engine``
-itself, so the engine underneath (aggregated today, multiplexed later) can change without the
-server changing.
+``create_app`` takes a running ``ServingEngine`` (an ``AsyncEngine``, or a
+``DataParallelEngine`` of replica processes) and serves it; it never touches the ``Engine``
+itself, so the engine underneath can change without the server changing.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..async_engine import AsyncEngine
+from ..async_engine import ServingEngine
 from .chat import ChatCompletions
 from .completions import Completions
 from .errors import AnswerUnhandledErrors, APIError, error_response, install_error_handlers
@@ -89,7 +89,7 @@ class _LimitBody:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None,
+def create_app(engine: ServingEngine, model_name: str, *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                drain_timeout: float = 30.0, tool_call_parser: str | None = None,
                exclude_tools_when_tool_choice_none: bool = False,

@@ -15,7 +15,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Info
                                    Metric)
 from prometheus_client.registry import Collector
 
-from ..async_engine import AsyncEngine
+from ..async_engine import ServingEngine
+from ..data_parallel.router import RouterSnapshot
 from ..gc_pauses import gc_pauses
 from ..outputs import RequestOutput
 
@@ -27,7 +28,7 @@ PREFIX = "duetjax"
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: ServingEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
 
@@ -86,12 +87,36 @@ class _EngineCollector(Collector):
                     stats.measured_ms)
         yield gauge("duet_worker_failures", "Duet worker processes lost (and restarted).",
                     stats.worker_failures)
+        routing = getattr(self.engine, "routing", None)  # (a DataParallelEngine's replicas)
+        if routing is not None:
+            yield from self._replicas(routing)
+
+    def _replicas(self, routing: RouterSnapshot) -> Iterable[Metric]:
+        labels = ["model_name", "replica"]
+        in_flight = GaugeMetricFamily(f"{PREFIX}_replica_num_requests_in_flight",
+                                      "Requests routed to each replica and not finished.",
+                                      labels=labels)
+        up = GaugeMetricFamily(f"{PREFIX}_replica_up",
+                               "1 while the replica's process serves, 0 once it died.",
+                               labels=labels)
+        for replica, (requests, alive) in enumerate(zip(routing.num_requests, routing.alive)):
+            in_flight.add_metric([self.model_name, str(replica)], requests)
+            up.add_metric([self.model_name, str(replica)], float(alive))
+        yield in_flight
+        yield up
+        decisions = CounterMetricFamily(
+            f"{PREFIX}_routing_decisions", "Requests routed to the replica that served the "
+            "longest prefix of their prompt (cache) or to the least loaded one (load).",
+            labels=["model_name", "reason"])
+        for reason, count in routing.decisions.items():
+            decisions.add_metric([self.model_name, reason], count)
+        yield decisions
 
 
 class ServerMetrics:
     """The server's metric registry (one per app, so several apps can live in one process)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: ServingEngine, model_name: str):
         self.model_name = model_name
         self.registry = CollectorRegistry()
         labels = ["model_name"]

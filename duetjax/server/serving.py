@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from ..async_engine import AsyncEngine, RequestStream
+from ..async_engine import RequestStream, ServingEngine
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .errors import APIError, bad_request, error_response, from_engine_error
@@ -82,7 +82,7 @@ MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
 class Serving:
     """Turns validated requests into engine requests and engine outputs into choices."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics):
+    def __init__(self, engine: ServingEngine, model_name: str, metrics: ServerMetrics):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics

@@ -1,5 +1,6 @@
 """One real server per session on the tiny chat model (fast), shared by the server tests, and
-one on the embedded SmolLM2 default for the tests that need a real model."""
+one on the embedded SmolLM2 default for the tests that need a real model. (The tiny chat model
+and its in-process Engine are ``tests/duetjax/conftest.py``'s.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -7,9 +8,7 @@ import importlib.util
 import openai
 import pytest
 
-from duetjax import Engine
-
-from .helpers import ServerProcess, write_tiny_chat_model
+from .helpers import ServerProcess
 
 API_KEY = "sk-test-key"
 MAX_BODY_BYTES = 200_000
@@ -17,19 +16,6 @@ MAX_BODY_BYTES = 200_000
 TINY_SERVER_ARGS = ("--dtype", "float32", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
                     "--kv-cache-tokens", "4096", "--max-queued-requests", "32",
                     "--served-model-name", "tiny-chat", "--tool-call-parser", "hermes")
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_dir(tmp_path_factory):
-    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_engine(tiny_chat_dir):
-    """An in-process Engine with the test server's limits (so the compiled executables come
-    from the compilation cache)."""
-    return Engine(tiny_chat_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
-                  kv_cache_tokens=4096, show_progress=False)
 
 
 @pytest.fixture(scope="session")
