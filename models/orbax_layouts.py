@@ -101,10 +101,10 @@ class LayoutSource:
         if self._last is not None and self._last[0] == name:  # load_params asks shape, then get
             return self._last[1]
         stored = self.tensors[name]
-        array = self.tree.read(stored.path)
         if stored.select is not None:
-            axis, index = stored.select
-            array = np.take(array, index, axis=axis)
+            array = self.tree.read_index(stored.path, *stored.select)
+        else:
+            array = self.tree.read(stored.path)
         if stored.padded_rows:
             array = array[: stored.shape[0]]
         tensor = np.ascontiguousarray(stored.to_hf(array.astype(np.float32)))

@@ -4,7 +4,7 @@ Every Orbax layout duetjax reads goes through ``OrbaxTree``: it lists the stored
 '/'-joined path (a key that itself holds '/', as in Gemma's Flax releases, is split the same
 way, so ``{"transformer/layer_0/attn": {"q_einsum": ...}}`` and the fully nested tree read
 alike) and restores either the whole tree straight onto the device, with one sharding and
-dtype per leaf, or one leaf at a time into host memory.
+dtype per leaf, or one array (or one layer of a stacked array) at a time into host memory.
 """
 from __future__ import annotations
 
@@ -61,12 +61,21 @@ def restore_groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
     return groups
 
 
-def save_tree(path: Path, tree: Any) -> None:
+def save_tree(path: Path, tree: Any, stacked: Any = None) -> None:
     """Writes a tree of arrays (device or host) as an Orbax PyTree checkpoint at ``path``,
-    which must not exist yet."""
+    which must not exist yet. ``stacked``: a tree of bools like ``tree`` (None: all False);
+    a True leaf is stored one chunk per index of its axis 0 (a stacked layer weight), so that
+    one layer of it can be read alone (``OrbaxTree.read_index``)."""
     import orbax.checkpoint as ocp
 
-    _checkpointer().save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
+    def save_args(leaf: Any, by_layer: bool) -> Any:
+        if not by_layer or leaf.ndim < 2:
+            return ocp.SaveArgs()
+        return ocp.SaveArgs(chunk_byte_size=max(1, leaf.nbytes // leaf.shape[0]), shard_axes=(0,))
+
+    stacked = jax.tree_util.tree_map(lambda _: False, tree) if stacked is None else stacked
+    _checkpointer().save(Path(path).absolute(), args=ocp.args.PyTreeSave(
+        tree, save_args=jax.tree_util.tree_map(save_args, tree, stacked)))
 
 
 class OrbaxTree:
@@ -103,6 +112,7 @@ class OrbaxTree:
         usual limit)."""
         # Per instance, so the cached arrays go when the loader drops the tree.
         self.read = functools.lru_cache(maxsize=4)(self._read)  # q, k, v (gate, up) in turn
+        self._tensorstore = functools.cache(self._open_tensorstore)
 
     def _nested(self, names: list[str], values: list[Any]) -> dict:
         """The tree holding ``values`` at the stored key paths of ``names``."""
@@ -144,6 +154,33 @@ class OrbaxTree:
             partial_restore=True))
         return {name: functools.reduce(lambda node, key: node[key], self._keys[name], restored)
                 for name in names}
+
+    def read_index(self, name: str, axis: int, index: int) -> np.ndarray:
+        """``np.take(stored array, index, axis)`` in host memory, in its stored dtype. Where
+        the array is chunked one index of ``axis`` a chunk (duetjax writes stacked layers so),
+        only that index is read; otherwise the whole array is (and ``read`` keeps it for the
+        next index)."""
+        store = self._tensorstore(name)
+        if store is None or store.chunk_layout.read_chunk.shape[axis] != 1:
+            return np.take(self.read(name), index, axis=axis)
+        return np.asarray(store[(slice(None),) * axis + (index,)].read().result())
+
+    def _open_tensorstore(self, name: str) -> Any:
+        """The stored array opened for partial reads (None where Orbax does not say how)."""
+        import orbax.checkpoint as ocp
+        import tensorstore
+
+        stored_name = ".".join(self._keys[name])
+        ocdbt = (self.path / "manifest.ocdbt").exists()
+        try:
+            context = ocp.type_handlers.get_ts_context()
+            info = ocp.type_handlers.ParamInfo(name=stored_name, path=self.path / stored_name,
+                                               parent_dir=self.path, is_ocdbt_checkpoint=ocdbt,
+                                               ts_context=context)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+            return tensorstore.open(spec, context=context).result()
+        except (AttributeError, TypeError, ValueError):  # another Orbax: whole-array reads
+            return None
 
     def _read(self, name: str) -> np.ndarray:
         """One stored array in host memory, in its stored dtype (``read`` caches the last few)."""

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
+
 from .errors import CheckpointError
 from .hf_loader import GENERATION_CONFIG_FILE
 from .loader import LoadedModel, load_model
@@ -25,7 +27,10 @@ def write_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} already exists and is not empty; choose a new directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_tree(out_dir / PARAMS_DIR, loaded.params)
+    # Stacked layer weights one chunk per layer: a tensor-parallel load reads a layer at a time
+    stacked = {key: jax.tree_util.tree_map(lambda _, k=key: k == "layers", value)
+               for key, value in loaded.params.items()}
+    save_tree(out_dir / PARAMS_DIR, loaded.params, stacked)
     (out_dir / "config.json").write_text(json.dumps(loaded.hf_config, indent=2) + "\n")
     if loaded.kv_scales is not None:
         k, v = zip(*loaded.kv_scales)

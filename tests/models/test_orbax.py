@@ -280,6 +280,34 @@ def test_convert_keeps_fp8_weights_and_their_scales(tiny_llama_hf_dir, tmp_path)
         np.testing.assert_array_equal(got, want)
 
 
+def test_own_layout_is_read_a_layer_at_a_time(tiny_llama_dir, tmp_path, monkeypatch):
+    """duetjax.convert stores stacked layer weights one chunk per layer, so a tensor-parallel
+    load (which lays out each layer's fused rows for the group on the host) holds one layer
+    of a weight in host memory, never the whole stack."""
+    from models.checkpoint import abstract_params
+    from models.config import ModelConfig
+    from models.orbax_layouts import LayoutSource, duetjax_tensors
+    from models.orbax_tree import OrbaxTree
+    from models.orbax_writer import convert_to_orbax
+
+    ckpt = convert_to_orbax(tiny_llama_dir, tmp_path / "orbax", dtype="float32")
+    tree = OrbaxTree(ckpt / "params")
+    stacked = [name for name, shape in tree.shapes.items() if name.startswith("layers/")]
+    assert stacked and all(tree.shapes[n][0] == 2 for n in stacked)
+    whole_reads = []
+    read = tree.read
+    monkeypatch.setattr(tree, "read", lambda name: whole_reads.append(name) or read(name))
+    config = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
+    tensors = duetjax_tensors(config, abstract_params(config, jnp.float32))
+    source = LayoutSource(tree, "duetjax", tensors)
+    reference = load_model(tiny_llama_dir, dtype="float32").params
+    layer0 = source.get("model.layers.0.self_attn.o_proj.weight")
+    np.testing.assert_array_equal(layer0, np.asarray(reference["layers"]["self_attn"]["o_proj"]["weight"][0]))
+    for name in tensors:
+        source.get(name)
+    assert whole_reads == [name for name in tree.shapes if not name.startswith("layers/")]
+
+
 @pytest.fixture(scope="module")
 def orbax_tensor_parallel_results(tmp_path_factory):
     """What ``orbax_tensor_parallel_run.py`` reports, run in a process with 8 host devices."""
