@@ -3,8 +3,9 @@
 - duetjax's own (``python -m duetjax.convert``): ``DIR/params/`` is the decoder's parameter
   tree exactly as the model holds it for one device (stacked layers, fused q/k/v and gate/up;
   FP8 weights and their scales when converted from an FP8 checkpoint). One device restores
-  it straight onto the device in one Orbax restore, each leaf into its own sharding and the
-  requested dtype. A tensor-parallel group reads it one stored array at a time through the
+  it straight onto the device, a few GB at a time, each leaf into its own sharding and the
+  requested dtype. A tensor-parallel group reads it one layer of one array at a time (the
+  writer stores stacked arrays a chunk per layer; older checkpoints, whole) through the
   table of ``orbax_layouts.duetjax_tensors`` instead, like the layouts below, since its fused
   rows must be laid out for the group (``tensor_parallel.fused_rows``) on the way.
   ``DIR/config.json`` (Hugging Face's) and the tokenizer files sit beside it, and
