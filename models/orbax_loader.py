@@ -129,7 +129,7 @@ def load_orbax(path: Path, dtype: Any,
     config = ModelConfig.from_hf(hf_config)
     tensor_parallel.check(config, tensor_parallel.group_size(mesh))
     quantization = fp8 if layout == "duetjax" and holds_fp8(tree) else None
-    if layout == "duetjax" and mesh is None:  # the tree as the device holds it: one restore
+    if layout == "duetjax" and mesh is None:  # the tree as the device holds it: restored as is
         params = restore_params(tree, config, dtype, sharding_of, quantization)
     else:
         if layout == "duetjax":  # its fused rows are laid out for the group as they load
@@ -171,8 +171,8 @@ def restore_params(tree: OrbaxTree, config: ModelConfig, dtype: Any,
                    sharding_of: Callable[[str], jax.sharding.Sharding] | None = None,
                    quantization: Fp8Config | None = None) -> Any:
     """duetjax's own layout: every leaf restored onto the device as its dtype (``dtype``, or
-    FP8 values and float32 scales in the linear layers with ``quantization``), in one Orbax
-    restore, after checking the tree against the shapes the config implies."""
+    FP8 values and float32 scales in the linear layers with ``quantization``), after checking
+    the tree against the shapes the config implies."""
     abstract = abstract_params(config, dtype, quantization)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     device = jax.sharding.SingleDeviceSharding(_default_device())
