@@ -130,10 +130,13 @@ def test_bad_requests_and_a_full_queue_are_refused_before_anything_runs(dp):
         with pytest.raises(TypeError, match="list of integers"):
             await dp.add_request({"prompt_token_ids": "abc"}, GREEDY)
         assert dp.capacity == 2 * 8 + 2
-        streams = [await dp.add_request(f"q{i}", LONG, request_id=f"full-{i}") for i in range(17)]
+        # (slow: at least 200 steps of 20 ms, so none finishes before the checks however slowly
+        # this machine adds them)
+        streams = [await dp.add_request(f"q{i}: {faults.SLOW}", LONG, request_id=f"full-{i}")
+                   for i in range(17)]
         with pytest.raises(ValueError, match="already in use"):
             await dp.add_request("again", LONG, request_id="full-0")
-        streams.append(await dp.add_request("the last one", LONG))
+        streams.append(await dp.add_request(f"the last one: {faults.SLOW}", LONG))
         with pytest.raises(QueueFullError, match="retry later"):
             await dp.add_request("one too many", LONG)
         assert dp.routing.num_requests == (9, 9)
@@ -184,7 +187,7 @@ def test_a_dead_replica_fails_only_its_requests(tiny_chat_dir):
     pids = dp.replica_pids
 
     async def body():
-        slow = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)  # a second
+        slow = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)  # 4 s or more
         streams = [await dp.add_request(f"{i}: {faults.SLOW}", slow) for i in range(4)]
         assert dp.routing.num_requests == (2, 2)  # by load: replicas 0, 1, 0, 1
         for stream in streams:
