@@ -406,6 +406,10 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=1,
                    help="EngineConfig.decode_steps (k decode steps per dispatch when no request "
                         "needs the full sampler): the host and offline sections run with it")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="EngineConfig.kv_cache_tokens: a fixed KV pool for every variant (a "
+                        "pool sized from free memory can fail to fit once an earlier variant's "
+                        "freed memory is fragmented); default: --kv-fraction of free memory")
     p.add_argument("--kv-fraction", type=float, default=0.85,
                    help="EngineConfig.kv_cache_memory_fraction")
     p.add_argument("--profile-host", type=int, default=0,
@@ -462,6 +466,7 @@ def run_variant(args, report, sections, batches, lengths, i, label, quantization
                     max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
                     max_model_len=max(max(lengths) + 16, 4096 + 1024),
                     scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,
+                    kv_cache_tokens=args.kv_cache_tokens,
                     gemm_backend=args.gemm_backend, decode_steps=args.decode_steps,
                     max_decode_steps=max(8, args.decode_steps),
                     quantization=quantization, fp8_activation=activation,

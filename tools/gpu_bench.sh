@@ -137,7 +137,7 @@ for section in "$@"; do
         # whether the step's HLO calls an FP8 GEMM
         $python tools/bench_engine.py --model $model --sections decode,prefill --batches 1,64 \
             --context 1024 --prefill 8192 --quantization none,fp8 --fp8-activation dynamic,none \
-            --kv-cache-dtype auto,fp8 --dump-hlo "$scratch/hlo" \
+            --kv-cache-dtype auto,fp8 --kv-cache-tokens 131072 --dump-hlo "$scratch/hlo" \
             --out "$results_dir/fp8.json" --table "$results_dir/fp8.md"
         $python tools/fp8_gemm_check.py --model $model --batch 1 ;;
     fp8-triton)  # FP8 decode steps with XLA's Triton GEMMs, which read a layer's slice of the
@@ -145,7 +145,7 @@ for section in "$@"; do
         # weight-only upcast into the GEMM
         $python tools/bench_engine.py --model $model --sections decode --batches 1,64 \
             --context 1024 --quantization none,fp8 --fp8-activation dynamic,none \
-            --gemm-backend triton --dump-hlo "$scratch/hlo" \
+            --gemm-backend triton --kv-cache-tokens 131072 --dump-hlo "$scratch/hlo" \
             --out "$results_dir/fp8-triton.json" --table "$results_dir/fp8-triton.md" ;;
     fp8-trace)  # where an FP8 decode step's time goes: every kernel of the W8A8 step at batch
         # 1 and 64 and of the FP8-KV step at batch 64, beside bf16's, with each step's HLO census
