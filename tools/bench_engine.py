@@ -304,7 +304,8 @@ def markdown(report: dict) -> str:
              f"jax {report['jax']}; command: `{report['command']}`", "",
              f"Ceilings: copy {report['ceilings']['copy_tb_s']:.2f} TB/s, bf16 matmul "
              f"{report['ceilings']['matmul_tflop_s']:.0f} TFLOP/s", ""]
-    lines += [f"**{label} failed:** {error}" for label, error in report.get("failed", {}).items()]
+    for label, error in report.get("failed", {}).items():
+        lines += [f"**{label} failed:** {error}", ""]
     if report.get("decode"):
         lines += ["| weights | decode batch | context | steps per dispatch | ms/step | roofline ms | of roofline | tok/s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -180,3 +180,30 @@ def test_tensor_parallel_sizes_run_on_two_host_devices(tiny_llama_dir, tmp_path)
     roofline = {r["weights"]: r["roofline_ms"] for r in report["decode"] if r["batch"] == 1}
     assert roofline["bf16-tp2"] < roofline["bf16"]  # each device reads half the weights and KV
     assert "bf16-tp2 against bf16: decode batch 1: " in table.read_text()
+
+
+def test_a_variant_that_fails_is_reported_and_the_others_run(tiny_llama_dir, tmp_path, monkeypatch):
+    """One variant's engine failing (out of memory, a kernel that does not compile) leaves its
+    error in the report, and the variants after it still run."""
+    engine_class = be.Engine
+
+    def engine(*args, **kwargs):
+        if kwargs.get("kv_cache_dtype") == "fp8":
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating the pool")
+        return engine_class(*args, **kwargs)
+
+    monkeypatch.setattr(be, "Engine", engine)
+    monkeypatch.setattr(be, "ceilings", lambda gib: {"copy_tb_s": 1.0, "matmul_tflop_s": 1.0})
+    out, table = tmp_path / "r.json", tmp_path / "r.md"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_engine.py", "--model", str(tiny_llama_dir), "--load-format", "auto",
+        "--sections", "decode", "--batches", "1", "--context", "16", "--prefill", "32",
+        "--quantization", "none,fp8", "--kv-cache-dtype", "fp8,auto", "--kv-cache-tokens", "8192",
+        "--out", str(out), "--table", str(table)])
+    be.main()
+    import json
+    report = json.loads(out.read_text())
+    assert set(report["failed"]) == {"bf16+fp8kv", "fp8-dynamic+fp8kv"}
+    assert "out of memory" in report["failed"]["bf16+fp8kv"]
+    assert {r["weights"] for r in report["decode"]} == {"bf16", "fp8-dynamic"}
+    assert "**bf16+fp8kv failed:** RuntimeError" in table.read_text()
