@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from duetjax import SamplingParams
+from duetjax import Engine, SamplingParams
 from duetjax.async_engine import (AsyncEngine, EngineDrainingError, QueueFullError,
                                   RequestAbortedError, RequestFailedError)
 
