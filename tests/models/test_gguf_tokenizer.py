@@ -194,8 +194,8 @@ def test_random_text_matches_sentencepiece(case):
 def test_special_and_user_defined_tokens_in_text(case):
     style, sp, _, tok = case
     start, end = style.control
-    texts = [f"{start}user\nHi there{end}", f"{start} leading{end}\n{start}x", f"a<sep>b",
-             f"two <sep> seps<sep>", f"{end}{end}", f"x{start}😀 42{end}y",
+    texts = [f"{start}user\nHi there{end}", f"{start} leading{end}\n{start}x", "a<sep>b",
+             "two <sep> seps<sep>", f"{end}{end}", f"x{start}😀 42{end}y",
              "spaces:  two   three     five", "<sep> <sep>"]
     for text in texts:
         ids = tok.encode(text, add_special_tokens=False)
