@@ -30,6 +30,9 @@ from .cli import (LOAD_FORMAT_HELP, add_data_parallel_flag, add_generation_confi
                   add_quantization_flags, add_tensor_parallel_flag, quantization_options,
                   start_error, tensor_parallel_options)
 from .data_parallel import DataParallelEngine, ReplicaStartError
+from .data_parallel.engine import check_config, local_replicas
+from .data_parallel.hosts import (CLUSTER_KEY_ENV, Cluster, FrontHosts, cluster_key, join,
+                                  serve_host)
 from .engine import Engine
 from .gc_pauses import freeze_startup_heap, gc_pauses
 from .server import create_app
@@ -108,6 +111,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                    help="with tool_choice 'none', leave the tools out of the prompt (default: "
                         "the chat template still renders them, and nothing is parsed)")
+    h = p.add_argument_group("several hosts (tensor parallelism within a host, data "
+                             "parallelism across hosts; the same command on every host but "
+                             f"--host-rank, the shared secret in {CLUSTER_KEY_ENV})")
+    h.add_argument("--coordinator-address", default=None, metavar="HOST0:PORT",
+                   help="host 0's address and a free port: the cluster's rendezvous (JAX's "
+                        "coordination service); host 0 binds it and its relay listener there")
+    h.add_argument("--num-hosts", type=int, default=1, metavar="H",
+                   help="hosts serving together; host 0 runs the HTTP front over every host's "
+                        "--data-parallel-size replicas (default 1)")
+    h.add_argument("--host-rank", type=int, default=0, metavar="R",
+                   help="this host's rank, 0 to H-1 (default 0)")
     p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
                    help="move the model's <think> reasoning into reasoning_content in chat "
                         "responses (vLLM's flag): qwen3 or deepseek_r1")
@@ -116,6 +130,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--enable-auto-tool-choice needs --tool-call-parser "
                 f"({'|'.join(sorted(TOOL_PARSERS))}): it says how the model writes its calls")
     return args
+
+
+def cluster_of(args: argparse.Namespace) -> Cluster | None:
+    """Where this host stands among --num-hosts (None: it serves alone); ValueError names the
+    flag (or the environment variable) that is wrong."""
+    if args.num_hosts < 1:
+        raise ValueError(f"--num-hosts must be >= 1, got {args.num_hosts}")
+    if not 0 <= args.host_rank < args.num_hosts:
+        raise ValueError(f"--host-rank must be in [0, {args.num_hosts}) (--num-hosts "
+                         f"{args.num_hosts}), got {args.host_rank}")
+    if args.num_hosts == 1:
+        if args.coordinator_address is not None:
+            raise ValueError("--coordinator-address needs --num-hosts > 1")
+        return None
+    address = args.coordinator_address
+    if address is None:
+        raise ValueError(f"--num-hosts {args.num_hosts} needs --coordinator-address HOST0:PORT")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator-address wants HOST0:PORT, got {address!r}")
+    return Cluster(address, args.num_hosts, args.host_rank, cluster_key())
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -140,16 +175,42 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def start_engine(args: argparse.Namespace) -> ServingEngine:
+def start_engine(args: argparse.Namespace, cluster: Cluster | None = None) -> ServingEngine:
     """The engine the command line asks for: one Engine on a thread of this process, or
-    ``--data-parallel-size`` replica processes."""
+    ``--data-parallel-size`` replica processes (with every host's, on host 0 of a cluster)."""
     options = engine_options(args)
-    if args.data_parallel_size != 1:
+    if args.data_parallel_size != 1 or cluster is not None:
         return DataParallelEngine(args.model, data_parallel_size=args.data_parallel_size,
                                   dtype=args.dtype, load_format=args.load_format,
-                                  max_queued_requests=args.max_queued_requests, **options)
+                                  max_queued_requests=args.max_queued_requests,
+                                  hosts=None if cluster is None else FrontHosts(cluster),
+                                  **options)
     engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, **options)
     return AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
+
+
+def serve_replicas(args: argparse.Namespace, cluster: Cluster) -> int:
+    """Host R > 0: its replicas, relayed to host 0's front until host 0 stops them (or goes
+    away, or this process gets SIGTERM)."""
+    config = {"dtype": args.dtype, "load_format": args.load_format, **engine_options(args)}
+    engine_config = check_config(args.data_parallel_size, args.max_queued_requests, config)
+    replicas = local_replicas(args.model, args.data_parallel_size, engine_config, config)
+
+    def ready(address: str) -> None:
+        print(f"duetjax host {cluster.host_rank} relaying {len(replicas)} replicas to host 0 "
+              f"at {address}", flush=True)
+
+    def leave(sig: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)  # (the replicas stop on the way out)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, leave)
+    try:
+        join(cluster)
+        return serve_host(cluster, replicas, None, on_ready=ready)
+    except (ValueError, TypeError, OSError, ReplicaStartError) as error:
+        print(start_error(error), file=sys.stderr)
+        return 2
 
 
 def stop(engine: ServingEngine) -> None:
@@ -174,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = start_engine(args)
+        cluster = cluster_of(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if cluster is not None and cluster.host_rank > 0:
+        return serve_replicas(args, cluster)
+    try:
+        engine = start_engine(args, cluster)
     except (ValueError, TypeError, OSError, ReplicaStartError) as error:
         print(start_error(error), file=sys.stderr)
         return 2

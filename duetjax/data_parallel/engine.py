@@ -33,6 +33,7 @@ from ..sampling_params import SamplingParams
 from .client import ReplicaClient
 from .deltas import OutputState
 from .devices import replica_devices
+from .hosts import FrontHosts
 from .replica import ABORT, ACCEPTED, ADD, DEAD, OUTPUTS, ReplicaSetup
 from .router import Route, Router, RouterSnapshot
 from .stats import IDLE, combine
@@ -59,7 +60,8 @@ class DataParallelEngine(ServingEngine):
     only. max_queued_requests: requests that may wait beyond the ``max_num_seqs`` each live
     replica runs at once. balance_threshold: ``Router``'s. start_timeout: seconds a replica
     may take to start (None: as long as its process lives). replica_init: an importable
-    function each replica calls with its Engine before serving. The constructor returns once
+    function each replica calls with its Engine before serving. hosts: the other hosts of a
+    cluster (``hosts.py``), whose replicas join this one's after them. The constructor returns once
     every replica has started, or raises the first one's start-up error after stopping them
     all. ``close()`` (or leaving a ``with`` block) stops the replicas; they also exit on their
     own when this process ends.
@@ -68,35 +70,31 @@ class DataParallelEngine(ServingEngine):
     def __init__(self, model: str | Path | None = None, *, data_parallel_size: int,
                  max_queued_requests: int = 256, balance_threshold: int = 16,
                  start_timeout: float | None = None,
-                 replica_init: Callable[[Any], None] | None = None, **config: Any):
+                 replica_init: Callable[[Any], None] | None = None,
+                 hosts: FrontHosts | None = None, **config: Any):
         config.pop("show_progress", None)  # (replicas show no progress bars)
-        self.engine_config = _check(data_parallel_size, max_queued_requests, config)
-        self.data_parallel_size = data_parallel_size
+        self.engine_config = check_config(data_parallel_size, max_queued_requests, config)
         self.max_queued_requests = max_queued_requests
-        options = {**config, "mode": "aggregated"}
-        level = logging.getLogger().getEffectiveLevel()
-        self._replicas = []
-        for index, gpus in enumerate(replica_devices(data_parallel_size,
-                                                     self.engine_config.tensor_parallel_size)):
-            env = dict(os.environ)
-            if gpus is not None:
-                env["CUDA_VISIBLE_DEVICES"] = gpus
-            setup = ReplicaSetup(index, None if model is None else str(model), options, gpus,
-                                 level, replica_init)
-            self._replicas.append(ReplicaClient(setup, env))
+        self._replicas: list[Any] = local_replicas(model, data_parallel_size,
+                                                   self.engine_config, config, replica_init)
         try:
             for replica in self._replicas:
                 replica.start()
+            if hosts is not None:  # (they start while ours do)
+                self._replicas += hosts.accept(len(self._replicas), start_timeout)
             infos = [replica.wait_ready(start_timeout) for replica in self._replicas]
         except BaseException:
             for replica in self._replicas:
                 replica.stop()
+            if hosts is not None:
+                hosts.close()
             raise
+        self.data_parallel_size = len(self._replicas)  # (every host's)
         first = infos[0]
         self._info = first
         self._lock = threading.Lock()
         self._requests: dict[str, _Tracked] = {}  # guarded by _lock, as is what follows
-        self._router = Router(data_parallel_size, self.engine_config.page_size,
+        self._router = Router(len(self._replicas), self.engine_config.page_size,
                               balance_threshold=balance_threshold,
                               max_blocks=first.stats.num_pages)
         self._stats: list[EngineStats] = [info.stats for info in infos]
@@ -322,7 +320,26 @@ class DataParallelEngine(ServingEngine):
             tracked.stream.fail(error)
 
 
-def _check(data_parallel_size: int, max_queued_requests: int,
+def local_replicas(model: str | Path | None, data_parallel_size: int, engine_config: EngineConfig,
+                   config: dict[str, Any],
+                   replica_init: Callable[[Any], None] | None = None) -> list[ReplicaClient]:
+    """This host's replicas (not started yet), each with its GPUs; ``config`` as
+    ``DataParallelEngine``'s, checked (``check_config``)."""
+    options = {**config, "mode": "aggregated"}
+    level = logging.getLogger().getEffectiveLevel()
+    replicas = []
+    for index, gpus in enumerate(replica_devices(data_parallel_size,
+                                                 engine_config.tensor_parallel_size)):
+        env = dict(os.environ)
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+        setup = ReplicaSetup(index, None if model is None else str(model), options, gpus,
+                             level, replica_init)
+        replicas.append(ReplicaClient(setup, env))
+    return replicas
+
+
+def check_config(data_parallel_size: int, max_queued_requests: int,
            config: dict[str, Any]) -> EngineConfig:
     """The replicas' EngineConfig, once every option was checked (before any process starts)."""
     if data_parallel_size < 1:
