@@ -136,7 +136,35 @@ class ServingEngine:
     """What the HTTP server (``server.create_app``) serves: ``AsyncEngine`` (one Engine on a
     thread) or ``data_parallel.DataParallelEngine`` (engine replicas in processes). Both have
     ``add_request``, ``abort``, ``begin_drain``, ``shutdown``, ``close`` and the properties
-    the server reads; ``generate`` is built on the first two."""
+    the server reads; ``generate`` is built on the first two. The model's facts come from
+    ``_model``: the Engine itself, or what a replica reported of its own (``ReplicaInfo``)."""
+
+    _model: Any
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (None when the checkpoint ships none). Its ``encode`` and
+        ``apply_chat_template`` are safe to call from other threads."""
+        return self._model.tokenizer
+
+    @property
+    def model_path(self) -> Path:
+        """Where the model was loaded from (a directory or a GGUF file)."""
+        return self._model.model_path
+
+    @property
+    def max_model_len(self) -> int:
+        return self._model.max_model_len
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The model's default sampling (its generation config's settings)."""
+        return self._model.sampling_defaults
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are in [0, vocab_size)."""
+        return self._model.vocab_size
 
     async def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                           request_id: str | None = None) -> RequestStream:
@@ -168,7 +196,7 @@ class AsyncEngine(ServingEngine):
     def __init__(self, engine: Engine, max_queued_requests: int = 256):
         if max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
-        self.engine = engine
+        self.engine = self._model = engine
         self.max_queued_requests = max_queued_requests
         self.capacity = engine.config.max_num_seqs + max_queued_requests
         """Most requests in flight (running + waiting)."""
@@ -188,33 +216,8 @@ class AsyncEngine(ServingEngine):
     # ---- what the engine is -----------------------------------------------------------------
 
     @property
-    def tokenizer(self) -> Any:
-        """The model's tokenizer (None when the checkpoint ships none). Its ``encode`` and
-        ``apply_chat_template`` are safe to call from other threads."""
-        return self.engine.tokenizer
-
-    @property
-    def model_path(self) -> Path:
-        """Where the model was loaded from (a directory or a GGUF file)."""
-        return self.engine.model_path
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def sampling_defaults(self) -> SamplingDefaults:
-        """The model's default sampling (its generation config's settings)."""
-        return self.engine.sampling_defaults
-
-    @property
     def num_in_flight(self) -> int:
         return self._num_in_flight
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids are in [0, vocab_size)."""
-        return self.engine.vocab_size
 
     @property
     def is_draining(self) -> bool:

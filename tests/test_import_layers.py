@@ -44,9 +44,9 @@ def module_path(name: str) -> Path | None:
 
 
 BASE_MODULES = ("config", "sampling_params", "structured_outputs", "outputs", "engine_stats",
-                "loop_stats", "compilation_cache", "gc_pauses")
+                "loop_stats", "compilation_cache", "gc_pauses", "child_process")
 """The top-level modules of ``duetjax`` that every layer may use: the public base types and the
-process set-up (``compilation_cache``, ``gc_pauses``, which the duet workers run too). They
+process set-up (``compilation_cache``, ``gc_pauses``, ``child_process``, which the duet workers run too). They
 import only each other."""
 
 SUBPACKAGE_LAYERS = ("perf", "core", "duet")

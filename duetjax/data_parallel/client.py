@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import subprocess
-import sys
 import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Callable, Mapping
 
+from ..child_process import start_child
 from .replica import FAILED, READY, STOP, ReplicaInfo, ReplicaSetup
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,7 @@ class ReplicaClient:
 
     def start(self) -> None:
         """Launches the process, which builds its engine in the background (``wait_ready``)."""
-        ours, theirs = socket.socketpair()
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "duetjax.data_parallel", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=self.env, start_new_session=True)
-        finally:
-            theirs.close()
-        self.conn = Connection(ours.detach())
+        self.process, self.conn = start_child("duetjax.data_parallel", self.env)
         self.conn.send(self.setup)
         where = f"GPUs {self.setup.gpus}" if self.setup.gpus is not None else "no GPU"
         log.info("replica %d starting (pid %d, %s)", self.index, self.process.pid, where)

@@ -28,7 +28,6 @@ from ..async_engine import (EngineDeadError, EngineDrainingError, QueueFullError
 from ..config import ConfigError, EngineConfig
 from ..core.admission import Prompt, prompt_ids
 from ..engine_stats import EngineStats
-from ..sampling_defaults import SamplingDefaults
 from ..sampling_params import SamplingParams
 from .client import ReplicaClient
 from .deltas import OutputState
@@ -91,7 +90,7 @@ class DataParallelEngine(ServingEngine):
             raise
         self.data_parallel_size = len(self._replicas)  # (every host's)
         first = infos[0]
-        self._info = first
+        self._model = first  # (the model's facts, from replica 0)
         self._lock = threading.Lock()
         self._requests: dict[str, _Tracked] = {}  # guarded by _lock, as is what follows
         self._router = Router(len(self._replicas), self.engine_config.page_size,
@@ -105,27 +104,6 @@ class DataParallelEngine(ServingEngine):
             replica.serve(self._on_message, self._on_exit)
 
     # ---- what the engine is -----------------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Any:
-        """The model's tokenizer (None when the checkpoint ships none)."""
-        return self._info.tokenizer
-
-    @property
-    def model_path(self) -> Path:
-        return self._info.model_path
-
-    @property
-    def max_model_len(self) -> int:
-        return self._info.max_model_len
-
-    @property
-    def sampling_defaults(self) -> SamplingDefaults:
-        return self._info.sampling_defaults
-
-    @property
-    def vocab_size(self) -> int:
-        return self._info.vocab_size
 
     @property
     def replica_pids(self) -> list[int]:

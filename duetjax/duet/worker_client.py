@@ -4,9 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from multiprocessing.connection import Connection
 from typing import Mapping
@@ -14,6 +12,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from ..child_process import start_child
 from ..core.model_runner import InFlight
 from ..core.sampler import SampledTokens
 from ..core.scheduler import SchedulerOutput
@@ -66,14 +65,7 @@ class WorkerClient:
 
     def start(self) -> None:
         """Launches the process (it attaches and compiles in the background: see ``poll_ready``)."""
-        ours, theirs = socket.socketpair()
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "duetjax.duet.worker", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=self.env, start_new_session=True)
-        finally:
-            theirs.close()
-        self.conn = Connection(ours.detach())
+        self.process, self.conn = start_child("duetjax.duet.worker", self.env)
         self.conn.send(self.setup)
         self.ready = False
         log.info("worker %s starting (pid %d, %d %% of SMs)", self.name, self.process.pid,
