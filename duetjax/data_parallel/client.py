@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from ..child_process import start_child
 from .replica import FAILED, READY, STOP, ReplicaInfo, ReplicaSetup
@@ -28,6 +28,20 @@ STOP_TIMEOUT = 30.0
 
 class ReplicaStartError(RuntimeError):
     """A replica process could not start its engine."""
+
+
+def ready_payload(message: tuple, who: str) -> Any:
+    """What a (READY, payload) start-up answer carries; a (FAILED, error, traceback) one raises
+    the error where it is an option's (ValueError, TypeError, OSError: the command line names
+    it), else ReplicaStartError with the traceback."""
+    if message[0] == FAILED:
+        _, error, trace = message
+        if isinstance(error, (ValueError, TypeError, OSError)):
+            log.debug("%s failed to start:\n%s", who, trace)
+            raise error
+        raise ReplicaStartError(f"{who} failed to start:\n{trace}")
+    assert message[0] == READY, message
+    return message[1]
 
 
 class ReplicaClient:
@@ -73,14 +87,7 @@ class ReplicaClient:
             message = self.conn.recv()
         except (EOFError, OSError) as error:
             raise ReplicaStartError(f"replica {self.index} exited during start-up") from error
-        if message[0] == FAILED:
-            _, error, trace = message
-            if isinstance(error, (ValueError, TypeError, OSError)):
-                log.debug("replica %d failed to start:\n%s", self.index, trace)
-                raise error
-            raise ReplicaStartError(f"replica {self.index} failed to start:\n{trace}")
-        assert message[0] == READY, message
-        self.info = message[1]
+        self.info = ready_payload(message, f"replica {self.index}")
         log.info("replica %d ready (pid %d on %s)", self.index, self.info.pid,
                  ", ".join(self.info.devices))
         return self.info

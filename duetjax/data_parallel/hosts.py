@@ -26,7 +26,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Callable
 
-from .client import STOP_TIMEOUT, ReplicaClient, ReplicaStartError
+from .client import STOP_TIMEOUT, ReplicaClient, ReplicaStartError, ready_payload
 from .replica import DEAD, FAILED, READY, STOP, ReplicaInfo, portable_error
 
 log = logging.getLogger(__name__)
@@ -182,11 +182,7 @@ class _Link:
             message = self.conn.recv()
         except (EOFError, OSError) as error:
             raise ReplicaStartError(f"host {self.rank} went away during start-up") from error
-        if message[0] == FAILED:
-            _, error, trace = message
-            raise ReplicaStartError(f"host {self.rank}'s replicas failed to start:\n{trace}")
-        assert message[0] == READY, message
-        return message[1]
+        return ready_payload(message, f"host {self.rank}'s replicas")
 
     def serving(self) -> None:
         """Starts the threads once the front listens to every replica of this host."""
