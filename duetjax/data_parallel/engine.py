@@ -9,7 +9,10 @@ server takes either unchanged.
 
 A request the replica fails alone fails with ``RequestFailedError``, as with ``AsyncEngine``.
 A replica whose step raises (a device failure) or whose process dies takes only its own
-requests down (``EngineDeadError``); the others serve on, and new requests go to them.
+requests down (``EngineDeadError``); the others serve on, and new requests go to them. When
+its process died without a step raising (killed, crashed), the requests it had not yet
+answered at all go to another replica, once: nothing of theirs reached a client, and none of
+them can have been what broke a step.
 """
 from __future__ import annotations
 
@@ -47,6 +50,11 @@ class _Tracked:
     stream: RequestStream
     route: Route
     output: OutputState
+    params: SamplingParams
+    answered: bool = False
+    """A replica sent an output of it (the client may have seen it)."""
+    moved: bool = False
+    """It was sent again, to another replica, after its first one died."""
 
 
 class DataParallelEngine(ServingEngine):
@@ -176,11 +184,9 @@ class DataParallelEngine(ServingEngine):
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             route = self._router.route(ids)
-            self._requests[request_id] = _Tracked(stream, route,
-                                                  OutputState(request_id, text, ids))
-            # (under the lock: an abort of this id is queued after it)
-            self._replicas[route.replica].send(
-                (ADD, request_id, {"prompt": text, "prompt_token_ids": ids}, params))
+            tracked = _Tracked(stream, route, OutputState(request_id, text, ids), params)
+            self._requests[request_id] = tracked
+            self._send_add(request_id, tracked)  # (under the lock: an abort of it comes after)
         try:
             await stream.accepted
         except asyncio.CancelledError:
@@ -207,6 +213,12 @@ class DataParallelEngine(ServingEngine):
                 f"{len(self._requests)} requests are in flight, the most this server queues "
                 f"(max_num_seqs {self.engine_config.max_num_seqs} x {sum(self._router.alive)} "
                 f"replicas + max_queued_requests {self.max_queued_requests}); retry later")
+
+    def _send_add(self, request_id: str, tracked: _Tracked) -> None:
+        output = tracked.output
+        self._replicas[tracked.route.replica].send(
+            (ADD, request_id, {"prompt": output.prompt, "prompt_token_ids": output.prompt_token_ids},
+             tracked.params))
 
     def _forget(self, request_id: str) -> _Tracked | None:
         tracked = self._requests.pop(request_id, None)
@@ -260,6 +272,7 @@ class DataParallelEngine(ServingEngine):
                 for delta in deltas:
                     tracked = self._requests.get(delta.request_id)
                     if tracked is not None:
+                        tracked.answered = True
                         if delta.finished:
                             self._forget(delta.request_id)
                         ready.append((tracked, delta))
@@ -273,6 +286,8 @@ class DataParallelEngine(ServingEngine):
                     self._forget(request_id)
             if tracked is not None:
                 tracked.stream.resolve(error)
+                if error is not None and tracked.moved:  # (its add has returned long since)
+                    tracked.stream.fail(error)
         elif kind == DEAD:
             with self._lock:
                 self._failures[index] = f"failed: {message[1]}"
@@ -280,18 +295,32 @@ class DataParallelEngine(ServingEngine):
     def _on_exit(self, index: int, code: int) -> None:
         with self._lock:
             stopping = self._stopping
+            step_raised = index in self._failures  # (its DEAD message came first)
             if not stopping:
                 self._failures.setdefault(index, f"exited with code {code}")
             self._router.remove(index)
             self._stats[index] = dataclasses.replace(self._stats[index], **IDLE)
-            lost = [self._forget(request_id) for request_id, tracked in list(self._requests.items())
-                    if tracked.route.replica == index]
+            lost, moved = [], 0
+            for request_id, tracked in list(self._requests.items()):
+                if tracked.route.replica != index:
+                    continue
+                self._forget(request_id)
+                if (stopping or step_raised or tracked.answered or tracked.moved
+                        or not any(self._router.alive)):
+                    lost.append(tracked)
+                    continue
+                tracked.route = self._router.route(tracked.output.prompt_token_ids)
+                tracked.moved = True
+                self._requests[request_id] = tracked
+                self._send_add(request_id, tracked)
+                moved += 1
         if stopping:
             error: Exception = RequestAbortedError("the request was aborted because the server "
                                                    "shut down")
         else:
-            log.error("replica %d (pid %d) %s; %d requests on it failed", index,
-                      self._replicas[index].pid, self._failures[index], len(lost))
+            log.error("replica %d (pid %d) %s; %d requests on it failed, %d not yet started "
+                      "went to other replicas", index, self._replicas[index].pid,
+                      self._failures[index], len(lost), moved)
             error = EngineDeadError(f"replica {index} {self._failures[index]}")
         for tracked in lost:
             tracked.stream.resolve(error)  # (an add still waiting raises it)

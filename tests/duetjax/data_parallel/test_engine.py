@@ -183,19 +183,25 @@ def test_shutdown_drains_then_stops_every_replica(dp):
 
 
 def test_a_dead_replica_fails_only_its_requests(tiny_chat_dir):
+    """Those it had answered fail; those it had not started go to the other replica."""
     dp = start(tiny_chat_dir)
     pids = dp.replica_pids
 
     async def body():
         slow = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)  # 4 s or more
-        streams = [await dp.add_request(f"{i}: {faults.SLOW}", slow) for i in range(4)]
-        assert dp.routing.num_requests == (2, 2)  # by load: replicas 0, 1, 0, 1
-        for stream in streams:
+        running = [await dp.add_request(f"{i}: {faults.SLOW}", slow) for i in range(16)]
+        assert dp.routing.num_requests == (8, 8)  # by load: replicas 0, 1, 0, 1, ...
+        for stream in running:
             await stream.__anext__()
+        # max_num_seqs (8) run on each replica: these two wait there, unanswered
+        waiting = [await dp.add_request(f"wait {i}: {faults.SLOW}", slow) for i in range(2)]
+        assert dp.routing.num_requests == (9, 9)
         os.kill(pids[0], signal.SIGKILL)
-        results = await asyncio.gather(*(last(s) for s in streams), return_exceptions=True)
-        assert all(isinstance(r, EngineDeadError) for r in results[0::2]), results
-        assert [r.outputs[0].finish_reason for r in results[1::2]] == ["length"] * 2
+        results = await asyncio.gather(*(last(s) for s in running + waiting),
+                                       return_exceptions=True)
+        assert all(isinstance(r, EngineDeadError) for r in results[0:16:2]), results
+        assert [r.outputs[0].finish_reason for r in results[1:16:2]] == ["length"] * 8
+        assert [r.outputs[0].finish_reason for r in results[16:]] == ["length"] * 2  # moved
         assert "replica 0" in str(results[0]) and "exited with code -9" in str(results[0])
         assert not dp.is_healthy and "replica 0" in dp.failure
         assert dp.routing.alive == (False, True) and dp.capacity == 8 + 256
