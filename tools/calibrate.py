@@ -22,7 +22,9 @@ Steps, and why each exists. Every measurement runs in a fresh child process
 2. SM levels (``--levels``, default 10..80 and 100 %). One child per share measures the bf16
    matmul rate (``--matmul-n``³ through cuBLAS, best of ``--reps`` after warm-up) and the HBM
    bandwidth of an elementwise ``a + 1`` over ``--copy-gib`` GiB of uint32 (bytes read +
-   written): Π(S) and BW(S).
+   written): Π(S) and BW(S). On GPUs with FP8 tensor cores (compute capability 8.9 and up) it
+   times the same matmul in e4m3 too (bf16 out, cuBLASLt's FP8 GEMM); the profile's
+   ``fp8_flops_ratio`` is the median over the levels of FP8 over bf16.
 3. Interference pairs (``--pairs``, default the optimizer's 80/20, 70/30, 60/40, 50/50). A
    matmul child at s_p and a copy child at s_d set up, report ready, and start their timed
    windows (``--window-s``) at the same moment on a byte from the parent; each reports the
@@ -98,6 +100,8 @@ FAKE_OVERHEAD_S = 80e-6
 FAKE_GEMM_EFFICIENCY = 0.8
 FAKE_PREFILL_SLOWDOWN = 0.25
 """Fake matmul client keeps 1 - 0.25·s_partner of its rate next to a copy client."""
+FAKE_FP8_RATIO = 1.8
+"""Fake FP8 matmul rate over the bf16 one."""
 FAKE_DECODE_SLOWDOWN = 0.4
 """Fake copy client keeps 1 - 0.4·s_partner of its bandwidth next to a matmul client."""
 
@@ -249,6 +253,23 @@ def _matmul_case(n: int) -> tuple[Callable[..., Any], tuple[Any, ...], float]:
     return jax.jit(lambda x, y: x @ y), (a, b), 2.0 * n ** 3
 
 
+def _fp8_matmul_case(n: int) -> tuple[Callable[..., Any], tuple[Any, ...], float] | None:
+    """(jitted e4m3 n×n matmul with bf16 out, its random inputs, FLOPs per call), or None on a
+    device without FP8 tensor cores. The second operand is contracted on its last axis: the
+    layout cuBLASLt's FP8 GEMM takes without a transpose, as the models' weights are used."""
+    import jax
+    import jax.numpy as jnp
+
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    if not capability or tuple(map(int, capability.split("."))) < (8, 9):
+        return None
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(jnp.float8_e4m3fn)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(jnp.float8_e4m3fn)
+    fn = jax.jit(lambda x, y: jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())),
+                                                  preferred_element_type=jnp.bfloat16))
+    return fn, (a, b), 2.0 * n ** 3
+
+
 def _copy_case(gib: float) -> tuple[Callable[..., Any], tuple[Any, ...], float]:
     """(jitted elementwise ``a + 1`` over a ``gib`` GiB uint32 array, its input, bytes per call).
 
@@ -314,17 +335,26 @@ def measure_level(m: Measure, env: Mapping[str, str] = os.environ) -> dict[str, 
     if m.fake:
         share = pct / 100
         return {**_fake_info(), "pct": pct, "flops": fake_flops(share),
+                "fp8_flops": FAKE_FP8_RATIO * fake_flops(share),
                 "bandwidth": fake_bandwidth(share), "overhead_s": FAKE_OVERHEAD_S}
     info = _device_info()
     fn, args, flops = _matmul_case(m.matmul_n)
     rep = _timed(fn, args, m.warmup_s)
     matmul_s = min(rep() for _ in range(m.reps))
     del fn, args
+    fp8_flops = None
+    case = _fp8_matmul_case(m.matmul_n)
+    if case is not None:
+        fn, args, work = case
+        rep = _timed(fn, args, m.warmup_s)
+        fp8_flops = work / min(rep() for _ in range(m.reps))
+        del fn, args, case
     fn, args, nbytes = _copy_case(m.copy_gib)
     rep = _timed(fn, args, m.warmup_s)
     copy_s = min(rep() for _ in range(m.reps))
     del fn, args
-    return {**info, "pct": pct, "flops": flops / matmul_s, "bandwidth": nbytes / copy_s,
+    return {**info, "pct": pct, "flops": flops / matmul_s, "fp8_flops": fp8_flops,
+            "bandwidth": nbytes / copy_s,
             "matmul_s": matmul_s, "copy_s": copy_s, "overhead_s": _dispatch_overhead_s()}
 
 
@@ -788,6 +818,20 @@ def build_levels(results: Mapping[int, Mapping[str, Any]]) -> tuple[tuple[SMLeve
     return tuple(levels), notes
 
 
+def fp8_ratio(results: Mapping[int, Mapping[str, Any]]) -> tuple[float | None, str]:
+    """(the median over the levels of the FP8 matmul rate over the bf16 one, or None where no
+    level measured FP8; a note for the profile)."""
+    ratios = {pct: float(r["fp8_flops"]) / float(r["flops"]) for pct, r in sorted(results.items())
+              if r.get("fp8_flops")}
+    if not ratios:
+        return None, ("fp8_flops_ratio = 2.0, the Hopper datasheet's: not measured (no level "
+                      "measured an FP8 matmul: the GPU has no FP8 tensor cores)")
+    ratio = round(statistics.median(ratios.values()), 3)
+    return ratio, (f"fp8_flops_ratio = {ratio:g}: median over the levels of an e4m3 matmul's "
+                   "rate (the levels' size, bf16 out) over the bf16 one; per level: "
+                   + ", ".join(f"{pct} % {r:.3f}" for pct, r in ratios.items()))
+
+
 def window_overlap(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
     """Fraction of the shorter timed window during which both clients were measuring."""
     both = min(a["window_end"], b["window_end"]) - max(a["window_start"], b["window_start"])
@@ -927,6 +971,8 @@ def calibrate(plan: Plan, runner: Runner, daemon: ClientEnvs | None, mps_note: s
         if missing:
             notes.append(f"alone rates at {missing} % were interpolated between measured levels")
     notes += eff_notes
+    fp8_flops_ratio, fp8_note = fp8_ratio(raw)
+    notes.append(fp8_note)
     notes.append(f"overhead_s: median dispatch-to-completion time of a tiny jitted call, "
                  f"{overhead * 1e6:.0f} us at {top} % SMs.")
     now = now or datetime.datetime.now(datetime.timezone.utc)
@@ -935,6 +981,7 @@ def calibrate(plan: Plan, runner: Runner, daemon: ClientEnvs | None, mps_note: s
     profile = DeviceProfile(gpu_name=gpu, levels=sm_levels, efficiency=efficiency,
                             overhead_s=round(overhead, 7),
                             interference=tuple(r.point for r in pair_results),
+                            fp8_flops_ratio=fp8_flops_ratio or DeviceProfile.fp8_flops_ratio,
                             source=source, notes=tuple(notes))
     return Calibration(profile, raw, tuple(pair_results), gemm, mps_note, daemon is not None)
 

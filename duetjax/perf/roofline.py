@@ -157,9 +157,8 @@ class DeviceProfile:
     """Measured co-running pairs; empty: clients do not slow each other down."""
     fp8_flops_ratio: float = 2.0
     """FP8 (e4m3) matmul rate over the bf16 one of ``levels``, at every share: the rate of the
-    W8A8 GEMMs of FP8 weights. 2.0 is the Hopper datasheet's ratio (dense FP8 against dense
-    bf16), an assumption until a calibration measures it (``tools/calibrate.py`` measures bf16
-    only)."""
+    W8A8 GEMMs of FP8 weights. ``tools/calibrate.py`` measures it where the GPU has FP8 tensor
+    cores; 2.0 (the Hopper datasheet's dense FP8 over dense bf16) in profiles measured before."""
     source: str = ""
     """Where the numbers come from (measurement, date, tool)."""
     notes: tuple[str, ...] = ()

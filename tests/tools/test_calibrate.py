@@ -118,6 +118,7 @@ def test_calibrate_levels_pairs_efficiency_and_round_trip(tmp_path, monkeypatch)
     assert profile.efficiency.gemm == pytest.approx(cal.FAKE_GEMM_EFFICIENCY, abs=1e-3)
     assert (profile.efficiency.attention, profile.efficiency.elementwise) == (1.0, 1.0)
     assert profile.overhead_s == pytest.approx(cal.FAKE_OVERHEAD_S)
+    assert profile.fp8_flops_ratio == cal.FAKE_FP8_RATIO  # measured, not the datasheet's 2.0
     assert "tools/calibrate.py" in profile.source and "python tools/calibrate.py" in profile.source
     notes = " ".join(profile.notes)
     assert "interpolated" in notes and "engine-level calibration" in notes and "fake MPS" in notes
@@ -188,6 +189,15 @@ def test_levels_are_made_monotone_and_say_so():
     assert [lv.bandwidth for lv in levels] == [3.9e12, 4.0e12, 4.0e12]
     assert len(notes) == 2 and "level 70 %" in notes[0] and "level 100 %" in notes[1]
     DeviceProfile("x", levels)  # valid
+
+
+def test_fp8_ratio_is_the_median_of_the_levels_that_measured_it():
+    raw = {20: {"flops": 100e12, "fp8_flops": 150e12}, 50: {"flops": 300e12, "fp8_flops": 540e12},
+           100: {"flops": 600e12, "fp8_flops": 1140e12}}
+    ratio, note = cal.fp8_ratio(raw)
+    assert ratio == 1.8 and "20 % 1.500" in note and "100 % 1.900" in note
+    ratio, note = cal.fp8_ratio({100: {"flops": 600e12, "fp8_flops": None}})  # no FP8 cores
+    assert ratio is None and "not measured" in note
 
 
 def test_interference_and_gemm_fit_math():
