@@ -215,8 +215,9 @@ def test_convert_round_trip_gives_identical_logits(oracle_cases, expected_of, tm
 
 def test_an_array_larger_than_the_restore_limit_still_loads(oracle_cases, expected_of, tmp_path,
                                                            monkeypatch):
-    """Orbax refuses to read one array larger than its in-flight limit; stacked layer weights
-    of a large model pass the usual few GB, so the limit grows to the largest array."""
+    """Orbax refuses to read one array larger than its in-flight limit, so the limit grows to
+    the largest array restored whole; the stacked layer weights, larger than the budget and
+    stored a chunk per layer, go a layer at a time."""
     from duetjax.convert import main
     import models.orbax_tree
 
@@ -229,6 +230,33 @@ def test_an_array_larger_than_the_restore_limit_still_loads(oracle_cases, expect
                         or restore_group(self, targets))
     assert_logits_match(tmp_path / "orbax", expected_of("llama2"), load_format="auto")
     assert len(groups) > 1 and max(groups) < sum(groups)  # read a group at a time
+
+
+def test_a_large_stacked_array_goes_to_the_device_a_few_layers_at_a_time(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    import models.orbax_tree
+    from models.orbax_tree import OrbaxTree, save_tree
+
+    rng = np.random.default_rng(0)
+    stacked = rng.standard_normal((5, 4, 3)).astype(np.float32)  # 48 bytes a layer
+    flat = rng.standard_normal((6, 7)).astype(np.float32)  # not stored a chunk per layer
+    save_tree(tmp_path / "tree", {"layers": {"w": stacked}, "head": flat},
+              {"layers": {"w": True}, "head": False})
+    monkeypatch.setattr(models.orbax_tree, "RESTORE_CONCURRENT_GB", 100e-9)  # 2 layers of w
+    reads = []
+    by_layers = OrbaxTree._restore_by_layers
+    monkeypatch.setattr(OrbaxTree, "_restore_by_layers",
+                        lambda self, name, *a: reads.append(name) or by_layers(self, name, *a))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree = OrbaxTree(tmp_path / "tree")
+    out = tree.restore({"layers/w": jax.ShapeDtypeStruct((5, 4, 3), jnp.bfloat16, sharding=device),
+                        "head": jax.ShapeDtypeStruct((6, 7), jnp.float32, sharding=device)})
+    assert reads == ["layers/w"]  # (the head is larger than the budget too, but whole)
+    assert out["layers/w"].dtype == jnp.bfloat16 and out["layers/w"].sharding == device
+    np.testing.assert_array_equal(np.asarray(out["layers/w"]),
+                                  stacked.astype(jnp.bfloat16))  # layers 0-1, 2-3, 4
+    np.testing.assert_array_equal(np.asarray(out["head"]), flat)
 
 
 def test_restore_groups_hold_at_most_the_budget():
