@@ -64,6 +64,12 @@ class EngineConfig:
     """Decoder layers per iteration of the compiled layer loop. None: all of them on GPU (a
     rolled loop slices each layer's weights out of the stacked arrays with a copy, which
     doubled the decode step of Llama-3-8B on an H200), one on CPU (smallest executables)."""
+    layer_weights: str = "stacked"
+    """How the decoder layers' weights are held: 'stacked' (one array per weight for all the
+    layers, indexed in the layer loop) or 'per-layer' (arrays of its own for every layer, the
+    loop unrolled: no layer's slice of a stack for XLA:GPU to copy out before a GEMM that cannot
+    read it in place, as cuBLASLt's FP8 GEMM). The engine takes the loaded stacked weights apart
+    at start-up (one stacked array's extra memory at a time). One GPU only."""
     attention_impl: str = "auto"
     """'auto' (Pallas on GPU, reference on CPU), 'pallas', 'interpret' or 'reference'."""
     gemm_backend: str = "cublas"
@@ -185,6 +191,12 @@ class EngineConfig:
         if self.fp8_activation not in ("dynamic", "none"):
             raise ConfigError("fp8_activation",
                               f"must be 'dynamic' or 'none', got {self.fp8_activation!r}")
+        if self.layer_weights not in ("stacked", "per-layer"):
+            raise ConfigError("layer_weights",
+                              f"must be 'stacked' or 'per-layer', got {self.layer_weights!r}")
+        if self.layer_weights == "per-layer" and self.tensor_parallel_size > 1:
+            raise ConfigError("layer_weights", "'per-layer' runs on one GPU only: use 'stacked' "
+                              "with tensor_parallel_size > 1")
         if self.gemm_backend not in ("cublas", "triton"):
             raise ValueError(f"gemm_backend must be 'cublas' or 'triton', got {self.gemm_backend!r}")
         if self.tbt_slo_ms is not None and not 0 < self.tbt_slo_ms < float("inf"):

@@ -3,7 +3,10 @@
 Layer weights are stacked on axis 0 and the layer loop is ``nn.scan``; the paged KV pool rides
 in the scan carry, so XLA updates it in place (a scan *output* would rewrite it every step).
 Per-layer differences (sliding window, Gemma 3's local rope, an FP8 pool's KV scales) enter the
-scan as data.
+scan as data. With ``per_layer_weights`` each layer has arrays of its own instead (the tree's
+``layers_0`` ... ``layers_{L-1}``, made from the stacked tree by ``unstack_layers``) and the
+loop is unrolled in Python: no layer's weights are sliced out of a stack, which XLA:GPU copies
+before a GEMM it cannot read a slice in place for (cuBLASLt's FP8 GEMM).
 """
 from __future__ import annotations
 
@@ -109,14 +112,21 @@ class Decoder(nn.Module):
     mesh: Mesh | None = None
     """The tensor-parallel group the weights and the KV pool are split over
     (``models.tensor_parallel``; ``config`` is then its ``held_config``); None: one device."""
+    per_layer_weights: bool = False
+    """Arrays of its own for each layer (``unstack_layers``), in an unrolled loop; False: one
+    stacked array per weight, in ``nn.scan`` (``scan_unroll``)."""
 
     def setup(self) -> None:
         cfg = self.config
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype)
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                         unroll=self.scan_unroll)
-        self.layers = layers(cfg, self.impl, self.dtype, self.quantization, self.mesh)
+        if self.per_layer_weights:  # (named layers_0, layers_1, ...)
+            self.layers = [DecoderLayer(cfg, self.impl, self.dtype, self.quantization, self.mesh)
+                           for _ in range(cfg.num_layers)]
+        else:
+            layers = nn.scan(DecoderLayer, variable_axes={"params": 0},
+                             split_rngs={"params": True}, in_axes=(0, nn.broadcast),
+                             length=cfg.num_layers, unroll=self.scan_unroll)
+            self.layers = layers(cfg, self.impl, self.dtype, self.quantization, self.mesh)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, False, self.dtype)
@@ -137,7 +147,12 @@ class Decoder(nn.Module):
                      jnp.asarray(cfg.layer_windows, jnp.int32),
                      jnp.asarray(cfg.uses_local_rope, bool),
                      None if self.kv_scales is None else jnp.asarray(self.kv_scales, jnp.float32))
-        (x, kv_pool), _ = self.layers((x, kv_pool), per_layer, meta)
+        if not self.per_layer_weights:
+            (x, kv_pool), _ = self.layers((x, kv_pool), per_layer, meta)
+            return x, kv_pool
+        for i, layer in enumerate(self.layers):
+            (x, kv_pool), _ = layer((x, kv_pool), jax.tree_util.tree_map(lambda a: a[i], per_layer),
+                                    meta)
         return x, kv_pool
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -155,3 +170,30 @@ class Decoder(nn.Module):
         if self.mesh is not None:  # gathered whole for the sampler
             logits = jax.lax.with_sharding_constraint(logits, replicated(self.mesh))
         return logits
+
+
+def unstack_layers(params: dict, num_layers: int, delete: bool = False) -> dict:
+    """The tree of a ``per_layer_weights`` Decoder from a stacked one: ``params["layers"]``
+    becomes ``layers_0`` ... ``layers_{num_layers - 1}``, each leaf its layer's slice (a new
+    array). ``delete``: free each stacked array once it is sliced (the caller gives up the
+    stacked tree; device memory then peaks at one stacked array more, not a second model)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params["layers"])
+    per_layer: list[list] = [[] for _ in range(num_layers)]
+    for leaf in leaves:
+        if leaf.shape[:1] != (num_layers,):
+            raise ValueError(f"a stacked layer weight of shape {leaf.shape} does not hold "
+                             f"{num_layers} layers")
+        for i in range(num_layers):
+            per_layer[i].append(_layer_of(leaf, i))
+        if delete and isinstance(leaf, jax.Array):
+            jax.block_until_ready(per_layer[-1][-1])
+            leaf.delete()
+    out = {key: value for key, value in params.items() if key != "layers"}
+    out.update({f"layers_{i}": jax.tree_util.tree_unflatten(treedef, per_layer[i])
+                for i in range(num_layers)})
+    return out
+
+
+@jax.jit
+def _layer_of(stacked: jax.Array, i: int) -> jax.Array:  # (one compile per shape, not per i)
+    return jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)

@@ -21,6 +21,10 @@ and matmul rates; the all-reduces count as overhead.
     python tools/bench_engine.py --model llama-3-8b --sections decode,prefill --batches 1,64 \
         --tensor-parallel-size 1,2 --out tp.json --table tp.md
 
+Layer weights (``--layer-weights``, a comma list): ``stacked`` and/or ``per-layer``
+(``EngineConfig.layer_weights``); every other variant runs with each (label suffix
+``+per-layer``).
+
 Weights (``--quantization``, a comma list): ``none`` (bf16) and/or ``fp8`` (the linear layers
 quantized to FP8 on load, one variant per ``--fp8-activation``: ``dynamic`` W8A8, ``none``
 weight-only). The decode and prefill sections run for every variant, one engine after the
@@ -323,7 +327,8 @@ def markdown(report: dict) -> str:
     for label, census in report.get("hlo", {}).items():
         lines += [f"HLO of {label}'s decode steps: " + "; ".join(
             f"batch {c['batch']}: {c['cublaslt_f8_calls']} cuBLASLt FP8 GEMMs, {c['f8_dots']} f8 "
-            f"dots, {c['weight_upcasts']} weight upcasts ({'FP8 GEMMs' if c['fp8_gemm'] else 'no FP8 GEMM'})"
+            f"dots, {c['weight_upcasts']} weight upcasts, {c.get('weight_copies', 0)} weight "
+            f"copies ({'FP8 GEMMs' if c['fp8_gemm'] else 'no FP8 GEMM'})"
             for c in census), ""]
     if report.get("host"):
         h = report["host"]
@@ -422,6 +427,9 @@ def main() -> None:
                    help="fp8 variants, comma-separated: dynamic (W8A8), none (weight-only)")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache variants, comma-separated: auto (the model's dtype), fp8")
+    p.add_argument("--layer-weights", default="stacked",
+                   help="layer weight variants, comma-separated (EngineConfig.layer_weights): "
+                        "stacked, per-layer (label suffix +per-layer)")
     p.add_argument("--tensor-parallel-size", default="1",
                    help="group sizes to time, comma-separated (EngineConfig.tensor_parallel_size)")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
@@ -444,14 +452,17 @@ def main() -> None:
     report["scan_unroll"] = args.scan_unroll
     report["decode_steps"] = args.decode_steps
     report["gemm_backend"] = args.gemm_backend
-    variants = [(label if tp == 1 else f"{label}-tp{tp}", quantization, activation, kv_cache_dtype, tp)
+    variants = [(label + ("" if tp == 1 else f"-tp{tp}")
+                 + ("+per-layer" if layers == "per-layer" else ""),
+                 quantization, activation, kv_cache_dtype, tp, layers)
                 for tp in (int(n) for n in args.tensor_parallel_size.split(","))
                 for label, quantization, activation, kv_cache_dtype in engine_variants(
-                    weight_variants(args.quantization, args.fp8_activation), args.kv_cache_dtype)]
-    for i, (label, quantization, activation, kv_cache_dtype, tp) in enumerate(variants):
+                    weight_variants(args.quantization, args.fp8_activation), args.kv_cache_dtype)
+                for layers in args.layer_weights.split(",")]
+    for i, (label, quantization, activation, kv_cache_dtype, tp, layers) in enumerate(variants):
         try:
             run_variant(args, report, sections, batches, lengths, i, label, quantization,
-                        activation, kv_cache_dtype, tp)
+                        activation, kv_cache_dtype, tp, layers)
         except Exception as e:  # one variant's failure is reported; the others still run
             log(f"{label} failed: {type(e).__name__}: {e}"[:3000])
             report.setdefault("failed", {})[label] = f"{type(e).__name__}: {e}"[:1500]
@@ -460,10 +471,10 @@ def main() -> None:
 
 
 def run_variant(args, report, sections, batches, lengths, i, label, quantization, activation,
-                kv_cache_dtype, tp) -> None:
+                kv_cache_dtype, tp, layer_weights="stacked") -> None:
     """Builds one variant's engine, runs the asked sections on it, then frees it."""
     engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
-                    tensor_parallel_size=tp,
+                    tensor_parallel_size=tp, layer_weights=layer_weights,
                     max_num_seqs=max(batches), max_num_batched_tokens=max(lengths),
                     max_model_len=max(max(lengths) + 16, 4096 + 1024),
                     scan_unroll=args.scan_unroll, kv_cache_memory_fraction=args.kv_fraction,

@@ -13,9 +13,9 @@
 #   PYTHON             the interpreter (default python3)
 #   Per section: FIT_ITERATIONS, FIT_REPS (fit); DUET_QPS, DUET_REQUESTS, DUET_MODES,
 #   DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1 (duet); PROFILE_TOP
-#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-triton, fp8-trace, fp8-accuracy,
-#   load, prefill-mgpu, prefill-e2e and decode-mgpu: FP8 speed, its kernels and accuracy,
-#   load times and the Mosaic GPU kernels.
+#   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-layers, fp8-triton, fp8-trace,
+#   fp8-accuracy, load, prefill-mgpu, prefill-e2e and decode-mgpu: FP8 speed, its kernels and
+#   accuracy, load times and the Mosaic GPU kernels.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
@@ -147,6 +147,12 @@ for section in "$@"; do
             --context 1024 --quantization none,fp8 --fp8-activation dynamic,none \
             --gemm-backend triton --kv-cache-tokens 131072 --dump-hlo "$scratch/hlo" \
             --out "$results_dir/fp8-triton.json" --table "$results_dir/fp8-triton.md" ;;
+    fp8-layers)  # W8A8 and bf16 decode steps with stacked and per-layer weights
+        # (EngineConfig.layer_weights), each step's HLO census counting weight copies
+        $python tools/bench_engine.py --model $model --sections decode --batches 1,64 \
+            --context 1024 --quantization none,fp8 --layer-weights stacked,per-layer \
+            --kv-cache-tokens 131072 --dump-hlo "$scratch/hlo" \
+            --out "$results_dir/fp8-layers.json" --table "$results_dir/fp8-layers.md" ;;
     fp8-trace)  # where an FP8 decode step's time goes: every kernel of the W8A8 step at batch
         # 1 and 64 and of the FP8-KV step at batch 64, beside bf16's, with each step's HLO census
         for variant in "" "--quantization fp8" "--kv-cache-dtype fp8"; do

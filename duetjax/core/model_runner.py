@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import pallas_kernels
 from models import LoadedModel
-from models.decoder import Decoder
+from models.decoder import Decoder, unstack_layers
 from models.quantization import FP8_DTYPE
 from models.tensor_parallel import group_size, held_config, replicated
 
@@ -103,13 +103,19 @@ class ModelRunner:
     """Runs steps on this process's device, and holds its device state (``DeviceState``:
     weights, KV pool, penalty counts and slot tables), which only it writes. ``shared``: the
     state lives in buffers DuetServe's worker processes attach to (the engine's runner);
-    ``attach``: the layout of those buffers (a worker's runner)."""
+    ``attach``: the layout of those buffers (a worker's runner). With ``layer_weights``
+    'per-layer' it takes ``model``'s stacked weights apart and frees them (``model.params`` is
+    unusable afterwards; ``params`` holds the per-layer tree)."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig, max_model_len: int, *,
                  num_pages: int | None = None, decode_steps: tuple[int, ...] | None = None,
                  shared: bool = False, attach: SharedLayout | None = None):
         self.config = config
         cfg = held_config(model.config, group_size(model.mesh))  # what the devices hold
+        per_layer = config.layer_weights == "per-layer"
+        if per_layer and attach is None:  # (a worker attaches to the engine's per-layer arrays)
+            model = dataclasses.replace(model, params=unstack_layers(model.params, cfg.num_layers,
+                                                                     delete=True))
         self.mesh = model.mesh
         """The tensor-parallel group (None: one device)."""
         self.page_size = config.page_size
@@ -142,7 +148,8 @@ class ModelRunner:
             unroll = cfg.num_layers if jax.default_backend() == "gpu" else 1
         self._decoder = Decoder(cfg, impl=config.attention_impl, dtype=model.dtype,
                                 scan_unroll=unroll, quantization=model.quantization,
-                                kv_scales=kv_scales(model, config), mesh=model.mesh)
+                                kv_scales=kv_scales(model, config), mesh=model.mesh,
+                                per_layer_weights=per_layer)
         self.decode_steps = (config.decode_steps,) if decode_steps is None else decode_steps
         """The k values of its k-step decode executables (1: none)."""
         self._executables: dict[Bucket, jax.stages.Compiled] = {}

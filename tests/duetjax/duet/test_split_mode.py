@@ -93,7 +93,15 @@ def carrying(tiny_llama_dir, profile_and_slo):
     engine.close()
 
 
-@pytest.mark.parametrize("engine", ["duet", "carrying"])
+@pytest.fixture(scope="module")
+def per_layer(tiny_llama_dir, profile_and_slo):
+    """A duet engine whose workers attach to weights held an array per layer."""
+    engine = duet_engine(tiny_llama_dir, profile_and_slo, layer_weights="per-layer")
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("engine", ["duet", "carrying", "per_layer"])
 def test_duet_mode_splits_and_matches_aggregated(engine, expected, request):
     duet = request.getfixturevalue(engine)
     got = duet.generate(PROMPTS, PARAMS, use_tqdm=False)

@@ -1,0 +1,64 @@
+"""``layer_weights='per-layer'``: each decoder layer with arrays of its own, in an unrolled
+loop, gives the stacked model's tokens and log-probabilities (sliding windows and Gemma 3's
+local rope included, and with FP8 weights and an FP8 KV cache)."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from duetjax import Engine, SamplingParams
+from duetjax.config import ConfigError
+from models.decoder import unstack_layers
+from tests.models.test_hf_parity import ENGINE_LIMITS
+
+
+def run(path, **options):
+    engine = Engine(model=str(path), dtype="float32", **ENGINE_LIMITS, **options)
+    prompts = [[1, 5, 9, 14, 3, 7], list(range(2, 40))]  # (the second passes the window)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompts], params,
+                              use_tqdm=False)
+    return engine, [(list(o.outputs[0].token_ids),
+                     [next(iter(step.values())) for step in o.outputs[0].logprobs])
+                    for o in outputs]
+
+
+@pytest.mark.parametrize("case, options", [
+    ("gemma3", {}),
+    ("llama2", dict(quantization="fp8", kv_cache_dtype="fp8")),
+])
+def test_per_layer_weights_give_the_stacked_models_outputs(case, options, oracle_cases):
+    _, stacked = run(oracle_cases[case], **options)
+    engine, per_layer = run(oracle_cases[case], layer_weights="per-layer", **options)
+    num_layers = engine.runner.model.config.num_layers
+    assert "layers" not in engine.runner.params
+    assert sorted(k for k in engine.runner.params if k.startswith("layers_")) == sorted(
+        f"layers_{i}" for i in range(num_layers))
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(per_layer, stacked):
+        assert tokens == want_tokens
+        np.testing.assert_allclose(logprobs, want_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_unstack_layers_slices_every_leaf_and_frees_the_stack():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4, 2)).astype(np.float32)
+    b = rng.standard_normal((3, 2)).astype(np.float32)
+    stacked = {"embed": np.ones(2), "layers": {"mlp": {"w": jax.numpy.asarray(w),
+                                                       "b": jax.numpy.asarray(b)}}}
+    out = unstack_layers(stacked, 3, delete=True)
+    assert sorted(out) == ["embed", "layers_0", "layers_1", "layers_2"]
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(out[f"layers_{i}"]["mlp"]["w"]), w[i])
+        np.testing.assert_array_equal(np.asarray(out[f"layers_{i}"]["mlp"]["b"]), b[i])
+    assert stacked["layers"]["mlp"]["w"].is_deleted()
+    with pytest.raises(ValueError, match="does not hold 4 layers"):
+        unstack_layers({"layers": {"w": np.zeros((3, 2))}}, 4)
+
+
+def test_per_layer_weights_are_checked():
+    with pytest.raises(ConfigError, match="'stacked' or 'per-layer'"):
+        Engine(model="tiny-llama", load_format="dummy", layer_weights="layered")
+    with pytest.raises(ConfigError, match="one GPU only"):
+        Engine(model="tiny-llama", load_format="dummy", layer_weights="per-layer",
+               tensor_parallel_size=2)
