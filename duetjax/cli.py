@@ -70,6 +70,17 @@ def add_data_parallel_flag(parser: argparse.ArgumentParser | argparse._ArgumentG
                              "replica whose prefix cache holds the longest start of its prompt, "
                              "unless that one is much busier than the least loaded (default 1: "
                              "one engine in this process)")
+    parser.add_argument("--replica-timeout-s", type=_seconds, default=300.0, metavar="S",
+                        help="with replicas: kill one that has requests but sends nothing for S "
+                             "seconds (a step that never returns); its requests fail (default "
+                             "%(default)s; 0: never)")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
 
 
 def start_error(error: Exception) -> str:

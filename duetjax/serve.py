@@ -184,7 +184,7 @@ def start_engine(args: argparse.Namespace, cluster: Cluster | None = None) -> Se
                                   dtype=args.dtype, load_format=args.load_format,
                                   max_queued_requests=args.max_queued_requests,
                                   hosts=None if cluster is None else FrontHosts(cluster),
-                                  **options)
+                                  replica_timeout=args.replica_timeout_s or None, **options)
     engine = Engine(args.model, dtype=args.dtype, load_format=args.load_format, **options)
     return AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
 

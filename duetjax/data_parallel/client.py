@@ -121,6 +121,11 @@ class ReplicaClient:
             thread.join()
         self.conn.close()
 
+    def kill(self) -> None:
+        """Kills the process now (a hung replica); its reader then reports the exit."""
+        if self.process is not None:
+            self.process.kill()
+
     def _wait_or_kill(self, timeout: float) -> int:
         try:
             return self.process.wait(timeout)

@@ -12,7 +12,9 @@ A replica whose step raises (a device failure) or whose process dies takes only 
 requests down (``EngineDeadError``); the others serve on, and new requests go to them. When
 its process died without a step raising (killed, crashed), the requests it had not yet
 answered at all go to another replica, once: nothing of theirs reached a client, and none of
-them can have been what broke a step.
+them can have been what broke a step. A replica that sends nothing for ``replica_timeout``
+seconds while it has requests (a step that never returns: a hung device or collective) is
+killed and counts as one whose step raised.
 """
 from __future__ import annotations
 
@@ -68,7 +70,9 @@ class DataParallelEngine(ServingEngine):
     replica runs at once. balance_threshold: ``Router``'s. start_timeout: seconds a replica
     may take to start (None: as long as its process lives). replica_init: an importable
     function each replica calls with its Engine before serving. hosts: the other hosts of a
-    cluster (``hosts.py``), whose replicas join this one's after them. The constructor returns once
+    cluster (``hosts.py``), whose replicas join this one's after them. replica_timeout: seconds
+    a replica with requests may send nothing before it is killed as hung (a working replica
+    reports every 0.1 s, and after every step; None: never). The constructor returns once
     every replica has started, or raises the first one's start-up error after stopping them
     all. ``close()`` (or leaving a ``with`` block) stops the replicas; they also exit on their
     own when this process ends.
@@ -78,8 +82,12 @@ class DataParallelEngine(ServingEngine):
                  max_queued_requests: int = 256, balance_threshold: int = 16,
                  start_timeout: float | None = None,
                  replica_init: Callable[[Any], None] | None = None,
-                 hosts: FrontHosts | None = None, **config: Any):
+                 hosts: FrontHosts | None = None, replica_timeout: float | None = 300.0,
+                 **config: Any):
         config.pop("show_progress", None)  # (replicas show no progress bars)
+        if replica_timeout is not None and not replica_timeout > 0:
+            raise ValueError(f"replica_timeout must be > 0 seconds (None: never), got "
+                             f"{replica_timeout}")
         self.engine_config = check_config(data_parallel_size, max_queued_requests, config)
         self.max_queued_requests = max_queued_requests
         self._replicas: list[Any] = local_replicas(model, data_parallel_size,
@@ -106,10 +114,16 @@ class DataParallelEngine(ServingEngine):
                               max_blocks=first.stats.num_pages)
         self._stats: list[EngineStats] = [info.stats for info in infos]
         self._failures: dict[int, str] = {}
+        self._last_heard = [time.monotonic()] * len(self._replicas)
+        """When each replica last sent something (or last got work while it had none)."""
         self._draining = False
         self._stopping = False
+        self._closed = threading.Event()
         for replica in self._replicas:
             replica.serve(self._on_message, self._on_exit)
+        if replica_timeout is not None:
+            threading.Thread(target=self._watch, args=(replica_timeout,), name="replica-watchdog",
+                             daemon=True).start()
 
     # ---- what the engine is -----------------------------------------------------------------
 
@@ -184,6 +198,8 @@ class DataParallelEngine(ServingEngine):
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             route = self._router.route(ids)
+            if self._router.num_requests[route.replica] == 1:  # (its silence counts from now)
+                self._last_heard[route.replica] = time.monotonic()
             tracked = _Tracked(stream, route, OutputState(request_id, text, ids), params)
             self._requests[request_id] = tracked
             self._send_add(request_id, tracked)  # (under the lock: an abort of it comes after)
@@ -250,6 +266,7 @@ class DataParallelEngine(ServingEngine):
         """Stops every replica now, aborting whatever is in flight (blocking; idempotent)."""
         with self._lock:
             self._stopping = True
+        self._closed.set()
         for replica in self._replicas:
             replica.stop()
 
@@ -261,7 +278,24 @@ class DataParallelEngine(ServingEngine):
 
     # ---- the replicas' messages (on their reader threads) ---------------------------------
 
+    def _watch(self, timeout: float) -> None:
+        """Kills a replica that has requests and has sent nothing for ``timeout`` seconds."""
+        while not self._closed.wait(min(timeout / 4, 5.0)):
+            now = time.monotonic()
+            with self._lock:
+                hung = [i for i, alive in enumerate(self._router.alive)
+                        if alive and self._router.num_requests[i] and i not in self._failures
+                        and now - self._last_heard[i] > timeout]
+                for i in hung:  # (a failure first: its requests fail, none moves elsewhere)
+                    self._failures[i] = (f"sent nothing for {now - self._last_heard[i]:.0f}s "
+                                         f"with {self._router.num_requests[i]} requests (hung): "
+                                         "killed")
+            for i in hung:
+                log.error("replica %d %s", i, self._failures[i])
+                self._replicas[i].kill()
+
     def _on_message(self, index: int, message: tuple) -> None:
+        self._last_heard[index] = time.monotonic()
         kind = message[0]
         if kind == OUTPUTS:
             _, deltas, stats = message

@@ -27,7 +27,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Callable
 
 from .client import STOP_TIMEOUT, ReplicaClient, ReplicaStartError, ready_payload
-from .replica import DEAD, FAILED, READY, STOP, ReplicaInfo, portable_error
+from .replica import DEAD, FAILED, KILL, READY, STOP, ReplicaInfo, portable_error
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,10 @@ class RemoteReplica:
     def send(self, message: tuple) -> None:
         self.link.outbox.put((self.local, message))
 
+    def kill(self) -> None:
+        """Asks its host to kill it (a hung replica); the host then reports the exit."""
+        self.send((KILL,))
+
     def exited(self, code: int) -> None:
         if not self.done.is_set():
             self.done.set()
@@ -323,7 +327,10 @@ def serve_host(cluster: Cluster, replicas: list[ReplicaClient], start_timeout: f
         on_ready(address)
         while True:
             local, command = conn.recv()
-            replicas[local].send(command)
+            if command[0] == KILL:
+                replicas[local].kill()
+            else:
+                replicas[local].send(command)
     except (EOFError, OSError):
         return 0  # host 0 stopped our replicas, or went away
     finally:

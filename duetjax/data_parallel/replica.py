@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ADD, ABORT, STOP = "add", "abort", "stop"
+KILL = "kill"
+"""The front's order to another host to kill one of its replicas (hung); no replica gets it."""
 READY, FAILED, ACCEPTED, OUTPUTS, DEAD = "ready", "failed", "accepted", "outputs", "dead"
 STATS_INTERVAL = 0.1
 """Seconds between the stats snapshots a busy replica sends (with its outputs)."""

@@ -10,6 +10,8 @@ FAILS_ALONE = "boom"
 """Requests whose prompt text holds this fail alone (their detokenizer raises)."""
 BREAKS_THE_DEVICE = "device failure"
 """A step with a request whose prompt text holds this raises, as a lost device would."""
+HANGS = "hang forever"
+"""A step with a request whose prompt text holds this never returns, as a hung device's."""
 SLOW = "take your time"
 """Steps with a request whose prompt text holds this take 20 ms longer."""
 
@@ -27,6 +29,8 @@ def install(engine) -> None:
         prompts = [r.prompt or "" for r in engine.output_processor.requests.values()]
         if any(BREAKS_THE_DEVICE in p for p in prompts):
             raise RuntimeError("the device fell off the bus")
+        if any(HANGS in p for p in prompts):
+            time.sleep(3600)
         if any(SLOW in p for p in prompts):
             time.sleep(0.02)
         return step()

@@ -223,6 +223,27 @@ def test_a_dead_replica_fails_only_its_requests(tiny_chat_dir):
     assert_gone(pids)
 
 
+def test_a_hung_replica_is_killed_and_fails_its_requests(tiny_chat_dir):
+    dp = start(tiny_chat_dir, replica_timeout=1.0)
+    pids = dp.replica_pids
+
+    async def body():
+        hung = await dp.add_request(faults.HANGS, GREEDY)
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"sent nothing for \d+s with 1 requests \(hung\)"):
+            await last(hung)
+        assert time.monotonic() - started < 30
+        assert dp.routing.alive.count(False) == 1 and "hung" in dp.failure
+        after = await last(dp.generate("still served", GREEDY))
+        assert after.outputs[0].finish_reason == "length"
+        await dp.shutdown(drain_timeout=0)
+    try:
+        asyncio.run(body())
+    finally:
+        dp.close()
+    assert_gone(pids)
+
+
 def test_options_are_checked_before_any_replica_starts(tiny_chat_dir):
     with pytest.raises(ConfigError, match="must be >= 1"):
         DataParallelEngine(tiny_chat_dir, data_parallel_size=0)

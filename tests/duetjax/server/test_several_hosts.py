@@ -117,6 +117,38 @@ def test_two_hosts_serve_one_engines_outputs_and_survive_the_loss_of_host_1(tiny
     assert all(gone(pid) for pid in pids)
 
 
+def test_a_hung_replica_of_host_1_is_killed_by_its_host(tiny_chat_dir):
+    port = free_port()
+    host1 = Host(tiny_chat_dir, port, 1, KEY)
+    server = ServerProcess("--model", str(tiny_chat_dir), *TINY_SERVER_ARGS,
+                           *cluster_args(port, 0), "--replica-timeout-s", "2", env=KEY)
+    try:
+        assert "host 1 connected" in server.output
+        client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+        [hung] = replica_pids("".join(host1.lines))
+        os.kill(hung, signal.SIGSTOP)  # (as a step that never returns)
+
+        def complete(prompt: str) -> str:
+            return client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=8,
+                                             temperature=0).choices[0].text
+        with ThreadPoolExecutor(2) as pool:  # (the router balances two at once)
+            errors = [f.exception(timeout=120) for f in
+                      [pool.submit(complete, f"Story {i}:") for i in range(2)]]
+        assert [e is None for e in errors].count(True) == 1, errors  # host 0's finished
+        lost = next(e for e in errors if e is not None)
+        assert isinstance(lost, openai.APIStatusError) and lost.status_code >= 500
+        assert "(hung): killed" in server.output
+        deadline = time.monotonic() + 30  # (host 1 killed it, then had nothing left to relay)
+        while not (gone(hung) and host1.process.poll() is not None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gone(hung) and host1.process.returncode == 0, host1.output()[-3000:]
+        assert server.metric("duetjax_replica_up") == 1
+        assert complete("Still there?") == complete("Still there?")  # host 0 serves on
+    finally:
+        host1.process.kill()
+        assert server.terminate() == 0, server.output[-3000:]
+
+
 def test_sigterm_on_host_0_stops_every_host_and_a_wrong_key_is_refused(tiny_chat_dir):
     port = free_port()
     host1 = Host(tiny_chat_dir, port, 1, KEY)
