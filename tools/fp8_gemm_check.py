@@ -114,6 +114,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--fp8-activation", default="dynamic", choices=("dynamic", "none"))
     p.add_argument("--gemm-backend", default="cublas")
+    p.add_argument("--layer-weights", default="stacked", choices=("stacked", "per-layer"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out-dir", default=None, help="also write the step's HLO here")
     args = p.parse_args()
@@ -124,7 +125,7 @@ def main() -> None:
                     quantization="fp8", fp8_activation=args.fp8_activation,
                     max_num_seqs=max(args.batch, 1), max_num_batched_tokens=max(args.batch, 16),
                     max_model_len=2048, gemm_backend=args.gemm_backend,
-                    compile_on_start=False, show_progress=False)
+                    layer_weights=args.layer_weights, compile_on_start=False, show_progress=False)
     census = decode_census(engine, args.batch, args.out_dir, f"fp8-{args.fp8_activation}")
     print(json.dumps(census))
 
