@@ -197,10 +197,7 @@ class DataParallelEngine(ServingEngine):
             self._check_admission()
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            route = self._router.route(ids)
-            if self._router.num_requests[route.replica] == 1:  # (its silence counts from now)
-                self._last_heard[route.replica] = time.monotonic()
-            tracked = _Tracked(stream, route, OutputState(request_id, text, ids), params)
+            tracked = _Tracked(stream, self._route(ids), OutputState(request_id, text, ids), params)
             self._requests[request_id] = tracked
             self._send_add(request_id, tracked)  # (under the lock: an abort of it comes after)
         try:
@@ -229,6 +226,12 @@ class DataParallelEngine(ServingEngine):
                 f"{len(self._requests)} requests are in flight, the most this server queues "
                 f"(max_num_seqs {self.engine_config.max_num_seqs} x {sum(self._router.alive)} "
                 f"replicas + max_queued_requests {self.max_queued_requests}); retry later")
+
+    def _route(self, token_ids: list[int]) -> Route:
+        route = self._router.route(token_ids)
+        if self._router.num_requests[route.replica] == 1:  # (its silence counts from now)
+            self._last_heard[route.replica] = time.monotonic()
+        return route
 
     def _send_add(self, request_id: str, tracked: _Tracked) -> None:
         output = tracked.output
@@ -343,7 +346,7 @@ class DataParallelEngine(ServingEngine):
                         or not any(self._router.alive)):
                     lost.append(tracked)
                     continue
-                tracked.route = self._router.route(tracked.output.prompt_token_ids)
+                tracked.route = self._route(tracked.output.prompt_token_ids)
                 tracked.moved = True
                 self._requests[request_id] = tracked
                 self._send_add(request_id, tracked)
