@@ -61,7 +61,8 @@ class EngineConfig:
     """Largest k of a k-step decode (a power of two; executables exist for every power of two
     up to it, in duet mode's decode workers)."""
     scan_unroll: int | None = None
-    """Decoder layers per iteration of the compiled layer loop. None: all of them on GPU (a
+    """Decoder layers per iteration of the compiled layer loop over stacked layer weights
+    (``layer_weights``; per-layer weights always unroll it). None: all of them on GPU (a
     rolled loop slices each layer's weights out of the stacked arrays with a copy, which
     doubled the decode step of Llama-3-8B on an H200), one on CPU (smallest executables)."""
     layer_weights: str = "stacked"
