@@ -5,11 +5,18 @@ Two layouts are read, from a Hugging Face ``config.json``'s ``quantization_confi
 - compressed-tensors ``float-quantized`` (llm-compressor's FP8 checkpoints,
   ``quant_method: "compressed-tensors"``): ``X.weight`` in ``float8_e4m3fn`` with
   ``X.weight_scale`` per tensor (``[]`` or ``[1]``) or per output channel (``[out, 1]``), or per
-  128 x 128 block (strategy ``block``); activations dynamic (per token) or none.
+  128 x 128 block (strategy ``block``); activations dynamic (per token), static (one
+  ``X.input_scale`` per tensor) or none.
 - block-wise ``fp8`` (Qwen3-FP8, DeepSeek-V3; ``quant_method: "fp8"``): ``X.weight`` in
   ``float8_e4m3fn`` and ``X.weight_scale_inv`` of shape ``[ceil(out/128), ceil(in/128)]``, one
   multiplier per 128 x 128 block (despite its name, weight = value * scale_inv);
-  ``activation_scheme: "dynamic"``.
+  ``activation_scheme`` ``"dynamic"`` or ``"static"``.
+
+Activations are quantized per token at run time whatever the checkpoint says: a static
+``input_scale`` (one per tensor, calibrated offline) is read past. A per-token scale is at
+least as fine, so nothing is lost against the static one (it costs one max per row), and the
+fused q/k/v and gate/up GEMMs, whose members were calibrated with scales of their own, need no
+common scale.
 
 ``Fp8CheckpointSource`` presents either as duetjax's runtime layout (``models.quantization``:
 e4m3 values and one float32 scale per output channel) under the same HF names, so
@@ -30,7 +37,7 @@ accepted: its per-layer ``self_attn.k_scale`` / ``self_attn.v_scale`` (or the ol
 (``kv_cache_dtype='fp8'``) and are not weights of the model.
 
 Anything else (other bit widths or types, integer formats, other block sizes, static
-activation scales, per-head or dynamic KV-cache scales, layers left unquantized besides the LM
+activation scales finer than per tensor, per-head or dynamic KV-cache scales, layers left unquantized besides the LM
 head) is a ``CheckpointError`` naming the config field and value.
 """
 from __future__ import annotations
@@ -63,6 +70,8 @@ class Fp8CheckpointFormat:
     """``quantization_config.quant_method``: 'compressed-tensors' or 'fp8'."""
     strategy: str
     """Weight scale granularity: 'tensor', 'channel' or 'block'."""
+    static_activations: bool = False
+    """The checkpoint holds static activation scales (``input_scale``), which are not used."""
 
 
 def _field(path: str, value: Any, problem: str) -> CheckpointError:
@@ -114,12 +123,14 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
             if activations.get(key) != wanted:
                 raise _field(f"{at}.input_activations.{key}", activations.get(key),
                              f"only {wanted!r} is supported")
-        if not activations.get("dynamic"):
-            raise _field(f"{at}.input_activations.dynamic", activations.get("dynamic"),
-                         "static activation scales (input_scale) are not supported; duetjax "
-                         "quantizes activations per token at run time")
+        static = not activations.get("dynamic")
+        if static and activations.get("strategy") != "tensor":
+            raise _field(f"{at}.input_activations.strategy", activations.get("strategy"),
+                         "static activation scales are supported per tensor only")
+    else:
+        static = False
     _check_unquantized_modules(".ignore", qc.get("ignore"))
-    return Fp8CheckpointFormat("compressed-tensors", strategy)
+    return Fp8CheckpointFormat("compressed-tensors", strategy, static)
 
 
 def _check_kv_cache_scheme(scheme: Mapping[str, Any]) -> None:
@@ -168,9 +179,8 @@ def read_kv_scales(source: Any, num_layers: int) -> tuple[tuple[float, float], .
 
 def _block_fp8(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
     scheme = qc.get("activation_scheme", "dynamic")
-    if scheme != "dynamic":
-        raise _field(".activation_scheme", scheme, "only 'dynamic' is supported (static "
-                     "activation scales are not)")
+    if scheme not in ("dynamic", "static"):
+        raise _field(".activation_scheme", scheme, "supported: 'dynamic' and 'static'")
     fmt = qc.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise _field(".fmt", fmt, "only 'e4m3' is supported")
@@ -179,7 +189,7 @@ def _block_fp8(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
         raise _field(".weight_block_size", block, f"only [{BLOCK}, {BLOCK}] is supported")
     for key in ("modules_to_not_convert", "ignored_layers"):
         _check_unquantized_modules(f".{key}", qc.get(key))
-    return Fp8CheckpointFormat("fp8", "block")
+    return Fp8CheckpointFormat("fp8", "block", scheme == "static")
 
 
 def fp8_checkpoint_format(hf_config: Mapping[str, Any]) -> Fp8CheckpointFormat | None:

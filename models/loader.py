@@ -162,6 +162,9 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
         fp8_format = fp8_checkpoint_format(hf_config)
         if fp8_format is not None:
             quant = fp8  # an FP8 checkpoint runs in FP8, as it was published
+            if fp8_format.static_activations:
+                log.info("%s: its static activation scales are not used; activations are "
+                         "quantized per token at run time", path)
         if load_format == "dummy":
             params = random_params(config, dtype, quantization=quant, mesh=mesh)
         else:

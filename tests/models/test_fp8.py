@@ -197,6 +197,22 @@ def test_w8a8_close_to_the_dequantized_model(layout, fp8_checkpoints):
     assert 0 < relative_error(got, expected) < 5e-2
 
 
+def test_static_activation_scales_are_read_past(hf_llama, fp8_checkpoints, tmp_path):
+    """A checkpoint calibrated with one static input_scale per tensor loads and runs as the
+    same weights with per-token scales do (its input_scale tensors are not weights)."""
+    static = _with(_with(_compressed("channel"),
+                         "config_groups.group_0.input_activations.dynamic", False),
+                   "config_groups.group_0.input_activations.strategy", "tensor")
+    dequantized = write_fp8_checkpoint(hf_llama, tmp_path, "channel", static)
+    save_file({name[: -len("weight")] + "input_scale": np.asarray([0.05], np.float32)
+               for name in dequantized if LINEAR.fullmatch(name)},
+              str(tmp_path / "input_scales.safetensors"))  # (a second file of the same model)
+    got = compute_logits(load_model(tmp_path, dtype="float32"), PROMPTS)
+    want = compute_logits(load_model(fp8_checkpoints["channel"][0], dtype="float32"), PROMPTS)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_fp8_linear_w8a8_matches_a_numpy_reference():
     """Per-token e4m3 activations times per-channel e4m3 weights, scales after the product."""
     rng = np.random.default_rng(0)
@@ -280,8 +296,9 @@ def _with(base: dict, path: str, value) -> dict:
     (_with(COMPRESSED_TENSORS, "config_groups.group_0.weights.num_bits", 4), "weights.num_bits"),
     (_with(COMPRESSED_TENSORS, "config_groups.group_0.weights.type", "int"), "weights.type"),
     (_with(COMPRESSED_TENSORS, "config_groups.group_0.weights.strategy", "group"), "weights.strategy"),
-    (_with(COMPRESSED_TENSORS, "config_groups.group_0.input_activations.dynamic", False),
-     "input_activations.dynamic"),
+    (_with(_with(COMPRESSED_TENSORS, "config_groups.group_0.input_activations.dynamic", False),
+           "config_groups.group_0.input_activations.strategy", "channel"),
+     "input_activations.strategy"),
     (_with(COMPRESSED_TENSORS, "kv_cache_scheme", {"num_bits": 8, "type": "float",
                                                    "strategy": "attn_head"}),
      "kv_cache_scheme.strategy"),
@@ -289,7 +306,7 @@ def _with(base: dict, path: str, value) -> dict:
      "kv_cache_scheme.type"),
     (_with(COMPRESSED_TENSORS, "ignore", ["lm_head", "model.layers.0.mlp.down_proj"]), "ignore"),
     (_with(BLOCK_FP8, "weight_block_size", [64, 64]), "weight_block_size"),
-    (_with(BLOCK_FP8, "activation_scheme", "static"), "activation_scheme"),
+    (_with(BLOCK_FP8, "activation_scheme", "per-group"), "activation_scheme"),
 ])
 def test_unsupported_quantization_names_the_field(quantization_config, field, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_config_with(quantization_config)))
