@@ -137,8 +137,14 @@ class EngineConfig:
     when it has them, else 1.0, as in vLLM. 1.0 is safe enough for bf16 models: e4m3 keeps
     the same 3-bit relative precision anywhere in [2^-6, 448], which covers typical key and
     value activations (a unit scale only clamps outliers beyond 448 and coarsens values below
-    2^-6, which weigh little in dot products); a scale calibrated at start-up from random
-    tokens would tune it to activations that real prompts do not produce."""
+    2^-6, which weigh little in dot products). ``calculate_kv_scales`` computes them instead
+    for a checkpoint without any."""
+    calculate_kv_scales: bool = False
+    """With an FP8 KV cache and a checkpoint that has no KV scales: compute each layer's K and
+    V scale at start-up from the model's keys and values over a built-in text of prose, code,
+    a table and a dialogue (``models.kv_calibration``: powers of two that map its largest
+    magnitudes to at most a quarter of e4m3's range). Checkpoint scales are kept where present.
+    Aggregated mode only (duet mode holds the weights on the host while loading)."""
     tensor_parallel_size: int = 1
     """GPUs of this host the model is split over, Megatron-style (``models.tensor_parallel``:
     heads, MLP features and vocabulary split, the KV pool by KV heads; one all-reduce after
@@ -192,6 +198,9 @@ class EngineConfig:
         if self.fp8_activation not in ("dynamic", "none"):
             raise ConfigError("fp8_activation",
                               f"must be 'dynamic' or 'none', got {self.fp8_activation!r}")
+        if self.calculate_kv_scales and self.mode == "duet":
+            raise ConfigError("calculate_kv_scales", "runs in aggregated mode only: duet mode "
+                              "loads the weights on the host")
         if self.layer_weights not in ("stacked", "per-layer"):
             raise ConfigError("layer_weights",
                               f"must be 'stacked' or 'per-layer', got {self.layer_weights!r}")

@@ -51,6 +51,10 @@ class Attention(nn.Module):
             inv_freq = jnp.where(local_rope, local, inv_freq)
         q = apply_rope(q, meta.positions, inv_freq)
         k = apply_rope(k, meta.positions, inv_freq)
+        # What the pool stores, for FP8 KV scales computed from the model (``kv_calibration``);
+        # only kept where "intermediates" is mutable, else dropped.
+        self.sow("intermediates", "kv_amax",
+                 jnp.stack([jnp.max(jnp.abs(k)), jnp.max(jnp.abs(v))]).astype(jnp.float32))
         out, kv_pool = attend(q, k, v, kv_pool, layer, meta, scale=cfg.attn_scale,
                               soft_cap=cfg.attn_logit_softcap, sliding_window=window,
                               kv_scale=kv_scale, impl=self.impl, mesh=self.mesh)
@@ -123,7 +127,7 @@ class Decoder(nn.Module):
             self.layers = [DecoderLayer(cfg, self.impl, self.dtype, self.quantization, self.mesh)
                            for _ in range(cfg.num_layers)]
         else:
-            layers = nn.scan(DecoderLayer, variable_axes={"params": 0},
+            layers = nn.scan(DecoderLayer, variable_axes={"params": 0, "intermediates": 0},
                              split_rngs={"params": True}, in_axes=(0, nn.broadcast),
                              length=cfg.num_layers, unroll=self.scan_unroll)
             self.layers = layers(cfg, self.impl, self.dtype, self.quantization, self.mesh)

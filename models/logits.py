@@ -31,10 +31,25 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
                    impl: str = "auto", kv_cache_dtype: str = "auto") -> list[np.ndarray]:
     """float32 logits ``[len(prompt), vocab]`` for every position of every prompt;
     ``kv_cache_dtype`` as ``EngineConfig``'s ('fp8': attention reads an e4m3 pool)."""
-    cfg = held_config(loaded.config, group_size(loaded.mesh))
     if kv_cache_dtype not in ("auto", "fp8"):
         raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
     fp8_kv = kv_cache_dtype == "fp8"
+    cfg, tokens, pool, meta = prefill_inputs(loaded, prompts, page_size,
+                                             FP8_KV_DTYPE if fp8_kv else loaded.dtype)
+    forward = _forward(cfg, loaded.dtype, impl, loaded.quantization,
+                       loaded.kv_scales if fp8_kv else None, loaded.mesh)
+    lengths = [len(p) for p in prompts]
+    logits, _ = forward(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
+    logits = np.asarray(logits)
+    bounds = np.cumsum(lengths)[:-1]
+    return list(np.split(logits, bounds))
+
+
+def prefill_inputs(loaded: LoadedModel, prompts: Sequence[Sequence[int]], page_size: int,
+                   pool_dtype: Any) -> tuple[Any, jax.Array, jax.Array, AttentionMetadata]:
+    """(the config the devices hold, the prompts' tokens in one ragged step, an empty KV pool
+    of ``pool_dtype`` just large enough, the step's metadata)."""
+    cfg = held_config(loaded.config, group_size(loaded.mesh))
     lengths = [len(p) for p in prompts]
     if min(lengths, default=0) < 1:
         raise ValueError("every prompt needs at least one token")
@@ -47,8 +62,7 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         slots.extend(first_page * page_size + i for i in range(n))
         first_page += p
     pool = jnp.zeros(pallas_kernels.kv_pool_shape(cfg.num_layers, first_page, cfg.num_kv_heads,
-                                                  page_size, cfg.head_dim),
-                     FP8_KV_DTYPE if fp8_kv else loaded.dtype)
+                                                  page_size, cfg.head_dim), pool_dtype)
     if loaded.mesh is not None:
         pool = jax.device_put(pool, jax.sharding.NamedSharding(loaded.mesh, kv_pool_spec()))
     meta = AttentionMetadata(
@@ -58,9 +72,4 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
         context_lens=jnp.asarray(lengths, jnp.int32),
         query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32))
     tokens = jnp.asarray(np.concatenate([np.asarray(p) for p in prompts]), jnp.int32)
-    forward = _forward(cfg, loaded.dtype, impl, loaded.quantization,
-                       loaded.kv_scales if fp8_kv else None, loaded.mesh)
-    logits, _ = forward(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
-    logits = np.asarray(logits)
-    bounds = np.cumsum(lengths)[:-1]
-    return list(np.split(logits, bounds))
+    return cfg, tokens, pool, meta

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from models import LoadedModel, ModelConfig, load_model
+from models.kv_calibration import calculate_kv_scales
 from models.tensor_parallel import TensorParallelError, make_mesh
 
 from ..compilation_cache import enable_compilation_cache
@@ -98,14 +99,24 @@ def load(model: Any, dtype: Any, load_format: str, config: EngineConfig,
     """The checkpoint, its weights loaded where ``setup.mode`` wants them
     (``weights_loading_device``), split over the tensor-parallel group (its mesh made here,
     once) and quantized as ``config`` asks."""
+    calculate = config.calculate_kv_scales and config.kv_cache_dtype == "fp8"
+    if calculate and setup.mode == "duet":  # (mode 'auto' may have chosen it)
+        raise ConfigError("calculate_kv_scales", "runs in aggregated mode only: duet mode "
+                          "loads the weights on the host")
     mesh = make_mesh(config.tensor_parallel_size)
     try:
         with weights_loading_device(setup.mode):
-            return load_model(model, dtype=dtype, load_format=load_format,
-                              quantization=config.quantization,
-                              fp8_activation=config.fp8_activation, mesh=mesh)
+            loaded = load_model(model, dtype=dtype, load_format=load_format,
+                                quantization=config.quantization,
+                                fp8_activation=config.fp8_activation, mesh=mesh)
     except TensorParallelError as err:
         raise ConfigError("tensor_parallel_size", err.problem) from err
+    if calculate and loaded.kv_scales is None:
+        loaded = dataclasses.replace(loaded, kv_scales=calculate_kv_scales(loaded))
+        log.info("FP8 KV scales computed over the calibration text: K %s, V %s",
+                 [round(k, 4) for k, _ in loaded.kv_scales],
+                 [round(v, 4) for _, v in loaded.kv_scales])
+    return loaded
 
 
 def assemble(model: LoadedModel, config: EngineConfig, setup: ProcessSetup,
