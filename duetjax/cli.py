@@ -5,6 +5,7 @@ name flags."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from models.default_model import EMBEDDED_SAMPLING
 
@@ -41,12 +42,16 @@ def add_quantization_flags(parser: argparse.ArgumentParser | argparse._ArgumentG
                         help="auto (default) the model's dtype; fp8 an e4m3 KV cache (twice the "
                              "tokens per byte, half the KV reads per decode step) with the "
                              "checkpoint's k_scale/v_scale, else scales of 1.0")
+    parser.add_argument("--calculate-kv-scales", action="store_true", default=None,
+                        help="with --kv-cache-dtype fp8 and a checkpoint without KV scales: "
+                             "compute them at start-up from the model's keys and values over a "
+                             "built-in text")
 
 
-def quantization_options(args: argparse.Namespace) -> dict[str, str]:
+def quantization_options(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineConfig fields ``add_quantization_flags``' flags set (those given)."""
     return {name: getattr(args, name) for name in ("quantization", "fp8_activation",
-                                                   "kv_cache_dtype")
+                                                   "kv_cache_dtype", "calculate_kv_scales")
             if getattr(args, name) is not None}
 
 
