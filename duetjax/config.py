@@ -5,6 +5,7 @@ import dataclasses
 
 
 KV_CACHE_DTYPES = ("auto", "fp8")
+KV_SCALES_NOT_IN_DUET = "runs in aggregated mode only: duet mode loads the weights on the host"
 """Values of ``EngineConfig.kv_cache_dtype`` (vLLM's names)."""
 
 DEFAULT_DUET_TBT_SLO_MS = 50.0
@@ -198,9 +199,8 @@ class EngineConfig:
         if self.fp8_activation not in ("dynamic", "none"):
             raise ConfigError("fp8_activation",
                               f"must be 'dynamic' or 'none', got {self.fp8_activation!r}")
-        if self.calculate_kv_scales and self.mode == "duet":
-            raise ConfigError("calculate_kv_scales", "runs in aggregated mode only: duet mode "
-                              "loads the weights on the host")
+        if self.calculate_kv_scales and self.mode == "duet":  # ('auto': checked once resolved)
+            raise ConfigError("calculate_kv_scales", KV_SCALES_NOT_IN_DUET)
         if self.layer_weights not in ("stacked", "per-layer"):
             raise ConfigError("layer_weights",
                               f"must be 'stacked' or 'per-layer', got {self.layer_weights!r}")

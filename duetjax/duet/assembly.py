@@ -20,7 +20,7 @@ from models.kv_calibration import calculate_kv_scales
 from models.tensor_parallel import TensorParallelError, make_mesh
 
 from ..compilation_cache import enable_compilation_cache
-from ..config import ConfigError, EngineConfig
+from ..config import KV_SCALES_NOT_IN_DUET, ConfigError, EngineConfig
 from ..core.admission import Admission
 from ..core.block_manager import BlockManager
 from ..core.executor import LocalExecutor
@@ -101,8 +101,7 @@ def load(model: Any, dtype: Any, load_format: str, config: EngineConfig,
     once) and quantized as ``config`` asks."""
     calculate = config.calculate_kv_scales and config.kv_cache_dtype == "fp8"
     if calculate and setup.mode == "duet":  # (mode 'auto' may have chosen it)
-        raise ConfigError("calculate_kv_scales", "runs in aggregated mode only: duet mode "
-                          "loads the weights on the host")
+        raise ConfigError("calculate_kv_scales", KV_SCALES_NOT_IN_DUET)
     mesh = make_mesh(config.tensor_parallel_size)
     try:
         with weights_loading_device(setup.mode):

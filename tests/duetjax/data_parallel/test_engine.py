@@ -68,6 +68,17 @@ async def last(stream):
     return output
 
 
+def run_then_close(dp: DataParallelEngine, body) -> None:
+    """Runs ``body()`` on a fresh event loop, then stops ``dp`` and checks that no replica
+    process is left (a test with an engine of its own)."""
+    pids = dp.replica_pids
+    try:
+        asyncio.run(body())
+    finally:
+        dp.close()
+    assert_gone(pids)
+
+
 def texts(outputs) -> list[str]:
     return [o.outputs[0].text for o in outputs]
 
@@ -216,16 +227,11 @@ def test_a_dead_replica_fails_only_its_requests(tiny_chat_dir):
             await dp.add_request("nobody left", GREEDY)
         assert "replica 1" in dp.failure and "fell off the bus" in dp.failure
         await dp.shutdown(drain_timeout=0)
-    try:
-        asyncio.run(body())
-    finally:
-        dp.close()
-    assert_gone(pids)
+    run_then_close(dp, body)
 
 
 def test_a_hung_replica_is_killed_and_fails_its_requests(tiny_chat_dir):
     dp = start(tiny_chat_dir, replica_timeout=1.0)
-    pids = dp.replica_pids
 
     async def body():
         hung = await dp.add_request(faults.HANGS, GREEDY)
@@ -237,11 +243,7 @@ def test_a_hung_replica_is_killed_and_fails_its_requests(tiny_chat_dir):
         after = await last(dp.generate("still served", GREEDY))
         assert after.outputs[0].finish_reason == "length"
         await dp.shutdown(drain_timeout=0)
-    try:
-        asyncio.run(body())
-    finally:
-        dp.close()
-    assert_gone(pids)
+    run_then_close(dp, body)
 
 
 def test_options_are_checked_before_any_replica_starts(tiny_chat_dir):
