@@ -9,7 +9,7 @@ from typing import Any
 
 from models.default_model import EMBEDDED_SAMPLING
 
-from .config import KV_CACHE_DTYPES, ConfigError
+from .config import KV_CACHE_DTYPES, LAYER_WEIGHTS, ConfigError
 
 GENERATION_CONFIG_HELP = (
     "where the default sampling (temperature, top_p, top_k, min_p, repetition_penalty, "
@@ -46,12 +46,17 @@ def add_quantization_flags(parser: argparse.ArgumentParser | argparse._ArgumentG
                         help="with --kv-cache-dtype fp8 and a checkpoint without KV scales: "
                              "compute them at start-up from the model's keys and values over a "
                              "built-in text")
+    parser.add_argument("--layer-weights", choices=LAYER_WEIGHTS, default=None,
+                        help="auto (default): per-layer for FP8 weights on one GPU, else stacked; "
+                             "per-layer holds each decoder layer's weights in arrays of its own "
+                             "(no slice copied out of a stack before an FP8 GEMM)")
 
 
 def quantization_options(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineConfig fields ``add_quantization_flags``' flags set (those given)."""
     return {name: getattr(args, name) for name in ("quantization", "fp8_activation",
-                                                   "kv_cache_dtype", "calculate_kv_scales")
+                                                   "kv_cache_dtype", "calculate_kv_scales",
+                                                   "layer_weights")
             if getattr(args, name) is not None}
 
 

@@ -5,6 +5,7 @@ import dataclasses
 
 
 KV_CACHE_DTYPES = ("auto", "fp8")
+LAYER_WEIGHTS = ("auto", "stacked", "per-layer")
 KV_SCALES_NOT_IN_DUET = "runs in aggregated mode only: duet mode loads the weights on the host"
 """Values of ``EngineConfig.kv_cache_dtype`` (vLLM's names)."""
 
@@ -66,12 +67,14 @@ class EngineConfig:
     (``layer_weights``; per-layer weights always unroll it). None: all of them on GPU (a
     rolled loop slices each layer's weights out of the stacked arrays with a copy, which
     doubled the decode step of Llama-3-8B on an H200), one on CPU (smallest executables)."""
-    layer_weights: str = "stacked"
+    layer_weights: str = "auto"
     """How the decoder layers' weights are held: 'stacked' (one array per weight for all the
     layers, indexed in the layer loop) or 'per-layer' (arrays of its own for every layer, the
     loop unrolled: no layer's slice of a stack for XLA:GPU to copy out before a GEMM that cannot
     read it in place, as cuBLASLt's FP8 GEMM). The engine takes the loaded stacked weights apart
-    at start-up (one stacked array's extra memory at a time). One GPU only."""
+    at start-up (one stacked array's extra memory at a time). One GPU only. 'auto': per-layer
+    for FP8 weights on one GPU (the W8A8 decode step of Llama-3-8B on an H100 went from 8.6 to
+    4.2 ms at batch 1), else stacked (bf16 gains nothing from it)."""
     attention_impl: str = "auto"
     """'auto' (Pallas on GPU, reference on CPU), 'pallas', 'interpret' or 'reference'."""
     gemm_backend: str = "cublas"
@@ -201,9 +204,9 @@ class EngineConfig:
                               f"must be 'dynamic' or 'none', got {self.fp8_activation!r}")
         if self.calculate_kv_scales and self.mode == "duet":  # ('auto': checked once resolved)
             raise ConfigError("calculate_kv_scales", KV_SCALES_NOT_IN_DUET)
-        if self.layer_weights not in ("stacked", "per-layer"):
-            raise ConfigError("layer_weights",
-                              f"must be 'stacked' or 'per-layer', got {self.layer_weights!r}")
+        if self.layer_weights not in LAYER_WEIGHTS:
+            raise ConfigError("layer_weights", f"must be one of {', '.join(LAYER_WEIGHTS)}, "
+                              f"got {self.layer_weights!r}")
         if self.layer_weights == "per-layer" and self.tensor_parallel_size > 1:
             raise ConfigError("layer_weights", "'per-layer' runs on one GPU only: use 'stacked' "
                               "with tensor_parallel_size > 1")

@@ -176,6 +176,11 @@ class Decoder(nn.Module):
         return logits
 
 
+def holds_per_layer_weights(params: dict) -> bool:
+    """Whether ``params`` is a ``per_layer_weights`` Decoder's tree (``unstack_layers``)."""
+    return "layers_0" in params
+
+
 def unstack_layers(params: dict, num_layers: int, delete: bool = False) -> dict:
     """The tree of a ``per_layer_weights`` Decoder from a stacked one: ``params["layers"]``
     becomes ``layers_0`` ... ``layers_{num_layers - 1}``, each leaf its layer's slice (a new

@@ -13,17 +13,17 @@ import pallas_kernels
 from pallas_kernels.kv_layout import FP8_KV_DTYPE
 
 from .attention import AttentionMetadata
-from .decoder import Decoder
+from .decoder import Decoder, holds_per_layer_weights
 from .loader import LoadedModel
 from .tensor_parallel import group_size, held_config, kv_pool_spec
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(config, dtype: Any, impl: str, quantization, kv_scales, mesh):
-    """One jitted forward per (config, dtype, impl, quantization, KV scales, mesh): repeated
-    calls reuse its compilations."""
+def _forward(config, dtype: Any, impl: str, quantization, kv_scales, mesh, per_layer: bool):
+    """One jitted forward per (config, dtype, impl, quantization, KV scales, mesh, weight
+    layout): repeated calls reuse its compilations."""
     model = Decoder(config, impl=impl, dtype=dtype, quantization=quantization, kv_scales=kv_scales,
-                    mesh=mesh)
+                    mesh=mesh, per_layer_weights=per_layer)
     return jax.jit(lambda params, t, kv, m, idx: model.apply({"params": params}, t, kv, m, idx))
 
 
@@ -37,7 +37,8 @@ def compute_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], *, pag
     cfg, tokens, pool, meta = prefill_inputs(loaded, prompts, page_size,
                                              FP8_KV_DTYPE if fp8_kv else loaded.dtype)
     forward = _forward(cfg, loaded.dtype, impl, loaded.quantization,
-                       loaded.kv_scales if fp8_kv else None, loaded.mesh)
+                       loaded.kv_scales if fp8_kv else None, loaded.mesh,
+                       holds_per_layer_weights(loaded.params))
     lengths = [len(p) for p in prompts]
     logits, _ = forward(loaded.params, tokens, pool, meta, jnp.arange(sum(lengths), dtype=jnp.int32))
     logits = np.asarray(logits)

@@ -47,7 +47,9 @@ from .persistent_grid import balanced_splits, sm_share
 from .prefill_attention_mgpu import (SHARED_BYTES, _cdiv, _div, _smem_transforms,
                                      accumulate_pv, check_call)
 
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (64, 128)
+"""Head dims it runs. d256 (Gemma 2/3) faults with a misaligned address on an H100 and takes
+the Triton kernel."""
 DTYPES = (jnp.bfloat16, jnp.float16)
 ROWS = 64  # wgmma's M: the query tile
 STATS = 8  # columns of a row-statistics tile (the narrowest WGMMA-layout tile)
@@ -286,9 +288,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
             @pl.when(wg == 0)
             def _merge_and_store():
                 plgpu.barrier_wait(exch_ready)
-                # (Mosaic GPU has no bank-conflict-free transfer of untiled d256 rows.)
-                other_acc = plgpu.load(exch_smem, layout=plgpu.Layout.WGMMA,
-                                       optimized=head_dim <= 128)
+                other_acc = plgpu.load(exch_smem, layout=plgpu.Layout.WGMMA)
                 other_max = plgpu.load(stats_smem.at[0], layout=plgpu.Layout.WGMMA).max(axis=1)
                 other_sum = plgpu.load(stats_smem.at[1], layout=plgpu.Layout.WGMMA).max(axis=1)
                 top = jnp.maximum(row_max, other_max)

@@ -5,9 +5,10 @@ interpret mode, for CPU tests), "xla" (page loop in plain XLA ops: the CPU path)
 "reference" (the oracle: simple, but its cost grows with the block table's width).
 
 Kernels on the GPU: ``DUETJAX_PREFILL_KERNEL`` and ``DUETJAX_DECODE_KERNEL`` pick each once per
-process. "triton" (the default) is the Triton-lowered kernel; "mgpu" is the Mosaic GPU kernel
-on Hopper (compute capability 9.x) for the shapes it supports, Triton for the rest and on
-other GPUs (FP8 pools among them).
+process. "triton" is the Triton-lowered kernel; "mgpu" is the Mosaic GPU kernel on Hopper
+(compute capability 9.x) for the shapes it supports, Triton for the rest and on other GPUs
+(FP8 pools among them). Defaults: "mgpu" for prefill (1.7x Triton's rate on an H100: 459
+against 273 TFLOP/s over 8k causal tokens), "triton" for decode.
 
 ``kv_scale``: float32 ``[2]``, one layer's K and V scales of an FP8 pool (``kv_layout``);
 None: 1.0. Checked here, once, for every path.
@@ -34,12 +35,14 @@ KERNELS = ("triton", "mgpu")
 PREFILL_KERNELS = KERNELS
 
 
-def _kernel_choice(variable: str, setting: str | None, compute_capability: str | None) -> str:
-    """"triton" or "mgpu" from the environment ``variable`` (or ``setting``) and the GPU.
+def _kernel_choice(variable: str, setting: str | None, compute_capability: str | None,
+                   default: str) -> str:
+    """"triton" or "mgpu" from ``setting``, else the environment ``variable``, else
+    ``default``, and the GPU.
 
     Mosaic GPU's kernels need Hopper's TMA and wgmma: elsewhere "mgpu" falls back to Triton.
     """
-    setting = setting or os.environ.get(variable) or "triton"
+    setting = setting or os.environ.get(variable) or default
     if setting not in KERNELS:
         raise ValueError(f"{variable}={setting!r}; choose one of {KERNELS}")
     if compute_capability is None:
@@ -48,11 +51,11 @@ def _kernel_choice(variable: str, setting: str | None, compute_capability: str |
 
 
 def prefill_kernel_choice(setting: str | None = None, compute_capability: str | None = None) -> str:
-    return _kernel_choice("DUETJAX_PREFILL_KERNEL", setting, compute_capability)
+    return _kernel_choice("DUETJAX_PREFILL_KERNEL", setting, compute_capability, "mgpu")
 
 
 def decode_kernel_choice(setting: str | None = None, compute_capability: str | None = None) -> str:
-    return _kernel_choice("DUETJAX_DECODE_KERNEL", setting, compute_capability)
+    return _kernel_choice("DUETJAX_DECODE_KERNEL", setting, compute_capability, "triton")
 
 
 @functools.cache

@@ -21,9 +21,9 @@ and matmul rates; the all-reduces count as overhead.
     python tools/bench_engine.py --model llama-3-8b --sections decode,prefill --batches 1,64 \
         --tensor-parallel-size 1,2 --out tp.json --table tp.md
 
-Layer weights (``--layer-weights``, a comma list): ``stacked`` and/or ``per-layer``
-(``EngineConfig.layer_weights``); every other variant runs with each (label suffix
-``+per-layer``).
+Layer weights (``--layer-weights``, a comma list): ``auto`` (the default: per-layer for FP8
+weights), ``stacked`` and/or ``per-layer`` (``EngineConfig.layer_weights``); every other
+variant runs with each (label suffix ``+stacked``, ``+per-layer``; none for auto).
 
 Weights (``--quantization``, a comma list): ``none`` (bf16) and/or ``fp8`` (the linear layers
 quantized to FP8 on load, one variant per ``--fp8-activation``: ``dynamic`` W8A8, ``none``
@@ -427,9 +427,10 @@ def main() -> None:
                    help="fp8 variants, comma-separated: dynamic (W8A8), none (weight-only)")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache variants, comma-separated: auto (the model's dtype), fp8")
-    p.add_argument("--layer-weights", default="stacked",
+    p.add_argument("--layer-weights", default="auto",
                    help="layer weight variants, comma-separated (EngineConfig.layer_weights): "
-                        "stacked, per-layer (label suffix +per-layer)")
+                        "auto (per-layer for FP8 weights), stacked (label suffix +stacked), "
+                        "per-layer (+per-layer)")
     p.add_argument("--tensor-parallel-size", default="1",
                    help="group sizes to time, comma-separated (EngineConfig.tensor_parallel_size)")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
@@ -453,7 +454,7 @@ def main() -> None:
     report["decode_steps"] = args.decode_steps
     report["gemm_backend"] = args.gemm_backend
     variants = [(label + ("" if tp == 1 else f"-tp{tp}")
-                 + ("+per-layer" if layers == "per-layer" else ""),
+                 + ("" if layers == "auto" else f"+{layers}"),
                  quantization, activation, kv_cache_dtype, tp, layers)
                 for tp in (int(n) for n in args.tensor_parallel_size.split(","))
                 for label, quantization, activation, kv_cache_dtype in engine_variants(
@@ -471,7 +472,7 @@ def main() -> None:
 
 
 def run_variant(args, report, sections, batches, lengths, i, label, quantization, activation,
-                kv_cache_dtype, tp, layer_weights="stacked") -> None:
+                kv_cache_dtype, tp, layer_weights="auto") -> None:
     """Builds one variant's engine, runs the asked sections on it, then frees it."""
     engine = Engine(args.model, dtype="bfloat16", load_format=args.load_format,
                     tensor_parallel_size=tp, layer_weights=layer_weights,

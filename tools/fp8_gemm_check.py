@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--fp8-activation", default="dynamic", choices=("dynamic", "none"))
     p.add_argument("--gemm-backend", default="cublas")
-    p.add_argument("--layer-weights", default="stacked", choices=("stacked", "per-layer"))
+    p.add_argument("--layer-weights", default="auto", choices=("auto", "stacked", "per-layer"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out-dir", default=None, help="also write the step's HLO here")
     args = p.parse_args()

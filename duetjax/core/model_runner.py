@@ -99,6 +99,15 @@ class InFlight:
         return SampledTokens(take(self.sampled.token_ids), None, None, None)
 
 
+def uses_per_layer_weights(config: EngineConfig, model: LoadedModel) -> bool:
+    """``config.layer_weights`` resolved for this model and backend ('auto': FP8 weights on
+    one GPU, where a stacked layer's slice is copied out before every FP8 GEMM)."""
+    if config.layer_weights != "auto":
+        return config.layer_weights == "per-layer"
+    return (model.quantization is not None and config.tensor_parallel_size == 1
+            and jax.default_backend() == "gpu")
+
+
 class ModelRunner:
     """Runs steps on this process's device, and holds its device state (``DeviceState``:
     weights, KV pool, penalty counts and slot tables), which only it writes. ``shared``: the
@@ -112,7 +121,7 @@ class ModelRunner:
                  shared: bool = False, attach: SharedLayout | None = None):
         self.config = config
         cfg = held_config(model.config, group_size(model.mesh))  # what the devices hold
-        per_layer = config.layer_weights == "per-layer"
+        per_layer = uses_per_layer_weights(config, model)
         if per_layer and attach is None:  # (a worker attaches to the engine's per-layer arrays)
             model = dataclasses.replace(model, params=unstack_layers(model.params, cfg.num_layers,
                                                                      delete=True))

@@ -1,14 +1,19 @@
 """``layer_weights='per-layer'``: each decoder layer with arrays of its own, in an unrolled
 loop, gives the stacked model's tokens and log-probabilities (sliding windows and Gemma 3's
-local rope included, and with FP8 weights and an FP8 KV cache)."""
+local rope included, and with FP8 weights and an FP8 KV cache); 'auto' picks it for FP8
+weights on one GPU."""
 from __future__ import annotations
+
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from duetjax import Engine, SamplingParams
+from duetjax import Engine, EngineConfig, SamplingParams
 from duetjax.config import ConfigError
+from duetjax.core.model_runner import uses_per_layer_weights
+from models import compute_logits
 from models.decoder import unstack_layers
 from tests.models.test_hf_parity import ENGINE_LIMITS
 
@@ -38,6 +43,28 @@ def test_per_layer_weights_give_the_stacked_models_outputs(case, options, oracle
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(per_layer, stacked):
         assert tokens == want_tokens
         np.testing.assert_allclose(logprobs, want_logprobs, rtol=1e-5, atol=1e-5)
+    # the checking tool's forward reads the engine's per-layer tree too
+    prompt = [[1, 5, 9, 14, 3, 7, 11]]
+    want = compute_logits(run(oracle_cases[case], layer_weights="stacked", **options)[0].model,
+                          prompt)
+    np.testing.assert_allclose(compute_logits(engine.model, prompt)[0], want[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("setting, fp8, tp, backend, want", [
+    ("auto", True, 1, "gpu", True),
+    ("auto", False, 1, "gpu", False),  # bf16 gains nothing from it
+    ("auto", True, 2, "gpu", False),  # per-layer runs on one GPU only
+    ("auto", True, 1, "cpu", False),  # CPU keeps its rolled loop (small executables)
+    ("per-layer", False, 1, "cpu", True),
+    ("stacked", True, 1, "gpu", False),
+])
+def test_auto_layer_weights_are_per_layer_for_fp8_weights_on_one_gpu(
+        setting, fp8, tp, backend, want, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    config = EngineConfig(layer_weights=setting, tensor_parallel_size=tp)
+    model = types.SimpleNamespace(quantization=object() if fp8 else None)
+    assert uses_per_layer_weights(config, model) is want
 
 
 def test_unstack_layers_slices_every_leaf_and_frees_the_stack():
@@ -57,7 +84,7 @@ def test_unstack_layers_slices_every_leaf_and_frees_the_stack():
 
 
 def test_per_layer_weights_are_checked():
-    with pytest.raises(ConfigError, match="'stacked' or 'per-layer'"):
+    with pytest.raises(ConfigError, match="auto, stacked, per-layer"):
         Engine(model="tiny-llama", load_format="dummy", layer_weights="layered")
     with pytest.raises(ConfigError, match="one GPU only"):
         Engine(model="tiny-llama", load_format="dummy", layer_weights="per-layer",

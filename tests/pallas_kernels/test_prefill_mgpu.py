@@ -106,11 +106,13 @@ def test_unsupported_shapes_say_why():
 
 def test_prefill_kernel_choice(monkeypatch):
     monkeypatch.delenv("DUETJAX_PREFILL_KERNEL", raising=False)
-    assert ops.prefill_kernel_choice(compute_capability="9.0") == "triton"  # the default
-    monkeypatch.setenv("DUETJAX_PREFILL_KERNEL", "mgpu")
-    assert ops.prefill_kernel_choice(compute_capability="9.0") == "mgpu"
+    assert ops.prefill_kernel_choice(compute_capability="9.0") == "mgpu"  # the default on Hopper
     assert ops.prefill_kernel_choice(compute_capability="8.0") == "triton"  # no TMA/wgmma
-    assert ops.prefill_kernel_choice("triton", compute_capability="9.0") == "triton"
+    monkeypatch.setenv("DUETJAX_PREFILL_KERNEL", "triton")
+    assert ops.prefill_kernel_choice(compute_capability="9.0") == "triton"
+    assert ops.prefill_kernel_choice("mgpu", compute_capability="9.0") == "mgpu"  # over the env
+    monkeypatch.setenv("DUETJAX_PREFILL_KERNEL", "mgpu")
+    assert ops.prefill_kernel_choice(compute_capability="8.0") == "triton"
     monkeypatch.setenv("DUETJAX_PREFILL_KERNEL", "cuda")
     with pytest.raises(ValueError, match="DUETJAX_PREFILL_KERNEL"):
         ops.prefill_kernel_choice(compute_capability="9.0")
