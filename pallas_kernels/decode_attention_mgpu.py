@@ -47,12 +47,11 @@ from .persistent_grid import balanced_splits, sm_share
 from .prefill_attention_mgpu import (SHARED_BYTES, _cdiv, _div, _smem_transforms,
                                      accumulate_pv, check_call)
 
-HEAD_DIMS = (64, 128)
-"""Head dims it runs. d256 (Gemma 2/3) faults with a misaligned address on an H100 and takes
-the Triton kernel."""
+HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
 ROWS = 64  # wgmma's M: the query tile
 STATS = 8  # columns of a row-statistics tile (the narrowest WGMMA-layout tile)
+GROUP_MULTIPLE = 4  # q heads per kv head: groups it runs are multiples of it
 _INTERPRET = plgpu.InterpretGPUParams()
 
 
@@ -92,6 +91,12 @@ def unsupported_reason(q_shape, q_dtype, kv_pool_shape, kv_dtype,
     if num_q_heads % num_kv_heads or q_box_rows(num_q_heads // num_kv_heads) > ROWS:
         return (f"{num_q_heads} q heads over {num_kv_heads} kv heads: need a group whose "
                 f"8-row tiles fit {ROWS} rows")
+    if (num_q_heads // num_kv_heads) % GROUP_MULTIPLE:
+        # A split's log-sum-exp rows (32 bytes each) leave shared memory by TMA from the
+        # group's offset in its tile: only groups of 4 or 8 start 128-byte aligned there (a
+        # group of 1 faulted with a misaligned address on an H100).
+        return (f"a group of {num_q_heads // num_kv_heads} q heads per kv head: need a "
+                f"multiple of {GROUP_MULTIPLE}")
     block_kv = config.block_kv
     if block_kv % 16 or block_kv > 256:
         return f"block_kv {block_kv}: need a multiple of 16 (wgmma's K) up to 256"

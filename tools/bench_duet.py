@@ -381,6 +381,7 @@ def _stats_snapshot(engine: Any) -> dict[str, Any]:
     history = engine.split_history()
     if history is not None:
         snap["duet_lists"] = {name: len(getattr(history, name)) for name in SPLIT_RECORDS}
+        snap["duet_decisions"] = dict(history.decisions)
     pauses.longest_seconds = 0.0  # (the longest pause from here on: ``loop_delta``)
     return snap
 
@@ -406,6 +407,9 @@ def duet_delta(engine: Any, before: dict[str, Any] | None) -> dict[str, Any] | N
            for name in DUET_COUNTERS}
     lists = {name: list(getattr(history, name))[(before["duet_lists"][name] if before else 0):]
              for name in SPLIT_RECORDS}
+    then = before["duet_decisions"] if before else {}
+    out["decisions"] = {why: n - then.get(why, 0) for why, n in sorted(history.decisions.items())
+                        if n > then.get(why, 0)}
     ks = lists["split_k"]
     out["split_k_mean"] = float(np.mean(ks)) if ks else None
     out["split_k_histogram"] = {str(k): ks.count(k) for k in sorted(set(ks))}
@@ -684,8 +688,9 @@ def markdown(report: dict[str, Any]) -> str:
                   "controller judged):", "",
                   "| mode | QPS | split it. | aggregated it. | switches | k mean | split ms p50 | "
                   "prefill worker ms p50 | decode worker ms/step p50 | "
-                  "switch ms mean | roofline err. median | p95 | signed mean | worker failures | requeued |",
-                  "|" + " --- |" * 15]
+                  "switch ms mean | roofline err. median | p95 | signed mean | worker failures | "
+                  "requeued | decided by |",
+                  "|" + " --- |" * 16]
         for mode, _, p in duet_rows:
             d = p["duet"]
             e = d["roofline_error"]
@@ -695,7 +700,9 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_fmt(d.get('prefill_worker_ms', {}).get('p50'), 2)} | "
                          f"{_fmt(d.get('decode_worker_ms_per_step', {}).get('p50'), 2)} | "
                          f"{_fmt(d['switch_ms']['mean'], 2)} | {pct(e['median'])} | {pct(e['p95'])} | "
-                         f"{pct(e['signed_mean'])} | {d['worker_failures']} | {d['requeued_requests']} |")
+                         f"{pct(e['signed_mean'])} | {d['worker_failures']} | {d['requeued_requests']} | "
+                         + (", ".join(f"{why}: {n}" for why, n in d.get("decisions", {}).items())
+                            or "-") + " |")
         lines.append("")
     lines += ["Engines:", ""]
     for mode, res in report["modes"].items():

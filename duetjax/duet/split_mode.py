@@ -12,6 +12,7 @@ both and must run before JAX touches the GPU (``Engine`` calls it first thing).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib.util
@@ -85,6 +86,8 @@ class DuetStats:
     carried_dispatches: int = 0
     """Decode dispatches still running when their split iteration ended (its chunk did not
     wait for them)."""
+    decisions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    """Judged iterations by what decided them (``decision_class``)."""
 
     @property
     def mode(self) -> str:
@@ -199,6 +202,20 @@ def build_roofline(model_config: Any, dtype: Any, engine_config: Any, max_model_
     return CorrectedRoofline(roofline, correction) if correction is not None else roofline
 
 
+NOT_READY = "split wanted, workers not ready"
+
+
+def decision_class(decision: Decision) -> str:
+    """What decided an iteration, in a few words: the full mixed step fits the SLO (or the
+    hysteresis kept it), a smaller token budget (beating the best split, or with no split
+    that fits), a split, or the full step with no plan that fits."""
+    if decision.mode != AGGREGATED:
+        return "split"
+    if decision.token_budget is not None:
+        return "smaller budget"
+    return "full step" if decision.slo_met else "full step, nothing fits"
+
+
 def stream_steps(k: int, t_decode: float, tbt_slo_s: float) -> int:
     """Decode steps per decode-worker dispatch while a split's prefill chunk runs: the largest
     power of two up to the decision's k whose predicted steps fit half the TBT SLO (a
@@ -288,7 +305,8 @@ class Duet:
             self.controller = ModeController(roofline, optimizer, token_budget=TokenBudget(
                 roofline, optimizer.tbt_slo_s, engine_config.max_num_batched_tokens,
                 min_tokens=MIN_MIXED_TOKENS,
-                min_prefill_tokens=engine_config.slo_min_prefill_tokens))
+                min_prefill_tokens=engine_config.slo_min_prefill_tokens),
+                split_seconds=self.expected_split_seconds)
         else:
             self.controller = StaticController(roofline, optimizer)
         layout = shared.layout()
@@ -335,6 +353,9 @@ class Duet:
         if decision.mode != AGGREGATED and pair is None:
             decision = dataclasses.replace(decision, mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1,
                                            reason="split wanted but its workers are not ready")
+            self.stats.decisions[NOT_READY] += 1
+        else:
+            self.stats.decisions[decision_class(decision)] += 1
         self.stats.last_decision = decision
         if pair is not None and self.corrected is not None:
             self._split_raw = self.corrected.last_raw.get((decision.s_p, decision.s_d))
@@ -350,6 +371,14 @@ class Duet:
     def stream_steps(self, decision: Decision) -> int:
         """Decode steps per decode-worker dispatch while this split's prefill chunk runs."""
         return stream_steps(decision.k, decision.t_decode or 0.0, self.config.duet_tbt_slo_ms / 1e3)
+
+    def expected_split_seconds(self, decision: Decision) -> float:
+        """How long ``decision``'s split iteration is expected to last as this engine runs it
+        (what ``record_split`` compares with the measured time)."""
+        if self.config.duet_carry_stream:
+            return carried_split_seconds(decision.t_prefill or 0.0, self.step_overhead.seconds)
+        return split_seconds(decision.t_prefill or 0.0, decision.t_decode or 0.0,
+                             self.stream_steps(decision))
 
     def stream_step_seconds(self, decision: Decision, stream_k: int) -> float:
         """Predicted time of one decode step in dispatches of ``stream_k`` steps (a dispatch's

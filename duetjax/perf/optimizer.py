@@ -15,7 +15,7 @@ Plain Python, no jax: it runs on the host every scheduling iteration.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .roofline import Roofline
 from .token_budget import TokenBudget, chunks_within
@@ -222,7 +222,8 @@ class ModeController:
 
     def __init__(self, roofline: Roofline, config: OptimizerConfig,
                  hysteresis: HysteresisConfig = HysteresisConfig(),
-                 token_budget: TokenBudget | None = None) -> None:
+                 token_budget: TokenBudget | None = None,
+                 split_seconds: Callable[[Decision], float] | None = None) -> None:
         self.roofline = roofline
         self.config = config
         self.hysteresis = hysteresis
@@ -230,6 +231,11 @@ class ModeController:
         """The SLO-aware aggregated alternative: where the full mixed step misses the SLO, a
         smaller prefill chunk on the whole GPU competes with the best split (and replaces the
         full step when no split fits)."""
+        self.split_seconds = split_seconds
+        """Expected length of a split iteration as the engine runs it (the chunk, the decode
+        stream's ending, the engine's own work), for the comparison with the smaller budget;
+        None: the optimizer's max(k·t_d, t_p). That max leaves out what a split iteration
+        costs beyond its chunk, and with it the split wins comparisons it loses in service."""
         self.mode = AGGREGATED
         self._misses = 0
         self._fits = 0
@@ -289,14 +295,24 @@ class ModeController:
         decodes = len(decode_context_lens)
         tokens = decodes + _prefill_tokens(chunks_within(prefill, budget - decodes))
         objective = tokens / t
-        if split is not None and objective < split.objective:
+        split_rate = None if split is None else self.split_rate(split, decodes,
+                                                                 _prefill_tokens(prefill))
+        if split_rate is not None and objective < split_rate:
             return None
-        versus = (f"beats the best split ({split.objective:.0f} tokens/s)" if split is not None
+        versus = (f"beats the best split ({split_rate:.0f} tokens/s)" if split_rate is not None
                   else "no split pair meets the SLO")
         return Decision(mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1, t_aggregated=t, t_prefill=None,
                         t_decode=None, objective=objective, slo_met=t <= slo,
                         reason=f"aggregated at a {budget}-token budget ({t * 1e3:.3f} ms, "
                                f"{objective:.0f} tokens/s) {versus}", token_budget=budget)
+
+    def split_rate(self, split: Decision, decodes: int, prefill_tokens: int) -> float:
+        """``split``'s predicted tokens per second as the engine runs it: the decode stream's
+        rate (it steps on through the whole iteration) plus the chunk's tokens over the
+        iteration's expected length (``split_seconds``); without that, its objective."""
+        if self.split_seconds is None or not split.t_decode:
+            return split.objective
+        return decodes / split.t_decode + prefill_tokens / self.split_seconds(split)
 
     def _reset(self, mode: str) -> None:
         self.mode = mode

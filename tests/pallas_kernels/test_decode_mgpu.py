@@ -25,7 +25,7 @@ CASES = [
     # name, ctx_lens, page, hkv, group, d, window, soft_cap, block_kv, splits, programs
     ("ragged g4 d128, one split, direct", [1, 37, 64, 100], 16, 2, 4, 128, 0, None, 32, 1, 3),
     ("splits g8 d64, lengths not page multiples", [3, 77, 130], 16, 2, 8, 64, 0, None, 32, 3, 4),
-    ("g1 d64 window, splits", [50, 9, 64], 16, 2, 1, 64, 20, None, 16, 2, 3),
+    ("g4 d256 window, splits", [50, 9, 64], 16, 2, 4, 256, 20, None, 16, 2, 3),
     ("soft cap g4, pages larger than a block", [64, 200, 1], 64, 2, 4, 64, 0, 30.0, 32, 2, 2),
     ("window + soft cap g8 d128, direct", [90, 5, 33], 16, 1, 8, 128, 37, 20.0, 32, 1, 2),
     ("more programs than items", [40], 8, 1, 4, 64, 0, None, 16, 1, 5),
@@ -126,8 +126,10 @@ def test_unsupported_shapes_say_why():
     assert "dtypes" in unsupported_reason((8, 8, 128), jnp.float32, pool, jnp.float32, cfg)
     assert "even" in unsupported_reason((8, 8, 128), jnp.bfloat16, pool, jnp.bfloat16,
                                         MgpuDecodeConfig(num_stages=3))
-    assert "head_dim" in unsupported_reason((8, 8, 256), jnp.bfloat16, (2, 10, 2, 2, 16, 256),
-                                            jnp.bfloat16, cfg)  # (Triton runs d256)
+    assert "multiple of 4" in unsupported_reason((8, 8, 128), jnp.bfloat16,
+                                                 (2, 10, 8, 2, 16, 128), jnp.bfloat16, cfg)
+    assert "multiple of 4" in unsupported_reason((8, 12, 128), jnp.bfloat16,
+                                                 (2, 10, 2, 2, 16, 128), jnp.bfloat16, cfg)
     assert "shared memory" in unsupported_reason((8, 8, 128), jnp.bfloat16, pool, jnp.bfloat16,
                                                  MgpuDecodeConfig(block_kv=64, num_stages=8))
 

@@ -230,6 +230,9 @@ def test_sweep_aggregated_and_static_in_process(tiny_llama_dir, device_profile, 
     totals = static["duet_totals"]
     assert totals["split_iterations"] > 0
     assert totals["roofline_error"]["n"] == totals["split_iterations"]
+    assert totals["decisions"]["split"] == totals["split_iterations"]  # (what decided them)
+    assert sum(p["duet"]["decisions"].get("split", 0) for p in static["points"]) == sum(
+        p["duet"]["split_iterations"] for p in static["points"])
     records = totals["records"]  # one entry per split iteration, for an offline fit
     assert {len(v) for k, v in records.items() if k != "switch_seconds"} == {totals["split_iterations"]}
     assert all(s_p == s_d == 0.5 for s_p, s_d in records["split_shares"])
@@ -237,6 +240,7 @@ def test_sweep_aggregated_and_static_in_process(tiny_llama_dir, device_profile, 
     md = (out / "results.md").read_text()
     assert "| aggregated | 20 |" in md and "| static | 80 |" in md
     assert "identical token ids in every mode" in md
+    assert "decided by" in md and "split: " in md
     # the same sweep run apart (one mode per run) merges back into one report
     for mode in report["modes"]:
         (tmp_path / mode).mkdir()

@@ -17,7 +17,9 @@ import pytest
 from duetjax import Engine, SamplingParams
 from duetjax.config import ConfigError
 from duetjax.duet import split_mode
-from duetjax.duet.split_mode import carried_split_seconds, final_dispatch_steps, split_seconds
+from duetjax.duet.split_mode import (carried_split_seconds, decision_class, final_dispatch_steps,
+                                     split_seconds)
+from duetjax.perf.optimizer import AGGREGATED
 from duetjax.duet.worker_client import RemoteInFlight
 from duetjax.perf.roofline import DeviceProfile, ModelShape, Roofline, SMLevel
 
@@ -115,6 +117,24 @@ def test_duet_mode_splits_and_matches_aggregated(engine, expected, request):
     assert len(stats.measured_seconds) == stats.split_iterations
     assert len(stats.split_stream_k) == stats.split_iterations and min(stats.split_stream_k) >= 1
     assert duet.stats().num_free_pages == duet.stats().num_pages
+    assert stats.decisions["split"] == stats.split_iterations
+    assert sum(stats.decisions.values()) == stats.split_iterations + stats.aggregated_iterations
+    # the smaller budget is weighed against a split as this engine runs its iterations
+    assert duet.duet.controller.split_seconds == duet.duet.expected_split_seconds
+    last = stats.last_decision
+    if last is not None and last.t_prefill:
+        assert duet.duet.expected_split_seconds(last) >= last.t_prefill
+
+
+def test_decision_class_says_what_decided_an_iteration():
+    from duetjax.perf.optimizer import Decision
+
+    base = Decision(mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1, t_aggregated=0.03, t_prefill=None,
+                    t_decode=None, objective=1.0, slo_met=True, reason="")
+    assert decision_class(base) == "full step"
+    assert decision_class(dataclasses.replace(base, token_budget=512)) == "smaller budget"
+    assert decision_class(dataclasses.replace(base, slo_met=False)) == "full step, nothing fits"
+    assert decision_class(dataclasses.replace(base, mode="split", s_p=0.8, s_d=0.2)) == "split"
 
 
 def test_split_seconds_adds_half_a_decode_step():

@@ -296,6 +296,35 @@ def test_a_smaller_aggregated_budget_competes_with_the_split(prefill, slo):
         assert d.token_budget is None
 
 
+def test_the_smaller_budget_is_weighed_against_the_split_iteration_as_it_runs():
+    """With ``split_seconds`` (the engine's expected split iteration: the chunk, the decode
+    stream's ending, its own work), a split whose iteration lasts far longer than its chunk
+    loses to the smaller budget it beat on max(k·t_d, t_p)."""
+    from duetjax.perf.token_budget import TokenBudget
+
+    cases = [([(256, 0)], 0.01), ([(1024, 0), (512, 300)], 0.006), ([(300, 0)], 0.02),
+             ([(4096, 0)], 0.012)]
+    def budget_fits(prefill, slo):
+        budget = TokenBudget(ROOFLINE, slo, 4096, 16, 16, headroom=0.0)
+        budget.choose(prefill, SMALL_DECODE)
+        return 0 < budget.last_predicted_s <= slo
+
+    splits = [(prefill, slo) for prefill, slo in cases if budget_fits(prefill, slo)
+              and _budgeted_controller(slo).step(prefill, SMALL_DECODE).mode == SPLIT]
+    assert splits  # (some cases above hold splits that beat a smaller budget that fits)
+    for prefill, slo in splits:
+        split = _budgeted_controller(slo).step(prefill, SMALL_DECODE)
+        slow = ModeController(ROOFLINE, OptimizerConfig(tbt_slo_s=slo, pairs=PAIRS, k_max=8),
+                              token_budget=TokenBudget(ROOFLINE, slo, 4096, 16, 16, headroom=0.0),
+                              split_seconds=lambda d: 20 * d.t_prefill)
+        tokens = sum(q for q, _ in prefill)
+        assert slow.split_rate(split, len(SMALL_DECODE), tokens) == pytest.approx(
+            len(SMALL_DECODE) / split.t_decode + tokens / (20 * split.t_prefill))
+        d = slow.step(prefill, SMALL_DECODE)
+        assert d.mode == AGGREGATED and d.token_budget is not None
+        assert "beats the best split" in d.reason
+
+
 def test_smaller_budget_wins_when_splitting_costs_more_than_it_gives():
     """A profile whose SM shares give much less than their share (heavy interference) makes
     every split slower than the whole GPU at a smaller chunk."""
