@@ -47,7 +47,7 @@ def add_quantization_flags(parser: argparse.ArgumentParser | argparse._ArgumentG
                              "compute them at start-up from the model's keys and values over a "
                              "built-in text")
     parser.add_argument("--layer-weights", choices=LAYER_WEIGHTS, default=None,
-                        help="auto (default): per-layer for FP8 weights on one GPU, else stacked; "
+                        help="auto (default): per-layer for FP8 weights on GPUs, else stacked; "
                              "per-layer holds each decoder layer's weights in arrays of its own "
                              "(no slice copied out of a stack before an FP8 GEMM)")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .attention import AttentionMetadata, attend
 from .config import ModelConfig
@@ -205,4 +205,9 @@ def unstack_layers(params: dict, num_layers: int, delete: bool = False) -> dict:
 
 @jax.jit
 def _layer_of(stacked: jax.Array, i: int) -> jax.Array:  # (one compile per shape, not per i)
-    return jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)
+    layer = jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)
+    sharding = getattr(stacked, "sharding", None)
+    if isinstance(sharding, NamedSharding):  # (tensor parallel: a layer split as its stack)
+        layer = jax.device_put(layer, NamedSharding(sharding.mesh,
+                                                    PartitionSpec(*sharding.spec[1:])))
+    return layer

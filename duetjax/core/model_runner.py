@@ -101,11 +101,10 @@ class InFlight:
 
 def uses_per_layer_weights(config: EngineConfig, model: LoadedModel) -> bool:
     """``config.layer_weights`` resolved for this model and backend ('auto': FP8 weights on
-    one GPU, where a stacked layer's slice is copied out before every FP8 GEMM)."""
+    GPUs, where a stacked layer's slice is copied out before every FP8 GEMM)."""
     if config.layer_weights != "auto":
         return config.layer_weights == "per-layer"
-    return (model.quantization is not None and config.tensor_parallel_size == 1
-            and jax.default_backend() == "gpu")
+    return model.quantization is not None and jax.default_backend() == "gpu"
 
 
 class ModelRunner:

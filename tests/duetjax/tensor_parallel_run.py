@@ -91,17 +91,18 @@ def shard_shapes(engine: Engine) -> dict:
             for name, a in arrays.items()}
 
 
-def fp8_tokens(checkpoint: Path) -> dict:
-    """Greedy tokens with FP8 weights (quantized as they load) at each group size."""
+def fp8_tokens(checkpoint: Path, **options) -> dict:
+    """Greedy tokens with FP8 weights (quantized as they load) at each group size, and the
+    shards of the 2-device group's engine."""
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     tokens = {}
     for size in (1, 2):
         engine = Engine(checkpoint, tensor_parallel_size=size, quantization="fp8",
-                        compile_on_start=False, **ENGINE)
+                        compile_on_start=False, **ENGINE, **options)
         outputs = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
                                   use_tqdm=False)
         tokens[size] = [o.outputs[0].token_ids for o in outputs]
-    return tokens
+    return {"tokens": tokens, "shards": shard_shapes(engine)}
 
 
 def compiles_while_serving(checkpoint: Path, size: int) -> list[str]:
@@ -138,7 +139,8 @@ def main(out: Path) -> None:
             "families": {family: runs for family, (runs, _) in families.items()},
             "shards": {family: shards for family, (_, shards) in families.items()},
             "compiles": compiles_while_serving(checkpoints["llama"], 2),
-            "fp8_tokens": fp8_tokens(checkpoints["llama"]),
+            "fp8": fp8_tokens(checkpoints["llama"]),
+            "fp8_per_layer": fp8_tokens(checkpoints["llama"], layer_weights="per-layer"),
         }
     out.write_text(json.dumps(results))
 

@@ -31,22 +31,34 @@ def test_every_group_size_gives_the_tokens_and_logits_of_one_device(tensor_paral
         assert runs[size]["prompt_logprobs_max_diff"] <= 1e-5, size
 
 
-def test_fp8_weights_split_too(tensor_parallel_results):
-    tokens = tensor_parallel_results["fp8_tokens"]
+@pytest.mark.parametrize("case", ["fp8", "fp8_per_layer"])
+def test_fp8_weights_split_too(tensor_parallel_results, case):
+    """FP8 weights, stacked or with arrays of their own per layer (each layer split over the
+    group as its stack was)."""
+    tokens = tensor_parallel_results[case]["tokens"]
     assert tokens["2"] == tokens["1"]
+    per_layer = case == "fp8_per_layer"
+    arrays = tensor_parallel_results[case]["shards"]
+    assert any(name.startswith("layers_1/") for name in arrays) is per_layer
+    assert_each_device_holds_its_slice(arrays, 2)
+
+
+def assert_each_device_holds_its_slice(arrays: dict, size: int) -> None:
+    """``arrays`` (``shard_shapes``) split over ``size`` devices as ``param_spec`` says."""
+    for name, array in arrays.items():
+        keys = name.split("/")
+        spec = kv_pool_spec() if name == "kv_pool" else param_spec(keys, keys[0] == "layers")
+        split = [s // size if i < len(spec) and spec[i] else s
+                 for i, s in enumerate(array["shape"])]
+        assert array["devices"] == list(range(size)), name
+        assert array["shards"] == [split] * size, (size, name)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_device_holds_only_its_slice(tensor_parallel_results, family):
     for size, arrays in tensor_parallel_results["shards"][family].items():
         size = int(size)
-        for name, array in arrays.items():
-            keys = name.split("/")
-            spec = kv_pool_spec() if name == "kv_pool" else param_spec(keys, keys[0] == "layers")
-            split = [s // size if i < len(spec) and spec[i] else s
-                     for i, s in enumerate(array["shape"])]
-            assert array["devices"] == list(range(size)), name
-            assert array["shards"] == [split] * size, (size, name)
+        assert_each_device_holds_its_slice(arrays, size)
         # the Megatron split: heads and MLP rows, o/down columns and the vocabulary are split
         assert arrays["layers/self_attn/o_proj/weight"]["shards"][0][2] * size == \
             arrays["layers/self_attn/o_proj/weight"]["shape"][2]

@@ -1,7 +1,7 @@
 """``layer_weights='per-layer'``: each decoder layer with arrays of its own, in an unrolled
 loop, gives the stacked model's tokens and log-probabilities (sliding windows and Gemma 3's
 local rope included, and with FP8 weights and an FP8 KV cache); 'auto' picks it for FP8
-weights on one GPU."""
+weights on GPUs. Tensor-parallel groups: ``tensor_parallel_run.py``."""
 from __future__ import annotations
 
 import types
@@ -54,12 +54,12 @@ def test_per_layer_weights_give_the_stacked_models_outputs(case, options, oracle
 @pytest.mark.parametrize("setting, fp8, tp, backend, want", [
     ("auto", True, 1, "gpu", True),
     ("auto", False, 1, "gpu", False),  # bf16 gains nothing from it
-    ("auto", True, 2, "gpu", False),  # per-layer runs on one GPU only
+    ("auto", True, 2, "gpu", True),  # (each layer split over the group as its stack)
     ("auto", True, 1, "cpu", False),  # CPU keeps its rolled loop (small executables)
     ("per-layer", False, 1, "cpu", True),
     ("stacked", True, 1, "gpu", False),
 ])
-def test_auto_layer_weights_are_per_layer_for_fp8_weights_on_one_gpu(
+def test_auto_layer_weights_are_per_layer_for_fp8_weights_on_gpus(
         setting, fp8, tp, backend, want, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     config = EngineConfig(layer_weights=setting, tensor_parallel_size=tp)
@@ -86,6 +86,3 @@ def test_unstack_layers_slices_every_leaf_and_frees_the_stack():
 def test_per_layer_weights_are_checked():
     with pytest.raises(ConfigError, match="auto, stacked, per-layer"):
         Engine(model="tiny-llama", load_format="dummy", layer_weights="layered")
-    with pytest.raises(ConfigError, match="one GPU only"):
-        Engine(model="tiny-llama", load_format="dummy", layer_weights="per-layer",
-               tensor_parallel_size=2)
