@@ -8,7 +8,9 @@ run back to back while one prefill batch runs. The split maximises tokens per se
     (k·T_decode + T_prefill) / max(k·t_d(S_d), t_p(S_p))   subject to   t_d(S_d) <= SLO,
 
 over the worker pairs that exist and k in 1..k_max. ``decide`` is the pure decision;
-``ModeController`` adds hysteresis so the mode does not flap between iterations.
+``ModeController`` adds hysteresis so the mode does not flap between iterations, and weighs
+the best split against aggregated at a smaller token budget, judging the split by its
+iteration as the engine runs it (``split_seconds``).
 
 Plain Python, no jax: it runs on the host every scheduling iteration.
 """
