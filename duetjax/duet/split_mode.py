@@ -372,13 +372,16 @@ class Duet:
         """Decode steps per decode-worker dispatch while this split's prefill chunk runs."""
         return stream_steps(decision.k, decision.t_decode or 0.0, self.config.duet_tbt_slo_ms / 1e3)
 
-    def expected_split_seconds(self, decision: Decision) -> float:
+    def expected_split_seconds(self, decision: Decision, stream_k: int | None = None,
+                               t_decode: float | None = None) -> float:
         """How long ``decision``'s split iteration is expected to last as this engine runs it
-        (what ``record_split`` compares with the measured time)."""
+        (what ``record_split`` compares with the measured time), with dispatches of
+        ``stream_k`` decode steps of ``t_decode`` seconds (None: the decision's)."""
         if self.config.duet_carry_stream:
             return carried_split_seconds(decision.t_prefill or 0.0, self.step_overhead.seconds)
-        return split_seconds(decision.t_prefill or 0.0, decision.t_decode or 0.0,
-                             self.stream_steps(decision))
+        return split_seconds(decision.t_prefill or 0.0,
+                             (decision.t_decode or 0.0) if t_decode is None else t_decode,
+                             self.stream_steps(decision) if stream_k is None else stream_k)
 
     def stream_step_seconds(self, decision: Decision, stream_k: int) -> float:
         """Predicted time of one decode step in dispatches of ``stream_k`` steps (a dispatch's
@@ -397,10 +400,7 @@ class Duet:
                      prefill_tokens: int = 0, decode_batch: int = 0) -> None:
         stream_k = self.stream_steps(decision) if stream_k is None else stream_k
         t_decode = self.stream_step_seconds(decision, stream_k)
-        if self.config.duet_carry_stream:
-            predicted = carried_split_seconds(decision.t_prefill or 0.0, self.step_overhead.seconds)
-        else:
-            predicted = split_seconds(decision.t_prefill or 0.0, t_decode, stream_k)
+        predicted = self.expected_split_seconds(decision, stream_k, t_decode)
         self.stats.split_k.append(decision.k)
         self.stats.split_stream_k.append(stream_k)
         self.stats.predicted_seconds.append(predicted)
