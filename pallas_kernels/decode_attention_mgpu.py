@@ -51,7 +51,7 @@ HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
 ROWS = 64  # wgmma's M: the query tile
 STATS = 8  # columns of a row-statistics tile (the narrowest WGMMA-layout tile)
-GROUP_MULTIPLE = 4  # q heads per kv head: groups it runs are multiples of it
+TMA_ALIGN = 128  # bytes: where a TMA copy may start in shared memory
 _INTERPRET = plgpu.InterpretGPUParams()
 
 
@@ -64,13 +64,22 @@ class MgpuDecodeConfig:
     p_in_registers: bool = True
     """PV's A operand from registers; False goes through shared memory (interpret mode)."""
 
-    def shared_bytes(self, head_dim: int, itemsize: int, direct: bool) -> int:
+    def shared_bytes(self, head_dim: int, itemsize: int, direct: bool, group: int = 1) -> int:
         ring = self.num_stages * 2 * self.block_kv * head_dim * itemsize
         q = 2 * ROWS * head_dim * itemsize
-        exchange = ROWS * head_dim * 4 + 2 * ROWS * STATS * 4
+        exchange = ROWS * head_dim * 4 + 2 * ROWS * stats_columns(group) * 4
         out = ROWS * head_dim * itemsize if direct else 0
         p = 0 if self.p_in_registers else 2 * ROWS * self.block_kv * itemsize
         return ring + q + exchange + out + p
+
+
+def stats_columns(group: int) -> int:
+    """Columns of the row-statistics tiles. A split's log-sum-exp rows leave shared memory by
+    TMA from the group's row offset in its tile, which must be 128-byte aligned: 8 float32
+    columns (32 bytes a row) align only offsets that are multiples of 4, which groups of 4 and
+    8 always start at; other groups get rows of 128 bytes (an H100 faulted with a misaligned
+    address on groups of 1 with 32-byte rows)."""
+    return STATS if group % 4 == 0 else TMA_ALIGN // 4
 
 
 def q_box_rows(group: int) -> int:
@@ -91,12 +100,6 @@ def unsupported_reason(q_shape, q_dtype, kv_pool_shape, kv_dtype,
     if num_q_heads % num_kv_heads or q_box_rows(num_q_heads // num_kv_heads) > ROWS:
         return (f"{num_q_heads} q heads over {num_kv_heads} kv heads: need a group whose "
                 f"8-row tiles fit {ROWS} rows")
-    if (num_q_heads // num_kv_heads) % GROUP_MULTIPLE:
-        # A split's log-sum-exp rows (32 bytes each) leave shared memory by TMA from the
-        # group's offset in its tile: only groups of 4 or 8 start 128-byte aligned there (a
-        # group of 1 faulted with a misaligned address on an H100).
-        return (f"a group of {num_q_heads // num_kv_heads} q heads per kv head: need a "
-                f"multiple of {GROUP_MULTIPLE}")
     block_kv = config.block_kv
     if block_kv % 16 or block_kv > 256:
         return f"block_kv {block_kv}: need a multiple of 16 (wgmma's K) up to 256"
@@ -104,16 +107,18 @@ def unsupported_reason(q_shape, q_dtype, kv_pool_shape, kv_dtype,
         return f"page size {page_size} does not tile block_kv {block_kv} (8-row TMA tiles)"
     if config.num_stages < 2 or config.num_stages % 2:
         return f"num_stages {config.num_stages}: need an even count (one parity per consumer)"
-    need = config.shared_bytes(head_dim, jnp.dtype(q_dtype).itemsize, direct=False)
+    need = config.shared_bytes(head_dim, jnp.dtype(q_dtype).itemsize, direct=False,
+                               group=num_q_heads // num_kv_heads)
     if need > SHARED_BYTES:
         return f"{config} needs {need} bytes of shared memory at d{head_dim}"
     return None
 
 
 def writes_directly(config: MgpuDecodeConfig, num_splits: int, head_dim: int,
-                    itemsize: int) -> bool:
+                    itemsize: int, group: int) -> bool:
     """One split writes the output itself when its staging tile fits next to the ring."""
-    return num_splits == 1 and config.shared_bytes(head_dim, itemsize, True) <= SHARED_BYTES
+    return (num_splits == 1
+            and config.shared_bytes(head_dim, itemsize, True, group) <= SHARED_BYTES)
 
 
 def item_keys(context_len, window, split, *, num_splits: int, block_kv: int):
@@ -144,6 +149,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
     block_kv, stages = cfg.block_kv, cfg.num_stages
     group = num_q_heads // num_kv_heads
     q_box = q_box_rows(group)
+    stats = stats_columns(group)
     dtype = q_smem.dtype
     program = lax.axis_index("programs")
     wg = lax.axis_index("wg")
@@ -286,14 +292,17 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
                 def _():
                     plgpu.barrier_wait(exch_free)
                 exch_smem[...] = acc
-                stats_smem.at[0][...] = rows_to_tile(row_max, STATS)
-                stats_smem.at[1][...] = rows_to_tile(row_sum, STATS)
+                stats_smem.at[0][...] = rows_to_tile(row_max, stats)
+                stats_smem.at[1][...] = rows_to_tile(row_sum, stats)
                 plgpu.barrier_arrive(exch_ready)
 
             @pl.when(wg == 0)
             def _merge_and_store():
                 plgpu.barrier_wait(exch_ready)
-                other_acc = plgpu.load(exch_smem, layout=plgpu.Layout.WGMMA)
+                # (Mosaic GPU finds no bank-conflict-free transfer of untiled d256 rows: its
+                # search for one takes minutes there.)
+                other_acc = plgpu.load(exch_smem, layout=plgpu.Layout.WGMMA,
+                                       optimized=head_dim <= 128)
                 other_max = plgpu.load(stats_smem.at[0], layout=plgpu.Layout.WGMMA).max(axis=1)
                 other_sum = plgpu.load(stats_smem.at[1], layout=plgpu.Layout.WGMMA).max(axis=1)
                 top = jnp.maximum(row_max, other_max)
@@ -311,7 +320,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
                 else:
                     lse = jnp.where(total > 0, top + jnp.log2(jnp.maximum(total, 1e-30)), NEG)
                     exch_smem[...] = out
-                    stats_smem.at[0][...] = rows_to_tile(lse, STATS)
+                    stats_smem.at[0][...] = rows_to_tile(lse, stats)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(exch_smem.at[pl.ds(offset, group)],
                                             part_ref.at[split, pl.ds(row0, group)])
@@ -379,7 +388,8 @@ def paged_decode_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Arr
     num_items = batch * num_kv_heads * num_splits
     num_programs = max(1, min(num_programs, num_items))
     itemsize = q.dtype.itemsize
-    direct = writes_directly(config, num_splits, head_dim, itemsize)
+    direct = writes_directly(config, num_splits, head_dim, itemsize, group)
+    stats = stats_columns(group)
 
     window = jnp.asarray(sliding_window, jnp.int32)
     context_lens = context_lens.astype(jnp.int32)
@@ -405,7 +415,7 @@ def paged_decode_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Arr
         plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiled),
         plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=pv_tiled),
         plgpu.SMEM((ROWS, head_dim), jnp.float32),  # untiled: any row range stores
-        plgpu.SMEM((2, ROWS, STATS), jnp.float32),
+        plgpu.SMEM((2, ROWS, stats), jnp.float32),
         plgpu.SMEM((ROWS, head_dim), q.dtype) if direct else None,
         (None if config.p_in_registers else
          plgpu.SMEM((2, ROWS, block_kv), q.dtype, transforms=pv_tiled)),
@@ -421,7 +431,7 @@ def paged_decode_attention_mgpu(q: jax.Array, kv_pool: jax.Array, layer: jax.Arr
         out_type = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
     else:
         out_type = (jax.ShapeDtypeStruct((num_splits, rows, head_dim), jnp.float32),
-                    jax.ShapeDtypeStruct((num_splits, rows, STATS), jnp.float32))
+                    jax.ShapeDtypeStruct((num_splits, rows, stats), jnp.float32))
     kernel = functools.partial(
         _kernel, cfg=config, direct=direct, num_programs=num_programs, num_items=num_items,
         num_splits=num_splits, num_q_rows=q_rows.shape[0], num_pages=num_pages,

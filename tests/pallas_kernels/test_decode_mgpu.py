@@ -29,6 +29,8 @@ CASES = [
     ("soft cap g4, pages larger than a block", [64, 200, 1], 64, 2, 4, 64, 0, 30.0, 32, 2, 2),
     ("window + soft cap g8 d128, direct", [90, 5, 33], 16, 1, 8, 128, 37, 20.0, 32, 1, 2),
     ("more programs than items", [40], 8, 1, 4, 64, 0, None, 16, 1, 5),
+    ("g1 d64 splits, rows at every tile offset", [20, 70, 33], 16, 3, 1, 64, 0, None, 16, 2, 3),
+    ("g2 d128 soft cap, splits", [45, 9, 64], 16, 2, 2, 128, 0, 30.0, 16, 3, 4),
 ]
 
 
@@ -126,10 +128,10 @@ def test_unsupported_shapes_say_why():
     assert "dtypes" in unsupported_reason((8, 8, 128), jnp.float32, pool, jnp.float32, cfg)
     assert "even" in unsupported_reason((8, 8, 128), jnp.bfloat16, pool, jnp.bfloat16,
                                         MgpuDecodeConfig(num_stages=3))
-    assert "multiple of 4" in unsupported_reason((8, 8, 128), jnp.bfloat16,
-                                                 (2, 10, 8, 2, 16, 128), jnp.bfloat16, cfg)
-    assert "multiple of 4" in unsupported_reason((8, 12, 128), jnp.bfloat16,
-                                                 (2, 10, 2, 2, 16, 128), jnp.bfloat16, cfg)
+    assert unsupported_reason((8, 8, 128), jnp.bfloat16, (2, 10, 8, 2, 16, 128), jnp.bfloat16,
+                              cfg) is None  # groups of 1
+    assert "q heads" in unsupported_reason((8, 12, 128), jnp.bfloat16, (2, 10, 8, 2, 16, 128),
+                                           jnp.bfloat16, cfg)
     assert "shared memory" in unsupported_reason((8, 8, 128), jnp.bfloat16, pool, jnp.bfloat16,
                                                  MgpuDecodeConfig(block_kv=64, num_stages=8))
 

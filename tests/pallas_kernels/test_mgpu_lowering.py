@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import tuning
-from pallas_kernels.decode_attention_mgpu import (paged_decode_attention_mgpu,
+from pallas_kernels.decode_attention_mgpu import (paged_decode_attention_mgpu, stats_columns,
                                                   unsupported_reason as decode_unsupported)
 from pallas_kernels.prefill_attention_mgpu import (MgpuPrefillConfig,
                                                    paged_prefill_attention_mgpu,
@@ -86,9 +86,7 @@ SHAPE_IDS = [f"d{s['d']} group {s['group']}" for s in SHAPES]
 # Gemma-2-like: groups of 2, soft-cap; and pages larger than a K/V tile.
 CAPPED = [dict(hkv=8, group=2, d=d, page=64, soft_cap=50.0) for d in (64, 128, 256)]
 CAPPED_IDS = [f"d{s['d']}" for s in CAPPED]
-# The decode kernel runs groups that are multiples of 4 (smaller ones take Triton).
-DECODE_SHAPES = ([s for s in SHAPES if s["group"] % 4 == 0]
-                 + [dict(s, hkv=4, group=4) for s in CAPPED])
+DECODE_SHAPES = SHAPES + CAPPED
 DECODE_SHAPE_IDS = [f"d{s['d']} group {s['group']}" + (" capped" if "soft_cap" in s else "")
                     for s in DECODE_SHAPES]
 
@@ -132,10 +130,12 @@ def test_decode_table_config_lowers(shape, num_splits):
     assert lower_decode(config, **shape, num_splits=num_splits) == 1
 
 
-@pytest.mark.parametrize("group", [1, 2])
-def test_decode_refuses_small_groups(group):
-    with pytest.raises(ValueError, match="multiple of 4"):
-        lower_decode(tuning.decode_mgpu_config(128), hkv=8, group=group, d=128, page=16)
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_decode_small_groups_store_aligned_statistics(group):
+    """Groups that start mid-way through a 4-row span store 128-byte statistics rows."""
+    assert stats_columns(group) * 4 == 128 and stats_columns(4) == stats_columns(8) == 8
+    assert lower_decode(tuning.decode_mgpu_config(128), hkv=8, group=group, d=128, page=16,
+                        num_splits=4) == 1
 
 
 @pytest.mark.parametrize("num_programs,num_splits", [(132, 1), (39, 2)])
