@@ -175,12 +175,18 @@ def test_a_request_that_fails_in_its_replica_fails_alone(dp, tiny_chat_engine):
 
 def test_shutdown_drains_then_stops_every_replica(dp):
     """(Last of the tests on ``dp``: it stops it.)"""
-    async def body():
-        short = asyncio.ensure_future(last(dp.generate("drain me", SamplingParams(
-            temperature=0.0, max_tokens=30, ignore_eos=True))))
-        slow = await dp.add_request(f"{faults.SLOW}: abort me at shutdown", LONG)
+    async def both_in_flight():
         while dp.num_in_flight < 2:
             await asyncio.sleep(0.01)
+
+    async def body():
+        slow = await dp.add_request(f"{faults.SLOW}: abort me at shutdown", LONG)
+        # 30 steps of at least 20 ms: still running when the drain begins
+        short = asyncio.ensure_future(last(dp.generate(f"{faults.SLOW}: drain me",
+                                                       SamplingParams(temperature=0.0,
+                                                                      max_tokens=30,
+                                                                      ignore_eos=True))))
+        await asyncio.wait_for(both_in_flight(), timeout=60)
         dp.begin_drain()
         with pytest.raises(EngineDrainingError):
             await dp.add_request("too late", GREEDY)
