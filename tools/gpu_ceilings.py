@@ -91,11 +91,11 @@ def torch_ceilings(gib: float) -> dict:
 
     src = torch.randn(int(gib * (1 << 29)), device="cuda", dtype=torch.bfloat16)  # gib GiB
     dst = torch.empty_like(src)
-    out = {"torch copy_ bf16": 2 * src.numel() * 2 / bench(lambda: dst.copy_(src)) / 1e12}
+    out = {"torch copy_ bf16": 2 * src.numel() * 2 / bench(lambda dst=dst, src=src: dst.copy_(src)) / 1e12}
     del src, dst
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    out["torch matmul"] = 2 * 8192 ** 3 / bench(lambda: a @ b) / 1e12
+    out["torch matmul"] = 2 * 8192 ** 3 / bench(lambda a=a, b=b: a @ b) / 1e12
     del a, b
     torch.cuda.empty_cache()
     return out
