@@ -89,6 +89,11 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     """Persistent XLA compilation cache (warm starts skip compiling); None: ``<cache>/xla``
     under the duetjax cache directory; "" disables it."""
+    compile_threads: int = 1
+    """Buckets compiled at once at start-up (XLA compiles with the GIL released). XLA:CPU
+    already spreads one compile over the cores (two threads gained nothing on a 2-core host);
+    XLA:GPU compiles most of a module on one core, so a GPU host with many cores may start
+    several times faster with more. Each compile in flight holds its own host memory."""
     mode: str = "aggregated"
     """'aggregated' (one mixed batch on the whole GPU), 'duet' (DuetServe: split prefill and
     decode onto MPS-limited worker processes whenever the aggregated step is predicted to miss
@@ -172,7 +177,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size",
-                     "slo_min_prefill_tokens"):
+                     "slo_min_prefill_tokens", "compile_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -506,7 +506,7 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if kind != "aggregated":  # (a fixed budget has no SLO to meet)
         kw["tbt_slo_ms"] = engine_slo_ms(args)
     for name in ("max_model_len", "kv_cache_tokens", "scan_unroll", "compilation_cache_dir",
-                 "device_profile", "kv_cache_memory_fraction"):
+                 "device_profile", "kv_cache_memory_fraction", "compile_threads"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
@@ -904,6 +904,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--carry-stream", action="store_true",
                    help="split iterations end with their chunk (EngineConfig.duet_carry_stream)")
     p.add_argument("--compilation-cache-dir", default=None)
+    p.add_argument("--compile-threads", type=int, default=None,
+                   help="EngineConfig.compile_threads (the engine's and its workers' start-up)")
     p.add_argument("--worker-timeout-s", type=float, default=1800.0)
     p.add_argument("--in-process", action="store_true",
                    help="run every mode in this process (CPU runs and tests; on a GPU a duet or "

@@ -11,7 +11,8 @@ Sections (``--sections``, default all):
 - ``offline``: ``--num-prompts`` prompts with conversation-like lengths through
   ``Engine.generate``: requests/s and tokens/s.
 - ``paris``: the embedded SmolLM2 in bf16 on the GPU kernels answers the capital question.
-- ``startup``: process start to a ready engine (all buckets compiled), cold and warm cache.
+- ``startup``: process start to a ready engine (all buckets compiled), cold and warm cache,
+  and a cold start for each further ``--compile-threads`` value.
 
 Tensor parallelism (``--tensor-parallel-size``, a comma list such as ``1,2``): every weights
 variant runs at each group size, labelled ``-tpN`` beyond one device. A step's roofline is one
@@ -240,29 +241,41 @@ def host_section(engine: Engine, batch: int, prompt_len: int, output_len: int,
     return row
 
 
-def startup_section(model: str, load_format: str, max_num_seqs: int, max_num_batched_tokens: int) -> dict:
+def startup_section(model: str, load_format: str, max_num_seqs: int, max_num_batched_tokens: int,
+                    compile_threads: tuple[int, ...] = (1,)) -> dict:
     """Seconds from process start to a ready engine (weights loaded, every bucket compiled):
-    cold (empty compilation cache) then warm (the cache the cold start filled)."""
+    cold (empty compilation cache) then warm (the cache the cold start filled), with the first
+    of ``compile_threads``; then a cold start with each other count
+    (``EngineConfig.compile_threads``)."""
     import subprocess
     import tempfile
 
-    code = ("import time; t = time.time(); from duetjax import Engine; "
-            f"e = Engine({model!r}, load_format={load_format!r}, dtype='bfloat16', "
-            f"max_num_seqs={max_num_seqs}, max_num_batched_tokens={max_num_batched_tokens}, "
-            "show_progress=False); "
-            "print('READY', time.time() - t, e.stats().compile_seconds, len(e.compiled_buckets()))")
-    row = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, DUETJAX_CACHE_DIR=cache)
-        for label in ("cold", "warm"):
-            start = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                 text=True, check=True).stdout
-            ready, compile_s, buckets = out.split("READY")[-1].split()
-            row[label] = {"wall_s": time.perf_counter() - start, "ready_s": float(ready),
-                          "compile_s": float(compile_s), "buckets": int(buckets)}
-            log(f"start-up {label}: {row[label]['wall_s']:.1f} s to ready "
-                f"({row[label]['compile_s']:.1f} s compiling {buckets} buckets)")
+    def start(threads: int, cache: str) -> dict:
+        code = ("import time; t = time.time(); from duetjax import Engine; "
+                f"e = Engine({model!r}, load_format={load_format!r}, dtype='bfloat16', "
+                f"max_num_seqs={max_num_seqs}, max_num_batched_tokens={max_num_batched_tokens}, "
+                f"compile_threads={threads}, show_progress=False); "
+                "print('READY', time.time() - t, e.stats().compile_seconds, "
+                "len(e.compiled_buckets()))")
+        began = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DUETJAX_CACHE_DIR=cache),
+                             capture_output=True, text=True, check=True).stdout
+        ready, compile_s, buckets = out.split("READY")[-1].split()
+        return {"wall_s": time.perf_counter() - began, "ready_s": float(ready),
+                "compile_s": float(compile_s), "buckets": int(buckets), "compile_threads": threads}
+
+    row: dict = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+                 "cold_by_threads": {}}
+    for i, threads in enumerate(compile_threads):
+        with tempfile.TemporaryDirectory() as cache:
+            for label in ("cold", "warm") if i == 0 else ("cold",):
+                run = start(threads, cache)
+                if i == 0:
+                    row[label] = run
+                if label == "cold":
+                    row["cold_by_threads"][threads] = run
+                log(f"start-up {label}, {threads} compile threads: {run['wall_s']:.1f} s to ready "
+                    f"({run['compile_s']:.1f} s compiling {run['buckets']} buckets)")
     return row
 
 
@@ -349,6 +362,10 @@ def markdown(report: dict) -> str:
                   f"buckets): cold {st['cold']['wall_s']:.1f} s ({st['cold']['compile_s']:.1f} s "
                   f"compiling), warm {st['warm']['wall_s']:.1f} s ({st['warm']['compile_s']:.1f} s "
                   "loading from the compilation cache).", ""]
+        if len(st.get("cold_by_threads", {})) > 1:
+            lines += ["Cold start by compile threads: " + ", ".join(
+                f"{t}: {r['wall_s']:.1f} s ({r['compile_s']:.1f} s compiling)"
+                for t, r in st["cold_by_threads"].items()) + ".", ""]
     if report.get("paris"):
         lines += [f"SmolLM2 bf16 on the GPU kernels: {report['paris']['text']!r}", ""]
     return "\n".join(lines)
@@ -407,6 +424,9 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--startup-limits", default="16,512",
                    help="max_num_seqs,max_num_batched_tokens of the start-up section's engine")
+    p.add_argument("--compile-threads", default="1",
+                   help="start-up section: EngineConfig.compile_threads values, comma-separated "
+                        "(a cold start each; the first also warm)")
     p.add_argument("--scan-unroll", type=int, default=None, help="EngineConfig.scan_unroll")
     p.add_argument("--gemm-backend", default="cublas", help="EngineConfig.gemm_backend")
     p.add_argument("--decode-steps", type=int, default=1,
@@ -446,7 +466,8 @@ def main() -> None:
         report["paris"] = paris_section()
     if "startup" in sections:
         seqs, tokens = (int(x) for x in args.startup_limits.split(","))
-        report["startup"] = startup_section(args.model, args.load_format, seqs, tokens)
+        report["startup"] = startup_section(args.model, args.load_format, seqs, tokens,
+                                            tuple(int(t) for t in args.compile_threads.split(",")))
     save(report, args)
     batches = [int(b) for b in args.batches.split(",")]
     lengths = [int(n) for n in args.prefill.split(",")]
@@ -460,6 +481,8 @@ def main() -> None:
                 for label, quantization, activation, kv_cache_dtype in engine_variants(
                     weight_variants(args.quantization, args.fp8_activation), args.kv_cache_dtype)
                 for layers in args.layer_weights.split(",")]
+    if not (sections & {"decode", "prefill", "host", "offline"} or args.dump_hlo):
+        variants = []  # nothing to run on an engine of the bench's own
     for i, (label, quantization, activation, kv_cache_dtype, tp, layers) in enumerate(variants):
         try:
             run_variant(args, report, sections, batches, lengths, i, label, quantization,

@@ -15,7 +15,7 @@
 #   DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1 (duet); PROFILE_TOP
 #   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-layers, fp8-triton, fp8-trace,
 #   fp8-accuracy, load, prefill-mgpu, prefill-e2e and decode-mgpu: FP8 speed, its kernels and
-#   accuracy, load times and the Mosaic GPU kernels.
+#   accuracy, load times and the Mosaic GPU kernels. startup: cold starts by compile threads.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
@@ -179,6 +179,11 @@ for section in "$@"; do
                 --sections prefill --batches 1 --prefill 2048,8192 \
                 --out "$results_dir/prefill-e2e-$kernel.json" --table "$results_dir/prefill-e2e-$kernel.md"
         done ;;
+    startup)  # cold and warm start of a serving-sized engine (64 sequences, 2,048 tokens),
+        # then a cold start compiling on 8 threads
+        $python tools/bench_engine.py --model $model --sections startup \
+            --startup-limits 64,2048 --compile-threads 1,8 \
+            --out "$results_dir/startup.json" --table "$results_dir/startup.md" ;;
     decode-mgpu)  # the Mosaic GPU decode kernel: GPU tests, then against Triton and a copy at
         # 100 %, 30 % and 50 % of the SMs
         timeout 600 $python -m pytest tests/pallas_kernels/test_decode_mgpu.py -q -m gpu -x \

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -206,8 +207,16 @@ class ModelRunner:
         each of their sequence counts (from the persistent cache when it holds them)."""
         if buckets is None:
             buckets = plan_buckets(self.config, self.decode_steps)
-        for b in tqdm(buckets, desc="compile", disable=not show_progress):
-            self._compile(b)
+        # This thread traces and lowers one bucket after another while the pool compiles those
+        # already lowered (XLA releases the GIL).
+        start = time.perf_counter()
+        with ThreadPoolExecutor(self.config.compile_threads) as pool:
+            compiling = {b: pool.submit(self._lower(b).compile,
+                                        compiler_options=self._compiler_options)
+                         for b in tqdm(buckets, desc="compile", disable=not show_progress)}
+            for b, future in compiling.items():
+                self._executables[b] = future.result()
+        self.compile_seconds += time.perf_counter() - start
         for num_seqs in sorted({b.num_seqs for b in buckets}):
             self._compile_samplers(num_seqs)
         if self.computes_prompt_logprobs:
@@ -265,15 +274,17 @@ class ModelRunner:
         return {"xla_gpu_enable_triton_gemm": self.config.gemm_backend == "triton",
                 "xla_disable_hlo_passes": "dot-merger,rematerialization"}
 
-    def _compile(self, b: Bucket) -> jax.stages.Compiled:
-        start = time.perf_counter()
+    def _lower(self, b: Bucket) -> jax.stages.Lowered:
         inputs = build_inputs(b, None, self.page_size, self.max_pages_per_seq)
         args = (self.state.params, self.state.kv_pool, self._no_previous, _packed(inputs))
         if b.multi_step:
-            lowered = self._jitted_multi_step.lower(*args, layout=layout_of(inputs), num_steps=b.steps)
-        else:
-            lowered = self._jitted_step.lower(*args, layout=layout_of(inputs))
-        self._executables[b] = lowered.compile(compiler_options=self._compiler_options)
+            return self._jitted_multi_step.lower(*args, layout=layout_of(inputs),
+                                                 num_steps=b.steps)
+        return self._jitted_step.lower(*args, layout=layout_of(inputs))
+
+    def _compile(self, b: Bucket) -> jax.stages.Compiled:
+        start = time.perf_counter()
+        self._executables[b] = self._lower(b).compile(compiler_options=self._compiler_options)
         self.compile_seconds += time.perf_counter() - start
         return self._executables[b]
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
+from duetjax.config import ConfigError, EngineConfig
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -31,6 +32,22 @@ def test_batch_equals_one_by_one(engine):
     alone = [token_ids(engine.generate(p, GREEDY, use_tqdm=False))[0] for p in batch]
     assert together == alone
     assert all(len(t) == 12 for t in together)
+
+
+def test_compile_threads_compile_the_same_buckets(engine, tiny_llama_dir):
+    """Buckets compiled on a pool of threads: the same set, nothing compiled while serving,
+    the same tokens."""
+    threaded = Engine(tiny_llama_dir, dtype="float32", max_num_seqs=8,
+                      max_num_batched_tokens=64, show_progress=False, compile_threads=3,
+                      compilation_cache_dir="")
+    assert set(threaded.compiled_buckets()) == set(engine.compiled_buckets())
+    compiled = threaded.stats().compile_seconds
+    batch = prompts(6, seed=3)
+    assert (token_ids(threaded.generate(batch, GREEDY, use_tqdm=False))
+            == token_ids(engine.generate(batch, GREEDY, use_tqdm=False)))
+    assert threaded.stats().compile_seconds == compiled, "compiled while serving"
+    with pytest.raises(ConfigError, match="compile_threads"):
+        EngineConfig(compile_threads=0)
 
 
 def test_stats_is_a_snapshot_of_the_engine(engine, tiny_llama_dir):

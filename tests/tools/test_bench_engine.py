@@ -210,3 +210,14 @@ def test_a_variant_that_fails_is_reported_and_the_others_run(tiny_llama_dir, tmp
     assert "out of memory" in report["failed"]["bf16+fp8kv"]
     assert {r["weights"] for r in report["decode"]} == {"bf16", "fp8-dynamic"}
     assert "**bf16+fp8kv failed:** RuntimeError" in table.read_text()
+
+
+def test_startup_section_times_cold_starts_per_compile_threads(tiny_llama_dir):
+    row = be.startup_section(str(tiny_llama_dir), "auto", 2, 16, compile_threads=(1, 2))
+    assert row["cold"]["compile_threads"] == row["warm"]["compile_threads"] == 1
+    assert set(row["cold_by_threads"]) == {1, 2}
+    assert {r["buckets"] for r in row["cold_by_threads"].values()} == {row["cold"]["buckets"]}
+    assert all(r["compile_s"] > 0 for r in row["cold_by_threads"].values())
+    report = {"model": "tiny", "device": "cpu", "date": "today", "jax": "x", "command": "c",
+              "ceilings": {"copy_tb_s": 1.0, "matmul_tflop_s": 1.0}, "startup": row}
+    assert "Cold start by compile threads: 1: " in be.markdown(report)
