@@ -64,7 +64,7 @@ class MgpuDecodeConfig:
     p_in_registers: bool = True
     """PV's A operand from registers; False goes through shared memory (interpret mode)."""
 
-    def shared_bytes(self, head_dim: int, itemsize: int, direct: bool, group: int = 1) -> int:
+    def shared_bytes(self, head_dim: int, itemsize: int, direct: bool, group: int) -> int:
         ring = self.num_stages * 2 * self.block_kv * head_dim * itemsize
         q = 2 * ROWS * head_dim * itemsize
         exchange = ROWS * head_dim * 4 + 2 * ROWS * stats_columns(group) * 4
@@ -149,7 +149,7 @@ def _kernel(context_len_ref, block_table_ref, order_ref, params_ref, q_ref, pool
     block_kv, stages = cfg.block_kv, cfg.num_stages
     group = num_q_heads // num_kv_heads
     q_box = q_box_rows(group)
-    stats = stats_columns(group)
+    stats = stats_smem.shape[-1]
     dtype = q_smem.dtype
     program = lax.axis_index("programs")
     wg = lax.axis_index("wg")
