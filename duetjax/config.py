@@ -141,13 +141,13 @@ class EngineConfig:
     GEMMs in FP8 (W8A8); 'none' upcasts the weights inside the GEMMs (weight-only)."""
     kv_cache_dtype: str = "auto"
     """The KV cache's element type (vLLM's option): 'auto', the model's dtype; 'fp8', e4m3
-    with one float32 scale per layer for K and one for V: a byte per element, so the pool
-    holds twice the tokens of bf16 in the same memory and a decode step reads half the KV
-    bytes. The scales come from the checkpoint (compressed-tensors ``k_scale`` / ``v_scale``)
-    when it has them, else 1.0, as in vLLM. 1.0 is safe enough for bf16 models: e4m3 keeps
-    the same 3-bit relative precision anywhere in [2^-6, 448], which covers typical key and
-    value activations (a unit scale only clamps outliers beyond 448 and coarsens values below
-    2^-6, which weigh little in dot products). ``calculate_kv_scales`` computes them instead
+    with float32 K and V scales per layer (or per KV head, where the checkpoint has them so):
+    a byte per element, so the pool holds twice the tokens of bf16 in the same memory and a
+    decode step reads half the KV bytes. The scales come from the checkpoint
+    (compressed-tensors ``k_scale`` / ``v_scale``) when it has them, else 1.0, as in vLLM.
+    1.0 is safe enough for bf16 models: e4m3 keeps the same 3-bit relative precision anywhere
+    in [2^-6, 448], which covers typical key and value activations (a unit scale only clamps
+    outliers beyond 448 and coarsens values below 2^-6, which weigh little in dot products). ``calculate_kv_scales`` computes them instead
     for a checkpoint without any."""
     calculate_kv_scales: bool = False
     """With an FP8 KV cache and a checkpoint that has no KV scales: compute each layer's K and

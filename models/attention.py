@@ -43,15 +43,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_pool: jax.Array, layer: 
     """Writes this step's K/V into the pool, then attends over each sequence's pages.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; ``kv_scale``: this layer's K and V scales of an FP8
-    pool (None: 1.0). Returns (output [T, Hq, D], updated pool). ``mesh``: a tensor-parallel
-    group (``tensor_parallel``): heads and the pool split by heads over it, each device runs
-    the kernels on its own heads (the metadata and the scales are the same everywhere).
+    pool, ``[2]`` or ``[2, Hkv]`` (None: 1.0). Returns (output [T, Hq, D], updated pool).
+    ``mesh``: a tensor-parallel group (``tensor_parallel``): heads, the pool and per-head
+    scales split by heads over it, each device runs the kernels on its own heads (the
+    metadata and per-layer scales are the same everywhere).
     """
     run = functools.partial(_attend, scale=scale, soft_cap=soft_cap, impl=impl)
     if mesh is None:
         return run(q, k, v, kv_pool, layer, meta, sliding_window, kv_scale)
     heads, pool = P(None, AXIS), kv_pool_spec()
-    run = jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, pool, P(), P(), P(), P()),
+    scales = heads if kv_scale is not None and kv_scale.ndim == 2 else P()  # [2, Hkv]: by heads
+    run = jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, pool, P(), P(), P(), scales),
                         out_specs=(heads, pool), check_vma=False)
     return run(q, k, v, kv_pool, layer, meta, sliding_window, kv_scale)
 

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .attention import AttentionMetadata, attend
 from .config import ModelConfig
+from .kv_scales import KVScales, scales_array
 from .layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope
 from .quantization import Fp8Config
 from .tensor_parallel import group_size, replicated, split_fused, vocab_split
@@ -53,8 +54,9 @@ class Attention(nn.Module):
         k = apply_rope(k, meta.positions, inv_freq)
         # What the pool stores, for FP8 KV scales computed from the model (``kv_calibration``);
         # only kept where "intermediates" is mutable, else dropped.
-        self.sow("intermediates", "kv_amax",
-                 jnp.stack([jnp.max(jnp.abs(k)), jnp.max(jnp.abs(v))]).astype(jnp.float32))
+        self.sow("intermediates", "kv_amax",  # [2, Hkv]
+                 jnp.stack([jnp.max(jnp.abs(k), axis=(0, 2)),
+                            jnp.max(jnp.abs(v), axis=(0, 2))]).astype(jnp.float32))
         out, kv_pool = attend(q, k, v, kv_pool, layer, meta, scale=cfg.attn_scale,
                               soft_cap=cfg.attn_logit_softcap, sliding_window=window,
                               kv_scale=kv_scale, impl=self.impl, mesh=self.mesh)
@@ -110,9 +112,10 @@ class Decoder(nn.Module):
     quantization: Fp8Config | None = None
     """FP8 weights in the decoder layers' linear layers (``models.quantization``); None:
     every weight in ``dtype``."""
-    kv_scales: tuple[tuple[float, float], ...] | None = None
-    """(K scale, V scale) per layer of an FP8 KV pool (``LoadedModel.kv_scales``), compiled in
-    as constants; None: an FP8 pool scales by 1.0, and any other pool takes none."""
+    kv_scales: KVScales | None = None
+    """(K scale, V scale) per layer, or per layer and KV head, of an FP8 KV pool
+    (``LoadedModel.kv_scales``), compiled in as constants; None: an FP8 pool scales by 1.0,
+    and any other pool takes none."""
     mesh: Mesh | None = None
     """The tensor-parallel group the weights and the KV pool are split over
     (``models.tensor_parallel``; ``config`` is then its ``held_config``); None: one device."""
@@ -150,7 +153,8 @@ class Decoder(nn.Module):
         per_layer = (jnp.arange(cfg.num_layers, dtype=jnp.int32),
                      jnp.asarray(cfg.layer_windows, jnp.int32),
                      jnp.asarray(cfg.uses_local_rope, bool),
-                     None if self.kv_scales is None else jnp.asarray(self.kv_scales, jnp.float32))
+                     None if self.kv_scales is None else scales_array(self.kv_scales,
+                                                                  cfg.num_kv_heads))
         if not self.per_layer_weights:
             (x, kv_pool), _ = self.layers((x, kv_pool), per_layer, meta)
             return x, kv_pool

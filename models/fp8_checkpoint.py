@@ -31,14 +31,15 @@ e4m3 values and one float32 scale per output channel) under the same HF names, s
   device. That adds one e4m3 rounding (at most half a unit in the last place, 1/16 relative)
   to elements whose block scale is below their row's largest.
 
-A compressed-tensors ``kv_cache_scheme`` (8-bit float, one static scale per tensor) is
-accepted: its per-layer ``self_attn.k_scale`` / ``self_attn.v_scale`` (or the older single
-``self_attn.kv_scale``, for both) are read by ``read_kv_scales`` for an FP8 KV cache
-(``kv_cache_dtype='fp8'``) and are not weights of the model.
+A compressed-tensors ``kv_cache_scheme`` (8-bit float, static scales per tensor, strategy
+``tensor``, or per KV head, ``attn_head``) is accepted: its per-layer ``self_attn.k_scale`` /
+``self_attn.v_scale`` (or the older single ``self_attn.kv_scale``, for both), one number or one
+per KV head, are read by ``read_kv_scales`` for an FP8 KV cache (``kv_cache_dtype='fp8'``) and
+are not weights of the model.
 
 Anything else (other bit widths or types, integer formats, other block sizes, static
-activation scales finer than per tensor, per-head or dynamic KV-cache scales, layers left unquantized besides the LM
-head) is a ``CheckpointError`` naming the config field and value.
+activation scales finer than per tensor, dynamic KV-cache scales, layers left unquantized
+besides the LM head) is a ``CheckpointError`` naming the config field and value.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError
+from .kv_scales import KVScales, checked_kv_scales
 
 BLOCK = 128
 """Side of the square blocks of block-wise FP8 weights (the only size published so far)."""
@@ -134,47 +136,42 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:
 
 
 def _check_kv_cache_scheme(scheme: Mapping[str, Any]) -> None:
-    """An FP8 KV cache with one static scale per layer for K and one for V is what the pool
+    """An FP8 KV cache with static K and V scales per layer or per KV head is what the pool
     holds; other schemes are refused by field."""
     for key, wanted in (("num_bits", 8), ("type", "float")):
         if scheme.get(key) != wanted:
             raise _field(f".kv_cache_scheme.{key}", scheme.get(key),
                          f"only {wanted!r} (an FP8 e4m3 KV cache) is supported")
-    if scheme.get("strategy", "tensor") != "tensor":
-        raise _field(".kv_cache_scheme.strategy", scheme.get("strategy"), "only 'tensor' (one "
-                     "K and one V scale per layer) is supported")
+    if scheme.get("strategy", "tensor") not in ("tensor", "attn_head"):
+        raise _field(".kv_cache_scheme.strategy", scheme.get("strategy"), "supported: 'tensor' "
+                     "(one K and one V scale per layer) and 'attn_head' (one per KV head)")
     if scheme.get("dynamic"):
         raise _field(".kv_cache_scheme.dynamic", True, "only static scales (k_scale / v_scale "
                      "tensors) are supported")
 
 
-def read_kv_scales(source: Any, num_layers: int) -> tuple[tuple[float, float], ...] | None:
+def read_kv_scales(source: Any, num_layers: int, num_kv_heads: int) -> KVScales | None:
     """(K scale, V scale) of every layer from ``model.layers.{i}.self_attn.k_scale`` and
-    ``v_scale``, or the older ``kv_scale`` for both; None when the checkpoint holds neither.
-    A layer without them, or a scale that is not a finite positive number, is a
-    ``CheckpointError``."""
+    ``v_scale``, or the older ``kv_scale`` for both, each one number or one per KV head; None
+    when the checkpoint holds neither. A layer without them, or a scale that is not finite
+    and positive, is a ``CheckpointError``."""
     names = source.names()
     prefix = "model.layers.{}.self_attn."
     if not any(n.endswith(KV_SCALE_SUFFIXES) for n in names):
         return None
-    scales = []
+    k, v = [], []
     for i in range(num_layers):
         at = prefix.format(i)
         keys = ((at + "k_scale", at + "v_scale") if at + "k_scale" in names
                 else (at + "kv_scale",) * 2)
-        missing = [k for k in keys if k not in names]
+        missing = [key for key in keys if key not in names]
         if missing:
             raise CheckpointError(f"tensor {missing[0]!r} is missing: the checkpoint holds KV "
                                   "cache scales for other layers")
-        pair = []
-        for key in keys:
-            value = np.asarray(source.get(key), np.float32)
-            if value.size != 1 or not np.isfinite(value).all() or float(value.reshape(())) <= 0:
-                raise CheckpointError(f"tensor {key!r} = {value.tolist()}: a KV cache scale is "
-                                      "one finite positive number")
-            pair.append(float(value.reshape(())))
-        scales.append(tuple(pair))
-    return tuple(scales)
+        k.append(np.asarray(source.get(keys[0]), np.float32))
+        v.append(np.asarray(source.get(keys[1]), np.float32))
+    return checked_kv_scales(k, v, num_layers, num_kv_heads, "KV cache scale tensors "
+                             "(model.layers.*.self_attn.k_scale / v_scale)")
 
 
 def _block_fp8(qc: Mapping[str, Any]) -> Fp8CheckpointFormat:

@@ -16,6 +16,7 @@ from .checkpoint import load_params, random_params
 from .config import ModelConfig
 from .errors import CheckpointError
 from .fp8_checkpoint import Fp8CheckpointSource, fp8_checkpoint_format, read_kv_scales
+from .kv_scales import KVScales
 from .hf_loader import SafetensorsSource, read_generation_config, read_hf_config
 from .orbax_loader import load_orbax, tree_dir
 from .quantization import QUANTIZATION_METHODS, Fp8Config
@@ -59,10 +60,11 @@ class LoadedModel:
     quantization: Fp8Config | None = None
     """FP8 weights in the decoder's linear layers (``models.quantization``); None: every
     weight in ``dtype``."""
-    kv_scales: tuple[tuple[float, float], ...] | None = None
-    """(K scale, V scale) per layer for an FP8 KV cache, from the checkpoint
-    (compressed-tensors ``k_scale`` / ``v_scale``); None: it holds none (an FP8 cache then
-    scales by 1.0). Unused by a high-precision cache."""
+    kv_scales: KVScales | None = None
+    """(K scale, V scale) per layer for an FP8 KV cache (``models.kv_scales``: per layer or
+    per KV head), from the checkpoint (compressed-tensors ``k_scale`` / ``v_scale``) or
+    computed (``kv_calibration``); None: none (an FP8 cache then scales by 1.0). Unused by a
+    high-precision cache."""
     mesh: Mesh | None = None
     """The tensor-parallel group the weights are split over (``models.tensor_parallel``:
     ``params`` then has ``held_config``'s shapes); None: one device."""
@@ -169,7 +171,7 @@ def load_model(model: str | Path | None = None, dtype: str | Any = "auto",
             params = random_params(config, dtype, quantization=quant, mesh=mesh)
         else:
             source = SafetensorsSource(path)
-            kv_scales = read_kv_scales(source, config.num_layers)
+            kv_scales = read_kv_scales(source, config.num_layers, config.num_kv_heads)
             if fp8_format is not None:
                 source = Fp8CheckpointSource(source, fp8_format)
             params = load_params(config, source, dtype, quantization=quant, mesh=mesh)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +31,7 @@ from .checkpoint import abstract_params, load_params
 from .config import ModelConfig
 from .errors import CheckpointError
 from .hf_loader import read_hf_config
+from .kv_scales import KVScales, checked_kv_scales
 from .orbax_layouts import (GEMMA_EMBEDDING, MAXTEXT_EMBEDDING, LayoutSource, duetjax_tensors,
                             gemma_flax_tensors, maxtext_tensors)
 from .orbax_tree import OrbaxTree, is_orbax_tree
@@ -40,8 +40,9 @@ from .quantization import Fp8Config
 PARAMS_DIR = "params"
 """duetjax's own layout: the folder holding the parameter tree."""
 KV_SCALES_FILE = "kv_scales.json"
-"""duetjax's own layout: the FP8 KV cache's per-layer scales of the checkpoint it was converted
-from, ``{"k_scale": [...], "v_scale": [...]}`` (absent when that checkpoint had none)."""
+"""duetjax's own layout: the FP8 KV cache's scales of the checkpoint it was converted from,
+``{"k_scale": [...], "v_scale": [...]}`` with a number (or a list, one per KV head) per layer
+(absent when that checkpoint had none)."""
 STEP_ITEMS = ("items", "default")
 """Item folders of an Orbax CheckpointManager step (MaxText writes 'items')."""
 LAYOUTS = {"duetjax": "duetjax's own", "maxtext": "MaxText", "gemma": "Gemma Flax"}
@@ -88,7 +89,7 @@ class OrbaxCheckpoint:
     quantization: Fp8Config | None = None
     """FP8 linear layers (duetjax's own layout converted from an FP8 checkpoint); None: every
     weight in the requested dtype."""
-    kv_scales: tuple[tuple[float, float], ...] | None = None
+    kv_scales: KVScales | None = None
     """(K scale, V scale) per layer for an FP8 KV cache (``KV_SCALES_FILE``); None: none kept."""
 
 
@@ -139,27 +140,30 @@ def load_orbax(path: Path, dtype: Any,
             tensors = table(config, tree)
         params = load_params(config, LayoutSource(tree, LAYOUTS[layout], tensors), dtype,
                              quantization=quantization, mesh=mesh)
-    kv_scales = read_kv_scales_file(files_dir / KV_SCALES_FILE, config.num_layers) \
+    kv_scales = read_kv_scales_file(files_dir / KV_SCALES_FILE, config.num_layers,
+                                    config.num_kv_heads) \
         if layout == "duetjax" else None
     return OrbaxCheckpoint(hf_config=hf_config, config=config, params=params, layout=layout,
                            files_dir=files_dir, quantization=quantization, kv_scales=kv_scales)
 
 
-def read_kv_scales_file(path: Path, num_layers: int) -> tuple[tuple[float, float], ...] | None:
-    """The per-layer (K, V) scales ``KV_SCALES_FILE`` holds, checked; None when it is absent."""
+def read_kv_scales_file(path: Path, num_layers: int, num_kv_heads: int) -> KVScales | None:
+    """The per-layer (K, V) scales ``KV_SCALES_FILE`` holds (per layer, or per KV head),
+    checked; None when it is absent."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
-        k, v = [float(x) for x in data["k_scale"]], [float(x) for x in data["v_scale"]]
+        k, v = list(data["k_scale"]), list(data["v_scale"])
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: expected {{\"k_scale\": [...], \"v_scale\": [...]}} "
-                              f"with a number per layer ({err!r})") from None
-    if len(k) != num_layers or len(v) != num_layers:
-        raise CheckpointError(f"{path}: {len(k)} K and {len(v)} V scales for {num_layers} layers")
-    if not all(math.isfinite(x) and x > 0 for x in k + v):
-        raise CheckpointError(f"{path}: every scale must be finite positive")
-    return tuple(zip(k, v))
+                              f"with a number (or one per KV head) per layer ({err!r})") from None
+    try:
+        return checked_kv_scales(k, v, num_layers, num_kv_heads, str(path))
+    except (ValueError, TypeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: a scale is not a number ({err})") from None
 
 
 def holds_fp8(tree: OrbaxTree) -> bool:

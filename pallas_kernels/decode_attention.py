@@ -60,7 +60,7 @@ def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref
     score_scale = scale if soft_cap else scale * LOG2E
     fp8 = is_fp8(pool_ref.dtype)
     if fp8:
-        score_scale = score_scale * scale_ref[0]
+        score_scale = score_scale * scale_ref[0, head]
 
     def body(i, carry):
         acc, row_max, row_sum = carry
@@ -85,7 +85,7 @@ def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref
     acc, row_max, row_sum = lax.fori_loop(0, num_blocks, body, init)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]
     if fp8:
-        out = out * scale_ref[1]
+        out = out * scale_ref[1, head]
     if num_splits == 1:
         (o_ref,) = out_refs
         plgpu.store(o_ref.at[seq, q_heads, dims], out.astype(o_ref.dtype),
@@ -115,7 +115,8 @@ def paged_decode_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | 
     """Attention of ``q [B, Hq, D]`` (one token per sequence) over its paged context.
 
     ``context_lens [B]`` counts the keys of each sequence, this token's included; 0 gives zeros.
-    ``kv_scale``: float32 ``[2]``, the layer's K and V scales of an FP8 pool (None: 1.0).
+    ``kv_scale``: float32 ``[2]`` or ``[2, Hkv]``, the layer's K and V scales of an FP8 pool
+    (``kv_layout``; None: 1.0).
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pool.shape[2], kv_pool.shape[4]

@@ -12,9 +12,11 @@ Why this order:
   bf16), so a decode program streams K and V of its head with long contiguous reads.
 - A slot is ``page * page_size + offset``; slot ``-1`` marks a padding token (never written).
 
-An FP8 pool (``FP8_KV_DTYPE``) holds ``round(x / scale)`` in e4m3 with one float32 scale per
-layer for K and one for V (``kv_scale [2]``, vLLM's ``k_scale`` / ``v_scale``): the real value
-is ``stored * scale``. The write quantizes, every attention path dequantizes as it reads.
+An FP8 pool (``FP8_KV_DTYPE``) holds ``round(x / scale)`` in e4m3 with float32 scales for K and
+for V of each layer, one per layer (``kv_scale [2]``, vLLM's ``k_scale`` / ``v_scale``) or one
+per KV head (``kv_scale [2, num_kv_heads]``): the real value is ``stored * scale``. The write
+quantizes, every attention path dequantizes as it reads; each kernel program owns one KV head,
+so a per-head scale costs it nothing.
 """
 from __future__ import annotations
 
@@ -35,14 +37,24 @@ def is_fp8(dtype) -> bool:
 
 
 def scales_for(kv_pool: jax.Array, kv_scale: jax.Array | None) -> jax.Array:
-    """float32 ``[2]`` (K scale, V scale) of one layer; 1.0 where none is given. Only an FP8
-    pool is scaled: a scale for any other pool is a ValueError."""
+    """float32 ``[2, num_kv_heads]``: one layer's K and V scales per KV head, from ``kv_scale``
+    ``[2]`` (per layer, broadcast over the heads) or ``[2, num_kv_heads]``; 1.0 where none is
+    given. Only an FP8 pool is scaled: a scale for any other pool, or of another shape, is a
+    ValueError."""
+    num_kv_heads = kv_pool.shape[HEAD_AXIS]
     if kv_scale is None:
-        return jnp.ones((2,), jnp.float32)
+        return jnp.ones((2, num_kv_heads), jnp.float32)
     if not is_fp8(kv_pool.dtype):
         raise ValueError(f"kv_scale applies to an FP8 KV pool only; this pool is "
                          f"{jnp.dtype(kv_pool.dtype).name}")
-    return jnp.asarray(kv_scale, jnp.float32).reshape(2)
+    kv_scale = jnp.asarray(kv_scale, jnp.float32)
+    if kv_scale.shape == (2,):
+        kv_scale = kv_scale[:, None]
+    elif kv_scale.shape != (2, num_kv_heads):
+        raise ValueError(f"kv_scale must be [2] (K and V scales of the layer) or "
+                         f"[2, {num_kv_heads}] (one per KV head of this pool), got "
+                         f"{list(kv_scale.shape)}")
+    return jnp.broadcast_to(kv_scale, (2, num_kv_heads))
 
 
 def quantize_kv(x: jax.Array, scale: jax.Array) -> jax.Array:

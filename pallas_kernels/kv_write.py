@@ -45,7 +45,7 @@ def _write_kernel(pool_in_ref, layer_ref, k_ref, v_ref, slot_ref, scale_ref, poo
     for kv, src_ref in ((0, k_ref), (1, v_ref)):
         rows = plgpu.load(src_ref.at[token[:, None], head, dims], mask=in_range[:, None], other=0)
         if is_fp8(pool_ref.dtype):
-            rows = jnp.clip(rows.astype(jnp.float32) / scale_ref[kv], -FP8_KV_MAX, FP8_KV_MAX)
+            rows = jnp.clip(rows.astype(jnp.float32) / scale_ref[kv, head], -FP8_KV_MAX, FP8_KV_MAX)
         plgpu.store(pool_ref.at[layer, page, head, kv, offset, dims], rows.astype(pool_ref.dtype),
                     mask=valid[:, None])
 
@@ -55,7 +55,8 @@ def write_kv_pallas(kv_pool: jax.Array, layer: jax.Array | int, k: jax.Array, v:
                     slot_mapping: jax.Array, kv_scale: jax.Array | None = None, *,
                     block_t: int = 16, num_warps: int = 4, interpret: bool = False) -> jax.Array:
     """Scatters ``k, v [T, Hkv, D]`` to ``slot_mapping [T]`` (slot -1: skipped), in place;
-    an FP8 pool gets them quantized with ``kv_scale`` (float32 ``[2]``, K and V; None: 1.0)."""
+    an FP8 pool gets them quantized with ``kv_scale`` (float32 ``[2]`` or ``[2, Hkv]``, K and V
+    per layer or per KV head; None: 1.0)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     assert KV_AXIS == 3 and kv_pool.shape[2] == num_kv_heads and kv_pool.shape[5] == head_dim
     kernel = functools.partial(_write_kernel, block_t=block_t, num_tokens=num_tokens,

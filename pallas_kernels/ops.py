@@ -10,8 +10,8 @@ process. "triton" is the Triton-lowered kernel; "mgpu" is the Mosaic GPU kernel 
 (FP8 pools among them). Defaults: "mgpu" for prefill (1.7x Triton's rate on an H100: 459
 against 273 TFLOP/s over 8k causal tokens), "triton" for decode.
 
-``kv_scale``: float32 ``[2]``, one layer's K and V scales of an FP8 pool (``kv_layout``);
-None: 1.0. Checked here, once, for every path.
+``kv_scale``: float32 ``[2]`` or ``[2, num_kv_heads]``, one layer's K and V scales of an FP8
+pool, per layer or per KV head (``kv_layout``); None: 1.0. Checked here, once, for every path.
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def resolve_impl(impl: str, head_dim: int | None = None) -> str:
 
 
 def _checked_scale(kv_pool: jax.Array, kv_scale: jax.Array | None) -> jax.Array | None:
-    """``kv_scale`` as float32 ``[2]``; a scale for a pool that is not FP8 is a ValueError."""
+    """``kv_scale`` as float32 ``[2, num_kv_heads]``; a scale for a pool that is not FP8, or
+    of another shape, is a ValueError."""
     return None if kv_scale is None else scales_for(kv_pool, kv_scale)
 
 

@@ -71,7 +71,7 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
     score_scale = scale if soft_cap else scale * LOG2E
     fp8 = is_fp8(pool_ref.dtype)
     if fp8:
-        score_scale = score_scale * scale_ref[0]
+        score_scale = score_scale * scale_ref[0, head]
 
     def body(j, carry, masked: bool):
         acc, row_max, row_sum = carry
@@ -104,7 +104,7 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
                                     carry)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]
     if fp8:
-        out = out * scale_ref[1]
+        out = out * scale_ref[1, head]
     plgpu.store(o_ref.at[q_token, q_head, dims], out.astype(o_ref.dtype), mask=row_valid[:, None])
 
 
@@ -145,7 +145,7 @@ def paged_prefill_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array |
                             interpret: bool = False, skip_single_token: bool = False,
                             kv_scale: jax.Array | None = None) -> jax.Array:
     """Ragged paged attention of ``q [T, Hq, D]``; batch convention of ``reference``;
-    ``kv_scale``: the layer's K and V scales of an FP8 pool (None: 1.0).
+    ``kv_scale``: the layer's K and V scales of an FP8 pool, ``[2]`` or ``[2, Hkv]`` (None: 1.0).
 
     ``skip_single_token``: leave the rows of sequences with one new token unwritten (the
     caller runs those through the decode kernel: here each would fill a ``block_m``-row tile

@@ -16,8 +16,8 @@ Ragged batch convention (shared by every kernel):
 - ``layer`` and ``sliding_window`` may be traced int32 scalars (they vary inside the layer scan).
 - Rows that see no key (padding) come out as zeros.
 
-FP8 pools (``kv_layout.is_fp8``): ``kv_scale [2]`` holds the layer's K and V scales (None:
-1.0); the write stores ``quantize_kv(x, scale)`` and attention reads ``stored * scale``.
+FP8 pools (``kv_layout.is_fp8``): ``kv_scale`` ``[2]`` or ``[2, num_kv_heads]`` holds the
+layer's K and V scales, per layer or per KV head (None: 1.0); the write stores ``quantize_kv(x, scale)`` and attention reads ``stored * scale``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def write_kv_reference(kv_pool: jax.Array, layer: jax.Array | int, k: jax.Array,
     offset = jnp.where(valid, slot_mapping % page_size, 0)
     kv = jnp.stack([k, v], axis=2)  # [T, H, 2, D]
     if is_fp8(kv_pool.dtype):
-        kv = quantize_kv(kv, scales_for(kv_pool, kv_scale)[:, None])
+        kv = quantize_kv(kv, scales_for(kv_pool, kv_scale).T[:, :, None])  # [H, 2, 1]
     kv = kv.astype(kv_pool.dtype)
     return kv_pool.at[layer, page, :, :, offset, :].set(kv, mode="drop")
 
@@ -71,7 +71,7 @@ def paged_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: jax.Array
     pages = jnp.swapaxes(pages, 3, 4).reshape(2, num_tokens, max_pages * page_size, num_kv_heads, head_dim)
     keys, values = pages[0], pages[1]  # [T, C, Hkv, D]
     if is_fp8(kv_pool.dtype):
-        k_scale, v_scale = scales_for(kv_pool, kv_scale)
+        k_scale, v_scale = scales_for(kv_pool, kv_scale)[:, :, None]  # [Hkv, 1] each
         keys, values = keys * k_scale, values * v_scale
 
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)

@@ -6,7 +6,7 @@ lengths, not the width of the block table: the engine can pass full-width block 
 executable per batch bucket) without paying for them.
 
 An FP8 pool's pages are upcast as they are read; the K scale multiplies the (float32) queries
-with the softmax scale, and the V scale the output.
+with the softmax scale, and the V scale the output (per KV head where the scales are).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def paged_attention_xla(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int
     lowest = jnp.where(window > 0, position - window + 1, 0)  # first visible key position
     first_page = jnp.min(jnp.where(is_real, jnp.maximum(lowest, 0) // page_size, block_tables.shape[1]))
     last_page = (jnp.max(ctx) + page_size - 1) // page_size
-    k_scale, v_scale = scales_for(kv_pool, kv_scale) if is_fp8(kv_pool.dtype) else (1.0, 1.0)
+    k_scale, v_scale = (scales_for(kv_pool, kv_scale)[:, :, None, None]  # [Hkv, 1, 1] each
+                        if is_fp8(kv_pool.dtype) else (1.0, 1.0))
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * (scale * k_scale)
     offsets = jnp.arange(page_size, dtype=jnp.int32)
 

@@ -22,8 +22,9 @@ from jax.sharding import Mesh, NamedSharding
 
 import pallas_kernels
 from models import LoadedModel
-from pallas_kernels.kv_layout import FP8_KV_DTYPE
+from models.kv_scales import KVScales
 from models.tensor_parallel import group_size, held_config, kv_pool_spec, replicated
+from pallas_kernels.kv_layout import FP8_KV_DTYPE
 
 from ..config import EngineConfig
 from .sampler import SlotTables
@@ -107,9 +108,9 @@ def kv_dtype(model: LoadedModel, config: EngineConfig) -> Any:
     return FP8_KV_DTYPE if config.kv_cache_dtype == "fp8" else model.dtype
 
 
-def kv_scales(model: LoadedModel, config: EngineConfig) -> tuple[tuple[float, float], ...] | None:
-    """The per-layer (K, V) scales the decoder applies: the checkpoint's for an FP8 pool
-    (None there: 1.0); none for any other pool."""
+def kv_scales(model: LoadedModel, config: EngineConfig) -> KVScales | None:
+    """The (K, V) scales the decoder applies, per layer or per layer and KV head: the
+    model's for an FP8 pool (None there: 1.0); none for any other pool."""
     return model.kv_scales if config.kv_cache_dtype == "fp8" else None
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from models import LoadedModel, ModelConfig, load_model
 from models.kv_calibration import calculate_kv_scales
+from models.kv_scales import describe as describe_kv_scales
 from models.tensor_parallel import TensorParallelError, make_mesh
 
 from ..compilation_cache import enable_compilation_cache
@@ -112,9 +113,8 @@ def load(model: Any, dtype: Any, load_format: str, config: EngineConfig,
         raise ConfigError("tensor_parallel_size", err.problem) from err
     if calculate and loaded.kv_scales is None:
         loaded = dataclasses.replace(loaded, kv_scales=calculate_kv_scales(loaded))
-        log.info("FP8 KV scales computed over the calibration text: K %s, V %s",
-                 [round(k, 4) for k, _ in loaded.kv_scales],
-                 [round(v, 4) for _, v in loaded.kv_scales])
+        log.info("FP8 KV scales computed over the calibration text: %s",
+                 describe_kv_scales(loaded.kv_scales))
     return loaded
 
 

@@ -56,7 +56,8 @@ class WorkerSetup:
     quantization: Any
     """``models.quantization.Fp8Config`` of FP8 weights, or None."""
     kv_scales: Any
-    """``LoadedModel.kv_scales``: the checkpoint's KV cache scales per layer, or None."""
+    """``LoadedModel.kv_scales``: the checkpoint's KV cache scales (per layer or per KV head),
+    or None."""
     engine_config: Any
     """``duetjax.config.EngineConfig``."""
     max_model_len: int

@@ -8,6 +8,7 @@ the shards each device holds; the compilations while serving at 2 devices.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -105,6 +106,36 @@ def fp8_tokens(checkpoint: Path, **options) -> dict:
     return {"tokens": tokens, "shards": shard_shapes(engine)}
 
 
+def fp8_kv_logits(checkpoint: Path) -> dict:
+    """Logits over an e4m3 pool at each group size against one device, with KV scales per
+    layer and per KV head (heads with scales of their own: at 4 devices each of Llama's 2 KV
+    heads is held twice, and each copy must keep its head's scale). The per-head scales fit
+    head 0's keys and values (about 3 at most) and clamp head 1's, so a head that reads
+    another's scale changes the logits: "swapped", one device with the heads' scales
+    reversed, is the size of such a mix-up."""
+    def logits(size: int, form: str) -> np.ndarray:
+        loaded = load_model(checkpoint, dtype="float32", mesh=make_mesh(size))
+        layers, heads = loaded.config.num_layers, loaded.config.num_kv_heads
+        if form == "per-layer":
+            scales = tuple((0.02 * (i + 1), 0.03) for i in range(layers))
+        else:
+            fits = [h % 2 == 0 for h in range(heads)]
+            if form == "swapped":
+                fits = fits[::-1]
+            scales = tuple((tuple(0.02 * (i + 1) if fit else 0.002 for fit in fits),
+                            tuple(0.03 if fit else 0.003 for fit in fits)) for i in range(layers))
+        loaded = dataclasses.replace(loaded, kv_scales=scales)
+        return np.concatenate(compute_logits(loaded, PROMPTS, kv_cache_dtype="fp8"))
+
+    result = {}
+    for form in ("per-layer", "per-head"):
+        runs = {size: logits(size, form) for size in SIZES}
+        result[form] = {size: float(np.abs(runs[size] - runs[1]).max()) for size in SIZES}
+        if form == "per-head":
+            result["swapped"] = float(np.abs(logits(1, "swapped") - runs[1]).max())
+    return result
+
+
 def compiles_while_serving(checkpoint: Path, size: int) -> list[str]:
     """Compilations while an engine that compiled at start-up serves a varied batch; then
     the GPU start-up's warm-up runs every executable once (on padding) on the group."""
@@ -141,6 +172,7 @@ def main(out: Path) -> None:
             "compiles": compiles_while_serving(checkpoints["llama"], 2),
             "fp8": fp8_tokens(checkpoints["llama"]),
             "fp8_per_layer": fp8_tokens(checkpoints["llama"], layer_weights="per-layer"),
+            "fp8_kv": fp8_kv_logits(checkpoints["llama"]),
         }
     out.write_text(json.dumps(results))
 

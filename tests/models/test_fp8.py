@@ -300,7 +300,7 @@ def _with(base: dict, path: str, value) -> dict:
            "config_groups.group_0.input_activations.strategy", "channel"),
      "input_activations.strategy"),
     (_with(COMPRESSED_TENSORS, "kv_cache_scheme", {"num_bits": 8, "type": "float",
-                                                   "strategy": "attn_head"}),
+                                                   "strategy": "channel"}),
      "kv_cache_scheme.strategy"),
     (_with(COMPRESSED_TENSORS, "kv_cache_scheme", {"num_bits": 8, "type": "int"}),
      "kv_cache_scheme.type"),

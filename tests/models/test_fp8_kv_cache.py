@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,10 +17,12 @@ KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynami
                    "symmetric": True}
 
 
-def with_kv_scales(source: Path, out: Path, scales: dict[str, float]) -> Path:
-    """``source`` as a compressed-tensors FP8 checkpoint declaring ``KV_CACHE_SCHEME``, with
-    ``model.layers.{i}.self_attn.NAME`` = value for every layer and every ``scales`` entry."""
-    config = {**_compressed("channel"), "kv_cache_scheme": KV_CACHE_SCHEME}
+def with_kv_scales(source: Path, out: Path, scales: dict[str, Any],
+                   strategy: str = "tensor") -> Path:
+    """``source`` as a compressed-tensors FP8 checkpoint declaring ``KV_CACHE_SCHEME`` (with
+    ``strategy``), with ``model.layers.{i}.self_attn.NAME`` = value * (1 + i) for every layer
+    and every ``scales`` entry (a number, or one per KV head)."""
+    config = {**_compressed("channel"), "kv_cache_scheme": {**KV_CACHE_SCHEME, "strategy": strategy}}
     write_fp8_checkpoint(source, out, "channel", config)
     layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
     scales = {f"model.layers.{i}.self_attn.{name}": np.asarray(value * (1 + i), np.float32)
@@ -65,9 +68,40 @@ def test_converted_checkpoint_keeps_its_kv_scales(hf_llama, tmp_path):
         load_model(tmp_path / "orbax", dtype="float32")
 
 
+def test_per_head_kv_scales_are_read_kept_and_applied_per_head(hf_llama, tmp_path):
+    """``kv_cache_scheme.strategy: attn_head``: one K and V scale per KV head. They load per
+    head, survive conversion, and each head's scale is its own: scales equal across heads give
+    the per-layer checkpoint's logits exactly, and scales that differ give other logits."""
+    from models.orbax_writer import convert_to_orbax
+
+    heads = json.loads((hf_llama / "config.json").read_text())["num_key_value_heads"]
+    assert heads >= 2
+    per_head = {"k_scale": np.linspace(0.03, 0.09, heads), "v_scale": np.full(heads, 0.04)}
+    model = load_model(with_kv_scales(hf_llama, tmp_path / "heads", per_head, "attn_head"),
+                       dtype="float32")
+    np.testing.assert_allclose(model.kv_scales[1][0], 2 * per_head["k_scale"], rtol=1e-6)
+    assert len(model.kv_scales) == 2 and all(len(k) == len(v) == heads for k, v in model.kv_scales)
+    converted = load_model(convert_to_orbax(tmp_path / "heads", tmp_path / "orbax", dtype="float32"),
+                           dtype="float32")
+    assert converted.kv_scales == model.kv_scales
+
+    equal = load_model(with_kv_scales(hf_llama, tmp_path / "equal",
+                                      {"k_scale": np.full(heads, 0.05), "v_scale": np.full(heads, 0.04)},
+                                      "attn_head"), dtype="float32")
+    layer = load_model(with_kv_scales(hf_llama, tmp_path / "layer", {"k_scale": 0.05, "v_scale": 0.04}),
+                       dtype="float32")
+    prompts = [[5, 17, 42, 99, 7, 3, 250, 11] * 2]
+    logits = lambda m: np.asarray(compute_logits(m, prompts, kv_cache_dtype="fp8")[0])
+    np.testing.assert_array_equal(logits(equal), logits(layer))
+    assert np.abs(logits(model) - logits(layer)).max() > 0
+    with pytest.raises(CheckpointError, match="3 values; expected 1 .per layer. or 2 .per KV head."):
+        load_model(with_kv_scales(hf_llama, tmp_path / "bad", {"kv_scale": np.ones(3)}),
+                   dtype="float32")
+
+
 @pytest.mark.parametrize("scales, match", [
     ({"k_scale": 0.5}, r"model\.layers\.0\.self_attn\.v_scale.*missing"),
-    ({"k_scale": -1.0, "v_scale": 1.0}, "finite positive"),
+    ({"k_scale": -1.0, "v_scale": 1.0}, "finite and positive"),
 ])
 def test_bad_kv_scales_are_refused_by_name(hf_llama, tmp_path, scales, match):
     with pytest.raises(CheckpointError, match=match):

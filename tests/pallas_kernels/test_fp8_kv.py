@@ -23,23 +23,42 @@ from tests.pallas_kernels.test_kernels import make_batch, rel_err
 
 KV_SCALE = jnp.asarray([0.5, 0.125], jnp.float32)
 """K and V scales of the tests' layer: not 1, so a scale applied twice or not at all shows."""
+HEAD_FACTORS = (1.0, 4.0, 0.25, 2.0)
+"""Per-head scales are ``KV_SCALE`` times these (first ``hkv``): a head's scale read for
+another head shows."""
+SCALE_FORMS = ["per-layer", "per-head"]
+
+
+def kv_scale_for(form: str, hkv: int) -> jax.Array:
+    """The tests' scales: ``KV_SCALE`` ``[2]``, or ``[2, hkv]`` differing per head."""
+    if form == "per-layer":
+        return KV_SCALE
+    return KV_SCALE[:, None] * jnp.asarray(HEAD_FACTORS[:hkv], jnp.float32)[None, :]
+
+
+def pool_scales(kv_scale: jax.Array, hkv: int) -> jax.Array:
+    """``kv_scale`` shaped to divide a pool's ``[..., Hkv, 2, page, D]`` values."""
+    return jnp.broadcast_to(kv_scale.reshape(2, -1), (2, hkv)).T[:, :, None, None]
 KV_MAGNITUDE = 4.0
 """Pool values are this times a unit normal: stored as values up to ~16 / 0.125 = 128."""
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
-def fp8_batch(seed, q_lens, ctx_lens, *, dtype, **geometry):
-    """``make_batch`` with its pool scaled by ``KV_MAGNITUDE`` and quantized to e4m3: (q, the
-    high-precision pool, the e4m3 pool, tables, context lengths, query start locations)."""
+def fp8_batch(seed, q_lens, ctx_lens, *, dtype, kv_scale=KV_SCALE, **geometry):
+    """``make_batch`` with its pool scaled by ``KV_MAGNITUDE`` (and per head as ``kv_scale``
+    is) and quantized to e4m3 with ``kv_scale``: (q, the high-precision pool, the e4m3 pool,
+    tables, context lengths, query start locations)."""
     q, pool, tables, ctx, qsl = make_batch(seed, q_lens, ctx_lens, dtype=jnp.float32, **geometry)
-    pool = pool * KV_MAGNITUDE
-    fp8 = quantize_kv(pool, KV_SCALE[:, None, None])
+    scales = pool_scales(kv_scale, pool.shape[2])
+    pool = pool * KV_MAGNITUDE * scales / pool_scales(KV_SCALE, pool.shape[2])
+    fp8 = quantize_kv(pool, scales)
     return q.astype(dtype), pool, fp8, tables, ctx, qsl
 
 
-def check_against_reference(out, q, fp8_pool, tables, ctx, qsl, dtype, real, **kw):
+def check_against_reference(out, q, fp8_pool, tables, ctx, qsl, dtype, real, kv_scale=KV_SCALE,
+                            **kw):
     want = reference.paged_attention_reference(q.astype(jnp.float32), fp8_pool, 1, tables, ctx,
-                                               qsl, kv_scale=KV_SCALE, **kw)
+                                               qsl, kv_scale=kv_scale, **kw)
     assert rel_err(out[:real], want[:real]) < TOL[dtype]
     assert np.all(np.asarray(out[real:], np.float32) == 0)  # padding tokens: zeros
 
@@ -52,16 +71,18 @@ PREFILL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("form", SCALE_FORMS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=[c[0] for c in PREFILL_CASES])
-def test_prefill_reads_fp8_pool(case, dtype):
+def test_prefill_reads_fp8_pool(case, dtype, form):
     _, q_lens, ctx_lens, page, hkv, group, d, window, cap = case
+    kv_scale = kv_scale_for(form, hkv)
     q, _, fp8, tables, ctx, qsl = fp8_batch(len(q_lens) + d, q_lens, ctx_lens, page=page, hkv=hkv,
-                                            group=group, d=d, dtype=dtype)
+                                            group=group, d=d, dtype=dtype, kv_scale=kv_scale)
     kw = dict(scale=d ** -0.5, soft_cap=cap, sliding_window=jnp.int32(window))
     out = paged_prefill_attention(q, fp8, jnp.int32(1), tables, ctx, qsl, block_m=16,
-                                  block_n=16, interpret=True, kv_scale=KV_SCALE, **kw)
-    check_against_reference(out, q, fp8, tables, ctx, qsl, dtype, sum(q_lens), **kw)
+                                  block_n=16, interpret=True, kv_scale=kv_scale, **kw)
+    check_against_reference(out, q, fp8, tables, ctx, qsl, dtype, sum(q_lens), kv_scale, **kw)
 
 
 DECODE_CASES = [
@@ -73,31 +94,61 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("form", SCALE_FORMS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
-def test_decode_reads_fp8_pool(case, dtype):
+def test_decode_reads_fp8_pool(case, dtype, form):
     _, ctx_lens, page, hkv, group, d, window, cap, splits = case
     batch = len(ctx_lens)
+    kv_scale = kv_scale_for(form, hkv)
     q, _, fp8, tables, ctx, _ = fp8_batch(batch + d, [1] * batch, ctx_lens, page=page, hkv=hkv,
-                                          group=group, d=d, dtype=dtype, pad_tokens=1)
+                                          group=group, d=d, dtype=dtype, pad_tokens=1,
+                                          kv_scale=kv_scale)
     qsl = jnp.arange(batch + 2, dtype=jnp.int32)
     kw = dict(scale=0.7, soft_cap=cap, sliding_window=jnp.int32(window))
     out = paged_decode_attention(q, fp8, jnp.int32(1), tables, ctx, block_k=16,
-                                 num_splits=splits, interpret=True, kv_scale=KV_SCALE, **kw)
-    check_against_reference(out, q, fp8, tables, ctx, qsl, dtype, batch, **kw)
+                                 num_splits=splits, interpret=True, kv_scale=kv_scale, **kw)
+    check_against_reference(out, q, fp8, tables, ctx, qsl, dtype, batch, kv_scale, **kw)
 
 
+@pytest.mark.parametrize("form", SCALE_FORMS)
 @pytest.mark.parametrize("window, soft_cap", [(0, None), (7, 20.0)])
-def test_xla_path_and_mixed_dispatch_read_fp8_pool(window, soft_cap):
+def test_xla_path_and_mixed_dispatch_read_fp8_pool(window, soft_cap, form):
     q_lens, ctx_lens = [1, 9, 1, 12], [70, 30, 5, 33]
+    kv_scale = kv_scale_for(form, 2)
     q, _, fp8, tables, ctx, qsl = fp8_batch(11, q_lens, ctx_lens, page=16, hkv=2, group=4, d=64,
-                                            dtype=jnp.float32)
+                                            dtype=jnp.float32, kv_scale=kv_scale)
     kw = dict(scale=0.125, soft_cap=soft_cap, sliding_window=jnp.int32(window))
-    xla = paged_attention_xla(q, fp8, 1, tables, ctx, qsl, kv_scale=KV_SCALE, **kw)
-    check_against_reference(xla, q, fp8, tables, ctx, qsl, jnp.float32, sum(q_lens), **kw)
-    mixed = ops.paged_attention(q, fp8, jnp.int32(1), tables, ctx, qsl, kv_scale=KV_SCALE,
+    xla = paged_attention_xla(q, fp8, 1, tables, ctx, qsl, kv_scale=kv_scale, **kw)
+    check_against_reference(xla, q, fp8, tables, ctx, qsl, jnp.float32, sum(q_lens), kv_scale,
+                            **kw)
+    mixed = ops.paged_attention(q, fp8, jnp.int32(1), tables, ctx, qsl, kv_scale=kv_scale,
                                 impl="interpret", **kw)
-    check_against_reference(mixed, q, fp8, tables, ctx, qsl, jnp.float32, sum(q_lens), **kw)
+    check_against_reference(mixed, q, fp8, tables, ctx, qsl, jnp.float32, sum(q_lens), kv_scale,
+                            **kw)
+
+
+def test_per_head_scales_are_each_heads_own():
+    """The reference applies head h's scale to head h: the same stored values read with the
+    heads' scales swapped give another result, and scales equal across heads give the
+    per-layer result exactly."""
+    q_lens, ctx_lens = [1, 9], [40, 30]
+    per_head = kv_scale_for("per-head", 2)
+    q, _, fp8, tables, ctx, qsl = fp8_batch(12, q_lens, ctx_lens, page=16, hkv=2, group=4, d=64,
+                                            dtype=jnp.float32, kv_scale=per_head)
+    kw = dict(scale=0.125)
+    attend = lambda s: reference.paged_attention_reference(q, fp8, 1, tables, ctx, qsl,
+                                                           kv_scale=s, **kw)
+    assert rel_err(attend(per_head[:, ::-1])[:10], attend(per_head)[:10]) > 0.1
+    np.testing.assert_array_equal(np.asarray(attend(jnp.stack([KV_SCALE] * 2, axis=1))),
+                                  np.asarray(attend(KV_SCALE)))
+
+
+def test_a_scale_of_the_wrong_shape_is_refused():
+    pool = jnp.ones((1, 2, 3, 2, 4, 16), FP8_KV_DTYPE)
+    k = jnp.ones((1, 3, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"\[2, 3\] \(one per KV head"):
+        ops.write_kv(pool, 0, k, k, jnp.zeros(1, jnp.int32), kv_scale=jnp.ones((2, 2)), impl="xla")
 
 
 FP8_ERROR_BOUND = 0.05
@@ -121,7 +172,9 @@ def test_fp8_pool_error_against_high_precision_pool(window, soft_cap):
     assert 0 < rel_err(quantized[:real], exact[:real]) < FP8_ERROR_BOUND
 
 
-def test_write_quantizes_like_the_reference_and_clamps():
+@pytest.mark.parametrize("form", SCALE_FORMS)
+def test_write_quantizes_like_the_reference_and_clamps(form):
+    kv_scale = kv_scale_for(form, 3)
     rng = np.random.default_rng(3)
     pool = jnp.asarray(rng.standard_normal((3, 9, 3, 2, 8, 64)), FP8_KV_DTYPE)
     k = rng.standard_normal((21, 3, 64)).astype(np.float32)
@@ -129,9 +182,9 @@ def test_write_quantizes_like_the_reference_and_clamps():
     k, v = jnp.asarray(k, jnp.bfloat16), jnp.asarray(rng.standard_normal((21, 3, 64)), jnp.bfloat16)
     slots = rng.permutation(9 * 8)[:21].astype(np.int32)
     slots[[0, 5, 20]] = -1  # padding tokens write nothing
-    got = write_kv_pallas(pool, jnp.int32(2), k, v, jnp.asarray(slots), KV_SCALE, block_t=8,
+    got = write_kv_pallas(pool, jnp.int32(2), k, v, jnp.asarray(slots), kv_scale, block_t=8,
                           interpret=True)
-    want = reference.write_kv_reference(pool, 2, k, v, jnp.asarray(slots), KV_SCALE)
+    want = reference.write_kv_reference(pool, 2, k, v, jnp.asarray(slots), kv_scale)
     got_bits, want_bits = (np.asarray(a).view(np.uint8) for a in (got, want))
     np.testing.assert_array_equal(got_bits, want_bits)
     stored = np.asarray(got, np.float32)
@@ -140,15 +193,18 @@ def test_write_quantizes_like_the_reference_and_clamps():
     np.testing.assert_array_equal(stored[2, page, 1, 0, offset, :2], [FP8_KV_MAX, -FP8_KV_MAX])
     # Dequantized, a written row is the input to within e4m3's rounding.
     page, offset = divmod(int(slots[7]), 8)
-    np.testing.assert_allclose(stored[2, page, :, 1, offset] * float(KV_SCALE[1]),
-                               np.asarray(v[7], np.float32), rtol=1 / 16, atol=float(KV_SCALE[1]) / 2 ** 9)
+    v_scale = np.broadcast_to(np.asarray(kv_scale).reshape(2, -1)[1], (3,))[:, None]
+    np.testing.assert_allclose(stored[2, page, :, 1, offset] * v_scale,
+                               np.asarray(v[7], np.float32), rtol=1 / 16, atol=v_scale.max() / 2 ** 9)
     untouched = np.ones(9, bool)
     untouched[[int(s) // 8 for s in slots if s >= 0]] = False
     np.testing.assert_array_equal(got_bits[:, untouched], np.asarray(pool).view(np.uint8)[:, untouched])
 
 
-def test_write_then_attend_in_a_layer_scan_on_fp8_pool():
-    """The model's pattern over an e4m3 pool: per-layer scales scanned with the layer index."""
+@pytest.mark.parametrize("form", SCALE_FORMS)
+def test_write_then_attend_in_a_layer_scan_on_fp8_pool(form):
+    """The model's pattern over an e4m3 pool: each layer's scales (per layer or per head)
+    scanned with the layer index."""
     layers, hkv, group, d, page = 3, 2, 2, 64, 8
     q_lens, ctx_lens = [1, 12], [21, 12]
     _, _, pool, tables, ctx, qsl = fp8_batch(9, q_lens, ctx_lens, page=page, hkv=hkv, group=group,
@@ -159,12 +215,15 @@ def test_write_then_attend_in_a_layer_scan_on_fp8_pool():
     seq = np.repeat(np.arange(len(q_lens)), q_lens)
     slots = np.asarray(tables)[seq, pos // page] * page + pos % page
     slots = jnp.asarray(np.concatenate([slots, [-1, -1]]), jnp.int32)
+    layer_scales = jnp.asarray([[0.5, 0.125], [1.0, 1.0], [0.25, 2.0]], jnp.float32)
+    if form == "per-head":
+        layer_scales = layer_scales[:, :, None] * jnp.asarray(HEAD_FACTORS[:hkv], jnp.float32)
     xs = (jnp.arange(layers, dtype=jnp.int32),
           jnp.asarray(rng.standard_normal((layers, total, hkv * group, d)), jnp.float32),
           jnp.asarray(rng.standard_normal((layers, total, hkv, d)), jnp.float32),
           jnp.asarray(rng.standard_normal((layers, total, hkv, d)), jnp.float32),
           jnp.asarray([0, 5, 0], jnp.int32),
-          jnp.asarray([[0.5, 0.125], [1.0, 1.0], [0.25, 2.0]], jnp.float32))
+          layer_scales)
 
     def run(pool, impl):
         def step(pool, x):
