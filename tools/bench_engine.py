@@ -258,9 +258,12 @@ def startup_section(model: str, load_format: str, max_num_seqs: int, max_num_bat
                 "print('READY', time.time() - t, e.stats().compile_seconds, "
                 "len(e.compiled_buckets()))")
         began = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DUETJAX_CACHE_DIR=cache),
-                             capture_output=True, text=True, check=True).stdout
-        ready, compile_s, buckets = out.split("READY")[-1].split()
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=dict(os.environ, DUETJAX_CACHE_DIR=cache))
+        if done.returncode != 0:
+            raise RuntimeError(f"the engine did not start (exit {done.returncode}):\n"
+                               f"{done.stderr[-3000:]}")
+        ready, compile_s, buckets = done.stdout.split("READY")[-1].split()
         return {"wall_s": time.perf_counter() - began, "ready_s": float(ready),
                 "compile_s": float(compile_s), "buckets": int(buckets), "compile_threads": threads}
 
@@ -459,15 +462,19 @@ def main() -> None:
     p.add_argument("--table", required=True)
     args = p.parse_args()
     sections = set(args.sections.split(","))
+    startup = None
+    if "startup" in sections:  # first: its engines start in processes that need the whole GPU,
+        # and this one holds most of it (XLA preallocates) once it touches the GPU
+        seqs, tokens = (int(x) for x in args.startup_limits.split(","))
+        startup = startup_section(args.model, args.load_format, seqs, tokens,
+                                  tuple(int(t) for t in args.compile_threads.split(",")))
     report = {"model": args.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
     report["ceilings"] = ceilings(args.ceiling_gib)
     if "paris" in sections:
         report["paris"] = paris_section()
-    if "startup" in sections:
-        seqs, tokens = (int(x) for x in args.startup_limits.split(","))
-        report["startup"] = startup_section(args.model, args.load_format, seqs, tokens,
-                                            tuple(int(t) for t in args.compile_threads.split(",")))
+    if startup is not None:
+        report["startup"] = startup
     save(report, args)
     batches = [int(b) for b in args.batches.split(",")]
     lengths = [int(n) for n in args.prefill.split(",")]
