@@ -1,9 +1,11 @@
 """Sizing a persistent grid: how many programs this process can keep resident, and how many
 key splits keep them evenly loaded.
 
-Under MPS a client still sees the whole GPU's SM count but its kernels run on a share of the
-SMs (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``). A persistent kernel launched with one program per
-*visible* SM would then run in waves; one per SM of the share runs in one.
+Under MPS a client's kernels run on a share of the SMs (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``),
+and CUDA reports that share as the device's SM count (an H100 client at 30 % sees 38 of 132).
+A persistent kernel wants one program per SM of the share: more run in waves, fewer leave SMs
+idle (taking the share of the reported count again gave 11 programs and 18 % of a copy's
+bandwidth).
 """
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ MPS_PERCENTAGE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 
 def sm_share(sm_count: int | None = None, percentage: str | None = None) -> int:
-    """SMs this process's kernels run on: the device's, times the MPS share when one is set.
+    """SMs this process's kernels run on. ``sm_count`` None: the device's reported count,
+    which under MPS is already the share. Else ``sm_count`` is the whole GPU's, times the MPS
+    share (``percentage``, default the environment's) when one is set.
 
     Rounded down: one program too many waits for a whole program's time on a busy SM, one too
     few loses 1/n of the bandwidth.
     """
     if sm_count is None:
-        sm_count = getattr(jax.devices()[0], "core_count", None) or 1
+        return getattr(jax.devices()[0], "core_count", None) or 1
     if percentage is None:
         percentage = os.environ.get(MPS_PERCENTAGE, "")
     if not percentage:

@@ -119,6 +119,16 @@ def test_sm_share_and_balanced_splits():
     assert balanced_splits(8, 2, 132) == 1  # a split keeps two blocks
 
 
+def test_the_device_count_is_taken_as_the_share_under_mps(monkeypatch):
+    """CUDA already reports an MPS client's share as the device's SM count (38 of 132 at
+    30 % on an H100): taking the share of it again gave 11 programs on 38 SMs."""
+    import jax
+
+    reported = getattr(jax.devices()[0], "core_count", None) or 1
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "30")
+    assert sm_share() == reported
+
+
 def test_unsupported_shapes_say_why():
     cfg = MgpuDecodeConfig()
     pool = (2, 10, 2, 2, 16, 128)
