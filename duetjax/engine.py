@@ -128,8 +128,21 @@ class Engine:
             num_prompt_logprobs=scheduler.num_prompt_logprobs,
             token_budget=self._last_budget or self.config.max_num_batched_tokens,
             token_budget_choices=MappingProxyType(dict(self._budgets)),
+            **self._mixed_step_correction(),
             loop=dataclasses.replace(self.loop_stats), compile_seconds=self.runner.compile_seconds,
             **duet)
+
+    def _mixed_step_correction(self) -> dict[str, Any]:
+        """The online correction of the mixed steps' predictions (duet mode's, or the SLO-aware
+        budget's), as ``EngineStats`` fields; none without one."""
+        if self.duet is not None:
+            correction = self.duet.correction if self.duet.corrected is not None else None
+        else:
+            correction = getattr(getattr(self.token_budget, "roofline", None), "correction", None)
+        if correction is None:
+            return {}
+        return dict(mixed_step_correction=correction.factor("aggregated"),
+                    mixed_step_observations=correction.observations.get(("aggregated",), 0))
 
     def split_history(self) -> DuetStats | None:
         """Duet mode: a copy of every split iteration's records (predicted and measured times,

@@ -51,6 +51,12 @@ class EngineStats:
     token_budget_choices: Mapping[int, int] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
     """How often each SLO-aware token budget ran."""
+    mixed_step_correction: float = 1.0
+    """Measured / predicted time of the mixed steps whose budget the roofline chose (the
+    SLO-aware budget, or duet mode's controller), as its online correction has learned it: above
+    1 the roofline under-predicts them and the budgets shrink. 1.0 while nothing was learned."""
+    mixed_step_observations: int = 0
+    """Mixed steps that correction has learned from."""
     split_iterations: int = 0
     """Duet mode: iterations run split on a worker pair."""
     aggregated_iterations: int = 0

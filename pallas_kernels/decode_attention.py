@@ -16,8 +16,10 @@ split's normalized partial output and its log2-sum-exp, and a small XLA combine 
 most) merges them on the GPU.
 
 An FP8 pool (``kv_layout``) is dequantized in registers: e4m3 rows are loaded (half the bytes)
-and upcast to q's dtype, the K scale is folded into the softmax scale and the V scale into
-the normalized output, both exact (scores and the output are linear in them).
+and upcast to the dots' operand type (``kv_layout.fp8_operand_dtype``: float16 for bf16 queries,
+one conversion instruction per pair of elements), the K scale is folded into the softmax scale
+and the V scale into the normalized output, both exact (scores and the output are linear in
+them).
 """
 from __future__ import annotations
 
@@ -29,14 +31,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .kv_layout import is_fp8, scales_for
+from .kv_layout import FP16_MAX, fp8_operand_dtype, is_fp8, scales_for
 from .paged_tiles import LOG2E, NEG, load_kv_rows, soft_cap_scores
 
 
 def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref, scale_ref,
                    *out_refs,
                    num_q_heads: int, group: int, block_h: int, block_k: int, num_splits: int, page_size: int,
-                   head_dim: int, scale: float, soft_cap: float | None, precision):
+                   head_dim: int, scale: float, soft_cap: float | None, precision, dot_dtype):
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, window = params_ref[0], params_ref[1]
     context_len = context_len_ref[seq]
@@ -61,6 +63,9 @@ def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref
     fp8 = is_fp8(pool_ref.dtype)
     if fp8:
         score_scale = score_scale * scale_ref[0, head]
+        if dot_dtype == jnp.float16:
+            q = jnp.clip(q.astype(jnp.float32), -FP16_MAX, FP16_MAX)
+        q = q.astype(dot_dtype)
 
     def body(i, carry):
         acc, row_max, row_sum = carry
@@ -105,28 +110,35 @@ def combine_splits(partial_out: jax.Array, partial_lse: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "soft_cap", "block_k", "num_splits", "num_warps", "num_stages", "interpret"))
+    "scale", "soft_cap", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
+    "fp8_dot_dtype"))
 def paged_decode_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int,
                            block_tables: jax.Array, context_lens: jax.Array, *, scale: float,
                            soft_cap: float | None = None,
                            sliding_window: jax.Array | int = 0, block_k: int = 64,
                            num_splits: int = 1, num_warps: int = 4, num_stages: int = 2,
-                           interpret: bool = False, kv_scale: jax.Array | None = None) -> jax.Array:
+                           interpret: bool = False, kv_scale: jax.Array | None = None,
+                           fp8_dot_dtype: str | None = None) -> jax.Array:
     """Attention of ``q [B, Hq, D]`` (one token per sequence) over its paged context.
 
     ``context_lens [B]`` counts the keys of each sequence, this token's included; 0 gives zeros.
     ``kv_scale``: float32 ``[2]`` or ``[2, Hkv]``, the layer's K and V scales of an FP8 pool
-    (``kv_layout``; None: 1.0).
+    (``kv_layout``; None: 1.0). ``fp8_dot_dtype``: the dots' operand type over an FP8 pool
+    (None: ``kv_layout.fp8_operand_dtype``; benchmarks race the others).
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pool.shape[2], kv_pool.shape[4]
     group = num_q_heads // num_kv_heads
     block_h = max(16, pl.next_power_of_2(group))
+    if not is_fp8(kv_pool.dtype):
+        dot_dtype = jnp.dtype(q.dtype)
+    else:
+        dot_dtype = jnp.dtype(fp8_dot_dtype) if fp8_dot_dtype else fp8_operand_dtype(q.dtype)
     params = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(sliding_window, jnp.int32)])
     kernel = functools.partial(
         _decode_kernel, num_q_heads=num_q_heads, group=group, block_h=block_h, block_k=block_k, num_splits=num_splits,
         page_size=page_size, head_dim=head_dim, scale=scale, soft_cap=soft_cap,
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, dot_dtype=dot_dtype)
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:

@@ -57,6 +57,18 @@ def scales_for(kv_pool: jax.Array, kv_scale: jax.Array | None) -> jax.Array:
     return jnp.broadcast_to(kv_scale, (2, num_kv_heads))
 
 
+def fp8_operand_dtype(q_dtype) -> jnp.dtype:
+    """The operand type of attention's dots over an FP8 pool: float16 for 16-bit queries
+    (every e4m3 value is exactly a float16, and Hopper converts e4m3 pairs to float16 in one
+    instruction, where bfloat16 takes a detour through float32), else the queries' type."""
+    dtype = jnp.dtype(q_dtype)
+    return jnp.dtype(jnp.float16) if dtype.itemsize == 2 else dtype
+
+
+FP16_MAX = 65504.0
+"""Largest finite float16: queries are clamped to it before they become float16 operands."""
+
+
 def quantize_kv(x: jax.Array, scale: jax.Array) -> jax.Array:
     """``x / scale`` clamped to e4m3's range and rounded to e4m3."""
     return jnp.clip(x.astype(jnp.float32) / scale, -FP8_KV_MAX, FP8_KV_MAX).astype(FP8_KV_DTYPE)

@@ -16,8 +16,9 @@ Masks cost arithmetic, so each program walks its keys in three ranges: leading b
 the sliding window (masked), blocks every row sees entirely (no mask), and the causal diagonal
 (masked).
 
-An FP8 pool is dequantized in registers as in ``decode_attention``: e4m3 tiles upcast to q's
-dtype, the K scale folded into the softmax scale, the V scale into the output.
+An FP8 pool is dequantized in registers as in ``decode_attention``: e4m3 tiles upcast to the
+dots' operand type (``kv_layout.fp8_operand_dtype``, float16 for bf16 queries), the K scale
+folded into the softmax scale, the V scale into the output.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .kv_layout import is_fp8, scales_for
+from .kv_layout import FP16_MAX, fp8_operand_dtype, is_fp8, scales_for
 from .paged_tiles import LOG2E, NEG, load_kv_rows, soft_cap_scores
 
 
@@ -72,6 +73,10 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
     fp8 = is_fp8(pool_ref.dtype)
     if fp8:
         score_scale = score_scale * scale_ref[0, head]
+        dot_dtype = fp8_operand_dtype(q.dtype)
+        if dot_dtype == jnp.float16:
+            q = jnp.clip(q.astype(jnp.float32), -FP16_MAX, FP16_MAX)
+        q = q.astype(dot_dtype)
 
     def body(j, carry, masked: bool):
         acc, row_max, row_sum = carry

@@ -441,6 +441,9 @@ def loop_delta(engine: Any, before: dict[str, Any]) -> dict[str, Any]:
         d["budgets"] = {size: n - then.token_budget_choices.get(size, 0)
                         for size, n in sorted(now.token_budget_choices.items())
                         if n > then.token_budget_choices.get(size, 0)}
+    if now.mixed_step_observations:  # what the budgets' online correction ended the point at
+        d["mixed_step_correction"] = now.mixed_step_correction
+        d["mixed_step_observations"] = now.mixed_step_observations - then.mixed_step_observations
     return d
 
 
@@ -631,6 +634,9 @@ def point_line(mode: str, p: dict[str, Any], slos: Sequence[float]) -> str:
             f"(amortised p99 {_fmt(p['tbt_amortised_ms']['p99'])}); goodput@{slo}ms tpot/maxTBT "
             f"{p['goodput'][slo]['tpot']:.2f}/{p['goodput'][slo]['max_tbt']:.2f} req/s{splits}"
             + (f"; budgets {p['loop']['budgets']}" if p.get("loop", {}).get("budgets") else "")
+            + (f" (mixed-step correction {p['loop']['mixed_step_correction']:.3f} after "
+               f"{p['loop']['mixed_step_observations']} steps)"
+               if "mixed_step_correction" in p.get("loop", {}) else "")
             + (f"; GC {p['loop']['gc']['full_collections']} full, longest "
                f"{1e3 * p['loop']['gc']['longest_seconds']:.1f} ms" if "gc" in p.get("loop", {}) else ""))
 

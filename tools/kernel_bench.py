@@ -52,7 +52,7 @@ from gpu_ceilings import ceilings, copy_bandwidth, race, torch_ceilings  # noqa:
 from pallas_kernels import ops, reference, tuning  # noqa: E402
 from pallas_kernels.decode_attention import paged_decode_attention  # noqa: E402
 from pallas_kernels.decode_attention_mgpu import paged_decode_attention_mgpu  # noqa: E402
-from pallas_kernels.kv_layout import FP8_KV_DTYPE, quantize_kv  # noqa: E402
+from pallas_kernels.kv_layout import FP8_KV_DTYPE, fp8_operand_dtype, quantize_kv  # noqa: E402
 from pallas_kernels.kv_write import write_kv_pallas  # noqa: E402
 from pallas_kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 from pallas_kernels.prefill_attention_mgpu import (MgpuPrefillConfig,  # noqa: E402
@@ -249,14 +249,15 @@ def layers_for(kv_bytes_per_layer: int) -> int:
     return int(min(16, max(2, -(-(1 << 30) // kv_bytes_per_layer))))
 
 
-def decode_fn(num_layers: int, cfg: tuning.DecodeConfig, d: int = D, interpret: bool = False):
+def decode_fn(num_layers: int, cfg: tuning.DecodeConfig, d: int = D, interpret: bool = False,
+              fp8_dot_dtype: str | None = None):
     """One executable: the decode kernel once per layer, back to back."""
     @jax.jit
     def fn(q, pool, tables, ctx_lens):
         return [paged_decode_attention(q, pool, layer, tables, ctx_lens, scale=d ** -0.5,
                                        block_k=cfg.block_k, num_splits=cfg.num_splits,
                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                       interpret=interpret)
+                                       interpret=interpret, fp8_dot_dtype=fp8_dot_dtype)
                 for layer in range(num_layers)]
     return fn
 
@@ -334,8 +335,9 @@ def decode_sweep(quick: bool, ceil: dict) -> list[dict]:
 FP8_DECODE_SHAPES = [(64, 1024), (64, 2048), (128, 4096)]
 
 
-FP8_DECODE_TILES = ((128, 3), (128, 4), (256, 3))
-"""(block_k, num_stages) the e4m3 pool races beside the table's tiles."""
+FP8_DECODE_TILES = ((128, 3),)
+"""(block_k, num_stages) the e4m3 pool races beside the table's tiles (longer key blocks were
+slower on an H100: benchmarks/results/decode-fp8-tiles-h100-2026-12-07.md)."""
 
 
 def decode_fp8(ceil: dict, shapes=FP8_DECODE_SHAPES, hq: int = HQ, hkv: int = HKV, d: int = D,
@@ -344,9 +346,10 @@ def decode_fp8(ceil: dict, shapes=FP8_DECODE_SHAPES, hq: int = HQ, hkv: int = HK
     """The decode kernel over a bf16 pool and over the same values in e4m3, each with the
     table's tiles for its element size: time, KV bytes read per second against the copy, and
     the e4m3 pool's speed-up (the ideal is 2x: half the bytes). The e4m3 pool also races
-    ``fp8_tiles`` (block_k, num_stages): a block of e4m3 keys holds half the bytes of a bf16
-    one, so fewer bytes are in flight per program. ``num_layers``: pool layers (calls
-    per timed executable); None: ``layers_for`` the bf16 pool."""
+    ``fp8_tiles`` (block_k, num_stages), and its dots with bfloat16 operands against the
+    default float16 ones (``kv_layout.fp8_operand_dtype``: e4m3 to bfloat16 costs more
+    conversion instructions). ``num_layers``: pool layers (calls per timed executable); None:
+    ``layers_for`` the bf16 pool."""
     rows = []
     for batch, ctx in shapes:
         bf16_bytes = batch * ctx * hkv * 2 * d * 2
@@ -364,14 +367,21 @@ def decode_fp8(ceil: dict, shapes=FP8_DECODE_SHAPES, hq: int = HQ, hkv: int = HK
                 key = name if c == cfg else f"{name} block_k={c.block_k} stages={c.num_stages}"
                 entries[key] = (decode_fn(p.shape[0], c, d, interpret), (q, p, tables, ctx_lens),
                                 p.shape[0])
-                labels[key] = (name, c, c == cfg)
+                labels[key] = (name, c, c == cfg, None)
+            if name == "float8_e4m3fn":
+                key = f"{name} bfloat16 operands"
+                entries[key] = (decode_fn(p.shape[0], cfg, d, interpret, "bfloat16"),
+                                (q, p, tables, ctx_lens), p.shape[0])
+                labels[key] = (name, cfg, False, "bfloat16")
         times = race(entries, rounds=1 if interpret else 3)
         for key, t in times.items():
-            name, cfg, table_choice = labels[key]
+            name, cfg, table_choice, operands = labels[key]
             moved = bf16_bytes * pools[name].dtype.itemsize // 2
             bw = moved / t / 1e12
             rows.append({"kernel": "duetjax decode", "kv_dtype": name, "batch": batch,
                          "ctx": ctx, "config": cfg.__dict__, "table_choice": table_choice,
+                         "fp8_operands": operands or (str(fp8_operand_dtype(jnp.bfloat16))
+                                                     if name == "float8_e4m3fn" else None),
                          "us": t * 1e6, "kv_tb_s": bw, "of_copy": bw / ceil["copy_tb_s"],
                          "speedup": times["bfloat16"] / t if "bfloat16" in times else None})
             log(f"  decode {key} B={batch} ctx={ctx}: {t*1e6:.1f} us {bw:.2f} TB/s "
@@ -965,11 +975,11 @@ def markdown(report: dict) -> str:
                                     for r in m["decode"]) + " |")
     if report.get("decode_fp8"):
         lines += ["", "## Decode over a bf16 and an e4m3 (FP8) pool: the table's tiles, and "
-                  "e4m3 with longer key blocks", "",
-                  "| B | ctx | KV dtype | tiles (block_k / stages) | us | KV TB/s | % copy | "
-                  "speed-up over bf16 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['batch']} | {r['ctx']} | {r['kv_dtype']} | "
+                  "e4m3 with longer key blocks or bfloat16 dot operands", "",
+                  "| B | ctx | KV dtype | dot operands | tiles (block_k / stages) | us | KV TB/s | "
+                  "% copy | speed-up over bf16 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['batch']} | {r['ctx']} | {r['kv_dtype']} | {r.get('fp8_operands') or '-'} | "
                   + (f"{r['config']['block_k']} / {r['config']['num_stages']}"
                      + (" (table)" if r["table_choice"] else "") if "config" in r else "-")
                   + f" | {r['us']:.1f} | {r['kv_tb_s']:.2f} | {100 * r['of_copy']:.0f} % | "

@@ -57,6 +57,9 @@ class _EngineCollector(Collector):
         yield gauge("engine_steps", "Engine scheduling iterations so far.", stats.num_steps)
         yield gauge("token_budget", "Token budget of the last iteration with prefill work "
                     "(chosen per iteration to fit --tbt-slo-ms when it is set).", stats.token_budget)
+        yield gauge("mixed_step_correction", "Measured / predicted time of the mixed steps whose "
+                    "token budget the roofline chose, as its online correction has learned it.",
+                    stats.mixed_step_correction)
         preemptions = CounterMetricFamily(
             f"{PREFIX}_preemptions", "Requests sent back to the queue for lack of KV pages (they "
             "are recomputed later).", labels=labels)

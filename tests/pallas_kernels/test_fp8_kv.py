@@ -14,7 +14,7 @@ import pytest
 
 from pallas_kernels import ops, reference
 from pallas_kernels.decode_attention import paged_decode_attention
-from pallas_kernels.kv_layout import FP8_KV_DTYPE, FP8_KV_MAX, quantize_kv
+from pallas_kernels.kv_layout import FP8_KV_DTYPE, FP8_KV_MAX, fp8_operand_dtype, quantize_kv
 from pallas_kernels.kv_write import write_kv_pallas
 from pallas_kernels.prefill_attention import paged_prefill_attention
 from pallas_kernels.prefill_attention_mgpu import MgpuPrefillConfig, unsupported_reason
@@ -253,3 +253,30 @@ def test_mosaic_gpu_prefill_refuses_fp8_pools_by_name():
     reason = unsupported_reason((64, 8, 128), jnp.bfloat16, (2, 4, 2, 2, 16, 128), FP8_KV_DTYPE,
                                 MgpuPrefillConfig(block_kv=128, num_stages=2))
     assert reason is not None and "FP8" in reason
+
+
+def test_fp8_pool_dots_run_in_float16_for_bfloat16_queries():
+    """Over an e4m3 pool, bf16 queries meet the keys as float16 operands (every e4m3 value is a
+    float16; Hopper converts e4m3 to float16 in one instruction): as exact as bf16 operands on
+    q and K, finer on the softmax weights, so closer to the reference. A query beyond float16's
+    range is clamped, never infinite."""
+    ctx_lens = [37, 64, 100]
+    batch = len(ctx_lens)
+    q, _, fp8, tables, ctx, _ = fp8_batch(31, [1] * batch, ctx_lens, page=8, hkv=2, group=4,
+                                          d=64, dtype=jnp.bfloat16, pad_tokens=1)
+    qsl = jnp.arange(batch + 2, dtype=jnp.int32)
+    assert fp8_operand_dtype(jnp.bfloat16) == jnp.float16
+    assert fp8_operand_dtype(jnp.float32) == jnp.float32
+    want = reference.paged_attention_reference(q.astype(jnp.float32), fp8, 1, tables, ctx, qsl,
+                                               kv_scale=KV_SCALE, scale=0.7)
+    errors = {}
+    for operands in ("float16", "bfloat16"):
+        out = paged_decode_attention(q, fp8, jnp.int32(1), tables, ctx, scale=0.7, block_k=16,
+                                     interpret=True, kv_scale=KV_SCALE, fp8_dot_dtype=operands)
+        assert out.dtype == jnp.bfloat16
+        errors[operands] = rel_err(out[:batch], want[:batch])
+    assert errors["float16"] < errors["bfloat16"] < TOL[jnp.bfloat16], errors
+    huge = q.at[0, 0, 0].set(1e6)
+    out = paged_decode_attention(huge, fp8, jnp.int32(1), tables, ctx, scale=0.7, block_k=16,
+                                 interpret=True, kv_scale=KV_SCALE)
+    assert np.isfinite(np.asarray(out, np.float32)).all()

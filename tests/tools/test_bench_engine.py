@@ -142,23 +142,28 @@ def test_fp8_kv_cache_variants_read_half_the_kv(tiny_llama_dir):
 
 def test_kernel_bench_decode_fp8_runs_in_interpret_mode():
     """tools/kernel_bench.py's decode-fp8 section on a CPU (interpret mode, tiny shapes): both
-    pools timed, the e4m3 one counted at a byte per element."""
+    pools timed, the e4m3 one counted at a byte per element, also with a longer key block and
+    with bfloat16 dot operands."""
     import kernel_bench as kb
 
     rows = kb.decode_fp8({"copy_tb_s": 1.0}, shapes=[(2, 48)], hq=4, hkv=2, d=32, page=16,
                          interpret=True, num_layers=2, fp8_tiles=((32, 2),))
     by_dtype = {r["kv_dtype"]: r for r in rows if r["table_choice"]}
     assert set(by_dtype) == {"bfloat16", "float8_e4m3fn"}
-    raced = [r for r in rows if not r["table_choice"]]  # e4m3 with a longer key block
-    assert [(r["kv_dtype"], r["config"]["block_k"]) for r in raced] == [("float8_e4m3fn", 32)]
+    raced = [r for r in rows if not r["table_choice"]]  # a longer key block; bf16 operands
+    assert sorted((r["config"]["block_k"], r["fp8_operands"]) for r in raced) == [
+        (32, "float16"), (64, "bfloat16")]
+    assert {r["kv_dtype"] for r in raced} == {"float8_e4m3fn"}
     bf16, fp8 = by_dtype["bfloat16"], by_dtype["float8_e4m3fn"]
+    assert (bf16["fp8_operands"], fp8["fp8_operands"]) == (None, "float16")
     assert bf16["speedup"] == 1.0 and fp8["speedup"] > 0
     assert fp8["kv_tb_s"] * fp8["us"] == pytest.approx(bf16["kv_tb_s"] * bf16["us"] / 2)
     table = kb.markdown({"env": {"gpu": "cpu", "jax": "x", "date": "d", "command": "c"},
                          "ceilings": {"copy_tb_s": 1.0, "matmul_tflop_s": 1.0},
                          "decode_fp8": rows})
-    assert "| 2 | 48 | float8_e4m3fn | 64 / 3 (table) |" in table
-    assert "| 2 | 48 | float8_e4m3fn | 32 / 2 |" in table
+    assert "| 2 | 48 | float8_e4m3fn | float16 | 64 / 3 (table) |" in table
+    assert "| 2 | 48 | float8_e4m3fn | float16 | 32 / 2 |" in table
+    assert "| 2 | 48 | float8_e4m3fn | bfloat16 | 64 / 3 |" in table
 
 
 def test_tensor_parallel_sizes_run_on_two_host_devices(tiny_llama_dir, tmp_path):

@@ -168,3 +168,22 @@ def test_slo_in_aggregated_mode_on_cpu_needs_a_profile(tiny_llama_dir):
     with pytest.raises(ValueError, match="device_profile"):
         Engine(tiny_llama_dir, dtype="float32", tbt_slo_ms=50.0, show_progress=False,
                compile_on_start=False)
+
+
+def test_engine_stats_show_what_the_budgets_correction_learned(tiny_llama_dir, slow_profile):
+    """The SLO-aware budget's online correction is visible in ``stats()`` (and /metrics): it
+    learns from mixed steps (the CPU runs this profile's steps at another speed than it
+    predicts), and stays at 1.0 with the correction off."""
+    path, slo_ms = slow_profile
+    config = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=128,
+                  show_progress=False, slo_min_prefill_tokens=16, tbt_slo_ms=slo_ms,
+                  device_profile=path)
+    batch = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (40, 150, 20, 90)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    learning = Engine(tiny_llama_dir, **config)
+    learning.generate(batch, params, use_tqdm=False)
+    stats = learning.stats()
+    assert stats.mixed_step_observations > 0 and stats.mixed_step_correction != 1.0
+    fixed = Engine(tiny_llama_dir, duet_online_correction=False, **config)
+    fixed.generate(batch, params, use_tqdm=False)
+    assert (fixed.stats().mixed_step_observations, fixed.stats().mixed_step_correction) == (0, 1.0)
