@@ -14,12 +14,13 @@
 #   Per section: FIT_ITERATIONS, FIT_REPS (fit); DUET_QPS, DUET_REQUESTS, DUET_MODES,
 #   DUET_DATASET, DUET_MAX_MODEL_LEN, DUET_PROFILE, DUET_CARRY=1 (duet); PROFILE_TOP
 #   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-layers, fp8-triton, fp8-trace,
-#   fp8-accuracy, load, prefill-mgpu, prefill-e2e and decode-mgpu: FP8 speed, its kernels and
-#   accuracy, load times and the Mosaic GPU kernels. startup: cold starts by compile threads.
+#   fp8-accuracy, load, prefill-mgpu, prefill-e2e, decode-fp8 and decode-mgpu: FP8 speed, its
+#   kernels and accuracy, load times and the Mosaic GPU kernels. startup: cold starts by
+#   compile threads.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
-    sed -n '2,18p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
 fi
 mkdir -p "$1"
@@ -184,6 +185,11 @@ for section in "$@"; do
         $python tools/bench_engine.py --model $model --sections startup \
             --startup-limits 64,2048 --compile-threads 1,8 \
             --out "$results_dir/startup.json" --table "$results_dir/startup.md" ;;
+    decode-fp8)  # the decode kernel over bf16 and e4m3 pools against the copy (e4m3 with its
+        # float16 dot operands, bfloat16 ones and a longer key block), after a GPU correctness
+        # check of every kernel over e4m3 pools
+        $python tools/kernel_bench.py --sections correctness,decode-fp8 \
+            --out "$results_dir/decode-fp8.json" --table "$results_dir/decode-fp8.md" ;;
     decode-mgpu)  # the Mosaic GPU decode kernel: GPU tests, then against Triton and a copy at
         # 100 %, 30 % and 50 % of the SMs
         timeout 600 $python -m pytest tests/pallas_kernels/test_decode_mgpu.py -q -m gpu -x \
