@@ -147,8 +147,8 @@ class EngineConfig:
     (compressed-tensors ``k_scale`` / ``v_scale``) when it has them, else 1.0, as in vLLM.
     1.0 is safe enough for bf16 models: e4m3 keeps the same 3-bit relative precision anywhere
     in [2^-6, 448], which covers typical key and value activations (a unit scale only clamps
-    outliers beyond 448 and coarsens values below 2^-6, which weigh little in dot products). ``calculate_kv_scales`` computes them instead
-    for a checkpoint without any."""
+    outliers beyond 448 and coarsens values below 2^-6, which weigh little in dot products).
+    ``calculate_kv_scales`` computes them instead for a checkpoint without any."""
     calculate_kv_scales: bool = False
     """With an FP8 KV cache and a checkpoint that has no KV scales: compute each layer's K and
     V scale at start-up from the model's keys and values over a built-in text of prose, code,

@@ -8,12 +8,14 @@ whose activations run larger than the text's.
 One scale per layer, not per KV head (which the kernels also take, from checkpoints): e4m3's
 normal range spans 2^15, so a head whose values run 1000x below the layer's largest still
 rounds at full precision under the layer's scale, while a per-head scale fitted to a head that
-is quiet on the calibration text would clamp it on a prompt that is not. Scales are powers of two: within e4m3's normal
-range a scale changes where values round, not how finely (the relative step is the same
-everywhere in [2^-6, 448]), so a power of two moves the range to the model's activations and
-rounds exactly as a unit scale would inside it. Without computed scales an FP8 pool scales by
-1.0: fine where keys and values sit in [2^-6, 448], coarse for a model whose activations are
-much smaller (a unit scale flushes them toward zero) or larger (it clamps them).
+is quiet on the calibration text would clamp it on a prompt that is not.
+
+Scales are powers of two: within e4m3's normal range a scale changes where values round, not
+how finely (the relative step is the same everywhere in [2^-6, 448]), so a power of two moves
+the range to the model's activations and rounds exactly as a unit scale would inside it.
+Without computed scales an FP8 pool scales by 1.0: fine where keys and values sit in
+[2^-6, 448], coarse for a model whose activations are much smaller (a unit scale flushes them
+toward zero) or larger (it clamps them).
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref
         key_pos = start + i * block_k + offsets
         key_valid = key_pos < end
         k = load_kv_rows(pool_ref, layer, block_table_ref, seq, head, 0, key_pos, key_valid,
-                         page_size, head_dim).astype(q.dtype)
+                         page_size, head_dim, q.dtype)
         scores = plgpu.dot(q, k, trans_b=True, precision=precision) * score_scale
         if soft_cap:
             scores = soft_cap_scores(scores, soft_cap) * LOG2E
@@ -81,7 +81,7 @@ def _decode_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, params_ref
         alpha = jnp.exp2(row_max - new_max)
         p = jnp.where(key_valid[None, :], jnp.exp2(scores - new_max[:, None]), 0.0)
         v = load_kv_rows(pool_ref, layer, block_table_ref, seq, head, 1, key_pos, key_valid,
-                         page_size, head_dim).astype(q.dtype)
+                         page_size, head_dim, q.dtype)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, new_max, row_sum * alpha + jnp.sum(p, axis=1)
 
@@ -124,7 +124,8 @@ def paged_decode_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | 
     ``context_lens [B]`` counts the keys of each sequence, this token's included; 0 gives zeros.
     ``kv_scale``: float32 ``[2]`` or ``[2, Hkv]``, the layer's K and V scales of an FP8 pool
     (``kv_layout``; None: 1.0). ``fp8_dot_dtype``: the dots' operand type over an FP8 pool
-    (None: ``kv_layout.fp8_operand_dtype``; benchmarks race the others).
+    (None: ``kv_layout.fp8_operand_dtype``; benchmarks race the others); other pools' dots
+    always take q's type.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pool.shape[2], kv_pool.shape[4]
@@ -138,7 +139,8 @@ def paged_decode_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | 
     kernel = functools.partial(
         _decode_kernel, num_q_heads=num_q_heads, group=group, block_h=block_h, block_k=block_k, num_splits=num_splits,
         page_size=page_size, head_dim=head_dim, scale=scale, soft_cap=soft_cap,
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, dot_dtype=dot_dtype)
+        precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None,
+        dot_dtype=dot_dtype)
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:

@@ -20,8 +20,9 @@ NEG = -1e30
 
 
 def load_kv_rows(pool_ref, layer, block_table_ref, seq, head, kv: int, key_pos: jax.Array,
-                 mask: jax.Array, page_size: int, head_dim: int) -> jax.Array:
-    """Rows ``key_pos [N]`` of one sequence's K (kv=0) or V (kv=1) for one KV head: ``[N, D]``.
+                 mask: jax.Array, page_size: int, head_dim: int, dtype) -> jax.Array:
+    """Rows ``key_pos [N]`` of one sequence's K (kv=0) or V (kv=1) for one KV head: ``[N, D]``
+    in ``dtype`` (the dots' operand type).
 
     A position maps to ``pool[layer, block_table[seq, pos // page_size], head, kv,
     pos % page_size]``; masked rows read as zeros (and never touch the block table past the
@@ -32,10 +33,11 @@ def load_kv_rows(pool_ref, layer, block_table_ref, seq, head, kv: int, key_pos: 
     rows = pool_ref.at[layer, page[:, None], head, kv, (key_pos % page_size)[:, None], dims]
     if jnp.dtype(pool_ref.dtype).itemsize == 1:
         # Triton cannot splat a fill value into float8: load masked rows undefined, upcast
-        # (bf16 holds every e4m3/e5m2 value) and zero them, which also drops stray NaN bytes.
-        values = plgpu.load(rows, mask=mask[:, None]).astype(jnp.bfloat16)
+        # straight to the operand type (one conversion: float16 and wider hold every e4m3
+        # value) and zero them, which also drops stray NaN bytes.
+        values = plgpu.load(rows, mask=mask[:, None]).astype(dtype)
         return jnp.where(mask[:, None], values, 0)
-    return plgpu.load(rows, mask=mask[:, None], other=0)
+    return plgpu.load(rows, mask=mask[:, None], other=0).astype(dtype)
 
 
 def soft_cap_scores(scores: jax.Array, soft_cap: float | None) -> jax.Array:

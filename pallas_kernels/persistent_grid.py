@@ -25,6 +25,9 @@ def sm_share(sm_count: int | None = None, percentage: str | None = None) -> int:
     few loses 1/n of the bandwidth.
     """
     if sm_count is None:
+        if percentage is not None:
+            raise ValueError("percentage applies to a whole GPU's sm_count: the device's own "
+                             "count is already the MPS share")
         return getattr(jax.devices()[0], "core_count", None) or 1
     if percentage is None:
         percentage = os.environ.get(MPS_PERCENTAGE, "")

@@ -83,7 +83,7 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
         key_pos = low + j * block_n + offsets
         key_valid = key_pos < high
         k = load_kv_rows(pool_ref, layer, block_table_ref, table_seq, head, 0, key_pos,
-                         key_valid, page_size, head_dim).astype(q.dtype)
+                         key_valid, page_size, head_dim, q.dtype)
         scores = plgpu.dot(q, k, trans_b=True, precision=precision) * score_scale
         if soft_cap:
             scores = soft_cap_scores(scores, soft_cap) * LOG2E
@@ -97,7 +97,7 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
         if masked:
             p = jnp.where(visible, p, 0.0)
         v = load_kv_rows(pool_ref, layer, block_table_ref, table_seq, head, 1, key_pos,
-                         key_valid, page_size, head_dim).astype(q.dtype)
+                         key_valid, page_size, head_dim, q.dtype)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, new_max, row_sum * alpha + jnp.sum(p, axis=1)
 

@@ -17,7 +17,8 @@ Ragged batch convention (shared by every kernel):
 - Rows that see no key (padding) come out as zeros.
 
 FP8 pools (``kv_layout.is_fp8``): ``kv_scale`` ``[2]`` or ``[2, num_kv_heads]`` holds the
-layer's K and V scales, per layer or per KV head (None: 1.0); the write stores ``quantize_kv(x, scale)`` and attention reads ``stored * scale``.
+layer's K and V scales, per layer or per KV head (None: 1.0); the write stores
+``quantize_kv(x, scale)`` and attention reads ``stored * scale``.
 """
 from __future__ import annotations
 

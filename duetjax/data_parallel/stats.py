@@ -11,7 +11,7 @@ from ..loop_stats import LoopStats
 
 SUMMED = ("num_running", "num_waiting", "num_free_pages", "num_pages", "prefix_cache_hit_tokens",
           "prefix_cache_query_tokens", "num_steps", "num_preemptions", "num_constrained",
-          "num_prompt_logprobs", "compile_seconds", "mixed_step_observations")
+          "num_prompt_logprobs", "compile_seconds")
 """Fields whose total over the replicas is the whole engine's."""
 
 IDLE = {"num_running": 0, "num_waiting": 0, "num_constrained": 0, "num_prompt_logprobs": 0}
@@ -26,8 +26,9 @@ def portable(stats: EngineStats) -> EngineStats:
 def combine(replicas: Sequence[EngineStats]) -> EngineStats:
     """One snapshot of every replica's: the counts of ``SUMMED``, the loop's times and the
     token budgets' choices added up; KV cache usage and prefix cache hit rate recomputed from
-    the totals; the rest (page size, mode, the last token budget, the mixed steps' correction)
-    the first replica's, which every replica shares but the last budget and the correction."""
+    the totals; the rest (page size, mode, the last token budget, the mixed steps' correction
+    and its observations) the first replica's, which every replica shares but the last budget
+    and the correction."""
     first = replicas[0]
     totals = {name: sum(getattr(s, name) for s in replicas) for name in SUMMED}
     loop = LoopStats(**{f.name: sum(getattr(s.loop, f.name) for s in replicas)

@@ -127,6 +127,8 @@ def test_the_device_count_is_taken_as_the_share_under_mps(monkeypatch):
     reported = getattr(jax.devices()[0], "core_count", None) or 1
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "30")
     assert sm_share() == reported
+    with pytest.raises(ValueError, match="already the MPS share"):
+        sm_share(None, "30")
 
 
 def test_unsupported_shapes_say_why():

@@ -280,3 +280,39 @@ def test_fp8_pool_dots_run_in_float16_for_bfloat16_queries():
     out = paged_decode_attention(huge, fp8, jnp.int32(1), tables, ctx, scale=0.7, block_k=16,
                                  interpret=True, kv_scale=KV_SCALE)
     assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+def _conversions(jaxpr) -> set[tuple[str, str]]:
+    """(from, to) dtypes of every convert_element_type in ``jaxpr``, kernels' bodies included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type":
+            found.add((str(eqn.invars[0].aval.dtype), str(eqn.params["new_dtype"])))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found |= _conversions(inner)
+    return found
+
+
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_e4m3_rows_convert_once_to_float16(kernel):
+    """The point of float16 operands: each e4m3 K/V element is converted once, straight to
+    float16 (one instruction a pair on Hopper), never through bfloat16."""
+    spec = jax.ShapeDtypeStruct
+    q = spec((4, 32, 128), jnp.bfloat16)
+    pool = spec((2, 64, 8, 2, 16, 128), FP8_KV_DTYPE)
+    tables, lens = spec((4, 32), jnp.int32), spec((4,), jnp.int32)
+    scale = spec((2, 8), jnp.float32)
+    if kernel == "decode":
+        fn = lambda q, p, t, c, s: paged_decode_attention(q, p, 1, t, c, scale=0.1, block_k=64,
+                                                          num_splits=2, kv_scale=s)
+        args = (q, pool, tables, lens, scale)
+    else:
+        fn = lambda q, p, t, c, qsl, s: paged_prefill_attention(q, p, 1, t, c, qsl, scale=0.1,
+                                                                block_m=64, block_n=64,
+                                                                kv_scale=s)
+        args = (q, pool, tables, lens, spec((5,), jnp.int32), scale)
+    conversions = {(a, b) for a, b in _conversions(jax.make_jaxpr(fn)(*args).jaxpr)
+                   if a == "float8_e4m3fn"}
+    assert conversions == {("float8_e4m3fn", "float16")}

@@ -45,7 +45,9 @@ def spec(shape, dtype=jnp.int32):
 
 
 def pool_and_scale(hkv, d, page, dtype):
-    scale = spec((2,), jnp.float32) if jnp.dtype(dtype).itemsize == 1 else None
+    """An abstract pool and, for FP8 pools, per-head scales (``[2]`` ones are broadcast to
+    them before the kernel)."""
+    scale = spec((2, hkv), jnp.float32) if jnp.dtype(dtype).itemsize == 1 else None
     return spec((2, 64, hkv, 2, page, d), dtype), scale
 
 
