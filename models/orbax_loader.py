@@ -160,9 +160,9 @@ def read_kv_scales_file(path: Path, num_layers: int, num_kv_heads: int) -> KVSca
                               f"with a number (or one per KV head) per layer ({err!r})") from None
     try:
         return checked_kv_scales(k, v, num_layers, num_kv_heads, str(path))
-    except (ValueError, TypeError) as err:
-        if isinstance(err, CheckpointError):
-            raise
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as err:  # (an entry that is not a number)
         raise CheckpointError(f"{path}: a scale is not a number ({err})") from None
 
 

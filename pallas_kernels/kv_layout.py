@@ -69,6 +69,14 @@ FP16_MAX = 65504.0
 """Largest finite float16: queries are clamped to it before they become float16 operands."""
 
 
+def as_operands(q: jax.Array, dtype) -> jax.Array:
+    """Queries as the dots' operands of type ``dtype`` (``fp8_operand_dtype``), clamped to
+    float16's range when that is the type (never infinite)."""
+    if jnp.dtype(dtype) == jnp.float16:
+        q = jnp.clip(q.astype(jnp.float32), -FP16_MAX, FP16_MAX)
+    return q.astype(dtype)
+
+
 def quantize_kv(x: jax.Array, scale: jax.Array) -> jax.Array:
     """``x / scale`` clamped to e4m3's range and rounded to e4m3."""
     return jnp.clip(x.astype(jnp.float32) / scale, -FP8_KV_MAX, FP8_KV_MAX).astype(FP8_KV_DTYPE)

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .kv_layout import FP16_MAX, fp8_operand_dtype, is_fp8, scales_for
+from .kv_layout import as_operands, fp8_operand_dtype, is_fp8, scales_for
 from .paged_tiles import LOG2E, NEG, load_kv_rows, soft_cap_scores
 
 
@@ -73,10 +73,7 @@ def _prefill_kernel(q_ref, pool_ref, block_table_ref, context_len_ref, start_loc
     fp8 = is_fp8(pool_ref.dtype)
     if fp8:
         score_scale = score_scale * scale_ref[0, head]
-        dot_dtype = fp8_operand_dtype(q.dtype)
-        if dot_dtype == jnp.float16:
-            q = jnp.clip(q.astype(jnp.float32), -FP16_MAX, FP16_MAX)
-        q = q.astype(dot_dtype)
+        q = as_operands(q, fp8_operand_dtype(q.dtype))
 
     def body(j, carry, masked: bool):
         acc, row_max, row_sum = carry
