@@ -142,7 +142,8 @@ class Engine:
         if correction is None:
             return {}
         return dict(mixed_step_correction=correction.factor("aggregated"),
-                    mixed_step_observations=correction.observations.get(("aggregated",), 0))
+                    mixed_step_observations=correction.observations.get(("aggregated",), 0),
+                    mixed_step_errors=correction.error_quantiles("aggregated", (0.5, 0.9, 0.99)))
 
     def split_history(self) -> DuetStats | None:
         """Duet mode: a copy of every split iteration's records (predicted and measured times,

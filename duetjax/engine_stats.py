@@ -57,6 +57,10 @@ class EngineStats:
     1 the roofline under-predicts them and the budgets shrink. 1.0 while nothing was learned."""
     mixed_step_observations: int = 0
     """Mixed steps that correction has learned from."""
+    mixed_step_errors: tuple[float, ...] = ()
+    """(p50, p90, p99) of measured / predicted over the last 1,000 of those mixed steps, each
+    prediction as corrected when it was made: the spread the SLO's headroom has to cover
+    (the SLO-aware budget aims at the SLO less 10 %). Empty while nothing was learned."""
     split_iterations: int = 0
     """Duet mode: iterations run split on a worker pair."""
     aggregated_iterations: int = 0

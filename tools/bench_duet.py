@@ -444,6 +444,7 @@ def loop_delta(engine: Any, before: dict[str, Any]) -> dict[str, Any]:
     if now.mixed_step_observations:  # what the budgets' online correction ended the point at
         d["mixed_step_correction"] = now.mixed_step_correction
         d["mixed_step_observations"] = now.mixed_step_observations - then.mixed_step_observations
+        d["mixed_step_errors"] = list(now.mixed_step_errors)  # (p50, p90, p99, last 1,000 steps)
     return d
 
 
@@ -635,7 +636,8 @@ def point_line(mode: str, p: dict[str, Any], slos: Sequence[float]) -> str:
             f"{p['goodput'][slo]['tpot']:.2f}/{p['goodput'][slo]['max_tbt']:.2f} req/s{splits}"
             + (f"; budgets {p['loop']['budgets']}" if p.get("loop", {}).get("budgets") else "")
             + (f" (mixed-step correction {p['loop']['mixed_step_correction']:.3f} after "
-               f"{p['loop']['mixed_step_observations']} steps)"
+               f"{p['loop']['mixed_step_observations']} steps; measured/predicted p50/p90/p99 "
+               + "/".join(f"{e:.3f}" for e in p['loop'].get('mixed_step_errors', ())) + ")"
                if "mixed_step_correction" in p.get("loop", {}) else "")
             + (f"; GC {p['loop']['gc']['full_collections']} full, longest "
                f"{1e3 * p['loop']['gc']['longest_seconds']:.1f} ms" if "gc" in p.get("loop", {}) else ""))

@@ -16,7 +16,7 @@
 #   (host-profile); CMDBUF_BATCHES (cmdbuf). Sections fp8, fp8-layers, fp8-triton, fp8-trace,
 #   fp8-accuracy, load, prefill-mgpu, prefill-e2e, decode-fp8 and decode-mgpu: FP8 speed, its
 #   kernels and accuracy, load times and the Mosaic GPU kernels. startup: cold starts by
-#   compile threads.
+#   compile threads. ncu-decode: Nsight Compute reports of the decode kernels.
 # Each section takes a few minutes on an H100 or H200.
 set -u
 if [ $# -lt 2 ]; then
@@ -196,6 +196,24 @@ for section in "$@"; do
             -p no:cacheprovider 2>&1 | tail -15
         $python tools/kernel_bench.py --sections decode-mgpu --mps 30,50 \
             --out "$results_dir/decode-mgpu.json" --table "$results_dir/decode-mgpu.md" ;;
+    ncu-decode)  # Nsight Compute on the decode kernels at batch 64, 2k context: Triton over a
+        # bf16 pool, over an e4m3 pool (float16, then bfloat16 dot operands), then Triton and
+        # Mosaic GPU at 30 % of the SMs under MPS; one text report per case
+        ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+        cases=("triton-bf16:--kernel triton" "triton-e4m3-f16:--kernel triton --kv-dtype float8_e4m3fn"
+               "triton-e4m3-bf16:--kernel triton --kv-dtype float8_e4m3fn --fp8-operands bfloat16"
+               "triton-bf16-mps30:--kernel triton --mps 30" "mgpu-bf16-mps30:--kernel mgpu --mps 30")
+        for case in "${cases[@]}"; do
+            name=${case%%:*}
+            # shellcheck disable=SC2086
+            timeout 240 "$ncu" --clock-control none --profile-from-start off --target-processes all \
+                --launch-count 1 --set full --page details --print-units base \
+                $python tools/kernel_profile.py ${case#*:} --batch 64 --ctx 2048 \
+                > "$results_dir/ncu-$name.txt" 2>&1
+            echo "--- $name (rc $?)"
+            grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Stall" \
+                "$results_dir/ncu-$name.txt" | head -30
+        done ;;
     *)
         echo "unknown section $section" ;;
     esac

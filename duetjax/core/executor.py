@@ -74,7 +74,8 @@ class LocalExecutor:
             now = time.perf_counter()
             if (self.in_flight is not None and self._last_results is not None
                     and self._in_flight_predicted):
-                self.learner.observe_aggregated(self._in_flight_predicted, now - self._last_results)
+                self.learner.observe_aggregated(self._in_flight_predicted, now - self._last_results,
+                                                self.in_flight.batch.num_tokens)
             self._last_results = now if self.in_flight is not None and launched is not None else None
             self._in_flight_predicted = predicted
         self.in_flight = launched

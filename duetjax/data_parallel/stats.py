@@ -26,9 +26,9 @@ def portable(stats: EngineStats) -> EngineStats:
 def combine(replicas: Sequence[EngineStats]) -> EngineStats:
     """One snapshot of every replica's: the counts of ``SUMMED``, the loop's times and the
     token budgets' choices added up; KV cache usage and prefix cache hit rate recomputed from
-    the totals; the rest (page size, mode, the last token budget, the mixed steps' correction
-    and its observations) the first replica's, which every replica shares but the last budget
-    and the correction."""
+    the totals; the rest (page size, mode, the last token budget, the mixed steps' correction,
+    its observations and their errors) the first replica's, which every replica shares but the
+    last budget and the correction."""
     first = replicas[0]
     totals = {name: sum(getattr(s, name) for s in replicas) for name in SUMMED}
     loop = LoopStats(**{f.name: sum(getattr(s.loop, f.name) for s in replicas)

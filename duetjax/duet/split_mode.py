@@ -390,9 +390,11 @@ class Duet:
             return decision.t_decode or 0.0
         return self._split_raw[1] * self.correction.factor("decode", decision.s_d, stream_k)
 
-    def observe_aggregated(self, predicted: float, measured: float) -> None:
-        """A judged mixed iteration ran aggregated in ``measured`` seconds."""
-        self.correction.observe("aggregated", predicted, measured)
+    def observe_aggregated(self, predicted: float, measured: float, num_tokens: int) -> None:
+        """A judged mixed iteration of ``num_tokens`` tokens ran aggregated in ``measured``
+        seconds (the correction learns it for that step's bucket and for all sizes)."""
+        key = self.corrected.mixed_key(num_tokens) if self.corrected is not None else ()
+        self.correction.observe("aggregated", predicted, measured, *key)
 
     def record_split(self, decision: Decision, seconds: float,
                      worker_seconds: tuple[float, float] = (0.0, 0.0), decode_steps: int = 0,

@@ -9,6 +9,7 @@ observed, and ``CorrectedRoofline`` scales the roofline's answers by it.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -19,12 +20,15 @@ KINDS = ("aggregated", "prefill", "decode")
 Key = tuple
 """(kind, *details): ("prefill", s_p, size bucket) is a finer key than ("prefill", s_p), which
 is finer than ("prefill",)."""
+RECENT_ERRORS = 1000
+"""Observations of each kind whose prediction errors are kept (``Correction.recent_errors``)."""
 
 
 @dataclasses.dataclass
 class Correction:
     """measured / predicted, learned online per kind of work and, finer, per detail of it
-    (a worker's SM share; a chunk's size; the steps per decode dispatch).
+    (a mixed step's bucket; a worker's SM share; a chunk's size; the steps per decode
+    dispatch).
 
     A worker's error depends on its share and on the size of its work (a fixed cost per
     dispatch weighs most on small ones), and a single ratio per kind would carry what it
@@ -46,6 +50,10 @@ class Correction:
         default_factory=lambda: {(kind,): 1.0 for kind in KINDS})
     observations: dict[Key, int] = dataclasses.field(
         default_factory=lambda: {(kind,): 0 for kind in KINDS})
+    recent_errors: dict[str, collections.deque] = dataclasses.field(
+        default_factory=lambda: {kind: collections.deque(maxlen=RECENT_ERRORS) for kind in KINDS})
+    """Per kind, measured / predicted of the last ``RECENT_ERRORS`` observations, the
+    prediction as corrected when it was made: the spread any headroom on the SLO must cover."""
 
     def factor(self, kind: str, *details: Any) -> float:
         """The ratio of the finest key of ``(kind, *details)`` that has been observed enough."""
@@ -61,6 +69,7 @@ class Correction:
         self._check(kind)
         if not (predicted > 0 and measured > 0 and math.isfinite(predicted) and math.isfinite(measured)):
             return
+        self.recent_errors[kind].append(measured / predicted)
         raw_ratio = measured / (predicted / self.factor(kind, *details))
         low, high = self.bounds
         for end in range(1, len(details) + 2):
@@ -71,6 +80,14 @@ class Correction:
             w = max(self.weight, 1 / (n + 1))
             self.ratio[key] = min(high, max(low, current ** (1 - w) * target ** w))
             self.observations[key] = n + 1
+
+    def error_quantiles(self, kind: str, quantiles: Sequence[float]) -> tuple[float, ...]:
+        """Quantiles of ``kind``'s recent measured / predicted ratios (empty before any)."""
+        self._check(kind)
+        errors = sorted(self.recent_errors[kind])
+        if not errors:
+            return ()
+        return tuple(errors[min(len(errors) - 1, int(q * len(errors)))] for q in quantiles)
 
     @staticmethod
     def _check(kind: str) -> None:
@@ -121,8 +138,21 @@ class CorrectedRoofline:
 
     def predict_mixed(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
                       sm_share: float = 1.0, **kw: Any) -> float:
+        tokens = len(decode_context_lens) + sum(new for new, _ in prefill)
         return self.roofline.predict_mixed(prefill, decode_context_lens, sm_share, **kw) * \
-            self.correction.factor("aggregated")
+            self.correction.factor("aggregated", *self.mixed_key(tokens))
+
+    def mixed_key(self, num_tokens: int) -> tuple[int, ...]:
+        """The details of a mixed step's key: the compiled bucket its ``num_tokens`` pad to.
+
+        Each bucket learns its own ratio: a step's fixed costs weigh most on small ones, so
+        one ratio over every size is pulled up by the small steps, and a budget choosing
+        between sizes would then overrate the large ones the more small ones it chose (a
+        feedback toward ever smaller budgets)."""
+        padding = getattr(self.roofline, "padding", None)
+        if padding is None or num_tokens <= 0:
+            return ()
+        return (padding.padded(num_tokens, num_tokens, False)[0],)
 
     def predict_split(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
                       s_p: float, s_d: float, **kw: Any) -> tuple[float, float]:

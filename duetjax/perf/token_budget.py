@@ -113,9 +113,11 @@ class TokenBudget:
         self.last, self.last_predicted_s = sizes[low], predicted[low]
         return self.last
 
-    def observe_aggregated(self, predicted: float, measured: float) -> None:
-        """A mixed iteration predicted at ``predicted`` seconds took ``measured``: the online
-        correction (when the roofline has one) learns the ratio."""
+    def observe_aggregated(self, predicted: float, measured: float, num_tokens: int) -> None:
+        """A mixed iteration of ``num_tokens`` tokens predicted at ``predicted`` seconds took
+        ``measured``: the online correction (when the roofline has one) learns the ratio, for
+        that step's bucket and for all sizes."""
         correction = getattr(self.roofline, "correction", None)
         if correction is not None:
-            correction.observe("aggregated", predicted, measured)
+            correction.observe("aggregated", predicted, measured,
+                               *self.roofline.mixed_key(num_tokens))

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from duetjax.perf.correction import (PREFILL_SIZE_BUCKETS_S, Correction, CorrectedRoofline,
-                                 prefill_size_bucket)
+from duetjax.perf.correction import (PREFILL_SIZE_BUCKETS_S, RECENT_ERRORS, Correction,
+                                     CorrectedRoofline, prefill_size_bucket)
 
 
 class FakeRoofline:
@@ -94,3 +94,21 @@ def test_step_overhead_learns_the_mean_and_clips_stalls():
     overhead.observe(float("nan"))
     overhead.observe(-0.001)  # (clock noise: no negative overhead)
     assert overhead.seconds == pytest.approx(before + 0.2 * (0.0 - before))
+
+
+def test_error_quantiles_measure_the_corrected_predictions_spread():
+    """Once the ratio has learned a steady bias, what is left is the spread around it: the
+    errors of the predictions as corrected when they were made, the last RECENT_ERRORS kept."""
+    correction = Correction()
+    corrected = CorrectedRoofline(FakeRoofline(), correction)
+    assert correction.error_quantiles("aggregated", (0.5,)) == ()
+    for _ in range(RECENT_ERRORS):  # 1.3x the raw prediction: learned, then no error left
+        correction.observe("aggregated", corrected.predict_mixed([], []), 1.3 * 0.010)
+    spread = [0.95, 1.0, 1.05, 1.1] * 50  # then around the learned bias, +-5 % and a 10 % tail
+    for factor in spread * (RECENT_ERRORS // len(spread)):
+        correction.observe("aggregated", 1.3 * 0.010, factor * 1.3 * 0.010)
+    p50, p90, p99 = correction.error_quantiles("aggregated", (0.5, 0.9, 0.99))
+    assert (p50, p90, p99) == pytest.approx((1.05, 1.1, 1.1))
+    assert len(correction.recent_errors["aggregated"]) == RECENT_ERRORS
+    with pytest.raises(ValueError, match="kind"):
+        correction.error_quantiles("mixed", (0.5,))

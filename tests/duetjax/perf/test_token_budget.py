@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
+from duetjax.perf.correction import Correction, CorrectedRoofline
 from duetjax.perf.roofline import DeviceProfile, ModelShape, Roofline, SMLevel, StepPadding
 from duetjax.perf.token_budget import TokenBudget, budget_sizes, chunks_within
 
@@ -109,6 +110,53 @@ def test_real_roofline_keeps_the_step_within_the_slo():
             assert roofline.predict_mixed(chunks_within(prefill, bigger - len(decodes)), decodes) > 0.030
 
 
+PADDING = StepPadding(max_seqs=64, min_tokens=16)
+
+
+class PaddedLinearStep(LinearStep):
+    """``LinearStep`` costed on the padded bucket, as the engine runs it; it shows the
+    correction its buckets (``padding``) only when ``bucketed``."""
+
+    def __init__(self, bucketed: bool):
+        super().__init__()
+        self.padding = PADDING if bucketed else None
+
+    def predict_mixed(self, prefill, decode_context_lens, sm_share=1.0):
+        tokens = sum(q for q, _ in prefill) + len(decode_context_lens)
+        return 1e-5 * PADDING.padded(tokens, 1, False)[0] + 1e-6 * sum(decode_context_lens)
+
+
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_small_steps_error_does_not_shrink_the_large_budgets(bucketed):
+    """Steps of 512 tokens or fewer run 1.3x their prediction (a step's fixed costs weigh most
+    on small ones), 1,024-token ones 1.05x; one iteration in three has only a short prompt
+    tail left (a small step whatever the budget). With a ratio per bucket, every long-prompt
+    iteration gets the 1,024 budget that its bucket's ratio says fits the SLO. One ratio over
+    every size is pulled up by the small steps, shrinks the long prompts' budget, learns from
+    the smaller steps that follows, and stays there."""
+    raw = PaddedLinearStep(bucketed)
+    bias = lambda tokens: 1.05 if PADDING.padded(tokens, 1, False)[0] > 512 else 1.3
+    decodes = [500] * 24  # 12 ms of decode attention; each padded token 0.01 ms
+    budget = TokenBudget(CorrectedRoofline(raw, Correction()), tbt_slo_s=0.027, max_tokens=1024,
+                         min_tokens=16, min_prefill_tokens=16)
+    full = raw.predict_mixed([(1000, 0)], decodes)
+    assert full * 1.05 < budget.target_s < full * 1.15  # 1,024 fits, with its own ratio only
+    long_prompt_budgets = []
+    for i in range(300):
+        prefill = [(300, 5000)] if i % 3 == 2 else [(6000, 0)]
+        chosen = budget.choose(prefill, decodes)
+        chunks = chunks_within(prefill, chosen - len(decodes))
+        tokens = len(decodes) + sum(q for q, _ in chunks)
+        measured = raw.predict_mixed(chunks, decodes) * bias(tokens)
+        budget.observe_aggregated(budget.last_predicted_s, measured, tokens)
+        if i >= 30 and i % 3 != 2:
+            long_prompt_budgets.append(chosen)
+    if bucketed:
+        assert set(long_prompt_budgets) == {1024}
+    else:  # what the buckets are for
+        assert long_prompt_budgets.count(512) > len(long_prompt_budgets) / 2
+
+
 @pytest.fixture(scope="module")
 def slow_profile(tiny_llama_dir, tmp_path_factory):
     """A compute-bound profile whose step time is proportional to its tokens, and the SLO
@@ -184,6 +232,9 @@ def test_engine_stats_show_what_the_budgets_correction_learned(tiny_llama_dir, s
     learning.generate(batch, params, use_tqdm=False)
     stats = learning.stats()
     assert stats.mixed_step_observations > 0 and stats.mixed_step_correction != 1.0
+    p50, p90, p99 = stats.mixed_step_errors
+    assert 0 < p50 <= p90 <= p99
     fixed = Engine(tiny_llama_dir, duet_online_correction=False, **config)
     fixed.generate(batch, params, use_tqdm=False)
-    assert (fixed.stats().mixed_step_observations, fixed.stats().mixed_step_correction) == (0, 1.0)
+    assert (fixed.stats().mixed_step_observations, fixed.stats().mixed_step_correction,
+            fixed.stats().mixed_step_errors) == (0, 1.0, ())
