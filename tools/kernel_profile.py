@@ -31,8 +31,15 @@ KV_DTYPES = ("bfloat16", "float8_e4m3fn")
 
 
 def profiler_range(start: bool) -> None:
-    """cuProfilerStart / cuProfilerStop from the driver (always loadable where CUDA runs)."""
+    """cuProfilerStart / cuProfilerStop from the driver (always loadable where CUDA runs), on
+    the device's primary context (XLA's), made current on this thread first: XLA keeps its
+    contexts current on its own threads."""
     driver = ctypes.CDLL("libcuda.so.1")
+    context, device = ctypes.c_void_p(), ctypes.c_int()
+    if driver.cuCtxGetCurrent(ctypes.byref(context)) != 0 or not context.value:
+        driver.cuDeviceGet(ctypes.byref(device), 0)
+        driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)
+        driver.cuCtxSetCurrent(context)
     status = (driver.cuProfilerStart if start else driver.cuProfilerStop)()
     if status != 0:
         raise RuntimeError(f"cuProfiler{'Start' if start else 'Stop'} returned {status}")

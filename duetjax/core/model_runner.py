@@ -30,6 +30,7 @@ from models.decoder import Decoder, unstack_layers
 from models.quantization import FP8_DTYPE
 from models.tensor_parallel import group_size, held_config, replicated
 
+from ..compilation_cache import cache_counts
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
 from ..structured_outputs import all_tokens_mask, token_mask_width
@@ -224,7 +225,10 @@ class ModelRunner:
                 self._compile_prompt_logprobs(num_tokens)
         if self.writes_slots:
             self._compile_fill_slot()
-        log.info("compiled %d buckets in %.1fs", len(buckets), self.compile_seconds)
+        hits, looked = cache_counts()
+        log.info("compiled %d buckets in %.1fs (this process so far: %d of %d compilations "
+                 "loaded from the persistent cache)", len(buckets), self.compile_seconds, hits,
+                 looked)
         if jax.default_backend() == "gpu":
             self.warm_up(buckets)
 
