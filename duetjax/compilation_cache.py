@@ -11,6 +11,7 @@ from models.cache import cache_dir
 HITS, REQUESTS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/compile_requests_use_cache"
 _events: collections.Counter[str] = collections.Counter()
 """JAX's compilation cache events in this process, since ``enable_compilation_cache``."""
+_listening = False
 
 
 def enable_compilation_cache(directory: str | None) -> None:
@@ -23,8 +24,9 @@ def enable_compilation_cache(directory: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     # the small executables too (JAX's default skips those that compile in under a second)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if not _events:
-        _events[REQUESTS] += 0  # (listening from now on, once)
+    global _listening
+    if not _listening:
+        _listening = True
         jax.monitoring.register_event_listener(_count)
 
 
