@@ -510,7 +510,8 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if kind != "aggregated":  # (a fixed budget has no SLO to meet)
         kw["tbt_slo_ms"] = engine_slo_ms(args)
     for name in ("max_model_len", "kv_cache_tokens", "scan_unroll", "compilation_cache_dir",
-                 "device_profile", "kv_cache_memory_fraction", "compile_threads"):
+                 "device_profile", "kv_cache_memory_fraction", "compile_threads",
+                 "slo_min_prefill_tokens"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
@@ -864,6 +865,44 @@ def engine_slo_ms(args: argparse.Namespace) -> float:
     return args.engine_tbt_slo_ms if args.engine_tbt_slo_ms is not None else args.tbt_slos_ms[0]
 
 
+def add_serving_args(p: argparse.ArgumentParser) -> None:
+    """The workload, metric and engine options a GPU run and its simulation
+    (``serve_sim.py``) share, so that the same arguments mean the same point."""
+    p.add_argument("--dataset", default="azure-conversation", choices=tuple(SYNTHETIC))
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies prompt (and output) lengths")
+    p.add_argument("--output-scale", type=float, default=None, help="output lengths (default --scale)")
+    p.add_argument("--qps", type=floats, default=[1.0, 2.0, 4.0, 8.0], help="comma-separated sweep")
+    p.add_argument("--num-requests", type=int, default=100, help="requests per QPS point")
+    p.add_argument("--drain-timeout-s", type=float, default=120.0,
+                   help="abort what still runs this long after the cap (or after the last arrival)")
+    p.add_argument("--modes", default="aggregated,static,duet",
+                   help="comma-separated: aggregated, aggregated@N (fixed budget N), slo, static, duet")
+    p.add_argument("--tbt-slos-ms", type=floats, default=[50.0, 25.0],
+                   help="TBT SLOs for goodput; the first is the duet controller's unless "
+                        "--engine-tbt-slo-ms")
+    p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-decode-steps", type=int, default=8)
+    p.add_argument("--slo-min-prefill-tokens", type=int, default=None,
+                   help="EngineConfig.slo_min_prefill_tokens (None: the engine's default)")
+    p.add_argument("--decode-steps", type=int, default=1)
+    p.add_argument("--duet-pairs", default=None, help="duet mode's pairs, e.g. 80/20,70/30,60/40,50/50")
+
+
+def check_serving_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in args.mode_list:
+        try:
+            mode_kind(m)
+        except ValueError as e:
+            p.error(str(e))
+    if not args.qps or any(q <= 0 for q in args.qps):
+        p.error("--qps needs positive rates")
+    return args
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="none",
@@ -874,37 +913,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "of its shapes with --load-format dummy")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--dataset", default="azure-conversation", choices=tuple(SYNTHETIC))
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies prompt (and output) lengths")
-    p.add_argument("--output-scale", type=float, default=None, help="output lengths (default --scale)")
-    p.add_argument("--qps", type=floats, default=[1.0, 2.0, 4.0, 8.0], help="comma-separated sweep")
-    p.add_argument("--num-requests", type=int, default=100, help="requests per QPS point")
+    add_serving_args(p)
     p.add_argument("--duration-cap-s", type=float, default=None,
                    help="issue no arrival later than this into a point")
-    p.add_argument("--drain-timeout-s", type=float, default=120.0,
-                   help="abort what still runs this long after the cap (or after the last arrival)")
-    p.add_argument("--modes", default="aggregated,static,duet",
-                   help="comma-separated: aggregated, aggregated@N (fixed budget N), slo, static, duet")
     p.add_argument("--static-policy", choices=("forced", "restricted"), default="forced")
-    p.add_argument("--tbt-slos-ms", type=floats, default=[50.0, 25.0],
-                   help="TBT SLOs for goodput; the first is the duet controller's unless "
-                        "--engine-tbt-slo-ms")
     p.add_argument("--engine-tbt-slo-ms", type=float, default=None)
-    p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     p.add_argument("--warmup-requests", type=int, default=8)
     p.add_argument("--check-outputs", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="fix the KV pool (duet modes otherwise get a smaller one: they reserve "
                         "memory for the workers)")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
-    p.add_argument("--max-decode-steps", type=int, default=8)
-    p.add_argument("--decode-steps", type=int, default=1)
     p.add_argument("--scan-unroll", type=int, default=None)
-    p.add_argument("--duet-pairs", default=None, help="duet mode's pairs, e.g. 80/20,70/30,60/40,50/50")
     p.add_argument("--device-profile", default=None)
     p.add_argument("--no-online-correction", action="store_true",
                    help="duet mode without the online roofline correction (EngineConfig."
@@ -926,16 +947,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--child-mode", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in args.mode_list:
-        try:
-            mode_kind(m)
-        except ValueError as e:
-            p.error(str(e))
-    if not args.qps or any(q <= 0 for q in args.qps):
-        p.error("--qps needs positive rates")
-    return args
+    return check_serving_args(p, p.parse_args(argv))
 
 
 def _jsonable(obj: Any) -> Any:

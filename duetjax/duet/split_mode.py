@@ -278,71 +278,41 @@ def device_profile(config: Any, needed_by: str = "duet mode") -> DeviceProfile:
         raise ConfigError("device_profile", f"is needed for {needed_by}: {e}") from None
 
 
-class Duet:
-    """The split-mode machinery of one engine: shared state, workers, controller."""
+class SplitPlanner:
+    """What decides split mode's iterations, without the processes that run them: the
+    controller (aggregated, a smaller budget, or which split), its online correction, and
+    what the engine expects and learns of each split iteration. ``Duet`` adds the workers;
+    a planner alone judges every split runnable (what a simulation of the engine needs)."""
 
-    def __init__(self, model: Any, engine_config: Any, max_model_len: int, num_pages: int,
-                 shared: SharedState, daemon: mps.MPSDaemon | None, profile: DeviceProfile):
+    def __init__(self, model_config: Any, dtype: Any, quantization: Any, engine_config: Any,
+                 max_model_len: int, profile: DeviceProfile):
         self.config = engine_config
-        self.shared = shared
-        self.daemon = daemon
         self.stats = DuetStats()
-        used = engine_config.active_duet_pairs
-        pairs = tuple((p / 100, d / 100) for p, d in used)
-        controller = StaticController if engine_config.duet_policy == "static" else ModeController
+        pairs = tuple((p / 100, d / 100) for p, d in engine_config.active_duet_pairs)
         self.correction = Correction()
         self.step_overhead = StepOverhead()
-        roofline = build_roofline(model.config, model.dtype, engine_config, max_model_len, profile,
+        roofline = build_roofline(model_config, dtype, engine_config, max_model_len, profile,
                                   self.correction if engine_config.duet_online_correction else None,
-                                  model.quantization)
+                                  quantization)
         self.corrected = roofline if isinstance(roofline, CorrectedRoofline) else None
         self._split_raw: tuple[float, float] | None = None
         """(t_p, t_d) of the last split decision before correction (None: uncorrected)."""
         optimizer = OptimizerConfig(
             tbt_slo_s=engine_config.duet_tbt_slo_ms / 1e3, pairs=pairs,
             k_max=engine_config.max_decode_steps, k_values=decode_step_choices(engine_config))
-        if controller is ModeController:
+        if engine_config.duet_policy == "static":
+            self.controller = StaticController(roofline, optimizer)
+        else:
             self.controller = ModeController(roofline, optimizer, token_budget=TokenBudget(
                 roofline, optimizer.tbt_slo_s, engine_config.max_num_batched_tokens,
                 min_tokens=MIN_MIXED_TOKENS,
                 min_prefill_tokens=engine_config.slo_min_prefill_tokens),
                 split_seconds=self.expected_split_seconds)
-        else:
-            self.controller = StaticController(roofline, optimizer)
-        layout = shared.layout()
-        self.workers: dict[tuple[str, int], WorkerClient] = {}
-        for role, share in sorted({(PREFILL, p) for p, _ in used} | {(DECODE, d) for _, d in used}):
-            setup = WorkerSetup(role=role, sm_percentage=share, model_config=model.config,
-                                dtype=jax.numpy.dtype(model.dtype).name,
-                                quantization=model.quantization, kv_scales=model.kv_scales,
-                                engine_config=engine_config, max_model_len=max_model_len,
-                                num_pages=num_pages, layout=layout,
-                                compilation_cache_dir=engine_config.compilation_cache_dir)
-            env = dict(os.environ)
-            if daemon is not None:
-                env.update(daemon.client_env(share))
-            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-            client = WorkerClient(setup, env, f"{role}@{share}%")
-            client.start()
-            self.workers[(role, share)] = client
 
-    def wait_ready(self, timeout: float) -> None:
-        for client in self.workers.values():
-            client.wait_ready(timeout)
-
-    def _pair(self, decision: Decision) -> tuple[WorkerClient, WorkerClient] | None:
-        """The decision's workers when both are ready (polling restarts), else None."""
-        pair = []
-        for role, share in ((PREFILL, decision.s_p), (DECODE, decision.s_d)):
-            client = self.workers[(role, round(share * 100))]
-            try:
-                if not client.poll_ready():
-                    return None
-            except WorkerDied as e:
-                self.worker_failed(client, e)
-                return None
-            pair.append(client)
-        return pair[0], pair[1]
+    def _pair(self, decision: Decision) -> tuple[Any, Any] | None:
+        """The workers that run ``decision``'s split when they are ready, else None (a planner
+        alone has no workers: every split is runnable)."""
+        return ()
 
     def decide(self, prefill: list[tuple[int, int]],
                decode_context_lens: list[int]) -> tuple[Decision, tuple[WorkerClient, WorkerClient] | None]:
@@ -428,6 +398,52 @@ class Duet:
         log.debug("split %.0f/%.0f k=%d: predicted %.2f ms, measured %.2f ms",
                   100 * decision.s_p, 100 * decision.s_d, decision.k, 1e3 * predicted, 1e3 * seconds)
         self._split_raw = None
+
+
+class Duet(SplitPlanner):
+    """The split-mode machinery of one engine: the planner, shared state and workers."""
+
+    def __init__(self, model: Any, engine_config: Any, max_model_len: int, num_pages: int,
+                 shared: SharedState, daemon: mps.MPSDaemon | None, profile: DeviceProfile):
+        super().__init__(model.config, model.dtype, model.quantization, engine_config,
+                         max_model_len, profile)
+        self.shared = shared
+        self.daemon = daemon
+        used = engine_config.active_duet_pairs
+        layout = shared.layout()
+        self.workers: dict[tuple[str, int], WorkerClient] = {}
+        for role, share in sorted({(PREFILL, p) for p, _ in used} | {(DECODE, d) for _, d in used}):
+            setup = WorkerSetup(role=role, sm_percentage=share, model_config=model.config,
+                                dtype=jax.numpy.dtype(model.dtype).name,
+                                quantization=model.quantization, kv_scales=model.kv_scales,
+                                engine_config=engine_config, max_model_len=max_model_len,
+                                num_pages=num_pages, layout=layout,
+                                compilation_cache_dir=engine_config.compilation_cache_dir)
+            env = dict(os.environ)
+            if daemon is not None:
+                env.update(daemon.client_env(share))
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+            client = WorkerClient(setup, env, f"{role}@{share}%")
+            client.start()
+            self.workers[(role, share)] = client
+
+    def wait_ready(self, timeout: float) -> None:
+        for client in self.workers.values():
+            client.wait_ready(timeout)
+
+    def _pair(self, decision: Decision) -> tuple[WorkerClient, WorkerClient] | None:
+        """The decision's workers when both are ready (polling restarts), else None."""
+        pair = []
+        for role, share in ((PREFILL, decision.s_p), (DECODE, decision.s_d)):
+            client = self.workers[(role, round(share * 100))]
+            try:
+                if not client.poll_ready():
+                    return None
+            except WorkerDied as e:
+                self.worker_failed(client, e)
+                return None
+            pair.append(client)
+        return pair[0], pair[1]
 
     def worker_failed(self, client: WorkerClient, error: Exception) -> None:
         """Counts the failure and restarts the worker (it serves again once compiled)."""
