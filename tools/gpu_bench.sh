@@ -198,16 +198,19 @@ for section in "$@"; do
             --out "$results_dir/decode-mgpu.json" --table "$results_dir/decode-mgpu.md" ;;
     ncu-decode)  # Nsight Compute on the decode kernels at batch 64, 2k context: Triton over a
         # bf16 pool, over an e4m3 pool (float16, then bfloat16 dot operands), then Triton and
-        # Mosaic GPU at 30 % of the SMs under MPS; one text report per case
+        # Mosaic GPU at 30 % of the SMs under MPS; one text report per case (NCU_CASES: a comma
+        # list of the case names to run, default all)
         ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
         cases=("triton-bf16:--kernel triton" "triton-e4m3-f16:--kernel triton --kv-dtype float8_e4m3fn"
                "triton-e4m3-bf16:--kernel triton --kv-dtype float8_e4m3fn --fp8-operands bfloat16"
                "triton-bf16-mps30:--kernel triton --mps 30" "mgpu-bf16-mps30:--kernel mgpu --mps 30")
         for case in "${cases[@]}"; do
             name=${case%%:*}
+            [[ -n "${NCU_CASES:-}" && ",$NCU_CASES," != *",$name,"* ]] && continue
             # shellcheck disable=SC2086
             timeout 240 "$ncu" --clock-control none --profile-from-start off --target-processes all \
-                --launch-count 1 --set full --page details --print-units base \
+                --kernel-name regex:duetjax_paged_decode --launch-count 1 --set full \
+                --page details --print-units base \
                 $python tools/kernel_profile.py ${case#*:} --batch 64 --ctx 2048 \
                 > "$results_dir/ncu-$name.txt" 2>&1
             echo "--- $name (rc $?)"
