@@ -5,6 +5,7 @@ run on a virtual clock whose steps last what the roofline predicts. Plain Python
         --profile duetjax/perf/profiles/nvidia-h100-80gb-hbm3.json --dataset mooncake \\
         --qps 3.5 --num-requests 300 --modes aggregated@512,aggregated@1024,slo,duet \\
         --tbt-slos-ms 50,25 --kv-cache-tokens 309344 --out sim.json --table sim.md
+    python tools/serve_sim.py summary sim.json ...   # duet against the best aggregated, per rate
 
 Each point replays ``bench_duet``'s workload (the same lengths, Poisson arrivals and seed, so
 the same schedule the GPU runs saw) through a ``Scheduler`` configured as ``bench_duet``
@@ -418,7 +419,37 @@ def _relative(value: Any) -> Any:
     return value
 
 
+def summary(paths: Sequence[str]) -> str:
+    """One line per simulated sweep (``--out`` JSON files holding duet and aggregated modes):
+    at each rate, duet's goodput and the best aggregated engine's (by the SLO duet protected)
+    under vLLM's definition and the P99-gap one, and duet's pooled P99 TBT."""
+    lines = ["| sweep | QPS: duet goodput / best aggregated (mode), mean TPOT; P99 gap; "
+             "duet P99 TBT ms |", "| --- | --- |"]
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        slo = f"{report['args']['tbt_slos_ms'][0]:g}"
+        modes = report["modes"]
+        if "duet" not in modes:
+            continue
+        cells = []
+        for i, point in enumerate(modes["duet"]["points"]):
+            parts = []
+            for criterion in ("tpot", "p99_tbt"):
+                mode, best = max(((m, r["points"][i]["goodput"][slo][criterion])
+                                  for m, r in modes.items() if m != "duet"), key=lambda x: x[1])
+                parts.append(f"{point['goodput'][slo][criterion]:.2f}/{best:.2f} "
+                             f"({mode.replace('aggregated@', '')})")
+            cells.append(f"**{point['qps']:g}**: {parts[0]}; {parts[1]}; "
+                         f"{point['tbt_ms']['p99'] or 0:.0f}")
+        lines.append(f"| {Path(path).stem} | " + " · ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "summary":  # serve_sim.py summary A.json B.json ...
+        print(summary(argv[1:]), end="")
+        return 0
     args = parse_args(argv)
     model_config = ModelConfig.from_hf(json.loads((Path(args.model_config) / "config.json").read_text()))
     profile = DeviceProfile.from_json(args.profile)
@@ -429,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": Path(args.model_config).name, "profile": profile.gpu_name,
         "profile_file": _relative(args.profile),
         "date": datetime.date.today().isoformat(),
-        "command": "python tools/serve_sim.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python tools/serve_sim.py " + " ".join(argv),
         "args": {k: _relative(v) for k, v in vars(args).items()},
         "engine_tbt_slo_ms": args.tbt_slos_ms[0],
         "modes": {}}

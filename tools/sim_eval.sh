@@ -54,3 +54,5 @@ run mooncake-h100 $h100 --dataset mooncake --qps 3.5 --tbt-slos-ms 50,25 \
 # shellcheck disable=SC2086
 run mooncake-h100-duet-1ms $h100 --dataset mooncake --qps 3.5 --tbt-slos-ms 50,25 --modes duet \
     --step-overhead-ms 1 --compare benchmarks/results/duet-eval-mooncake-h100-2026-12-07c/results.json
+python3 tools/serve_sim.py summary "$out"/{code,conversation,mooncake}-h{100,200}-{50,25}.json \
+    "$out"/long-output-h200-25-pairs80.json "$out"/long-output-h200-25.json > "$out/summary.md"

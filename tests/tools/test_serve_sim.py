@@ -11,7 +11,7 @@ from duetjax.perf.roofline import DeviceProfile
 from models.config import ModelConfig
 from tools.bench_duet import WorkItem, engine_kwargs, tbt_gaps
 from tools.serve_sim import (SimulatedDevice, SimulatedEngine, bucket_factors, main, parse_args,
-                             run_point, simulate_mode)
+                             run_point, simulate_mode, summary)
 
 REPO = Path(__file__).resolve().parents[2]
 H100 = str(REPO / "duetjax/perf/profiles/nvidia-h100-80gb-hbm3.json")
@@ -135,3 +135,17 @@ def test_simulate_mode_reports_duets_splits_per_pair():
     result = simulate_mode(args, "duet", LLAMA, DeviceProfile.from_json(H200), lengths)
     duet = result["points"][0]["duet"]
     assert duet["split_iterations"] == sum(duet["pairs"].values()) > 0
+
+
+def test_the_summary_sets_duet_beside_the_best_aggregated_engine_per_rate(tmp_path):
+    out = tmp_path / "sweep.json"
+    main(["--model-config", str(REPO / "models/configs/llama-3-8b"), "--profile", H200,
+          "--dataset", "mooncake", "--qps", "2,4", "--num-requests", "16", "--modes",
+          "aggregated@512,aggregated@2048,duet", "--tbt-slos-ms", "25", "--out", str(out)])
+    report = json.loads(out.read_text())
+    row = summary([str(out)]).splitlines()[2]
+    assert row.startswith("| sweep | **2**: ") and "**4**: " in row
+    first = report["modes"]["duet"]["points"][0]["goodput"]["25"]["tpot"]
+    best = max(report["modes"][m]["points"][0]["goodput"]["25"]["tpot"]
+               for m in ("aggregated@512", "aggregated@2048"))
+    assert row.split("**2**: ")[1].startswith(f"{first:.2f}/{best:.2f} (")
