@@ -108,6 +108,11 @@ class EngineConfig:
     roofline predicts. Below what arrivals bring, the queue and time to first token grow
     without bound (a 16-token floor at a 25 ms SLO let Mooncake-like prompts wait 12 s on an
     H100, ``benchmarks/results/slo-budget-mooncake-h100-2026-12-06.md``)."""
+    slo_ttft_ms: float | None = None
+    """With ``tbt_slo_ms``: the time to first token the SLO-aware budget keeps pace for. Each
+    mixed iteration gives prefill at least the share of all queued prompt tokens that would
+    clear them in this time, above ``slo_min_prefill_tokens`` and even where the step then
+    misses the TBT SLO; None: ``slo_min_prefill_tokens`` alone."""
     duet_pairs: tuple[tuple[int, int], ...] = ((80, 20), (70, 30), (60, 40), (50, 50))
     """(prefill %, decode %) SM shares of the worker pairs duet mode starts (one process per
     distinct share and role)."""
@@ -183,6 +188,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running "
                              "sequence needs a token of budget per step)")
+        if self.slo_ttft_ms is not None and not self.slo_ttft_ms > 0:
+            raise ConfigError("slo_ttft_ms", f"must be > 0, got {self.slo_ttft_ms}")
         for name in ("decode_steps", "max_decode_steps"):
             k = getattr(self, name)
             if k < 1 or k & (k - 1):

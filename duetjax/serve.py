@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "budget is the largest (up to --max-num-batched-tokens) predicted to fit "
                         "it (needs a device profile); unset: the fixed budget. Duet mode: the SLO "
                         "it splits to protect (default 50)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="with --tbt-slo-ms: the time to first token the budget keeps the queue's "
+                        "pace for, taking a larger budget past the TBT SLO when the one that fits "
+                        "computes prompts too slowly; unset: the TBT SLO alone decides")
     p.add_argument("--duet-pairs", default=None,
                    help="prefill:decode SM percentages of the duet worker pairs, e.g. 70:30,50:50")
     p.add_argument("--duet-policy", choices=("adaptive", "static"), default=None,
@@ -162,7 +166,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options["generation_config"] = args.generation_config
     options.update(quantization_options(args))
     options.update(tensor_parallel_options(args))
-    for name in ("tbt_slo_ms", "duet_policy", "device_profile"):
+    for name in ("tbt_slo_ms", "slo_ttft_ms", "duet_policy", "device_profile"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.duet_pairs:

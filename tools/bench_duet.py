@@ -511,7 +511,7 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         kw["tbt_slo_ms"] = engine_slo_ms(args)
     for name in ("max_model_len", "kv_cache_tokens", "scan_unroll", "compilation_cache_dir",
                  "device_profile", "kv_cache_memory_fraction", "compile_threads",
-                 "slo_min_prefill_tokens"):
+                 "slo_min_prefill_tokens", "slo_ttft_ms"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
@@ -887,6 +887,9 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-decode-steps", type=int, default=8)
     p.add_argument("--slo-min-prefill-tokens", type=int, default=None,
                    help="EngineConfig.slo_min_prefill_tokens (None: the engine's default)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="EngineConfig.slo_ttft_ms: the slo and duet engines' budget keeps the "
+                        "queue's pace for this time to first token (None: the engine's default)")
     p.add_argument("--decode-steps", type=int, default=1)
     p.add_argument("--duet-pairs", default=None, help="duet mode's pairs, e.g. 80/20,70/30,60/40,50/50")
 

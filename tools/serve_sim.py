@@ -48,7 +48,8 @@ from duetjax.config import EngineConfig  # noqa: E402
 from duetjax.core.block_manager import BlockManager  # noqa: E402
 from duetjax.core.request import Request  # noqa: E402
 from duetjax.core.scheduler import Scheduler, SchedulerOutput, split_batch  # noqa: E402
-from duetjax.duet.split_mode import SplitPlanner, build_roofline, final_dispatch_steps  # noqa: E402
+from duetjax.duet.split_mode import (SplitPlanner, build_roofline, final_dispatch_steps,  # noqa: E402
+                                     slo_token_budget)
 from duetjax.perf.correction import Correction  # noqa: E402
 from duetjax.perf.optimizer import AGGREGATED, Decision  # noqa: E402
 from duetjax.perf.roofline import DeviceProfile, Roofline, power_of_two  # noqa: E402
@@ -121,10 +122,7 @@ class SimulatedEngine:
         if self.kind == "slo":
             roofline = build_roofline(model_config, "bfloat16", config, max_model_len, profile,
                                       Correction() if config.duet_online_correction else None)
-            self.token_budget = TokenBudget(roofline, config.tbt_slo_ms / 1e3,
-                                            config.max_num_batched_tokens,
-                                            min_tokens=MIN_MIXED_TOKENS,
-                                            min_prefill_tokens=config.slo_min_prefill_tokens)
+            self.token_budget = slo_token_budget(roofline, config, config.tbt_slo_ms)
         elif self.kind in ("duet", "static"):
             self.planner = SplitPlanner(model_config, "bfloat16", None, config, max_model_len,
                                         profile)
@@ -143,7 +141,8 @@ class SimulatedEngine:
         if self.planner is not None:
             prefill, decodes = self.scheduler.preview()
             if prefill and decodes:
-                decision, _ = self.planner.decide(prefill, decodes)
+                decision, _ = self.planner.decide(prefill, decodes,
+                                                  self.scheduler.queued_prefill_tokens())
         if decision is not None and decision.mode != AGGREGATED:
             self._split(decision)
         elif decision is not None:
@@ -151,7 +150,8 @@ class SimulatedEngine:
         else:
             budget = predicted = None
             if self.token_budget is not None and self.scheduler.has_prefill_work():
-                budget = self.token_budget.choose(*self.scheduler.preview())
+                budget = self.token_budget.choose(*self.scheduler.preview(),
+                                                  self.scheduler.queued_prefill_tokens())
                 predicted = self.token_budget.last_predicted_s or None
             self._aggregated(budget, predicted, self.token_budget)
 

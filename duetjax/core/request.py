@@ -65,7 +65,8 @@ class Request:
         # Structured outputs: its grammar's state (``llguidance.LLMatcher``) after the tokens
         # the host has seen; it samples only when none is on the device (``Scheduler``).
         self.matcher = None
-        self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        self.metrics = RequestMetrics(
+            arrival_time=time.time() if arrival_time is None else arrival_time)
         self.error: str | None = None  # why the engine failed it (finish reason "error")
 
     @property

@@ -389,6 +389,13 @@ class Scheduler:
             seqs += 1
         return prefill, decode
 
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed: of the waiting requests and of running ones still in
+        their prompt (the queue an SLO-aware budget keeps pace with)."""
+        return (sum(r.num_tokens for r in self.waiting)
+                + sum(r.num_tokens - r.num_computed_tokens for r in self.running
+                      if not _decoding(r)))
+
     def requeue(self, request: Request) -> None:
         """Back to the front of the queue, to be recomputed (its step was lost)."""
         if request in self.running:

@@ -28,7 +28,6 @@ from ..core.executor import LocalExecutor
 from ..core.model_runner import ModelRunner
 from ..core.output_processor import OutputProcessor
 from ..core.scheduler import Scheduler
-from ..core.step_inputs import MIN_MIXED_TOKENS
 from ..loop_stats import LoopStats
 from ..perf.correction import Correction
 from ..perf.roofline import DeviceProfile
@@ -36,7 +35,7 @@ from ..perf.token_budget import TokenBudget
 from .mps import MPSDaemon
 from .split_executor import SplitExecutor
 from .split_mode import (Duet, build_roofline, device_profile, prepare_process,
-                         weights_loading_device)
+                         slo_token_budget, weights_loading_device)
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +140,7 @@ def assemble(model: LoadedModel, config: EngineConfig, setup: ProcessSetup,
         roofline = build_roofline(model.config, model.dtype, config, max_model_len, setup.profile,
                                   Correction() if config.duet_online_correction else None,
                                   model.quantization)
-        token_budget = TokenBudget(roofline, config.tbt_slo_ms / 1e3, config.max_num_batched_tokens,
-                                   min_tokens=MIN_MIXED_TOKENS,
-                                   min_prefill_tokens=config.slo_min_prefill_tokens)
+        token_budget = slo_token_budget(roofline, config, config.tbt_slo_ms)
     scheduler = Scheduler(config, BlockManager(runner.num_pages, config.page_size,
                                                config.enable_prefix_caching), max_model_len)
     outputs = OutputProcessor(scheduler)

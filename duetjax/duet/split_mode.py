@@ -202,6 +202,16 @@ def build_roofline(model_config: Any, dtype: Any, engine_config: Any, max_model_
     return CorrectedRoofline(roofline, correction) if correction is not None else roofline
 
 
+def slo_token_budget(roofline: Roofline | CorrectedRoofline, engine_config: Any,
+                     tbt_slo_ms: float) -> TokenBudget:
+    """The SLO-aware token budget ``engine_config`` asks for, protecting ``tbt_slo_ms``."""
+    ttft_ms = engine_config.slo_ttft_ms
+    return TokenBudget(roofline, tbt_slo_ms / 1e3, engine_config.max_num_batched_tokens,
+                       min_tokens=MIN_MIXED_TOKENS,
+                       min_prefill_tokens=engine_config.slo_min_prefill_tokens,
+                       ttft_target_s=None if ttft_ms is None else ttft_ms / 1e3)
+
+
 NOT_READY = "split wanted, workers not ready"
 
 
@@ -303,10 +313,10 @@ class SplitPlanner:
         if engine_config.duet_policy == "static":
             self.controller = StaticController(roofline, optimizer)
         else:
-            self.controller = ModeController(roofline, optimizer, token_budget=TokenBudget(
-                roofline, optimizer.tbt_slo_s, engine_config.max_num_batched_tokens,
-                min_tokens=MIN_MIXED_TOKENS,
-                min_prefill_tokens=engine_config.slo_min_prefill_tokens),
+            self.controller = ModeController(
+                roofline, optimizer,
+                token_budget=slo_token_budget(roofline, engine_config,
+                                              engine_config.duet_tbt_slo_ms),
                 split_seconds=self.expected_split_seconds)
 
     def _pair(self, decision: Decision) -> tuple[Any, Any] | None:
@@ -314,11 +324,13 @@ class SplitPlanner:
         alone has no workers: every split is runnable)."""
         return ()
 
-    def decide(self, prefill: list[tuple[int, int]],
-               decode_context_lens: list[int]) -> tuple[Decision, tuple[WorkerClient, WorkerClient] | None]:
-        """This iteration's decision and, when split, its ready worker pair."""
+    def decide(self, prefill: list[tuple[int, int]], decode_context_lens: list[int],
+               queued_tokens: int | None = None,
+               ) -> tuple[Decision, tuple[WorkerClient, WorkerClient] | None]:
+        """This iteration's decision and, when split, its ready worker pair (``queued_tokens``:
+        prompt tokens left in the whole queue)."""
         before = self.stats.mode
-        decision = self.controller.step(prefill, decode_context_lens)
+        decision = self.controller.step(prefill, decode_context_lens, queued_tokens)
         pair = self._pair(decision) if decision.mode != AGGREGATED else None
         if decision.mode != AGGREGATED and pair is None:
             decision = dataclasses.replace(decision, mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1,

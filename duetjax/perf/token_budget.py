@@ -50,9 +50,12 @@ class TokenBudget:
     TBT SLO (``choose``), and learns how far the predictions are off (``observe``)."""
 
     def __init__(self, roofline: MixedStepPredictor, tbt_slo_s: float, max_tokens: int,
-                 min_tokens: int, min_prefill_tokens: int, headroom: float = 0.1) -> None:
+                 min_tokens: int, min_prefill_tokens: int, headroom: float = 0.1,
+                 ttft_target_s: float | None = None) -> None:
         if tbt_slo_s <= 0:
             raise ValueError(f"tbt_slo_s must be > 0, got {tbt_slo_s}")
+        if ttft_target_s is not None and ttft_target_s <= 0:
+            raise ValueError(f"ttft_target_s must be > 0, got {ttft_target_s}")
         if not 0 <= headroom < 1:
             raise ValueError(f"headroom must be in [0, 1), got {headroom}")
         self.roofline = roofline
@@ -65,19 +68,25 @@ class TokenBudget:
         self.min_prefill_tokens = min_prefill_tokens
         """Prefill tokens every mixed iteration gets whatever the prediction: a budget that
         starves prefill holds the SLO only while the queue, and time to first token, grow."""
+        self.ttft_target_s = ttft_target_s
+        """Time to first token the queue should be served within: where the budget that fits
+        the SLO computes prompt tokens more slowly than the whole queue's tokens per this
+        time, the smallest larger budget that keeps that pace (None: no pace kept)."""
         self.last = max_tokens
         """The last budget chosen for work with prefill."""
         self.last_predicted_s = 0.0
         """The predicted step time at that budget."""
 
-    def choose(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int]) -> int:
+    def choose(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
+               queued_tokens: int | None = None) -> int:
         """The largest budget whose mixed step is predicted to fit the SLO (less its headroom).
 
         ``prefill``: the waiting and unfinished prompts as (tokens left, cached tokens), in
         scheduling order; ``decode_context_lens``: cached tokens of each decoding request (one
-        token of budget each). With no decodes there is no gap to protect: the full budget.
-        When even the smallest budget misses, the smallest that gives prefill
-        ``min_prefill_tokens``.
+        token of budget each); ``queued_tokens``: prompt tokens left in the whole queue
+        (default: those of ``prefill``). With no decodes there is no gap to protect: the full
+        budget. Prefill gets at least ``min_prefill_tokens``, and with ``ttft_target_s`` the
+        queue's pace, even where that misses the SLO.
         """
         decodes = len(decode_context_lens)
         if not prefill:
@@ -110,6 +119,16 @@ class TokenBudget:
                 high = mid - 1
         if low not in predicted:
             fits(low)
+        if self.ttft_target_s is not None:
+            queued = wanted - decodes if queued_tokens is None else queued_tokens
+            pace = queued / self.ttft_target_s  # prompt tokens a second
+
+            def rate(i: int) -> float:
+                return (min(sizes[i], wanted) - decodes) / predicted[i]
+
+            while low + 1 < len(sizes) and rate(low) < pace:
+                low += 1
+                fits(low)
         self.last, self.last_predicted_s = sizes[low], predicted[low]
         return self.last
 

@@ -77,3 +77,18 @@ def test_requests_admitted_with_a_fresh_penalty_slot_are_reported_once_to_be_fil
     repeated.penalty_slot_fresh = False  # (its first step was launched)
     scheduler.requeue(repeated)  # preempted: it keeps its slot and its tables
     assert scheduler.schedule().slots_to_fill == []
+
+
+def test_queued_prefill_tokens_count_the_whole_queue_beyond_the_preview():
+    """The preview stops at the step's budget; the queue an SLO-aware budget paces counts
+    every prompt token not yet computed, of running prefills and waiting requests."""
+    scheduler = scheduler_with(num_pages=64)
+    decoding(scheduler, 6)  # decodes: no prompt tokens left
+    assert scheduler.queued_prefill_tokens() == 0
+    scheduler.add(Request("a", list(range(3, 33)), SamplingParams(max_tokens=4), seed=0))
+    scheduler.add(Request("b", list(range(3, 23)), SamplingParams(max_tokens=4), seed=0))
+    prefill, _ = scheduler.preview()
+    assert sum(n for n, _ in prefill) == 16 - 2  # cut at the budget
+    assert scheduler.queued_prefill_tokens() == 30 + 20
+    scheduler.commit(scheduler.schedule())  # "a" gets its first 14 tokens
+    assert scheduler.queued_prefill_tokens() == 30 - 14 + 20

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from duetjax import Engine, SamplingParams
+from duetjax.config import ConfigError, EngineConfig
 from duetjax.perf.correction import Correction, CorrectedRoofline
 from duetjax.perf.roofline import DeviceProfile, ModelShape, Roofline, SMLevel, StepPadding
 from duetjax.perf.token_budget import TokenBudget, budget_sizes, chunks_within
@@ -79,6 +80,36 @@ def test_headroom_and_prefill_floor():
     assert floor.choose([(4000, 0)], decodes) == 512  # 8 decodes + 256 prefill: the 512 bucket
     with pytest.raises(ValueError, match="headroom"):
         TokenBudget(step, slo, 2048, 16, 16, headroom=1.0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ttft_target_keeps_pace_with_the_queue(seed):
+    """With a TTFT target, where the budget that fits the SLO computes prompt tokens more slowly
+    than the queue needs (its tokens over the target), the smallest larger budget that keeps
+    that pace is taken instead, even past the SLO; otherwise the choice is unchanged."""
+    rng = np.random.default_rng(seed)
+    step = LinearStep()
+    decodes = rng.integers(100, 2000, size=int(rng.integers(4, 64))).tolist()
+    queued = int(rng.integers(100, 60_000))
+    prefill = [(4096, 0)]  # (the preview is cut at the largest budget; the queue is not)
+    slo, ttft = float(rng.uniform(1e-3, 2e-2)), float(rng.uniform(1.0, 8.0))
+    paced = TokenBudget(step, slo, 2048, 16, min_prefill_tokens=16, ttft_target_s=ttft)
+    plain = TokenBudget(step, slo, 2048, 16, min_prefill_tokens=16)
+    chosen, fitting = paced.choose(prefill, decodes, queued), plain.choose(prefill, decodes)
+
+    def rate(size):
+        return (size - len(decodes)) / step.predict_mixed(
+            chunks_within(prefill, size - len(decodes)), decodes)
+
+    sizes = [s for s in budget_sizes(2048, 16) if fitting <= s]
+    keeping_pace = [s for s in sizes if rate(s) >= queued / ttft]
+    assert chosen == (keeping_pace[0] if keeping_pace else 2048)
+    assert paced.last_predicted_s == pytest.approx(
+        step.predict_mixed(chunks_within(prefill, chosen - len(decodes)), decodes))
+    # without a queue beyond the preview, the preview's own prompt tokens set the pace
+    assert paced.choose(prefill, decodes) == paced.choose(prefill, decodes, 4096)
+    with pytest.raises(ValueError, match="ttft_target_s"):
+        TokenBudget(step, slo, 2048, 16, 16, ttft_target_s=0.0)
 
 
 def test_no_decodes_or_no_prefill_take_the_full_budget():
@@ -176,9 +207,25 @@ def slow_profile(tiny_llama_dir, tmp_path_factory):
     return str(path), 1e3 * (t32 + t64) / 2 / 0.9  # (the budget keeps 10 % headroom)
 
 
-def test_engine_uses_smaller_budgets_and_changes_no_token(tiny_llama_dir, slow_profile):
+def generate_recording(engine, batch, params):
+    """The engine's tokens for ``batch``, with every batch it scheduled and every compilation
+    that happened meanwhile."""
     import jax
 
+    scheduled = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1]
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = token_ids(engine.generate(batch, params, use_tqdm=False))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return got, scheduled, compiles
+
+
+def test_engine_uses_smaller_budgets_and_changes_no_token(tiny_llama_dir, slow_profile):
     path, slo_ms = slow_profile
     config = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=128,
                   show_progress=False, duet_online_correction=False, slo_min_prefill_tokens=16)
@@ -191,16 +238,7 @@ def test_engine_uses_smaller_budgets_and_changes_no_token(tiny_llama_dir, slow_p
     expected = token_ids(fixed.generate(batch, params, use_tqdm=False))
 
     engine = Engine(tiny_llama_dir, tbt_slo_ms=slo_ms, device_profile=path, **config)
-    scheduled = []
-    schedule = engine.scheduler.schedule
-    engine.scheduler.schedule = lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1]
-    compiles = []
-    listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        got = token_ids(engine.generate(batch, params, use_tqdm=False))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    got, scheduled, compiles = generate_recording(engine, batch, params)
     assert got == expected
     assert compiles == []
     choices = engine.stats().token_budget_choices
@@ -210,6 +248,26 @@ def test_engine_uses_smaller_budgets_and_changes_no_token(tiny_llama_dir, slow_p
     assert with_decodes, "no mixed step met a decode"
     assert max(b.num_tokens for b in with_decodes) <= 32  # the budget that fits the SLO
     assert max(b.num_tokens for b in mixed) > 32  # alone, prefill takes the whole budget
+
+
+def test_engine_ttft_pace_takes_larger_budgets_past_the_slo(tiny_llama_dir, slow_profile):
+    """A TTFT target too short for the queue: the pace takes budgets past the one that fits
+    the TBT SLO (32), with the same tokens and nothing compiled while serving."""
+    path, slo_ms = slow_profile
+    config = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=128,
+                  show_progress=False, duet_online_correction=False, slo_min_prefill_tokens=16)
+    batch = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (40, 150, 20, 90, 120)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    expected = token_ids(Engine(tiny_llama_dir, **config).generate(batch, params, use_tqdm=False))
+    engine = Engine(tiny_llama_dir, tbt_slo_ms=slo_ms, slo_ttft_ms=1.0, device_profile=path,
+                    **config)
+    got, scheduled, compiles = generate_recording(engine, batch, params)
+    assert got == expected and compiles == []
+    with_decodes = [b for b in scheduled if b.scheduled and not b.decode_only
+                    and any(s.num_new_tokens == 1 for s in b.scheduled)]
+    assert with_decodes and max(b.num_tokens for b in with_decodes) > 32
+    with pytest.raises(ConfigError, match="slo_ttft_ms"):
+        EngineConfig(slo_ttft_ms=0.0)
 
 
 def test_slo_in_aggregated_mode_on_cpu_needs_a_profile(tiny_llama_dir):
