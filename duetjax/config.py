@@ -109,10 +109,12 @@ class EngineConfig:
     without bound (a 16-token floor at a 25 ms SLO let Mooncake-like prompts wait 12 s on an
     H100, ``benchmarks/results/slo-budget-mooncake-h100-2026-12-06.md``)."""
     slo_ttft_ms: float | None = None
-    """With ``tbt_slo_ms``: the time to first token the SLO-aware budget keeps pace for. Each
-    mixed iteration gives prefill at least the share of all queued prompt tokens that would
-    clear them in this time, above ``slo_min_prefill_tokens`` and even where the step then
-    misses the TBT SLO; None: ``slo_min_prefill_tokens`` alone."""
+    """With ``tbt_slo_ms``: the time to first token the SLO-aware budget keeps pace for. Where
+    the budget that fits the TBT SLO computes prompt tokens more slowly than the queue needs
+    for each waiting prompt that can still be served within this time of its arrival (first
+    come, first served), the smallest larger budget that keeps that pace is taken, even past
+    the TBT SLO (``token_budget.queue_pace``); None: the TBT SLO and
+    ``slo_min_prefill_tokens`` alone decide."""
     duet_pairs: tuple[tuple[int, int], ...] = ((80, 20), (70, 30), (60, 40), (50, 50))
     """(prefill %, decode %) SM shares of the worker pairs duet mode starts (one process per
     distinct share and role)."""

@@ -248,7 +248,7 @@ class Engine:
         drain_seconds = time.perf_counter() - started
         if budget is None and self.token_budget is not None and self.scheduler.has_prefill_work():
             budget = self.token_budget.choose(*self.scheduler.preview(),
-                                              self.scheduler.queued_prefill_tokens())
+                                              self.scheduler.queue_to_pace(time.time()))
             predicted = self.token_budget.last_predicted_s or None
         if budget is not None:  # (an SLO-aware budget, in either mode)
             self._last_budget = budget

@@ -70,9 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "it (needs a device profile); unset: the fixed budget. Duet mode: the SLO "
                         "it splits to protect (default 50)")
     p.add_argument("--slo-ttft-ms", type=float, default=None,
-                   help="with --tbt-slo-ms: the time to first token the budget keeps the queue's "
-                        "pace for, taking a larger budget past the TBT SLO when the one that fits "
-                        "computes prompts too slowly; unset: the TBT SLO alone decides")
+                   help="with --tbt-slo-ms: the time to first token the budget keeps pace for, "
+                        "taking a larger budget past the TBT SLO when the one that fits computes "
+                        "prompts too slowly for the waiting ones to be served in time; unset: the "
+                        "TBT SLO alone decides")
+    p.add_argument("--slo-min-prefill-tokens", type=int, default=None,
+                   help="with --tbt-slo-ms: prompt tokens each mixed step computes at least, "
+                        "whatever the prediction (default 256)")
     p.add_argument("--duet-pairs", default=None,
                    help="prefill:decode SM percentages of the duet worker pairs, e.g. 70:30,50:50")
     p.add_argument("--duet-policy", choices=("adaptive", "static"), default=None,
@@ -166,7 +170,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options["generation_config"] = args.generation_config
     options.update(quantization_options(args))
     options.update(tensor_parallel_options(args))
-    for name in ("tbt_slo_ms", "slo_ttft_ms", "duet_policy", "device_profile"):
+    for name in ("tbt_slo_ms", "slo_ttft_ms", "slo_min_prefill_tokens", "duet_policy",
+                 "device_profile"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.duet_pairs:

@@ -142,7 +142,7 @@ class SimulatedEngine:
             prefill, decodes = self.scheduler.preview()
             if prefill and decodes:
                 decision, _ = self.planner.decide(prefill, decodes,
-                                                  self.scheduler.queued_prefill_tokens())
+                                                  self.scheduler.queue_to_pace(self.now))
         if decision is not None and decision.mode != AGGREGATED:
             self._split(decision)
         elif decision is not None:
@@ -151,7 +151,7 @@ class SimulatedEngine:
             budget = predicted = None
             if self.token_budget is not None and self.scheduler.has_prefill_work():
                 budget = self.token_budget.choose(*self.scheduler.preview(),
-                                                  self.scheduler.queued_prefill_tokens())
+                                                  self.scheduler.queue_to_pace(self.now))
                 predicted = self.token_budget.last_predicted_s or None
             self._aggregated(budget, predicted, self.token_budget)
 

@@ -389,12 +389,16 @@ class Scheduler:
             seqs += 1
         return prefill, decode
 
-    def queued_prefill_tokens(self) -> int:
-        """Prompt tokens not yet computed: of the waiting requests and of running ones still in
-        their prompt (the queue an SLO-aware budget keeps pace with)."""
-        return (sum(r.num_tokens for r in self.waiting)
-                + sum(r.num_tokens - r.num_computed_tokens for r in self.running
-                      if not _decoding(r)))
+    def queue_to_pace(self, now: float) -> list[tuple[int, float]] | None:
+        """The queue an SLO-aware budget keeps pace with (``slo_ttft_ms``; None without it):
+        every prompt not yet computed, in scheduling order, as (tokens left, seconds waited at
+        ``now``, a ``time.time()``), running requests still in their prompt first."""
+        if self.config.slo_ttft_ms is None:
+            return None
+        # (more than one token left: the next step is not a decode, and no token is in flight)
+        return ([(r.num_tokens - r.num_computed_tokens, now - r.metrics.arrival_time)
+                 for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+                + [(r.num_tokens, now - r.metrics.arrival_time) for r in self.waiting])
 
     def requeue(self, request: Request) -> None:
         """Back to the front of the queue, to be recomputed (its step was lost)."""

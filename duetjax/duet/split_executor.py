@@ -87,7 +87,7 @@ class SplitExecutor:
         # prompt logprobs, so iterations stay aggregated meanwhile)
         if (prefill and decode and not self.scheduler.num_constrained
                 and not self.scheduler.num_prompt_logprobs):
-            return self.duet.decide(prefill, decode, self.scheduler.queued_prefill_tokens())
+            return self.duet.decide(prefill, decode, self.scheduler.queue_to_pace(time.time()))
         return None, None
 
     def leave_stream(self, pair: tuple[WorkerClient, WorkerClient] | None) -> list[RequestOutput]:

@@ -325,12 +325,12 @@ class SplitPlanner:
         return ()
 
     def decide(self, prefill: list[tuple[int, int]], decode_context_lens: list[int],
-               queued_tokens: int | None = None,
+               queue: list[tuple[int, float]] | None = None,
                ) -> tuple[Decision, tuple[WorkerClient, WorkerClient] | None]:
-        """This iteration's decision and, when split, its ready worker pair (``queued_tokens``:
-        prompt tokens left in the whole queue)."""
+        """This iteration's decision and, when split, its ready worker pair (``queue``: the
+        queued prompts, ``Scheduler.queued_prompts``, when the SLO-aware budget paces them)."""
         before = self.stats.mode
-        decision = self.controller.step(prefill, decode_context_lens, queued_tokens)
+        decision = self.controller.step(prefill, decode_context_lens, queue)
         pair = self._pair(decision) if decision.mode != AGGREGATED else None
         if decision.mode != AGGREGATED and pair is None:
             decision = dataclasses.replace(decision, mode=AGGREGATED, s_p=1.0, s_d=1.0, k=1,

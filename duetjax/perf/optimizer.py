@@ -243,9 +243,9 @@ class ModeController:
         self._fits = 0
 
     def step(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
-             queued_tokens: int | None = None) -> Decision:
-        """The decision for this iteration; updates the mode. ``queued_tokens``: prompt tokens
-        left in the whole queue, for the SLO-aware budget's floor (``TokenBudget.choose``)."""
+             queue: Sequence[tuple[int, float]] | None = None) -> Decision:
+        """The decision for this iteration; updates the mode. ``queue``: the queued prompts
+        the SLO-aware budget keeps pace with (``TokenBudget.choose``)."""
         roofline, config, hyst = self.roofline, self.config, self.hysteresis
         slo = config.tbt_slo_s
         if not prefill or not decode_context_lens:
@@ -269,7 +269,7 @@ class ModeController:
                                   f"back to aggregated after {hyst.exit_after} comfortable fits",
                                   t_agg)
         split = best_split(roofline, prefill, decode_context_lens, config, t_agg)
-        smaller = self._smaller_budget(prefill, decode_context_lens, split, queued_tokens)
+        smaller = self._smaller_budget(prefill, decode_context_lens, split, queue)
         if smaller is not None:
             self._reset(AGGREGATED)
             return smaller
@@ -286,12 +286,12 @@ class ModeController:
 
     def _smaller_budget(self, prefill: Sequence[tuple[int, int]],
                         decode_context_lens: Sequence[int], split: Decision | None,
-                        queued_tokens: int | None) -> Decision | None:
+                        queue: Sequence[tuple[int, float]] | None) -> Decision | None:
         """Aggregated at the SLO-aware budget, when it beats ``split`` in predicted tokens per
         second within the SLO (or when there is no feasible split); else None."""
         if self.token_budget is None:
             return None
-        budget = self.token_budget.choose(prefill, decode_context_lens, queued_tokens)
+        budget = self.token_budget.choose(prefill, decode_context_lens, queue)
         t = self.token_budget.last_predicted_s
         slo = self.config.tbt_slo_s
         if t <= 0 or (split is not None and t > self.token_budget.target_s):
@@ -336,7 +336,7 @@ class StaticController:
         self.mode = AGGREGATED
 
     def step(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
-             queued_tokens: int | None = None) -> Decision:
+             queue: Sequence[tuple[int, float]] | None = None) -> Decision:
         roofline, config = self.roofline, self.config
         t_agg = predict_aggregated(roofline, prefill, decode_context_lens)
         if not prefill or not decode_context_lens:

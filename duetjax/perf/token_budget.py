@@ -45,6 +45,21 @@ def chunks_within(prefill: Sequence[tuple[int, int]], tokens: int) -> list[tuple
     return chunks
 
 
+def queue_pace(queue: Sequence[tuple[int, float]], ttft_target_s: float) -> float:
+    """Prompt tokens a second that serve each queued prompt within ``ttft_target_s`` of its
+    arrival, first come first served: the largest (tokens up to and including it) / (time it
+    has left). ``queue``: (tokens left, seconds waited) in scheduling order. Prompts with less
+    than a tenth of the target left are not paced for (the rate that would still serve them is
+    a step far past any SLO); they are computed first all the same."""
+    ahead, pace = 0, 0.0
+    for tokens, waited in queue:
+        ahead += tokens
+        left = ttft_target_s - waited
+        if left > 0.1 * ttft_target_s:
+            pace = max(pace, ahead / left)
+    return pace
+
+
 class TokenBudget:
     """Chooses each aggregated iteration's token budget so that its predicted step fits the
     TBT SLO (``choose``), and learns how far the predictions are off (``observe``)."""
@@ -69,24 +84,25 @@ class TokenBudget:
         """Prefill tokens every mixed iteration gets whatever the prediction: a budget that
         starves prefill holds the SLO only while the queue, and time to first token, grow."""
         self.ttft_target_s = ttft_target_s
-        """Time to first token the queue should be served within: where the budget that fits
-        the SLO computes prompt tokens more slowly than the whole queue's tokens per this
-        time, the smallest larger budget that keeps that pace (None: no pace kept)."""
+        """Time to first token queued prompts should be served within: where the budget that
+        fits the SLO computes prompt tokens more slowly than ``queue_pace`` asks, the smallest
+        larger budget that keeps that pace (None: no pace kept)."""
         self.last = max_tokens
         """The last budget chosen for work with prefill."""
         self.last_predicted_s = 0.0
         """The predicted step time at that budget."""
 
     def choose(self, prefill: Sequence[tuple[int, int]], decode_context_lens: Sequence[int],
-               queued_tokens: int | None = None) -> int:
+               queue: Sequence[tuple[int, float]] | None = None) -> int:
         """The largest budget whose mixed step is predicted to fit the SLO (less its headroom).
 
         ``prefill``: the waiting and unfinished prompts as (tokens left, cached tokens), in
         scheduling order; ``decode_context_lens``: cached tokens of each decoding request (one
-        token of budget each); ``queued_tokens``: prompt tokens left in the whole queue
-        (default: those of ``prefill``). With no decodes there is no gap to protect: the full
-        budget. Prefill gets at least ``min_prefill_tokens``, and with ``ttft_target_s`` the
-        queue's pace, even where that misses the SLO.
+        token of budget each); ``queue``: every prompt not yet computed, in scheduling order,
+        as (tokens left, seconds it has waited) (default: those of ``prefill``, just arrived).
+        With no decodes there is no gap to protect: the full budget. Prefill gets at least
+        ``min_prefill_tokens``, and with ``ttft_target_s`` the queue's pace, even where that
+        misses the SLO.
         """
         decodes = len(decode_context_lens)
         if not prefill:
@@ -120,8 +136,9 @@ class TokenBudget:
         if low not in predicted:
             fits(low)
         if self.ttft_target_s is not None:
-            queued = wanted - decodes if queued_tokens is None else queued_tokens
-            pace = queued / self.ttft_target_s  # prompt tokens a second
+            if queue is None:
+                queue = [(new, 0.0) for new, _ in prefill]
+            pace = queue_pace(queue, self.ttft_target_s)
 
             def rate(i: int) -> float:
                 return (min(sizes[i], wanted) - decodes) / predicted[i]

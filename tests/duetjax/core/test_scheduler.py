@@ -79,16 +79,20 @@ def test_requests_admitted_with_a_fresh_penalty_slot_are_reported_once_to_be_fil
     assert scheduler.schedule().slots_to_fill == []
 
 
-def test_queued_prefill_tokens_count_the_whole_queue_beyond_the_preview():
-    """The preview stops at the step's budget; the queue an SLO-aware budget paces counts
-    every prompt token not yet computed, of running prefills and waiting requests."""
-    scheduler = scheduler_with(num_pages=64)
-    decoding(scheduler, 6)  # decodes: no prompt tokens left
-    assert scheduler.queued_prefill_tokens() == 0
-    scheduler.add(Request("a", list(range(3, 33)), SamplingParams(max_tokens=4), seed=0))
-    scheduler.add(Request("b", list(range(3, 23)), SamplingParams(max_tokens=4), seed=0))
+def test_queue_to_pace_holds_every_prompt_not_yet_computed_with_its_wait():
+    """The preview stops at the step's budget; the queue an SLO-aware budget paces holds every
+    prompt not yet computed, running prefills first, each with the time it has waited (and
+    nothing without ``slo_ttft_ms``)."""
+    assert scheduler_with(num_pages=64).queue_to_pace(0.0) is None
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, slo_ttft_ms=2000)
+    scheduler = Scheduler(config, BlockManager(64, 4, enable_prefix_caching=True), max_model_len=64)
+    decoding(scheduler, 6)  # decodes: no prompt left
+    assert scheduler.queue_to_pace(0.0) == []
+    for name, n, arrival in (("a", 30, 100.0), ("b", 20, 101.5)):
+        scheduler.add(Request(name, list(range(3, 3 + n)), SamplingParams(max_tokens=4), seed=0,
+                              arrival_time=arrival))
     prefill, _ = scheduler.preview()
     assert sum(n for n, _ in prefill) == 16 - 2  # cut at the budget
-    assert scheduler.queued_prefill_tokens() == 30 + 20
+    assert scheduler.queue_to_pace(102.0) == [(30, 2.0), (20, 0.5)]
     scheduler.commit(scheduler.schedule())  # "a" gets its first 14 tokens
-    assert scheduler.queued_prefill_tokens() == 30 - 14 + 20
+    assert scheduler.queue_to_pace(103.0) == [(30 - 14, 3.0), (20, 1.5)]

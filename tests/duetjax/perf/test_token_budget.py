@@ -8,7 +8,7 @@ from duetjax import Engine, SamplingParams
 from duetjax.config import ConfigError, EngineConfig
 from duetjax.perf.correction import Correction, CorrectedRoofline
 from duetjax.perf.roofline import DeviceProfile, ModelShape, Roofline, SMLevel, StepPadding
-from duetjax.perf.token_budget import TokenBudget, budget_sizes, chunks_within
+from duetjax.perf.token_budget import TokenBudget, budget_sizes, chunks_within, queue_pace
 
 from ..test_engine import token_ids
 
@@ -82,32 +82,45 @@ def test_headroom_and_prefill_floor():
         TokenBudget(step, slo, 2048, 16, 16, headroom=1.0)
 
 
+def test_queue_pace_serves_each_prompt_that_can_still_make_its_ttft():
+    # one fresh prompt: its tokens over the whole target
+    assert queue_pace([(3000, 0.0)], 2.0) == pytest.approx(1500.0)
+    # the second prompt has 0.5 s left and 3,000 tokens ahead of it, itself included
+    assert queue_pace([(1000, 0.0), (2000, 1.5)], 2.0) == pytest.approx(6000.0)
+    # a prompt with under a tenth of its target left sets no pace, but its tokens are ahead
+    # of the ones behind it
+    assert queue_pace([(5000, 1.9), (1000, 1.0)], 2.0) == pytest.approx(6000.0)
+    assert queue_pace([(5000, 3.0)], 2.0) == 0.0 and queue_pace([], 2.0) == 0.0
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_ttft_target_keeps_pace_with_the_queue(seed):
     """With a TTFT target, where the budget that fits the SLO computes prompt tokens more slowly
-    than the queue needs (its tokens over the target), the smallest larger budget that keeps
-    that pace is taken instead, even past the SLO; otherwise the choice is unchanged."""
+    than the queue's pace, the smallest larger budget that keeps that pace is taken instead,
+    even past the SLO; otherwise the choice is unchanged."""
     rng = np.random.default_rng(seed)
     step = LinearStep()
     decodes = rng.integers(100, 2000, size=int(rng.integers(4, 64))).tolist()
-    queued = int(rng.integers(100, 60_000))
+    ttft = float(rng.uniform(1.0, 8.0))
+    queue = [(int(n), float(w)) for n, w in zip(rng.integers(100, 8000, size=8),
+                                                  np.sort(rng.uniform(0, ttft, size=8))[::-1])]
     prefill = [(4096, 0)]  # (the preview is cut at the largest budget; the queue is not)
-    slo, ttft = float(rng.uniform(1e-3, 2e-2)), float(rng.uniform(1.0, 8.0))
+    slo = float(rng.uniform(1e-3, 2e-2))
     paced = TokenBudget(step, slo, 2048, 16, min_prefill_tokens=16, ttft_target_s=ttft)
     plain = TokenBudget(step, slo, 2048, 16, min_prefill_tokens=16)
-    chosen, fitting = paced.choose(prefill, decodes, queued), plain.choose(prefill, decodes)
+    chosen, fitting = paced.choose(prefill, decodes, queue), plain.choose(prefill, decodes, queue)
 
     def rate(size):
         return (size - len(decodes)) / step.predict_mixed(
             chunks_within(prefill, size - len(decodes)), decodes)
 
     sizes = [s for s in budget_sizes(2048, 16) if fitting <= s]
-    keeping_pace = [s for s in sizes if rate(s) >= queued / ttft]
+    keeping_pace = [s for s in sizes if rate(s) >= queue_pace(queue, ttft)]
     assert chosen == (keeping_pace[0] if keeping_pace else 2048)
     assert paced.last_predicted_s == pytest.approx(
         step.predict_mixed(chunks_within(prefill, chosen - len(decodes)), decodes))
-    # without a queue beyond the preview, the preview's own prompt tokens set the pace
-    assert paced.choose(prefill, decodes) == paced.choose(prefill, decodes, 4096)
+    # without a queue, the preview's prompts set the pace as if they had just arrived
+    assert paced.choose(prefill, decodes) == paced.choose(prefill, decodes, [(4096, 0.0)])
     with pytest.raises(ValueError, match="ttft_target_s"):
         TokenBudget(step, slo, 2048, 16, 16, ttft_target_s=0.0)
 
@@ -252,7 +265,10 @@ def test_engine_uses_smaller_budgets_and_changes_no_token(tiny_llama_dir, slow_p
 
 def test_engine_ttft_pace_takes_larger_budgets_past_the_slo(tiny_llama_dir, slow_profile):
     """A TTFT target too short for the queue: the pace takes budgets past the one that fits
-    the TBT SLO (32), with the same tokens and nothing compiled while serving."""
+    the TBT SLO (32), with the same tokens and nothing compiled while serving. (The queue is
+    seen at a clock stopped before the requests arrive, so that none runs out of time.)"""
+    import time
+
     path, slo_ms = slow_profile
     config = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=128,
                   show_progress=False, duet_online_correction=False, slo_min_prefill_tokens=16)
@@ -261,6 +277,8 @@ def test_engine_ttft_pace_takes_larger_budgets_past_the_slo(tiny_llama_dir, slow
     expected = token_ids(Engine(tiny_llama_dir, **config).generate(batch, params, use_tqdm=False))
     engine = Engine(tiny_llama_dir, tbt_slo_ms=slo_ms, slo_ttft_ms=1.0, device_profile=path,
                     **config)
+    queue_to_pace, stopped = engine.scheduler.queue_to_pace, time.time()
+    engine.scheduler.queue_to_pace = lambda now: queue_to_pace(stopped)
     got, scheduled, compiles = generate_recording(engine, batch, params)
     assert got == expected and compiles == []
     with_decodes = [b for b in scheduled if b.scheduled and not b.decode_only

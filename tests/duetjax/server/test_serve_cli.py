@@ -17,6 +17,15 @@ def test_duet_flags_become_engine_config():
     assert config.duet_pairs == ((70, 30), (50, 50))
 
 
+def test_slo_budget_flags_become_engine_config():
+    options = engine_options(parse_args(["--tbt-slo-ms", "25", "--slo-ttft-ms", "2000",
+                                         "--slo-min-prefill-tokens", "128"]))
+    assert {k: options[k] for k in ("tbt_slo_ms", "slo_ttft_ms", "slo_min_prefill_tokens")} == {
+        "tbt_slo_ms": 25.0, "slo_ttft_ms": 2000.0, "slo_min_prefill_tokens": 128}
+    config = EngineConfig(**options)
+    assert (config.slo_ttft_ms, config.slo_min_prefill_tokens) == (2000.0, 128)
+
+
 @pytest.mark.parametrize("pairs", ["70-30", "70:x", "70:30:1"])
 def test_bad_duet_pairs_say_what_to_write(pairs, capsys):
     if pairs == "70:30:1":  # parses, but EngineConfig rejects the shape
