@@ -328,7 +328,7 @@ class SplitPlanner:
                queue: list[tuple[int, float]] | None = None,
                ) -> tuple[Decision, tuple[WorkerClient, WorkerClient] | None]:
         """This iteration's decision and, when split, its ready worker pair (``queue``: the
-        queued prompts, ``Scheduler.queued_prompts``, when the SLO-aware budget paces them)."""
+        queued prompts, ``Scheduler.queue_to_pace``, when the SLO-aware budget paces them)."""
         before = self.stats.mode
         decision = self.controller.step(prefill, decode_context_lens, queue)
         pair = self._pair(decision) if decision.mode != AGGREGATED else None
